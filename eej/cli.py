@@ -1,0 +1,247 @@
+"""The `eej` command line: `eej generate` (and, as methods land, `bench` and `train`).
+
+Bad input ends with a one-line `eej: error: ...` on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise CliError(message)
+
+
+_SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def subcommand(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register `eej NAME`: `add_arguments(parser)` declares its options; the decorated fn runs it."""
+
+    def register(run: Callable[[argparse.Namespace], int]):
+        _SUBCOMMANDS[name] = (add_arguments, run)
+        return run
+
+    return register
+
+
+# ----------------------------------------------------------------------------- shared options
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="registry name, .gguf file or HF checkpoint directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    p.add_argument("--attention", default="xla", help="attention implementation (xla, or a registered kernel)")
+    p.add_argument("--cache-size", type=int, default=None, help="KV cache positions per row (default: fitted)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from eej.config import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def load_model_from_args(args: argparse.Namespace):
+    from eej.model.attention import available_impls
+    from eej.weights.registry import load_model
+
+    if args.attention not in available_impls():
+        raise CliError(f"unknown attention implementation {args.attention!r}; available: {', '.join(available_impls())}")
+    model = load_model(args.model, dtype=args.dtype)
+    if args.attention != model.cfg.attention_impl:
+        import dataclasses
+
+        model = dataclasses.replace(model, cfg=model.cfg.replace(attention_impl=args.attention))
+    return model
+
+
+def device_description() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', d.platform)} x{jax.device_count()}"
+
+
+# ----------------------------------------------------------------------------- eej generate
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--method", default="plain", help="decoding method, NAME[:CONFIG]")
+    p.add_argument("--prompt", help="the prompt text")
+    p.add_argument("--batch-file", help="JSONL file with one {\"prompt\": ...} object per line")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (with --batch-file)")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--no-stream", action="store_true", help="don't stream tokens to the terminal")
+    add_sampling_arguments(p)
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """Prompts from a JSONL file of {"prompt": str} objects."""
+    if not os.path.isfile(path):
+        raise CliError(f"batch file not found: {path}")
+    prompts = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CliError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise CliError(f'{path}:{n}: expected an object with a string "prompt" field')
+            prompts.append(obj["prompt"])
+    if not prompts:
+        raise CliError(f"{path} holds no prompts")
+    return prompts
+
+
+@subcommand("generate", _generate_arguments)
+def cmd_generate(args: argparse.Namespace) -> int:
+    if (args.prompt is None) == (args.batch_file is None):
+        raise CliError("give exactly one of --prompt TEXT or --batch-file FILE.jsonl")
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    sampling = sampling_from_args(args)
+    texts = [args.prompt] if args.prompt is not None else read_prompt_file(args.batch_file)
+
+    from eej.decoding.engine import Engine
+    from eej.decoding.methods import build_method
+
+    model = load_model_from_args(args)
+    strategy, method_params = build_method(model, args.method)
+    engine = Engine(model, strategy, method_params, cache_size=args.cache_size)
+    tok = model.tokenizer
+    prompts = [tok.encode_chat(t) if args.chat else tok.encode(t) for t in texts]
+
+    stream = not args.json and not args.no_stream and len(prompts) == 1 and sys.stdout.isatty()
+    # Batch prompts of similar length together (less padding); results go back in input order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[dict[str, Any]] = [{} for _ in prompts]
+    seconds = compile_seconds = 0.0
+    for start in range(0, len(order), args.batch_size):
+        rows = order[start : start + args.batch_size]
+        chunk = [prompts[i] for i in rows]
+        if stream:
+            out = _stream_to_terminal(engine, chunk[0], args, sampling)
+        else:
+            out = engine.generate(chunk, args.max_new_tokens, sampling, seed=args.seed)
+        seconds += out.seconds
+        compile_seconds += out.compile_seconds
+        for i, ids in zip(rows, out.tokens):
+            results[i] = {"prompt": texts[i], "text": tok.decode(ids), "token_ids": ids, "new_tokens": len(ids)}
+    total = sum(r["new_tokens"] for r in results)
+    tps = total / seconds if seconds > 0 else 0.0
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": model.name,
+                    "method": args.method,
+                    "outputs": results,
+                    "seconds": seconds,
+                    "tokens_per_second": tps,
+                    "device": device_description(),
+                }
+            )
+        )
+        return 0
+    if not stream:
+        for r in results:
+            if len(results) > 1:
+                print(f"### {r['prompt']}")
+            print(r["text"])
+    print(
+        f"[{total} tokens in {seconds:.2f} s: {tps:.1f} tokens/s; method {args.method}; compile {compile_seconds:.1f} s "
+        f"not counted; {device_description()}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _stream_to_terminal(engine, prompt: list[int], args: argparse.Namespace, sampling):
+    """Print text as it is generated (incremental detokenization); returns the GenerationOutput."""
+    tok = engine.model.tokenizer
+    stream = engine.stream([prompt], args.max_new_tokens, sampling, seed=args.seed)
+    ids: list[int] = []
+    printed = ""
+    for new in stream:
+        ids.extend(new[0])
+        text = tok.decode(ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+            continue
+        sys.stdout.write(text[len(printed) :])
+        sys.stdout.flush()
+        printed = text
+    sys.stdout.write("\n")
+    return stream.output
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_subcommands()
+    parser = _Parser(prog="eej", description="Early-exit and self-speculative LLM decoding in JAX.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (add_arguments, _) in _SUBCOMMANDS.items():
+        add_arguments(sub.add_parser(name))
+    return parser
+
+
+def _load_subcommands() -> None:
+    """Import the modules that register further subcommands (bench, train, ...)."""
+    import importlib
+
+    for module in ("eej.bench.cli", "eej.train.cli"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        return _SUBCOMMANDS[args.command][1](args)
+    except CliError as e:
+        print(f"eej: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError, OSError) as e:
+        if os.environ.get("EEJ_DEBUG"):
+            raise
+        print(f"eej: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("eej: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

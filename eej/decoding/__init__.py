@@ -1,0 +1,1 @@
+"""The decoding engine, sampling, and one strategy module per method."""

@@ -1,0 +1,362 @@
+"""The decoding engine: batched prefill of ragged prompts and a compiled decode loop, for any strategy.
+
+    engine = Engine(model, Plain())
+    out = engine.generate([ids_a, ids_b], max_new_tokens=64, sampling=SamplingConfig(temperature=0.7))
+
+Prompts are right-padded to a length bucket (bounding recompiles); the cache holds
+`capacity` >= longest prompt + max_new_tokens positions. The whole generation runs inside one
+`lax.while_loop` (`generate`), or as a host loop over the same jitted step (`stream`) when tokens
+must reach the terminal as they come. Compiled executables are cached per shape and settings, and
+compile time is reported apart from run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+
+from eej.config import ModelConfig, SamplingConfig
+from eej.decoding.plain import Plain
+from eej.decoding.sampling import sample
+from eej.decoding.strategy import StepResult, Strategy
+from eej.model.cache import KVCache, init_cache
+from eej.model.transformer import Params
+from eej.weights.registry import Model
+
+
+class GenerationError(ValueError):
+    """Bad generation input (empty prompt, prompt longer than the cache, ...)."""
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries. B rows, N = max_new_tokens.
+
+    cache: model KV cache holding committed tokens except `pending`.
+    method_state: the strategy's own state.
+    pending: [B] newest committed token (not yet in the cache).
+    output: [B, N] committed tokens (pad id where unused).
+    num_new: [B] tokens committed so far.
+    done: [B] the row hit EOS or its budget.
+    key: PRNG key.
+    steps: loop iterations so far.
+    forwards, layers: [B] full-model forwards and transformer layers spent on each row while active.
+    """
+
+    cache: KVCache
+    method_state: Any
+    pending: jax.Array
+    output: jax.Array
+    num_new: jax.Array
+    done: jax.Array
+    key: jax.Array
+    steps: jax.Array
+    forwards: jax.Array
+    layers: jax.Array
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """Result of `Engine.generate` for B prompts.
+
+    tokens: generated ids per row (the EOS that ended a row included).
+    forwards: full-model forwards per row (plain decoding: one per token after the first; the
+      prefill counts as one).
+    layers: transformer layers computed per row (prefill excluded).
+    """
+
+    tokens: list[list[int]]
+    prompt_lengths: list[int]
+    prefill_seconds: float
+    decode_seconds: float
+    compile_seconds: float
+    forwards: list[int]
+    layers: list[float]
+    steps: int
+
+    @property
+    def new_tokens(self) -> list[int]:
+        return [len(t) for t in self.tokens]
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(self.new_tokens) / max(self.seconds, 1e-9)
+
+
+def length_bucket(n: int) -> int:
+    """Round a length up to 16, 32, 64, ..., 512, then to multiples of 512 (bounds recompiles)."""
+    if n <= 512:
+        return max(16, 1 << (max(n, 1) - 1).bit_length())
+    return -(-n // 512) * 512
+
+
+def _commit(state: DecodeState, result: StepResult, eos_ids: tuple[int, ...], max_new: int) -> DecodeState:
+    """Append each active row's new tokens, stopping at its first EOS or at its budget."""
+    tokens = result.tokens
+    batch, k = tokens.shape
+    j = jnp.arange(k)[None, :]
+    counts = jnp.where(state.done, 0, jnp.minimum(result.counts, max_new - state.num_new))
+    if eos_ids:
+        is_eos = jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32)) & (j < counts[:, None])
+        first_eos = jnp.argmax(is_eos, axis=1)
+        hit_eos = jnp.any(is_eos, axis=1)
+        counts = jnp.where(hit_eos, first_eos + 1, counts)
+    else:
+        hit_eos = jnp.zeros((batch,), bool)
+    slots = jnp.where(j < counts[:, None], state.num_new[:, None] + j, max_new)  # max_new: out of range, dropped
+    output = state.output.at[jnp.arange(batch)[:, None], slots].set(tokens, mode="drop")
+    last = jnp.take_along_axis(tokens, jnp.maximum(counts - 1, 0)[:, None], axis=1)[:, 0]
+    num_new = state.num_new + counts
+    active = ~state.done
+    return state.replace(
+        cache=result.cache,
+        method_state=result.method_state,
+        pending=jnp.where(counts > 0, last, state.pending),
+        output=output,
+        num_new=num_new,
+        done=state.done | hit_eos | (num_new >= max_new),
+        steps=state.steps + 1,
+        forwards=state.forwards + jnp.where(active, result.forwards, 0),
+        layers=state.layers + jnp.where(active, result.layers, 0.0),
+    )
+
+
+def _prefill(
+    params: Params,
+    method_params: Any,
+    tokens: jax.Array,
+    prompt_lens: jax.Array,
+    key: jax.Array,
+    *,
+    cfg: ModelConfig,
+    strategy: Strategy,
+    sampling: SamplingConfig,
+    capacity: int,
+    max_new: int,
+    eos_ids: tuple[int, ...],
+) -> DecodeState:
+    batch = tokens.shape[0]
+    cache = init_cache(cfg, batch, capacity)
+    logits, cache, method_state = strategy.prefill(params, method_params, tokens, prompt_lens, cache, cfg)
+    key, sub = jax.random.split(key)
+    first = sample(logits, sub, sampling)
+    done = jnp.isin(first, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros((batch,), bool)
+    output = jnp.full((batch, max_new), cfg.pad_id, jnp.int32).at[:, 0].set(first)
+    return DecodeState(
+        cache=cache,
+        method_state=method_state,
+        pending=first,
+        output=output,
+        num_new=jnp.ones((batch,), jnp.int32),
+        done=done | (max_new <= 1),
+        key=key,
+        steps=jnp.zeros((), jnp.int32),
+        forwards=jnp.ones((batch,), jnp.int32),
+        layers=jnp.zeros((batch,), jnp.float32),
+    )
+
+
+def _advance(
+    params: Params,
+    method_params: Any,
+    state: DecodeState,
+    *,
+    cfg: ModelConfig,
+    strategy: Strategy,
+    sampling: SamplingConfig,
+    max_new: int,
+    eos_ids: tuple[int, ...],
+) -> DecodeState:
+    """One strategy step followed by the engine's commit."""
+    key, sub = jax.random.split(state.key)
+    result = strategy.step(params, method_params, state.cache, state.method_state, state.pending, sub, sampling, cfg)
+    return _commit(state.replace(key=key), result, eos_ids, max_new)
+
+
+def _decode_loop(params: Params, method_params: Any, state: DecodeState, **static: Any) -> DecodeState:
+    max_new = static["max_new"]
+    return lax.while_loop(
+        lambda s: jnp.any(~s.done) & (s.steps < max_new),
+        lambda s: _advance(params, method_params, s, **static),
+        state,
+    )
+
+
+class Engine:
+    """Generates with `strategy` on `model`; compiled functions are cached per shape and setting."""
+
+    def __init__(
+        self,
+        model: Model,
+        strategy: Strategy | None = None,
+        method_params: Any = None,
+        *,
+        cache_size: int | None = None,
+    ):
+        self.model = model
+        self.strategy = strategy or Plain()
+        self.method_params = method_params
+        self.cache_size = cache_size
+        self.strategy.validate(model.cfg, method_params)
+        self._compiled: dict[tuple, Callable] = {}
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    # ------------------------------------------------------------------ shapes and inputs
+
+    def _layout(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[int, int]:
+        if not prompts:
+            raise GenerationError("no prompts given")
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise GenerationError("a prompt is empty; give at least one token")
+        for p in prompts:
+            bad = [t for t in p if not 0 <= int(t) < self.cfg.vocab_size]
+            if bad:
+                raise GenerationError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        longest = max(lengths)
+        need = longest + max_new_tokens
+        if self.cache_size is not None:
+            capacity = self.cache_size
+            if need > capacity:
+                raise GenerationError(
+                    f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {need} exceeds the cache of "
+                    f"{capacity} positions; shorten the prompt, lower max_new_tokens or raise the cache size"
+                )
+        else:
+            if need > self.cfg.max_position:
+                raise GenerationError(
+                    f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {need} exceeds the model's "
+                    f"context of {self.cfg.max_position} positions; shorten the prompt or lower max_new_tokens"
+                )
+            capacity = min(length_bucket(need), self.cfg.max_position)
+        return min(length_bucket(longest), capacity), capacity
+
+    def _inputs(self, prompts: Sequence[Sequence[int]], padded: int) -> tuple[jax.Array, jax.Array]:
+        tokens = np.full((len(prompts), padded), self.cfg.pad_id, np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+        return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
+
+    def _get(self, name: str, fn: Callable, static: dict, args: tuple, donate: tuple[int, ...]) -> tuple[Callable, float]:
+        """The compiled `fn` for these args' shapes and `static`; second value: compile seconds (0 if cached)."""
+        shapes = tuple(jax.tree.map(lambda a: (a.shape, a.dtype), a) for a in args[2:])
+        key = (name, tuple(sorted(static.items(), key=lambda kv: kv[0])), jax.tree.structure(args[2:]), str(shapes))
+        if key in self._compiled:
+            return self._compiled[key], 0.0
+        start = time.perf_counter()
+        compiled = jax.jit(functools.partial(fn, **static), donate_argnums=donate).lower(*args).compile()
+        self._compiled[key] = compiled
+        return compiled, time.perf_counter() - start
+
+    # ------------------------------------------------------------------ public API
+
+    def _prefill(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        seed: int,
+        eos_ids: tuple[int, ...] | None,
+    ) -> tuple[DecodeState, dict, float, float]:
+        """Prefill -> (state holding the first token, loop settings, run seconds, compile seconds)."""
+        eos = self.cfg.eos_ids if eos_ids is None else tuple(eos_ids)
+        padded, capacity = self._layout(prompts, max_new_tokens)
+        tokens, lens = self._inputs(prompts, padded)
+        static = dict(cfg=self.cfg, strategy=self.strategy, sampling=sampling, max_new=max_new_tokens, eos_ids=eos)
+        args = (self.model.params, self.method_params, tokens, lens, jax.random.PRNGKey(seed))
+        fn, compile_s = self._get("prefill", _prefill, {**static, "capacity": capacity}, args, donate=())
+        start = time.perf_counter()
+        state = jax.block_until_ready(fn(*args))
+        return state, static, time.perf_counter() - start, compile_s
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 128,
+        sampling: SamplingConfig = SamplingConfig(),
+        seed: int = 0,
+        eos_ids: tuple[int, ...] | None = None,
+    ) -> GenerationOutput:
+        """Generate for a batch of token-id prompts inside one compiled loop.
+
+        eos_ids: token ids that end a row (default: the model's); `()` never stops early.
+        """
+        state, static, prefill_s, compile_s = self._prefill(prompts, max_new_tokens, sampling, seed, eos_ids)
+        args = (self.model.params, self.method_params, state)
+        fn, loop_compile_s = self._get("loop", _decode_loop, static, args, donate=(2,))
+        start = time.perf_counter()
+        state = jax.block_until_ready(fn(*args))
+        decode_s = time.perf_counter() - start
+        return self._output(state, prompts, prefill_s, decode_s, compile_s + loop_compile_s)
+
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 128,
+        sampling: SamplingConfig = SamplingConfig(),
+        seed: int = 0,
+        eos_ids: tuple[int, ...] | None = None,
+    ) -> "TokenStream":
+        """Like `generate`, but a host loop over the jitted step that yields each row's new tokens per step.
+
+        Iterate over the result; afterwards its `.output` holds the `GenerationOutput`. The tokens
+        are the same as `generate`'s.
+        """
+        state, static, prefill_s, compile_s = self._prefill(prompts, max_new_tokens, sampling, seed, eos_ids)
+        args = (self.model.params, self.method_params, state)
+        step, step_compile_s = self._get("step", _advance, static, args, donate=(2,))
+        return TokenStream(self, step, state, prompts, prefill_s, compile_s + step_compile_s)
+
+    def _output(self, state: DecodeState, prompts, prefill_s: float, decode_s: float, compile_s: float) -> GenerationOutput:
+        output = np.asarray(state.output)
+        num_new = np.asarray(state.num_new)
+        return GenerationOutput(
+            tokens=[output[b, : num_new[b]].tolist() for b in range(len(prompts))],
+            prompt_lengths=[len(p) for p in prompts],
+            prefill_seconds=prefill_s,
+            decode_seconds=decode_s,
+            compile_seconds=compile_s,
+            forwards=np.asarray(state.forwards).tolist(),
+            layers=np.asarray(state.layers).tolist(),
+            steps=int(state.steps),
+        )
+
+
+class TokenStream:
+    """Per-step new tokens of a streamed generation (see `Engine.stream`)."""
+
+    def __init__(self, engine: Engine, step: Callable, state: DecodeState, prompts, prefill_s: float, compile_s: float):
+        self._engine, self._step, self._state, self._prompts = engine, step, state, prompts
+        self._prefill_s, self._compile_s = prefill_s, compile_s
+        self.output: GenerationOutput | None = None
+
+    def __iter__(self) -> Iterator[list[list[int]]]:
+        state, engine = self._state, self._engine
+        start = time.perf_counter()
+        num_new = np.asarray(state.num_new)
+        yield [[int(t)] for t in np.asarray(state.output[:, 0])]
+        max_new = state.output.shape[1]
+        while not bool(np.all(np.asarray(state.done))) and int(state.steps) < max_new:
+            state = self._step(engine.model.params, engine.method_params, state)
+            new_num = np.asarray(state.num_new)
+            output = np.asarray(state.output)
+            yield [output[b, num_new[b] : new_num[b]].tolist() for b in range(len(self._prompts))]
+            num_new = new_num
+        self.output = engine._output(state, self._prompts, self._prefill_s, time.perf_counter() - start, self._compile_s)

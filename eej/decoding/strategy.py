@@ -1,0 +1,109 @@
+"""The interface between the engine and a decoding method.
+
+A strategy is a frozen (hashable) dataclass holding the method's static settings; its trainable
+add-ons (adapters, predictors, ...) travel separately as a `method_params` pytree so that they are
+jit arguments, never closed over. The engine owns prompts, caches, sampling keys, stopping and
+bookkeeping; a strategy only says how to produce the next committed tokens.
+
+Cache convention between steps: the cache holds every committed token except the newest one,
+`pending`, which the next step feeds first. So after a step that commits n tokens, the strategy
+sets `cache.lengths` to (old length + n).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from eej.config import ModelConfig, SamplingConfig
+from eej.model.cache import KVCache
+from eej.model.transformer import Params, embed, logits_from_hidden, run_layers
+
+
+@struct.dataclass
+class StepResult:
+    """What one strategy step produced.
+
+    tokens: [B, K] int32 candidate tokens to commit, in order; only the first `counts[b]` count.
+    counts: [B] int32 in [1, K]: how many of them row b commits.
+    cache: the model cache with `lengths` advanced by `counts` (see the module docstring).
+    method_state: the strategy's own carried state.
+    forwards: [B] int32 — full-model (target) forward passes made for the row this step.
+    layers: [B] float32 — transformer layers computed for the row this step (drafting included).
+    """
+
+    tokens: jax.Array
+    counts: jax.Array
+    cache: KVCache
+    method_state: Any
+    forwards: jax.Array
+    layers: jax.Array
+
+
+def last_token_logits(params: Params, hidden: jax.Array, prompt_lens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits [B, V] at each row's last prompt position, from hidden states [B, P, D]."""
+    last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
+    return logits_from_hidden(params, last, cfg)
+
+
+def prompt_positions(tokens: jax.Array) -> jax.Array:
+    """Positions [B, P] of right-padded prompts [B, P]: 0..P-1 in every row."""
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+def full_prefill(
+    params: Params, tokens: jax.Array, prompt_lens: jax.Array, cache: KVCache, cfg: ModelConfig
+) -> tuple[jax.Array, KVCache]:
+    """Run the whole model over right-padded prompts [B, P]; -> (last-token logits [B, V], cache).
+
+    The returned cache has `lengths = prompt_lens`.
+    """
+    positions = prompt_positions(tokens)
+    hidden, cache = run_layers(params, embed(params, tokens, cfg), cache, positions, cfg, kv_limit=tokens.shape[1])
+    return last_token_logits(params, hidden, prompt_lens, cfg), cache.with_lengths(prompt_lens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """Base class of decoding methods. Subclasses are frozen dataclasses (static under jit)."""
+
+    name: ClassVar[str] = "strategy"
+
+    @property
+    def max_step_tokens(self) -> int:
+        """K: the most tokens one step can commit per row."""
+        return 1
+
+    def validate(self, cfg: ModelConfig, method_params: Any) -> None:
+        """Raise ValueError with a clear message if the settings or add-ons don't fit `cfg`."""
+
+    def prefill(
+        self,
+        params: Params,
+        method_params: Any,
+        tokens: jax.Array,
+        prompt_lens: jax.Array,
+        cache: KVCache,
+        cfg: ModelConfig,
+    ) -> tuple[jax.Array, KVCache, Any]:
+        """Process right-padded prompts [B, P] -> (last-token logits [B, V], cache, method_state)."""
+        logits, cache = full_prefill(params, tokens, prompt_lens, cache, cfg)
+        return logits, cache, ()
+
+    def step(
+        self,
+        params: Params,
+        method_params: Any,
+        cache: KVCache,
+        method_state: Any,
+        pending: jax.Array,
+        key: jax.Array,
+        sampling: SamplingConfig,
+        cfg: ModelConfig,
+    ) -> StepResult:
+        """Feed `pending` [B] (the newest committed token per row) and propose the next tokens."""
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Loaders (GGUF, Hugging Face checkpoints), tokenizers and the model registry."""

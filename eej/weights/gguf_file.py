@@ -1,0 +1,140 @@
+"""Load a Llama-family `.gguf` file: config, dequantized params and tokenizer, without torch."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from eej.config import ModelConfig, RopeConfig
+from eej.weights.convert import from_hf_layout
+from eej.weights.tokenizer import Tokenizer, tokenizer_from_gguf_fields
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+_LAYER_TENSORS = {
+    "attn_norm": "attn_norm.weight",
+    "wq": "attn_q.weight",
+    "wk": "attn_k.weight",
+    "wv": "attn_v.weight",
+    "wo": "attn_output.weight",
+    "bq": "attn_q.bias",
+    "bk": "attn_k.bias",
+    "bv": "attn_v.bias",
+    "mlp_norm": "ffn_norm.weight",
+    "w_gate": "ffn_gate.weight",
+    "w_up": "ffn_up.weight",
+    "w_down": "ffn_down.weight",
+}
+
+
+class GGUFError(ValueError):
+    """The file is not a GGUF model eej can load."""
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head interleaving of Q/K rows (its RoPE pairs adjacent dims; HF's pairs halves)."""
+    out_dim = w.shape[0]
+    head_dim = out_dim // n_heads
+    rest = w.shape[1:]
+    return w.reshape(n_heads, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(out_dim, *rest)
+
+
+def read_gguf(path: str, name: str | None = None) -> tuple[ModelConfig, dict[str, Any], Tokenizer]:
+    """Read `path` -> (config, params in eej layout with layers stacked [L, ...], float32 numpy, tokenizer)."""
+    import gguf  # imported lazily: only this loader needs it
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises assorted errors on non-GGUF input
+        raise GGUFError(f"{path} is not a readable GGUF file ({e})") from e
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise GGUFError(f"{path}: architecture {arch!r} is not supported (eej loads {', '.join(SUPPORTED_ARCHITECTURES)})")
+
+    def meta(key: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{key}", default)
+
+    n_layers = int(meta("block_count"))
+    hidden = int(meta("embedding_length"))
+    n_heads = int(meta("attention.head_count"))
+    n_kv = int(meta("attention.head_count_kv", n_heads))
+    head_dim = int(meta("attention.key_length", hidden // n_heads))
+    tensors = {t.name: t for t in reader.tensors}
+
+    def load(tensor_name: str) -> np.ndarray:
+        t = tensors[tensor_name]
+        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+    embed = load("token_embd.weight")
+    layers: dict[str, list[np.ndarray]] = {}
+    for key, suffix in _LAYER_TENSORS.items():
+        if f"blk.0.{suffix}" not in tensors:
+            if key in ("bq", "bk", "bv"):
+                continue
+            raise GGUFError(f"{path}: tensor blk.0.{suffix} is missing")
+        per_layer = []
+        for i in range(n_layers):
+            w = load(f"blk.{i}.{suffix}")
+            if arch != "qwen2" and key in ("wq", "bq"):
+                w = _unpermute_rope_rows(w, n_heads)
+            elif arch != "qwen2" and key in ("wk", "bk"):
+                w = _unpermute_rope_rows(w, n_kv)
+            per_layer.append(w)
+        layers[key] = per_layer
+    params: dict[str, Any] = {
+        "embed": embed,
+        "layers": {k: np.stack(v) for k, v in layers.items()},
+        "final_norm": load("output_norm.weight"),
+    }
+    tied = "output.weight" not in tensors
+    if not tied:
+        params["lm_head"] = load("output.weight")
+
+    tokenizer = tokenizer_from_gguf_fields(lambda key, default=None: _field(reader, key, default))
+    scaling_type = meta("rope.scaling.type", "none")
+    rope = RopeConfig(theta=float(meta("rope.freq_base", 10000.0)))
+    if scaling_type == "linear":
+        rope = RopeConfig(theta=rope.theta, type="linear", factor=float(meta("rope.scaling.factor")))
+    elif scaling_type == "yarn":
+        rope = RopeConfig(
+            theta=rope.theta,
+            type="yarn",
+            factor=float(meta("rope.scaling.factor")),
+            original_max_position=int(meta("rope.scaling.original_context_length")),
+        )
+    elif scaling_type not in ("none", None):
+        raise GGUFError(f"{path}: RoPE scaling {scaling_type!r} is not supported")
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    pad = _field(reader, "tokenizer.ggml.padding_token_id", eos if eos is not None else 0)
+    cfg = ModelConfig(
+        name=name or os.path.basename(path),
+        vocab_size=embed.shape[0],
+        hidden_size=hidden,
+        num_layers=n_layers,
+        num_heads=n_heads,
+        num_kv_heads=n_kv,
+        head_dim=head_dim,
+        ffn_size=int(meta("feed_forward_length")),
+        rope=rope,
+        rms_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings=tied,
+        attention_bias="bq" in layers,
+        sliding_window=None,
+        max_position=int(meta("context_length", 4096)),
+        bos_id=None if bos is None else int(bos),
+        eos_ids=() if eos is None else (int(eos),),
+        pad_id=int(pad) if pad is not None else 0,
+    )
+    return cfg, from_hf_layout(params), tokenizer

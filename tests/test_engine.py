@@ -1,0 +1,94 @@
+"""The engine on tiny random models: batching, streaming, sampling determinism, stopping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from eej.config import SamplingConfig
+from eej.decoding.engine import Engine, GenerationError, length_bucket
+
+from conftest import random_prompts, tiny_model
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gqa", "tiny-qwen2", "tiny-mistral"])
+def test_batched_equals_one_by_one_for_ragged_prompts(name):
+    model = tiny_model(name)
+    rng = np.random.default_rng(0)
+    prompts = random_prompts(rng, [3, 17, 9, 1, 30], model.cfg.vocab_size)
+    engine = Engine(model)
+    batched = engine.generate(prompts, max_new_tokens=24, eos_ids=())
+    for prompt, tokens in zip(prompts, batched.tokens):
+        alone = engine.generate([prompt], max_new_tokens=24, eos_ids=())
+        assert alone.tokens[0] == tokens
+    assert all(n == 24 for n in batched.new_tokens)
+
+
+def test_stream_yields_the_same_tokens_as_generate():
+    model = tiny_model("tiny-gqa")
+    prompts = random_prompts(np.random.default_rng(1), [5, 12], model.cfg.vocab_size)
+    engine = Engine(model)
+    sampling = SamplingConfig(temperature=0.8, top_k=50)
+    whole = engine.generate(prompts, max_new_tokens=16, sampling=sampling, seed=3, eos_ids=())
+    stream = engine.stream(prompts, max_new_tokens=16, sampling=sampling, seed=3, eos_ids=())
+    pieces = [[], []]
+    for step in stream:
+        for row, new in enumerate(step):
+            pieces[row].extend(new)
+    assert pieces == whole.tokens
+    assert stream.output is not None and stream.output.tokens == whole.tokens
+
+
+def test_sampling_is_deterministic_for_a_seed_and_varies_across_seeds():
+    model = tiny_model()
+    prompts = random_prompts(np.random.default_rng(2), [6, 6, 6, 6], model.cfg.vocab_size)
+    engine = Engine(model)
+    sampling = SamplingConfig(temperature=1.0, top_p=0.95)
+    a = engine.generate(prompts, 20, sampling, seed=7, eos_ids=()).tokens
+    b = engine.generate(prompts, 20, sampling, seed=7, eos_ids=()).tokens
+    c = engine.generate(prompts, 20, sampling, seed=8, eos_ids=()).tokens
+    assert a == b
+    assert a != c
+
+
+def test_each_row_stops_at_its_own_eos():
+    model = tiny_model()
+    prompts = random_prompts(np.random.default_rng(3), [4, 9, 2], model.cfg.vocab_size)
+    engine = Engine(model)
+    free = engine.generate(prompts, 30, eos_ids=()).tokens
+    # Declare as EOS a token that row 0 produces at its 6th step; rows stop right after its first occurrence.
+    eos = free[0][5]
+    stopped = engine.generate(prompts, 30, eos_ids=(eos,)).tokens
+    for full, cut in zip(free, stopped):
+        if eos in full:
+            end = full.index(eos) + 1
+            assert cut == full[:end]
+        else:
+            assert cut == full
+
+
+def test_max_new_tokens_and_the_forward_count():
+    model = tiny_model()
+    out = Engine(model).generate([[5, 6, 7]], max_new_tokens=9, eos_ids=())
+    assert out.new_tokens == [9]
+    assert out.forwards == [9]  # prefill + 8 decode steps
+    assert out.layers == [8 * model.cfg.num_layers]
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny_model()
+    engine = Engine(model, cache_size=32)
+    with pytest.raises(GenerationError, match="exceeds the cache"):
+        engine.generate([[5] * 30], max_new_tokens=8)
+    with pytest.raises(GenerationError, match="empty"):
+        engine.generate([[]], max_new_tokens=8)
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        engine.generate([[10_000]], max_new_tokens=8)
+    with pytest.raises(GenerationError, match="context"):
+        Engine(model).generate([[5] * 2000], max_new_tokens=100)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(temperature=1.0, top_p=0.0)
+
+
+def test_length_buckets_bound_recompiles():
+    assert [length_bucket(n) for n in (1, 16, 17, 100, 512, 513, 1100)] == [16, 16, 32, 128, 512, 1024, 1536]

@@ -1,0 +1,149 @@
+"""Parity of eej's model with transformers + torch (the reference implementation).
+
+Tiny random Llama / Qwen2 / Mistral checkpoints (several RoPE scalings) written by transformers
+and read back by eej's safetensors loader; the real SmolLM2-135M read from its GGUF by both eej and
+transformers' own GGUF loader. Logits must match tightly and greedy generation token for token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax.numpy as jnp  # noqa: E402
+
+from eej.config import SamplingConfig  # noqa: E402
+from eej.decoding.engine import Engine  # noqa: E402
+from eej.model.cache import init_cache  # noqa: E402
+from eej.model.transformer import forward  # noqa: E402
+from eej.weights.hf_checkpoint import read_hf_checkpoint  # noqa: E402
+from eej.weights.byte_tokenizer import byte_tokenizer  # noqa: E402
+from eej.weights.registry import Model, smollm2_path, to_device  # noqa: E402
+
+GEN_TOKENS = 64
+
+
+def _hf_tiny(kind: str, tmp_path, **extra):
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    common.update(extra)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**common)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(**common)
+        model = transformers.MistralForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():  # larger-than-default weights so that logits are not all near zero
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    model.save_pretrained(tmp_path)
+    return model.eval()
+
+
+def _eej_from_dir(path) -> Model:
+    cfg, params = read_hf_checkpoint(str(path))
+    return Model(cfg=cfg, params=to_device(params, cfg), tokenizer=byte_tokenizer())
+
+
+def _eej_logits(model: Model, ids: list[int]) -> np.ndarray:
+    tokens = jnp.asarray([ids], jnp.int32)
+    positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
+    cache = init_cache(model.cfg, 1, len(ids))
+    logits, _ = forward(model.params, tokens, positions, cache, model.cfg)
+    return np.asarray(logits[0])
+
+
+def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids) :].tolist()
+
+
+def _check(hf_model, model: Model, prompt: list[int], atol: float, rtol: float = 1e-4) -> None:
+    hf_tokens = _hf_greedy(hf_model, prompt, GEN_TOKENS)
+    seq = prompt + hf_tokens
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([seq])).logits[0].float().numpy()
+    ours = _eej_logits(model, seq)
+    np.testing.assert_allclose(ours, ref, atol=atol, rtol=rtol)
+    out = Engine(model).generate([prompt], max_new_tokens=GEN_TOKENS, sampling=SamplingConfig(), eos_ids=())
+    assert out.tokens[0] == hf_tokens
+
+
+CASES = {
+    "llama": ("llama", {}),
+    "llama-mha-tied": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama-rope-linear": ("llama", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
+    "llama-rope-llama3": (
+        "llama",
+        dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 64, "rope_theta": 500000.0}),
+    ),
+    "llama-rope-yarn": (
+        "llama",
+        dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+                              "rope_theta": 10000.0}),
+    ),
+    "qwen2-bias": ("qwen2", {}),
+    "mistral-sliding-window": ("mistral", dict(sliding_window=12)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tiny_checkpoint_matches_transformers(case, tmp_path):
+    kind, extra = CASES[case]
+    hf_model = _hf_tiny(kind, tmp_path, **extra)
+    model = _eej_from_dir(tmp_path)
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(3, 300, size=11).tolist()
+    _check(hf_model, model, prompt, atol=2e-4)
+
+
+@pytest.mark.real_model
+def test_smollm2_matches_transformers_gguf(real_model):
+    import os
+
+    path = smollm2_path()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+    prompt = real_model.tokenizer.encode_chat("Name three colours of the rainbow.")
+    _check(hf_model, real_model, prompt, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.real_model
+def test_smollm2_tokenizer_matches_transformers_gguf(real_model):
+    import os
+
+    path = smollm2_path()
+    ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    texts = [
+        "Hello world! 12345 numbers,  spaces\n\nnewline",
+        "<|im_start|>user\nhi<|im_end|>",
+        "naïve café — 日本語 🙂 x=3.14159",
+        "def f(x):\n    return x**2  # tab\there",
+        "  leading and trailing  ",
+        "I'm you're they'll 1,000,000 $5.99 2024-01-01",
+    ]
+    for text in texts:
+        ours = real_model.tokenizer.encode(text)
+        assert ours == ref.encode(text, add_special_tokens=False), text
+        assert real_model.tokenizer.decode(ours, skip_special_tokens=False) == text
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "ok?"}]
+    assert real_model.tokenizer.chat_prompt(messages) == ref.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
