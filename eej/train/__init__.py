@@ -1,0 +1,1 @@
+"""Training of the methods' add-ons: data, one optax/orbax loop, teacher caches, artifacts."""

@@ -1,0 +1,158 @@
+"""Training text: chat-formatted instruction/response pairs with assistant-only loss masks.
+
+Readers (chosen by file content, not name):
+  *.json   a list of {"instruction", "input", "response"} objects (GPTeacher)
+  *.jsonl  one object per line with a prompt field ("question" | "instruction" | "prompt") and a
+           response field ("answer" | "response" | "output") (GSM8K and similar)
+  *.txt    raw text, cut into chunks; every token is a target (no chat template)
+
+Files are read by path (e.g. from ../shared/data/train); nothing is copied into the repository.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from eej.weights.tokenizer import Tokenizer
+
+_PROMPT_KEYS = ("question", "instruction", "prompt")
+_RESPONSE_KEYS = ("answer", "response", "output")
+
+
+class DataError(ValueError):
+    """A training data file is missing or not in a supported format."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One conversation: the user turn and the assistant's answer (raw text: prompt is None)."""
+
+    prompt: str | None
+    response: str
+
+
+@dataclasses.dataclass
+class TokenizedData:
+    """Fixed-length training sequences.
+
+    tokens: [N, T] int32, right-padded with the pad id.
+    loss_mask: [N, T] float32, 1 where tokens[n, t] is a training target (an assistant token).
+    lengths: [N] int32 real lengths.
+    """
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def subset(self, index: np.ndarray) -> "TokenizedData":
+        return TokenizedData(self.tokens[index], self.loss_mask[index], self.lengths[index])
+
+
+def read_examples(path: str, txt_chunk_chars: int = 1500) -> list[Example]:
+    """All examples of one file (see the module docstring for formats)."""
+    if not os.path.isfile(path):
+        raise DataError(f"training data file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".txt"):
+        return [Example(None, text[i : i + txt_chunk_chars]) for i in range(0, len(text), txt_chunk_chars)]
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    examples = []
+    for n, r in enumerate(records):
+        prompt_key = next((k for k in _PROMPT_KEYS if k in r), None)
+        response_key = next((k for k in _RESPONSE_KEYS if k in r), None)
+        if prompt_key is None or response_key is None:
+            raise DataError(
+                f"{path}: record {n} has no prompt field ({'/'.join(_PROMPT_KEYS)}) or response field "
+                f"({'/'.join(_RESPONSE_KEYS)})"
+            )
+        prompt = str(r[prompt_key])
+        if r.get("input"):
+            prompt = f"{prompt}\n\n{r['input']}"
+        examples.append(Example(prompt, str(r[response_key])))
+    return examples
+
+
+def tokenize_examples(examples: Sequence[Example], tokenizer: Tokenizer, seq_len: int) -> TokenizedData:
+    """Chat-format, tokenize, truncate to `seq_len`, pad; mask = the assistant's tokens (end-of-turn included)."""
+    tokens = np.full((len(examples), seq_len), tokenizer.hf.pad_token_id or 0, np.int32)
+    mask = np.zeros((len(examples), seq_len), np.float32)
+    lengths = np.zeros((len(examples),), np.int32)
+    for i, ex in enumerate(examples):
+        if ex.prompt is None:
+            ids = tokenizer.encode(ex.response)
+            start = 1
+        else:
+            prefix = tokenizer.encode_chat([{"role": "user", "content": ex.prompt}], add_generation_prompt=True)
+            full = tokenizer.encode_chat(
+                [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.response}],
+                add_generation_prompt=False,
+            )
+            ids, start = full, len(prefix)
+        ids = ids[:seq_len]
+        tokens[i, : len(ids)] = ids
+        mask[i, start : len(ids)] = 1.0
+        lengths[i] = len(ids)
+    return TokenizedData(tokens, mask, lengths)
+
+
+def load_training_data(
+    paths: Iterable[str], tokenizer: Tokenizer, seq_len: int, max_examples: int | None = None, seed: int = 0
+) -> TokenizedData:
+    """Read, shuffle (deterministically), cap at `max_examples` and tokenize every file in `paths`.
+
+    Sequences whose assistant part was cut away entirely by truncation are dropped.
+    """
+    examples: list[Example] = []
+    for path in paths:
+        examples.extend(read_examples(path))
+    if not examples:
+        raise DataError("no training examples in the given files")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    if max_examples is not None:
+        order = order[:max_examples]
+    data = tokenize_examples([examples[i] for i in order], tokenizer, seq_len)
+    return data.subset(np.nonzero(data.loss_mask.sum(axis=1) > 0)[0])
+
+
+def split(data: TokenizedData, eval_fraction: float, seed: int = 0) -> tuple[TokenizedData, TokenizedData]:
+    """(train, held-out) split of `data`."""
+    order = np.random.default_rng(seed + 1).permutation(len(data))
+    n_eval = max(1, int(round(len(data) * eval_fraction))) if eval_fraction > 0 else 0
+    return data.subset(order[n_eval:]), data.subset(order[:n_eval])
+
+
+def batch_at(data: TokenizedData, step: int, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The batch for `step`: a pure function of (step, seed), so a resumed run sees the same data.
+
+    Walks through `data` in epochs, each a fresh permutation.
+    """
+    n = len(data)
+    per_epoch = max(1, n // batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    index = order[offset * batch_size : offset * batch_size + batch_size]
+    if len(index) < batch_size:  # tiny data sets: wrap around
+        index = np.resize(order, batch_size)
+    return {"tokens": data.tokens[index], "loss_mask": data.loss_mask[index], "lengths": data.lengths[index]}
