@@ -72,6 +72,8 @@ class Strategy:
     """Base class of decoding methods. Subclasses are frozen dataclasses (static under jit)."""
 
     name: ClassVar[str] = "strategy"
+    # Lossless methods produce exactly plain decoding's tokens (greedy) / distribution (sampling).
+    lossless: ClassVar[bool] = True
 
     @property
     def max_step_tokens(self) -> int:

@@ -1,0 +1,55 @@
+"""Properties every registered method must have, checked with its random (untrained) test instance.
+
+A method joins these tests by registering `random_instance` in eej.decoding.methods.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from eej.config import SamplingConfig
+from eej.decoding.engine import Engine
+from eej.decoding.methods import methods_with_random_instances, random_method
+
+from conftest import random_prompts, tiny_model
+
+METHODS = methods_with_random_instances()
+MODELS = ["tiny-llama", "tiny-gqa"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_batched_equals_one_by_one(method, model_name):
+    model = tiny_model(model_name, seed=4)
+    engine = Engine(model, *random_method(model, method, seed=1))
+    prompts = random_prompts(np.random.default_rng(5), [4, 13, 1, 7], model.cfg.vocab_size)
+    batched = engine.generate(prompts, max_new_tokens=20, eos_ids=())
+    for prompt, tokens in zip(prompts, batched.tokens):
+        assert engine.generate([prompt], max_new_tokens=20, eos_ids=()).tokens[0] == tokens
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_lossless_methods_match_plain_greedy(method, model_name):
+    model = tiny_model(model_name, seed=6)
+    strategy, method_params = random_method(model, method, seed=2)
+    if not strategy.lossless:
+        pytest.skip(f"{method} is lossy")
+    prompts = random_prompts(np.random.default_rng(7), [3, 11, 6], model.cfg.vocab_size)
+    want = Engine(model).generate(prompts, max_new_tokens=24, eos_ids=()).tokens
+    got = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=24, eos_ids=()).tokens
+    assert got == want
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_outputs_respect_budget_and_eos(method):
+    model = tiny_model("tiny-gqa", seed=8)
+    engine = Engine(model, *random_method(model, method, seed=3))
+    prompts = random_prompts(np.random.default_rng(9), [5, 8], model.cfg.vocab_size)
+    free = engine.generate(prompts, max_new_tokens=15, eos_ids=(), sampling=SamplingConfig()).tokens
+    assert all(len(t) == 15 for t in free)
+    eos = free[0][3]
+    cut = engine.generate(prompts, max_new_tokens=15, eos_ids=(eos,)).tokens
+    for full, got in zip(free, cut):
+        assert got == (full[: full.index(eos) + 1] if eos in full else full)
