@@ -74,6 +74,9 @@ class Strategy:
     name: ClassVar[str] = "strategy"
     # Lossless methods produce exactly plain decoding's tokens (greedy) / distribution (sampling).
     lossless: ClassVar[bool] = True
+    # Batch-invariant methods give each row the tokens it would get alone. Methods that make one
+    # decision for the whole batch (e.g. exit a layer only when every row may) set this False.
+    batch_invariant: ClassVar[bool] = True
 
     @property
     def max_step_tokens(self) -> int:
