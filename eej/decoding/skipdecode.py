@@ -310,12 +310,14 @@ def fine_tuned_layers(model, lora_path: str, schedule: SkipSchedule) -> dict[str
             f"over {len(trained.layer_counts) - 1} tokens, not the one configured "
             f"(W={schedule.warmup_layers} n={schedule.max_layers}->{schedule.min_layers} over {len(schedule.layer_counts) - 1})"
         )
-    if "layers" in tree:  # a full fine-tune
+    first = int(header.get("first_layer", 0))
+    if "layers" in tree:  # a full fine-tune of layers [first, N)
         from eej.model.transformer import unstack_layers
 
-        layers = unstack_layers(jax.tree.map(lambda a: jnp.asarray(a, model.cfg.jnp_dtype), tree["layers"]))
-        return {"layers": layers}
-    merged = merge_lora(model.params, jax.tree.map(jnp.asarray, tree["lora"]), scale=float(header["lora_scale"]))
+        trained_layers = unstack_layers(jax.tree.map(lambda a: jnp.asarray(a, model.cfg.jnp_dtype), tree["layers"]))
+        base = unstack_layers(model.params["layers"])
+        return {"layers": base[:first] + trained_layers}
+    merged = merge_lora(model.params, jax.tree.map(jnp.asarray, tree["lora"]), scale=float(header["lora_scale"]), first_layer=first)
     return {"layers": merged["layers"]}
 
 

@@ -35,7 +35,8 @@ from eej.config import ModelConfig
 from eej.decoding.skipdecode import SkipDecodeSettings, SkipSchedule
 from eej.model.cache import init_cache
 from eej.model.lora import PROJECTIONS, init_lora, merge_lora
-from eej.model.transformer import Params, block, canonical_layout, embed, logits_from_hidden, run_layers, stack_layers
+from eej.model.transformer import Params, block, canonical_layout, embed, logits_from_hidden, stack_layers
+from eej.train.teacher import hidden_states
 from eej.train.loop import masked_mean
 
 
@@ -45,16 +46,11 @@ def prompt_lengths(loss_mask: jax.Array) -> jax.Array:
     return jnp.where(has, jnp.argmax(loss_mask > 0, axis=1), loss_mask.shape[1]).astype(jnp.int32)
 
 
-def skip_hidden(
-    params: Params, tokens: jax.Array, prompt_lens: jax.Array, schedule: SkipSchedule, cfg: ModelConfig, remat: bool = True
+def _skip_layers(
+    layers: dict[str, jax.Array], x: jax.Array, positions: jax.Array, active: jax.Array, cfg: ModelConfig, remat: bool
 ) -> jax.Array:
-    """The skip model's last residual stream [B, T, D] over right-padded sequences `tokens` [B, T].
-
-    prompt_lens [B]: P per row; token p runs the layers of generation index p - P.
-    """
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    active = schedule.active_mask(positions - prompt_lens[:, None], cfg.num_layers)  # [B, T, L]
+    """Stacked `layers` [L', ...] over residual x [B, T, D]; a layer's output is kept where active [B, T, L'] is set."""
+    b, t = positions.shape
     empty = init_cache(cfg, b, t, num_layers=1)
 
     def layer_step(x, inputs):
@@ -64,16 +60,60 @@ def skip_hidden(
 
     if remat:
         layer_step = jax.checkpoint(layer_step)
-    x, _ = lax.scan(layer_step, embed(params, tokens, cfg), (stack_layers(params["layers"]), jnp.moveaxis(active, 2, 0)))
+    x, _ = lax.scan(layer_step, x, (layers, jnp.moveaxis(active, 2, 0)))
     return x
 
 
-def full_hidden(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """The full model's last residual stream [B, T, D] (the teacher)."""
+def _positions(tokens: jax.Array) -> jax.Array:
     b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x, _ = run_layers(params, embed(params, tokens, cfg), init_cache(cfg, b, t), positions, cfg)
-    return x
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+def skip_hidden(
+    params: Params, tokens: jax.Array, prompt_lens: jax.Array, schedule: SkipSchedule, cfg: ModelConfig, remat: bool = True
+) -> jax.Array:
+    """The skip model's last residual stream [B, T, D] over right-padded sequences `tokens` [B, T].
+
+    prompt_lens [B]: P per row; token p runs the layers of generation index p - P.
+    """
+    positions = _positions(tokens)
+    active = schedule.active_mask(positions - prompt_lens[:, None], cfg.num_layers)  # [B, T, L]
+    return _skip_layers(stack_layers(params["layers"]), embed(params, tokens, cfg), positions, active, cfg, remat)
+
+
+def skip_hidden_above(
+    params: Params,
+    base_states: dict[int, jax.Array],
+    prompt_lens: jax.Array,
+    schedule: SkipSchedule,
+    cfg: ModelConfig,
+    first_layer: int,
+    remat: bool = True,
+) -> jax.Array:
+    """`skip_hidden` when layers below `first_layer` are the base model's: only layers [first_layer, N) run.
+
+    Valid for W <= first_layer <= the first band layer N - (L_max - W): then every generated token
+    enters `first_layer` with the warm-up output and every prompt token with the full model's state
+    at that depth, both read from `base_states` ({W: [B, T, D], first_layer: [B, T, D]}, e.g. from
+    `eej.train.teacher.hidden_states` of the base model).
+    """
+    w, band_start = schedule.warmup_layers, cfg.num_layers - (schedule.max_layers - schedule.warmup_layers)
+    if not w <= first_layer <= band_start:
+        raise ValueError(f"first_layer must be in [{w}, {band_start}] for this schedule, got {first_layer}")
+    x_w, x_first = base_states[w], base_states[first_layer]
+    positions = _positions(x_w[..., 0])
+    t = positions - prompt_lens[:, None]
+    x = jnp.where((t < 0)[..., None], x_first, x_w)
+    active = schedule.active_mask(t, cfg.num_layers)[..., first_layer:]
+    layers = jax.tree.map(lambda a: a[first_layer:], stack_layers(params["layers"]))
+    return _skip_layers(layers, x, positions, active, cfg, remat)
+
+
+def response_window(values: jax.Array, prompt_lens: jax.Array, length: int, offset: int = 0) -> jax.Array:
+    """values [B, T, ...] at positions P_b + offset + j, j < length -> [B, length, ...] (clipped to the sequence)."""
+    index = jnp.clip(prompt_lens[:, None] + offset + jnp.arange(length), 0, values.shape[1] - 1)
+    index = index.reshape(index.shape + (1,) * (values.ndim - 2))
+    return jnp.take_along_axis(values, index, axis=1)
 
 
 def distillation_loss(
@@ -83,31 +123,44 @@ def distillation_loss(
     *,
     cfg: ModelConfig,
     schedule: SkipSchedule,
+    first_layer: int,
     lora_scale: float,
     ce_weight: float,
+    response_len: int,
     remat: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """KL(teacher || skip student) (+ ce_weight x CE) on assistant targets; -> (loss, metrics).
+    """KL(full model || skip model) (+ ce_weight x CE) on the first `response_len` assistant targets.
 
-    trainable: {"lora": adapters} or {"layers": stacked layers} (full fine-tune).
-    frozen: {"params": the base model (stacked layers)}.
-    batch: tokens [B, T] int32, loss_mask [B, T] (1 on assistant tokens).
+    trainable: {"lora": adapters for layers [first_layer, N)} or {"layers": stacked layers [first_layer, N)}.
+    frozen: {"params": the base model (stacked layers)} — also the teacher.
+    batch: tokens [B, T] int32, loss_mask [B, T] (1 on assistant tokens, which follow the prompt).
+    first_layer: the lowest adapted layer. Layers below it are the base model's, so one base-model
+      pass gives the teacher and the student's input (`skip_hidden_above`) when W <= first_layer;
+      first_layer < W runs the whole masked forward (`skip_hidden`).
+    Returns (loss, metrics: kl, ce, agree = top-1 agreement with the teacher).
     """
     base = frozen["params"]
     if "lora" in trainable:
-        student = merge_lora(base, trainable["lora"], scale=lora_scale)
+        student = merge_lora(base, trainable["lora"], scale=lora_scale, first_layer=first_layer)
     else:
-        student = {**base, "layers": trainable["layers"]}
+        layers = jax.tree.map(lambda a, b: jnp.concatenate([a[:first_layer], b]), base["layers"], trainable["layers"])
+        student = {**base, "layers": layers}
     tokens, mask = batch["tokens"], batch["loss_mask"]
     prompt_lens = prompt_lengths(mask)
-    # Position p predicts token p + 1: score positions whose next token is an assistant token.
-    target_mask = mask[:, 1:]
-    student_logits = logits_from_hidden(student, skip_hidden(student, tokens, prompt_lens, schedule, cfg, remat)[:, :-1], cfg)
-    teacher_logits = lax.stop_gradient(logits_from_hidden(base, full_hidden(base, tokens, cfg)[:, :-1], cfg))
-    log_p = jax.nn.log_softmax(teacher_logits, axis=-1)
-    log_q = jax.nn.log_softmax(student_logits, axis=-1)
+    w, n = schedule.warmup_layers, cfg.num_layers
+    depths = (w, first_layer, n) if first_layer >= w else (n,)
+    states = {d: lax.stop_gradient(h) for d, h in hidden_states(base, tokens, cfg, depths).items()}
+    if first_layer >= w:
+        hidden = skip_hidden_above(student, states, prompt_lens, schedule, cfg, first_layer, remat)
+    else:
+        hidden = skip_hidden(student, tokens, prompt_lens, schedule, cfg, remat)
+    # Position P - 1 + j predicts response token j: score j < response_len where that token is an assistant token.
+    targets = response_window(tokens, prompt_lens, response_len)
+    target_mask = response_window(mask, prompt_lens, response_len) * (prompt_lens[:, None] + jnp.arange(response_len) < tokens.shape[1])
+    log_q = jax.nn.log_softmax(logits_from_hidden(student, response_window(hidden, prompt_lens, response_len, -1), cfg), -1)
+    log_p = jax.nn.log_softmax(logits_from_hidden(base, response_window(states[n], prompt_lens, response_len, -1), cfg), -1)
     kl = masked_mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1), target_mask)
-    ce = masked_mean(-jnp.take_along_axis(log_q, tokens[:, 1:, None], axis=-1)[..., 0], target_mask)
+    ce = masked_mean(-jnp.take_along_axis(log_q, targets[..., None], axis=-1)[..., 0], target_mask)
     agree = masked_mean((jnp.argmax(log_q, -1) == jnp.argmax(log_p, -1)).astype(jnp.float32), target_mask)
     return kl + ce_weight * ce, {"kl": kl, "ce": ce, "agree": agree}
 
@@ -120,7 +173,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA scale = alpha / rank")
     p.add_argument("--targets", default=",".join(PROJECTIONS), help="comma-separated projections to adapt")
-    p.add_argument("--full-finetune", action="store_true", help="train every layer weight instead of LoRA")
+    p.add_argument("--full-finetune", action="store_true", help="train the adapted layers' weights instead of LoRA")
+    p.add_argument(
+        "--adapt-layers", default="top", choices=["top", "all"],
+        help="top: the layers generated tokens run above the warm-up (cheaper: the frozen bottom is shared with "
+        "the teacher pass); all: every layer",
+    )
+    p.add_argument("--response-len", type=int, default=128, help="score the first N assistant tokens of each sequence")
     p.add_argument("--ce-weight", type=float, default=0.0, help="weight of cross-entropy on the reference responses")
     p.add_argument("--no-remat", action="store_true", help="keep activations instead of recomputing them (more memory)")
     p.add_argument("--artifact", default=None, help="where to write the trained artifact (default: OUT/skipdecode-BUDGET.npz)")
@@ -154,18 +213,22 @@ def _run(args: argparse.Namespace) -> int:
     except DataError as e:
         raise CliError(str(e)) from None
 
+    if args.response_len < 1:
+        raise CliError(f"--response-len must be >= 1, got {args.response_len}")
     scale = args.alpha / args.rank
+    first = first_adapted_layer(schedule, cfg.num_layers, args.adapt_layers)
     if args.full_finetune:
-        init: dict[str, Any] = {"layers": jax.tree.map(jnp.asarray, model.params["layers"])}
+        init: dict[str, Any] = {"layers": jax.tree.map(lambda a: jnp.asarray(a[first:]), model.params["layers"])}
     else:
-        init = {"lora": init_lora(jax.random.PRNGKey(args.seed), cfg, args.rank, targets)}
+        init = {"lora": init_lora(jax.random.PRNGKey(args.seed), cfg, args.rank, targets, num_layers=cfg.num_layers - first)}
     loss_fn = functools.partial(
-        distillation_loss, cfg=cfg, schedule=schedule, lora_scale=scale, ce_weight=args.ce_weight,
-        remat=not args.no_remat,
+        distillation_loss, cfg=cfg, schedule=schedule, first_layer=first, lora_scale=scale, ce_weight=args.ce_weight,
+        response_len=args.response_len, remat=not args.no_remat,
     )
     config = train_config_from_args(args)
     batch_fn = lambda step: batch_at(data, step, args.batch_size, seed=args.seed)  # noqa: E731
     what = "full fine-tune" if args.full_finetune else f"LoRA rank {args.rank} on {', '.join(targets)}"
+    what += f" of layers {first}..{cfg.num_layers - 1}"
     print(
         f"skipdecode {args.budget}: W={schedule.warmup_layers} n={schedule.max_layers}->{schedule.min_layers} over "
         f"{len(schedule.layer_counts) - 1} tokens; {len(data)} sequences of <= {args.seq_len} tokens; "
@@ -186,17 +249,28 @@ def _run(args: argparse.Namespace) -> int:
         cfg,
         schedule={"warmup_layers": schedule.warmup_layers, "layer_counts": list(schedule.layer_counts)},
         budget=budget_name,
+        first_layer=first,
         lora_scale=scale,
         lora_rank=None if args.full_finetune else args.rank,
         targets=list(targets),
         train={
             "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-            "ce_weight": args.ce_weight, "sequences": len(data), "final": log[-1] if log else None,
+            "ce_weight": args.ce_weight, "response_len": args.response_len, "sequences": len(data),
+            "final": log[-1] if log else None,
         },
         reproduce=reproduce_command(args),
     )
     print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def first_adapted_layer(schedule: SkipSchedule, num_layers: int, adapt: str) -> int:
+    """The lowest trained layer: "all" -> 0; "top" -> the first layer a generated token runs above the warm-up."""
+    if adapt == "all":
+        return 0
+    if adapt == "top":
+        return num_layers - (schedule.max_layers - schedule.warmup_layers)
+    raise ValueError(f"adapt must be 'top' or 'all', got {adapt!r}")
 
 
 def reproduce_command(args: argparse.Namespace) -> str:
@@ -206,7 +280,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
         ("--out", args.out), ("--steps", args.steps), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
         ("--lr", args.lr), ("--warmup", args.warmup), ("--max-examples", args.max_examples), ("--seed", args.seed),
         ("--rank", args.rank), ("--alpha", args.alpha), ("--targets", args.targets), ("--ce-weight", args.ce_weight),
-        ("--artifact", args.artifact),
+        ("--adapt-layers", args.adapt_layers), ("--response-len", args.response_len), ("--artifact", args.artifact),
     ]
     for flag, value in options:
         if value is not None:
