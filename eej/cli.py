@@ -139,7 +139,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Batch prompts of similar length together (less padding); results go back in input order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[dict[str, Any]] = [{} for _ in prompts]
-    seconds = compile_seconds = 0.0
+    seconds = compile_seconds = decode_seconds = 0.0
+    decode_tokens = 0
     for start in range(0, len(order), args.batch_size):
         rows = order[start : start + args.batch_size]
         chunk = [prompts[i] for i in rows]
@@ -149,6 +150,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             out = engine.generate(chunk, args.max_new_tokens, sampling, seed=args.seed)
         seconds += out.seconds
         compile_seconds += out.compile_seconds
+        decode_seconds += out.decode_seconds
+        decode_tokens += sum(out.new_tokens) - len(chunk)  # the first token of each row comes from the prefill
         for i, ids in zip(rows, out.tokens):
             results[i] = {"prompt": texts[i], "text": tok.decode(ids), "token_ids": ids, "new_tokens": len(ids)}
     total = sum(r["new_tokens"] for r in results)
@@ -172,9 +175,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if len(results) > 1:
                 print(f"### {r['prompt']}")
             print(r["text"])
+    decode_rate = decode_tokens / decode_seconds if decode_seconds > 0 else 0.0
     print(
-        f"[{total} tokens in {seconds:.2f} s: {tps:.1f} tokens/s; method {args.method}; compile {compile_seconds:.1f} s "
-        f"not counted; {device_description()}]",
+        f"[{total} tokens in {seconds:.2f} s: {tps:.1f} tokens/s overall, {decode_rate:.1f} tokens/s decoding "
+        f"(prefill {seconds - decode_seconds:.2f} s); method {args.method}; compile {compile_seconds:.1f} s not counted; "
+        f"{device_description()}]",
         file=sys.stderr,
     )
     return 0
