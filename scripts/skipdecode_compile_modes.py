@@ -6,6 +6,11 @@ This runs the same schedule with each implementation of `SkipDecode` (see eej/de
 and plain decoding, greedy, EOS ignored (every run does the same work), rounds interleaved so machine
 drift hits all alike; compile time is reported apart. All implementations must give the same tokens.
 
+Two reference schedules bound what skipping can give on this machine: `static-K` runs a constant
+K layers per step (K = the preset's mean, rounded; nothing conditional: the cost of the layers
+alone) and `static-1` runs one layer (what a step costs besides the layers: embedding, LM head,
+sampling, loop).
+
     python scripts/skipdecode_compile_modes.py [--preset 2x-untuned] [--prompts 8] [--max-new-tokens 128]
         [--rounds 3] [--out benchmarks/results/skipdecode_compile_modes]
 
@@ -28,7 +33,7 @@ from bench_plain import DEFAULT_QUESTIONS, load_prompts  # noqa: E402
 from eej.bench.machine import machine_info  # noqa: E402
 from eej.config import SamplingConfig  # noqa: E402
 from eej.decoding.engine import Engine  # noqa: E402
-from eej.decoding.skipdecode import IMPLEMENTATIONS, build_skipdecode  # noqa: E402
+from eej.decoding.skipdecode import IMPLEMENTATIONS, SkipDecode, SkipSchedule, build_skipdecode  # noqa: E402
 from eej.weights.registry import load_model  # noqa: E402
 
 
@@ -53,6 +58,9 @@ def main() -> None:
     for impl in IMPLEMENTATIONS:
         engines[impl] = Engine(model, dataclasses.replace(strategy, implementation=impl), method_params)
     n, greedy = args.max_new_tokens, SamplingConfig()
+    mean_layers = round(strategy.schedule.average_layers(n - 1))
+    engines[f"static-{mean_layers}"] = Engine(model, SkipDecode(SkipSchedule(strategy.schedule.warmup_layers, (mean_layers,))))
+    engines["static-1"] = Engine(model, SkipDecode(SkipSchedule(0, (1,))))
 
     def batches(bs: int) -> list[list[list[int]]]:
         return [prompts[i : i + bs] for i in range(0, len(prompts), bs) if len(prompts[i : i + bs]) == bs]

@@ -42,7 +42,16 @@ from eej.config import ModelConfig, SamplingConfig
 from eej.decoding.sampling import sample
 from eej.decoding.strategy import StepResult, Strategy, full_prefill
 from eej.model.cache import KVCache
-from eej.model.transformer import Params, block, embed, get_layer, logits_from_hidden, run_layers, run_layers_dynamic
+from eej.model.transformer import (
+    Params,
+    block,
+    embed,
+    get_layer,
+    logits_from_hidden,
+    num_layers as count_layers,
+    run_layers,
+    run_layers_dynamic,
+)
 
 Implementation = Literal["cond", "switch", "dynamic"]
 IMPLEMENTATIONS = ("cond", "switch", "dynamic")
@@ -126,6 +135,14 @@ class SkipSchedule:
         table = jnp.asarray(self.layer_counts, jnp.int32)
         return table[jnp.clip(t, 0, len(self.layer_counts) - 1)]
 
+    def band(self, num_layers: int) -> tuple[int, int]:
+        """[start, end): the layers some generated tokens run and others skip.
+
+        Generated tokens never run [W, start); they all run [end, N).
+        """
+        w = self.warmup_layers
+        return num_layers - (self.max_layers - w), num_layers - (self.min_layers - w)
+
     def active_mask(self, t: jax.Array, num_layers: int) -> jax.Array:
         """[..., N] bool: layer l runs for the token with generation index t[...]; prompt tokens (t < 0) run all."""
         n = self.counts_at(t)[..., None]
@@ -139,12 +156,6 @@ def model_layers(params: Params, method_params: Any) -> Params:
     if method_params is None:
         return params
     return {**params, "layers": method_params["layers"]}
-
-
-def band_layers(schedule: SkipSchedule, num_layers: int) -> tuple[int, int]:
-    """[start, end): the layers that run for some generated tokens but not for all."""
-    w = schedule.warmup_layers
-    return num_layers - (schedule.max_layers - w), num_layers - (schedule.min_layers - w)
 
 
 def _run_band_cond(params, x, cache, positions, cfg, first_top, start, end):
@@ -199,14 +210,11 @@ class SkipDecode(Strategy):
         if self.implementation not in IMPLEMENTATIONS:
             raise ValueError(f"unknown skipdecode implementation {self.implementation!r}; use one of {', '.join(IMPLEMENTATIONS)}")
         if method_params is not None:
-            from eej.model.transformer import num_layers
-
             if not isinstance(method_params, dict) or "layers" not in method_params:
                 raise ValueError("skipdecode method_params must be None or {'layers': fine-tuned layers}")
-            if num_layers(method_params["layers"]) != cfg.num_layers:
-                raise ValueError(
-                    f"fine-tuned skipdecode layers: {num_layers(method_params['layers'])}, the model has {cfg.num_layers}"
-                )
+            depth = count_layers(method_params["layers"])
+            if depth != cfg.num_layers:
+                raise ValueError(f"fine-tuned skipdecode layers: {depth}, the model has {cfg.num_layers}")
 
     def prefill(self, params, method_params, tokens, prompt_lens, cache, cfg):
         logits, cache = full_prefill(model_layers(params, method_params), tokens, prompt_lens, cache, cfg)
@@ -226,7 +234,7 @@ class SkipDecode(Strategy):
         positions = cache.lengths[:, None]
         x = embed(params, pending[:, None], cfg)
         x, cache = run_layers(params, x, cache, positions, cfg, 0, sched.warmup_layers)
-        start, end = band_layers(sched, n_layers)
+        start, end = sched.band(n_layers)
         if end > start:
             first_top = n_layers - (n - sched.warmup_layers)
             if self.implementation == "cond":

@@ -97,7 +97,7 @@ def skip_hidden_above(
     at that depth, both read from `base_states` ({W: [B, T, D], first_layer: [B, T, D]}, e.g. from
     `eej.train.teacher.hidden_states` of the base model).
     """
-    w, band_start = schedule.warmup_layers, cfg.num_layers - (schedule.max_layers - schedule.warmup_layers)
+    w, band_start = schedule.warmup_layers, schedule.band(cfg.num_layers)[0]
     if not w <= first_layer <= band_start:
         raise ValueError(f"first_layer must be in [{w}, {band_start}] for this schedule, got {first_layer}")
     x_w, x_first = base_states[w], base_states[first_layer]
@@ -269,7 +269,7 @@ def first_adapted_layer(schedule: SkipSchedule, num_layers: int, adapt: str) -> 
     if adapt == "all":
         return 0
     if adapt == "top":
-        return num_layers - (schedule.max_layers - schedule.warmup_layers)
+        return schedule.band(num_layers)[0]
     raise ValueError(f"adapt must be 'top' or 'all', got {adapt!r}")
 
 
