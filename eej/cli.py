@@ -67,7 +67,8 @@ def sampling_from_args(args: argparse.Namespace):
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", help="device mesh, e.g. data=8,model=1 (rows over data, heads/FFN over model); "
                    "default: one device")
-    p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (or EEJ_COORDINATOR)")
+    p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0, or auto to let JAX detect "
+                   "SLURM/MPI/TPU-pod settings (or EEJ_COORDINATOR)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes (or EEJ_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int, help="multi-host: this process's index (or EEJ_PROCESS_ID)")
 

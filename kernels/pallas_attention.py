@@ -91,7 +91,7 @@ def _attend_kernel(
         if k.dtype != q.dtype:
             k, v = k.astype(jnp.float32), v.astype(jnp.float32)
         scores = jnp.dot(q.astype(k.dtype), k.T, preferred_element_type=jnp.float32, precision=precision) * scale
-        slots = start + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
+        slots = (start + jnp.arange(block_k, dtype=jnp.int32))[None, :]
         visible = slots <= pos[:, None]
         if sliding_window is not None:
             visible &= slots > pos[:, None] - sliding_window
@@ -206,38 +206,19 @@ def _attention_call(
     return unpack_rows(out, t, hq)
 
 
-def decode_attention(
-    q: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    positions: jax.Array,
-    *,
-    sliding_window: int | None = None,
-    block_k: int = DEFAULT_BLOCK_K,
-    kv_splits: int | None = None,
-    interpret: bool | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
-) -> jax.Array:
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array, **options) -> jax.Array:
     """Kernel 1: one new query per row over the cache.
 
     Args:
       q: [B, 1, Hq, Dh] rotated queries; k_cache, v_cache: [B, Hkv, S, Dh] (holding the query's own
         key/value); positions: [B, 1] each query's position = its last visible slot.
-      block_k: KV slots per block (rounded down to a power of two dividing S).
-      kv_splits: parts each row's cache is split into (None: 1 when interpreted, else enough to
-        fill the GPU).
-      interpret: emulate the kernel (None: on CPU/TPU yes, on GPU no).
+      options: `sliding_window` and the tuning knobs of `verify_attention`.
     Returns:
       [B, 1, Hq, Dh] in q's dtype.
     """
     if q.ndim == 4 and q.shape[1] != 1:
         raise KernelShapeError(f"decode_attention takes one query per row, got T={q.shape[1]}; use verify_attention")
-    return _attention_call(
-        q, k_cache, v_cache, positions, sliding_window=sliding_window, block_k=block_k, kv_splits=kv_splits,
-        interpret=_default_interpret() if interpret is None else interpret, num_warps=num_warps,
-        num_stages=num_stages, name="decode_attention",
-    )
+    return verify_attention(q, k_cache, v_cache, positions, _name="decode_attention", **options)
 
 
 def verify_attention(
@@ -252,16 +233,27 @@ def verify_attention(
     interpret: bool | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    _name: str = "verify_attention",
 ) -> jax.Array:
     """Kernel 2: a block of 1..16 queries per row (drafted tokens under verification) over the cache.
 
-    Shapes as in `decode_attention` with T queries: q [B, T, Hq, Dh], positions [B, T]. Query t
-    sees slots <= positions[b, t]: the cached prefix and the block's earlier tokens (causal).
+    Args:
+      q: [B, T, Hq, Dh] rotated queries; k_cache, v_cache: [B, Hkv, S, Dh] holding the block's own
+        keys/values; positions: [B, T]. Query t sees slots <= positions[b, t]: the cached prefix
+        and the block's earlier tokens (causal).
+      sliding_window: see only the last this-many slots (None: all).
+      block_k: KV slots per block (rounded down to a power of two dividing S).
+      kv_splits: parts each row's cache is split into (None: 1 when interpreted, else enough to
+        fill the GPU).
+      interpret: emulate the kernel (None: on CPU/TPU yes, on GPU no).
+      num_warps, num_stages: Triton compiler settings (GPU).
+    Returns:
+      [B, T, Hq, Dh] in q's dtype.
     """
     return _attention_call(
         q, k_cache, v_cache, positions, sliding_window=sliding_window, block_k=block_k, kv_splits=kv_splits,
         interpret=_default_interpret() if interpret is None else interpret, num_warps=num_warps,
-        num_stages=num_stages, name="verify_attention",
+        num_stages=num_stages, name=_name,
     )
 
 

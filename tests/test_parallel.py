@@ -91,6 +91,9 @@ def test_distributed_settings_from_args_and_env(monkeypatch):
         settings_from(None, None, 7)
     with pytest.raises(DistributedError, match="HOST:PORT"):
         settings_from("nohost", 2, 0)
+    monkeypatch.delenv("EEJ_NUM_PROCESSES")
+    monkeypatch.setenv("EEJ_COORDINATOR", "auto")  # JAX detects the rest
+    assert settings_from(None, None, None) == {"coordinator": "auto", "num_processes": None, "process_id": None}
 
 
 def test_cli_mesh_errors_are_one_line(capsys):

@@ -4,8 +4,8 @@
 
 Every process runs the same command on the same inputs; each drives its local devices and the
 mesh spans all of them. Settings come from the arguments, else from EEJ_COORDINATOR,
-EEJ_NUM_PROCESSES and EEJ_PROCESS_ID; with none of them on a cluster JAX can detect (SLURM,
-Open MPI, Cloud TPU pods), `initialize(auto=True)` lets JAX find them itself.
+EEJ_NUM_PROCESSES and EEJ_PROCESS_ID. On a cluster JAX can read itself (SLURM, Open MPI, Cloud
+TPU pods, Kubernetes JobSets), `--coordinator auto` lets JAX detect all three.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def settings_from(coordinator: str | None, num_processes: int | None, process_id
                 raise DistributedError(f"{var} must be an integer, got {raw!r}") from None
     if all(v is None for v in values.values()):
         return None
+    if values["coordinator"] == "auto":  # JAX's cluster detection fills in whatever is left out
+        return values
     missing = [f"--{k.replace('_', '-')} ({ENV[k]})" for k, v in values.items() if v is None]
     if missing:
         raise DistributedError(f"multi-host decoding also needs {', '.join(missing)}")
@@ -46,28 +48,19 @@ def settings_from(coordinator: str | None, num_processes: int | None, process_id
     return values
 
 
-def initialize(
-    coordinator: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    *,
-    auto: bool = False,
-) -> bool:
-    """Join the multi-host job if settings are given (or `auto`); returns whether JAX now runs distributed.
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> bool:
+    """Join the multi-host job if settings are given; returns whether JAX now runs distributed.
 
-    Must run before anything touches a JAX device. CPU collectives go through gloo, so a CPU-only
-    job (tests, or hosts without accelerators) works too; it does not affect GPU/TPU collectives.
+    coordinator "auto": let JAX detect the cluster's settings. Must run before anything touches a
+    JAX device. CPU collectives go through gloo, so a CPU-only job (tests, hosts without
+    accelerators) works too; the setting does not affect GPU/TPU collectives.
     """
     settings = settings_from(coordinator, num_processes, process_id)
-    if settings is None and not auto:
+    if settings is None:
         return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if settings is None:
-        jax.distributed.initialize()
-    else:
-        jax.distributed.initialize(
-            coordinator_address=settings["coordinator"],
-            num_processes=settings["num_processes"],
-            process_id=settings["process_id"],
-        )
+    address = None if settings["coordinator"] == "auto" else settings["coordinator"]
+    jax.distributed.initialize(
+        coordinator_address=address, num_processes=settings["num_processes"], process_id=settings["process_id"]
+    )
     return True
