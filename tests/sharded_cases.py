@@ -30,7 +30,8 @@ def prompts_for(model, lengths=LENGTHS, seed=5):
 
 @pytest.mark.parametrize("data,model_size", MESHES)
 def test_plain_sharded_matches_single_device(data, model_size):
-    model = tiny_model("tiny-gqa", seed=4)  # 6 query / 2 KV heads: model=2 splits heads, model=4 only the FFN
+    # 6 query / 2 KV heads: model=2 splits heads, model=4 only the FFN; 264 = 8 * 33 tokens split the vocabulary
+    model = tiny_model("tiny-gqa", seed=4, vocab_size=264)
     prompts = prompts_for(model)
     for sampling in (SamplingConfig(), SamplingConfig(temperature=0.8, top_p=0.9)):
         want = Engine(model).generate(prompts, max_new_tokens=12, sampling=sampling, seed=3, eos_ids=()).tokens
@@ -41,7 +42,7 @@ def test_plain_sharded_matches_single_device(data, model_size):
 
 @pytest.mark.parametrize("method", methods_with_random_instances())
 def test_every_method_sharded_matches_single_device(method):
-    model = tiny_model("tiny-gqa", seed=6)
+    model = tiny_model("tiny-gqa", seed=6, vocab_size=264)
     strategy, method_params = random_method(model, method, seed=2)
     prompts = prompts_for(model, seed=7)
     want = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=16, eos_ids=()).tokens
@@ -51,8 +52,10 @@ def test_every_method_sharded_matches_single_device(method):
 
 
 def test_params_and_state_are_actually_sharded():
-    model = tiny_model("tiny-gqa", seed=1)
+    model = tiny_model("tiny-gqa", seed=1, vocab_size=264)
     engine = Engine(model, mesh=make_mesh(data=4, model=2))
+    assert engine.model.params["lm_head"].sharding.spec == P(None, "model")
+    assert engine.model.params["embed"].sharding.spec == P("model", None)
     layer = engine.model.params["layers"][0]
     assert layer["wq"].sharding.spec == P(None, "model")
     assert layer["wo"].sharding.spec == P("model", None)
