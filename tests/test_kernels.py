@@ -87,6 +87,14 @@ def test_sliding_window(t):
     check(pa.verify_attention, 8, 3, t, 4, 2, 64, 16, jnp.float32, positions, window=10, kv_splits=4)
 
 
+def test_float32_queries_over_a_bfloat16_cache():
+    q, k, v, ck, cv, pos = make_inputs(12, 2, 3, 6, 2, 32, 16, jnp.bfloat16, [[3, 4, 5], [29, 30, 31]], block_k=16)
+    q32 = q.astype(jnp.float32) * 1.37  # values bfloat16 cannot hold
+    got = pa.verify_attention(q32, k, v, pos, block_k=16, interpret=True)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, reference_attention(q32, ck, cv, pos), atol=2e-5, rtol=2e-5)
+
+
 def test_odd_capacity_uses_a_dividing_block():
     # S = 24: blocks of 8 tile it exactly (interpret mode allows it; the GPU path asks for multiples of 16)
     assert kv_block_size(24, 128) == 8
