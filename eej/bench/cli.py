@@ -81,7 +81,7 @@ def _command(args: argparse.Namespace) -> str:
             parts += ["--peer-threads", str(args.peer_threads)]
     if args.no_agreement:
         parts.append("--no-agreement")
-    for flag in ("out", "report", "plot", "answers", "note"):
+    for flag in ("out", "report", "plot", "answers"):  # --note is metadata, not part of the experiment
         if getattr(args, flag):
             parts += [f"--{flag}", getattr(args, flag)]
     return shlex.join(parts)
