@@ -115,7 +115,7 @@ class HFPeer:
         info: dict[str, Any] = {"kind": self.kind, "library": f"transformers {self._transformers_version()}",
                                 "torch": self.torch.__version__, "torch_threads": self.torch.get_num_threads()}
         if self.early_exit_layer is not None:
-            gc = self.model.generation_config
+            gc = self.model.generation_config  # unset fields fall back to transformers' defaults (20, constant, 0.4)
             info.update(
                 assistant_early_exit=self.early_exit_layer,
                 num_assistant_tokens=getattr(gc, "num_assistant_tokens", None) or 20,
