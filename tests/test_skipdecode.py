@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -293,6 +294,8 @@ def test_smollm2_presets_are_valid_and_meet_their_layer_budgets():
         factor = float(settings.budget.rstrip("x"))
         assert schedule.average_layers(budget_steps) <= n / factor, name
         assert schedule.average_layers(budget_steps) > n / factor - 1, name  # and uses the budget
+        if settings.lora:  # shipped with the repository: the preset works with no set-up
+            assert os.path.isfile(os.path.join(REPO_ROOT, settings.lora)), name
 
 
 def _write_chat_data(tmp_path):
