@@ -44,7 +44,7 @@ def rows(docs: dict[int, dict]) -> list[dict]:
                 continue
             o = c["overall"]
             row = out.setdefault(key, {"budget": key[0], "tuned": key[1], "name": name})
-            row[f"b{bs}"] = {k: o[k] for k in ("tokens_per_second", "speedup", "avg_layers", "token_agreement", "rouge_l", "answers")}
+            row[f"b{bs}"] = {k: o[k] for k in ("tokens_per_second", "speedup", "avg_layers", "token_agreement", "rouge_l", "answers", "new_tokens")}
     return [out[k] for k in sorted(out)]
 
 
@@ -57,15 +57,21 @@ def markdown(table: list[dict], docs: dict[int, dict], sources: list[str]) -> st
         "",
         f"From {', '.join(f'`{os.path.relpath(p)}`' for p in sources)} (`eej bench`; commands in those files and in "
         "docs/skipdecode.md). Greedy, chat template, EOS honoured, "
-        f"{s['max_new_tokens']} new tokens max, {s['answers_per_contestant']} answers per contestant "
-        f"({', '.join(f'{c}: {n}' for c, n in s['questions_per_category'].items())} questions). "
-        f"Machine: {m['cpu']}, {m['cpu_count']} cores, load average {m.get('load_average_start')} at the start "
-        "(shared with other jobs: absolute tokens/s are noisy; speedups are side by side in one run).",
+        f"{s['max_new_tokens']} new tokens max. Machine: {m['cpu']}, {m['cpu_count']} cores (shared with other jobs: "
+        "absolute tokens/s are noisy; speedups are side by side in one run).",
         "",
     ]
+    for bs, doc in sorted(docs.items()):
+        s, m = doc["settings"], doc["machine"]
+        questions = ", ".join(f"{c}: {n}" for c, n in s["questions_per_category"].items())
+        lines.append(
+            f"- batch {bs}: {s['answers_per_contestant']} answers per contestant ({questions} questions); "
+            f"load average {m.get('load_average_start')} at the start, {m.get('load_average_end')} at the end."
+        )
+    lines.append("")
     header = ["preset", "fine-tuned", "avg layers"]
     for bs in sizes:
-        header += [f"tokens/s b{bs}", f"speedup b{bs}"]
+        header += [f"tokens b{bs}", f"tokens/s b{bs}", f"speedup b{bs}"]
     for bs in sizes:
         header += [f"token agreement b{bs}", f"ROUGE-L b{bs}"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -77,7 +83,7 @@ def markdown(table: list[dict], docs: dict[int, dict], sources: list[str]) -> st
         cells = [f"`{r['name']}`", "yes" if r["tuned"] else "no", fmt(r.get(f"b{sizes[0]}", {}).get("avg_layers"), "{:.2f}")]
         for bs in sizes:
             b = r.get(f"b{bs}", {})
-            cells += [fmt(b.get("tokens_per_second"), "{:.1f}"), fmt(b.get("speedup"), "{:.2f}x")]
+            cells += [fmt(b.get("new_tokens"), "{}"), fmt(b.get("tokens_per_second"), "{:.1f}"), fmt(b.get("speedup"), "{:.2f}x")]
         for bs in sizes:
             b = r.get(f"b{bs}", {})
             cells += [fmt(b.get("token_agreement"), "{:.3f}"), fmt(b.get("rouge_l"), "{:.3f}")]
