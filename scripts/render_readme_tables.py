@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Rewrite README.md's benchmark tables from the JSON files in benchmarks/results/ (never typed by hand).
+
+    python scripts/render_readme_tables.py            # rewrite README.md in place
+    python scripts/render_readme_tables.py --check    # exit 1 if README.md is out of date (CI runs this check)
+
+The README holds named sections between markers; each is replaced by what the result files say:
+
+    <!-- results:specbench -->  ...  <!-- /results:specbench -->   every `eej bench` JSON document
+    <!-- results:plain -->      ...  <!-- /results:plain -->       scripts/bench_plain.py output (plain_*.json)
+    <!-- results:gpu -->        ...  <!-- /results:gpu -->         scripts/gpu_bench.py output (gpu_*.json)
+    <!-- results:other -->      ...  <!-- /results:other -->       any other JSON there, listed with its device
+
+Every table names the device and machine its numbers came from, the run's date and settings, and the
+file it was read from. The tables are rendered by the code that renders each benchmark's own report
+(eej.bench.report, scripts/bench_plain.py, scripts/gpu_bench.py), so the README says what the reports say.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import sys
+from typing import Any, Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SECTIONS = ("specbench", "plain", "gpu", "other")
+_MARKER = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results:\2 -->)", re.S)
+
+
+class ReadmeError(Exception):
+    """The README's markers or a result file can't be used."""
+
+
+def _script(name: str) -> Any:
+    """A module from scripts/ (their report renderers are reused, not copied)."""
+    spec = importlib.util.spec_from_file_location(f"_eej_script_{name}", os.path.join(HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def kind_of(doc: Any) -> str:
+    """Which section a result document belongs to."""
+    if isinstance(doc, dict) and "schema_version" in doc and "methods" in doc and "peers" in doc:
+        return "specbench"
+    if isinstance(doc, dict) and "kernel_checks" in doc and "decoding" in doc:
+        return "gpu"
+    if isinstance(doc, dict) and str(doc.get("benchmark", "")).startswith("plain decoding") and "results" in doc:
+        return "plain"
+    return "other"
+
+
+def device_note(machine: dict[str, Any], device: str | None = None) -> str:
+    """Where the numbers came from: the accelerator (or CPU) and the host."""
+    cpu = f"{machine.get('cpu', 'unknown CPU')}, {machine.get('cpu_count', '?')} cores"
+    backend = machine.get("jax_backend", "?")
+    if device is None and backend != "cpu":
+        device = ", ".join(sorted(set(machine.get("devices", [])))) or backend
+    where = f"CPU ({cpu})" if device is None else f"{device} (host: {cpu})"
+    return f"{where}; JAX {machine.get('jax', '?')}"
+
+
+def _demote(markdown: str, levels: int = 3) -> str:
+    """Headings of an embedded report pushed below the README's own."""
+    return re.sub(r"^(#+) ", lambda m: "#" * min(6, len(m.group(1)) + levels) + " ", markdown, flags=re.M)
+
+
+def _link(path: str) -> str:
+    rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
+    return f"[`{rel}`]({rel})"
+
+
+def render_specbench(path: str, doc: dict[str, Any]) -> str:
+    from eej.bench.report import overall_table
+
+    s, m, model = doc["settings"], doc["machine"], doc["model"]
+    per_cat = ", ".join(f"{c} {n}" for c, n in s["questions_per_category"].items())
+    load = ""
+    if m.get("load_average_start") and m.get("load_average_end"):
+        load = f" Load average (1 min) {m['load_average_start'][0]:.1f} at the start, {m['load_average_end'][0]:.1f} at the end."
+    lines = [
+        f"#### {os.path.basename(s['questions'])}: {', '.join(f'`{n}`' for n in [*doc['methods'], *doc['peers']])}",
+        "",
+        f"Measured on **{device_note(m)}**, {s['date']}.{load}",
+        f"Model {model['name']} ({model['dtype']}, attention {model['attention']}); questions per category: {per_cat}; "
+        f"{s['answers_per_contestant']} answers per contestant; at most {s['max_new_tokens']} new tokens; "
+        f"batch {s['batch_size']}; {'greedy' if s['greedy'] else 'sampling'}. From {_link(path)}.",
+    ]
+    if s.get("note"):
+        lines.append(f"Note: {s['note']}")
+    lines += ["", overall_table(doc), "", f"Reproduce: `{s['command']}`"]
+    return "\n".join(lines)
+
+
+def render_plain(path: str, doc: dict[str, Any]) -> str:
+    body = _demote(_script("bench_plain").render_markdown(doc))
+    return f"Measured on **{device_note(doc['machine'])}**. From {_link(path)}.\n\n{body.strip()}"
+
+
+def render_gpu(path: str, doc: dict[str, Any]) -> str:
+    full = _script("gpu_bench").render_markdown(doc)
+    decoding = full[full.index("## Decoding"):] if "## Decoding" in full else full
+    md = os.path.splitext(path)[0] + ".md"
+    more = f" Kernel checks and timings: {_link(md)}." if os.path.exists(md) else ""
+    return (f"Measured on **{device_note(doc['machine'], doc.get('device'))}**. From {_link(path)}.{more}\n\n"
+            f"{_demote(decoding, 2).strip()}")
+
+
+def render_other(path: str, doc: Any) -> str:
+    title = doc.get("benchmark") or doc.get("title") if isinstance(doc, dict) else None
+    machine = doc.get("machine") if isinstance(doc, dict) else None
+    where = f" Measured on {device_note(machine)}." if isinstance(machine, dict) else ""
+    md = os.path.splitext(path)[0] + ".md"
+    report = f" Report: {_link(md)}." if os.path.exists(md) else ""
+    return f"- {_link(path)}{': ' + title if title else ''}.{where}{report}"
+
+
+RENDERERS: dict[str, Callable[[str, Any], str]] = {
+    "specbench": render_specbench, "plain": render_plain, "gpu": render_gpu, "other": render_other,
+}
+EMPTY = {
+    "specbench": "_No `eej bench` results are committed yet._",
+    "plain": "_No plain-decoding results are committed yet (`make bench-plain` writes them)._",
+    "gpu": "_No GPU results are committed yet (`scripts/gpu_bench.sh` writes them)._",
+    "other": "_None._",
+}
+
+
+def render_sections(results_dir: str) -> dict[str, str]:
+    """Section name -> generated markdown, from every *.json in `results_dir` (sorted by file name)."""
+    parts: dict[str, list[str]] = {k: [] for k in SECTIONS}
+    names = sorted(f for f in os.listdir(results_dir) if f.endswith(".json")) if os.path.isdir(results_dir) else []
+    for name in names:
+        path = os.path.join(results_dir, name)
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ReadmeError(f"{path}: not valid JSON ({e.msg})") from None
+        kind = kind_of(doc)
+        try:
+            parts[kind].append(RENDERERS[kind](path, doc))
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise ReadmeError(f"{path}: cannot render it as a {kind} result ({type(e).__name__}: {e})") from None
+    sep = {"other": "\n"}
+    return {k: (sep.get(k, "\n\n").join(v) if v else EMPTY[k]) for k, v in parts.items()}
+
+
+def render_readme(text: str, results_dir: str) -> str:
+    """`text` (a README) with every results section regenerated; ReadmeError if a section's markers are missing."""
+    sections = render_sections(results_dir)
+    found = {m.group(2) for m in _MARKER.finditer(text)}
+    unknown = found - set(SECTIONS)
+    if unknown:
+        raise ReadmeError(f"unknown results section(s) in the README: {', '.join(sorted(unknown))}")
+    missing = [k for k in SECTIONS if k not in found]
+    if missing:
+        raise ReadmeError(f"the README lacks the markers of section(s) {', '.join(missing)} "
+                          f"(<!-- results:NAME --> ... <!-- /results:NAME -->)")
+    return _MARKER.sub(lambda m: f"{m.group(1)}{sections[m.group(2)]}\n{m.group(4)}", text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--check", action="store_true", help="don't write; exit 1 if the README is out of date")
+    args = ap.parse_args(argv)
+    with open(args.readme, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        new = render_readme(text, args.results)
+    except ReadmeError as e:
+        print(f"render_readme_tables: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != text:
+            print(f"{args.readme} is out of date with {args.results}: run python scripts/render_readme_tables.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        with open(args.readme, "w", encoding="utf-8") as f:
+            f.write(new)
+        print(f"updated {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
