@@ -417,5 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m eej.cli`: subcommands register with the imported eej.cli, not __main__
+    from eej.cli import main as _main
+
+    sys.exit(_main())

@@ -1,19 +1,22 @@
 #!/usr/bin/env python
-"""Rewrite README.md's benchmark tables from the JSON files in benchmarks/results/ (never typed by hand).
+"""Rewrite README.md's generated tables from the code and from benchmarks/results/*.json (never typed by hand).
 
     python scripts/render_readme_tables.py            # rewrite README.md in place
-    python scripts/render_readme_tables.py --check    # exit 1 if README.md is out of date (CI runs this check)
+    python scripts/render_readme_tables.py --check    # exit 1 if README.md is out of date (a test runs this check)
 
-The README holds named sections between markers; each is replaced by what the result files say:
+The README holds named sections between markers; each is replaced by what the code and the result
+files say:
 
-    <!-- results:specbench -->  ...  <!-- /results:specbench -->   every `eej bench` JSON document
-    <!-- results:plain -->      ...  <!-- /results:plain -->       scripts/bench_plain.py output (plain_*.json)
-    <!-- results:gpu -->        ...  <!-- /results:gpu -->         scripts/gpu_bench.py output (gpu_*.json)
-    <!-- results:other -->      ...  <!-- /results:other -->       any other JSON there, listed with its device
+    <!-- generated:methods -->    the registered methods: paper, lossless, batching, presets, add-ons, docs page
+    <!-- generated:specbench -->  every `eej bench` JSON document in benchmarks/results/
+    <!-- generated:plain -->      scripts/bench_plain.py output
+    <!-- generated:gpu -->        scripts/gpu_bench.py output
+    <!-- generated:other -->      any other JSON there, listed with its device
 
-Every table names the device and machine its numbers came from, the run's date and settings, and the
-file it was read from. The tables are rendered by the code that renders each benchmark's own report
-(eej.bench.report, scripts/bench_plain.py, scripts/gpu_bench.py), so the README says what the reports say.
+each closed by `<!-- /generated:NAME -->`. Every results table names the device and machine its
+numbers came from, the run's date and settings, and the file it was read from. The tables are
+rendered by the code that renders each benchmark's own report (eej.bench.report,
+scripts/bench_plain.py, scripts/gpu_bench.py), so the README says what the reports say.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SECTIONS = ("specbench", "plain", "gpu", "other")
-_MARKER = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results:\2 -->)", re.S)
+SECTIONS = ("methods", "specbench", "plain", "gpu", "other")
+RESULT_KINDS = ("specbench", "plain", "gpu", "other")
+_MARKER = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.S)
 
 
 class ReadmeError(Exception):
@@ -71,7 +75,7 @@ def _demote(markdown: str, levels: int = 3) -> str:
 
 
 def _link(path: str) -> str:
-    rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
+    rel = _rel(path)
     return f"[`{rel}`]({rel})"
 
 
@@ -131,9 +135,59 @@ EMPTY = {
 }
 
 
+def render_methods(model_name: str = "smollm2-135m") -> str:
+    """The method registry as a table: what each method is and what ships for `model_name`."""
+    import importlib
+
+    import yaml
+
+    from eej.decoding.methods import METHOD_MODULES, known_methods, methods_with_random_instances, random_method
+    from eej.weights.registry import Model, random_params, tiny_config, to_device
+    from eej.weights.byte_tokenizer import byte_tokenizer
+
+    cfg = tiny_config("tiny-llama")
+    tiny = Model(cfg=cfg, params=to_device(random_params(cfg), cfg), tokenizer=byte_tokenizer())
+    with_random = methods_with_random_instances()
+    rows = []
+    for name in known_methods():
+        if name == "plain":
+            continue
+        strategy = random_method(tiny, name)[0] if name in with_random else None
+        module = next((m for m in METHOD_MODULES if m.rsplit(".", 1)[1] == name), None)
+        doc = (importlib.import_module(module).__doc__ or "") if module else ""
+        paper = re.search(r"\(([^()]*arXiv[^()]*)\)", doc.split("\n\n")[0])
+        presets_path = os.path.join(ROOT, "configs", model_name, f"{name}.yaml")
+        presets, shipped = "-", "-"
+        if os.path.exists(presets_path):
+            with open(presets_path) as f:
+                data = yaml.safe_load(f)
+            presets = f"{len(data['presets'])} ([{data['default']}]({_rel(presets_path)}) default)"
+            files = sorted({v for p in data["presets"].values() for v in p.values()
+                            if isinstance(v, str) and v.startswith("artifacts/")})
+            shipped = ", ".join(f"[`{os.path.basename(f)}`]({f})" + ("" if os.path.exists(os.path.join(ROOT, f)) else " (MISSING)")
+                                for f in files) or "none needed"
+        page = os.path.join(ROOT, "docs", f"{name}.md")
+        rows.append([
+            f"`{name}`", paper.group(1) if paper else "-",
+            "-" if strategy is None else ("yes" if strategy.lossless else "no"),
+            "-" if strategy is None else ("yes" if strategy.batch_invariant else "no (one decision per batch)"),
+            presets, shipped, f"[docs/{name}.md](docs/{name}.md)" if os.path.exists(page) else "-",
+        ])
+    if not rows:
+        return "_No method besides `plain` is registered yet._"
+    header = ["method", "paper", "lossless", "rows independent in a batch",
+              f"presets for {model_name}", "trained add-ons shipped", "page"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _rel(path: str) -> str:
+    return os.path.relpath(path, ROOT).replace(os.sep, "/")
+
+
 def render_sections(results_dir: str) -> dict[str, str]:
-    """Section name -> generated markdown, from every *.json in `results_dir` (sorted by file name)."""
-    parts: dict[str, list[str]] = {k: [] for k in SECTIONS}
+    """Section name -> generated markdown: the methods table, and every *.json in `results_dir` (by file name)."""
+    parts: dict[str, list[str]] = {k: [] for k in RESULT_KINDS}
     names = sorted(f for f in os.listdir(results_dir) if f.endswith(".json")) if os.path.isdir(results_dir) else []
     for name in names:
         path = os.path.join(results_dir, name)
@@ -148,7 +202,8 @@ def render_sections(results_dir: str) -> dict[str, str]:
         except (KeyError, TypeError, IndexError, ValueError) as e:
             raise ReadmeError(f"{path}: cannot render it as a {kind} result ({type(e).__name__}: {e})") from None
     sep = {"other": "\n"}
-    return {k: (sep.get(k, "\n\n").join(v) if v else EMPTY[k]) for k, v in parts.items()}
+    out = {k: (sep.get(k, "\n\n").join(v) if v else EMPTY[k]) for k, v in parts.items()}
+    return {"methods": render_methods(), **out}
 
 
 def render_readme(text: str, results_dir: str) -> str:
@@ -161,7 +216,7 @@ def render_readme(text: str, results_dir: str) -> str:
     missing = [k for k in SECTIONS if k not in found]
     if missing:
         raise ReadmeError(f"the README lacks the markers of section(s) {', '.join(missing)} "
-                          f"(<!-- results:NAME --> ... <!-- /results:NAME -->)")
+                          f"(<!-- generated:NAME --> ... <!-- /generated:NAME -->)")
     return _MARKER.sub(lambda m: f"{m.group(1)}{sections[m.group(2)]}\n{m.group(4)}", text)
 
 
