@@ -142,8 +142,8 @@ def render_methods(model_name: str = "smollm2-135m") -> str:
     import yaml
 
     from eej.decoding.methods import METHOD_MODULES, known_methods, methods_with_random_instances, random_method
-    from eej.weights.registry import Model, random_params, tiny_config, to_device
     from eej.weights.byte_tokenizer import byte_tokenizer
+    from eej.weights.registry import Model, random_params, tiny_config, to_device
 
     cfg = tiny_config("tiny-llama")
     tiny = Model(cfg=cfg, params=to_device(random_params(cfg), cfg), tokenizer=byte_tokenizer())
