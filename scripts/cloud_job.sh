@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # An unattended eej job for a cloud VM (GPU, TPU or CPU): install, train add-ons, benchmark, and leave
 # everything in one job directory. Restart it with the same arguments after a preemption: installed
-# packages are kept, training resumes from its newest checkpoint, finished steps are skipped.
+# packages are kept, training resumes from its newest checkpoint, the benchmark continues from its
+# last finished batch, finished steps are skipped.
 #
 #   scripts/cloud_job.sh JOB_DIR [BENCH_CONFIG] [TRAIN_METHOD=TRAIN_CONFIG ...]
 #
 #   JOB_DIR        logs/ (one log per step), runs/METHOD/ (checkpoints, train_log.jsonl, the trained
-#                  artifact), results/ (bench.json, bench.md, bench.png, answers.jsonl), job.log
+#                  artifact), results/ (bench.json, bench.md, bench.png, answers.jsonl,
+#                  bench.checkpoint.jsonl), job.log
 #   BENCH_CONFIG   options of `eej bench` in a YAML file (default configs/jobs/bench_specbench_smollm2.yaml)
 #   METHOD=CONFIG  `eej train METHOD --config CONFIG --out JOB_DIR/runs/METHOD`, before the benchmark
 #
@@ -92,11 +94,11 @@ R="$JOB_DIR/results"
 if [ -f "$R/bench.json" ]; then
   log "bench: done before ($R/bench.json), skipped"
 else
-  log "bench ($BENCH_CONFIG)"
+  log "bench ($BENCH_CONFIG): continues from $R/bench.checkpoint.jsonl if a run was cut off"
   # eej bench writes bench.json last, when every answer is in: its presence marks a finished run.
-  "$PY" -m eej bench --config "$BENCH_CONFIG" --report "$R/bench.md" --plot "$R/bench.png" \
-    --answers "$R/answers.jsonl" --no-progress --out "$R/bench.json" >>"$JOB_DIR/logs/bench.log" 2>&1 \
-    || { log "bench failed: see $JOB_DIR/logs/bench.log"; exit 1; }
+  "$PY" -m eej bench --config "$BENCH_CONFIG" --checkpoint "$R/bench.checkpoint.jsonl" --report "$R/bench.md" \
+    --plot "$R/bench.png" --answers "$R/answers.jsonl" --no-progress --out "$R/bench.json" \
+    >>"$JOB_DIR/logs/bench.log" 2>&1 || { log "bench failed: see $JOB_DIR/logs/bench.log"; exit 1; }
   log "bench: finished"
 fi
 log "job complete: results in $R"

@@ -49,7 +49,16 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="PNG with the speedup and quality/speed plots")
     p.add_argument("--answers", default=None, help="JSONL file with every answer (tokens and text)")
     p.add_argument("--note", default=None, help="free text recorded in the report (e.g. 'machine shared')")
+    p.add_argument(
+        "--checkpoint", default=None,
+        help="JSONL file keeping every finished batch's answers; run the same command again to continue from it",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# The options a checkpoint's answers depend on: resuming with any of them changed is refused.
+_RUN_KEYS = ("model", "dtype", "attention", "cache_size", "methods", "mt_bench_categories", "max_new_tokens", "batch_size",
+             "temperature", "top_k", "top_p", "seed", "peers", "early_exit_layer", "peer_threads")
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -124,9 +133,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "mt_bench_categories": args.mt_bench_categories,
     }
     settings = RunSettings(args.max_new_tokens, args.batch_size, sampling, args.seed)
+    checkpoint = None
+    if args.checkpoint:
+        from eej.bench.checkpoint import BenchCheckpoint, CheckpointError
+        from eej.bench.session import git_commit
+
+        run = {k: v for k, v in vars(args).items() if k in _RUN_KEYS}
+        run.update(questions_sha256=described["questions_sha256"], questions_chosen=[q.question_id for q in chosen],
+                   eej_commit=git_commit())
+        try:
+            checkpoint = BenchCheckpoint(args.checkpoint, run)
+        except CheckpointError as e:
+            raise CliError(str(e)) from None
     doc, records = bench_document(
         model, contestants, chosen, settings, described,
         agreement=not args.no_agreement, progress=not args.no_progress, load_average_start=load_start,
+        checkpoint=checkpoint,
     )
     if args.out:
         write_json(doc, args.out)

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from eej.bench.checkpoint import BenchCheckpoint
 from eej.bench.contestants import Contestant
 from eej.bench.metrics import AnswerRecord
 from eej.bench.questions import Question
@@ -32,11 +33,13 @@ def bench_document(
     agreement: bool = True,
     progress: bool = True,
     load_average_start: Any = None,
+    checkpoint: BenchCheckpoint | None = None,
 ) -> tuple[dict[str, Any], list[AnswerRecord]]:
     """Run every contestant on `questions` (eej.bench.runner's protocol) -> (bench JSON document, records).
 
     agreement: compute token_agreement (one teacher-forced forward per answer).
     progress: tqdm bars on stderr.
+    checkpoint: keeps finished batches on disk and supplies those of an interrupted run.
     """
     from eej.bench.machine import load_average, machine_info
     from eej.bench.metrics import summarize
@@ -46,12 +49,16 @@ def bench_document(
 
     load_start = load_average() if load_average_start is None else load_average_start
     total = sum(len(q.turns) for q in questions) * len(contestants)
+    completed = {} if checkpoint is None else dict(checkpoint.completed)
     bar = _progress(total, "eej bench", "answer", progress)
+    bar.update(sum(len(r) for r in completed.values()))
     start = time.perf_counter()
     try:
         records, compile_seconds = run_bench(
             contestants, questions, model.tokenizer, settings,
             on_answer=lambda r: (bar.set_postfix_str(f"{r.contestant} / {r.category}", refresh=False), bar.update(1)),
+            completed=completed,
+            on_batch=(lambda b, r: None) if checkpoint is None else checkpoint.add,
         )
     finally:
         bar.close()
@@ -81,6 +88,7 @@ def bench_document(
         "methods": [c.name for c in contestants if c.kind == "method"],
         "peers": [c.name for c in contestants if c.kind == "peer"],
         "token_agreement": agreement,
+        "resumed_batches": len(completed),
         "run_seconds": round(run_seconds, 1),
         "fidelity_seconds": round(fidelity_seconds, 1),
         "eej_commit": git_commit(),
