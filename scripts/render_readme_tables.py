@@ -87,13 +87,17 @@ def render_specbench(path: str, doc: dict[str, Any]) -> str:
     load = ""
     if m.get("load_average_start") and m.get("load_average_end"):
         load = f" Load average (1 min) {m['load_average_start'][0]:.1f} at the start, {m['load_average_end'][0]:.1f} at the end."
+    stem = os.path.splitext(path)[0]
+    extra = [f"[{kind}]({_rel(stem + ext)})" for kind, ext in (("report", ".md"), ("plot", ".png")) if os.path.exists(stem + ext)]
     lines = [
-        f"#### {os.path.basename(s['questions'])}: {', '.join(f'`{n}`' for n in [*doc['methods'], *doc['peers']])}",
+        f"#### {os.path.basename(stem)}: {', '.join(f'`{n}`' for n in [*doc['methods'], *doc['peers']])} "
+        f"on {os.path.basename(s['questions'])}",
         "",
         f"Measured on **{device_note(m)}**, {s['date']}.{load}",
         f"Model {model['name']} ({model['dtype']}, attention {model['attention']}); questions per category: {per_cat}; "
         f"{s['answers_per_contestant']} answers per contestant; at most {s['max_new_tokens']} new tokens; "
-        f"batch {s['batch_size']}; {'greedy' if s['greedy'] else 'sampling'}. From {_link(path)}.",
+        f"batch {s['batch_size']}; {'greedy' if s['greedy'] else 'sampling'}. "
+        f"From {_link(path)}{' (' + ', '.join(extra) + ')' if extra else ''}.",
     ]
     if s.get("note"):
         lines.append(f"Note: {s['note']}")
