@@ -119,7 +119,7 @@ def add_agreement(model: Model, records: Sequence[AnswerRecord], progress: bool 
 
 
 def _progress(total: int, description: str, unit: str, enabled: bool):
-    from tqdm import tqdm
+    from tqdm.auto import tqdm  # a widget in a notebook, text on a terminal
 
     return tqdm(total=total, unit=unit, desc=description, disable=not enabled, file=sys.stderr, mininterval=2.0)
 
