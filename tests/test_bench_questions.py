@@ -188,3 +188,24 @@ def test_a_batch_shares_its_time_among_rows():
     qs = [Question(i, "qa", (f"q{i}",)) for i in range(3)]
     records, _ = run_bench(contestants, qs, tok, RunSettings(batch_size=2, sampling=SamplingConfig(), warmup=False))
     assert sorted(r.seconds for r in records) == [0.5, 0.5, 0.5]
+
+
+def test_limit_on_a_merged_category_covers_every_original_category(tmp_path):
+    import json as _json
+
+    from eej.bench.questions import MT_BENCH_CATEGORIES, load_questions, select_questions
+
+    path = tmp_path / "mix.jsonl"
+    rows = []
+    qid = 1
+    for cat in MT_BENCH_CATEGORIES:
+        for _ in range(3):
+            rows.append({"question_id": qid, "category": cat, "turns": [f"q{qid}"]})
+            qid += 1
+    rows.append({"question_id": qid, "category": "qa", "turns": ["other"]})
+    path.write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
+    chosen = select_questions(load_questions(str(path)), categories=["mt_bench"], limit=10)
+    assert len(chosen) == 10
+    assert {q.source_category for q in chosen} == set(MT_BENCH_CATEGORIES)
+    assert [q.question_id for q in chosen] == sorted(q.question_id for q in chosen)
+    assert select_questions(load_questions(str(path)), categories=["mt_bench"], limit=10) == chosen

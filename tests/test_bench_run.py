@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eej.bench.fidelity import sequence_argmax
+from eej.bench.fidelity import sequence_argmax, teacher_argmax
 from eej.bench.metrics import METRIC_KEYS, agreement_count
 from eej.bench.report import CONTESTANT_KEYS, TOP_LEVEL_KEYS, check_schema
 from eej.cli import main
@@ -22,8 +22,7 @@ from eej.decoding import methods
 from eej.decoding.engine import Engine
 from eej.decoding.sampling import sample
 from eej.decoding.strategy import StepResult, Strategy
-from eej.model.cache import init_cache
-from eej.model.transformer import embed, forward, logits_from_hidden, run_layers
+from eej.model.transformer import embed, logits_from_hidden, run_layers
 from eej.weights.registry import load_model
 
 EXIT_LAYER = 2
@@ -137,8 +136,7 @@ def test_agreement_matches_an_unpadded_forward(bench_run):
     ])
     assert len(prompt) == answer["prompt_length"]  # turn 2 is asked with the method's own turn-1 answer
     seq = prompt + answer["tokens"]
-    logits, _ = forward(model.params, jnp.asarray([seq]), jnp.arange(len(seq))[None], init_cache(model.cfg, 1, len(seq)), model.cfg)
-    argmax = np.asarray(jnp.argmax(logits[0], -1))
+    argmax = np.asarray(teacher_argmax(model.params, jnp.asarray([seq]), model.cfg))[0]  # exact length, no padding
     assert agreement_count(answer["tokens"], argmax, len(prompt)) == answer["agreement"]
 
 

@@ -19,7 +19,7 @@ DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    from eej.bench.peers import DEFAULT_EARLY_EXIT_LAYER, PEERS
+    from eej.bench.peers import PEERS
     from eej.bench.questions import CATEGORY_MODES
 
     add_model_arguments(p)
@@ -39,8 +39,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peers", default=None, help=f"comma-separated transformers baselines: {', '.join(PEERS)} (need torch)")
     p.add_argument(
-        "--early-exit-layer", type=int, default=DEFAULT_EARLY_EXIT_LAYER,
-        help="layer the hf-early-exit peer drafts from",
+        "--early-exit-layer", type=int, default=None,
+        help="layer the hf-early-exit peer drafts from (default: the last layer but one)",
     )
     p.add_argument("--peer-threads", type=int, default=0, help="torch threads for the peers (0 = torch's default)")
     p.add_argument("--no-agreement", action="store_true", help="skip the teacher-forced forwards (token_agreement = null)")
@@ -80,13 +80,13 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--cache-size", str(args.cache_size)]
     if args.peers:
         parts += ["--peers", args.peers]
-        if "hf-early-exit" in args.peers:
+        if "hf-early-exit" in args.peers and args.early_exit_layer is not None:
             parts += ["--early-exit-layer", str(args.early_exit_layer)]
         if args.peer_threads:
             parts += ["--peer-threads", str(args.peer_threads)]
     if args.no_agreement:
         parts.append("--no-agreement")
-    for flag in ("out", "report", "plot", "answers", "note"):
+    for flag in ("out", "report", "plot", "answers"):  # --note is metadata, not part of the experiment
         if getattr(args, flag):
             parts += [f"--{flag}", getattr(args, flag)]
     return shlex.join(parts)

@@ -96,7 +96,5 @@ def method_contestants(model: Model, specs: Sequence[str], cache_size: int | Non
     duplicates = sorted({s for s in specs if specs.count(s) > 1})
     if duplicates:
         raise ValueError(f"method {duplicates[0]!r} is listed twice in --methods")
-    if "plain" not in specs:
-        specs = ["plain", *specs]
     specs = ["plain", *[s for s in specs if s != "plain"]]
     return [MethodContestant(model, s, cache_size) for s in specs]

@@ -1,7 +1,8 @@
 """Peer baselines from transformers + torch (the optional `test` extra), run on the same prompt token ids.
 
   hf             `model.generate`, greedy (or sampling with the same settings), on the same checkpoint.
-  hf-early-exit  transformers' assisted generation with `assistant_early_exit=LAYER`: the model drafts
+  hf-early-exit  transformers' assisted generation with `assistant_early_exit=LAYER` (default: the last
+                 layer but one, the fastest on SmolLM2-135M, see docs/bench.md): the model drafts
                  with its first LAYER layers plus the final norm and LM head, and the full model verifies
                  (the LayerSkip-style self-speculative decoding of Elhoushi et al. 2024, arXiv
                  2404.16710). Lossless under greedy decoding. transformers' own defaults are kept for
@@ -23,8 +24,6 @@ from eej.config import SamplingConfig
 from eej.weights.registry import Model, smollm2_path
 
 PEERS = ("hf", "hf-early-exit")
-# Layer the hf-early-exit peer drafts from on SmolLM2-135M: see docs/bench.md for the measurement.
-DEFAULT_EARLY_EXIT_LAYER = 24
 
 
 class PeerError(ValueError):
@@ -116,7 +115,7 @@ class HFPeer:
         info: dict[str, Any] = {"kind": self.kind, "library": f"transformers {self._transformers_version()}",
                                 "torch": self.torch.__version__, "torch_threads": self.torch.get_num_threads()}
         if self.early_exit_layer is not None:
-            gc = self.model.generation_config
+            gc = self.model.generation_config  # unset fields fall back to transformers' defaults (20, constant, 0.4)
             info.update(
                 assistant_early_exit=self.early_exit_layer,
                 num_assistant_tokens=getattr(gc, "num_assistant_tokens", None) or 20,
@@ -136,16 +135,21 @@ def load_peers(
     names: Sequence[str],
     model_arg: str,
     model: Model,
-    early_exit_layer: int = DEFAULT_EARLY_EXIT_LAYER,
+    early_exit_layer: int | None = None,
     threads: int = 0,
 ) -> list[HFPeer]:
     """The named peers, sharing one transformers model (float32) loaded from eej's --model argument.
+
+    early_exit_layer: the hf-early-exit draft depth; None = num_layers - 1, the fastest depth measured
+    on SmolLM2-135M (untrained shallow exits are rarely accepted; see docs/bench.md).
 
     threads: torch's intra-op threads (0: torch's default, one per core). On a machine shared with other
     busy processes torch's OpenMP threads can slow down severalfold (see docs/bench.md); 1 avoids that.
     """
     if not names:
         return []
+    if early_exit_layer is None:
+        early_exit_layer = model.cfg.num_layers - 1
     if "hf-early-exit" in names and not 1 <= early_exit_layer < model.cfg.num_layers:
         raise PeerError(f"--early-exit-layer must be in 1..{model.cfg.num_layers - 1}, got {early_exit_layer}")
     if threads < 0:

@@ -10,6 +10,9 @@ category names; Spec-Bench reports them as one subtask, `mt_bench`. The rule (`m
           since there they are the only split there is.
   "merge" always merge the eight into `mt_bench`.
   "keep"  never merge.
+A merged question remembers its original category (`source_category`); `--limit N` on a merged
+category takes questions round-robin over the original categories (each in question_id order), so
+that 10 MT-Bench questions cover all eight categories rather than only `writing`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Question:
     question_id: int | str
     category: str
     turns: tuple[str, ...]
+    source_category: str | None = None  # the file's category when it was merged into `category`
 
 
 def load_questions(path: str, mt_bench_categories: str = "auto") -> list[Question]:
@@ -87,7 +91,10 @@ def map_categories(questions: Sequence[Question], mode: str = "auto") -> list[Qu
     merge = mode == "merge" or (mode == "auto" and not categories <= set(MT_BENCH_CATEGORIES))
     if not merge:
         return list(questions)
-    return [dataclasses.replace(q, category=MT_BENCH) if q.category in MT_BENCH_CATEGORIES else q for q in questions]
+    return [
+        dataclasses.replace(q, category=MT_BENCH, source_category=q.category) if q.category in MT_BENCH_CATEGORIES else q
+        for q in questions
+    ]
 
 
 def categories_in_order(questions: Sequence[Question]) -> list[str]:
@@ -98,7 +105,8 @@ def categories_in_order(questions: Sequence[Question]) -> list[str]:
 def select_questions(
     questions: Sequence[Question], categories: Sequence[str] | None = None, limit: int | None = None
 ) -> list[Question]:
-    """The questions of `categories` (default: all, file order), the first `limit` of each by question_id.
+    """The questions of `categories` (default: all, file order), the first `limit` of each by question_id
+    (round-robin over the original categories of a merged category).
 
     Returned grouped by category (in the order of `categories`, else file order), each group sorted by
     question_id: a deterministic function of the file and the arguments.
@@ -119,8 +127,25 @@ def select_questions(
     chosen: list[Question] = []
     for category in wanted:
         group = sorted((q for q in questions if q.category == category), key=_id_key)
-        chosen.extend(group[:limit] if limit is not None else group)
+        chosen.extend(_first(group, limit) if limit is not None else group)
     return chosen
+
+
+def _first(group: list[Question], limit: int) -> list[Question]:
+    """The first `limit` of an id-sorted group, round-robin over source categories; returned id-sorted."""
+    strata: dict[str | None, list[Question]] = {}
+    for q in group:
+        strata.setdefault(q.source_category, []).append(q)
+    if len(strata) == 1:
+        return group[:limit]
+    picked: list[Question] = []
+    depth = 0
+    while len(picked) < limit and any(depth < len(s) for s in strata.values()):
+        for stratum in strata.values():
+            if depth < len(stratum) and len(picked) < limit:
+                picked.append(stratum[depth])
+        depth += 1
+    return sorted(picked, key=_id_key)
 
 
 def _id_key(q: Question) -> tuple[int, int | str]:

@@ -199,15 +199,18 @@ def figure(doc: dict[str, Any]):
     bars.set_title("Speedup per category")
     bars.legend(fontsize=8)
 
+    agreements = [0.9]
     for name, c in contestants:
         per_cat = [(o["token_agreement"], o["speedup"]) for o in c["per_category"].values()]
         per_cat = [(a, s) for a, s in per_cat if a is not None and s is not None]
         if per_cat:
             frontier.scatter(*zip(*per_cat), s=12, alpha=0.4, color=colors[name])
+            agreements += [a for a, _ in per_cat]
         o = c["overall"]
         if o["token_agreement"] is not None and o["speedup"] is not None:
             frontier.scatter([o["token_agreement"]], [o["speedup"]], s=70, color=colors[name], label=name, edgecolor="black")
     frontier.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    frontier.set_xlim(min(agreements) - 0.02, 1.01)
     frontier.set_xlabel("token agreement with the full model's argmax")
     frontier.set_ylabel("speedup vs eej plain")
     frontier.set_title("Quality/speed frontier (big: overall, small: categories)")
