@@ -350,6 +350,8 @@ def benchmark(
     categories: Sequence[str] | None = None,
     limit: int | None = None,
     peers: Sequence[str] = (),
+    early_exit_layer: int | None = None,
+    peer_threads: int = 0,
     max_new_tokens: int = 256,
     batch_size: int = 1,
     temperature: float = 0.0,
@@ -362,8 +364,9 @@ def benchmark(
     note: str | None = None,
     cache_size: int | None = None,
 ) -> BenchReport:
-    """`eej bench` from Python: a Spec-Bench-schema questions file, methods and optional transformers peers."""
-    from eej.bench.peers import DEFAULT_EARLY_EXIT_LAYER, load_peers, parse_peers
+    """`eej bench` from Python: a Spec-Bench-schema questions file, methods and optional transformers peers
+    (`peers=["hf", "hf-early-exit"]`, with `early_exit_layer` and `peer_threads` as in docs/bench.md)."""
+    from eej.bench.peers import load_peers, parse_peers
     from eej.bench.questions import load_questions, select_questions
     from eej.bench.runner import RunSettings
     from eej.bench.session import bench_document
@@ -371,7 +374,7 @@ def benchmark(
     chosen = select_questions(load_questions(questions, mt_bench_categories), categories, limit)
     peer_names = parse_peers(",".join(peers)) if peers else []
     contestants = _contestants(model, methods, cache_size)
-    contestants += load_peers(peer_names, model.name, model, DEFAULT_EARLY_EXIT_LAYER, 0)
+    contestants += load_peers(peer_names, model.name, model, early_exit_layer, peer_threads)
     with open(questions, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     described = {
