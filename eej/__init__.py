@@ -8,9 +8,9 @@
 
 The notebook API (eej.api) in a line each:
 
-    eej.generate(model, "Hi!", method="kangaroo")
-    eej.compare(model, ["Hi!", "Name three rivers."], ["plain", "kangaroo"]).plot()
-    eej.benchmark(model, "../shared/data/eval/spec_bench.jsonl", ["plain", "skipdecode"], limit=2)
+    eej.generate(model, "Hi!", method="plain")          # or any registered method, "NAME[:PRESET]"
+    eej.compare(model, ["Hi!", "Name three rivers."], eej.api.ready_methods(model)).plot()
+    eej.benchmark(model, "../shared/data/eval/spec_bench.jsonl", ["plain"], limit=2)
     eej.custom_model(params, layer_fn, num_heads=8, num_kv_heads=8, head_dim=64)   # your own model
 """
 

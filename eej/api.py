@@ -2,11 +2,12 @@
 
     import eej
     model = eej.load_model("smollm2-135m")
-    eej.generate(model, "Why is the sky blue?", method="kangaroo")          # -> Completions
-    report = eej.compare(model, ["Why is the sky blue?", "Name three rivers."], ["plain", "kangaroo"])
+    eej.generate(model, "Why is the sky blue?", method="plain")             # -> Completions; any "NAME[:PRESET]"
+    methods = eej.api.ready_methods(model)                                 # registered and ready for this model
+    report = eej.compare(model, ["Why is the sky blue?", "Name three rivers."], methods)
     report                      # a table in a notebook (overall metrics per method)
     report.plot()               # speedup per category, and speedup vs token agreement
-    eej.benchmark(model, "../shared/data/eval/spec_bench.jsonl", ["plain", "skipdecode"], limit=2)
+    eej.benchmark(model, "../shared/data/eval/spec_bench.jsonl", methods, limit=2)
 
 A method is a spec string (`NAME[:PRESET|:FILE]`, resolved by the method registry), a `Strategy`
 (no add-ons), or a `(strategy, method_params)` pair (add-ons you built or trained yourself).

@@ -6,7 +6,8 @@ on the command line override the file), e.g. for `eej bench --config job.yaml --
 
     model: smollm2-135m
     questions: ../shared/data/eval/spec_bench.jsonl
-    methods: plain,kangaroo
+    methods: plain
+    peers: hf
     max_new_tokens: 256
 """
 

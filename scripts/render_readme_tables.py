@@ -8,6 +8,8 @@ The README holds named sections between markers; each is replaced by what the co
 files say:
 
     <!-- generated:methods -->    the registered methods: paper, lossless, batching, presets, add-ons, docs page
+    <!-- generated:comparison --> eej against transformers / LayerSkip, EAGLE, Medusa and the papers' code;
+                                  eej's column is read from the registered methods, so it claims only merged ones
     <!-- generated:specbench -->  every `eej bench` JSON document in benchmarks/results/
     <!-- generated:plain -->      scripts/bench_plain.py output
     <!-- generated:gpu -->        scripts/gpu_bench.py output
@@ -22,6 +24,7 @@ scripts/bench_plain.py, scripts/gpu_bench.py), so the README says what the repor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -31,7 +34,7 @@ from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SECTIONS = ("methods", "specbench", "plain", "gpu", "other")
+SECTIONS = ("methods", "comparison", "specbench", "plain", "gpu", "other")
 RESULT_KINDS = ("specbench", "plain", "gpu", "other")
 _MARKER = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.S)
 
@@ -139,8 +142,21 @@ EMPTY = {
 }
 
 
-def render_methods(model_name: str = "smollm2-135m") -> str:
-    """The method registry as a table: what each method is and what ships for `model_name`."""
+@dataclasses.dataclass
+class MethodInfo:
+    """What the README says about one registered method (besides `plain`), read from the code and configs/."""
+
+    name: str
+    paper: str | None
+    lossless: bool | None  # None: no random instance to read the class flags from
+    batch_invariant: bool | None
+    presets: str
+    shipped: list[str]  # trained add-on files the presets name (artifacts/...)
+    page: str | None
+
+
+def method_infos(model_name: str = "smollm2-135m") -> list[MethodInfo]:
+    """Every registered method but `plain`, as its module, its strategy class and its presets file say."""
     import importlib
 
     import yaml
@@ -152,7 +168,7 @@ def render_methods(model_name: str = "smollm2-135m") -> str:
     cfg = tiny_config("tiny-llama")
     tiny = Model(cfg=cfg, params=to_device(random_params(cfg), cfg), tokenizer=byte_tokenizer())
     with_random = methods_with_random_instances()
-    rows = []
+    infos = []
     for name in known_methods():
         if name == "plain":
             continue
@@ -161,28 +177,115 @@ def render_methods(model_name: str = "smollm2-135m") -> str:
         doc = (importlib.import_module(module).__doc__ or "") if module else ""
         paper = re.search(r"\(([^()]*arXiv[^()]*)\)", doc.split("\n\n")[0])
         presets_path = os.path.join(ROOT, "configs", model_name, f"{name}.yaml")
-        presets, shipped = "-", "-"
+        presets, shipped = "-", []
         if os.path.exists(presets_path):
             with open(presets_path) as f:
                 data = yaml.safe_load(f)
             presets = f"{len(data['presets'])} ([{data['default']}]({_rel(presets_path)}) default)"
-            files = sorted({v for p in data["presets"].values() for v in p.values()
-                            if isinstance(v, str) and v.startswith("artifacts/")})
-            shipped = ", ".join(f"[`{os.path.basename(f)}`]({f})" + ("" if os.path.exists(os.path.join(ROOT, f)) else " (MISSING)")
-                                for f in files) or "none needed"
-        page = os.path.join(ROOT, "docs", f"{name}.md")
-        rows.append([
-            f"`{name}`", paper.group(1) if paper else "-",
-            "-" if strategy is None else ("yes" if strategy.lossless else "no"),
-            "-" if strategy is None else ("yes" if strategy.batch_invariant else "no (one decision per batch)"),
-            presets, shipped, f"[docs/{name}.md](docs/{name}.md)" if os.path.exists(page) else "-",
-        ])
-    if not rows:
-        return "_No method besides `plain` is registered yet._"
+            shipped = sorted({v for p in data["presets"].values() for v in p.values()
+                              if isinstance(v, str) and v.startswith("artifacts/")})
+        page = os.path.join("docs", f"{name}.md")
+        infos.append(MethodInfo(
+            name=name, paper=paper.group(1) if paper else None,
+            lossless=None if strategy is None else bool(strategy.lossless),
+            batch_invariant=None if strategy is None else bool(strategy.batch_invariant),
+            presets=presets, shipped=shipped, page=page if os.path.exists(os.path.join(ROOT, page)) else None,
+        ))
+    return infos
+
+
+def _yes_no(flag: bool | None, no: str = "no") -> str:
+    return "-" if flag is None else ("yes" if flag else no)
+
+
+def _shipped(files: list[str]) -> str:
+    return ", ".join(f"[`{os.path.basename(f)}`]({f})" + ("" if os.path.exists(os.path.join(ROOT, f)) else " (MISSING)")
+                     for f in files)
+
+
+def render_methods(infos: list[MethodInfo], model_name: str = "smollm2-135m") -> str:
+    """The method registry as a table: what each method is and what ships for `model_name`."""
+    if not infos:
+        return "_No method besides `plain` is merged yet; each appears here (with its presets, trained add-ons and docs page) when its module registers._"
     header = ["method", "paper", "lossless", "rows independent in a batch",
               f"presets for {model_name}", "trained add-ons shipped", "page"]
+    rows = [[f"`{m.name}`", m.paper or "-", _yes_no(m.lossless), _yes_no(m.batch_invariant, "no (one decision per batch)"),
+             m.presets, (_shipped(m.shipped) or "none needed") if m.presets != "-" else "-",
+             f"[{m.page}]({m.page})" if m.page else "-"] for m in infos]
+    return _table(header, rows)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _names(infos: list[MethodInfo]) -> str:
+    return ", ".join(f"`{m.name}`" for m in infos)
+
+
+# The peers' cells: what their code and maintainers say (links below the table). eej's cells are
+# rendered from the registered methods, so the table never claims a method that is not merged.
+PEERS = ("transformers assisted generation, incl. LayerSkip", "EAGLE (official code)", "Medusa (official code)",
+         "the four methods' published code")
+PEER_CELLS = {
+    "methods": ("a draft model, prompt lookup, or the model's own early layers (LayerSkip, `assistant_early_exit`)",
+                "EAGLE-1/2/3: a trained feature-level draft head, tree drafts",
+                "Medusa-1/2: extra decoding heads, tree attention",
+                "one method each; Kangaroo and SpecEE released theirs"),
+    "batching": ("batch size 1 (`generate` raises `assisted generate is only supported for batch_size = 1`, transformers 5.24)",
+                 "EAGLE-2/3: batch size 1 ([#126][eagle-126]); EAGLE-1 batched ([#90][eagle-90]); batched in SGLang / vLLM",
+                 "batch size 1 ([#66][medusa-66])", "batch size 1"),
+    "sampling": ("greedy and sampling ([docs][hf-ad])", "greedy and sampling", "greedy; \"typical acceptance\" for sampling",
+                 "greedy only"),
+    "lossless": ("yes", "yes", "greedy: yes; typical acceptance: no", "as the method: Kangaroo yes, SkipDecode and SpecEE no"),
+    "training needed": ("none with an existing draft model; LayerSkip needs a model trained with its recipe ([blog][hf-ls])",
+                        "a draft head", "decoding heads (Medusa-1) or joint fine-tuning (Medusa-2)", "per method"),
+    "multi-device": ("PyTorch `device_map`", "PyTorch `device_map`", "PyTorch", "not addressed"),
+    "framework": ("PyTorch", "PyTorch", "PyTorch", "PyTorch"),
+}
+PEER_LINKS = """[hf-ad]: https://huggingface.co/docs/transformers/assisted_decoding
+[hf-ls]: https://huggingface.co/blog/layerskip
+[eagle-126]: https://github.com/SafeAILab/EAGLE/issues/126
+[eagle-90]: https://github.com/SafeAILab/EAGLE/issues/90
+[medusa-66]: https://github.com/FasterDecoding/Medusa/issues/66"""
+
+
+def eej_cells(infos: list[MethodInfo]) -> dict[str, str]:
+    """eej's column of the comparison table, from the registered methods only."""
+    lossless = [m for m in infos if m.lossless]
+    lossy = [m for m in infos if m.lossless is False]
+    trained = [m for m in infos if m.shipped]
+    if infos:
+        methods = f"plain decoding and {_names(infos)} (see Methods); the other published methods are in progress"
+    else:
+        methods = "plain decoding on the shared engine; SkipDecode, Kangaroo, SpecEE and M2R2 are in progress (none merged yet)"
+    parts = []
+    if lossless:
+        parts.append(f"{_names(lossless)}: yes (tested token-identical to plain decoding)")
+    if lossy:
+        parts.append(f"{_names(lossy)}: no (fidelity measured by `eej bench`)")
+    if not parts:
+        parts.append("no speculative method merged yet; the shared acceptance rule (`eej.decoding.verify`) is tested lossless")
+    training = (f"{'; '.join(f'`{m.name}`: ' + _shipped(m.shipped) for m in trained)} (shipped); one shared training loop, `eej train METHOD`"
+                if trained else "none merged yet; one shared training loop (`eej.train.loop`, `eej train METHOD`) for every add-on")
+    return {
+        "methods": methods,
+        "batching": "ragged batches in one compiled loop; every registered method is tested batched (`tests/test_methods_generic.py`)",
+        "sampling": "temperature / top-k / top-p in the engine, for every method (lossless methods by speculative sampling)",
+        "lossless": "; ".join(parts),
+        "training needed": training,
+        "multi-device": "device mesh (rows over `data`, heads / FFN / vocabulary over `model`), multi-host with "
+                        "`jax.distributed` ([docs/scale.md](docs/scale.md)); tested on simulated CPU devices and two local processes",
+        "framework": "JAX, one `jit`-compiled `while_loop` per generation; Pallas / Triton attention kernels",
+    }
+
+
+def render_comparison(infos: list[MethodInfo]) -> str:
+    """eej against the published implementations and peers, one row per feature."""
+    mine = eej_cells(infos)
+    rows = [[f"**{feature}**", mine[feature], *cells] for feature, cells in PEER_CELLS.items()]
+    return _table(["", "eej (this tree)", *PEERS], rows) + "\n\n" + PEER_LINKS
 
 
 def _rel(path: str) -> str:
@@ -207,7 +310,8 @@ def render_sections(results_dir: str) -> dict[str, str]:
             raise ReadmeError(f"{path}: cannot render it as a {kind} result ({type(e).__name__}: {e})") from None
     sep = {"other": "\n"}
     out = {k: (sep.get(k, "\n\n").join(v) if v else EMPTY[k]) for k, v in parts.items()}
-    return {"methods": render_methods(), **out}
+    infos = method_infos()
+    return {"methods": render_methods(infos), "comparison": render_comparison(infos), **out}
 
 
 def render_readme(text: str, results_dir: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
@@ -15,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _renderer():
     spec = importlib.util.spec_from_file_location("render_readme_tables", os.path.join(ROOT, "scripts", "render_readme_tables.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -93,3 +95,42 @@ def test_check_mode_exit_status(render, tmp_path):
     assert render.main(["--readme", str(readme), "--results", str(results), "--check"]) == 1
     assert render.main(["--readme", str(readme), "--results", str(results)]) == 0
     assert render.main(["--readme", str(readme), "--results", str(results), "--check"]) == 0
+
+
+def test_method_tables_follow_the_registry(render, monkeypatch):
+    """The Methods table and eej's column of the comparison claim exactly the registered methods."""
+    import dataclasses
+    from typing import ClassVar
+
+    from eej.decoding import methods
+    from eej.decoding.plain import Plain
+
+    @dataclasses.dataclass(frozen=True)
+    class Exact(Plain):
+        name: ClassVar[str] = "test-exact"
+        lossless: ClassVar[bool] = True
+
+    @dataclasses.dataclass(frozen=True)
+    class Lossy(Plain):
+        name: ClassVar[str] = "test-lossy"
+        lossless: ClassVar[bool] = False
+        batch_invariant: ClassVar[bool] = False
+
+    for cls in (Exact, Lossy):
+        instance = lambda model, seed=0, cls=cls: (cls(), None)  # noqa: E731
+        monkeypatch.setitem(methods._BUILDERS, cls.name, lambda model, config, cls=cls: (cls(), None))
+        monkeypatch.setitem(methods._RANDOM, cls.name, instance)
+    infos = [m for m in render.method_infos() if m.name.startswith("test-")]
+    assert [(m.name, m.lossless, m.batch_invariant) for m in infos] == [
+        ("test-exact", True, True), ("test-lossy", False, False)]
+    table = render.render_methods(infos)
+    assert "| `test-exact` | - | yes | yes | - | - | - |" in table
+    assert "| `test-lossy` | - | no | no (one decision per batch) | - | - | - |" in table
+    eej = render.eej_cells(infos)
+    assert eej["lossless"] == "`test-exact`: yes (tested token-identical to plain decoding); `test-lossy`: no (fidelity measured by `eej bench`)"
+    assert "`test-exact`, `test-lossy`" in eej["methods"] and "none merged" not in eej["methods"]
+    comparison = render.render_comparison(infos)
+    rows = [r for r in comparison.splitlines() if r.startswith("| **")]
+    assert len(rows) == len(render.PEER_CELLS) and "[medusa-66]: https://" in comparison
+    assert all(r.count(" | ") == len(render.PEERS) + 1 for r in rows)  # every cell filled, none split
+    assert "(none merged yet)" in render.eej_cells([])["methods"]
