@@ -224,6 +224,9 @@ def _names(infos: list[MethodInfo]) -> str:
     return ", ".join(f"`{m.name}`" for m in infos)
 
 
+# The methods eej is built to implement (module name -> name in prose).
+PUBLISHED_METHODS = {"skipdecode": "SkipDecode", "kangaroo": "Kangaroo", "specee": "SpecEE", "m2r2": "M2R2"}
+
 # The peers' cells: what their code and maintainers say (links below the table). eej's cells are
 # rendered from the registered methods, so the table never claims a method that is not merged.
 PEERS = ("transformers assisted generation, incl. LayerSkip", "EAGLE (official code)", "Medusa (official code)",
@@ -256,10 +259,12 @@ def eej_cells(infos: list[MethodInfo]) -> dict[str, str]:
     lossless = [m for m in infos if m.lossless]
     lossy = [m for m in infos if m.lossless is False]
     trained = [m for m in infos if m.shipped]
+    pending = [title for name, title in PUBLISHED_METHODS.items() if name not in {m.name for m in infos}]
+    in_progress = f"{', '.join(pending)} in progress" if pending else ""
     if infos:
-        methods = f"plain decoding and {_names(infos)} (see Methods); the other published methods are in progress"
+        methods = f"plain decoding and {_names(infos)} (see Methods)" + (f"; {in_progress}" if pending else "")
     else:
-        methods = "plain decoding on the shared engine; SkipDecode, Kangaroo, SpecEE and M2R2 are in progress (none merged yet)"
+        methods = f"plain decoding on the shared engine; {in_progress} (none merged yet)"
     parts = []
     if lossless:
         parts.append(f"{_names(lossless)}: yes (tested token-identical to plain decoding)")
@@ -267,8 +272,9 @@ def eej_cells(infos: list[MethodInfo]) -> dict[str, str]:
         parts.append(f"{_names(lossy)}: no (fidelity measured by `eej bench`)")
     if not parts:
         parts.append("no speculative method merged yet; the shared acceptance rule (`eej.decoding.verify`) is tested lossless")
-    training = (f"{'; '.join(f'`{m.name}`: ' + _shipped(m.shipped) for m in trained)} (shipped); one shared training loop, `eej train METHOD`"
-                if trained else "none merged yet; one shared training loop (`eej.train.loop`, `eej train METHOD`) for every add-on")
+    training = (f"{', '.join(f'`{m.name}`' for m in trained)}: trained add-ons shipped (see Methods); "
+                "one shared training loop, `eej train METHOD`"
+                if trained else "no trained add-on shipped yet; one shared training loop (`eej.train.loop`, `eej train METHOD`) for every add-on")
     return {
         "methods": methods,
         "batching": "ragged batches in one compiled loop; every registered method is tested batched (`tests/test_methods_generic.py`)",

@@ -119,6 +119,22 @@ def test_train_options_from_a_file(tmp_path, monkeypatch):
     assert args.data == ["c.txt"]
 
 
+def test_bench_and_train_name_the_bad_key_too(tmp_path, capsys, monkeypatch):
+    from eej.train import cli as train_cli
+
+    monkeypatch.setitem(train_cli._TRAINERS, "test-trainer",
+                        (lambda p: p.add_argument("--rank", type=int, default=4), lambda args: 0))
+    path = _write(tmp_path, "questions: q.jsonl\nmethod: plain\n")
+    line = _one_line_error(capsys, ["bench", "--config", path])
+    assert f"{path}: unknown option 'method' for `eej bench` (did you mean methods?)" in line
+    path = _write(tmp_path, "data: [a.json]\nout: runs/x\nrank: many\n")
+    line = _one_line_error(capsys, ["train", "test-trainer", "--config", path])
+    assert f"{path}: rank: invalid value 'many' (int expected)" in line
+    path = _write(tmp_path, "data: [a.json]\nout: runs/x\nlearning_rate: 0.1\n")
+    assert "unknown option 'learning_rate' for `eej train test-trainer`" in _one_line_error(
+        capsys, ["train", "test-trainer", "--config", path])
+
+
 @pytest.mark.parametrize("path", JOB_CONFIGS, ids=[os.path.basename(p) for p in JOB_CONFIGS])
 def test_job_config_files_parse_for_their_command(path):
     name = os.path.basename(path)
