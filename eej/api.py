@@ -406,6 +406,7 @@ def custom_model(
     eos_ids: Sequence[int] | None = None,
     max_position: int = 4096,
     rms_eps: float = 1e-5,
+    ffn_size: int | None = None,
 ) -> Model:
     """A model of your own — params + a per-layer function — as an eej Model: Engine, every strategy,
     `generate`, `compare` and the bench run it.
@@ -418,8 +419,9 @@ def custom_model(
       Call it exactly once per layer. Define layer_fn once: the compiled code is keyed on it.
     tokenizer: an eej Tokenizer (default: the byte tokenizer with ChatML specials, vocabulary >= 259).
 
-    The config's ffn_size is set to D: only the built-in Llama layer reads it. Mesh sharding rules
-    (`--mesh`) know the Llama parameter names only.
+    ffn_size: the width of your MLP's hidden layer (default D); only the built-in Llama layer and add-ons
+      shaped like Llama's weights (a LoRA on `w_gate`, `w_up`, `w_down`) read it. Mesh sharding rules
+      (`--mesh`) and LoRA know the Llama parameter names only.
     """
     from eej.weights.byte_tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
 
@@ -437,7 +439,7 @@ def custom_model(
     dtype = jnp.dtype(params["embed"].dtype).name
     cfg = ModelConfig(
         name=name, vocab_size=vocab, hidden_size=hidden, num_layers=num_layers(layers), num_heads=num_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, ffn_size=hidden, rms_eps=rms_eps, tie_embeddings=False,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, ffn_size=hidden if ffn_size is None else ffn_size, rms_eps=rms_eps, tie_embeddings=False,
         max_position=max_position, eos_ids=tuple(tokenizer.eos_ids if eos_ids is None else eos_ids),
         pad_id=0, dtype=dtype if dtype in ("float32", "bfloat16") else "float32", layer_fn=layer_fn,
     )
