@@ -51,6 +51,7 @@ FALLBACK_PROMPTS = [
     "List the planets of the solar system in order.",
 ]
 # (label, Hq, Hkv, Dh): the real model here and a Llama-3-8B-like layer.
+PHASES = {"checks", "timings", "decoding", "identity"}
 HEAD_SHAPES = [("smollm2", 9, 3, 64), ("llama8b", 32, 8, 128)]
 
 
@@ -333,7 +334,9 @@ def main() -> int:
     ap.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
     ap.add_argument("--questions", default=DEFAULT_QUESTIONS)
     ap.add_argument("--timing-dtypes", default="bfloat16,float32", help="dtypes of the kernel timings")
-    ap.add_argument("--skip-identity", action="store_true", help="skip the float32 token-identity check")
+    ap.add_argument("--phases", default=",".join(sorted(PHASES)),
+                    help="comma-separated subset of checks,timings,decoding,identity (default: all)")
+    ap.add_argument("--impls", default=None, help="comma-separated attention implementations (default: all; xla always runs)")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds after which no new case starts; what was measured is written (for time-limited GPU leases)")
     ap.add_argument("--out", default=None, help="output path without extension (default benchmarks/results/gpu_<device>)")
@@ -354,6 +357,17 @@ def main() -> int:
     iters = 2 if smoke else 20
     rng = np.random.default_rng(0)
     impls = available_impls(smoke)
+    if args.impls:
+        wanted = args.impls.split(",")
+        unknown = [w for w in wanted if w not in impls]
+        if unknown:
+            print(f"gpu_bench: unknown --impls {unknown}; known: {', '.join(impls)}", file=sys.stderr)
+            return 2
+        impls = {k: v for k, v in impls.items() if k in wanted or k == "xla"}  # xla is the baseline
+    phases = set(args.phases.split(","))
+    if phases - PHASES:
+        print(f"gpu_bench: unknown --phases {sorted(phases - PHASES)}; known: {', '.join(sorted(PHASES))}", file=sys.stderr)
+        return 2
     print(f"device {device_name}; implementations: " + ", ".join(
         f"{k}{'' if callable(v) else ' (unavailable: ' + v + ')'}" for k, v in impls.items()), flush=True)
 
@@ -366,7 +380,7 @@ def main() -> int:
         "machine": machine_info(),
         "impls": list(impls),
         "unavailable": {k: v for k, v in impls.items() if isinstance(v, str)},
-        "settings": dict(model=model_name, dtype="float32" if smoke else args.dtype, batch_sizes=batches, max_new_tokens=max_new,
+        "settings": dict(phases=sorted(phases), model=model_name, dtype="float32" if smoke else args.dtype, batch_sizes=batches, max_new_tokens=max_new,
                          rounds=args.rounds, kernel_capacity=capacity, kernel_iters=iters, greedy=True,
                          eos="ignored (fixed-length outputs)", smoke=smoke, time_budget_s=args.time_budget),
         "kernel_checks": [],
@@ -385,7 +399,7 @@ def main() -> int:
         with open(out + ".md", "w") as f:
             f.write(render_markdown(report))
 
-    checks = check_kernels(impls, shapes, capacity=min(capacity, 256 if smoke else 1024), batch=2 if smoke else 8,
+    checks = [] if "checks" not in phases else check_kernels(impls, shapes, capacity=min(capacity, 256 if smoke else 1024), batch=2 if smoke else 8,
                            rng=rng, smoke=smoke, deadline=deadline)
     report["kernel_checks"] = checks
     write()
@@ -394,7 +408,7 @@ def main() -> int:
         if not c.get("ok"):
             print(f"  FAIL {c}", flush=True)
     timing_dtypes = [jnp.float32] if smoke else [jnp.dtype(d) for d in args.timing_dtypes.split(",")]
-    for dtype in timing_dtypes:
+    for dtype in timing_dtypes if "timings" in phases else []:
         report["kernel_timings"] += time_kernels(impls, shapes, capacity, batches,
                                                  (1, 16) if smoke else (1, 8, 16), dtype, iters, rng, deadline)
         write()
@@ -410,10 +424,11 @@ def main() -> int:
         report["decoding"] = records
         write()
 
-    report["decoding"] = time_decoding(model, impls, methods, batches, max_new, args.rounds, prompt_texts,
-                                       deadline, on_record)
+    if "decoding" in phases:
+        report["decoding"] = time_decoding(model, impls, methods, batches, max_new, args.rounds, prompt_texts,
+                                           deadline, on_record)
     write()
-    if not args.skip_identity:
+    if "identity" in phases:
         model32 = model if model.cfg.dtype == "float32" else load_model(model_name, dtype="float32")
         report["identity_float32"] = identity_check(model32, impls, methods, min(8, max(batches)), min(max_new, 64),
                                                     prompt_texts, deadline)
