@@ -297,6 +297,18 @@ def _call(name: str, model: Model, **shown: Any) -> str:
     return f"eej.{name}(eej.load_model({model.name!r}), {args})"
 
 
+def _run_bench(model: Model, contestants: list[Any], questions: list[Any], described: dict[str, Any],
+               max_new_tokens: int, batch_size: int, sampling: SamplingConfig, seed: int, agreement: bool,
+               progress: bool) -> BenchReport:
+    """The bench protocol over `questions` (eej.bench.session) -> BenchReport."""
+    from eej.bench.runner import RunSettings
+    from eej.bench.session import bench_document
+
+    doc, records = bench_document(model, contestants, questions, RunSettings(max_new_tokens, batch_size, sampling, seed),
+                                  described, agreement=agreement, progress=progress)
+    return BenchReport(doc, records)
+
+
 def compare(
     model: Model,
     prompts: Sequence[str] | Mapping[str, Sequence[str]],
@@ -319,8 +331,6 @@ def compare(
     against plain in the same run, identical-output and token-agreement checks.
     """
     from eej.bench.questions import Question
-    from eej.bench.runner import RunSettings
-    from eej.bench.session import bench_document
 
     groups = {"prompts": list(prompts)} if not isinstance(prompts, Mapping) else {k: list(v) for k, v in prompts.items()}
     if isinstance(prompts, str) or not all(isinstance(p, str) for g in groups.values() for p in g):
@@ -337,10 +347,8 @@ def compare(
         "note": None, "questions": "(prompts given in Python)", "questions_sha256": digest, "limit": None,
         "mt_bench_categories": "keep",
     }
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    doc, records = bench_document(model, contestants, questions, RunSettings(max_new_tokens, batch_size, sampling, seed),
-                                  described, agreement=agreement, progress=progress)
-    return BenchReport(doc, records)
+    return _run_bench(model, contestants, questions, described, max_new_tokens, batch_size,
+                      SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), seed, agreement, progress)
 
 
 def benchmark(
@@ -369,8 +377,6 @@ def benchmark(
     (`peers=["hf", "hf-early-exit"]`, with `early_exit_layer` and `peer_threads` as in docs/bench.md)."""
     from eej.bench.peers import load_peers, parse_peers
     from eej.bench.questions import load_questions, select_questions
-    from eej.bench.runner import RunSettings
-    from eej.bench.session import bench_document
 
     chosen = select_questions(load_questions(questions, mt_bench_categories), categories, limit)
     peer_names = parse_peers(",".join(peers)) if peers else []
@@ -385,10 +391,8 @@ def benchmark(
         "note": note, "questions": questions, "questions_sha256": digest, "limit": limit,
         "mt_bench_categories": mt_bench_categories,
     }
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    doc, records = bench_document(model, contestants, chosen, RunSettings(max_new_tokens, batch_size, sampling, seed),
-                                  described, agreement=agreement, progress=progress)
-    return BenchReport(doc, records)
+    return _run_bench(model, contestants, chosen, described, max_new_tokens, batch_size,
+                      SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), seed, agreement, progress)
 
 
 # ----------------------------------------------------------------------------- a model of your own

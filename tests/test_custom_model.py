@@ -106,19 +106,25 @@ def test_own_architecture_matches_an_uncached_reference():
     assert got == [reference_greedy(params, p, 10) for p in prompts]
 
 
-def test_llama_layer_written_as_a_layer_fn_reproduces_the_builtin_model():
-    builtin = tiny_model("tiny-gqa", seed=3)
+def _llama_as_layer_fn(seed: int):
+    """(eej's built-in tiny-gqa, the same model with eej's own Llama layer given through the user interface)."""
+    builtin = tiny_model("tiny-gqa", seed=seed)
     cfg = builtin.cfg
 
-    def llama_layer(p, x, positions, attend):  # eej's own layer, through the user interface
+    def llama_layer(p, x, positions, attend):
         b, t, _ = x.shape
         q, k, v = qkv(p, x, positions, cfg)
         x = x + linear(attend(q, k, v).reshape(b, t, -1), p["wo"])
         return mlp(p, x, cfg)
 
     mine = eej.custom_model(builtin.params, llama_layer, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                            head_dim=cfg.head_dim, eos_ids=cfg.eos_ids)
-    prompts = random_prompts(np.random.default_rng(2), [3, 9, 6], cfg.vocab_size)
+                            head_dim=cfg.head_dim, eos_ids=cfg.eos_ids, ffn_size=cfg.ffn_size)
+    return builtin, mine
+
+
+def test_llama_layer_written_as_a_layer_fn_reproduces_the_builtin_model():
+    builtin, mine = _llama_as_layer_fn(3)
+    prompts = random_prompts(np.random.default_rng(2), [3, 9, 6], builtin.cfg.vocab_size)
     want = Engine(builtin).generate(prompts, max_new_tokens=12, eos_ids=())
     got = Engine(mine).generate(prompts, max_new_tokens=12, eos_ids=())
     assert got.tokens == want.tokens
@@ -163,22 +169,6 @@ def test_custom_model_input_errors():
         eej.custom_model(small, gpt_layer, num_heads=4, num_kv_heads=2, head_dim=8)
 
 
-def _llama_as_layer_fn(seed: int):
-    """eej's own Llama layer given through the user interface: every add-on's weight names exist."""
-    builtin = tiny_model("tiny-gqa", seed=seed)
-    cfg = builtin.cfg
-
-    def llama_layer(p, x, positions, attend):
-        b, t, _ = x.shape
-        q, k, v = qkv(p, x, positions, cfg)
-        x = x + linear(attend(q, k, v).reshape(b, t, -1), p["wo"])
-        return mlp(p, x, cfg)
-
-    model = eej.custom_model(builtin.params, llama_layer, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                             head_dim=cfg.head_dim, ffn_size=cfg.ffn_size)
-    return model, cfg.vocab_size
-
-
 def _gpt(seed: int):
     return eej.custom_model(gpt_params(seed), gpt_layer, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM), VOCAB
 
@@ -191,7 +181,11 @@ def test_every_method_composes_with_a_custom_model(method, architecture):
     On the GPT-style model, a method whose add-ons patch base weights by their Llama names (LoRA) cannot
     apply; it must say so in one clear error (and is skipped), while the Llama-named model runs it.
     """
-    model, vocab = (_llama_as_layer_fn if architecture == "llama-layer-fn" else _gpt)(4)
+    if architecture == "llama-layer-fn":  # every add-on's weight names and shapes exist here
+        builtin, model = _llama_as_layer_fn(4)
+        vocab = builtin.cfg.vocab_size
+    else:
+        model, vocab = _gpt(4)
     prompts = random_prompts(np.random.default_rng(3), [4, 10], vocab)
     try:
         strategy, method_params = random_method(model, method, seed=0)

@@ -117,7 +117,7 @@ def test_method_tables_follow_the_registry(render, monkeypatch):
         batch_invariant: ClassVar[bool] = False
 
     for cls in (Exact, Lossy):
-        instance = lambda model, seed=0, cls=cls: (cls(), None)  # noqa: E731
+        instance = lambda model, seed=0, cls=cls: (cls(), None)
         monkeypatch.setitem(methods._BUILDERS, cls.name, lambda model, config, cls=cls: (cls(), None))
         monkeypatch.setitem(methods._RANDOM, cls.name, instance)
     infos = [m for m in render.method_infos() if m.name.startswith("test-")]
