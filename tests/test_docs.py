@@ -56,3 +56,23 @@ def test_relative_links_exist(path):
             continue
         target = os.path.normpath(os.path.join(os.path.dirname(path), link.split("#")[0]))
         assert os.path.exists(target), f"{os.path.relpath(path, ROOT)} links {link}, which does not exist"
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """The README's notebook examples (the first two python blocks), on a tiny random model and a tiny
+    questions file instead of SmolLM2 and Spec-Bench; the third block is a sketch with `...`."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("agg")
+    with open(os.path.join(ROOT, "README.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["Who wrote Hamlet?"]}) + "\n")
+    code = "\n".join(blocks[:2])
+    for real, tiny in [('"smollm2-135m"', '"tiny-llama"'), ("../shared/data/eval/spec_bench.jsonl", str(questions))]:
+        assert real in code
+        code = code.replace(real, tiny)
+    monkeypatch.chdir(ROOT)  # the committed results path is relative to the repository root
+    exec(compile(code, "README.md", "exec"), {})
