@@ -197,31 +197,42 @@ def method_instance(model, name: str):
         return strategy, params, "random add-ons (speed only; acceptance not representative)"
 
 
-def time_decoding(model, impls, methods, batches, max_new: int, rounds: int, prompt_texts,
-                  deadline: Deadline | None = None, on_record: Callable[[list], None] = lambda records: None) -> list[dict]:
+def build_engines(model, impls, methods) -> tuple[dict, list[dict]]:
+    """(method, impl) -> (engine, add-ons note), and records for the pairs that could not be built."""
     import dataclasses
 
-    deadline = deadline or Deadline(None)
-    tok = model.tokenizer
-    encode = getattr(tok, "encode_chat", tok.encode)
-    records = []
+    engines, failed = {}, []
     for method in methods:
-        baseline_tokens: dict[int, list] = {}
         for name, fn in impls.items():
             if isinstance(fn, str):
-                records.append(dict(method=method, impl=name, skipped=fn))
+                failed.append(dict(method=method, impl=name, skipped=fn))
                 continue
             m = dataclasses.replace(model, cfg=model.cfg.replace(attention_impl=name))
             try:
                 strategy, params, addons = method_instance(m, method)
-                engine = Engine(m, strategy, params)
+                engines[method, name] = (Engine(m, strategy, params), addons)
             except Exception as e:
-                records.append(dict(method=method, impl=name, error=f"{type(e).__name__}: {e}"[:300]))
-                continue
-            for b in batches:
+                failed.append(dict(method=method, impl=name, error=f"{type(e).__name__}: {e}"[:300]))
+    return engines, failed
+
+
+def time_decoding(model, impls, methods, batches, max_new: int, rounds: int, prompt_texts,
+                  deadline: Deadline | None = None, on_record: Callable[[list], None] = lambda records: None) -> list[dict]:
+    """Tokens/s per (batch, method, impl), smallest batch first (so a time budget cuts the largest batches);
+    each method's tokens compared with the same method on the xla implementation."""
+    deadline = deadline or Deadline(None)
+    encode = getattr(model.tokenizer, "encode_chat", model.tokenizer.encode)
+    engines, records = build_engines(model, impls, methods)
+    for b in batches:
+        prompts = [encode(p) for p in prompt_texts[:b]]
+        for method in methods:
+            baseline = None
+            for name in impls:
+                if (method, name) not in engines:
+                    continue
                 if deadline.passed():
                     return records
-                prompts = [encode(p) for p in prompt_texts[:b]]
+                engine, addons = engines[method, name]
                 rec = dict(method=method, impl=name, batch=b, max_new_tokens=max_new, addons=addons)
                 try:
                     first = engine.generate(prompts, max_new, SamplingConfig(), eos_ids=())
@@ -231,10 +242,10 @@ def time_decoding(model, impls, methods, batches, max_new: int, rounds: int, pro
                     rec.update(tokens_per_second=tokens / seconds, compile_seconds=first.compile_seconds,
                                forwards_per_token=float(np.sum(runs[0].forwards) / max(sum(runs[0].new_tokens), 1)))
                     if name == "xla":
-                        baseline_tokens[b] = first.tokens
-                    elif b in baseline_tokens:
-                        rec["tokens_equal_xla"] = first.tokens == baseline_tokens[b]
-                        rec["prefix_agreement_xla"] = prefix_agreement(first.tokens, baseline_tokens[b])
+                        baseline = first.tokens
+                    elif baseline is not None:
+                        rec["tokens_equal_xla"] = first.tokens == baseline
+                        rec["prefix_agreement_xla"] = prefix_agreement(first.tokens, baseline)
                 except Exception as e:
                     rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                 records.append(rec)
@@ -245,27 +256,27 @@ def time_decoding(model, impls, methods, batches, max_new: int, rounds: int, pro
 
 def identity_check(model, impls, methods, batch: int, max_new: int, prompt_texts,
                    deadline: Deadline | None = None) -> list[dict]:
-    """float32 at full matmul precision: does every implementation produce the xla implementation's tokens?"""
-    import dataclasses
-
+    """float32 at full matmul precision: each (method, impl)'s tokens vs plain decoding on the xla
+    implementation (lossless methods and every kernel must reproduce it exactly)."""
     deadline = deadline or Deadline(None)
     encode = getattr(model.tokenizer, "encode_chat", model.tokenizer.encode)
     prompts = [encode(p) for p in prompt_texts[:batch]]
-    records = []
+    methods = ["plain", *[m for m in methods if m != "plain"]]
+    records, baseline = [], None
     with jax.default_matmul_precision("highest"):
+        engines, failed = build_engines(model, impls, methods)
+        records += failed
         for method in methods:
-            baseline = None
-            for name, fn in impls.items():
-                if isinstance(fn, str) or deadline.passed():
+            for name in impls:
+                if (method, name) not in engines or deadline.passed():
                     continue
-                rec = dict(method=method, impl=name, batch=batch, max_new_tokens=max_new, dtype="float32")
+                engine, addons = engines[method, name]
+                rec = dict(method=method, impl=name, batch=batch, max_new_tokens=max_new, dtype="float32", addons=addons)
                 try:
-                    m = dataclasses.replace(model, cfg=model.cfg.replace(attention_impl=name))
-                    strategy, params, rec["addons"] = method_instance(m, method)
-                    tokens = Engine(m, strategy, params).generate(prompts, max_new, SamplingConfig(), eos_ids=()).tokens
-                    if baseline is None and name == "xla":
-                        baseline = tokens
-                    elif baseline is not None:
+                    tokens = engine.generate(prompts, max_new, SamplingConfig(), eos_ids=()).tokens
+                    if baseline is None:
+                        baseline = tokens  # plain on xla: the first pair built
+                    else:
                         rec.update(tokens_equal_xla=tokens == baseline, prefix_agreement_xla=prefix_agreement(tokens, baseline))
                 except Exception as e:
                     rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
@@ -314,12 +325,12 @@ def render_markdown(report: dict) -> str:
               "fraction of each row that agrees before the first difference.)"]
     ident = report.get("identity_float32") or []
     if ident:
-        lines += ["", "## float32 token identity (full-precision matmuls; vs the xla implementation)", "",
-                  "| method | impl | batch | new tokens | same tokens as xla |", "|---|---|---:|---:|---|"]
+        lines += ["", "## float32 token identity (full-precision matmuls; vs plain decoding on the xla implementation)", "",
+                  "| method | impl | batch | new tokens | same tokens as plain on xla |", "|---|---|---:|---:|---|"]
         for r in ident:
-            verdict = r.get("error") or ("baseline" if "tokens_equal_xla" not in r else
+            verdict = r.get("error") or r.get("skipped") or ("baseline" if "tokens_equal_xla" not in r else
                                          f"{'yes' if r['tokens_equal_xla'] else 'no'} ({r['prefix_agreement_xla']:.2f})")
-            lines.append(f"| {r['method']} | {r['impl']} | {r['batch']} | {r['max_new_tokens']} | {verdict} |")
+            lines.append(f"| {r['method']} | {r['impl']} | {r.get('batch', '')} | {r.get('max_new_tokens', '')} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -337,6 +348,8 @@ def main() -> int:
     ap.add_argument("--timing-dtypes", default="bfloat16,float32", help="dtypes of the kernel timings")
     ap.add_argument("--phases", default=",".join(sorted(PHASES)),
                     help="comma-separated subset of checks,timings,decoding,identity (default: all)")
+    ap.add_argument("--decode-impls", default=None,
+                    help="implementations for the decoding and identity phases (default: those of --impls)")
     ap.add_argument("--impls", default=None, help="comma-separated attention implementations (default: all; xla always runs)")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds after which no new case starts; what was measured is written (for time-limited GPU leases)")
@@ -365,6 +378,9 @@ def main() -> int:
             print(f"gpu_bench: unknown --impls {unknown}; known: {', '.join(impls)}", file=sys.stderr)
             return 2
         impls = {k: v for k, v in impls.items() if k in wanted or k == "xla"}  # xla is the baseline
+    decode_impls = impls
+    if args.decode_impls:
+        decode_impls = {k: v for k, v in available_impls(smoke).items() if k in args.decode_impls.split(",") or k == "xla"}
     phases = set(args.phases.split(","))
     if phases - PHASES:
         print(f"gpu_bench: unknown --phases {sorted(phases - PHASES)}; known: {', '.join(sorted(PHASES))}", file=sys.stderr)
@@ -426,12 +442,12 @@ def main() -> int:
         write()
 
     if "decoding" in phases:
-        report["decoding"] = time_decoding(model, impls, methods, batches, max_new, args.rounds, prompt_texts,
+        report["decoding"] = time_decoding(model, decode_impls, methods, batches, max_new, args.rounds, prompt_texts,
                                            deadline, on_record)
     write()
     if "identity" in phases:
         model32 = model if model.cfg.dtype == "float32" else load_model(model_name, dtype="float32")
-        report["identity_float32"] = identity_check(model32, impls, methods, min(8, max(batches)), min(max_new, 64),
+        report["identity_float32"] = identity_check(model32, decode_impls, methods, min(8, max(batches)), min(max_new, 64),
                                                     prompt_texts, deadline)
         write()
     print(render_markdown(report))
