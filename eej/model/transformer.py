@@ -124,7 +124,7 @@ def mlp(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig) -> jax.Arra
     return x + linear(jax.nn.silu(linear(h, layer["w_gate"])) * linear(h, layer["w_up"]), layer["w_down"])
 
 
-def block(
+def attention_block(
     layer: dict[str, jax.Array],
     x: jax.Array,
     k_cache: jax.Array,
@@ -133,17 +133,18 @@ def block(
     cfg: ModelConfig,
     kv_limit: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decoder layer over a block of tokens, reading and extending that layer's cache.
+    """The self-attention sub-block with its residual, reading and extending one layer's cache.
 
     Args:
-      layer: this layer's params (unstacked).
+      layer: params with attn_norm, wq, wk, wv, wo (and optional biases); a decoder layer or an
+        attention-only adapter.
       x: residual stream [B, T, D] of the block's tokens.
       k_cache, v_cache: this layer's cache [B, Hkv, S, Dh].
       positions: [B, T] position of each token; its K/V is written to that slot.
       kv_limit: if given (static), no position in the block reaches it, so attention reads only
         slots [0, kv_limit) — e.g. a prefill from position 0 of P tokens reads P slots, not S.
     Returns:
-      (x [B, T, D], k_cache, v_cache) after the layer.
+      (x + attention output [B, T, D], k_cache, v_cache).
     """
     b, t, _ = x.shape
     q, k, v = qkv(layer, x, positions, cfg)
@@ -153,7 +154,24 @@ def block(
         out = attn_lib.attention(q, k_cache[:, :, :kv_limit], v_cache[:, :, :kv_limit], positions, cfg)
     else:
         out = attn_lib.attention(q, k_cache, v_cache, positions, cfg)
-    x = x + linear(out.reshape(b, t, cfg.num_heads * cfg.head_dim), layer["wo"])
+    return x + linear(out.reshape(b, t, cfg.num_heads * cfg.head_dim), layer["wo"]), k_cache, v_cache
+
+
+def block(
+    layer: dict[str, jax.Array],
+    x: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    kv_limit: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decoder layer (attention then MLP sub-block) over a block of tokens; args as `attention_block`.
+
+    Returns:
+      (x [B, T, D], k_cache, v_cache) after the layer.
+    """
+    x, k_cache, v_cache = attention_block(layer, x, k_cache, v_cache, positions, cfg, kv_limit)
     return mlp(layer, x, cfg), k_cache, v_cache
 
 
