@@ -45,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-depths", default="", help="further exit layers to cache in the same teacher pass, e.g. 2,4,6")
     p.add_argument("--teacher-batch-size", type=int, default=8)
     p.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of the data for the final report")
-    p.add_argument("--init-scale", type=float, default=0.02)
+    p.add_argument("--init-scale", type=float, default=0.02, help="std of the random adapter projections")
+    p.add_argument("--init-from-layer", action="store_true",
+                   help="start the adapter's attention from the target's layer l attention instead of random weights")
     p.add_argument("--artifact", default=None, help="artifact path (default OUT/kangaroo.npz)")
 
 
@@ -181,10 +183,34 @@ def distill_loss(adapter, frozen, batch, *, cfg):
 # ----------------------------------------------------------------------------- the command
 
 
+def prepare_data(model, args: argparse.Namespace):
+    """Training sequences and their split -> (data, train_rows, eval_rows, token ranking of the train answers).
+
+    Reads args.data, seq_len, max_examples, seed, eval_fraction; deterministic, so an evaluation
+    script given the same options sees the same held-out rows.
+    """
+    from eej.train.data import load_training_data
+
+    data = load_training_data(args.data, model.tokenizer, args.seq_len, args.max_examples, args.seed)
+    order = np.random.default_rng(args.seed + 1).permutation(len(data))
+    n_eval = int(round(len(data) * args.eval_fraction))
+    eval_rows, train_rows = np.sort(order[:n_eval]), np.sort(order[n_eval:])
+    ranking = token_ranking(data.tokens[train_rows], data.loss_mask[train_rows], always=model.cfg.eos_ids)
+    return data, train_rows, eval_rows, ranking
+
+
+def data_fingerprint(model, data, args: argparse.Namespace) -> dict:
+    """What a teacher cache depends on."""
+    return {
+        "model": model.cfg.name, "data": [os.path.abspath(p) for p in args.data], "seq_len": args.seq_len,
+        "max_examples": args.max_examples, "seed": args.seed, "sequences": len(data),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     from eej.decoding.kangaroo import ADAPTER_KEYS, init_adapter
     from eej.train.artifacts import save_artifact
-    from eej.train.data import batch_indices, load_training_data
+    from eej.train.data import batch_indices
     from eej.train.loop import train
     from eej.train.cli import train_config_from_args
     from eej.weights.registry import load_model
@@ -203,27 +229,25 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--positions must be >= 1, --draft-vocab >= 0 and --eval-fraction in [0, 1)")
     config = train_config_from_args(args)
 
-    data = load_training_data(args.data, model.tokenizer, args.seq_len, args.max_examples, args.seed)
-    order = np.random.default_rng(args.seed + 1).permutation(len(data))
-    n_eval = int(round(len(data) * args.eval_fraction))
-    eval_rows, train_rows = np.sort(order[:n_eval]), np.sort(order[n_eval:])
-    ranking = token_ranking(data.tokens[train_rows], data.loss_mask[train_rows], always=cfg.eos_ids)
+    data, train_rows, eval_rows, ranking = prepare_data(model, args)
+    n_eval = len(eval_rows)
     vocab = ranking[: args.draft_vocab] if args.draft_vocab else None
     if vocab is not None and len(vocab) < args.draft_vocab:
         print(f"note: the answers use only {len(vocab)} distinct tokens; --draft-vocab {args.draft_vocab} -> {len(vocab)}", file=sys.stderr)
-
-    fingerprint = {
-        "model": cfg.name, "data": [os.path.abspath(p) for p in args.data], "seq_len": args.seq_len,
-        "max_examples": args.max_examples, "seed": args.seed, "sequences": len(data),
-    }
     teacher = teacher_cache(
         model, data, [args.exit_layer, *extra], args.teacher_cache or os.path.join(args.out, "teacher"),
-        args.teacher_batch_size, fingerprint, progress=not args.no_progress,
+        args.teacher_batch_size, data_fingerprint(model, data, args), progress=not args.no_progress,
     )
     predicting = predicting_positions(data.loss_mask)
     head = model.params["lm_head"] if vocab is None else jnp.take(model.params["lm_head"], jnp.asarray(vocab), axis=1)
     frozen = {"head": head, "final_norm": model.params["final_norm"]}
-    init = jax.tree.map(jnp.asarray, init_adapter(cfg, args.seed, args.init_scale, norm=np.asarray(model.params["final_norm"])))
+    init = init_adapter(cfg, args.seed, args.init_scale, norm=np.asarray(model.params["final_norm"]))
+    if args.init_from_layer:
+        from eej.model.transformer import get_layer
+
+        layer = get_layer(model.params["layers"], args.exit_layer)
+        init.update({k: np.asarray(layer[k], np.float32) for k in ("attn_norm", "wq", "wk", "wv", "wo")})
+    init = jax.tree.map(jnp.asarray, init)
 
     def batch_fn(step: int) -> dict:
         rows = np.sort(train_rows[batch_indices(len(train_rows), step, config.batch_size, args.seed)])
