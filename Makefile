@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test bench-plain clean
 
-$(VENV)/.runtime: pyproject.toml
+$(VENV)/.runtime: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e .

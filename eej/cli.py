@@ -42,7 +42,11 @@ def subcommand(name: str, add_arguments: Callable[[argparse.ArgumentParser], Non
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="registry name, .gguf file or HF checkpoint directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
-    p.add_argument("--attention", default="xla", help="attention implementation (xla, or a registered kernel)")
+    p.add_argument(
+        "--attention", default="xla",
+        help="attention implementation: xla (default), pallas (Pallas kernels; interpreted on CPU), "
+        "triton (jax-triton, GPU only: pip install 'eej[gpu]')",
+    )
     p.add_argument("--cache-size", type=int, default=None, help="KV cache positions per row (default: fitted)")
 
 
@@ -60,12 +64,36 @@ def sampling_from_args(args: argparse.Namespace):
     return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
 
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", help="device mesh, e.g. data=8,model=1 (rows over data, heads/FFN over model); "
+                   "default: one device")
+    p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0, or auto to let JAX detect "
+                   "SLURM/MPI/TPU-pod settings (or EEJ_COORDINATOR)")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes (or EEJ_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's index (or EEJ_PROCESS_ID)")
+
+
+def mesh_from_args(args: argparse.Namespace):
+    """Join a multi-host job if asked, then build the `--mesh` (None without one). Call before touching devices."""
+    from eej.parallel.distributed import initialize
+    from eej.parallel.mesh import make_mesh, parse_mesh_spec
+
+    distributed = initialize(args.coordinator, args.num_processes, args.process_id)
+    if args.mesh is None:
+        if distributed:
+            raise CliError("multi-host decoding needs --mesh (e.g. --mesh data=N with N = all devices)")
+        return None
+    return make_mesh(**parse_mesh_spec(args.mesh))
+
+
 def load_model_from_args(args: argparse.Namespace):
-    from eej.model.attention import available_impls
+    from eej.model.attention import get_impl
     from eej.weights.registry import load_model
 
-    if args.attention not in available_impls():
-        raise CliError(f"unknown attention implementation {args.attention!r}; available: {', '.join(available_impls())}")
+    try:
+        get_impl(args.attention)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     model = load_model(args.model, dtype=args.dtype)
     if args.attention != model.cfg.attention_impl:
         import dataclasses
@@ -86,6 +114,7 @@ def device_description() -> str:
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    add_parallel_arguments(p)
     p.add_argument("--method", default="plain", help="decoding method, NAME[:CONFIG]")
     p.add_argument("--prompt", help="the prompt text")
     p.add_argument("--batch-file", help="JSONL file with one {\"prompt\": ...} object per line")
@@ -129,17 +158,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from eej.decoding.engine import Engine
     from eej.decoding.methods import build_method
 
+    mesh = mesh_from_args(args)
     model = load_model_from_args(args)
     strategy, method_params = build_method(model, args.method)
-    engine = Engine(model, strategy, method_params, cache_size=args.cache_size)
+    engine = Engine(model, strategy, method_params, cache_size=args.cache_size, mesh=mesh)
     tok = model.tokenizer
     prompts = [tok.encode_chat(t) if args.chat else tok.encode(t) for t in texts]
 
-    stream = not args.json and not args.no_stream and len(prompts) == 1 and sys.stdout.isatty()
+    import jax
+
+    lead = jax.process_index() == 0  # every process computes; the first one reports
+    stream = lead and not args.json and not args.no_stream and len(prompts) == 1 and sys.stdout.isatty()
     # Batch prompts of similar length together (less padding); results go back in input order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[dict[str, Any]] = [{} for _ in prompts]
-    seconds = compile_seconds = 0.0
+    seconds = compile_seconds = decode_seconds = 0.0
+    decode_tokens = 0
     for start in range(0, len(order), args.batch_size):
         rows = order[start : start + args.batch_size]
         chunk = [prompts[i] for i in rows]
@@ -149,10 +183,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             out = engine.generate(chunk, args.max_new_tokens, sampling, seed=args.seed)
         seconds += out.seconds
         compile_seconds += out.compile_seconds
+        decode_seconds += out.decode_seconds
+        decode_tokens += sum(out.new_tokens) - len(chunk)  # the first token of each row comes from the prefill
         for i, ids in zip(rows, out.tokens):
             results[i] = {"prompt": texts[i], "text": tok.decode(ids), "token_ids": ids, "new_tokens": len(ids)}
     total = sum(r["new_tokens"] for r in results)
     tps = total / seconds if seconds > 0 else 0.0
+    if not lead:
+        return 0
     if args.json:
         print(
             json.dumps(
@@ -163,6 +201,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     "seconds": seconds,
                     "tokens_per_second": tps,
                     "device": device_description(),
+                    "attention": model.cfg.attention_impl,
+                    "mesh": None if mesh is None else dict(mesh.shape),
+                    "processes": jax.process_count(),
                 }
             )
         )
@@ -172,9 +213,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if len(results) > 1:
                 print(f"### {r['prompt']}")
             print(r["text"])
+    decode_rate = decode_tokens / decode_seconds if decode_seconds > 0 else 0.0
     print(
-        f"[{total} tokens in {seconds:.2f} s: {tps:.1f} tokens/s; method {args.method}; compile {compile_seconds:.1f} s "
-        f"not counted; {device_description()}]",
+        f"[{total} tokens in {seconds:.2f} s: {tps:.1f} tokens/s overall, {decode_rate:.1f} tokens/s decoding "
+        f"(prefill {seconds - decode_seconds:.2f} s); method {args.method}; compile {compile_seconds:.1f} s not counted; "
+        f"{device_description()}]",
         file=sys.stderr,
     )
     return 0

@@ -177,6 +177,7 @@ def main() -> None:
             "prompts": len(prompts), "questions": os.path.relpath(args.questions), "max_new_tokens": n,
             "rounds": args.rounds, "greedy": True, "eos": "ignored (fixed-length outputs)", "dtype": "float32",
             "batch_sizes": batch_sizes, "torch_threads": None if hf is None else hf.torch.get_num_threads(),
+            "attention": model.cfg.attention_impl,
         },
         "compile_seconds": compile_seconds,
         "hf_token_mismatch_rows": None if hf is None else mismatches,

@@ -67,3 +67,26 @@ def test_write_block_touches_exactly_the_given_slots(batch, t, seed):
             if s < 16:
                 want[b, :, s] = np.asarray(new)[b, i]
     np.testing.assert_array_equal(out, want)
+
+
+def test_propagate_kv_fills_exactly_the_skipped_layers():
+    from eej.model.transformer import embed, get_layer, propagate_kv, qkv, run_layers
+
+    cfg = MODEL.cfg
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(3, 4)), jnp.int32)
+    positions = jnp.asarray([[0, 1, 2, 3], [5, 6, 7, 8], [2, 3, 4, 5]], jnp.int32)
+    cache = init_cache(cfg, 3, 16)
+    x = embed(MODEL.params, tokens, cfg)
+    x, cache = run_layers(MODEL.params, x, cache, positions, cfg, 0, 2)
+    first = jnp.asarray([2, 4, 6], jnp.int32)  # row 2 exits after the last layer: nothing to fill
+    filled = propagate_kv(MODEL.params, x, cache, positions, cfg, first)
+    for layer in range(cfg.num_layers):
+        _, k, v = qkv(get_layer(MODEL.params["layers"], layer), x, positions, cfg)
+        for row in range(3):
+            got_k = np.asarray(filled.k[layer][row])
+            if layer >= int(first[row]):
+                want = np.asarray(k[row]).swapaxes(0, 1)  # [Hkv, T, Dh]
+                np.testing.assert_allclose(got_k[:, np.asarray(positions[row])], want, atol=1e-6)
+            else:
+                np.testing.assert_array_equal(got_k, np.asarray(cache.k[layer][row]))

@@ -92,3 +92,23 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_length_buckets_bound_recompiles():
     assert [length_bucket(n) for n in (1, 16, 17, 100, 512, 513, 1100)] == [16, 16, 32, 128, 512, 1024, 1536]
+
+
+def test_bfloat16_option_runs_close_to_float32():
+    import jax.numpy as jnp
+
+    from eej.model.cache import init_cache
+    from eej.model.transformer import forward
+
+    f32 = tiny_model("tiny-gqa")
+    bf16 = tiny_model("tiny-gqa", dtype="bfloat16")
+    assert bf16.params["layers"][0]["wq"].dtype == jnp.bfloat16
+    tokens = jnp.asarray(random_prompts(np.random.default_rng(4), [12], f32.cfg.vocab_size), jnp.int32)
+    positions = jnp.arange(12)[None]
+    a, _ = forward(f32.params, tokens, positions, init_cache(f32.cfg, 1, 16), f32.cfg)
+    b, cache = forward(bf16.params, tokens, positions, init_cache(bf16.cfg, 1, 16), bf16.cfg)
+    assert cache.k[0].dtype == jnp.bfloat16 and b.dtype == jnp.float32
+    scale = float(jnp.abs(a).max())
+    assert float(jnp.abs(a - b).max()) < 0.05 * scale
+    out = Engine(bf16).generate([tokens[0].tolist()], max_new_tokens=8, eos_ids=())
+    assert out.new_tokens == [8]

@@ -79,3 +79,11 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 10) -> dict[str, float]:
         out[name] = data.nbytes / best / 1e9
     del data
     return out
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (how busy a shared machine was), or None where unknown."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None

@@ -8,6 +8,11 @@ Prompts are right-padded to a length bucket (bounding recompiles); the cache hol
 `lax.while_loop` (`generate`), or as a host loop over the same jitted step (`stream`) when tokens
 must reach the terminal as they come. Compiled executables are cached per shape and settings, and
 compile time is reported apart from run time.
+
+On a device mesh (`Engine(..., mesh=eej.parallel.make_mesh(data=4, model=2))`), params and the
+decode state are placed with the NamedShardings of `eej.parallel.DecodeSharding` and every
+compiled function keeps its output state sharded the same way; jit propagates the rest, so
+strategies run unchanged.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from eej.decoding.sampling import sample
 from eej.decoding.strategy import StepResult, Strategy
 from eej.model.cache import KVCache, init_cache
 from eej.model.transformer import Params
+from eej.parallel.sharding import DecodeSharding, to_host
 from eej.weights.registry import Model
 
 
@@ -204,13 +210,20 @@ class Engine:
         method_params: Any = None,
         *,
         cache_size: int | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
-        self.model = model
         self.strategy = strategy or Plain()
-        self.method_params = method_params
         self.cache_size = cache_size
         self.strategy.validate(model.cfg, method_params)
         self._compiled: dict[tuple, Callable] = {}
+        self.mesh = mesh
+        self._sharding = None
+        if mesh is not None:
+            self._sharding = sharding = DecodeSharding(mesh, model.cfg)
+            model = dataclasses.replace(model, params=sharding.place(model.params, sharding.params(model.params)))
+            method_params = sharding.place(method_params, sharding.params(method_params))
+        self.model = model
+        self.method_params = method_params
 
     @property
     def cfg(self) -> ModelConfig:
@@ -254,14 +267,22 @@ class Engine:
             tokens[i, : len(p)] = p
         return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
 
-    def _get(self, name: str, fn: Callable, static: dict, args: tuple, donate: tuple[int, ...]) -> tuple[Callable, float]:
-        """The compiled `fn` for these args' shapes and `static`; second value: compile seconds (0 if cached)."""
+    def _get(
+        self, name: str, fn: Callable, static: dict, args: tuple, donate: tuple[int, ...], batch: int
+    ) -> tuple[Callable, float]:
+        """The compiled `fn` for these args' shapes and `static` (`batch` rows); second value: compile seconds (0 if cached)."""
         shapes = tuple(jax.tree.map(lambda a: (a.shape, a.dtype), a) for a in args[2:])
         key = (name, tuple(sorted(static.items(), key=lambda kv: kv[0])), jax.tree.structure(args[2:]), str(shapes))
         if key in self._compiled:
             return self._compiled[key], 0.0
         start = time.perf_counter()
-        compiled = jax.jit(functools.partial(fn, **static), donate_argnums=donate).lower(*args).compile()
+        fn = functools.partial(fn, **static)
+        if self._sharding is None:
+            compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+        else:  # the output DecodeState keeps the state's shardings (rows over `data`, heads over `model`)
+            with jax.set_mesh(self.mesh):
+                out = self._sharding.state(jax.eval_shape(fn, *args), batch)
+                compiled = jax.jit(fn, donate_argnums=donate, out_shardings=out).lower(*args).compile()
         self._compiled[key] = compiled
         return compiled, time.perf_counter() - start
 
@@ -281,7 +302,11 @@ class Engine:
         tokens, lens = self._inputs(prompts, padded)
         static = dict(cfg=self.cfg, strategy=self.strategy, sampling=sampling, max_new=max_new_tokens, eos_ids=eos)
         args = (self.model.params, self.method_params, tokens, lens, jax.random.PRNGKey(seed))
-        fn, compile_s = self._get("prefill", _prefill, {**static, "capacity": capacity}, args, donate=())
+        if self._sharding is not None:  # rows over `data`; the key replicated
+            sharding = self._sharding
+            tokens, lens = sharding.place((tokens, lens), sharding.state((tokens, lens), len(prompts)))
+            args = (*args[:2], tokens, lens, sharding.place(args[4], sharding.named(jax.sharding.PartitionSpec())))
+        fn, compile_s = self._get("prefill", _prefill, {**static, "capacity": capacity}, args, donate=(), batch=len(prompts))
         start = time.perf_counter()
         state = jax.block_until_ready(fn(*args))
         return state, static, time.perf_counter() - start, compile_s
@@ -300,7 +325,7 @@ class Engine:
         """
         state, static, prefill_s, compile_s = self._prefill(prompts, max_new_tokens, sampling, seed, eos_ids)
         args = (self.model.params, self.method_params, state)
-        fn, loop_compile_s = self._get("loop", _decode_loop, static, args, donate=(2,))
+        fn, loop_compile_s = self._get("loop", _decode_loop, static, args, donate=(2,), batch=len(prompts))
         start = time.perf_counter()
         state = jax.block_until_ready(fn(*args))
         decode_s = time.perf_counter() - start
@@ -321,21 +346,21 @@ class Engine:
         """
         state, static, prefill_s, compile_s = self._prefill(prompts, max_new_tokens, sampling, seed, eos_ids)
         args = (self.model.params, self.method_params, state)
-        step, step_compile_s = self._get("step", _advance, static, args, donate=(2,))
+        step, step_compile_s = self._get("step", _advance, static, args, donate=(2,), batch=len(prompts))
         return TokenStream(self, step, state, prompts, prefill_s, compile_s + step_compile_s)
 
     def _output(self, state: DecodeState, prompts, prefill_s: float, decode_s: float, compile_s: float) -> GenerationOutput:
-        output = np.asarray(state.output)
-        num_new = np.asarray(state.num_new)
+        output = to_host(state.output)
+        num_new = to_host(state.num_new)
         return GenerationOutput(
             tokens=[output[b, : num_new[b]].tolist() for b in range(len(prompts))],
             prompt_lengths=[len(p) for p in prompts],
             prefill_seconds=prefill_s,
             decode_seconds=decode_s,
             compile_seconds=compile_s,
-            forwards=np.asarray(state.forwards).tolist(),
-            layers=np.asarray(state.layers).tolist(),
-            steps=int(state.steps),
+            forwards=to_host(state.forwards).tolist(),
+            layers=to_host(state.layers).tolist(),
+            steps=int(to_host(state.steps)),
         )
 
 
@@ -350,13 +375,13 @@ class TokenStream:
     def __iter__(self) -> Iterator[list[list[int]]]:
         state, engine = self._state, self._engine
         start = time.perf_counter()
-        num_new = np.asarray(state.num_new)
-        yield [[int(t)] for t in np.asarray(state.output[:, 0])]
+        num_new = to_host(state.num_new)
+        yield [[int(t)] for t in to_host(state.output[:, 0])]
         max_new = state.output.shape[1]
-        while not bool(np.all(np.asarray(state.done))) and int(state.steps) < max_new:
+        while not bool(np.all(to_host(state.done))) and int(to_host(state.steps)) < max_new:
             state = self._step(engine.model.params, engine.method_params, state)
-            new_num = np.asarray(state.num_new)
-            output = np.asarray(state.output)
+            new_num = to_host(state.num_new)
+            output = to_host(state.output)
             yield [output[b, num_new[b] : new_num[b]].tolist() for b in range(len(self._prompts))]
             num_new = new_num
         self.output = engine._output(state, self._prompts, self._prefill_s, time.perf_counter() - start, self._compile_s)

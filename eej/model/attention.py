@@ -1,7 +1,8 @@
 """Grouped-query attention of a block of queries over the static KV cache.
 
 One op, several implementations: "xla" (the jnp reference here, the CPU default) and the kernels
-registered by `kernels/` (Pallas / Triton) under other names.
+registered by `kernels/` (Pallas / Triton) under other names. A kernel module is imported the first
+time its implementation is selected, so optional GPU dependencies (jax-triton) are needed only then.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import jax.numpy as jnp
 from eej.config import ModelConfig
 
 _IMPLS: dict[str, Callable[..., jax.Array]] = {}
+# Implementations whose module registers them on import (see `kernels/`).
+_LAZY_IMPLS = {"pallas": "eej.kernels.pallas_attention", "triton": "eej.kernels.triton_attention"}
 
 
 def register_impl(name: str, fn: Callable[..., jax.Array]) -> None:
@@ -22,7 +25,23 @@ def register_impl(name: str, fn: Callable[..., jax.Array]) -> None:
 
 
 def available_impls() -> tuple[str, ...]:
-    return ("xla", *sorted(_IMPLS))
+    return ("xla", *sorted(set(_IMPLS) | set(_LAZY_IMPLS)))
+
+
+def get_impl(name: str) -> Callable[..., jax.Array]:
+    """The implementation registered as `name` (importing its module if needed); ValueError if unknown or unusable."""
+    if name == "xla":
+        return reference_attention
+    if name not in _IMPLS and name in _LAZY_IMPLS:
+        import importlib
+
+        try:
+            importlib.import_module(_LAZY_IMPLS[name])
+        except ImportError as e:
+            raise ValueError(f"attention implementation {name!r} is unavailable: {e}") from None
+    if name not in _IMPLS:
+        raise ValueError(f"unknown attention implementation {name!r}; available: {', '.join(available_impls())}")
+    return _IMPLS[name]
 
 
 def attention_mask(positions: jax.Array, capacity: int, sliding_window: int | None) -> jax.Array:
@@ -73,9 +92,4 @@ def attention(
     cfg: ModelConfig,
 ) -> jax.Array:
     """Dispatch to `cfg.attention_impl`; shapes as in `reference_attention`."""
-    impl = cfg.attention_impl
-    if impl == "xla":
-        return reference_attention(q, k_cache, v_cache, positions, sliding_window=cfg.sliding_window)
-    if impl not in _IMPLS:
-        raise ValueError(f"unknown attention implementation {impl!r}; available: {', '.join(available_impls())}")
-    return _IMPLS[impl](q, k_cache, v_cache, positions, sliding_window=cfg.sliding_window)
+    return get_impl(cfg.attention_impl)(q, k_cache, v_cache, positions, sliding_window=cfg.sliding_window)

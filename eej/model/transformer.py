@@ -208,6 +208,39 @@ def run_layers(
     return x, cache.replace(k=tuple(ks), v=tuple(vs))
 
 
+def propagate_kv(
+    params: Params,
+    x: jax.Array,
+    cache: KVCache,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    first_layer: jax.Array | int,
+    cache_offset: int = 0,
+) -> KVCache:
+    """State propagation for early exit (as in CALM): give layers the exited tokens skipped a K/V.
+
+    A token that left the stack with hidden state x [B, T, D] gets, in every layer l >= first_layer,
+    the keys/values that layer would compute if x were its input, so later tokens that run those
+    layers can attend to it. Only the K/V projections run (no attention, no MLP).
+
+    first_layer: an int, or an int32 array [] or [B] (per row; traced is fine). Layers below a row's
+      first_layer are left untouched (their writes are dropped).
+    """
+    layers = params["layers"]
+    capacity = cache.capacity
+    first = jnp.broadcast_to(jnp.asarray(first_layer, jnp.int32), (x.shape[0],))[:, None]
+    ks, vs = list(cache.k), list(cache.v)
+    for c in range(cache.num_layers):
+        i = c + cache_offset
+        if isinstance(first_layer, int) and i < first_layer:
+            continue
+        _, k, v = qkv(get_layer(layers, i), x, positions, cfg)
+        pos = jnp.where(i >= first, positions, capacity)  # out of range: dropped
+        ks[c] = write_block(ks[c], k, pos)
+        vs[c] = write_block(vs[c], v, pos)
+    return cache.replace(k=tuple(ks), v=tuple(vs))
+
+
 def run_layers_dynamic(
     params: Params,
     x: jax.Array,

@@ -1,0 +1,178 @@
+"""Benchmark metrics over answer records: speed, work per token, and fidelity to plain decoding.
+
+Every aggregate is a ratio of sums over the answers it covers (so long answers weigh by their
+tokens, as in Spec-Bench), except the per-answer rates `identical_rate` and `rouge_l`, which are means
+over answers:
+
+  tokens_per_second     generated tokens / generation wall time (prefill + decode loop; compile and
+                        warm-up excluded). With batches, a batch's time is shared equally by its rows.
+  speedup               tokens_per_second / plain's tokens_per_second on the same questions.
+  mean_accepted_tokens  generated tokens / full-model forwards (the prefill counts as one forward and
+                        yields the first token, so plain decoding gives exactly 1.0).
+  avg_layers            transformer layers computed in decode steps / tokens those steps generated (the
+                        first token comes from the full-depth prefill and is left out of both), so plain
+                        decoding gives exactly num_layers.
+  identical_rate        fraction of answers token-identical to plain's answer to the same question and
+                        turn (greedy only; None when sampling, where it means nothing).
+  token_agreement       fraction of generated tokens equal to the full model's argmax given the
+                        answer's own prefix (one teacher-forced forward over prompt + answer).
+  rouge_l               mean ROUGE-L F1 (LCS on token ids) of the answer against plain's answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Sequence
+
+METRIC_KEYS = (
+    "answers",
+    "new_tokens",
+    "seconds",
+    "tokens_per_second",
+    "speedup",
+    "mean_accepted_tokens",
+    "avg_layers",
+    "identical_rate",
+    "token_agreement",
+    "rouge_l",
+)
+BASELINE = "plain"
+
+
+@dataclasses.dataclass
+class AnswerRecord:
+    """One generated answer (one turn of one question) by one contestant (a method or a peer).
+
+    tokens: generated ids, the EOS that ended the answer included.
+    seconds: generation wall time attributed to this answer (its batch's time / rows in the batch).
+    forwards, layers: full-model forwards (prefill = 1) and decode-step layers, None for peers.
+    agreement: how many of `tokens` equal the full model's argmax on their own prefix (None: not computed).
+    """
+
+    contestant: str
+    question_id: int | str
+    category: str
+    turn: int
+    prompt_tokens: list[int]
+    tokens: list[int]
+    seconds: float
+    forwards: int | None = None
+    layers: float | None = None
+    agreement: int | None = None
+    text: str = ""
+
+    @property
+    def key(self) -> tuple[Any, int]:
+        return (self.question_id, self.turn)
+
+
+def lcs_length(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Length of the longest common subsequence of `a` and `b` (O(len(a)*len(b)) time, O(len(b)) memory)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(candidate: Sequence[Any], reference: Sequence[Any]) -> float:
+    """ROUGE-L F1 of `candidate` against `reference` (token sequences): 2PR/(P+R) with P = LCS/|cand|,
+    R = LCS/|ref|. Two empty sequences score 1.0; one empty sequence scores 0.0."""
+    if not candidate and not reference:
+        return 1.0
+    if not candidate or not reference:
+        return 0.0
+    lcs = lcs_length(candidate, reference)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(candidate), lcs / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def agreement_count(answer: Sequence[int], teacher_argmax: Sequence[int], prompt_len: int) -> int:
+    """How many answer tokens equal the teacher's argmax at the position before them.
+
+    teacher_argmax: argmax over the vocabulary at every position of prompt + answer (at least
+    prompt_len + len(answer) - 1 entries); position p predicts token p + 1.
+    """
+    return sum(int(teacher_argmax[prompt_len - 1 + i]) == int(t) for i, t in enumerate(answer))
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den > 0 else None
+
+
+def aggregate(
+    records: Sequence[AnswerRecord],
+    baseline: dict[tuple[Any, int], AnswerRecord] | None,
+    baseline_tokens_per_second: float | None,
+    greedy: bool,
+) -> dict[str, Any]:
+    """The METRIC_KEYS for `records` (one contestant, one category or all).
+
+    baseline: plain's records by (question_id, turn), for identical_rate and rouge_l (None: they are None).
+    baseline_tokens_per_second: plain's tokens/s on the same questions, for speedup.
+    """
+    tokens = sum(len(r.tokens) for r in records)
+    seconds = sum(r.seconds for r in records)
+    tps = _ratio(tokens, seconds)
+    out: dict[str, Any] = {
+        "answers": len(records),
+        "new_tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tps,
+        "speedup": tps / baseline_tokens_per_second if tps is not None and baseline_tokens_per_second else None,
+        "mean_accepted_tokens": None,
+        "avg_layers": None,
+        "identical_rate": None,
+        "token_agreement": None,
+        "rouge_l": None,
+    }
+    if records and all(r.forwards is not None for r in records):
+        out["mean_accepted_tokens"] = _ratio(tokens, sum(r.forwards for r in records))
+    if records and all(r.layers is not None for r in records):
+        out["avg_layers"] = _ratio(sum(r.layers for r in records), sum(max(len(r.tokens) - 1, 0) for r in records))
+    if records and all(r.agreement is not None for r in records):
+        out["token_agreement"] = _ratio(sum(r.agreement for r in records), tokens)
+    if baseline is not None and records:
+        pairs = [(r, baseline[r.key]) for r in records if r.key in baseline]
+        if pairs:
+            if greedy:
+                out["identical_rate"] = sum(r.tokens == b.tokens for r, b in pairs) / len(pairs)
+            out["rouge_l"] = sum(rouge_l(r.tokens, b.tokens) for r, b in pairs) / len(pairs)
+    return out
+
+
+def summarize(
+    records: Iterable[AnswerRecord], contestants: Sequence[str], categories: Sequence[str], greedy: bool
+) -> dict[str, dict[str, Any]]:
+    """{contestant: {"overall": metrics, "per_category": {category: metrics}}} (metrics as `aggregate`).
+
+    Fidelity and speedup are against the contestant named BASELINE ("plain"), which must be present.
+    """
+    by_contestant: dict[str, list[AnswerRecord]] = {c: [] for c in contestants}
+    for r in records:
+        by_contestant[r.contestant].append(r)
+    if BASELINE not in by_contestant:
+        raise ValueError(f"the records hold no {BASELINE!r} answers to compare against")
+    base_records = by_contestant[BASELINE]
+    base_by_key = {r.key: r for r in base_records}
+    base_overall = aggregate(base_records, None, None, greedy)["tokens_per_second"]
+    base_per_cat = {
+        c: aggregate([r for r in base_records if r.category == c], None, None, greedy)["tokens_per_second"]
+        for c in categories
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for name in contestants:
+        rows = by_contestant[name]
+        out[name] = {
+            "overall": aggregate(rows, base_by_key, base_overall, greedy),
+            "per_category": {
+                c: aggregate([r for r in rows if r.category == c], base_by_key, base_per_cat[c], greedy) for c in categories
+            },
+        }
+    return out

@@ -1,0 +1,217 @@
+"""Bench outputs: the JSON document, the markdown report and the plots.
+
+JSON top level (schema_version 1):
+  {"schema_version", "model", "machine", "settings",
+   "methods": {name: {"info", "compile_seconds", "overall": metrics, "per_category": {category: metrics}}},
+   "peers":   {name: same as methods}}
+with metrics as in eej.bench.metrics.METRIC_KEYS (null where not measured or not meaningful).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+from eej.bench.metrics import METRIC_KEYS
+
+SCHEMA_VERSION = 1
+TOP_LEVEL_KEYS = ("schema_version", "model", "machine", "settings", "methods", "peers")
+CONTESTANT_KEYS = ("info", "compile_seconds", "overall", "per_category")
+
+
+def build_document(
+    model: dict[str, Any],
+    machine: dict[str, Any],
+    settings: dict[str, Any],
+    summary: dict[str, dict[str, Any]],
+    infos: dict[str, dict[str, Any]],
+    compile_seconds: dict[str, float],
+) -> dict[str, Any]:
+    """Assemble the JSON document; contestants go under "methods" or "peers" by their info["kind"]."""
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "model": model,
+        "machine": machine,
+        "settings": settings,
+        "methods": {},
+        "peers": {},
+    }
+    for name, metrics in summary.items():
+        section = "peers" if infos[name]["kind"] == "peer" else "methods"
+        doc[section][name] = {
+            "info": infos[name],
+            "compile_seconds": compile_seconds.get(name, 0.0),
+            "overall": metrics["overall"],
+            "per_category": metrics["per_category"],
+        }
+    return doc
+
+
+def write_json(doc: dict[str, Any], path: str) -> None:
+    ensure_parent(path)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+
+
+def ensure_parent(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------- markdown
+
+_COLUMNS = (
+    ("answers", "answers", "{:d}"),
+    ("new_tokens", "tokens", "{:d}"),
+    ("tokens_per_second", "tokens/s", "{:.1f}"),
+    ("speedup", "speedup", "{:.2f}x"),
+    ("mean_accepted_tokens", "mean accepted", "{:.2f}"),
+    ("avg_layers", "avg layers", "{:.2f}"),
+    ("identical_rate", "identical", "{:.3f}"),
+    ("token_agreement", "token agreement", "{:.3f}"),
+    ("rouge_l", "ROUGE-L", "{:.3f}"),
+)
+
+
+def _fmt(value: Any, pattern: str) -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def _contestants(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [*doc["methods"].items(), *doc["peers"].items()]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def markdown_report(doc: dict[str, Any]) -> str:
+    """The human-readable report: command, overall and per-category tables, settings, machine, definitions."""
+    s, m, model = doc["settings"], doc["machine"], doc["model"]
+    lines = [f"# eej bench: {model['name']} on {os.path.basename(s['questions'])}", ""]
+    lines += ["Reproduce (from the repository root):", "", "```", s["command"], "```", ""]
+    if s.get("note"):
+        lines += [f"**Note:** {s['note']}", ""]
+    metric_header = [label for _, label, _ in _COLUMNS]
+
+    lines += ["## Overall", ""]
+    rows = []
+    for name, c in _contestants(doc):
+        o = c["overall"]
+        rows.append([f"`{name}`", c["info"]["kind"], *[_fmt(o[k], p) for k, _, p in _COLUMNS], f"{c['compile_seconds']:.1f}"])
+    lines += _table(["contestant", "kind", *metric_header, "compile s (excluded)"], rows) + [""]
+
+    lines += ["## Per category", ""]
+    rows = []
+    for category in s["categories"]:
+        for name, c in _contestants(doc):
+            o = c["per_category"].get(category)
+            if o is None:
+                continue
+            rows.append([category, f"`{name}`", *[_fmt(o[k], p) for k, _, p in _COLUMNS]])
+    lines += _table(["category", "contestant", *metric_header], rows) + [""]
+
+    lines += ["## Settings", ""]
+    shown = {k: v for k, v in s.items() if k not in ("command", "note")}
+    lines += [f"- {k}: `{json.dumps(v)}`" for k, v in shown.items()] + [""]
+    lines += ["## Contestants", ""]
+    for name, c in _contestants(doc):
+        lines.append(f"- `{name}`: " + ", ".join(f"{k}={v}" for k, v in c["info"].items()))
+    lines += ["", "## Machine", ""]
+    lines += [f"- {k}: {v}" for k, v in m.items()] + [""]
+    lines += ["## Definitions", "", *_DEFINITIONS, ""]
+    return "\n".join(lines)
+
+
+_DEFINITIONS = [
+    "- tokens/s: generated tokens / generation wall time (prefill + decoding; compile time and warm-up "
+    "excluded; compile time is listed apart). With batches, a batch's time is shared equally by its rows.",
+    "- speedup: tokens/s / eej `plain`'s tokens/s on the same questions in the same run (peers too).",
+    "- mean accepted: generated tokens / full-model forwards (the prefill counts as one); plain = 1.00.",
+    "- avg layers: transformer layers computed in decode steps / tokens those steps generated; plain = the "
+    "model's layer count.",
+    "- identical: fraction of answers token-identical to eej `plain`'s answer (greedy runs only).",
+    "- token agreement: fraction of generated tokens equal to the full model's argmax given the answer's own "
+    "prefix (one teacher-forced eej forward over prompt + answer).",
+    "- ROUGE-L: mean LCS-based F1 on token ids against eej `plain`'s answer.",
+    "- n/a: not measured for that contestant (peers don't report forwards or layers) or not meaningful "
+    "(identical rate when sampling).",
+]
+
+
+def write_markdown(doc: dict[str, Any], path: str) -> None:
+    ensure_parent(path)
+    with open(path, "w") as f:
+        f.write(markdown_report(doc))
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def write_plot(doc: dict[str, Any], path: str) -> None:
+    """Two panels: speedup per category per contestant (bars), and speedup vs token agreement."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    categories = list(doc["settings"]["categories"])
+    contestants = _contestants(doc)
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, (name, _) in enumerate(contestants)}
+    fig, (bars, frontier) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3, 2]})
+
+    groups = [*categories, "overall"]
+    compared = [(n, c) for n, c in contestants if n != "plain"] or contestants
+    width = 0.8 / len(compared)
+    for i, (name, c) in enumerate(compared):
+        values = [c["per_category"][g]["speedup"] if g != "overall" else c["overall"]["speedup"] for g in groups]
+        xs = [g + (i - (len(compared) - 1) / 2) * width for g in range(len(groups))]
+        bars.bar(xs, [v or 0.0 for v in values], width, label=name, color=colors[name])
+    bars.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    bars.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
+    bars.set_ylabel("speedup vs eej plain (tokens/s ratio)")
+    bars.set_title("Speedup per category")
+    bars.legend(fontsize=8)
+
+    agreements = [0.9]
+    for name, c in contestants:
+        per_cat = [(o["token_agreement"], o["speedup"]) for o in c["per_category"].values()]
+        per_cat = [(a, s) for a, s in per_cat if a is not None and s is not None]
+        if per_cat:
+            frontier.scatter(*zip(*per_cat), s=12, alpha=0.4, color=colors[name])
+            agreements += [a for a, _ in per_cat]
+        o = c["overall"]
+        if o["token_agreement"] is not None and o["speedup"] is not None:
+            frontier.scatter([o["token_agreement"]], [o["speedup"]], s=70, color=colors[name], label=name, edgecolor="black")
+    frontier.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    frontier.set_xlim(min(agreements) - 0.02, 1.01)
+    frontier.set_xlabel("token agreement with the full model's argmax")
+    frontier.set_ylabel("speedup vs eej plain")
+    frontier.set_title("Quality/speed frontier (big: overall, small: categories)")
+    if frontier.get_legend_handles_labels()[0]:
+        frontier.legend(fontsize=8)
+    fig.suptitle(f"eej bench: {doc['model']['name']}, {os.path.basename(doc['settings']['questions'])}")
+    fig.tight_layout()
+    ensure_parent(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def check_schema(doc: dict[str, Any]) -> None:
+    """Raise ValueError if `doc` lacks a key of the documented schema (used by tests and readers)."""
+    missing = [k for k in TOP_LEVEL_KEYS if k not in doc]
+    if missing:
+        raise ValueError(f"bench JSON lacks {', '.join(missing)}")
+    for section in ("methods", "peers"):
+        for name, c in doc[section].items():
+            for k in CONTESTANT_KEYS:
+                if k not in c:
+                    raise ValueError(f"bench JSON {section}.{name} lacks {k}")
+            for metrics in [c["overall"], *c["per_category"].values()]:
+                absent = [k for k in METRIC_KEYS if k not in metrics]
+                if absent:
+                    raise ValueError(f"bench JSON {section}.{name} metrics lack {', '.join(absent)}")

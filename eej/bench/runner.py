@@ -1,0 +1,126 @@
+"""The Spec-Bench protocol: every contestant answers the same questions, interleaved, multi-turn.
+
+For each batch of questions (a batch never mixes categories) every contestant runs in turn — the
+order rotates from batch to batch — so drift of the machine's speed hits all contestants alike.
+A contestant answers turn 1 of each question, then turn 2 with the conversation so far (its own
+turn-1 answer as the assistant message), and so on, as Spec-Bench does. Prompts use the model's chat
+template. Before timing, each contestant generates once for the first batch (warm-up, discarded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+from eej.bench.contestants import Contestant
+from eej.bench.metrics import AnswerRecord
+from eej.bench.questions import Question
+from eej.config import SamplingConfig
+from eej.weights.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    max_new_tokens: int = 256
+    batch_size: int = 1
+    sampling: SamplingConfig = SamplingConfig()
+    seed: int = 0
+    warmup: bool = True
+
+
+def plan_batches(questions: Sequence[Question], batch_size: int, tokenizer: Tokenizer) -> list[list[Question]]:
+    """Split `questions` into batches of at most `batch_size`, never mixing categories.
+
+    With batch_size > 1 each category's questions are sorted by turn-1 prompt length first (ties by
+    input order), so rows padded together have similar lengths. Batch size 1 keeps the input order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    groups: dict[str, list[Question]] = {}
+    for q in questions:
+        groups.setdefault(q.category, []).append(q)
+    batches: list[list[Question]] = []
+    for group in groups.values():
+        if batch_size > 1:
+            lengths = [len(tokenizer.encode_chat(q.turns[0])) for q in group]
+            group = [q for _, _, q in sorted(zip(lengths, range(len(group)), group), key=lambda t: t[:2])]
+        batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
+    return batches
+
+
+def answer_text(tokenizer: Tokenizer, tokens: Sequence[int]) -> str:
+    """An answer as the assistant message of the next turn (special tokens dropped, stripped, as Spec-Bench)."""
+    return tokenizer.decode(tokens).strip()
+
+
+def _answer_batch(
+    contestant: Contestant,
+    batch: Sequence[Question],
+    tokenizer: Tokenizer,
+    settings: RunSettings,
+    seed: int,
+    on_answer: Callable[[AnswerRecord], None],
+) -> tuple[list[AnswerRecord], float]:
+    """All turns of `batch` by one contestant -> (records, compile seconds)."""
+    conversations: list[list[dict[str, str]]] = [[] for _ in batch]
+    records: list[AnswerRecord] = []
+    compile_seconds = 0.0
+    for turn in range(max(len(q.turns) for q in batch)):
+        rows = [i for i, q in enumerate(batch) if len(q.turns) > turn]
+        for i in rows:
+            conversations[i].append({"role": "user", "content": batch[i].turns[turn]})
+        prompts = [tokenizer.encode_chat(conversations[i]) for i in rows]
+        gen = contestant.generate(prompts, settings.max_new_tokens, settings.sampling, seed + turn)
+        compile_seconds += gen.compile_seconds
+        for j, i in enumerate(rows):
+            tokens = list(gen.tokens[j])
+            text = answer_text(tokenizer, tokens)
+            conversations[i].append({"role": "assistant", "content": text})
+            record = AnswerRecord(
+                contestant=contestant.name,
+                question_id=batch[i].question_id,
+                category=batch[i].category,
+                turn=turn + 1,
+                prompt_tokens=list(prompts[j]),
+                tokens=tokens,
+                seconds=gen.seconds / len(rows),
+                forwards=None if gen.forwards is None else int(gen.forwards[j]),
+                layers=None if gen.layers is None else float(gen.layers[j]),
+                text=text,
+            )
+            records.append(record)
+            on_answer(record)
+    return records, compile_seconds
+
+
+def run_bench(
+    contestants: Sequence[Contestant],
+    questions: Sequence[Question],
+    tokenizer: Tokenizer,
+    settings: RunSettings,
+    on_answer: Callable[[AnswerRecord], None] = lambda r: None,
+) -> tuple[list[AnswerRecord], dict[str, float]]:
+    """Run every contestant on every question (see the module docstring).
+
+    Returns (answer records in run order, compile seconds per contestant, warm-up included).
+    on_answer is called after each answer (progress reporting).
+    """
+    if not tokenizer.has_chat_template:
+        raise ValueError("the bench uses the model's chat template, and this model's tokenizer has none")
+    batches = plan_batches(questions, settings.batch_size, tokenizer)
+    compile_seconds = {c.name: 0.0 for c in contestants}
+    if settings.warmup and batches:
+        first = batches[0]
+        prompts = [tokenizer.encode_chat(q.turns[0]) for q in first]
+        for c in contestants:
+            compile_seconds[c.name] += c.generate(prompts, settings.max_new_tokens, settings.sampling, settings.seed).compile_seconds
+    records: list[AnswerRecord] = []
+    turns = max((len(q.turns) for q in questions), default=1)
+    for b, batch in enumerate(batches):
+        shift = b % len(contestants)
+        for c in [*contestants[shift:], *contestants[:shift]]:
+            # The same seed for every contestant on the same batch and turn.
+            new, compile_s = _answer_batch(c, batch, tokenizer, settings, settings.seed + b * turns, on_answer)
+            records.extend(new)
+            compile_seconds[c.name] += compile_s
+    return records, compile_seconds

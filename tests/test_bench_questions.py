@@ -1,0 +1,211 @@
+"""Questions files (Spec-Bench schema), selection, batching, and the multi-turn / interleaving protocol.
+
+No model is compiled here: the protocol runs with scripted contestants that record what they are asked.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eej.bench.contestants import Generation
+from eej.bench.questions import (
+    MT_BENCH,
+    Question,
+    QuestionsError,
+    load_questions,
+    map_categories,
+    select_questions,
+)
+from eej.bench.runner import RunSettings, plan_batches, run_bench
+from eej.cli import main
+from eej.config import SamplingConfig
+from eej.weights.byte_tokenizer import byte_tokenizer
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+MIXED = [
+    {"question_id": 12, "category": "writing", "turns": ["w12 one", "w12 two"]},
+    {"question_id": 11, "category": "roleplay", "turns": ["r11 one", "r11 two"]},
+    {"question_id": 30, "category": "qa", "turns": ["q30"]},
+    {"question_id": 21, "category": "qa", "turns": ["q21"]},
+    {"question_id": 25, "category": "qa", "turns": ["q25"]},
+    {"question_id": 40, "category": "translation", "turns": ["t40"]},
+]
+
+
+def test_spec_bench_style_file_merges_mt_bench_categories(tmp_path):
+    qs = load_questions(write_jsonl(tmp_path / "q.jsonl", MIXED))
+    assert [q.category for q in qs] == [MT_BENCH, MT_BENCH, "qa", "qa", "qa", "translation"]
+    assert qs[0].turns == ("w12 one", "w12 two")
+    kept = load_questions(str(tmp_path / "q.jsonl"), "keep")
+    assert kept[0].category == "writing"
+
+
+def test_mt_bench_only_file_keeps_its_categories_unless_asked(tmp_path):
+    path = write_jsonl(tmp_path / "mt.jsonl", MIXED[:2])
+    assert [q.category for q in load_questions(path)] == ["writing", "roleplay"]
+    assert [q.category for q in load_questions(path, "merge")] == [MT_BENCH, MT_BENCH]
+
+
+def test_limit_takes_the_first_n_by_question_id_per_category(tmp_path):
+    qs = load_questions(write_jsonl(tmp_path / "q.jsonl", MIXED))
+    chosen = select_questions(qs, None, 2)
+    assert [(q.category, q.question_id) for q in chosen] == [
+        (MT_BENCH, 11), (MT_BENCH, 12), ("qa", 21), ("qa", 25), ("translation", 40)
+    ]
+    chosen = select_questions(qs, ["translation", "qa"], 1)
+    assert [q.question_id for q in chosen] == [40, 21]
+    assert len(select_questions(qs)) == len(MIXED)
+    # the same file and arguments select the same questions, whatever the line order
+    shuffled = load_questions(write_jsonl(tmp_path / "s.jsonl", list(reversed(MIXED))))
+    assert [q.question_id for q in select_questions(shuffled, ["qa"], 2)] == [21, 25]
+
+
+def test_string_ids_sort_after_integers():
+    qs = [Question("b", "x", ("t",)), Question(3, "x", ("t",)), Question("a", "x", ("t",))]
+    assert [q.question_id for q in select_questions(qs)] == [3, "a", "b"]
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (['{"question_id": 1, "category": "qa", "turns": ["x"]}', "{not json"], r":2: not valid JSON"),
+        ([{"question_id": 1, "turns": ["x"]}], r":1: missing field\(s\) category"),
+        ([{"category": "qa"}], r"missing field\(s\) question_id, turns"),
+        ([{"question_id": 1, "category": "qa", "turns": []}], "turns must be a non-empty list"),
+        ([{"question_id": 1, "category": "qa", "turns": "hello"}], "turns must be a non-empty list"),
+        ([{"question_id": 1.5, "category": "qa", "turns": ["x"]}], "question_id must be"),
+        ([{"question_id": 1, "category": "", "turns": ["x"]}], "category must be"),
+        (["[1, 2]"], "expected a JSON object"),
+        ([{"question_id": 1, "category": "qa", "turns": ["x"]}] * 2, "already used on line 1"),
+        ([""], "holds no questions"),
+    ],
+)
+def test_bad_files_give_clear_errors(tmp_path, rows, message):
+    with pytest.raises(QuestionsError, match=message):
+        load_questions(write_jsonl(tmp_path / "bad.jsonl", rows))
+
+
+def test_bad_selection_errors(tmp_path):
+    qs = load_questions(write_jsonl(tmp_path / "q.jsonl", MIXED))
+    with pytest.raises(QuestionsError, match="unknown category poetry; the file has: mt_bench, qa, translation"):
+        select_questions(qs, ["qa", "poetry"])
+    with pytest.raises(QuestionsError, match="--limit must be >= 1"):
+        select_questions(qs, None, 0)
+    with pytest.raises(QuestionsError, match="file not found"):
+        load_questions(str(tmp_path / "missing.jsonl"))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--questions", "{missing}"], "questions file not found"),
+        (["--questions", "{bad}"], "not valid JSON"),
+        (["--questions", "{good}", "--categories", "poetry"], "unknown category poetry"),
+        (["--questions", "{good}", "--limit", "0"], "--limit must be >= 1"),
+        (["--questions", "{good}", "--peers", "vllm"], "unknown peer 'vllm'"),
+        (["--questions", "{good}", "--peers", "hf-early-exit", "--batch-size", "2"], "batch size 1 only"),
+        (["--questions", "{good}", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--questions", "{good}", "--methods", "plain,nosuch"], "unknown method 'nosuch'"),
+        (["--questions", "{good}", "--peers", "hf"], "peers run transformers on a real checkpoint"),
+    ],
+)
+def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys, extra, message):
+    paths = {
+        "missing": str(tmp_path / "missing.jsonl"),
+        "bad": write_jsonl(tmp_path / "bad.jsonl", ["{oops"]),
+        "good": write_jsonl(tmp_path / "good.jsonl", MIXED),
+    }
+    argv = ["bench", "--model", "tiny-llama", "--no-progress"] + [a.format(**paths) for a in extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eej: error: ") and message in err
+    assert err.count("\n") == 1, err
+
+
+def test_batches_never_mix_categories_and_sort_by_length():
+    tok = byte_tokenizer()
+    qs = [Question(1, "a", ("long question " * 5,)), Question(2, "a", ("short",)), Question(3, "a", ("mid length",)),
+          Question(4, "b", ("x",))]
+    assert [[q.question_id for q in b] for b in plan_batches(qs, 2, tok)] == [[2, 3], [1], [4]]
+    assert [[q.question_id for q in b] for b in plan_batches(qs, 1, tok)] == [[1], [2], [3], [4]]
+
+
+class Scripted:
+    """A contestant that answers with fixed tokens and records every call."""
+
+    kind = "method"
+
+    def __init__(self, name: str, answer: str, log: list):
+        self.name, self.answer, self.log = name, answer, log
+        self.tok = byte_tokenizer()
+
+    def generate(self, prompts, max_new_tokens, sampling, seed):
+        self.log.append((self.name, [self.tok.decode(p, skip_special_tokens=False) for p in prompts], seed))
+        ids = self.tok.encode(f" {self.answer} ") + [self.tok.eos_ids[0]]
+        return Generation(tokens=[ids for _ in prompts], seconds=0.5 * len(prompts), compile_seconds=1.0,
+                          forwards=[len(ids)] * len(prompts), layers=[0.0] * len(prompts))
+
+    def describe(self):
+        return {"kind": self.kind}
+
+
+def test_multi_turn_uses_each_contestants_own_answer_and_methods_interleave():
+    tok = byte_tokenizer()
+    log: list = []
+    contestants = [Scripted("plain", "P-answer", log), Scripted("m", "M-answer", log)]
+    qs = [Question(1, "mt_bench", ("first?", "second?")), Question(2, "qa", ("only?",))]
+    records, compile_s = run_bench(contestants, qs, tok, RunSettings(max_new_tokens=8, batch_size=1, seed=7))
+    # warm-up: each once on the first question, then per question both contestants, order rotating
+    assert [name for name, _, _ in log] == ["plain", "m", "plain", "plain", "m", "m", "m", "plain"]
+    assert compile_s == {"plain": 4.0, "m": 4.0}
+    turn2 = {name: prompts[0] for name, prompts, _ in log[2:6] if "second?" in prompts[0]}
+    expected = tok.chat_prompt([
+        {"role": "user", "content": "first?"},
+        {"role": "assistant", "content": "M-answer"},
+        {"role": "user", "content": "second?"},
+    ])
+    assert turn2["m"] == expected
+    assert "P-answer" in turn2["plain"] and "M-answer" not in turn2["plain"]
+    # both contestants get the same seed for the same batch and turn
+    seeds = {(name, "second?" in prompts[0], "only?" in prompts[0]): seed for name, prompts, seed in log[2:]}
+    assert seeds[("plain", True, False)] == seeds[("m", True, False)] != seeds[("plain", False, True)]
+    assert [(r.contestant, r.question_id, r.turn) for r in records] == [
+        ("plain", 1, 1), ("plain", 1, 2), ("m", 1, 1), ("m", 1, 2), ("m", 2, 1), ("plain", 2, 1)
+    ]
+    assert records[0].text == "P-answer" and records[0].seconds == 0.5
+
+
+def test_a_batch_shares_its_time_among_rows():
+    tok = byte_tokenizer()
+    contestants = [Scripted("plain", "a", [])]
+    qs = [Question(i, "qa", (f"q{i}",)) for i in range(3)]
+    records, _ = run_bench(contestants, qs, tok, RunSettings(batch_size=2, sampling=SamplingConfig(), warmup=False))
+    assert sorted(r.seconds for r in records) == [0.5, 0.5, 0.5]
+
+
+def test_limit_on_a_merged_category_covers_every_original_category(tmp_path):
+    import json as _json
+
+    from eej.bench.questions import MT_BENCH_CATEGORIES, load_questions, select_questions
+
+    path = tmp_path / "mix.jsonl"
+    rows = []
+    qid = 1
+    for cat in MT_BENCH_CATEGORIES:
+        for _ in range(3):
+            rows.append({"question_id": qid, "category": cat, "turns": [f"q{qid}"]})
+            qid += 1
+    rows.append({"question_id": qid, "category": "qa", "turns": ["other"]})
+    path.write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
+    chosen = select_questions(load_questions(str(path)), categories=["mt_bench"], limit=10)
+    assert len(chosen) == 10
+    assert {q.source_category for q in chosen} == set(MT_BENCH_CATEGORIES)
+    assert [q.question_id for q in chosen] == sorted(q.question_id for q in chosen)
+    assert select_questions(load_questions(str(path)), categories=["mt_bench"], limit=10) == chosen

@@ -1,0 +1,174 @@
+"""`eej bench` end to end on a tiny random model: schema, exact metrics for plain and a lossy method, outputs.
+
+One bench run (module fixture) serves most tests; the lossy method is a test-only strategy that
+always exits after the first two layers, so its avg_layers must come out at exactly 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eej.bench.fidelity import sequence_argmax, teacher_argmax
+from eej.bench.metrics import METRIC_KEYS, agreement_count
+from eej.bench.report import CONTESTANT_KEYS, TOP_LEVEL_KEYS, check_schema
+from eej.cli import main
+from eej.decoding import methods
+from eej.decoding.engine import Engine
+from eej.decoding.sampling import sample
+from eej.decoding.strategy import StepResult, Strategy
+from eej.model.transformer import embed, logits_from_hidden, run_layers
+from eej.weights.registry import load_model
+
+EXIT_LAYER = 2
+QUESTIONS = [
+    {"question_id": 7, "category": "writing", "turns": ["Hi there.", "Again."]},
+    {"question_id": 9, "category": "qa", "turns": ["Why?"]},
+    {"question_id": 8, "category": "qa", "turns": ["Who?"]},
+    {"question_id": 3, "category": "qa", "turns": ["How?"]},
+    {"question_id": 5, "category": "translation", "turns": ["Hallo."]},
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShallowExit(Strategy):
+    """Test-only lossy early exit: every token from the first EXIT_LAYER layers (deeper KV never read)."""
+
+    name: ClassVar[str] = "test-shallow"
+    lossless: ClassVar[bool] = False
+
+    def step(self, params, method_params, cache, method_state, pending, key, sampling, cfg) -> StepResult:
+        x, cache = run_layers(params, embed(params, pending[:, None], cfg), cache, cache.lengths[:, None], cfg, 0, EXIT_LAYER)
+        batch = pending.shape[0]
+        return StepResult(
+            tokens=sample(logits_from_hidden(params, x[:, 0], cfg), key, sampling)[:, None],
+            counts=jnp.ones((batch,), jnp.int32),
+            cache=cache.with_lengths(cache.lengths + 1),
+            method_state=method_state,
+            forwards=jnp.zeros((batch,), jnp.int32),
+            layers=jnp.full((batch,), EXIT_LAYER, jnp.float32),
+        )
+
+
+def _build_shallow(model, config):
+    return ShallowExit(), None
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("bench")
+    questions = tmp / "questions.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    files = {k: str(tmp / name) for k, name in
+             [("out", "r.json"), ("report", "r.md"), ("plot", "r.png"), ("answers", "a.jsonl")]}
+    argv = ["bench", "--model", "tiny-llama", "--questions", str(questions), "--methods", "test-shallow,plain",
+            "--categories", "mt_bench,qa", "--limit", "2", "--max-new-tokens", "8", "--cache-size", "128",
+            "--no-progress", "--note", "shared machine"]
+    for k, v in files.items():
+        argv += [f"--{k}", v]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(methods._BUILDERS, "test-shallow", _build_shallow)
+        assert main(argv) == 0
+    with open(files["out"]) as f:
+        doc = json.load(f)
+    with open(files["answers"]) as f:
+        answers = [json.loads(line) for line in f]
+    return {"doc": doc, "answers": answers, "files": files, "questions": str(questions)}
+
+
+def test_json_schema_is_stable(bench_run):
+    doc = bench_run["doc"]
+    check_schema(doc)
+    assert tuple(doc) == TOP_LEVEL_KEYS
+    assert list(doc["methods"]) == ["plain", "test-shallow"] and doc["peers"] == {}
+    for c in doc["methods"].values():
+        assert tuple(c) == CONTESTANT_KEYS
+        assert tuple(c["overall"]) == METRIC_KEYS
+        assert list(c["per_category"]) == ["mt_bench", "qa"]
+        assert c["compile_seconds"] > 0
+    assert doc["model"]["name"] == "tiny-llama" and doc["model"]["num_layers"] == 4
+    s = doc["settings"]
+    assert s["questions_per_category"] == {"mt_bench": 1, "qa": 2}
+    assert s["answers_per_contestant"] == 4 and s["greedy"] is True
+    assert s["command"].startswith("eej bench --model tiny-llama") and "--limit 2" in s["command"]
+    assert "cpu_count" in doc["machine"] and "load_average_start" in doc["machine"]
+
+
+def test_plain_metrics_are_exact(bench_run):
+    o = bench_run["doc"]["methods"]["plain"]["overall"]
+    assert o["answers"] == 4
+    assert o["mean_accepted_tokens"] == 1.0
+    assert o["avg_layers"] == 4.0
+    assert o["speedup"] == 1.0 and o["identical_rate"] == 1.0 and o["rouge_l"] == 1.0
+    assert o["token_agreement"] == 1.0  # greedy tokens are the model's argmax on their own prefix
+    assert o["tokens_per_second"] > 0
+
+
+def test_lossy_method_metrics(bench_run):
+    doc, answers = bench_run["doc"], bench_run["answers"]
+    o = doc["methods"]["test-shallow"]["overall"]
+    assert o["avg_layers"] == float(EXIT_LAYER)
+    assert o["mean_accepted_tokens"] == pytest.approx(o["new_tokens"] / 4)  # only the 4 prefills are full forwards
+    assert doc["methods"]["test-shallow"]["info"]["lossless"] is False
+    mine = {(a["question_id"], a["turn"]): a for a in answers if a["contestant"] == "test-shallow"}
+    plain = {(a["question_id"], a["turn"]): a for a in answers if a["contestant"] == "plain"}
+    assert set(mine) == set(plain) == {(7, 1), (7, 2), (3, 1), (8, 1)}
+    identical = [mine[k]["tokens"] == plain[k]["tokens"] for k in mine]
+    assert o["identical_rate"] == sum(identical) / 4
+    assert o["token_agreement"] == sum(a["agreement"] for a in mine.values()) / sum(len(a["tokens"]) for a in mine.values())
+
+
+def test_agreement_matches_an_unpadded_forward(bench_run):
+    """The bucketed teacher pass gives what one exact-length forward over prompt + answer gives."""
+    model = load_model("tiny-llama")
+    answer = next(a for a in bench_run["answers"] if a["contestant"] == "test-shallow" and a["turn"] == 2)
+    tok = model.tokenizer
+    prompt = tok.encode_chat([
+        {"role": "user", "content": "Hi there."},
+        {"role": "assistant", "content": next(
+            a["text"] for a in bench_run["answers"] if a["contestant"] == "test-shallow" and a["question_id"] == 7 and a["turn"] == 1)},
+        {"role": "user", "content": "Again."},
+    ])
+    assert len(prompt) == answer["prompt_length"]  # turn 2 is asked with the method's own turn-1 answer
+    seq = prompt + answer["tokens"]
+    argmax = np.asarray(teacher_argmax(model.params, jnp.asarray([seq]), model.cfg))[0]  # exact length, no padding
+    assert agreement_count(answer["tokens"], argmax, len(prompt)) == answer["agreement"]
+
+
+def test_known_mismatch_gives_exact_agreement_fraction():
+    model = load_model("tiny-llama")
+    prompt = model.tokenizer.encode_chat("Hello.")
+    greedy = Engine(model).generate([prompt], 12, eos_ids=()).tokens[0]
+    assert agreement_count(greedy, sequence_argmax(model, prompt + greedy), len(prompt)) == 12
+    wrong = greedy[:-1] + [(greedy[-1] + 1) % model.cfg.vocab_size]
+    assert agreement_count(wrong, sequence_argmax(model, prompt + wrong), len(prompt)) == 11
+
+
+def test_report_and_plot_are_written(bench_run):
+    files = bench_run["files"]
+    with open(files["report"]) as f:
+        report = f.read()
+    assert bench_run["doc"]["settings"]["command"] in report
+    assert "## Per category" in report and "| mt_bench | `test-shallow` |" in report
+    assert "**Note:** shared machine" in report
+    with open(files["plot"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sampling_run_reports_no_identical_rate(tmp_path, capsys):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps(QUESTIONS[1]) + "\n")
+    out = tmp_path / "r.json"
+    argv = ["bench", "--model", "tiny-llama", "--questions", str(questions), "--max-new-tokens", "8", "--cache-size", "128",
+            "--temperature", "0.8", "--no-progress", "--no-agreement", "--out", str(out)]
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    o = doc["methods"]["plain"]["overall"]
+    assert o["identical_rate"] is None and o["token_agreement"] is None and o["rouge_l"] == 1.0
+    assert doc["settings"]["greedy"] is False
+    assert "| `plain` | method |" in capsys.readouterr().out
