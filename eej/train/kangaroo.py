@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from-layer", action="store_true",
                    help="start the adapter's attention from the target's layer l attention instead of random weights")
     p.add_argument("--artifact", default=None, help="artifact path (default OUT/kangaroo.npz)")
+    p.add_argument("--data-command", default=None,
+                   help="the command that made --data (e.g. the self-distillation script), recorded in the artifact's reproduce line")
 
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -263,11 +265,13 @@ def run(args: argparse.Namespace) -> int:
 
     artifact = args.artifact or os.path.join(args.out, "kangaroo.npz")
     command = "eej train kangaroo " + " ".join(shlex.quote(a) for a in _train_argv())
+    if args.data_command:
+        command = f"{args.data_command} && {command}"
     save_artifact(
         artifact, {"adapter": {k: adapter[k] for k in ADAPTER_KEYS}, "vocab_rank": ranking}, "kangaroo", cfg,
         settings={"exit_layer": args.exit_layer, "draft_vocab": int(len(vocab)) if vocab is not None else 0},
         reproduce=command, held_out=held_out,
-        train={"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
+        train={"steps": args.steps, "stop_at": args.stop_at, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
                "sequences": int(len(train_rows)), "data": [os.path.basename(p) for p in args.data]},
     )
     print(f"wrote {artifact}", file=sys.stderr)
@@ -292,8 +296,18 @@ def evaluate(loss_fn, adapter, frozen, teacher, predicting, rows, args, cfg) -> 
 
 
 def _train_argv() -> list[str]:
+    """This command's options, less --data-command (which the reproduce line puts in front)."""
     argv = sys.argv[1:]
-    return argv[argv.index("kangaroo") + 1 :] if "kangaroo" in argv else argv
+    argv = argv[argv.index("kangaroo") + 1 :] if "kangaroo" in argv else argv
+    out, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--data-command="):
+            skip = False
+            continue
+        skip = a == "--data-command"
+        if not skip:
+            out.append(a)
+    return out
 
 
 register_trainer("kangaroo", add_arguments, run)
