@@ -55,6 +55,32 @@ def simulate(match: np.ndarray, confidence: np.ndarray, start: int, end: int, k:
     return committed, steps, drafts
 
 
+def write_report(path: str, meta: dict, rows: list[dict]) -> None:
+    """Markdown: tau (drafts per step) by adapter x threshold for each K and V', then the best rows."""
+    with open(path, "w") as f:
+        f.write(f"# Kangaroo offline sweep ({meta['held_out_sequences']} held-out self-distilled answers, greedy)\n\n")
+        f.write("tau = committed tokens per step (exact for greedy on self-distilled text); drafts = drafts per step "
+                "(approximate after a rejection). Cells: tau (drafts).\n")
+        thresholds = sorted({r["threshold"] for r in rows})
+        adapters = list(dict.fromkeys(r["adapter"] for r in rows))
+        for v, k in sorted({(r["draft_vocab"], r["max_draft_steps"]) for r in rows}):
+            f.write(f"\n## V' = {v}, K = {k}\n\n| adapter | exit layer | top-1 | " + " | ".join(f"thr {t:g}" for t in thresholds)
+                    + " |\n" + "|---" * (3 + len(thresholds)) + "|\n")
+            for a in adapters:
+                cells = {r["threshold"]: r for r in rows if r["adapter"] == a and r["draft_vocab"] == v and r["max_draft_steps"] == k}
+                if cells:
+                    first = next(iter(cells.values()))
+                    f.write(f"| {a} | {first['exit_layer']} | {first['top1']:.3f} | "
+                            + " | ".join(f"{cells[t]['tau']:.2f} ({cells[t]['drafts_per_step']:.2f})" if t in cells else "" for t in thresholds) + " |\n")
+        if any("predicted_speedup" in r for r in rows):
+            f.write("\n## Best predicted speedups (step costs from " + str(meta.get("costs")) + ")\n\n"
+                    "| adapter | exit layer | V' | K | threshold | tau | drafts/step | predicted speedup |\n|---|---|---|---|---|---|---|---|\n")
+            for r in sorted((r for r in rows if "predicted_speedup" in r), key=lambda r: -r["predicted_speedup"])[:15]:
+                f.write(f"| {r['adapter']} | {r['exit_layer']} | {r['draft_vocab']} | {r['max_draft_steps']} | {r['threshold']:g} | "
+                        f"{r['tau']:.2f} | {r['drafts_per_step']:.2f} | {r['predicted_speedup']:.2f} |\n")
+        f.write(f"\nCommand: `{meta['command']}`\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -138,20 +164,12 @@ def main(argv=None) -> int:
                 rows.append(row)
             print(f"l={layer} V'={v or cfg.vocab_size}: top-1 agreement {top1:.3f}", file=sys.stderr)
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     meta = {"command": "python scripts/kangaroo_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "held_out_sequences": int(len(eval_rows)), "costs": args.costs}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({**meta, "rows": rows}, f, indent=1)
-    key = "predicted_speedup" if costs else "tau"
-    with open(args.out + ".md", "w") as f:
-        f.write(f"# Kangaroo offline sweep ({len(eval_rows)} held-out self-distilled answers, greedy)\n\n")
-        f.write("tau = committed tokens per step (exact for greedy on self-distilled text); drafts = drafts per step.\n\n")
-        f.write("| exit layer | V' | K | threshold | top-1 | tau | drafts/step | predicted speedup |\n|---|---|---|---|---|---|---|---|\n")
-        for r in sorted(rows, key=lambda r: -r.get(key, 0))[:40]:
-            f.write(f"| {r['exit_layer']} | {r['draft_vocab']} | {r['max_draft_steps']} | {r['threshold']:g} | {r['top1']:.3f} | "
-                    f"{r['tau']:.2f} | {r['drafts_per_step']:.2f} | {r.get('predicted_speedup', float('nan')):.2f} |\n")
-        f.write(f"\nCommand: `{meta['command']}`\n")
+    write_report(args.out + ".md", meta, rows)
     return 0
 
 
