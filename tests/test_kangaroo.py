@@ -341,3 +341,30 @@ def test_token_ranking_orders_by_frequency_with_eos_first():
     tokens = np.asarray([[5, 5, 5, 9, 9, 1, 7], [7, 7, 7, 7, 0, 0, 0]])
     mask = np.asarray([[0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0, 0]], np.float32)
     assert token_ranking(tokens, mask, always=(2,)).tolist() == [2, 7, 5, 9, 1]
+
+
+def test_train_command_end_to_end_stop_at_and_resume(tmp_path):
+    """`eej train kangaroo` on a tiny registry model: a shortened run (--stop-at) writes an artifact that
+    loads for decoding; continuing the same run to --steps changes it; the reproduce line starts with
+    --data-command and does not repeat it."""
+    from eej.train.artifacts import load_artifact
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"count to {i}", "response": " ".join(str(j) for j in range(i))})
+                              for i in range(2, 14)))
+    out, artifact = tmp_path / "run", tmp_path / "k.npz"
+    argv = ["train", "kangaroo", "--model", "tiny-gqa", "--data", str(data), "--out", str(out), "--exit-layer", "1",
+            "--steps", "6", "--warmup", "2", "--batch-size", "2", "--seq-len", "32", "--positions", "16",
+            "--eval-fraction", "0.2", "--no-progress", "--artifact", str(artifact), "--data-command", "make data"]
+    assert cli_main([*argv, "--stop-at", "3"]) == 0
+    arrays, header = load_artifact(str(artifact), "kangaroo")
+    assert header["reproduce"].startswith("make data && eej train kangaroo --model tiny-gqa")
+    assert "--data-command" not in header["reproduce"] and "--stop-at 3" in header["reproduce"]
+    assert header["train"]["stop_at"] == 3 and set(header["held_out"]) == {"loss", "accept", "top1"}
+    model = tiny_model("tiny-gqa", 0)
+    strategy, _ = load_kangaroo(model, KangarooSettings(str(artifact), exit_layer=1, draft_vocab_size=len(arrays["vocab_rank"])))
+    assert strategy.exit_layer == 1
+    assert cli_main(argv) == 0  # continues from step 3 to 6
+    resumed, _ = load_artifact(str(artifact), "kangaroo")
+    assert not np.allclose(resumed["adapter"]["wq"], arrays["adapter"]["wq"])
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()][-1] == 6

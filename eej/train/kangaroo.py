@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"held-out: {json.dumps(held_out)}", file=sys.stderr)
 
     artifact = args.artifact or os.path.join(args.out, "kangaroo.npz")
-    command = "eej train kangaroo " + " ".join(shlex.quote(a) for a in _train_argv())
+    command = "eej train kangaroo " + " ".join(shlex.quote(a) for a in _train_argv(args))
     if args.data_command:
         command = f"{args.data_command} && {command}"
     save_artifact(
@@ -295,9 +295,9 @@ def evaluate(loss_fn, adapter, frozen, teacher, predicting, rows, args, cfg) -> 
     return {k: round(v / max(weight, 1.0), 5) for k, v in totals.items()}
 
 
-def _train_argv() -> list[str]:
-    """This command's options, less --data-command (which the reproduce line puts in front)."""
-    argv = sys.argv[1:]
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    """This command's options as typed, less --data-command (which the reproduce line puts in front)."""
+    argv = getattr(args, "argv", None) or sys.argv[1:]
     argv = argv[argv.index("kangaroo") + 1 :] if "kangaroo" in argv else argv
     out, skip = [], False
     for a in argv:
