@@ -51,6 +51,7 @@ FALLBACK_PROMPTS = [
     "List the planets of the solar system in order.",
 ]
 # (label, Hq, Hkv, Dh): the real model here and a Llama-3-8B-like layer.
+PHASES = {"checks", "timings", "decoding", "identity"}
 HEAD_SHAPES = [("smollm2", 9, 3, 64), ("llama8b", 32, 8, 128)]
 
 
@@ -82,8 +83,23 @@ def random_case(rng, b, t, hq, hkv, s, dh, dtype, kind: str):
     return q, k, v, pos
 
 
-def check_kernels(impls, shapes, capacity: int, batch: int, rng, smoke: bool = False) -> list[dict]:
+class Deadline:
+    """Stops adding work once `seconds` have passed (so a time-limited GPU lease still returns results)."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+        self.hit = False
+
+    def passed(self) -> bool:
+        if self.end is not None and time.monotonic() > self.end:
+            self.hit = True
+        return self.hit
+
+
+def check_kernels(impls, shapes, capacity: int, batch: int, rng, smoke: bool = False,
+                  deadline: Deadline | None = None) -> list[dict]:
     """Every kernel vs the reference: 1/5/16 queries, ragged / single-slot / full lengths, a sliding window."""
+    deadline = deadline or Deadline(None)
     records = []
     cases = [(t, kind, None) for t in (1, 5, 16) for kind in ("ragged", "one", "full")]
     cases += [(t, "ragged", capacity // 4) for t in (1, 16)]
@@ -92,8 +108,12 @@ def check_kernels(impls, shapes, capacity: int, batch: int, rng, smoke: bool = F
     for label, hq, hkv, dh in shapes:
         for dtype in (jnp.float32, jnp.bfloat16):
             for t, kind, window in cases:
+                if deadline.passed():
+                    return records
                 q, k, v, pos = random_case(rng, batch, t, hq, hkv, capacity, dh, dtype, kind)
-                want = np.asarray(reference_attention(q, k, v, pos, sliding_window=window), np.float32)
+                # The truth at full float32 precision (on a GPU the default f32 matmul may use TF32).
+                with jax.default_matmul_precision("highest"):
+                    want = np.asarray(reference_attention(q, k, v, pos, sliding_window=window), np.float32)
                 for name, fn in impls.items():
                     if name == "xla" or isinstance(fn, str):
                         continue
@@ -121,11 +141,15 @@ def time_call(fn, args, iters: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def time_kernels(impls, shapes, capacity: int, batches, query_counts, dtype, iters: int, rng) -> list[dict]:
+def time_kernels(impls, shapes, capacity: int, batches, query_counts, dtype, iters: int, rng,
+                 deadline: Deadline | None = None) -> list[dict]:
+    deadline = deadline or Deadline(None)
     records = []
     for label, hq, hkv, dh in shapes:
         for b in batches:
             for t in query_counts:
+                if deadline.passed():
+                    return records
                 q, k, v, pos = random_case(rng, b, t, hq, hkv, capacity, dh, dtype, "ragged")
                 visible = int(np.sum(np.asarray(pos)[:, -1] + 1))
                 for name, fn in impls.items():
@@ -152,6 +176,17 @@ def load_prompts(path: str, n: int) -> list[str]:
     return [r["turns"][0] for r in rows[:n]]
 
 
+def prefix_agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    """Mean over rows of (tokens equal to the reference before the first difference) / reference length."""
+    fractions = []
+    for row, ref in zip(tokens, reference):
+        n = 0
+        while n < min(len(row), len(ref)) and row[n] == ref[n]:
+            n += 1
+        fractions.append(n / max(len(ref), 1))
+    return float(np.mean(fractions))
+
+
 def method_instance(model, name: str):
     """The method as shipped (trained add-ons, default preset); random add-ons if those are missing."""
     try:
@@ -162,9 +197,11 @@ def method_instance(model, name: str):
         return strategy, params, "random add-ons (speed only; acceptance not representative)"
 
 
-def time_decoding(model, impls, methods, batches, max_new: int, rounds: int, prompt_texts) -> list[dict]:
+def time_decoding(model, impls, methods, batches, max_new: int, rounds: int, prompt_texts,
+                  deadline: Deadline | None = None, on_record: Callable[[list], None] = lambda records: None) -> list[dict]:
     import dataclasses
 
+    deadline = deadline or Deadline(None)
     tok = model.tokenizer
     encode = getattr(tok, "encode_chat", tok.encode)
     records = []
@@ -182,6 +219,8 @@ def time_decoding(model, impls, methods, batches, max_new: int, rounds: int, pro
                 records.append(dict(method=method, impl=name, error=f"{type(e).__name__}: {e}"[:300]))
                 continue
             for b in batches:
+                if deadline.passed():
+                    return records
                 prompts = [encode(p) for p in prompt_texts[:b]]
                 rec = dict(method=method, impl=name, batch=b, max_new_tokens=max_new, addons=addons)
                 try:
@@ -195,10 +234,43 @@ def time_decoding(model, impls, methods, batches, max_new: int, rounds: int, pro
                         baseline_tokens[b] = first.tokens
                     elif b in baseline_tokens:
                         rec["tokens_equal_xla"] = first.tokens == baseline_tokens[b]
+                        rec["prefix_agreement_xla"] = prefix_agreement(first.tokens, baseline_tokens[b])
                 except Exception as e:
                     rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                 records.append(rec)
+                on_record(records)
                 print(f"  decoding {method} {name} batch {b}: {rec.get('tokens_per_second', rec.get('error'))}", flush=True)
+    return records
+
+
+def identity_check(model, impls, methods, batch: int, max_new: int, prompt_texts,
+                   deadline: Deadline | None = None) -> list[dict]:
+    """float32 at full matmul precision: does every implementation produce the xla implementation's tokens?"""
+    import dataclasses
+
+    deadline = deadline or Deadline(None)
+    encode = getattr(model.tokenizer, "encode_chat", model.tokenizer.encode)
+    prompts = [encode(p) for p in prompt_texts[:batch]]
+    records = []
+    with jax.default_matmul_precision("highest"):
+        for method in methods:
+            baseline = None
+            for name, fn in impls.items():
+                if isinstance(fn, str) or deadline.passed():
+                    continue
+                rec = dict(method=method, impl=name, batch=batch, max_new_tokens=max_new, dtype="float32")
+                try:
+                    m = dataclasses.replace(model, cfg=model.cfg.replace(attention_impl=name))
+                    strategy, params, rec["addons"] = method_instance(m, method)
+                    tokens = Engine(m, strategy, params).generate(prompts, max_new, SamplingConfig(), eos_ids=()).tokens
+                    if baseline is None and name == "xla":
+                        baseline = tokens
+                    elif baseline is not None:
+                        rec.update(tokens_equal_xla=tokens == baseline, prefix_agreement_xla=prefix_agreement(tokens, baseline))
+                except Exception as e:
+                    rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                records.append(rec)
+                print(f"  identity {method} {name}: {rec.get('tokens_equal_xla', rec.get('error', 'baseline'))}", flush=True)
     return records
 
 
@@ -214,16 +286,16 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- FAIL {c['impl']} {c['shape']} {c['dtype']} T={c['queries']} {c['lengths']}: "
                      f"{c.get('error', c.get('max_abs_error'))}")
     lines += ["", "## Kernel time (ms per call, ragged lengths)", "",
-              "| shape | batch | queries | " + " | ".join(report["impls"]) + " |",
-              "|---|---:|---:|" + "---:|" * len(report["impls"])]
-    keys = sorted({(r["shape"], r["batch"], r["queries"]) for r in report["kernel_timings"]})
+              "| shape | dtype | batch | queries | " + " | ".join(report["impls"]) + " |",
+              "|---|---|---:|---:|" + "---:|" * len(report["impls"])]
+    keys = sorted({(r["shape"], r["dtype"], r["batch"], r["queries"]) for r in report["kernel_timings"]})
     for key in keys:
         cells = []
         for impl in report["impls"]:
-            r = next((x for x in report["kernel_timings"] if (x["shape"], x["batch"], x["queries"]) == key
+            r = next((x for x in report["kernel_timings"] if (x["shape"], x["dtype"], x["batch"], x["queries"]) == key
                       and x["impl"] == impl), {})
             cells.append(f"{r['ms']:.3f}" if "ms" in r else "n/a")
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(cells) + " |")
     lines += ["", f"## Decoding ({report['settings']['model']}, greedy, tokens/s)", "",
               "| method | batch | " + " | ".join(report["impls"]) + " | same tokens as xla |",
               "|---|---:|" + "---:|" * len(report["impls"]) + "---|"]
@@ -235,8 +307,18 @@ def render_markdown(report: dict) -> str:
                       and x["impl"] == impl), {})
             cells.append(f"{r['tokens_per_second']:.1f}" if "tokens_per_second" in r else "n/a")
             if "tokens_equal_xla" in r:
-                same.append(f"{impl}: {'yes' if r['tokens_equal_xla'] else 'NO'}")
+                same.append(f"{impl}: {'yes' if r['tokens_equal_xla'] else 'no'} ({r['prefix_agreement_xla']:.2f})")
         lines.append(f"| {method} | {b} | " + " | ".join(cells) + f" | {', '.join(same) or '-'} |")
+    lines += ["", "(same tokens: whether every row equals the xla implementation's output; in brackets the mean "
+              "fraction of each row that agrees before the first difference.)"]
+    ident = report.get("identity_float32") or []
+    if ident:
+        lines += ["", "## float32 token identity (full-precision matmuls; vs the xla implementation)", "",
+                  "| method | impl | batch | new tokens | same tokens as xla |", "|---|---|---:|---:|---|"]
+        for r in ident:
+            verdict = r.get("error") or ("baseline" if "tokens_equal_xla" not in r else
+                                         f"{'yes' if r['tokens_equal_xla'] else 'no'} ({r['prefix_agreement_xla']:.2f})")
+            lines.append(f"| {r['method']} | {r['impl']} | {r['batch']} | {r['max_new_tokens']} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -251,6 +333,12 @@ def main() -> int:
     ap.add_argument("--capacity", type=int, default=None, help="KV slots in the kernel benchmarks (default 4096)")
     ap.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
     ap.add_argument("--questions", default=DEFAULT_QUESTIONS)
+    ap.add_argument("--timing-dtypes", default="bfloat16,float32", help="dtypes of the kernel timings")
+    ap.add_argument("--phases", default=",".join(sorted(PHASES)),
+                    help="comma-separated subset of checks,timings,decoding,identity (default: all)")
+    ap.add_argument("--impls", default=None, help="comma-separated attention implementations (default: all; xla always runs)")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds after which no new case starts; what was measured is written (for time-limited GPU leases)")
     ap.add_argument("--out", default=None, help="output path without extension (default benchmarks/results/gpu_<device>)")
     args = ap.parse_args()
 
@@ -269,25 +357,22 @@ def main() -> int:
     iters = 2 if smoke else 20
     rng = np.random.default_rng(0)
     impls = available_impls(smoke)
+    if args.impls:
+        wanted = args.impls.split(",")
+        unknown = [w for w in wanted if w not in impls]
+        if unknown:
+            print(f"gpu_bench: unknown --impls {unknown}; known: {', '.join(impls)}", file=sys.stderr)
+            return 2
+        impls = {k: v for k, v in impls.items() if k in wanted or k == "xla"}  # xla is the baseline
+    phases = set(args.phases.split(","))
+    if phases - PHASES:
+        print(f"gpu_bench: unknown --phases {sorted(phases - PHASES)}; known: {', '.join(sorted(PHASES))}", file=sys.stderr)
+        return 2
     print(f"device {device_name}; implementations: " + ", ".join(
         f"{k}{'' if callable(v) else ' (unavailable: ' + v + ')'}" for k, v in impls.items()), flush=True)
 
-    checks = check_kernels(impls, shapes, capacity=min(capacity, 256 if smoke else 1024), batch=2 if smoke else 8,
-                           rng=rng, smoke=smoke)
-    print(f"kernel checks: {sum(c.get('ok', False) for c in checks)}/{len(checks)} ok", flush=True)
-    timings = []
-    for dtype in ([jnp.float32] if smoke else [jnp.bfloat16, jnp.float32]):
-        timings += time_kernels(impls, shapes, capacity, batches, (1, 16) if smoke else (1, 8, 16), dtype, iters, rng)
-    print("kernel timings done", flush=True)
-
-    from eej.weights.registry import load_model
-
+    deadline = Deadline(args.time_budget)
     model_name = args.model or ("tiny-gqa" if smoke else "smollm2-135m")
-    model = load_model(model_name, dtype="float32" if smoke else args.dtype)
-    methods = args.methods.split(",") if args.methods else list(known_methods())
-    prompt_texts = load_prompts(args.questions, max(batches))
-    decoding = time_decoding(model, impls, methods, batches, max_new, args.rounds, prompt_texts)
-
     report: dict[str, Any] = {
         "benchmark": "attention kernels and decoding" + (" (CPU smoke run: numbers mean nothing)" if smoke else ""),
         "device": device_name,
@@ -295,22 +380,61 @@ def main() -> int:
         "machine": machine_info(),
         "impls": list(impls),
         "unavailable": {k: v for k, v in impls.items() if isinstance(v, str)},
-        "settings": dict(model=model_name, dtype=model.cfg.dtype, batch_sizes=batches, max_new_tokens=max_new,
+        "settings": dict(phases=sorted(phases), model=model_name, dtype="float32" if smoke else args.dtype, batch_sizes=batches, max_new_tokens=max_new,
                          rounds=args.rounds, kernel_capacity=capacity, kernel_iters=iters, greedy=True,
-                         eos="ignored (fixed-length outputs)", smoke=smoke),
-        "kernel_checks": checks,
-        "kernel_timings": timings,
-        "decoding": decoding,
+                         eos="ignored (fixed-length outputs)", smoke=smoke, time_budget_s=args.time_budget),
+        "kernel_checks": [],
+        "kernel_timings": [],
+        "decoding": [],
     }
     safe = "".join(c if c.isalnum() else "_" for c in device_name.lower()).strip("_")
     out = args.out or os.path.join(HERE, "..", "benchmarks", "results", f"gpu_{safe}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    with open(out + ".md", "w") as f:
-        f.write(render_markdown(report))
+
+    def write() -> None:
+        """Rewritten after every phase, so a run stopped early still leaves what it measured."""
+        report["stopped_by_time_budget"] = deadline.hit
+        with open(out + ".json", "w") as f:
+            json.dump(report, f, indent=2)
+        with open(out + ".md", "w") as f:
+            f.write(render_markdown(report))
+
+    checks = [] if "checks" not in phases else check_kernels(impls, shapes, capacity=min(capacity, 256 if smoke else 1024), batch=2 if smoke else 8,
+                           rng=rng, smoke=smoke, deadline=deadline)
+    report["kernel_checks"] = checks
+    write()
+    print(f"kernel checks: {sum(c.get('ok', False) for c in checks)}/{len(checks)} ok", flush=True)
+    for c in checks:
+        if not c.get("ok"):
+            print(f"  FAIL {c}", flush=True)
+    timing_dtypes = [jnp.float32] if smoke else [jnp.dtype(d) for d in args.timing_dtypes.split(",")]
+    for dtype in timing_dtypes if "timings" in phases else []:
+        report["kernel_timings"] += time_kernels(impls, shapes, capacity, batches,
+                                                 (1, 16) if smoke else (1, 8, 16), dtype, iters, rng, deadline)
+        write()
+    print("kernel timings done", flush=True)
+
+    from eej.weights.registry import load_model
+
+    model = load_model(model_name, dtype="float32" if smoke else args.dtype)
+    methods = args.methods.split(",") if args.methods else list(known_methods())
+    prompt_texts = load_prompts(args.questions, max(batches))
+
+    def on_record(records: list) -> None:
+        report["decoding"] = records
+        write()
+
+    if "decoding" in phases:
+        report["decoding"] = time_decoding(model, impls, methods, batches, max_new, args.rounds, prompt_texts,
+                                           deadline, on_record)
+    write()
+    if "identity" in phases:
+        model32 = model if model.cfg.dtype == "float32" else load_model(model_name, dtype="float32")
+        report["identity_float32"] = identity_check(model32, impls, methods, min(8, max(batches)), min(max_new, 64),
+                                                    prompt_texts, deadline)
+        write()
     print(render_markdown(report))
-    print(f"wrote {out}.json and {out}.md")
+    print(f"wrote {out}.json and {out}.md" + (" (stopped early by --time-budget)" if deadline.hit else ""))
     failed = [c for c in checks if not c.get("ok")]
     return 1 if failed else 0
 
