@@ -7,7 +7,7 @@ Method-specific configs live next to their method in `eej.decoding`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import jax.numpy as jnp
 
@@ -60,6 +60,11 @@ class ModelConfig:
       bos_id, eos_ids, pad_id: special token ids; generation stops at any of `eos_ids`.
       dtype: parameter / activation dtype name ("float32" or "bfloat16").
       attention_impl: which attention implementation runs ("xla" reference, or a registered kernel).
+      layer_fn: None for the Llama decoder layer, or a layer of your own,
+        `layer_fn(layer_params, x [B,T,D], positions [B,T], attend) -> x [B,T,D]`, where
+        `attend(q [B,T,Hq,Dh], k [B,T,Hkv,Dh], v [B,T,Hkv,Dh]) -> [B,T,Hq,Dh]` is causal attention
+        over the KV cache (called once per layer; see `eej.model.transformer.block` and
+        `eej.api.custom_model`). Compared by identity, so the config stays hashable.
     """
 
     name: str
@@ -81,6 +86,7 @@ class ModelConfig:
     pad_id: int = 0
     dtype: str = "float32"
     attention_impl: str = "xla"
+    layer_fn: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_size"):

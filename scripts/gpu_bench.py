@@ -307,7 +307,8 @@ def render_markdown(report: dict) -> str:
                       and x["impl"] == impl), {})
             cells.append(f"{r['tokens_per_second']:.1f}" if "tokens_per_second" in r else "n/a")
             if "tokens_equal_xla" in r:
-                same.append(f"{impl}: {'yes' if r['tokens_equal_xla'] else 'no'} ({r['prefix_agreement_xla']:.2f})")
+                agree = f" ({r['prefix_agreement_xla']:.2f})" if "prefix_agreement_xla" in r else ""
+                same.append(f"{impl}: {'yes' if r['tokens_equal_xla'] else 'no'}{agree}")
         lines.append(f"| {method} | {b} | " + " | ".join(cells) + f" | {', '.join(same) or '-'} |")
     lines += ["", "(same tokens: whether every row equals the xla implementation's output; in brackets the mean "
               "fraction of each row that agrees before the first difference.)"]

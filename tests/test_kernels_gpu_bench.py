@@ -28,6 +28,11 @@ def test_gpu_bench_cpu_smoke_writes_a_report(tmp_path):
     decoded = {r["impl"]: r for r in report["decoding"] if "tokens_per_second" in r}
     assert decoded["pallas"]["tokens_equal_xla"] is True
     assert os.path.isfile(out + ".md")
+    # The README's GPU section renders this very report (scripts/render_readme_tables.py).
+    from test_readme_tables import _renderer
+
+    section = _renderer().render_sections(str(tmp_path))["gpu"]
+    assert f"Measured on **{report['device']}" in section and "Decoding" in section and "smoke.json" in section
 
 
 def test_gpu_bench_refuses_to_run_without_a_gpu(tmp_path):

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import shlex
-import subprocess
-import sys
-import time
 from typing import Any
 
 from eej.cli import CliError, add_model_arguments, load_model_from_args, sampling_from_args, subcommand
@@ -53,7 +49,16 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="PNG with the speedup and quality/speed plots")
     p.add_argument("--answers", default=None, help="JSONL file with every answer (tokens and text)")
     p.add_argument("--note", default=None, help="free text recorded in the report (e.g. 'machine shared')")
+    p.add_argument(
+        "--checkpoint", default=None,
+        help="JSONL file keeping every finished batch's answers; run the same command again to continue from it",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# The options a checkpoint's answers depend on: resuming with any of them changed is refused.
+_RUN_KEYS = ("model", "dtype", "attention", "cache_size", "methods", "mt_bench_categories", "max_new_tokens", "batch_size",
+             "temperature", "top_k", "top_p", "seed", "peers", "early_exit_layer", "peer_threads")
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -92,28 +97,15 @@ def _sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _git_commit() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
-                               text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if commit.returncode != 0:
-        return None
-    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 @subcommand("bench", _arguments)
 def cmd_bench(args: argparse.Namespace) -> int:
     from eej.bench.contestants import method_contestants
-    from eej.bench.machine import load_average, machine_info
-    from eej.bench.metrics import summarize
+    from eej.bench.machine import load_average
     from eej.bench.peers import load_peers, parse_peers
-    from eej.bench.questions import categories_in_order, load_questions, select_questions
-    from eej.bench.report import build_document, markdown_report, write_json, write_markdown, write_plot
-    from eej.bench.runner import RunSettings, run_bench
+    from eej.bench.questions import load_questions, select_questions
+    from eej.bench.report import markdown_report, write_json, write_markdown, write_plot
+    from eej.bench.runner import RunSettings
+    from eej.bench.session import bench_document
 
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -131,62 +123,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     contestants: list[Any] = method_contestants(model, args.methods.split(","), args.cache_size)
     contestants += load_peers(peer_names, args.model, model, args.early_exit_layer, args.peer_threads)
-    tok = model.tokenizer
 
-    settings = RunSettings(args.max_new_tokens, args.batch_size, sampling, args.seed)
-    total = sum(len(q.turns) for q in chosen) * len(contestants)
-    bar = _progress(total, args.no_progress)
-    start = time.perf_counter()
-    try:
-        records, compile_seconds = run_bench(
-            contestants, chosen, tok, settings,
-            on_answer=lambda r: (bar.set_postfix_str(f"{r.contestant} / {r.category}", refresh=False), bar.update(1)),
-        )
-    finally:
-        bar.close()
-    run_seconds = time.perf_counter() - start
-
-    fidelity_seconds = 0.0
-    if not args.no_agreement:
-        fidelity_seconds = _add_agreement(model, records, args.no_progress)
-
-    order = categories_in_order(chosen)
-    names = [c.name for c in contestants]
-    summary = summarize(records, names, order, sampling.greedy)
-    machine = {**machine_info(), "load_average_start": load_start, "load_average_end": load_average()}
-    run_settings = {
+    described = {
         "command": _command(args),
         "note": args.note,
         "questions": args.questions,
         "questions_sha256": _sha256(args.questions),
-        "categories": order,
-        "questions_per_category": {c: sum(q.category == c for q in chosen) for c in order},
-        "answers_per_contestant": sum(len(q.turns) for q in chosen),
         "limit": args.limit,
         "mt_bench_categories": args.mt_bench_categories,
-        "max_new_tokens": args.max_new_tokens,
-        "batch_size": args.batch_size,
-        "temperature": sampling.temperature,
-        "top_k": sampling.top_k,
-        "top_p": sampling.top_p,
-        "seed": args.seed,
-        "greedy": sampling.greedy,
-        "chat_template": True,
-        "warmup": "each contestant answers turn 1 of the first batch once before timing (discarded)",
-        "interleaving": "per batch, every contestant in turn; the order rotates by one each batch",
-        "methods": [c.name for c in contestants if c.kind == "method"],
-        "peers": peer_names,
-        "token_agreement": not args.no_agreement,
-        "run_seconds": round(run_seconds, 1),
-        "fidelity_seconds": round(fidelity_seconds, 1),
-        "eej_commit": _git_commit(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    model_info = {"name": model.name, "num_layers": model.cfg.num_layers, "dtype": model.cfg.dtype,
-                  "attention": model.cfg.attention_impl, "eos_ids": list(model.cfg.eos_ids)}
-    infos = {c.name: c.describe() for c in contestants}
-    doc = build_document(model_info, machine, run_settings, summary, infos, compile_seconds)
+    settings = RunSettings(args.max_new_tokens, args.batch_size, sampling, args.seed)
+    checkpoint = None
+    if args.checkpoint:
+        from eej.bench.checkpoint import BenchCheckpoint, CheckpointError
+        from eej.bench.session import git_commit
 
+        run = {k: v for k, v in vars(args).items() if k in _RUN_KEYS}
+        run.update(questions_sha256=described["questions_sha256"], questions_chosen=[q.question_id for q in chosen],
+                   eej_commit=git_commit())
+        try:
+            checkpoint = BenchCheckpoint(args.checkpoint, run)
+        except CheckpointError as e:
+            raise CliError(str(e)) from None
+    doc, records = bench_document(
+        model, contestants, chosen, settings, described,
+        agreement=not args.no_agreement, progress=not args.no_progress, load_average_start=load_start,
+        checkpoint=checkpoint,
+    )
     if args.out:
         write_json(doc, args.out)
     if args.report:
@@ -198,29 +161,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = markdown_report(doc)
     print(report.split("## Per category")[0].rstrip())
     return 0
-
-
-def _progress(total: int, disabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="answer", desc="eej bench", disable=disabled, file=sys.stderr, mininterval=2.0)
-
-
-def _add_agreement(model, records, no_progress: bool) -> float:
-    """Fill each record's `agreement` from one teacher-forced forward over prompt + answer; -> seconds spent."""
-    from tqdm import tqdm
-
-    from eej.bench.fidelity import sequence_argmax
-    from eej.bench.metrics import agreement_count
-
-    start = time.perf_counter()
-    for r in tqdm(records, desc="token agreement", unit="answer", disable=no_progress, file=sys.stderr, mininterval=2.0):
-        if not r.tokens:
-            r.agreement = 0
-            continue
-        argmax = sequence_argmax(model, r.prompt_tokens + r.tokens)
-        r.agreement = agreement_count(r.tokens, argmax, len(r.prompt_tokens))
-    return time.perf_counter() - start
 
 
 def _write_answers(records, path: str) -> None:

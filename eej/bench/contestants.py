@@ -40,16 +40,25 @@ class Contestant(Protocol):
 
 
 class MethodContestant:
-    """An eej decoding method (`NAME[:CONFIG]`, resolved by the method registry) on its own Engine."""
+    """An eej decoding method (`NAME[:CONFIG]`, resolved by the method registry) on its own Engine.
+
+    engine: an Engine already built for the method, run under the name `spec` instead of building one
+    (a strategy of your own, add-ons trained in the same session, or compiled code to reuse).
+    """
 
     kind = "method"
 
-    def __init__(self, model: Model, spec: str, cache_size: int | None = None):
+    def __init__(self, model: Model, spec: str, cache_size: int | None = None, engine: Engine | None = None):
         self.name = spec
-        self.method_name, self.config = parse_method(spec)
-        strategy, method_params = build_method(model, spec)
-        self.strategy = strategy
-        self.engine = Engine(model, strategy, method_params, cache_size=cache_size)
+        if engine is None:
+            self.method_name, self.config = parse_method(spec)
+            strategy, method_params = build_method(model, spec)
+            engine = Engine(model, strategy, method_params, cache_size=cache_size)
+        else:
+            name, config = parse_method(spec)
+            self.method_name, self.config = (name, config) if name == engine.strategy.name else (engine.strategy.name, None)
+        self.strategy = engine.strategy
+        self.engine = engine
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> Generation:
         """Engine.generate; a call that had to compile is run again and the repeat is timed.

@@ -9,6 +9,8 @@ with metrics as in eej.bench.metrics.METRIC_KEYS (null where not measured or not
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
 from typing import Any, Sequence
@@ -89,6 +91,26 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return out
 
 
+def overall_table(doc: dict[str, Any]) -> str:
+    """Markdown table: one row per contestant with its overall metrics and compile time."""
+    rows = []
+    for name, c in _contestants(doc):
+        o = c["overall"]
+        rows.append([f"`{name}`", c["info"]["kind"], *[_fmt(o[k], p) for k, _, p in _COLUMNS], f"{c['compile_seconds']:.1f}"])
+    return "\n".join(_table(["contestant", "kind", *[label for _, label, _ in _COLUMNS], "compile s (excluded)"], rows))
+
+
+def per_category_table(doc: dict[str, Any]) -> str:
+    """Markdown table: one row per category and contestant."""
+    rows = []
+    for category in doc["settings"]["categories"]:
+        for name, c in _contestants(doc):
+            o = c["per_category"].get(category)
+            if o is not None:
+                rows.append([category, f"`{name}`", *[_fmt(o[k], p) for k, _, p in _COLUMNS]])
+    return "\n".join(_table(["category", "contestant", *[label for _, label, _ in _COLUMNS]], rows))
+
+
 def markdown_report(doc: dict[str, Any]) -> str:
     """The human-readable report: command, overall and per-category tables, settings, machine, definitions."""
     s, m, model = doc["settings"], doc["machine"], doc["model"]
@@ -96,24 +118,9 @@ def markdown_report(doc: dict[str, Any]) -> str:
     lines += ["Reproduce (from the repository root):", "", "```", s["command"], "```", ""]
     if s.get("note"):
         lines += [f"**Note:** {s['note']}", ""]
-    metric_header = [label for _, label, _ in _COLUMNS]
 
-    lines += ["## Overall", ""]
-    rows = []
-    for name, c in _contestants(doc):
-        o = c["overall"]
-        rows.append([f"`{name}`", c["info"]["kind"], *[_fmt(o[k], p) for k, _, p in _COLUMNS], f"{c['compile_seconds']:.1f}"])
-    lines += _table(["contestant", "kind", *metric_header, "compile s (excluded)"], rows) + [""]
-
-    lines += ["## Per category", ""]
-    rows = []
-    for category in s["categories"]:
-        for name, c in _contestants(doc):
-            o = c["per_category"].get(category)
-            if o is None:
-                continue
-            rows.append([category, f"`{name}`", *[_fmt(o[k], p) for k, _, p in _COLUMNS]])
-    lines += _table(["category", "contestant", *metric_header], rows) + [""]
+    lines += ["## Overall", "", overall_table(doc), ""]
+    lines += ["## Per category", "", per_category_table(doc), ""]
 
     lines += ["## Settings", ""]
     shown = {k: v for k, v in s.items() if k not in ("command", "note")}
@@ -152,17 +159,32 @@ def write_markdown(doc: dict[str, Any], path: str) -> None:
 # ----------------------------------------------------------------------------- plots
 
 
-def write_plot(doc: dict[str, Any], path: str) -> None:
-    """Two panels: speedup per category per contestant (bars), and speedup vs token agreement."""
-    import matplotlib
+@functools.cache
+def _figure_class():
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    class ReportFigure(Figure):
+        """A Figure that a notebook shows as a PNG when it is a cell's value, with no pyplot involved."""
+
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=90)
+            return buffer.getvalue()
+
+    return ReportFigure
+
+
+def figure(doc: dict[str, Any]):
+    """A matplotlib Figure with two panels: speedup per category per contestant (bars), and speedup vs
+    token agreement. Built without pyplot, so it neither changes the backend nor stays open; a notebook
+    shows it when it is a cell's value."""
+    from matplotlib import colormaps
 
     categories = list(doc["settings"]["categories"])
     contestants = _contestants(doc)
-    colors = {name: plt.get_cmap("tab10")(i % 10) for i, (name, _) in enumerate(contestants)}
-    fig, (bars, frontier) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3, 2]})
+    colors = {name: colormaps["tab10"](i % 10) for i, (name, _) in enumerate(contestants)}
+    fig = _figure_class()(figsize=(14, 5))
+    bars, frontier = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
 
     groups = [*categories, "overall"]
     compared = [(n, c) for n, c in contestants if n != "plain"] or contestants
@@ -196,9 +218,13 @@ def write_plot(doc: dict[str, Any], path: str) -> None:
         frontier.legend(fontsize=8)
     fig.suptitle(f"eej bench: {doc['model']['name']}, {os.path.basename(doc['settings']['questions'])}")
     fig.tight_layout()
+    return fig
+
+
+def write_plot(doc: dict[str, Any], path: str) -> None:
+    """`figure(doc)` as a PNG."""
     ensure_parent(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figure(doc).savefig(path, dpi=110)
 
 
 def check_schema(doc: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ template. Before timing, each contestant generates once for the first batch (war
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from eej.bench.contestants import Contestant
 from eej.bench.metrics import AnswerRecord
@@ -99,12 +99,17 @@ def run_bench(
     tokenizer: Tokenizer,
     settings: RunSettings,
     on_answer: Callable[[AnswerRecord], None] = lambda r: None,
+    completed: Mapping[int, Sequence[AnswerRecord]] | None = None,
+    on_batch: Callable[[int, list[AnswerRecord]], None] = lambda b, records: None,
 ) -> tuple[list[AnswerRecord], dict[str, float]]:
     """Run every contestant on every question (see the module docstring).
 
     Returns (answer records in run order, compile seconds per contestant, warm-up included).
-    on_answer is called after each answer (progress reporting).
+    on_answer is called after each answer (progress reporting), on_batch with each finished batch's
+    index and records (checkpoints). completed: records of batches answered before (a resumed run,
+    see eej.bench.checkpoint), taken as they are instead of being answered again.
     """
+    completed = completed or {}
     if not tokenizer.has_chat_template:
         raise ValueError("the bench uses the model's chat template, and this model's tokenizer has none")
     batches = plan_batches(questions, settings.batch_size, tokenizer)
@@ -117,10 +122,16 @@ def run_bench(
     records: list[AnswerRecord] = []
     turns = max((len(q.turns) for q in questions), default=1)
     for b, batch in enumerate(batches):
+        if b in completed:
+            records.extend(completed[b])
+            continue
         shift = b % len(contestants)
+        batch_records: list[AnswerRecord] = []
         for c in [*contestants[shift:], *contestants[:shift]]:
             # The same seed for every contestant on the same batch and turn.
             new, compile_s = _answer_batch(c, batch, tokenizer, settings, settings.seed + b * turns, on_answer)
-            records.extend(new)
+            batch_records.extend(new)
             compile_seconds[c.name] += compile_s
+        records.extend(batch_records)
+        on_batch(b, batch_records)
     return records, compile_seconds

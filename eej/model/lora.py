@@ -67,7 +67,14 @@ def merge_lora(params: Params, lora: dict[str, Any], scale: float = 1.0, first_l
         raise ValueError(f"LoRA covers {n} layers from {first_layer}, the model has {len(layers)}")
     for i in range(n):
         layer = dict(layers[first_layer + i])
+        missing = sorted(set(delta) - set(layer))
+        if missing:  # e.g. a custom layer_fn model whose params don't use the Llama names
+            raise ValueError(f"LoRA adapts {', '.join(missing)}, which layer {first_layer + i} of this model lacks "
+                             f"(it has {', '.join(sorted(layer))})")
         for name, d in delta.items():
+            if d[i].shape != layer[name].shape:
+                raise ValueError(f"LoRA adapts {name} as {list(d[i].shape)}, but layer {first_layer + i}'s {name} "
+                                 f"is {list(layer[name].shape)}")
             layer[name] = (layer[name] + d[i].astype(layer[name].dtype))
         layers[first_layer + i] = layer
     merged = tuple(layers) if per_layer else stack_layers(tuple(layers))

@@ -124,6 +124,54 @@ def mlp(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig) -> jax.Arra
     return x + linear(jax.nn.silu(linear(h, layer["w_gate"])) * linear(h, layer["w_up"]), layer["w_down"])
 
 
+def cached_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    kv_limit: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Write a block's keys/values into one layer's cache and attend over it.
+
+    Args:
+      q: [B, T, Hq, Dh] queries; k, v: [B, T, Hkv, Dh] the block's keys/values (positions applied).
+      k_cache, v_cache: the layer's cache [B, Hkv, S, Dh]; slot `positions[b, t]` receives token t.
+      kv_limit: see `attention_block`.
+    Returns:
+      (attention output [B, T, Hq, Dh], k_cache, v_cache).
+    """
+    k_cache = write_block(k_cache, k, positions)
+    v_cache = write_block(v_cache, v, positions)
+    if kv_limit is not None and kv_limit < k_cache.shape[2]:
+        out = attn_lib.attention(q, k_cache[:, :, :kv_limit], v_cache[:, :, :kv_limit], positions, cfg)
+    else:
+        out = attn_lib.attention(q, k_cache, v_cache, positions, cfg)
+    return out, k_cache, v_cache
+
+
+def custom_block(
+    layer: Any, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array, cfg: ModelConfig,
+    kv_limit: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`block` for a config with a user `layer_fn` (see ModelConfig): its `attend` reads and extends the cache."""
+    written: list[tuple[jax.Array, jax.Array]] = []
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        if written:
+            raise ValueError("a layer_fn may call attend only once per layer (one KV cache per layer)")
+        out, kc, vc = cached_attention(q, k, v, k_cache, v_cache, positions, cfg, kv_limit)
+        written.append((kc, vc))
+        return out
+
+    x = cfg.layer_fn(layer, x, positions, attend)
+    if not written:
+        raise ValueError("the layer_fn never called attend: eej needs each layer's keys and values")
+    return x, *written[0]
+
+
 def attention_block(
     layer: dict[str, jax.Array],
     x: jax.Array,
@@ -137,7 +185,7 @@ def attention_block(
 
     Args:
       layer: params with attn_norm, wq, wk, wv, wo (and optional biases); a decoder layer or an
-        attention-only adapter.
+        attention-only adapter (Kangaroo's).
       x: residual stream [B, T, D] of the block's tokens.
       k_cache, v_cache: this layer's cache [B, Hkv, S, Dh].
       positions: [B, T] position of each token; its K/V is written to that slot.
@@ -148,12 +196,7 @@ def attention_block(
     """
     b, t, _ = x.shape
     q, k, v = qkv(layer, x, positions, cfg)
-    k_cache = write_block(k_cache, k, positions)
-    v_cache = write_block(v_cache, v, positions)
-    if kv_limit is not None and kv_limit < k_cache.shape[2]:
-        out = attn_lib.attention(q, k_cache[:, :, :kv_limit], v_cache[:, :, :kv_limit], positions, cfg)
-    else:
-        out = attn_lib.attention(q, k_cache, v_cache, positions, cfg)
+    out, k_cache, v_cache = cached_attention(q, k, v, k_cache, v_cache, positions, cfg, kv_limit)
     return x + linear(out.reshape(b, t, cfg.num_heads * cfg.head_dim), layer["wo"]), k_cache, v_cache
 
 
@@ -170,7 +213,11 @@ def block(
 
     Returns:
       (x [B, T, D], k_cache, v_cache) after the layer.
+
+    With `cfg.layer_fn` set (a model of your own), that function is the layer (see `custom_block`).
     """
+    if cfg.layer_fn is not None:
+        return custom_block(layer, x, k_cache, v_cache, positions, cfg, kv_limit)
     x, k_cache, v_cache = attention_block(layer, x, k_cache, v_cache, positions, cfg, kv_limit)
     return mlp(layer, x, cfg), k_cache, v_cache
 
@@ -194,7 +241,7 @@ def run_layers(
       cache: the KV cache; model layer l uses cache layer `l - cache_offset` (so a method can keep a
         cache holding only part of the stack).
       positions: [B, T] per-row positions of the block's tokens.
-      kv_limit: see `block`.
+      kv_limit: see `attention_block`.
     Returns:
       (x [B, T, D] leaving layer end-1, cache with the block's K/V written in those layers).
       Lengths are not changed: committing tokens is the caller's decision.
@@ -206,6 +253,26 @@ def run_layers(
         c = i - cache_offset
         x, ks[c], vs[c] = block(get_layer(layers, i), x, ks[c], vs[c], positions, cfg, kv_limit)
     return x, cache.replace(k=tuple(ks), v=tuple(vs))
+
+
+def layer_kv(layer: Any, x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """The keys/values [B, T, Hkv, Dh] a layer would write for residual input x [B, T, D].
+
+    For a user `layer_fn` this runs the layer with an `attend` that only records k and v; under jit
+    the rest of the layer is dead code and is not computed.
+    """
+    if cfg.layer_fn is None:
+        return qkv(layer, x, positions, cfg)[1:]
+    seen: list[tuple[jax.Array, jax.Array]] = []
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        seen.append((k, v))
+        return jnp.zeros_like(q)
+
+    cfg.layer_fn(layer, x, positions, attend)
+    if len(seen) != 1:
+        raise ValueError("a layer_fn must call attend exactly once per layer")
+    return seen[0]
 
 
 def propagate_kv(
@@ -234,7 +301,7 @@ def propagate_kv(
         i = c + cache_offset
         if isinstance(first_layer, int) and i < first_layer:
             continue
-        _, k, v = qkv(get_layer(layers, i), x, positions, cfg)
+        k, v = layer_kv(get_layer(layers, i), x, positions, cfg)
         pos = jnp.where(i >= first, positions, capacity)  # out of range: dropped
         ks[c] = write_block(ks[c], k, pos)
         vs[c] = write_block(vs[c], v, pos)

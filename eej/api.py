@@ -1,0 +1,452 @@
+"""eej in a notebook: load a model, generate with any method, compare methods, benchmark, plot.
+
+    import eej
+    model = eej.load_model("smollm2-135m")
+    eej.generate(model, "Why is the sky blue?", method="plain")             # -> Completions; any "NAME[:PRESET]"
+    methods = eej.api.ready_methods(model)                                 # registered and ready for this model
+    report = eej.compare(model, ["Why is the sky blue?", "Name three rivers."], methods)
+    report                      # a table in a notebook (overall metrics per method)
+    report.plot()               # speedup per category, and speedup vs token agreement
+    eej.benchmark(model, "../shared/data/eval/spec_bench.jsonl", methods, limit=2)
+
+A method is a spec string (`NAME[:PRESET|:FILE]`, resolved by the method registry), a `Strategy`
+(no add-ons), or a `(strategy, method_params)` pair (add-ons you built or trained yourself).
+Engines are kept per model and method, so a second call reuses the compiled code. Everything here
+is a thin layer over `Engine`, `build_method` and `eej.bench`; `compare` and `benchmark` follow the
+bench protocol (interleaved, warm-up and compile time excluded; see docs/bench.md).
+
+`custom_model` wraps a model of your own (params + a per-layer function) so that the engine and
+every strategy run it (see docs/engine.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import weakref
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+from eej.config import ModelConfig, SamplingConfig
+from eej.decoding.engine import Engine, GenerationOutput
+from eej.decoding.methods import build_method
+from eej.decoding.strategy import Strategy
+from eej.model.transformer import num_layers, unstack_layers
+from eej.weights.registry import Model
+
+MethodLike = Union[str, Strategy, "tuple[Strategy, Any]"]
+Prompt = Union[str, Sequence[int]]
+
+# id(model) -> {key: (method_params, Engine)}; entries leave with their model (weakref.finalize).
+_ENGINES: dict[int, dict[Any, tuple[Any, Engine]]] = {}
+
+
+def _resolve(model: Model, method: MethodLike) -> tuple[Any, Strategy, Any]:
+    """(cache key, strategy, method_params) of a method given as a spec, a Strategy or a pair."""
+    if isinstance(method, str):
+        return method, None, None  # built on a cache miss only
+    if isinstance(method, Strategy):
+        return method, method, None
+    if isinstance(method, tuple) and len(method) == 2 and isinstance(method[0], Strategy):
+        return (method[0], id(method[1])), method[0], method[1]
+    raise TypeError(f"a method is a spec string, a Strategy or a (strategy, method_params) pair, got {method!r}")
+
+
+def engine(model: Model, method: MethodLike = "plain", *, cache_size: int | None = None) -> Engine:
+    """The Engine for `method` on `model` (built once per model, method and cache size, then reused)."""
+    key, strategy, method_params = _resolve(model, method)
+    key = (key, cache_size)
+    engines = _ENGINES.get(id(model))
+    if engines is None:
+        engines = _ENGINES[id(model)] = {}
+        weakref.finalize(model, _ENGINES.pop, id(model), None)
+    hit = engines.get(key)
+    if hit is not None and hit[0] is method_params:
+        return hit[1]
+    if isinstance(method, str):
+        strategy, method_params = build_method(model, method)
+    built = Engine(model, strategy, method_params, cache_size=cache_size)
+    engines[key] = (method_params, built)
+    return built
+
+
+def method_status(model: Model) -> dict[str, str]:
+    """Every registered method -> "ready" if `--method NAME` builds for `model` (its default preset and
+    trained add-ons are there), else the one-line reason it does not."""
+    from eej.decoding.methods import known_methods
+
+    status = {}
+    for name in known_methods():
+        try:
+            build_method(model, name)
+            status[name] = "ready"
+        except (ValueError, OSError) as e:  # preset, artifact and settings errors are ValueErrors
+            status[name] = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return status
+
+
+def ready_methods(model: Model) -> list[str]:
+    """The registered methods that build for `model` as they are (see `method_status`)."""
+    return [name for name, s in method_status(model).items() if s == "ready"]
+
+
+def method_label(method: MethodLike) -> str:
+    """A display name: the spec itself, or the strategy's registered name."""
+    if isinstance(method, str):
+        return method
+    return (method if isinstance(method, Strategy) else method[0]).name
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+@dataclasses.dataclass
+class Completions:
+    """What `generate` returns: one completion per prompt, and the engine's timings.
+
+    texts / tokens: the completions (text, and generated ids with the EOS that ended a row).
+    output: the engine's GenerationOutput (per-row forwards and layers, prefill / decode / compile seconds).
+    """
+
+    method: str
+    prompts: list[Prompt]
+    texts: list[str]
+    tokens: list[list[int]]
+    output: GenerationOutput
+
+    @property
+    def text(self) -> str:
+        """The first completion."""
+        return self.texts[0]
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens / (prefill + decode) seconds; compile time excluded."""
+        return self.output.tokens_per_second
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens from decode steps / decode seconds (the first token of each row comes from the prefill)."""
+        o = self.output
+        return (sum(o.new_tokens) - len(o.tokens)) / o.decode_seconds if o.decode_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        o = self.output
+        return (f"{self.method}: {sum(o.new_tokens)} tokens in {o.seconds:.2f} s, {self.tokens_per_second:.1f} tokens/s "
+                f"({self.decode_tokens_per_second:.1f} decoding; compile {o.compile_seconds:.1f} s not counted)")
+
+    def __repr__(self) -> str:
+        return "\n".join([self.summary(), *(f"[{i}] {t}" for i, t in enumerate(self.texts))])
+
+    def _repr_markdown_(self) -> str:
+        rows = "\n".join(f"| {i} | {_cell(_prompt_text(p))} | {_cell(t)} |" for i, (p, t) in enumerate(zip(self.prompts, self.texts)))
+        return f"**{self.summary()}**\n\n| # | prompt | completion |\n|---|---|---|\n{rows}\n"
+
+
+def _prompt_text(p: Prompt) -> str:
+    return p if isinstance(p, str) else f"<{len(p)} token ids>"
+
+
+def _cell(text: str, limit: int = 400) -> str:
+    text = text if len(text) <= limit else text[:limit] + " …"
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    if not prompts:
+        raise ValueError("no prompts given")
+    return prompts
+
+
+def generate(
+    model: Model,
+    prompts: Prompt | Sequence[Prompt],
+    method: MethodLike = "plain",
+    *,
+    max_new_tokens: int = 128,
+    chat: bool = True,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    cache_size: int | None = None,
+) -> Completions:
+    """Generate for one prompt or a batch (texts, or token-id lists used as they are) with `method`.
+
+    chat: wrap text prompts in the model's chat template. temperature 0 = greedy.
+    """
+    items = _as_prompt_list(prompts)
+    tok = model.tokenizer
+    ids = [(tok.encode_chat(p) if chat else tok.encode(p)) if isinstance(p, str) else list(p) for p in items]
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    out = engine(model, method, cache_size=cache_size).generate(ids, max_new_tokens, sampling, seed=seed)
+    return Completions(method_label(method), items, [tok.decode(t) for t in out.tokens], out.tokens, out)
+
+
+# ----------------------------------------------------------------------------- compare / benchmark
+
+
+class BenchReport:
+    """A bench JSON document (docs/bench.md) with notebook views: a table, per-category rows, plots.
+
+    `doc` is the document itself (the same schema `eej bench --out` writes); `records` are the
+    answers of a run made in this session (empty for a loaded file).
+    """
+
+    def __init__(self, doc: dict[str, Any], records: Sequence[Any] = ()):
+        from eej.bench.report import check_schema
+
+        check_schema(doc)
+        self.doc = doc
+        self.records = list(records)
+
+    @classmethod
+    def load(cls, path: str) -> "BenchReport":
+        """A report from a bench JSON file (e.g. benchmarks/results/*.json)."""
+        with open(path) as f:
+            return cls(json.load(f))
+
+    def rows(self, category: str | None = None) -> list[dict[str, Any]]:
+        """One dict per contestant: name, kind and the metrics (overall, or of one category)."""
+        out = []
+        for section in ("methods", "peers"):
+            for name, c in self.doc[section].items():
+                metrics = c["overall"] if category is None else c["per_category"][category]
+                out.append({"contestant": name, "kind": c["info"]["kind"], **metrics})
+        return out
+
+    def table(self, per_category: bool = False) -> str:
+        """The overall (or per-category) markdown table, as in `eej bench --report`."""
+        from eej.bench.report import overall_table, per_category_table
+
+        return per_category_table(self.doc) if per_category else overall_table(self.doc)
+
+    def markdown(self) -> str:
+        """The full report `eej bench --report` writes."""
+        from eej.bench.report import markdown_report
+
+        return markdown_report(self.doc)
+
+    def plot(self):
+        """A matplotlib Figure: speedup per category, and speedup against token agreement."""
+        from eej.bench.report import figure
+
+        return figure(self.doc)
+
+    def save(self, prefix: str) -> list[str]:
+        """Write PREFIX.json, PREFIX.md and PREFIX.png; returns the paths."""
+        from eej.bench.report import write_json, write_markdown, write_plot
+
+        paths = [prefix + ".json", prefix + ".md", prefix + ".png"]
+        write_json(self.doc, paths[0])
+        write_markdown(self.doc, paths[1])
+        write_plot(self.doc, paths[2])
+        return paths
+
+    def __repr__(self) -> str:
+        return self.table()
+
+    def _repr_markdown_(self) -> str:
+        s = self.doc["settings"]
+        head = (f"**eej bench: {self.doc['model']['name']}**, {s['answers_per_contestant']} answers per contestant, "
+                f"max {s['max_new_tokens']} new tokens, batch {s['batch_size']}, "
+                f"{'greedy' if s['greedy'] else 'sampling'} on {', '.join(self.doc['machine']['devices'][:1])}")
+        return f"{head}\n\n{self.table()}\n"
+
+
+def load_results(path: str) -> BenchReport:
+    """A bench JSON file as a BenchReport (`eej.load_results(path).plot()`)."""
+    return BenchReport.load(path)
+
+
+def _named_methods(methods: Sequence[MethodLike] | Mapping[str, MethodLike]) -> dict[str, MethodLike]:
+    if isinstance(methods, Mapping):
+        named = dict(methods)
+    else:
+        if isinstance(methods, (str, Strategy)):
+            methods = [methods]
+        named = {}
+        for m in methods:
+            name = method_label(m)
+            if name in named:
+                raise ValueError(f"method {name!r} is listed twice; pass a dict {{name: method}} to name them apart")
+            named[name] = m
+    if "plain" not in named:
+        named = {"plain": "plain", **named}  # the baseline every metric is relative to
+    return {"plain": named["plain"], **{k: v for k, v in named.items() if k != "plain"}}
+
+
+def _contestants(model: Model, methods, cache_size: int | None) -> list[Any]:
+    from eej.bench.contestants import MethodContestant
+
+    return [MethodContestant(model, name, engine=engine(model, m, cache_size=cache_size))
+            for name, m in _named_methods(methods).items()]
+
+
+def _call(name: str, model: Model, **shown: Any) -> str:
+    """How this run was asked for, recorded as the report's command."""
+    args = ", ".join(f"{k}={v!r}" for k, v in shown.items() if v is not None)
+    return f"eej.{name}(eej.load_model({model.name!r}), {args})"
+
+
+def _run_bench(model: Model, contestants: list[Any], questions: list[Any], described: dict[str, Any],
+               max_new_tokens: int, batch_size: int, sampling: SamplingConfig, seed: int, agreement: bool,
+               progress: bool) -> BenchReport:
+    """The bench protocol over `questions` (eej.bench.session) -> BenchReport."""
+    from eej.bench.runner import RunSettings
+    from eej.bench.session import bench_document
+
+    doc, records = bench_document(model, contestants, questions, RunSettings(max_new_tokens, batch_size, sampling, seed),
+                                  described, agreement=agreement, progress=progress)
+    return BenchReport(doc, records)
+
+
+def compare(
+    model: Model,
+    prompts: Sequence[str] | Mapping[str, Sequence[str]],
+    methods: Sequence[MethodLike] | Mapping[str, MethodLike] = ("plain",),
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 1,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    agreement: bool = True,
+    progress: bool = False,
+    cache_size: int | None = None,
+) -> BenchReport:
+    """Run `methods` (plain is added as the baseline) on your own prompts -> BenchReport.
+
+    prompts: chat prompts, or {category: prompts} for per-category rows.
+    The bench protocol applies: interleaved contestants, warm-up and compile time excluded, speedups
+    against plain in the same run, identical-output and token-agreement checks.
+    """
+    from eej.bench.questions import Question
+
+    groups = {"prompts": list(prompts)} if not isinstance(prompts, Mapping) else {k: list(v) for k, v in prompts.items()}
+    if isinstance(prompts, str) or not all(isinstance(p, str) for g in groups.values() for p in g):
+        raise TypeError("prompts: a list of strings, or {category: list of strings}")
+    questions = [Question(i, category, (p,)) for i, (category, p) in
+                 enumerate((c, p) for c, group in groups.items() for p in group)]
+    if not questions:
+        raise ValueError("no prompts given")
+    contestants = _contestants(model, methods, cache_size)
+    digest = hashlib.sha256(json.dumps(groups, sort_keys=True).encode()).hexdigest()
+    described = {
+        "command": _call("compare", model, prompts=f"<{len(questions)} prompts>", methods=[c.name for c in contestants],
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed),
+        "note": None, "questions": "(prompts given in Python)", "questions_sha256": digest, "limit": None,
+        "mt_bench_categories": "keep",
+    }
+    return _run_bench(model, contestants, questions, described, max_new_tokens, batch_size,
+                      SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), seed, agreement, progress)
+
+
+def benchmark(
+    model: Model,
+    questions: str,
+    methods: Sequence[MethodLike] | Mapping[str, MethodLike] = ("plain",),
+    *,
+    categories: Sequence[str] | None = None,
+    limit: int | None = None,
+    peers: Sequence[str] = (),
+    early_exit_layer: int | None = None,
+    peer_threads: int = 0,
+    max_new_tokens: int = 256,
+    batch_size: int = 1,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    agreement: bool = True,
+    progress: bool = True,
+    mt_bench_categories: str = "auto",
+    note: str | None = None,
+    cache_size: int | None = None,
+) -> BenchReport:
+    """`eej bench` from Python: a Spec-Bench-schema questions file, methods and optional transformers peers
+    (`peers=["hf", "hf-early-exit"]`, with `early_exit_layer` and `peer_threads` as in docs/bench.md)."""
+    from eej.bench.peers import load_peers, parse_peers
+    from eej.bench.questions import load_questions, select_questions
+
+    chosen = select_questions(load_questions(questions, mt_bench_categories), categories, limit)
+    peer_names = parse_peers(",".join(peers)) if peers else []
+    contestants = _contestants(model, methods, cache_size)
+    contestants += load_peers(peer_names, model.name, model, early_exit_layer, peer_threads)
+    with open(questions, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    described = {
+        "command": _call("benchmark", model, questions=questions, methods=[c.name for c in contestants if c.kind == "method"],
+                         categories=list(categories) if categories else None, limit=limit, peers=list(peers) or None,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed),
+        "note": note, "questions": questions, "questions_sha256": digest, "limit": limit,
+        "mt_bench_categories": mt_bench_categories,
+    }
+    return _run_bench(model, contestants, chosen, described, max_new_tokens, batch_size,
+                      SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), seed, agreement, progress)
+
+
+# ----------------------------------------------------------------------------- a model of your own
+
+
+def custom_model(
+    params: dict[str, Any],
+    layer_fn: Callable[..., jax.Array],
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    tokenizer: Any = None,
+    name: str = "custom",
+    eos_ids: Sequence[int] | None = None,
+    max_position: int = 4096,
+    rms_eps: float = 1e-5,
+    ffn_size: int | None = None,
+) -> Model:
+    """A model of your own — params + a per-layer function — as an eej Model: Engine, every strategy,
+    `generate`, `compare` and the bench run it.
+
+    params: {"embed": [V, D], "layers": your per-layer params (a list/tuple of pytrees, or a pytree of
+      [L, ...] arrays), "final_norm": [D] (RMSNorm weight; ones for none), "lm_head": [D, V]}.
+    layer_fn(layer_params, x [B, T, D], positions [B, T], attend) -> x [B, T, D]: one decoder layer;
+      `attend(q [B,T,num_heads,head_dim], k [B,T,num_kv_heads,head_dim], v) -> [B,T,num_heads,head_dim]`
+      is causal attention over eej's KV cache (apply your position encoding to q and k before).
+      Call it exactly once per layer. Define layer_fn once: the compiled code is keyed on it.
+    tokenizer: an eej Tokenizer (default: the byte tokenizer with ChatML specials, vocabulary >= 259).
+
+    ffn_size: the width of your MLP's hidden layer (default D); only the built-in Llama layer and add-ons
+      shaped like Llama's weights (a LoRA on `w_gate`, `w_up`, `w_down`) read it. Mesh sharding rules
+      (`--mesh`) and LoRA know the Llama parameter names only.
+    """
+    from eej.weights.byte_tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
+
+    missing = [k for k in ("embed", "layers", "final_norm", "lm_head") if k not in params]
+    if missing:
+        raise ValueError(f"params lack {', '.join(missing)} (need embed [V, D], layers, final_norm [D], lm_head [D, V])")
+    vocab, hidden = params["embed"].shape
+    if tuple(params["lm_head"].shape) != (hidden, vocab) or tuple(params["final_norm"].shape) != (hidden,):
+        raise ValueError(f"with embed [{vocab}, {hidden}], lm_head must be [{hidden}, {vocab}] and final_norm [{hidden}]")
+    if tokenizer is None:
+        if vocab < BYTE_VOCAB_SIZE:
+            raise ValueError(f"the default byte tokenizer needs a vocabulary of >= {BYTE_VOCAB_SIZE}; pass a tokenizer")
+        tokenizer = byte_tokenizer()
+    layers = unstack_layers(params["layers"])
+    dtype = jnp.dtype(params["embed"].dtype).name
+    cfg = ModelConfig(
+        name=name, vocab_size=vocab, hidden_size=hidden, num_layers=num_layers(layers), num_heads=num_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, ffn_size=hidden if ffn_size is None else ffn_size, rms_eps=rms_eps, tie_embeddings=False,
+        max_position=max_position, eos_ids=tuple(tokenizer.eos_ids if eos_ids is None else eos_ids),
+        pad_id=0, dtype=dtype if dtype in ("float32", "bfloat16") else "float32", layer_fn=layer_fn,
+    )
+    device_params = jax.tree.map(jnp.asarray, {**params, "layers": layers})
+    return Model(cfg=cfg, params=device_params, tokenizer=tokenizer)
+

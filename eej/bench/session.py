@@ -1,0 +1,138 @@
+"""One benchmark run from loaded contestants to the JSON document: shared by `eej bench` and `eej.api`.
+
+    doc, records = bench_document(model, contestants, questions, RunSettings(max_new_tokens=64),
+                                  described={"command": "...", "questions": "spec_bench.jsonl"})
+
+`described` holds what the caller alone knows about the run (the command that reproduces it, the
+questions file); the protocol settings, timings, machine and commit are filled in here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+from eej.bench.checkpoint import BenchCheckpoint
+from eej.bench.contestants import Contestant
+from eej.bench.metrics import AnswerRecord
+from eej.bench.questions import Question
+from eej.bench.runner import RunSettings
+from eej.weights.registry import Model
+
+
+def bench_document(
+    model: Model,
+    contestants: Sequence[Contestant],
+    questions: Sequence[Question],
+    settings: RunSettings,
+    described: dict[str, Any],
+    *,
+    agreement: bool = True,
+    progress: bool = True,
+    load_average_start: Any = None,
+    checkpoint: BenchCheckpoint | None = None,
+) -> tuple[dict[str, Any], list[AnswerRecord]]:
+    """Run every contestant on `questions` (eej.bench.runner's protocol) -> (bench JSON document, records).
+
+    agreement: compute token_agreement (one teacher-forced forward per answer).
+    progress: tqdm bars on stderr.
+    checkpoint: keeps finished batches on disk and supplies those of an interrupted run.
+    """
+    from eej.bench.machine import load_average, machine_info
+    from eej.bench.metrics import summarize
+    from eej.bench.questions import categories_in_order
+    from eej.bench.report import build_document
+    from eej.bench.runner import run_bench
+
+    load_start = load_average() if load_average_start is None else load_average_start
+    total = sum(len(q.turns) for q in questions) * len(contestants)
+    completed = {} if checkpoint is None else dict(checkpoint.completed)
+    bar = _progress(total, "eej bench", "answer", progress)
+    bar.update(sum(len(r) for r in completed.values()))
+    start = time.perf_counter()
+    try:
+        records, compile_seconds = run_bench(
+            contestants, questions, model.tokenizer, settings,
+            on_answer=lambda r: (bar.set_postfix_str(f"{r.contestant} / {r.category}", refresh=False), bar.update(1)),
+            completed=completed,
+            on_batch=(lambda b, r: None) if checkpoint is None else checkpoint.add,
+        )
+    finally:
+        bar.close()
+    run_seconds = time.perf_counter() - start
+    fidelity_seconds = add_agreement(model, records, progress) if agreement else 0.0
+
+    order = categories_in_order(questions)
+    names = [c.name for c in contestants]
+    sampling = settings.sampling
+    summary = summarize(records, names, order, sampling.greedy)
+    machine = {**machine_info(), "load_average_start": load_start, "load_average_end": load_average()}
+    run_settings = {
+        **described,
+        "categories": order,
+        "questions_per_category": {c: sum(q.category == c for q in questions) for c in order},
+        "answers_per_contestant": sum(len(q.turns) for q in questions),
+        "max_new_tokens": settings.max_new_tokens,
+        "batch_size": settings.batch_size,
+        "temperature": sampling.temperature,
+        "top_k": sampling.top_k,
+        "top_p": sampling.top_p,
+        "seed": settings.seed,
+        "greedy": sampling.greedy,
+        "chat_template": True,
+        "warmup": "each contestant answers turn 1 of the first batch once before timing (discarded)",
+        "interleaving": "per batch, every contestant in turn; the order rotates by one each batch",
+        "methods": [c.name for c in contestants if c.kind == "method"],
+        "peers": [c.name for c in contestants if c.kind == "peer"],
+        "token_agreement": agreement,
+        "resumed_batches": len(completed),
+        "run_seconds": round(run_seconds, 1),
+        "fidelity_seconds": round(fidelity_seconds, 1),
+        "eej_commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    model_info = {"name": model.name, "num_layers": model.cfg.num_layers, "dtype": model.cfg.dtype,
+                  "attention": model.cfg.attention_impl, "eos_ids": list(model.cfg.eos_ids)}
+    infos = {c.name: c.describe() for c in contestants}
+    return build_document(model_info, machine, run_settings, summary, infos, compile_seconds), records
+
+
+def add_agreement(model: Model, records: Sequence[AnswerRecord], progress: bool = True) -> float:
+    """Fill each record's `agreement` from one teacher-forced forward over prompt + answer; -> seconds spent."""
+    from eej.bench.fidelity import sequence_argmax
+    from eej.bench.metrics import agreement_count
+
+    start = time.perf_counter()
+    bar = _progress(len(records), "token agreement", "answer", progress)
+    for r in records:
+        if r.tokens:
+            argmax = sequence_argmax(model, r.prompt_tokens + r.tokens)
+            r.agreement = agreement_count(r.tokens, argmax, len(r.prompt_tokens))
+        else:
+            r.agreement = 0
+        bar.update(1)
+    bar.close()
+    return time.perf_counter() - start
+
+
+def _progress(total: int, description: str, unit: str, enabled: bool):
+    from tqdm.auto import tqdm  # a widget in a notebook, text on a terminal
+
+    return tqdm(total=total, unit=unit, desc=description, disable=not enabled, file=sys.stderr, mininterval=2.0)
+
+
+def git_commit() -> str | None:
+    """The eej checkout's commit (with -dirty for uncommitted changes), or None outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

@@ -1,0 +1,364 @@
+#!/usr/bin/env python
+"""Rewrite README.md's generated tables from the code and from benchmarks/results/*.json (never typed by hand).
+
+    python scripts/render_readme_tables.py            # rewrite README.md in place
+    python scripts/render_readme_tables.py --check    # exit 1 if README.md is out of date (a test runs this check)
+
+The README holds named sections between markers; each is replaced by what the code and the result
+files say:
+
+    <!-- generated:methods -->    the registered methods: paper, lossless, batching, presets, add-ons, docs page
+    <!-- generated:comparison --> eej against transformers / LayerSkip, EAGLE, Medusa and the papers' code;
+                                  eej's column is read from the registered methods, so it claims only merged ones
+    <!-- generated:specbench -->  every `eej bench` JSON document in benchmarks/results/
+    <!-- generated:plain -->      scripts/bench_plain.py output
+    <!-- generated:gpu -->        scripts/gpu_bench.py output
+    <!-- generated:other -->      any other JSON there, listed with its device
+
+each closed by `<!-- /generated:NAME -->`. Every results table names the device and machine its
+numbers came from, the run's date and settings, and the file it was read from. The tables are
+rendered by the code that renders each benchmark's own report (eej.bench.report,
+scripts/bench_plain.py, scripts/gpu_bench.py), so the README says what the reports say.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import sys
+from typing import Any, Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SECTIONS = ("methods", "comparison", "specbench", "plain", "gpu", "other")
+RESULT_KINDS = ("specbench", "plain", "gpu", "other")
+_MARKER = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.S)
+
+
+class ReadmeError(Exception):
+    """The README's markers or a result file can't be used."""
+
+
+def _script(name: str) -> Any:
+    """A module from scripts/ (their report renderers are reused, not copied)."""
+    spec = importlib.util.spec_from_file_location(f"_eej_script_{name}", os.path.join(HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def kind_of(doc: Any) -> str:
+    """Which section a result document belongs to."""
+    if isinstance(doc, dict) and "schema_version" in doc and "methods" in doc and "peers" in doc:
+        return "specbench"
+    if isinstance(doc, dict) and "kernel_checks" in doc and "decoding" in doc:
+        return "gpu"
+    if isinstance(doc, dict) and str(doc.get("benchmark", "")).startswith("plain decoding") and "results" in doc:
+        return "plain"
+    return "other"
+
+
+def device_note(machine: dict[str, Any], device: str | None = None) -> str:
+    """Where the numbers came from: the accelerator (or CPU) and the host."""
+    cpu = f"{machine.get('cpu', 'unknown CPU')}, {machine.get('cpu_count', '?')} cores"
+    backend = machine.get("jax_backend", "?")
+    if device is None and backend != "cpu":
+        device = ", ".join(sorted(set(machine.get("devices", [])))) or backend
+    where = f"CPU ({cpu})" if device is None else f"{device} (host: {cpu})"
+    return f"{where}; JAX {machine.get('jax', '?')}"
+
+
+def _demote(markdown: str, levels: int = 3) -> str:
+    """Headings of an embedded report pushed below the README's own."""
+    return re.sub(r"^(#+) ", lambda m: "#" * min(6, len(m.group(1)) + levels) + " ", markdown, flags=re.M)
+
+
+def _link(path: str) -> str:
+    rel = _rel(path)
+    return f"[`{rel}`]({rel})"
+
+
+def render_specbench(path: str, doc: dict[str, Any]) -> str:
+    from eej.bench.report import overall_table
+
+    s, m, model = doc["settings"], doc["machine"], doc["model"]
+    per_cat = ", ".join(f"{c} {n}" for c, n in s["questions_per_category"].items())
+    load = ""
+    if m.get("load_average_start") and m.get("load_average_end"):
+        load = f" Load average (1 min) {m['load_average_start'][0]:.1f} at the start, {m['load_average_end'][0]:.1f} at the end."
+    stem = os.path.splitext(path)[0]
+    extra = [f"[{kind}]({_rel(stem + ext)})" for kind, ext in (("report", ".md"), ("plot", ".png")) if os.path.exists(stem + ext)]
+    lines = [
+        f"#### {os.path.basename(stem)}: {', '.join(f'`{n}`' for n in [*doc['methods'], *doc['peers']])} "
+        f"on {os.path.basename(s['questions'])}",
+        "",
+        f"Measured on **{device_note(m)}**, {s['date']}.{load}",
+        f"Model {model['name']} ({model['dtype']}, attention {model['attention']}); questions per category: {per_cat}; "
+        f"{s['answers_per_contestant']} answers per contestant; at most {s['max_new_tokens']} new tokens; "
+        f"batch {s['batch_size']}; {'greedy' if s['greedy'] else 'sampling'}. "
+        f"From {_link(path)}{' (' + ', '.join(extra) + ')' if extra else ''}.",
+    ]
+    if s.get("note"):
+        lines.append(f"Note: {s['note']}")
+    lines += ["", overall_table(doc), "", f"Reproduce: `{s['command']}`"]
+    return "\n".join(lines)
+
+
+def render_plain(path: str, doc: dict[str, Any]) -> str:
+    body = _demote(_script("bench_plain").render_markdown(doc))
+    return f"Measured on **{device_note(doc['machine'])}**. From {_link(path)}.\n\n{body.strip()}"
+
+
+def render_gpu(path: str, doc: dict[str, Any]) -> str:
+    full = _script("gpu_bench").render_markdown(doc)
+    decoding = full[full.index("## Decoding"):] if "## Decoding" in full else full
+    md = os.path.splitext(path)[0] + ".md"
+    more = f" Kernel checks and timings: {_link(md)}." if os.path.exists(md) else ""
+    return (f"Measured on **{device_note(doc['machine'], doc.get('device'))}**. From {_link(path)}.{more}\n\n"
+            f"{_demote(decoding, 2).strip()}")
+
+
+def render_other(path: str, doc: Any) -> str:
+    title = doc.get("benchmark") or doc.get("title") if isinstance(doc, dict) else None
+    machine = doc.get("machine") if isinstance(doc, dict) else None
+    where = f" Measured on {device_note(machine)}." if isinstance(machine, dict) else ""
+    md = os.path.splitext(path)[0] + ".md"
+    report = f" Report: {_link(md)}." if os.path.exists(md) else ""
+    return f"- {_link(path)}{': ' + title if title else ''}.{where}{report}"
+
+
+RENDERERS: dict[str, Callable[[str, Any], str]] = {
+    "specbench": render_specbench, "plain": render_plain, "gpu": render_gpu, "other": render_other,
+}
+EMPTY = {
+    "specbench": "_No `eej bench` results are committed yet._",
+    "plain": "_No plain-decoding results are committed yet (`make bench-plain` writes them)._",
+    "gpu": "_No GPU results are committed yet (`scripts/gpu_bench.sh` writes them)._",
+    "other": "_None._",
+}
+
+
+@dataclasses.dataclass
+class MethodInfo:
+    """What the README says about one registered method (besides `plain`), read from the code and configs/."""
+
+    name: str
+    paper: str | None
+    lossless: bool | None  # None: no random instance to read the class flags from
+    batch_invariant: bool | None
+    presets: str
+    shipped: list[str]  # trained add-on files the presets name (artifacts/...)
+    page: str | None
+
+
+def method_infos(model_name: str = "smollm2-135m") -> list[MethodInfo]:
+    """Every registered method but `plain`, as its module, its strategy class and its presets file say."""
+    import importlib
+
+    import yaml
+
+    from eej.decoding.methods import METHOD_MODULES, known_methods, methods_with_random_instances, random_method
+    from eej.weights.byte_tokenizer import byte_tokenizer
+    from eej.weights.registry import Model, random_params, tiny_config, to_device
+
+    cfg = tiny_config("tiny-llama")
+    tiny = Model(cfg=cfg, params=to_device(random_params(cfg), cfg), tokenizer=byte_tokenizer())
+    with_random = methods_with_random_instances()
+    infos = []
+    for name in known_methods():
+        if name == "plain":
+            continue
+        strategy = random_method(tiny, name)[0] if name in with_random else None
+        module = next((m for m in METHOD_MODULES if m.rsplit(".", 1)[1] == name), None)
+        doc = (importlib.import_module(module).__doc__ or "") if module else ""
+        paper = re.search(r"\(([^()]*arXiv[^()]*)\)", doc.split("\n\n")[0])
+        presets_path = os.path.join(ROOT, "configs", model_name, f"{name}.yaml")
+        presets, shipped = "-", []
+        if os.path.exists(presets_path):
+            with open(presets_path) as f:
+                data = yaml.safe_load(f)
+            presets = f"{len(data['presets'])} ([{data['default']}]({_rel(presets_path)}) default)"
+            shipped = sorted({v for p in data["presets"].values() for v in p.values()
+                              if isinstance(v, str) and v.startswith("artifacts/")})
+        page = os.path.join("docs", f"{name}.md")
+        infos.append(MethodInfo(
+            name=name, paper=paper.group(1) if paper else None,
+            lossless=None if strategy is None else bool(strategy.lossless),
+            batch_invariant=None if strategy is None else bool(strategy.batch_invariant),
+            presets=presets, shipped=shipped, page=page if os.path.exists(os.path.join(ROOT, page)) else None,
+        ))
+    return infos
+
+
+def _yes_no(flag: bool | None, no: str = "no") -> str:
+    return "-" if flag is None else ("yes" if flag else no)
+
+
+def _shipped(files: list[str]) -> str:
+    return ", ".join(f"[`{os.path.basename(f)}`]({f})" + ("" if os.path.exists(os.path.join(ROOT, f)) else " (MISSING)")
+                     for f in files)
+
+
+def render_methods(infos: list[MethodInfo], model_name: str = "smollm2-135m") -> str:
+    """The method registry as a table: what each method is and what ships for `model_name`."""
+    if not infos:
+        return "_No method besides `plain` is merged yet; each appears here (with its presets, trained add-ons and docs page) when its module registers._"
+    header = ["method", "paper", "lossless", "rows independent in a batch",
+              f"presets for {model_name}", "trained add-ons shipped", "page"]
+    rows = [[f"`{m.name}`", m.paper or "-", _yes_no(m.lossless), _yes_no(m.batch_invariant, "no (one decision per batch)"),
+             m.presets, (_shipped(m.shipped) or "none needed") if m.presets != "-" else "-",
+             f"[{m.page}]({m.page})" if m.page else "-"] for m in infos]
+    return _table(header, rows)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _names(infos: list[MethodInfo]) -> str:
+    return ", ".join(f"`{m.name}`" for m in infos)
+
+
+# The methods eej is built to implement (module name -> name in prose).
+PUBLISHED_METHODS = {"skipdecode": "SkipDecode", "kangaroo": "Kangaroo", "specee": "SpecEE", "m2r2": "M2R2"}
+
+# The peers' cells: what their code and maintainers say (links below the table). eej's cells are
+# rendered from the registered methods, so the table never claims a method that is not merged.
+PEERS = ("transformers assisted generation, incl. LayerSkip", "EAGLE (official code)", "Medusa (official code)",
+         "the four methods' published code")
+PEER_CELLS = {
+    "methods": ("a draft model, prompt lookup, or the model's own early layers (LayerSkip, `assistant_early_exit`)",
+                "EAGLE-1/2/3: a trained feature-level draft head, tree drafts",
+                "Medusa-1/2: extra decoding heads, tree attention",
+                "one method each; Kangaroo and SpecEE released theirs"),
+    "batching": ("batch size 1 (`generate` raises `assisted generate is only supported for batch_size = 1`, transformers 5.24)",
+                 "EAGLE-2/3: batch size 1 ([#126][eagle-126]); EAGLE-1 batched ([#90][eagle-90]); batched in SGLang / vLLM",
+                 "batch size 1 ([#66][medusa-66])", "batch size 1"),
+    "sampling": ("greedy and sampling ([docs][hf-ad])", "greedy and sampling", "greedy; \"typical acceptance\" for sampling",
+                 "greedy only"),
+    "lossless": ("yes", "yes", "greedy: yes; typical acceptance: no", "as the method: Kangaroo yes, SkipDecode and SpecEE no"),
+    "training needed": ("none with an existing draft model; LayerSkip needs a model trained with its recipe ([blog][hf-ls])",
+                        "a draft head", "decoding heads (Medusa-1) or joint fine-tuning (Medusa-2)", "per method"),
+    "multi-device": ("PyTorch `device_map`", "PyTorch `device_map`", "PyTorch", "not addressed"),
+    "framework": ("PyTorch", "PyTorch", "PyTorch", "PyTorch"),
+}
+PEER_LINKS = """[hf-ad]: https://huggingface.co/docs/transformers/assisted_decoding
+[hf-ls]: https://huggingface.co/blog/layerskip
+[eagle-126]: https://github.com/SafeAILab/EAGLE/issues/126
+[eagle-90]: https://github.com/SafeAILab/EAGLE/issues/90
+[medusa-66]: https://github.com/FasterDecoding/Medusa/issues/66"""
+
+
+def eej_cells(infos: list[MethodInfo]) -> dict[str, str]:
+    """eej's column of the comparison table, from the registered methods only."""
+    lossless = [m for m in infos if m.lossless]
+    lossy = [m for m in infos if m.lossless is False]
+    trained = [m for m in infos if m.shipped]
+    pending = [title for name, title in PUBLISHED_METHODS.items() if name not in {m.name for m in infos}]
+    in_progress = f"{', '.join(pending)} in progress" if pending else ""
+    if infos:
+        methods = f"plain decoding and {_names(infos)} (see Methods)" + (f"; {in_progress}" if pending else "")
+    else:
+        methods = f"plain decoding on the shared engine; {in_progress} (none merged yet)"
+    parts = []
+    if lossless:
+        parts.append(f"{_names(lossless)}: yes (tested token-identical to plain decoding)")
+    if lossy:
+        parts.append(f"{_names(lossy)}: no (fidelity measured by `eej bench`)")
+    if not parts:
+        parts.append("no speculative method merged yet; the shared acceptance rule (`eej.decoding.verify`) is tested lossless")
+    training = (f"{', '.join(f'`{m.name}`' for m in trained)}: trained add-ons shipped (see Methods); "
+                "one shared training loop, `eej train METHOD`"
+                if trained else "no trained add-on shipped yet; one shared training loop (`eej.train.loop`, `eej train METHOD`) for every add-on")
+    return {
+        "methods": methods,
+        "batching": "ragged batches in one compiled loop; every registered method is tested batched (`tests/test_methods_generic.py`)",
+        "sampling": "temperature / top-k / top-p in the engine, for every method (lossless methods by speculative sampling)",
+        "lossless": "; ".join(parts),
+        "training needed": training,
+        "multi-device": "device mesh (rows over `data`, heads / FFN / vocabulary over `model`), multi-host with "
+                        "`jax.distributed` ([docs/scale.md](docs/scale.md)); tested on simulated CPU devices and two local processes",
+        "framework": "JAX, one `jit`-compiled `while_loop` per generation; Pallas / Triton attention kernels",
+    }
+
+
+def render_comparison(infos: list[MethodInfo]) -> str:
+    """eej against the published implementations and peers, one row per feature."""
+    mine = eej_cells(infos)
+    rows = [[f"**{feature}**", mine[feature], *cells] for feature, cells in PEER_CELLS.items()]
+    return _table(["", "eej (this tree)", *PEERS], rows) + "\n\n" + PEER_LINKS
+
+
+def _rel(path: str) -> str:
+    return os.path.relpath(path, ROOT).replace(os.sep, "/")
+
+
+def render_sections(results_dir: str) -> dict[str, str]:
+    """Section name -> generated markdown: the methods table, and every *.json in `results_dir` (by file name)."""
+    parts: dict[str, list[str]] = {k: [] for k in RESULT_KINDS}
+    names = sorted(f for f in os.listdir(results_dir) if f.endswith(".json")) if os.path.isdir(results_dir) else []
+    for name in names:
+        path = os.path.join(results_dir, name)
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ReadmeError(f"{path}: not valid JSON ({e.msg})") from None
+        kind = kind_of(doc)
+        try:
+            parts[kind].append(RENDERERS[kind](path, doc))
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise ReadmeError(f"{path}: cannot render it as a {kind} result ({type(e).__name__}: {e})") from None
+    sep = {"other": "\n"}
+    out = {k: (sep.get(k, "\n\n").join(v) if v else EMPTY[k]) for k, v in parts.items()}
+    infos = method_infos()
+    return {"methods": render_methods(infos), "comparison": render_comparison(infos), **out}
+
+
+def render_readme(text: str, results_dir: str) -> str:
+    """`text` (a README) with every results section regenerated; ReadmeError if a section's markers are missing."""
+    sections = render_sections(results_dir)
+    found = {m.group(2) for m in _MARKER.finditer(text)}
+    unknown = found - set(SECTIONS)
+    if unknown:
+        raise ReadmeError(f"unknown results section(s) in the README: {', '.join(sorted(unknown))}")
+    missing = [k for k in SECTIONS if k not in found]
+    if missing:
+        raise ReadmeError(f"the README lacks the markers of section(s) {', '.join(missing)} "
+                          f"(<!-- generated:NAME --> ... <!-- /generated:NAME -->)")
+    return _MARKER.sub(lambda m: f"{m.group(1)}{sections[m.group(2)]}\n{m.group(4)}", text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--check", action="store_true", help="don't write; exit 1 if the README is out of date")
+    args = ap.parse_args(argv)
+    with open(args.readme, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        new = render_readme(text, args.results)
+    except ReadmeError as e:
+        print(f"render_readme_tables: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != text:
+            print(f"{args.readme} is out of date with {args.results}: run python scripts/render_readme_tables.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        with open(args.readme, "w", encoding="utf-8") as f:
+            f.write(new)
+        print(f"updated {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The notebook API (eej.api): generate, engine reuse, compare / benchmark reports, plots, input errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import ClassVar
+
+import jax.numpy as jnp
+import pytest
+
+import eej
+from eej.api import BenchReport, engine
+from eej.bench.report import check_schema
+from eej.decoding.engine import Engine
+from eej.decoding.sampling import sample
+from eej.decoding.strategy import StepResult, Strategy
+from eej.model.transformer import embed, logits_from_hidden, run_layers
+
+from conftest import tiny_model
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstLayerExit(Strategy):
+    """Test-only lossy strategy: every token from layer 0 alone."""
+
+    name: ClassVar[str] = "first-layer"
+    lossless: ClassVar[bool] = False
+
+    def step(self, params, method_params, cache, method_state, pending, key, sampling, cfg) -> StepResult:
+        x, cache = run_layers(params, embed(params, pending[:, None], cfg), cache, cache.lengths[:, None], cfg, 0, 1)
+        batch = pending.shape[0]
+        return StepResult(
+            tokens=sample(logits_from_hidden(params, x[:, 0], cfg), key, sampling)[:, None],
+            counts=jnp.ones((batch,), jnp.int32), cache=cache.with_lengths(cache.lengths + 1),
+            method_state=method_state, forwards=jnp.zeros((batch,), jnp.int32), layers=jnp.ones((batch,), jnp.float32),
+        )
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("tiny-llama", seed=2)
+
+
+def test_generate_text_batch_and_token_ids(model):
+    one = eej.generate(model, "hello", max_new_tokens=6)
+    assert len(one.texts) == 1 and one.text == model.tokenizer.decode(one.tokens[0]) and len(one.tokens[0]) <= 6
+    batch = eej.generate(model, ["hello", "a much longer prompt"], max_new_tokens=6)
+    assert batch.texts[0] == one.text  # batching doesn't change a row
+    ids = model.tokenizer.encode_chat("hello")
+    assert eej.generate(model, ids, max_new_tokens=6).tokens == one.tokens
+    assert one.tokens_per_second > 0 and "tokens/s" in one._repr_markdown_() and "hello" in one._repr_markdown_()
+
+
+def test_engines_are_reused_per_model_and_method(model):
+    e = engine(model, "plain")
+    assert engine(model, "plain") is e
+    assert engine(model, "plain", cache_size=64) is not e
+    other = tiny_model("tiny-llama", seed=2)
+    assert engine(other, "plain") is not e
+    strategy = FirstLayerExit()
+    assert engine(model, strategy) is engine(model, strategy)
+    params_a, params_b = {"x": jnp.zeros(1)}, {"x": jnp.zeros(1)}
+    assert engine(model, (strategy, params_a)) is not engine(model, (strategy, params_b))
+    eej.generate(model, "hi", max_new_tokens=4)
+    again = eej.generate(model, "hi", max_new_tokens=4)
+    assert again.output.compile_seconds == 0.0  # same shapes: the compiled code is reused
+
+
+def test_generate_with_a_strategy_matches_the_engine(model):
+    strategy = FirstLayerExit()
+    got = eej.generate(model, ["ab", "cdef"], method=strategy, max_new_tokens=5)
+    prompts = [model.tokenizer.encode_chat(p) for p in ["ab", "cdef"]]
+    assert got.tokens == Engine(model, strategy).generate(prompts, 5).tokens
+    assert got.method == "first-layer"
+
+
+def test_compare_report(model, tmp_path):
+    report = eej.compare(model, {"greeting": ["hello", "hi there"], "question": ["why?"]},
+                         {"plain": "plain", "shallow": FirstLayerExit()}, max_new_tokens=6)
+    doc = report.doc
+    check_schema(doc)
+    assert list(doc["methods"]) == ["plain", "shallow"] and doc["settings"]["categories"] == ["greeting", "question"]
+    rows = {r["contestant"]: r for r in report.rows()}
+    assert rows["plain"]["avg_layers"] == 4.0 and rows["shallow"]["avg_layers"] == 1.0
+    assert rows["plain"]["identical_rate"] == 1.0 and rows["plain"]["token_agreement"] == 1.0
+    assert report.rows("question")[0]["answers"] == 1
+    assert "`shallow`" in report.table() and "greeting" in report.table(per_category=True)
+    assert "eej bench: tiny-llama" in report._repr_markdown_()
+    assert doc["settings"]["command"].startswith("eej.compare(eej.load_model('tiny-llama')")
+    figure = report.plot()
+    assert len(figure.axes) == 2
+    paths = report.save(str(tmp_path / "r"))
+    assert BenchReport.load(paths[0]).doc == json.loads(json.dumps(doc))
+    assert (tmp_path / "r.png").stat().st_size > 0 and (tmp_path / "r.md").read_text().startswith("# eej bench")
+
+
+def test_benchmark_from_a_questions_file(model, tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in [
+        {"question_id": 1, "category": "qa", "turns": ["Who?", "And then?"]},
+        {"question_id": 2, "category": "qa", "turns": ["Why?"]},
+        {"question_id": 3, "category": "rag", "turns": ["Where?"]},
+    ]))
+    report = eej.benchmark(model, str(path), ["plain"], categories=["qa"], limit=1, max_new_tokens=5, progress=False)
+    s = report.doc["settings"]
+    assert s["categories"] == ["qa"] and s["answers_per_contestant"] == 2 and s["questions"] == str(path)
+    assert report.rows()[0]["answers"] == 2
+
+
+def test_input_errors(model):
+    with pytest.raises(TypeError, match="spec string"):
+        eej.generate(model, "hi", method=42)
+    with pytest.raises(ValueError, match="listed twice"):
+        eej.compare(model, ["hi"], [FirstLayerExit(), FirstLayerExit()])
+    with pytest.raises(TypeError, match="list of strings"):
+        eej.compare(model, "hi", ["plain"])
+    with pytest.raises(ValueError, match="unknown method"):
+        eej.generate(model, "hi", method="no-such-method")
