@@ -401,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for reproduce lines
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE

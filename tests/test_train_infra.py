@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -87,6 +88,15 @@ def test_training_reduces_the_loss_and_resumes_exactly(tmp_path):
     last = float(loss_fn(straight, frozen, batches(59))[0])
     assert last < 0.05 * first
     assert masked_mean(jnp.asarray([1.0, 3.0, 5.0]), jnp.asarray([1, 1, 0])) == 2.0
+    # a shortened run (stop_at) keeps the full schedule: it can be continued to the same end point,
+    # and asking it again to stop where it already is only returns its parameters
+    short = dataclasses.replace(cfg, stop_at=30)
+    stopped = train(loss_fn, init, frozen, batches, short, str(tmp_path / "c"), progress=False)
+    assert not np.allclose(np.asarray(stopped["w"]), np.asarray(straight["w"]))
+    again = train(loss_fn, init, frozen, batches, short, str(tmp_path / "c"), progress=False)
+    np.testing.assert_array_equal(np.asarray(again["w"]), np.asarray(stopped["w"]))
+    continued = train(loss_fn, init, frozen, batches, cfg, str(tmp_path / "c"), progress=False)
+    np.testing.assert_allclose(np.asarray(continued["w"]), np.asarray(straight["w"]), rtol=1e-6)
 
 
 def test_artifacts_round_trip_and_refuse_another_model(tmp_path):

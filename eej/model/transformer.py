@@ -139,7 +139,7 @@ def cached_attention(
     Args:
       q: [B, T, Hq, Dh] queries; k, v: [B, T, Hkv, Dh] the block's keys/values (positions applied).
       k_cache, v_cache: the layer's cache [B, Hkv, S, Dh]; slot `positions[b, t]` receives token t.
-      kv_limit: see `block`.
+      kv_limit: see `attention_block`.
     Returns:
       (attention output [B, T, Hq, Dh], k_cache, v_cache).
     """
@@ -172,6 +172,34 @@ def custom_block(
     return x, *written[0]
 
 
+def attention_block(
+    layer: dict[str, jax.Array],
+    x: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    kv_limit: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The self-attention sub-block with its residual, reading and extending one layer's cache.
+
+    Args:
+      layer: params with attn_norm, wq, wk, wv, wo (and optional biases); a decoder layer or an
+        attention-only adapter (Kangaroo's).
+      x: residual stream [B, T, D] of the block's tokens.
+      k_cache, v_cache: this layer's cache [B, Hkv, S, Dh].
+      positions: [B, T] position of each token; its K/V is written to that slot.
+      kv_limit: if given (static), no position in the block reaches it, so attention reads only
+        slots [0, kv_limit) — e.g. a prefill from position 0 of P tokens reads P slots, not S.
+    Returns:
+      (x + attention output [B, T, D], k_cache, v_cache).
+    """
+    b, t, _ = x.shape
+    q, k, v = qkv(layer, x, positions, cfg)
+    out, k_cache, v_cache = cached_attention(q, k, v, k_cache, v_cache, positions, cfg, kv_limit)
+    return x + linear(out.reshape(b, t, cfg.num_heads * cfg.head_dim), layer["wo"]), k_cache, v_cache
+
+
 def block(
     layer: dict[str, jax.Array],
     x: jax.Array,
@@ -181,15 +209,8 @@ def block(
     cfg: ModelConfig,
     kv_limit: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decoder layer over a block of tokens, reading and extending that layer's cache.
+    """One decoder layer (attention then MLP sub-block) over a block of tokens; args as `attention_block`.
 
-    Args:
-      layer: this layer's params (unstacked).
-      x: residual stream [B, T, D] of the block's tokens.
-      k_cache, v_cache: this layer's cache [B, Hkv, S, Dh].
-      positions: [B, T] position of each token; its K/V is written to that slot.
-      kv_limit: if given (static), no position in the block reaches it, so attention reads only
-        slots [0, kv_limit) — e.g. a prefill from position 0 of P tokens reads P slots, not S.
     Returns:
       (x [B, T, D], k_cache, v_cache) after the layer.
 
@@ -197,10 +218,7 @@ def block(
     """
     if cfg.layer_fn is not None:
         return custom_block(layer, x, k_cache, v_cache, positions, cfg, kv_limit)
-    b, t, _ = x.shape
-    q, k, v = qkv(layer, x, positions, cfg)
-    out, k_cache, v_cache = cached_attention(q, k, v, k_cache, v_cache, positions, cfg, kv_limit)
-    x = x + linear(out.reshape(b, t, cfg.num_heads * cfg.head_dim), layer["wo"])
+    x, k_cache, v_cache = attention_block(layer, x, k_cache, v_cache, positions, cfg, kv_limit)
     return mlp(layer, x, cfg), k_cache, v_cache
 
 
@@ -223,7 +241,7 @@ def run_layers(
       cache: the KV cache; model layer l uses cache layer `l - cache_offset` (so a method can keep a
         cache holding only part of the stack).
       positions: [B, T] per-row positions of the block's tokens.
-      kv_limit: see `block`.
+      kv_limit: see `attention_block`.
     Returns:
       (x [B, T, D] leaving layer end-1, cache with the block's K/V written in those layers).
       Lengths are not changed: committing tokens is the caller's decision.

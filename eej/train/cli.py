@@ -29,6 +29,8 @@ def add_common_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--max-examples", type=int, default=None, help="cap the number of training sequences")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="end at this step, with the learning-rate schedule of --steps (a shortened run; resumable)")
     p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -39,9 +41,12 @@ def train_config_from_args(args: argparse.Namespace, **overrides):
 
     if args.steps < 1 or args.batch_size < 1 or args.seq_len < 8:
         raise CliError("--steps and --batch-size must be >= 1 and --seq-len >= 8")
+    stop_at = getattr(args, "stop_at", None)
+    if stop_at is not None and not 1 <= stop_at <= args.steps:
+        raise CliError(f"--stop-at must be in [1, --steps={args.steps}], got {stop_at}")
     fields = dict(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup,
-        checkpoint_every_s=args.checkpoint_every, seed=args.seed,
+        checkpoint_every_s=args.checkpoint_every, seed=args.seed, stop_at=stop_at,
     )
     fields.update(overrides)
     return TrainConfig(**fields)

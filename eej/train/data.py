@@ -143,16 +143,20 @@ def split(data: TokenizedData, eval_fraction: float, seed: int = 0) -> tuple[Tok
     return data.subset(order[n_eval:]), data.subset(order[:n_eval])
 
 
-def batch_at(data: TokenizedData, step: int, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """The batch for `step`: a pure function of (step, seed), so a resumed run sees the same data.
-
-    Walks through `data` in epochs, each a fresh permutation.
-    """
-    n = len(data)
+def batch_indices(n: int, step: int, batch_size: int, seed: int = 0) -> np.ndarray:
+    """Indices [batch_size] of the sequences (out of n) in the batch for `step`: a pure function of
+    (step, seed), so a resumed run sees the same data. Walks through the data in epochs, each a fresh
+    permutation."""
     per_epoch = max(1, n // batch_size)
     epoch, offset = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     index = order[offset * batch_size : offset * batch_size + batch_size]
     if len(index) < batch_size:  # tiny data sets: wrap around
         index = np.resize(order, batch_size)
+    return index
+
+
+def batch_at(data: TokenizedData, step: int, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The batch for `step` (see `batch_indices`)."""
+    index = batch_indices(len(data), step, batch_size, seed)
     return {"tokens": data.tokens[index], "loss_mask": data.loss_mask[index], "lengths": data.lengths[index]}

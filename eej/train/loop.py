@@ -39,6 +39,7 @@ class TrainConfig:
     checkpoint_every_s: float = 300.0
     log_every: int = 10
     seed: int = 0
+    stop_at: int | None = None  # end at this step of the `steps`-long schedule (a shortened run)
 
     def optimizer(self) -> optax.GradientTransformation:
         """AdamW with linear warmup then cosine decay to 10%, after global-norm clipping."""
@@ -96,7 +97,8 @@ def train(
 
     params, opt_state = state["params"], state["opt_state"]
     last_save = time.monotonic()
-    end = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
+    end = config.steps if config.stop_at is None else min(config.steps, max(config.stop_at, start_step))
+    end = end if stop_after is None else min(end, start_step + stop_after)
     bar = tqdm(total=config.steps, initial=start_step, desc=description, disable=not progress, dynamic_ncols=True)
     log_path = os.path.join(out_dir, "train_log.jsonl")
     running: dict[str, float] = {}
