@@ -77,6 +77,7 @@ class GenerationOutput:
     forwards: full-model forwards per row (plain decoding: one per token after the first; the
       prefill counts as one).
     layers: transformer layers computed per row (prefill excluded).
+    method_state: the strategy's state after the last step (device arrays; e.g. a method's own counters).
     """
 
     tokens: list[list[int]]
@@ -87,6 +88,7 @@ class GenerationOutput:
     forwards: list[int]
     layers: list[float]
     steps: int
+    method_state: Any = None
 
     @property
     def new_tokens(self) -> list[int]:
@@ -361,6 +363,7 @@ class Engine:
             forwards=to_host(state.forwards).tolist(),
             layers=to_host(state.layers).tolist(),
             steps=int(to_host(state.steps)),
+            method_state=state.method_state,
         )
 
 

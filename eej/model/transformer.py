@@ -133,28 +133,31 @@ def cached_attention(
     positions: jax.Array,
     cfg: ModelConfig,
     kv_limit: int | None = None,
+    slots: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Write a block's keys/values into one layer's cache and attend over it.
 
     Args:
       q: [B, T, Hq, Dh] queries; k, v: [B, T, Hkv, Dh] the block's keys/values (positions applied).
-      k_cache, v_cache: the layer's cache [B, Hkv, S, Dh]; slot `positions[b, t]` receives token t.
-      kv_limit: see `attention_block`.
+      k_cache, v_cache: the layer's cache [B, Hkv, S, Dh]; slot `slots[b, t]` (default: the
+        token's position) receives token t, and the query reads slots 0..its own slot.
+      kv_limit, slots: see `attention_block`.
     Returns:
       (attention output [B, T, Hq, Dh], k_cache, v_cache).
     """
-    k_cache = write_block(k_cache, k, positions)
-    v_cache = write_block(v_cache, v, positions)
+    slots = positions if slots is None else slots
+    k_cache = write_block(k_cache, k, slots)
+    v_cache = write_block(v_cache, v, slots)
     if kv_limit is not None and kv_limit < k_cache.shape[2]:
-        out = attn_lib.attention(q, k_cache[:, :, :kv_limit], v_cache[:, :, :kv_limit], positions, cfg)
+        out = attn_lib.attention(q, k_cache[:, :, :kv_limit], v_cache[:, :, :kv_limit], slots, cfg)
     else:
-        out = attn_lib.attention(q, k_cache, v_cache, positions, cfg)
+        out = attn_lib.attention(q, k_cache, v_cache, slots, cfg)
     return out, k_cache, v_cache
 
 
 def custom_block(
     layer: Any, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array, cfg: ModelConfig,
-    kv_limit: int | None = None,
+    kv_limit: int | None = None, slots: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`block` for a config with a user `layer_fn` (see ModelConfig): its `attend` reads and extends the cache."""
     written: list[tuple[jax.Array, jax.Array]] = []
@@ -162,7 +165,7 @@ def custom_block(
     def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         if written:
             raise ValueError("a layer_fn may call attend only once per layer (one KV cache per layer)")
-        out, kc, vc = cached_attention(q, k, v, k_cache, v_cache, positions, cfg, kv_limit)
+        out, kc, vc = cached_attention(q, k, v, k_cache, v_cache, positions, cfg, kv_limit, slots)
         written.append((kc, vc))
         return out
 
@@ -180,6 +183,7 @@ def attention_block(
     positions: jax.Array,
     cfg: ModelConfig,
     kv_limit: int | None = None,
+    slots: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The self-attention sub-block with its residual, reading and extending one layer's cache.
 
@@ -191,12 +195,15 @@ def attention_block(
       positions: [B, T] position of each token; its K/V is written to that slot.
       kv_limit: if given (static), no position in the block reaches it, so attention reads only
         slots [0, kv_limit) — e.g. a prefill from position 0 of P tokens reads P slots, not S.
+      slots: [B, T] cache slots of the block's tokens, if not their positions (a layer that holds
+        only some tokens, packed: early exit without KV for exited tokens). RoPE still uses
+        `positions`; the K/V go to `slots` and a query reads slots 0..its own slot.
     Returns:
       (x + attention output [B, T, D], k_cache, v_cache).
     """
     b, t, _ = x.shape
     q, k, v = qkv(layer, x, positions, cfg)
-    out, k_cache, v_cache = cached_attention(q, k, v, k_cache, v_cache, positions, cfg, kv_limit)
+    out, k_cache, v_cache = cached_attention(q, k, v, k_cache, v_cache, positions, cfg, kv_limit, slots)
     return x + linear(out.reshape(b, t, cfg.num_heads * cfg.head_dim), layer["wo"]), k_cache, v_cache
 
 
@@ -208,6 +215,7 @@ def block(
     positions: jax.Array,
     cfg: ModelConfig,
     kv_limit: int | None = None,
+    slots: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decoder layer (attention then MLP sub-block) over a block of tokens; args as `attention_block`.
 
@@ -217,8 +225,8 @@ def block(
     With `cfg.layer_fn` set (a model of your own), that function is the layer (see `custom_block`).
     """
     if cfg.layer_fn is not None:
-        return custom_block(layer, x, k_cache, v_cache, positions, cfg, kv_limit)
-    x, k_cache, v_cache = attention_block(layer, x, k_cache, v_cache, positions, cfg, kv_limit)
+        return custom_block(layer, x, k_cache, v_cache, positions, cfg, kv_limit, slots)
+    x, k_cache, v_cache = attention_block(layer, x, k_cache, v_cache, positions, cfg, kv_limit, slots)
     return mlp(layer, x, cfg), k_cache, v_cache
 
 

@@ -1,0 +1,497 @@
+"""SpecEE: early exit guided by speculative tokens (Xu et al. 2025, arXiv 2504.08850).
+
+Each step feeds the pending token through the model one layer at a time and may leave the stack
+early:
+
+1. Layers [0, l) run; a drafter reads the residual stream there and proposes the k most likely
+   next tokens (the *speculative tokens*). The default drafter is Kangaroo's (eej.decoding.kangaroo):
+   its shallow layers are the target's own first l layers, so proposing costs one attention-only
+   adapter block and a (reduced-vocabulary) draft head.
+2. At each scheduled layer i >= l: h = final_norm(hidden_i); the logits of the k speculative
+   tokens (their LM-head columns), their softmax over the k, and the change of that softmax since
+   the last checked layer (the softmax itself at the first check) form a 3k feature vector; a
+   per-layer MLP (3k -> H -> 1, sigmoid) predicts whether the model may stop here.
+3. Above `threshold` the full-vocabulary argmax at layer i is computed, and the step exits only if
+   it is one of the speculative tokens; the token is that argmax. The last layer always decides.
+
+Batches: the decision is made for the whole batch — the batch leaves layer i only when every row
+may exit there (`lax.cond` under `vmap` would run both branches; a scalar predicate skips the
+work for real). So a row's tokens depend on its batch (`batch_invariant = False`), and the method
+is lossy (`lossless = False`). Sampling draws from the exit layer's distribution; the exit rule
+itself is SpecEE's greedy one.
+
+Scheduling (which layers run a predictor): an offline set stored in the settings (chosen by
+`eej train specee` from a calibration pass, see eej.train.specee), plus, online, the layers at
+`online_offsets` around each of the batch's last `online_window` exit layers (carried in the
+method state).
+
+Skipped layers and the KV cache (`kv`):
+- "propagate" (CALM, Schuster et al. 2022): each skipped layer gets the K/V its projections give
+  the exited hidden state (`eej.model.transformer.propagate_kv`), so later tokens attend to it as usual.
+- "drop" (SpecEE's published code): skipped layers store nothing for the exited token. Deeper layers
+  hold only the tokens that reached them, packed: layer i's token j sits in slot
+  `layer_lengths[b, i]` at the time it ran (RoPE still uses its true position), and a query of layer
+  i reads slots 0..its own, so it never sees a missing token or a stale slot. Needs full attention
+  (no sliding window: the window is over slots).
+
+method_params = {"drafter": the drafter's params (Kangaroo: {"adapter": ..., "draft_head", "draft_ids"}),
+                 "predictors": {"w1": [P, 3k, H], "b1": [P, H], "w2": [P, H], "b2": [P]}}
+for the P = N - 1 - l predictor layers l .. N-2 (predictor p belongs to layer l + p).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from eej.config import ModelConfig, SamplingConfig
+from eej.decoding.methods import MethodError, register_method
+from eej.decoding.sampling import sample
+from eej.decoding.strategy import StepResult, Strategy, last_token_logits, prompt_positions
+from eej.model.cache import KVCache, init_cache
+from eej.model.transformer import (
+    Params,
+    block,
+    embed,
+    final_norm,
+    linear,
+    logits_from_hidden,
+    propagate_kv,
+    run_layers,
+    unstack_layers,
+)
+
+KV_MODES = ("propagate", "drop")
+PREDICTOR_KEYS = ("w1", "b1", "w2", "b2")
+
+
+# ----------------------------------------------------------------------------- drafters
+
+
+class Drafter(Protocol):
+    """Anything that proposes k candidate next tokens from the residual stream after layers [0, tap_layer).
+
+    A drafter is a frozen dataclass (static under jit); its weights travel as `drafter_params`.
+    """
+
+    @property
+    def tap_layer(self) -> int:
+        """l: the drafter reads the residual stream entering layer l (after layers [0, l))."""
+
+    def validate(self, cfg: ModelConfig, drafter_params: Any) -> None:
+        """Raise ValueError if the params don't fit `cfg`."""
+
+    def init_state(self, batch: int, capacity: int, cfg: ModelConfig) -> Any:
+        """The drafter's carried state for `batch` rows and `capacity` positions (caches, ...)."""
+
+    def propose(
+        self, params: Params, drafter_params: Any, state: Any, hidden: jax.Array, positions: jax.Array, k: int, cfg: ModelConfig
+    ) -> tuple[jax.Array, Any]:
+        """Candidates for the token after each of a block of tokens.
+
+        hidden: [B, T, D] residual stream after layers [0, tap_layer) of tokens at `positions` [B, T]
+        (consecutive, following what `state` has seen). Returns (candidate ids [B, T, k] int32, state).
+        """
+
+
+@dataclasses.dataclass(frozen=True)
+class KangarooDrafter:
+    """Kangaroo's draft (adapter + draft head on layer l) as a SpecEE drafter: the top-k of its logits.
+
+    drafter_params: Kangaroo's method_params ({"adapter": ..., optional "draft_head" [D, V'] and
+    "draft_ids" [V']). The state is the adapter's one-layer KV cache.
+    """
+
+    exit_layer: int
+
+    @property
+    def tap_layer(self) -> int:
+        return self.exit_layer
+
+    def validate(self, cfg: ModelConfig, drafter_params: Any) -> None:
+        from eej.decoding.kangaroo import Kangaroo
+
+        Kangaroo(exit_layer=self.exit_layer).validate(cfg, drafter_params)
+
+    def init_state(self, batch: int, capacity: int, cfg: ModelConfig) -> KVCache:
+        return init_cache(cfg, batch, capacity, num_layers=1)
+
+    def propose(self, params, drafter_params, state, hidden, positions, k, cfg):
+        from eej.decoding.kangaroo import adapter_forward, draft_head
+
+        drafted, state = adapter_forward(drafter_params["adapter"], hidden, state, positions, cfg)
+        head, ids = draft_head(params, drafter_params)
+        _, top = lax.top_k(linear(drafted, head).astype(jnp.float32), k)
+        top = top if ids is None else jnp.take(ids, top)
+        return top.astype(jnp.int32), state.with_lengths(positions[:, -1] + 1)
+
+
+# ----------------------------------------------------------------------------- predictors and features
+
+
+def speculative_logits(h_normed: jax.Array, columns: jax.Array) -> jax.Array:
+    """Logits [..., k] of the speculative tokens: final-normed states [..., D] times their LM-head columns [..., D, k]."""
+    return jnp.einsum("...d,...dk->...k", h_normed.astype(jnp.float32), columns.astype(jnp.float32))
+
+
+def speculative_features(logits: jax.Array, last_probs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """SpecEE's predictor input at one layer from the speculative tokens' logits [..., k].
+
+    last_probs: [..., k] their softmax at the last checked layer (zeros at the first check).
+    Returns (features [..., 3k] = logits, softmax over the k, its change; softmax [..., k]).
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.concatenate([logits, probs, probs - last_probs], axis=-1), probs
+
+
+def predictor_logit(predictors: dict[str, jax.Array], index: int | jax.Array, features: jax.Array) -> jax.Array:
+    """Predictor `index`'s pre-sigmoid output for features [..., 3k] -> [...] (sigmoid > t <=> logit > logit(t))."""
+    w1, b1 = predictors["w1"][index], predictors["b1"][index]
+    w2, b2 = predictors["w2"][index], predictors["b2"][index]
+    hidden = jax.nn.relu(features @ w1.astype(jnp.float32) + b1.astype(jnp.float32))
+    return hidden @ w2.astype(jnp.float32) + b2.astype(jnp.float32)
+
+
+def init_predictors(num_layers: int, num_candidates: int, hidden: int = 512, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random predictors (float32 numpy) for `num_layers` layers: He-initialised first layer, small output layer."""
+    rng = np.random.default_rng(seed)
+    f = 3 * num_candidates
+    return {
+        "w1": (rng.standard_normal((num_layers, f, hidden)) * np.sqrt(2.0 / f)).astype(np.float32),
+        "b1": np.zeros((num_layers, hidden), np.float32),
+        "w2": (rng.standard_normal((num_layers, hidden)) * np.sqrt(1.0 / hidden)).astype(np.float32),
+        "b2": np.zeros((num_layers,), np.float32),
+    }
+
+
+def _logit(p: float) -> float:
+    p = min(max(float(p), 1e-7), 1 - 1e-7)
+    return float(np.log(p) - np.log1p(-p))
+
+
+# ----------------------------------------------------------------------------- the strategy
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecEE(Strategy):
+    """SpecEE's static settings; the drafter's and predictors' weights travel in method_params.
+
+    drafter: proposes the speculative tokens (see `Drafter`); its tap layer l is the first layer
+      that can have a predictor.
+    num_candidates: k, the speculative tokens per step.
+    threshold: a predictor fires when its sigmoid output exceeds this (1.0: never).
+    offline_layers: layers (0-based; layer i = after running i + 1 layers) that always run their
+      predictor; None = every layer l .. N-2.
+    online_window, online_offsets: also check layers e + o for each of the batch's last
+      `online_window` exit layers e (the last layer counts as an exit) and o in `online_offsets`.
+      online_window 0 disables online scheduling.
+    kv: "propagate" or "drop" (see the module docstring).
+    """
+
+    name: ClassVar[str] = "specee"
+    lossless: ClassVar[bool] = False
+    batch_invariant: ClassVar[bool] = False
+
+    drafter: Any = KangarooDrafter(2)
+    num_candidates: int = 4
+    threshold: float = 0.5
+    offline_layers: tuple[int, ...] | None = None
+    online_window: int = 5
+    online_offsets: tuple[int, ...] = (-2, -1, 0, 1, 2)
+    kv: str = "propagate"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_candidates, int) or self.num_candidates < 1:
+            raise ValueError(f"specee num_candidates must be an integer >= 1, got {self.num_candidates!r}")
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            raise ValueError(f"specee threshold must be in [0, 1], got {self.threshold}")
+        if not isinstance(self.online_window, int) or self.online_window < 0:
+            raise ValueError(f"specee online_window must be an integer >= 0, got {self.online_window!r}")
+        if self.kv not in KV_MODES:
+            raise ValueError(f"specee kv must be one of {', '.join(KV_MODES)}, got {self.kv!r}")
+        if self.offline_layers is not None:
+            object.__setattr__(self, "offline_layers", tuple(sorted(set(int(i) for i in self.offline_layers))))
+        object.__setattr__(self, "online_offsets", tuple(int(o) for o in self.online_offsets))
+
+    @property
+    def first_layer(self) -> int:
+        """The first layer with a predictor (the drafter's tap layer)."""
+        return self.drafter.tap_layer
+
+    def predictor_layers(self, cfg: ModelConfig) -> range:
+        return range(self.first_layer, cfg.num_layers - 1)
+
+    def validate(self, cfg: ModelConfig, method_params: Any) -> None:
+        n, l = cfg.num_layers, self.first_layer
+        if not 0 <= l < n - 1:
+            raise ValueError(f"specee drafter tap layer {l} must leave at least one predictor layer below the last of {n}")
+        if not isinstance(method_params, dict) or "drafter" not in method_params or "predictors" not in method_params:
+            raise ValueError("specee needs method_params {'drafter': ..., 'predictors': ...} (see `eej train specee`)")
+        self.drafter.validate(cfg, method_params["drafter"])
+        pred = method_params["predictors"]
+        missing = [k for k in PREDICTOR_KEYS if k not in pred]
+        if missing:
+            raise ValueError(f"specee predictors lack {', '.join(missing)}")
+        p, f = n - 1 - l, 3 * self.num_candidates
+        w1 = tuple(np.shape(pred["w1"]))
+        if len(w1) != 3 or w1[:2] != (p, f):
+            raise ValueError(
+                f"specee predictors w1 has shape {w1}; the settings need [{p} layers ({l}..{n - 2}), {f} = 3 x "
+                f"{self.num_candidates} features, H]"
+            )
+        h = w1[2]
+        for key, want in (("b1", (p, h)), ("w2", (p, h)), ("b2", (p,))):
+            if tuple(np.shape(pred[key])) != want:
+                raise ValueError(f"specee predictors {key} has shape {tuple(np.shape(pred[key]))}, expected {want}")
+        if self.num_candidates > cfg.vocab_size:
+            raise ValueError(f"specee num_candidates {self.num_candidates} exceeds the vocabulary ({cfg.vocab_size})")
+        if self.offline_layers is not None:
+            bad = [i for i in self.offline_layers if not l <= i < n - 1]
+            if bad:
+                raise ValueError(f"specee offline_layers {bad} are outside the predictor layers {l}..{n - 2}")
+        if self.kv == "drop" and cfg.sliding_window is not None:
+            raise ValueError("specee kv='drop' packs each layer's cache, which a sliding attention window can't use; use kv='propagate'")
+
+    # ------------------------------------------------------------------ state
+
+    def _initial_state(self, drafter_state: Any, prompt_lens: jax.Array, cfg: ModelConfig) -> dict[str, Any]:
+        batch = prompt_lens.shape[0]
+        state = {
+            "drafter": drafter_state,
+            "recent_exits": jnp.full((max(self.online_window, 1),), -1, jnp.int32),
+            "exit_counts": jnp.zeros((cfg.num_layers,), jnp.int32),
+        }
+        if self.kv == "drop":
+            state["layer_lengths"] = jnp.broadcast_to(prompt_lens[:, None], (batch, cfg.num_layers)).astype(jnp.int32)
+        return state
+
+    def schedule(self, recent_exits: jax.Array, cfg: ModelConfig) -> jax.Array:
+        """[N] bool: the layers that run their predictor this step (offline set | online neighbourhoods)."""
+        n = cfg.num_layers
+        offline = np.zeros((n,), bool)
+        offline[list(self.predictor_layers(cfg) if self.offline_layers is None else self.offline_layers)] = True
+        scheduled = jnp.asarray(offline)
+        if self.online_window > 0 and self.online_offsets:
+            near = recent_exits[:, None] + jnp.asarray(self.online_offsets, jnp.int32)[None, :]  # [W, O]
+            near = jnp.where(recent_exits[:, None] >= 0, near, -1)
+            scheduled = scheduled | jnp.any(near.reshape(-1)[:, None] == jnp.arange(n)[None, :], axis=0)
+        return scheduled
+
+    # ------------------------------------------------------------------ engine interface
+
+    def prefill(self, params, method_params, tokens, prompt_lens, cache, cfg):
+        """Prompt through layers [0, l), the drafter (its state only) and layers [l, N) at full depth."""
+        padded, l = tokens.shape[1], self.first_layer
+        positions = prompt_positions(tokens)
+        hidden, cache = run_layers(params, embed(params, tokens, cfg), cache, positions, cfg, 0, l, kv_limit=padded)
+        drafter_state = self.drafter.init_state(tokens.shape[0], cache.capacity, cfg)
+        _, drafter_state = self.drafter.propose(params, method_params["drafter"], drafter_state, hidden, positions, self.num_candidates, cfg)
+        hidden, cache = run_layers(params, hidden, cache, positions, cfg, l, kv_limit=padded)
+        logits = last_token_logits(params, hidden, prompt_lens, cfg)
+        return logits, cache.with_lengths(prompt_lens), self._initial_state(drafter_state, prompt_lens, cfg)
+
+    def step(
+        self,
+        params: Params,
+        method_params: Any,
+        cache: KVCache,
+        method_state: Any,
+        pending: jax.Array,
+        key: jax.Array,
+        sampling: SamplingConfig,
+        cfg: ModelConfig,
+    ) -> StepResult:
+        n, l = cfg.num_layers, self.first_layer
+        batch = pending.shape[0]
+        positions = cache.lengths[:, None]  # [B, 1]
+        x, cache = run_layers(params, embed(params, pending[:, None], cfg), cache, positions, cfg, 0, l)
+        candidates, drafter_state = self.drafter.propose(
+            params, method_params["drafter"], method_state["drafter"], x, positions, self.num_candidates, cfg
+        )
+        candidates = candidates[:, 0]  # [B, k]
+        columns = jnp.moveaxis(jnp.take(params["lm_head"], candidates, axis=1), 0, 1)  # [B, D, k]
+        scheduled = self.schedule(method_state["recent_exits"], cfg)
+        predictors = method_params["predictors"]
+        fire_logit = _logit(self.threshold)
+        never = self.threshold >= 1.0
+        drop = self.kv == "drop"
+        layer_lengths = method_state.get("layer_lengths")
+        layers = unstack_layers(params["layers"])
+        ks, vs = list(cache.k), list(cache.v)
+
+        running = jnp.asarray(True)
+        token = jnp.zeros((batch,), jnp.int32)
+        exit_layer = jnp.asarray(n - 1, jnp.int32)
+        last_probs = jnp.zeros((batch, self.num_candidates), jnp.float32)  # the "change" at the first check is the softmax
+
+        for i in range(l, n):
+            slots = layer_lengths[:, i : i + 1] if drop else None
+
+            def run(x, k, v, i=i, slots=slots):
+                return block(layers[i], x, k, v, positions, cfg, slots=slots)
+
+            def skip(x, k, v, i=i):
+                if drop:
+                    return x, k, v
+                one = propagate_kv(params, x, KVCache(k=(k,), v=(v,), lengths=cache.lengths), positions, cfg, i, cache_offset=i)
+                return x, one.k[0], one.v[0]
+
+            x, ks[i], vs[i] = lax.cond(running, run, skip, x, ks[i], vs[i])
+            if i == n - 1 or never:
+                continue
+
+            def check(carry, i=i, x=x):
+                running, token, exit_layer, last_probs = carry
+                logits = speculative_logits(final_norm(params, x[:, 0], cfg), columns)
+                features, probs = speculative_features(logits, last_probs)
+                fire = jnp.all(predictor_logit(predictors, i - l, features) > fire_logit)
+
+                def verify(_):
+                    top = jnp.argmax(logits_from_hidden(params, x[:, 0], cfg), axis=-1).astype(jnp.int32)
+                    return jnp.all(jnp.any(top[:, None] == candidates, axis=-1)), top
+
+                leave, top = lax.cond(fire, verify, lambda _: (jnp.asarray(False), token), None)
+                return (~leave, jnp.where(leave, top, token), jnp.where(leave, i, exit_layer), probs)
+
+            carry = (running, token, exit_layer, last_probs)
+            running, token, exit_layer, last_probs = lax.cond(running & scheduled[i], check, lambda c: c, carry)
+
+        if sampling.greedy:
+            token = lax.cond(
+                running,
+                lambda: jnp.argmax(logits_from_hidden(params, x[:, 0], cfg), axis=-1).astype(jnp.int32),
+                lambda: token,
+            )
+        else:  # x is the exit layer's state (skipped layers pass it through)
+            token = sample(logits_from_hidden(params, x[:, 0], cfg), key, sampling)
+
+        state = dict(method_state)
+        state["drafter"] = drafter_state
+        state["recent_exits"] = jnp.concatenate([method_state["recent_exits"][1:], exit_layer[None]])
+        state["exit_counts"] = method_state["exit_counts"] + (jnp.arange(n) == exit_layer).astype(jnp.int32)
+        if drop:
+            ran = (jnp.arange(n) <= exit_layer).astype(jnp.int32)
+            state["layer_lengths"] = layer_lengths + ran[None, :]
+        cache = cache.replace(k=tuple(ks), v=tuple(vs))
+        return StepResult(
+            tokens=token[:, None],
+            counts=jnp.ones((batch,), jnp.int32),
+            cache=cache.with_lengths(cache.lengths + 1),
+            method_state=state,
+            forwards=jnp.ones((batch,), jnp.int32),
+            layers=jnp.full((batch,), exit_layer + 1, jnp.float32),
+        )
+
+
+# ----------------------------------------------------------------------------- building from settings
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecEESettings:
+    """What `configs/<model>/specee.yaml` presets hold.
+
+    predictors: path of the trained predictors (`eej train specee`); its header names the drafter
+      (a Kangaroo artifact), its draft vocabulary and the candidates count it was trained with.
+    threshold, offline_layers, online_window, online_offsets, kv: see `SpecEE`.
+      offline_layers: a list, "trained" (the set the training's calibration pass chose) or "all".
+    """
+
+    predictors: str
+    threshold: float = 0.5
+    offline_layers: Any = "trained"
+    online_window: int = 5
+    online_offsets: tuple[int, ...] = (-2, -1, 0, 1, 2)
+    kv: str = "propagate"
+
+
+def load_specee(model, settings: SpecEESettings) -> tuple[SpecEE, dict]:
+    """(strategy, method_params) from trained predictors and the drafter they name; checks both fit."""
+    from eej.decoding.kangaroo import KangarooSettings, load_kangaroo
+    from eej.presets import resolve_path
+    from eej.train.artifacts import load_artifact
+
+    arrays, header = load_artifact(resolve_path(settings.predictors), "specee", model.cfg)
+    trained = header.get("settings", {})
+    drafter = trained.get("drafter", {})
+    try:
+        kangaroo, drafter_params = load_kangaroo(
+            model, KangarooSettings(adapter=drafter["adapter"], exit_layer=int(drafter["exit_layer"]),
+                                    draft_vocab_size=int(drafter.get("draft_vocab_size", 0))),
+        )
+    except KeyError as e:
+        raise MethodError(f"{settings.predictors} does not name its drafter ({e} missing in the header)") from None
+    digest = drafter_digest(drafter_params)
+    if drafter.get("digest") and drafter["digest"] != digest:
+        raise MethodError(
+            f"{settings.predictors} was trained with another drafter than {drafter['adapter']} holds now "
+            f"(digest {drafter['digest'][:12]} vs {digest[:12]}); retrain the predictors"
+        )
+    offline = settings.offline_layers
+    if offline == "trained":
+        offline = trained.get("offline_layers")
+    elif offline == "all":
+        offline = None
+    elif isinstance(offline, str):
+        raise MethodError(f"specee offline_layers must be a list, 'trained' or 'all', got {offline!r}")
+    strategy = SpecEE(
+        drafter=KangarooDrafter(kangaroo.exit_layer),
+        num_candidates=int(trained.get("num_candidates", 4)),
+        threshold=settings.threshold,
+        offline_layers=None if offline is None else tuple(offline),
+        online_window=settings.online_window,
+        online_offsets=tuple(settings.online_offsets),
+        kv=settings.kv,
+    )
+    predictors = {k: jnp.asarray(arrays["predictors"][k], jnp.float32) for k in PREDICTOR_KEYS}
+    return strategy, {"drafter": drafter_params, "predictors": predictors}
+
+
+def drafter_digest(drafter_params: dict) -> str:
+    """A short fingerprint of a drafter's weights (what predictors trained on its candidates depend on)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(drafter_params), key=lambda kv: jax.tree_util.keystr(kv[0])):
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(np.ascontiguousarray(np.asarray(leaf, np.float32 if np.asarray(leaf).dtype.kind == "f" else np.int64)).tobytes())
+    return digest.hexdigest()
+
+
+def _build(model, config: str | None) -> tuple[Strategy, Any]:
+    from eej.presets import from_settings, method_settings
+
+    settings = from_settings(SpecEESettings, method_settings(model.name, "specee", config), "specee settings")
+    try:
+        return load_specee(model, settings)
+    except ValueError as e:
+        raise MethodError(str(e)) from None
+
+
+def random_specee(model, seed: int, **overrides: Any) -> tuple[SpecEE, dict]:
+    """An untrained SpecEE for any model (tests): a random Kangaroo drafter and random predictors.
+
+    The predictors' output bias is set so that they fire often, and the threshold low, so that a
+    random instance exits early now and then (exercising both KV paths).
+    """
+    from eej.decoding.kangaroo import random_kangaroo
+
+    cfg = model.cfg
+    l = min(1, cfg.num_layers - 2)
+    kangaroo, drafter_params = random_kangaroo(model, seed, exit_layer=l)
+    fields: dict[str, Any] = dict(
+        drafter=KangarooDrafter(kangaroo.exit_layer), num_candidates=4, threshold=0.3,
+        kv="drop" if cfg.sliding_window is None else "propagate",
+    )
+    fields.update(overrides)
+    strategy = SpecEE(**fields)
+    pred = init_predictors(cfg.num_layers - 1 - strategy.first_layer, strategy.num_candidates, hidden=16, seed=seed)
+    pred["b2"] = pred["b2"] + 2.0
+    return strategy, {"drafter": drafter_params, "predictors": jax.tree.map(jnp.asarray, pred)}
+
+
+register_method("specee", _build, random_specee)

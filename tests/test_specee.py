@@ -1,0 +1,218 @@
+"""SpecEE on tiny random models: features, the exit rule, the batch rule, and both KV variants."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eej.config import SamplingConfig
+from eej.decoding.engine import Engine
+from eej.train.specee import offline_layers, simulate_exits
+from eej.decoding.specee import random_specee, speculative_features, speculative_logits
+from eej.model.cache import init_cache
+from eej.model.transformer import embed, final_norm, get_layer, logits_from_hidden, qkv, run_layers
+
+from conftest import random_prompts, tiny_model
+
+
+def _never_firing(method_params, how: str):
+    pred = dict(method_params["predictors"])
+    if how == "bias":  # the predictors run but their output is ~0
+        pred["b2"] = jnp.full_like(pred["b2"], -1e4)
+    return {**method_params, "predictors": pred}
+
+
+def test_features_match_full_vocab_computation():
+    model = tiny_model("tiny-gqa", seed=1)
+    params, cfg = model.params, model.cfg
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.standard_normal((3, cfg.hidden_size)), jnp.float32)
+    candidates = jnp.asarray(rng.choice(cfg.vocab_size, (3, 4), replace=False), jnp.int32)
+    columns = jnp.moveaxis(jnp.take(params["lm_head"], candidates, axis=1), 0, 1)
+    logits = speculative_logits(final_norm(params, h, cfg), columns)
+    full = logits_from_hidden(params, h, cfg)
+    direct = jnp.take_along_axis(full, candidates, axis=1)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(direct), rtol=1e-5, atol=1e-5)
+    last = jax.nn.softmax(jnp.asarray(rng.standard_normal((3, 4)), jnp.float32), axis=-1)
+    features, probs = speculative_features(logits, last)
+    want_probs = np.exp(np.asarray(direct) - np.asarray(direct).max(-1, keepdims=True))
+    want_probs /= want_probs.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(probs), want_probs, rtol=1e-5, atol=1e-6)
+    want = np.concatenate([np.asarray(direct), want_probs, want_probs - np.asarray(last)], axis=-1)
+    np.testing.assert_allclose(np.asarray(features), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kv, how, model_name",
+    [("propagate", "bias", "tiny-gqa"), ("drop", "bias", "tiny-llama"), ("drop", "threshold", "tiny-gqa")],
+)
+def test_never_firing_predictor_equals_plain(kv, how, model_name):
+    model = tiny_model(model_name, seed=2)
+    overrides = {"kv": kv, "threshold": 1.0} if how == "threshold" else {"kv": kv}
+    strategy, method_params = random_specee(model, 3, **overrides)
+    method_params = _never_firing(method_params, how)
+    prompts = random_prompts(np.random.default_rng(4), [5, 12, 1], model.cfg.vocab_size)
+    want = Engine(model).generate(prompts, max_new_tokens=16, eos_ids=())
+    got = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=16, eos_ids=())
+    assert got.tokens == want.tokens
+    assert got.layers == [float(model.cfg.num_layers * 15)] * 3  # every decode step ran the full stack
+
+
+def _step_fn(strategy, cfg):
+    return jax.jit(lambda p, mp, cache, st, pending: strategy.step(p, mp, cache, st, pending, jax.random.PRNGKey(0), SamplingConfig(), cfg))
+
+
+def _candidates(strategy, params, method_params, cache, state, pending, cfg):
+    """The speculative tokens a step will use (the drafter is deterministic)."""
+    positions = cache.lengths[:, None]
+    x, _ = run_layers(params, embed(params, pending[:, None], cfg), cache, positions, cfg, 0, strategy.first_layer)
+    cand, _ = strategy.drafter.propose(params, method_params["drafter"], state["drafter"], x, positions, strategy.num_candidates, cfg)
+    return np.asarray(cand[:, 0])
+
+
+def _prefilled(strategy, method_params, model, prompts, capacity=64):
+    cfg = model.cfg
+    lens = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    width = max(len(p) for p in prompts)
+    tokens = jnp.asarray([p + [0] * (width - len(p)) for p in prompts], jnp.int32)
+    cache = init_cache(cfg, len(prompts), capacity)
+    logits, cache, state = strategy.prefill(model.params, method_params, tokens, lens, cache, cfg)
+    return jnp.argmax(logits, -1).astype(jnp.int32), cache, state
+
+
+@pytest.mark.parametrize("kv", ["propagate", "drop"])
+def test_early_exits_emit_a_speculative_token_that_is_the_exit_layers_argmax(kv):
+    model = tiny_model("tiny-gqa", seed=5)
+    cfg, params = model.cfg, model.params
+    strategy, method_params = random_specee(model, 6, kv=kv, threshold=0.05)
+    prompts = random_prompts(np.random.default_rng(7), [6, 9], cfg.vocab_size)
+    pending, cache, state = _prefilled(strategy, method_params, model, prompts)
+    step = _step_fn(strategy, cfg)
+    early = 0
+    for _ in range(30):
+        candidates = _candidates(strategy, params, method_params, cache, state, pending, cfg)
+        result = step(params, method_params, cache, state, pending)
+        exit_layer = int(result.method_state["recent_exits"][-1])
+        token = np.asarray(result.tokens[:, 0])
+        assert np.asarray(result.layers).tolist() == [exit_layer + 1.0] * 2  # one decision for the batch
+        if exit_layer < cfg.num_layers - 1:
+            early += 1
+            assert all(t in c for t, c in zip(token, candidates)), (token, candidates)
+            if kv == "propagate":  # every layer holds every token: the plain stack up to the exit is the reference
+                positions = cache.lengths[:, None]
+                x, _ = run_layers(params, embed(params, pending[:, None], cfg), cache, positions, cfg, 0, exit_layer + 1)
+                np.testing.assert_array_equal(token, np.argmax(np.asarray(logits_from_hidden(params, x[:, 0], cfg)), -1))
+        pending, cache, state = result.tokens[:, 0], result.cache, result.method_state
+    assert 0 < early < 30  # both paths were exercised
+    assert int(state["exit_counts"].sum()) == 30
+
+
+def test_propagation_fills_exactly_the_skipped_layers():
+    model = tiny_model("tiny-gqa", seed=8)
+    cfg, params = model.cfg, model.params
+    n = cfg.num_layers
+    strategy, method_params = random_specee(model, 9, kv="propagate", threshold=0.05)
+    prompts = random_prompts(np.random.default_rng(10), [7, 4], cfg.vocab_size)
+    pending, cache, state = _prefilled(strategy, method_params, model, prompts)
+    step = _step_fn(strategy, cfg)
+    seen_exit = False
+    for _ in range(12):
+        result = step(params, method_params, cache, state, pending)
+        exit_layer = int(result.method_state["recent_exits"][-1])
+        positions = cache.lengths[:, None]
+        rows = np.arange(2)
+        pos = np.asarray(cache.lengths)
+        # What the layers up to the exit compute for the pending token, and its exited state.
+        x, full = run_layers(params, embed(params, pending[:, None], cfg), cache, positions, cfg, 0, exit_layer + 1)
+        for layer in range(n):
+            before_k, after_k = np.asarray(cache.k[layer]), np.asarray(result.cache.k[layer])
+            before_v, after_v = np.asarray(cache.v[layer]), np.asarray(result.cache.v[layer])
+            other = np.ones(after_k.shape[2], bool)
+            for b in rows:  # every other slot untouched
+                keep = other.copy()
+                keep[pos[b]] = False
+                np.testing.assert_array_equal(after_k[b][:, keep], before_k[b][:, keep])
+                np.testing.assert_array_equal(after_v[b][:, keep], before_v[b][:, keep])
+            if layer <= exit_layer:  # ran: the layer's own K/V
+                want_k = np.stack([np.asarray(full.k[layer])[b][:, pos[b]] for b in rows])
+                want_v = np.stack([np.asarray(full.v[layer])[b][:, pos[b]] for b in rows])
+            else:  # skipped: the K/V projections of the exited state
+                _, k, v = qkv(get_layer(params["layers"], layer), x, positions, cfg)
+                want_k, want_v = np.asarray(k)[:, 0], np.asarray(v)[:, 0]
+                seen_exit = True
+            for b in rows:
+                np.testing.assert_allclose(after_k[b][:, pos[b]], want_k[b], rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(after_v[b][:, pos[b]], want_v[b], rtol=1e-5, atol=1e-5)
+        pending, cache, state = result.tokens[:, 0], result.cache, result.method_state
+    assert seen_exit
+
+
+
+def test_offline_layers_rule():
+    # exits at layers 3 (50), 5 (30), 4 (15), 2 (5); the last layer (no exit) is ignored
+    hist = [0, 0, 5, 50, 15, 30, 999]
+    assert offline_layers(hist, 7, 0.5) == [3]
+    assert offline_layers(hist, 7, 0.8) == [3, 5]
+    assert offline_layers(hist, 7, 0.9) == [3, 4, 5]
+    assert offline_layers(hist, 7, 1.0) == [2, 3, 4, 5]
+    assert offline_layers([0, 0, 0, 9], 4, 0.9) == []
+
+
+def test_simulated_exits_follow_the_decoders_rule():
+    fire = np.array([[1, 1, 0], [0, 0, 1], [0, 0, 0], [1, 0, 0]], bool)
+    in_set = np.array([[0, 1, 1], [1, 1, 1], [1, 1, 1], [1, 0, 0]], bool)
+    labels = np.array([[0, 0, 1], [0, 0, 1], [1, 1, 1], [0, 0, 0]], bool)
+    sim = simulate_exits(fire, in_set, labels, num_layers=5, first_layer=1)
+    # row 0 exits at layer 2 (wrong), row 1 at 3 (right), row 2 never (last layer 4), row 3 at 1 (wrong)
+    assert sim["histogram"] == [0, 1, 1, 1, 1]
+    assert sim["early_exit_rate"] == 0.75 and sim["agreement"] == 0.5
+    assert sim["mean_layers"] == (3 + 4 + 5 + 2) / 4
+
+
+def test_train_specee_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
+    import json
+    import sys
+
+    from eej.cli import main as cli_main
+    from eej.decoding.kangaroo import init_adapter
+    from eej.decoding.methods import build_method
+    from eej.train.artifacts import load_artifact, save_artifact
+
+    model = tiny_model("tiny-gqa", 0)
+    adapter = init_adapter(model.cfg, 0, norm=np.asarray(model.params["final_norm"]))
+    ranking = np.arange(model.cfg.vocab_size, dtype=np.int32)
+    save_artifact(str(tmp_path / "kangaroo.npz"), {"adapter": adapter, "vocab_rank": ranking}, "kangaroo", model.cfg,
+                  settings={"exit_layer": 1, "draft_vocab": 0}, reproduce="test")
+    data = tmp_path / "chat.jsonl"
+    rng = np.random.default_rng(0)
+    with open(data, "w") as f:
+        for i in range(24):
+            words = " ".join(rng.choice(["ab", "cd", "ef", "gh"], 12))
+            f.write(json.dumps({"question": f"q{i} {words}", "answer": f"a {words} {words}"}) + "\n")
+    out = tmp_path / "run"
+    argv = ["train", "specee", "--model", "tiny-gqa", "--data", str(data), "--out", str(out),
+            "--drafter", str(tmp_path / "kangaroo.npz"), "--steps", "30", "--batch-size", "64", "--seq-len", "64",
+            "--hidden", "16", "--label-batch-size", "4", "--label-positions", "32", "--eval-fraction", "0.25",
+            "--threshold", "0.3", "--no-progress"]
+    monkeypatch.setattr(sys, "argv", ["eej", *argv])
+    code = cli_main(argv)
+    assert code == 0, capsys.readouterr().err
+    arrays, header = load_artifact(str(out / "specee.npz"), "specee", model.cfg)
+    assert arrays["predictors"]["w1"].shape == (4, 12, 16)  # layers 1..4 of 6, 3k features
+    assert header["reproduce"].startswith("eej train specee --model tiny-gqa")
+    assert len(header["held_out"]["per_layer"]) == 4
+    assert sum(header["held_out"]["exit_simulation"]["histogram"]) > 0
+    assert set(header["settings"]["offline_layers"]) <= {1, 2, 3, 4}
+    settings = tmp_path / "specee.yaml"
+    settings.write_text(json.dumps({"predictors": str(out / "specee.npz"), "threshold": 0.3}))
+    strategy, method_params = build_method(model, f"specee:{settings}")
+    assert strategy.offline_layers == tuple(header["settings"]["offline_layers"]) and strategy.first_layer == 1
+    out_tokens = Engine(model, strategy, method_params).generate([[5, 6, 7]], max_new_tokens=6, eos_ids=()).tokens
+    assert len(out_tokens[0]) == 6
+    # predictors trained with another drafter are refused
+    save_artifact(str(tmp_path / "kangaroo.npz"), {"adapter": {**adapter, "wq": adapter["wq"] + 1}, "vocab_rank": ranking},
+                  "kangaroo", model.cfg, settings={"exit_layer": 1, "draft_vocab": 0}, reproduce="test")
+    with pytest.raises(ValueError, match="another drafter"):
+        build_method(model, f"specee:{settings}")
