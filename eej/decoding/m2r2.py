@@ -48,7 +48,7 @@ import numpy as np
 from jax import lax
 
 from eej.config import ModelConfig, SamplingConfig
-from eej.decoding.kangaroo import draft_head, reduced_head
+from eej.decoding.kangaroo import check_draft_head, draft_head, reduced_head
 from eej.decoding.methods import MethodError, register_method
 from eej.decoding.sampling import sample
 from eej.decoding.speculation import accept, draft_loop, rollback
@@ -163,6 +163,13 @@ def arla_logits(arla: dict, trajectory: jax.Array, cfg: ModelConfig) -> jax.Arra
 # ----------------------------------------------------------------------------- shared settings checks
 
 
+def _check_settings(name: str, fast_layers: Any, exit_threshold: Any) -> None:
+    if not isinstance(fast_layers, int) or fast_layers < 1:
+        raise ValueError(f"{name} fast_layers must be an integer >= 1, got {fast_layers!r}")
+    if not 0.0 <= float(exit_threshold) <= 1.0:
+        raise ValueError(f"{name} exit_threshold must be in [0, 1], got {exit_threshold}")
+
+
 def _check_fast(name: str, num_fast: int, cfg: ModelConfig, method_params: Any) -> None:
     if num_fast > cfg.num_layers:
         raise ValueError(f"{name} fast_layers {num_fast} exceeds the model's {cfg.num_layers} layers")
@@ -204,10 +211,7 @@ class M2R2Spec(Strategy):
     max_draft_steps: int = 5
 
     def __post_init__(self) -> None:
-        if not isinstance(self.fast_layers, int) or self.fast_layers < 1:
-            raise ValueError(f"m2r2-spec fast_layers must be an integer >= 1, got {self.fast_layers!r}")
-        if not 0.0 <= float(self.exit_threshold) <= 1.0:
-            raise ValueError(f"m2r2-spec exit_threshold must be in [0, 1], got {self.exit_threshold}")
+        _check_settings(self.name, self.fast_layers, self.exit_threshold)
         if not isinstance(self.max_draft_steps, int) or self.max_draft_steps < 1:
             raise ValueError(f"m2r2-spec max_draft_steps must be an integer >= 1, got {self.max_draft_steps!r}")
 
@@ -217,12 +221,7 @@ class M2R2Spec(Strategy):
 
     def validate(self, cfg: ModelConfig, method_params: Any) -> None:
         _check_fast("m2r2-spec", self.fast_layers, cfg, method_params)
-        if ("draft_head" in method_params) != ("draft_ids" in method_params):
-            raise ValueError("m2r2-spec method_params need both draft_head and draft_ids, or neither")
-        if "draft_head" in method_params:
-            head, ids = np.shape(method_params["draft_head"]), np.shape(method_params["draft_ids"])
-            if len(ids) != 1 or head != (cfg.hidden_size, ids[0]) or not 0 < ids[0] <= cfg.vocab_size:
-                raise ValueError(f"m2r2-spec draft_head {head} and draft_ids {ids} must be [D={cfg.hidden_size}, V'] and [V']")
+        check_draft_head("m2r2-spec", cfg, method_params)
 
     def step(
         self,
@@ -286,10 +285,7 @@ class M2R2Exit(Strategy):
     min_exit_layer: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.fast_layers, int) or self.fast_layers < 1:
-            raise ValueError(f"m2r2-exit fast_layers must be an integer >= 1, got {self.fast_layers!r}")
-        if not 0.0 <= float(self.exit_threshold) <= 1.0:
-            raise ValueError(f"m2r2-exit exit_threshold must be in [0, 1], got {self.exit_threshold}")
+        _check_settings(self.name, self.fast_layers, self.exit_threshold)
         if not isinstance(self.min_exit_layer, int) or not 1 <= self.min_exit_layer <= self.fast_layers:
             raise ValueError(
                 f"m2r2-exit min_exit_layer must be an integer in [1, fast_layers={self.fast_layers}], got {self.min_exit_layer!r}"
