@@ -189,7 +189,8 @@ def _advance(
 ) -> DecodeState:
     """One strategy step followed by the engine's commit."""
     key, sub = jax.random.split(state.key)
-    result = strategy.step(params, method_params, state.cache, state.method_state, state.pending, sub, sampling, cfg)
+    extra = {"active": ~state.done} if strategy.needs_active_rows else {}
+    result = strategy.step(params, method_params, state.cache, state.method_state, state.pending, sub, sampling, cfg, **extra)
     return _commit(state.replace(key=key), result, eos_ids, max_new)
 
 

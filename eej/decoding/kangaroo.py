@@ -92,6 +92,16 @@ def draft_head(params: Params, method_params: dict) -> tuple[jax.Array, jax.Arra
     return params["lm_head"], None
 
 
+def check_draft_head(method: str, cfg: ModelConfig, method_params: dict) -> None:
+    """ValueError unless method_params hold both or neither of draft_head [D, V'] and draft_ids [V']."""
+    if ("draft_head" in method_params) != ("draft_ids" in method_params):
+        raise ValueError(f"{method} method_params need both draft_head and draft_ids, or neither")
+    if "draft_head" in method_params:
+        head, ids = np.shape(method_params["draft_head"]), np.shape(method_params["draft_ids"])
+        if len(ids) != 1 or head != (cfg.hidden_size, ids[0]) or not 0 < ids[0] <= cfg.vocab_size:
+            raise ValueError(f"{method} draft_head {head} and draft_ids {ids} must be [D={cfg.hidden_size}, V'] and [V']")
+
+
 def reduced_head(params: Params, token_ids: Any) -> dict[str, jax.Array]:
     """method_params entries for a draft head restricted to `token_ids` [V'] (a column slice of the LM head)."""
     ids = jnp.asarray(np.asarray(token_ids, np.int32))
@@ -142,12 +152,7 @@ class Kangaroo(Strategy):
             got = tuple(np.shape(adapter.get(name))) if name in adapter else None
             if got != shape:
                 raise ValueError(f"kangaroo adapter {name} has shape {got}, the model needs {shape}")
-        if ("draft_head" in method_params) != ("draft_ids" in method_params):
-            raise ValueError("kangaroo method_params need both draft_head and draft_ids, or neither")
-        if "draft_head" in method_params:
-            head, ids = np.shape(method_params["draft_head"]), np.shape(method_params["draft_ids"])
-            if len(ids) != 1 or head != (cfg.hidden_size, ids[0]) or not 0 < ids[0] <= cfg.vocab_size:
-                raise ValueError(f"kangaroo draft_head {head} and draft_ids {ids} must be [D={cfg.hidden_size}, V'] and [V']")
+        check_draft_head("kangaroo", cfg, method_params)
 
     def prefill(self, params, method_params, tokens, prompt_lens, cache, cfg):
         """Prompt through layers [0, l), the adapter and layers [l, N); both caches end at `prompt_lens`."""

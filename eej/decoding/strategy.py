@@ -77,6 +77,9 @@ class Strategy:
     # Batch-invariant methods give each row the tokens it would get alone. Methods that make one
     # decision for the whole batch (e.g. exit a layer only when every row may) set this False.
     batch_invariant: ClassVar[bool] = True
+    # Batch-level deciders that must ignore finished rows set this: `step` then gets `active=` [B] bool
+    # (rows still generating; finished rows keep computing throw-away tokens).
+    needs_active_rows: ClassVar[bool] = False
 
     @property
     def max_step_tokens(self) -> int:

@@ -1,0 +1,473 @@
+"""M2R2: a rate-accelerated residual stream for early exit and lossless self-speculation.
+
+Bhendawade et al. 2025 (arXiv 2502.02040). The design as built here (equations in docs/m2r2.md):
+
+- Slow stream: the frozen base model, layers [0, N).
+- Fast stream: the same first K layers with low-rank accelerator adapters (LoRA, eej.model.lora,
+  merged into copies of those K layers once, at load time, so a fast layer costs what a base layer
+  costs). It is trained so that its residual after k layers, f_k, approximates the slow residual
+  after tau(k) = min(round(R k), N) layers (R: the rate). Zero adapters make f_k equal the slow
+  residual after k layers, layer for layer.
+- The fast stream's prediction after k layers: its own RMSNorm + the LM head (or a reduced draft
+  head over a frequency-ranked vocabulary subset, `eej.decoding.kangaroo.reduced_head`).
+- Shared KV: fast layer j attends to the model cache's layer j, i.e. to the slow stream's K/V of
+  committed tokens. Tokens in flight (drafts) write their fast K/V into the slots at or beyond the
+  committed length, which the cache invariant allows (those slots are garbage until overwritten);
+  verification overwrites them with slow K/V and rollback is setting the lengths. No second cache.
+- ARLA (accelerated residual latent attention): a small attention, in a low dimension, of the
+  current token's newest fast state over its fast trajectory [f_1 .. f_k], giving the probability
+  that exiting at fast layer k yields the full model's token.
+
+Two methods:
+
+- `m2r2-spec` (lossless, batch-invariant): the fast stream drafts with `draft_loop` (a row stops
+  after a draft whose top-1 draft probability is below `exit_threshold`), the slow stream verifies
+  [pending, drafts] in one pass over all N layers (`accept`: greedy or lossless sampling), `rollback`.
+- `m2r2-exit` (lossy, batch-level): the token climbs the fast stream one layer at a time; at the
+  first layer k >= `min_exit_layer` where ARLA's exit probability reaches `exit_threshold` for
+  every active row, the batch exits with the full-vocabulary head on f_k, and the layers the token
+  skipped get K/V by state propagation (`propagate_kv` of f_k into layers [k, N), as CALM). If ARLA
+  never fires within the K fast layers, the token runs the full slow stream (which also replaces its
+  fast K/V in layers [0, K) with slow K/V).
+
+method_params = {"fast_layers": tuple of K per-layer dicts (base layer j + its merged adapter),
+                 "norm": [D] the fast stream's output RMSNorm weight,
+                 ("draft_head": [D, V'], "draft_ids": [V'] int32),   # m2r2-spec, optional
+                 ("arla": {...}, see `init_arla`)}                   # m2r2-exit
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from eej.config import ModelConfig, SamplingConfig
+from eej.decoding.kangaroo import check_draft_head, draft_head, reduced_head
+from eej.decoding.methods import MethodError, register_method
+from eej.decoding.sampling import sample
+from eej.decoding.speculation import accept, draft_loop, rollback
+from eej.decoding.strategy import StepResult, Strategy
+from eej.model.cache import KVCache
+from eej.model.lora import init_lora, merge_lora
+from eej.model.transformer import (
+    Params,
+    block,
+    embed,
+    forward,
+    linear,
+    logits_from_hidden,
+    propagate_kv,
+    rms_norm,
+    run_layers,
+    unstack_layers,
+)
+
+# ----------------------------------------------------------------------------- the fast stream
+
+
+def target_depth(k: int, rate: float, num_layers: int) -> int:
+    """tau(k): the slow depth the fast residual after k layers is trained to match, min(round(R k), N)."""
+    return min(num_layers, int(math.floor(rate * k + 0.5)))
+
+
+def fast_layers_from_lora(params: Params, lora: dict, num_fast: int, scale: float = 1.0) -> tuple[dict, ...]:
+    """The K fast layers: base layers [0, K) with the accelerator adapters merged (per-layer dicts).
+
+    lora: `eej.model.lora` adapters stacked over the K fast layers.
+    """
+    head = {"layers": tuple(unstack_layers(params["layers"])[:num_fast])}
+    return tuple(merge_lora(head, lora, scale)["layers"])
+
+
+def fast_params(params: Params, method_params: dict) -> Params:
+    """The model params with the fast layers in place of layers [0, K) (for `run_layers` over [0, K))."""
+    return {**params, "layers": tuple(method_params["fast_layers"])}
+
+
+def fast_head_logits(method_params: dict, x: jax.Array, head: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The fast stream's prediction: its RMSNorm then `head` [D, V']: x [..., D] -> float32 logits [..., V']."""
+    return linear(rms_norm(x, method_params["norm"], cfg.rms_eps), head).astype(jnp.float32)
+
+
+def run_fast(
+    params: Params, method_params: dict, x: jax.Array, cache: KVCache, positions: jax.Array, cfg: ModelConfig, end: int | None = None
+) -> tuple[jax.Array, KVCache]:
+    """Fast layers [0, end) (default all K) over x [B, T, D] at positions [B, T], reading and writing the
+    shared model cache's layers [0, end). -> (f_end [B, T, D], cache); lengths unchanged."""
+    end = len(method_params["fast_layers"]) if end is None else end
+    return run_layers(fast_params(params, method_params), x, cache, positions, cfg, 0, end)
+
+
+def fast_trajectory(
+    params: Params, method_params: dict, x: jax.Array, cache: KVCache, positions: jax.Array, cfg: ModelConfig
+) -> tuple[list[jax.Array], KVCache]:
+    """[f_1, ..., f_K] (each [B, T, D]) for input x [B, T, D]; f_k approximates the slow residual after
+    `target_depth(k, R, N)` layers — what ahead-of-time uses (e.g. routing layer tau(k)'s experts early) read."""
+    fast = fast_params(params, method_params)
+    states = []
+    for j in range(len(method_params["fast_layers"])):
+        x, cache = run_layers(fast, x, cache, positions, cfg, j, j + 1)
+        states.append(x)
+    return states, cache
+
+
+# ----------------------------------------------------------------------------- ARLA
+
+
+def init_arla(cfg: ModelConfig, num_fast: int, dim: int = 32, hidden: int = 64, seed: int = 0, scale: float = 1.0) -> dict[str, np.ndarray]:
+    """ARLA params (float32 numpy) for a K-layer fast stream; attention dimension `dim`, MLP width `hidden`.
+
+    {"norm": [D], "q_proj"/"k_proj"/"v_proj": [D, dim], "q_layer"/"k_layer": [K, dim] layer embeddings,
+     "w1": [2 dim, hidden], "b1": [hidden], "w2": [hidden], "bias": [K] per-layer exit bias}
+    """
+    rng = np.random.default_rng(seed)
+    d = cfg.hidden_size
+
+    def w(*shape, s):
+        return (rng.standard_normal(shape) * s * scale).astype(np.float32)
+
+    return {
+        "norm": np.ones((d,), np.float32),
+        "q_proj": w(d, dim, s=d**-0.5), "k_proj": w(d, dim, s=d**-0.5), "v_proj": w(d, dim, s=d**-0.5),
+        "q_layer": w(num_fast, dim, s=0.1), "k_layer": w(num_fast, dim, s=0.1),
+        "w1": w(2 * dim, hidden, s=(2 * dim) ** -0.5), "b1": np.zeros((hidden,), np.float32),
+        "w2": w(hidden, s=hidden**-0.5), "bias": np.zeros((num_fast,), np.float32),
+    }
+
+
+def arla_logits(arla: dict, trajectory: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Exit logits [..., K] for a fast trajectory [..., K, D] (f_1..f_K): entry k-1 reads only f_1..f_k.
+
+    u_j = RMSNorm(f_j); q_k = u_k Wq + e^q_k; key_j = u_j Wk + e^k_j; val_j = u_j Wv;
+    c_k = sum_{j<=k} softmax_j(q_k . key_j / sqrt(d)) val_j; logit_k = w2 . gelu([q_k, c_k] W1 + b1) + b_k.
+    """
+    k = trajectory.shape[-2]
+    u = rms_norm(trajectory.astype(jnp.float32), arla["norm"], cfg.rms_eps)
+    q = u @ arla["q_proj"] + arla["q_layer"][:k]
+    keys = u @ arla["k_proj"] + arla["k_layer"][:k]
+    vals = u @ arla["v_proj"]
+    scores = jnp.einsum("...id,...jd->...ij", q, keys) / math.sqrt(q.shape[-1])
+    causal = jnp.arange(k)[:, None] >= jnp.arange(k)[None, :]
+    weights = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+    context = jnp.einsum("...ij,...jd->...id", weights, vals)
+    h = jax.nn.gelu(jnp.concatenate([q, context], axis=-1) @ arla["w1"] + arla["b1"])
+    return h @ arla["w2"] + arla["bias"][:k]
+
+
+# ----------------------------------------------------------------------------- shared settings checks
+
+
+def _check_settings(name: str, fast_layers: Any, exit_threshold: Any) -> None:
+    if not isinstance(fast_layers, int) or fast_layers < 1:
+        raise ValueError(f"{name} fast_layers must be an integer >= 1, got {fast_layers!r}")
+    if not 0.0 <= float(exit_threshold) <= 1.0:
+        raise ValueError(f"{name} exit_threshold must be in [0, 1], got {exit_threshold}")
+
+
+def _check_fast(name: str, num_fast: int, cfg: ModelConfig, method_params: Any) -> None:
+    if num_fast > cfg.num_layers:
+        raise ValueError(f"{name} fast_layers {num_fast} exceeds the model's {cfg.num_layers} layers")
+    if not isinstance(method_params, dict) or "fast_layers" not in method_params or "norm" not in method_params:
+        raise ValueError(f"{name} needs method_params {{'fast_layers': ..., 'norm': ...}} (trained adapters; see `eej train m2r2`)")
+    layers = method_params["fast_layers"]
+    if not isinstance(layers, (tuple, list)) or len(layers) != num_fast:
+        got = len(layers) if isinstance(layers, (tuple, list)) else type(layers).__name__
+        raise ValueError(f"{name} settings ask for {num_fast} fast layers, method_params hold {got}")
+    base = {"wq": (cfg.hidden_size, cfg.num_heads * cfg.head_dim), "wk": (cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim),
+            "w_down": (cfg.ffn_size, cfg.hidden_size)}
+    for j, layer in enumerate(layers):
+        for key, shape in base.items():
+            got = tuple(np.shape(layer.get(key))) if key in layer else None
+            if got != shape:
+                raise ValueError(f"{name} fast layer {j} {key} has shape {got}, the model needs {shape}")
+    if tuple(np.shape(method_params["norm"])) != (cfg.hidden_size,):
+        raise ValueError(f"{name} norm has shape {tuple(np.shape(method_params['norm']))}, the model needs ({cfg.hidden_size},)")
+
+
+# ----------------------------------------------------------------------------- self-speculation
+
+
+@dataclasses.dataclass(frozen=True)
+class M2R2Spec(Strategy):
+    """Lossless self-speculation: the fast stream drafts, the slow stream verifies.
+
+    fast_layers: K, the fast stream's depth (its draft runs K layers per token).
+    exit_threshold: a row stops drafting after a draft whose top-1 draft probability is below this.
+    max_draft_steps: the most drafts per step; a step commits at most max_draft_steps + 1 tokens.
+    """
+
+    name: ClassVar[str] = "m2r2-spec"
+    lossless: ClassVar[bool] = True
+    batch_invariant: ClassVar[bool] = True
+
+    fast_layers: int = 6
+    exit_threshold: float = 0.5
+    max_draft_steps: int = 5
+
+    def __post_init__(self) -> None:
+        _check_settings(self.name, self.fast_layers, self.exit_threshold)
+        if not isinstance(self.max_draft_steps, int) or self.max_draft_steps < 1:
+            raise ValueError(f"m2r2-spec max_draft_steps must be an integer >= 1, got {self.max_draft_steps!r}")
+
+    @property
+    def max_step_tokens(self) -> int:
+        return self.max_draft_steps + 1
+
+    def validate(self, cfg: ModelConfig, method_params: Any) -> None:
+        _check_fast("m2r2-spec", self.fast_layers, cfg, method_params)
+        check_draft_head("m2r2-spec", cfg, method_params)
+
+    def step(
+        self,
+        params: Params,
+        method_params: Any,
+        cache: KVCache,
+        method_state: Any,
+        pending: jax.Array,
+        key: jax.Array,
+        sampling: SamplingConfig,
+        cfg: ModelConfig,
+    ) -> StepResult:
+        batch, k = pending.shape[0], self.max_draft_steps
+        start = cache.lengths
+        head, ids = draft_head(params, method_params)
+
+        def draft_fn(cache, token, i):
+            # Token i of the block sits at start + i; its fast K/V goes into those (uncommitted) slots.
+            x, cache = run_fast(params, method_params, embed(params, token[:, None], cfg), cache, (start + i)[:, None], cfg)
+            return cache, fast_head_logits(method_params, x[:, 0], head, cfg)
+
+        draft_key, verify_key = jax.random.split(key)
+        cache, drafts = draft_loop(
+            draft_fn, cache, pending, draft_key, sampling,
+            max_steps=k, exit_threshold=self.exit_threshold, vocab_size=cfg.vocab_size, vocab_ids=ids,
+        )
+        # The slow stream over [pending, drafts] in one pass: its K/V overwrite the drafts' fast K/V.
+        block_tokens = jnp.concatenate([pending[:, None], drafts.tokens], axis=1)
+        positions = start[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None]
+        logits, cache = forward(params, block_tokens, positions, cache, cfg)
+        tokens, counts = accept(drafts, logits, verify_key, sampling)
+        return StepResult(
+            tokens=tokens,
+            counts=counts,
+            cache=rollback(cache, start + counts),
+            method_state=method_state,
+            forwards=jnp.ones((batch,), jnp.int32),
+            layers=jnp.full((batch,), drafts.steps * self.fast_layers + cfg.num_layers, jnp.float32),
+        )
+
+
+# ----------------------------------------------------------------------------- dynamic early exit
+
+
+@dataclasses.dataclass(frozen=True)
+class M2R2Exit(Strategy):
+    """Lossy dynamic early exit from the fast stream, decided by ARLA for the whole batch.
+
+    fast_layers: K; exits are possible after fast layers min_exit_layer..K.
+    exit_threshold: the batch exits at the first such layer where ARLA's exit probability is >= this
+      for every active row (1.0 never exits unless ARLA is certain: plain decoding's tokens).
+    """
+
+    name: ClassVar[str] = "m2r2-exit"
+    lossless: ClassVar[bool] = False
+    batch_invariant: ClassVar[bool] = False
+    needs_active_rows: ClassVar[bool] = True
+
+    fast_layers: int = 6
+    exit_threshold: float = 0.8
+    min_exit_layer: int = 1
+
+    def __post_init__(self) -> None:
+        _check_settings(self.name, self.fast_layers, self.exit_threshold)
+        if not isinstance(self.min_exit_layer, int) or not 1 <= self.min_exit_layer <= self.fast_layers:
+            raise ValueError(
+                f"m2r2-exit min_exit_layer must be an integer in [1, fast_layers={self.fast_layers}], got {self.min_exit_layer!r}"
+            )
+
+    def validate(self, cfg: ModelConfig, method_params: Any) -> None:
+        _check_fast("m2r2-exit", self.fast_layers, cfg, method_params)
+        if "arla" not in method_params:
+            raise ValueError("m2r2-exit needs method_params['arla'] (the trained exit predictor; see `eej train m2r2`)")
+        have = np.shape(method_params["arla"]["bias"])[0]
+        if have < self.fast_layers:
+            raise ValueError(f"m2r2-exit ARLA covers {have} fast layers, the settings ask for {self.fast_layers}")
+
+    def step(
+        self,
+        params: Params,
+        method_params: Any,
+        cache: KVCache,
+        method_state: Any,
+        pending: jax.Array,
+        key: jax.Array,
+        sampling: SamplingConfig,
+        cfg: ModelConfig,
+        active: jax.Array | None = None,
+    ) -> StepResult:
+        batch, num_fast = pending.shape[0], self.fast_layers
+        active = jnp.ones((batch,), bool) if active is None else active
+        start = cache.lengths
+        positions = start[:, None]
+        x0 = embed(params, pending[:, None], cfg)
+        x = x0
+        ks, vs = list(cache.k), list(cache.v)
+        trajectory = jnp.zeros((batch, num_fast, cfg.hidden_size), x.dtype)
+        exited = jnp.zeros((), bool)
+        exit_layer = jnp.asarray(num_fast, jnp.int32)
+        for j in range(num_fast):
+            layer = method_params["fast_layers"][j]
+
+            def run(operand, layer=layer):
+                return block(layer, *operand, positions, cfg)
+
+            # A batch-level decision: lax.cond skips the layer's compute once the batch has exited.
+            x, ks[j], vs[j] = lax.cond(exited, lambda operand: operand, run, (x, ks[j], vs[j]))
+            trajectory = trajectory.at[:, j].set(x[:, 0])
+            if j + 1 >= self.min_exit_layer:
+                p_exit = jax.nn.sigmoid(arla_logits(method_params["arla"], trajectory[:, : j + 1], cfg)[:, j])
+                fire = ~exited & jnp.all((p_exit >= self.exit_threshold) | ~active)
+                exit_layer = jnp.where(fire, j + 1, exit_layer)
+                exited = exited | fire
+        cache = cache.replace(k=tuple(ks), v=tuple(vs))
+
+        def exit_path(operand):
+            x, cache = operand
+            cache = propagate_kv(params, x, cache, positions, cfg, exit_layer)
+            return fast_head_logits(method_params, x[:, 0], params["lm_head"], cfg), cache
+
+        def slow_path(operand):
+            _, cache = operand
+            h, cache = run_layers(params, x0, cache, positions, cfg)
+            return logits_from_hidden(params, h[:, 0], cfg), cache
+
+        logits, cache = lax.cond(exited, exit_path, slow_path, (x, cache))
+        layers = jnp.where(exited, exit_layer, num_fast + cfg.num_layers).astype(jnp.float32)
+        return StepResult(
+            tokens=sample(logits, key, sampling)[:, None],
+            counts=jnp.ones((batch,), jnp.int32),
+            cache=cache.with_lengths(start + 1),
+            method_state=method_state,
+            forwards=jnp.where(exited, 0, 1) * jnp.ones((batch,), jnp.int32),
+            layers=jnp.broadcast_to(layers, (batch,)),
+        )
+
+
+# ----------------------------------------------------------------------------- building from settings
+
+
+@dataclasses.dataclass(frozen=True)
+class M2R2SpecSettings:
+    """`configs/<model>/m2r2-spec.yaml` presets.
+
+    adapter: the trained artifact (relative paths: from the repository root).
+    draft_vocab_size: V' of the reduced draft head (the artifact's most frequent tokens); 0 = full head.
+    """
+
+    adapter: str
+    exit_threshold: float = 0.5
+    max_draft_steps: int = 5
+    draft_vocab_size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class M2R2ExitSettings:
+    """`configs/<model>/m2r2-exit.yaml` presets (adapter as in M2R2SpecSettings)."""
+
+    adapter: str
+    exit_threshold: float = 0.8
+    min_exit_layer: int = 1
+
+
+def params_from_artifact(model, arrays: dict, header: dict, draft_vocab_size: int = 0) -> dict:
+    """method_params from a loaded m2r2 artifact (adapters merged into the fast layers)."""
+    cfg = model.cfg
+    settings = header.get("settings", {})
+    num_fast = int(settings["fast_layers"])
+    lora = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), arrays["lora"])
+    layers = fast_layers_from_lora(model.params, lora, num_fast, float(settings.get("lora_scale", 1.0)))
+    out: dict[str, Any] = {
+        "fast_layers": jax.tree.map(lambda a: jnp.asarray(a, cfg.jnp_dtype), layers),
+        "norm": jnp.asarray(arrays["norm"], cfg.jnp_dtype),
+        "arla": jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), arrays["arla"]),
+    }
+    if draft_vocab_size:
+        ranking = arrays.get("vocab_rank")
+        if ranking is None or draft_vocab_size > len(ranking):
+            have = 0 if ranking is None else len(ranking)
+            raise MethodError(f"draft_vocab_size {draft_vocab_size} exceeds the {have} ranked tokens in the artifact")
+        out.update(reduced_head(model.params, ranking[:draft_vocab_size]))
+    return out
+
+
+def load_m2r2(model, adapter: str) -> tuple[dict, dict]:
+    """(arrays, header) of an m2r2 artifact, checked against the model."""
+    from eej.presets import resolve_path
+    from eej.train.artifacts import load_artifact
+
+    return load_artifact(resolve_path(adapter), "m2r2", model.cfg)
+
+
+def _build_spec(model, config: str | None) -> tuple[Strategy, Any]:
+    from eej.presets import from_settings, method_settings
+
+    s = from_settings(M2R2SpecSettings, method_settings(model.name, "m2r2-spec", config), "m2r2-spec settings")
+    arrays, header = load_m2r2(model, s.adapter)
+    method_params = params_from_artifact(model, arrays, header, s.draft_vocab_size)
+    method_params.pop("arla")
+    strategy = M2R2Spec(int(header["settings"]["fast_layers"]), s.exit_threshold, s.max_draft_steps)
+    return strategy, method_params
+
+
+def _build_exit(model, config: str | None) -> tuple[Strategy, Any]:
+    from eej.presets import from_settings, method_settings
+
+    s = from_settings(M2R2ExitSettings, method_settings(model.name, "m2r2-exit", config), "m2r2-exit settings")
+    arrays, header = load_m2r2(model, s.adapter)
+    strategy = M2R2Exit(int(header["settings"]["fast_layers"]), s.exit_threshold, s.min_exit_layer)
+    return strategy, params_from_artifact(model, arrays, header)
+
+
+def random_method_params(
+    model, seed: int, num_fast: int, rank: int = 4, adapter_scale: float = 0.5, reduced: bool = True, arla_scale: float = 1.0,
+    targets: Sequence[str] | None = None,
+) -> dict:
+    """Untrained (random, non-zero) adapters, fast norm, ARLA and a half-vocabulary draft head (tests)."""
+    cfg = model.cfg
+    lora = init_lora(jax.random.PRNGKey(seed), cfg, rank, num_layers=num_fast, **({"targets": targets} if targets else {}))
+    rng = np.random.default_rng(seed)
+    lora = {n: {"a": ab["a"], "b": jnp.asarray(rng.standard_normal(ab["b"].shape) * adapter_scale / rank, jnp.float32)}
+            for n, ab in lora.items()}
+    out: dict[str, Any] = {
+        "fast_layers": jax.tree.map(lambda a: a.astype(cfg.jnp_dtype), fast_layers_from_lora(model.params, lora, num_fast)),
+        "norm": jnp.asarray(model.params["final_norm"]),
+        "arla": jax.tree.map(jnp.asarray, init_arla(cfg, num_fast, dim=8, hidden=16, seed=seed, scale=arla_scale)),
+    }
+    if reduced:
+        out.update(reduced_head(model.params, np.sort(rng.permutation(cfg.vocab_size)[: max(1, cfg.vocab_size // 2)])))
+    return out
+
+
+def random_spec(model, seed: int, **overrides: Any) -> tuple[M2R2Spec, dict]:
+    fields = dict(fast_layers=min(2, model.cfg.num_layers), exit_threshold=0.02, max_draft_steps=4)
+    fields.update(overrides)
+    method_params = random_method_params(model, seed, fields["fast_layers"])
+    method_params.pop("arla")
+    return M2R2Spec(**fields), method_params
+
+
+def random_exit(model, seed: int, **overrides: Any) -> tuple[M2R2Exit, dict]:
+    fields = dict(fast_layers=min(3, model.cfg.num_layers), exit_threshold=0.5, min_exit_layer=1)
+    fields.update(overrides)
+    method_params = random_method_params(model, seed, fields["fast_layers"], reduced=False, arla_scale=3.0)
+    return M2R2Exit(**fields), method_params
+
+
+register_method("m2r2-spec", _build_spec, random_spec)
+register_method("m2r2-exit", _build_exit, random_exit)
