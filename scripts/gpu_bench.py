@@ -308,8 +308,10 @@ def render_markdown(report: dict) -> str:
             cells.append(f"{r['ms']:.3f}" if "ms" in r else "n/a")
         lines.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(cells) + " |")
     lines += ["", f"## Decoding ({report['settings']['model']}, greedy, tokens/s)", "",
-              "| method | batch | " + " | ".join(report["impls"]) + " | same tokens as xla |",
-              "|---|---:|" + "---:|" * len(report["impls"]) + "---|"]
+              "| method | batch | " + " | ".join(report["impls"]) + " | xla speedup vs plain | same tokens as xla |",
+              "|---|---:|" + "---:|" * len(report["impls"]) + "---:|---|"]
+    plain_xla = {r["batch"]: r["tokens_per_second"] for r in report["decoding"]
+                 if r.get("method") == "plain" and r.get("impl") == "xla" and "tokens_per_second" in r}
     keys = sorted({(r["method"], r["batch"]) for r in report["decoding"] if "batch" in r})
     for method, b in keys:
         cells, same = [], []
@@ -320,7 +322,10 @@ def render_markdown(report: dict) -> str:
             if "tokens_equal_xla" in r:
                 agree = f" ({r['prefix_agreement_xla']:.2f})" if "prefix_agreement_xla" in r else ""
                 same.append(f"{impl}: {'yes' if r['tokens_equal_xla'] else 'no'}{agree}")
-        lines.append(f"| {method} | {b} | " + " | ".join(cells) + f" | {', '.join(same) or '-'} |")
+        mine = next((x["tokens_per_second"] for x in report["decoding"] if x.get("method") == method
+                     and x.get("batch") == b and x["impl"] == "xla" and "tokens_per_second" in x), None)
+        ratio = f"{mine / plain_xla[b]:.2f}x" if mine and b in plain_xla else "n/a"
+        lines.append(f"| {method} | {b} | " + " | ".join(cells) + f" | {ratio} | {', '.join(same) or '-'} |")
     lines += ["", "(same tokens: whether every row equals the xla implementation's output; in brackets the mean "
               "fraction of each row that agrees before the first difference.)"]
     ident = report.get("identity_float32") or []
@@ -441,15 +446,21 @@ def main() -> int:
         report["decoding"] = records
         write()
 
-    if "decoding" in phases:
+    def run_decoding() -> None:
         report["decoding"] = time_decoding(model, decode_impls, methods, batches, max_new, args.rounds, prompt_texts,
                                            deadline, on_record)
-    write()
-    if "identity" in phases:
+        write()
+
+    def run_identity() -> None:
         model32 = model if model.cfg.dtype == "float32" else load_model(model_name, dtype="float32")
         report["identity_float32"] = identity_check(model32, decode_impls, methods, min(8, max(batches)), min(max_new, 64),
                                                     prompt_texts, deadline)
         write()
+
+    # decoding and identity run in the order --phases names them (the first gets the time budget first)
+    order = [p for p in args.phases.split(",") if p in ("decoding", "identity")]
+    for phase in order:
+        {"decoding": run_decoding, "identity": run_identity}[phase]()
     print(render_markdown(report))
     print(f"wrote {out}.json and {out}.md" + (" (stopped early by --time-budget)" if deadline.hit else ""))
     failed = [c for c in checks if not c.get("ok")]

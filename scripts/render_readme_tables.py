@@ -173,9 +173,10 @@ def method_infos(model_name: str = "smollm2-135m") -> list[MethodInfo]:
         if name == "plain":
             continue
         strategy = random_method(tiny, name)[0] if name in with_random else None
-        module = next((m for m in METHOD_MODULES if m.rsplit(".", 1)[1] == name), None)
+        family = method_family(name)
+        module = next((m for m in METHOD_MODULES if m.rsplit(".", 1)[1] == family), None)
         doc = (importlib.import_module(module).__doc__ or "") if module else ""
-        paper = re.search(r"\(([^()]*arXiv[^()]*)\)", doc.split("\n\n")[0])
+        paper = re.search(r"\(([^()]*arXiv[^()]*)\)", doc)
         presets_path = os.path.join(ROOT, "configs", model_name, f"{name}.yaml")
         presets, shipped = "-", []
         if os.path.exists(presets_path):
@@ -184,7 +185,7 @@ def method_infos(model_name: str = "smollm2-135m") -> list[MethodInfo]:
             presets = f"{len(data['presets'])} ([{data['default']}]({_rel(presets_path)}) default)"
             shipped = sorted({v for p in data["presets"].values() for v in p.values()
                               if isinstance(v, str) and v.startswith("artifacts/")})
-        page = os.path.join("docs", f"{name}.md")
+        page = os.path.join("docs", f"{family}.md")
         infos.append(MethodInfo(
             name=name, paper=paper.group(1) if paper else None,
             lossless=None if strategy is None else bool(strategy.lossless),
@@ -224,6 +225,11 @@ def _names(infos: list[MethodInfo]) -> str:
     return ", ".join(f"`{m.name}`" for m in infos)
 
 
+def method_family(name: str) -> str:
+    """The module (and docs page) a registered method belongs to: `m2r2-spec` -> `m2r2`."""
+    return name.split("-", 1)[0]
+
+
 # The methods eej is built to implement (module name -> name in prose).
 PUBLISHED_METHODS = {"skipdecode": "SkipDecode", "kangaroo": "Kangaroo", "specee": "SpecEE", "m2r2": "M2R2"}
 
@@ -259,7 +265,7 @@ def eej_cells(infos: list[MethodInfo]) -> dict[str, str]:
     lossless = [m for m in infos if m.lossless]
     lossy = [m for m in infos if m.lossless is False]
     trained = [m for m in infos if m.shipped]
-    pending = [title for name, title in PUBLISHED_METHODS.items() if name not in {m.name for m in infos}]
+    pending = [title for name, title in PUBLISHED_METHODS.items() if name not in {method_family(m.name) for m in infos}]
     in_progress = f"{', '.join(pending)} in progress" if pending else ""
     if infos:
         methods = f"plain decoding and {_names(infos)} (see Methods)" + (f"; {in_progress}" if pending else "")

@@ -1,6 +1,6 @@
 """M2R2: a rate-accelerated residual stream for early exit and lossless self-speculation.
 
-Bhendawade et al. 2025 (arXiv 2502.02040). The design as built here (equations in docs/m2r2.md):
+M2R2 (Bhendawade et al. 2025, arXiv 2502.02040). The design as built here (equations in docs/m2r2.md):
 
 - Slow stream: the frozen base model, layers [0, N).
 - Fast stream: the same first K layers with low-rank accelerator adapters (LoRA, eej.model.lora,
