@@ -160,3 +160,15 @@ def batch_at(data: TokenizedData, step: int, batch_size: int, seed: int = 0) -> 
     """The batch for `step` (see `batch_indices`)."""
     index = batch_indices(len(data), step, batch_size, seed)
     return {"tokens": data.tokens[index], "loss_mask": data.loss_mask[index], "lengths": data.lengths[index]}
+
+
+def sample_positions(predicting: np.ndarray, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+    """Up to `count` (row, column) pairs where `predicting` [B, T] is set, padded to `count`; -> (rows, cols, real)."""
+    rows, cols = np.nonzero(predicting)
+    if len(rows) > count:
+        keep = np.sort(rng.choice(len(rows), count, replace=False))
+        rows, cols = rows[keep], cols[keep]
+    real = len(rows)
+    pad = count - real
+    return (np.concatenate([rows, np.zeros(pad, rows.dtype)]).astype(np.int32),
+            np.concatenate([cols, np.zeros(pad, cols.dtype)]).astype(np.int32), real)

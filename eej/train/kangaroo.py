@@ -33,6 +33,7 @@ import numpy as np
 
 from eej.cli import CliError
 from eej.train.cli import register_trainer
+from eej.train.data import sample_positions
 
 TEACHER_FORMAT = 1
 
@@ -142,16 +143,8 @@ def make_batch(teacher: dict, predicting: np.ndarray, rows: np.ndarray, exit_lay
     """A training batch for sequences `rows`: exit-layer states of whole sequences, and `num_positions`
     predicting positions (sampled if there are more, zero-weighted padding if fewer) with their teacher data."""
     rows = np.asarray(rows)
-    mask = predicting[rows]
-    b_idx, t_idx = np.nonzero(mask)
-    if len(b_idx) > num_positions:
-        keep = np.sort(rng.choice(len(b_idx), num_positions, replace=False))
-        b_idx, t_idx = b_idx[keep], t_idx[keep]
-    weight = np.zeros((num_positions,), np.float32)
-    weight[: len(b_idx)] = 1.0
-    pad = num_positions - len(b_idx)
-    b_idx = np.concatenate([b_idx, np.zeros(pad, b_idx.dtype)]).astype(np.int32)
-    t_idx = np.concatenate([t_idx, np.zeros(pad, t_idx.dtype)]).astype(np.int32)
+    b_idx, t_idx, real = sample_positions(predicting[rows], num_positions, rng)
+    weight = (np.arange(num_positions) < real).astype(np.float32)
     h_exit = np.asarray(teacher[f"h{exit_layer}"][rows])
     h_final = np.asarray(teacher[f"h{final_layer}"][rows])[b_idx, t_idx]
     lse = np.asarray(teacher["lse"][rows])[b_idx, t_idx]

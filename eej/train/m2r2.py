@@ -32,6 +32,7 @@ import numpy as np
 
 from eej.cli import CliError
 from eej.train.cli import register_trainer
+from eej.train.data import sample_positions
 
 DEFAULT_TARGETS = "wq,wk,wv,wo,w_gate,w_up,w_down"
 
@@ -109,15 +110,8 @@ def make_batch(data, teacher: dict, predicting: np.ndarray, rows: np.ndarray, kv
     """Whole sequences `rows` (tokens, slow states, real-token mask) and `num_positions` predicting
     positions (sampled if more, zero-weighted padding if fewer) with their teacher distributions."""
     rows = np.asarray(rows)
-    b_idx, t_idx = np.nonzero(predicting[rows])
-    if len(b_idx) > num_positions:
-        keep = np.sort(rng.choice(len(b_idx), num_positions, replace=False))
-        b_idx, t_idx = b_idx[keep], t_idx[keep]
-    weight = np.zeros((num_positions,), np.float32)
-    weight[: len(b_idx)] = 1.0
-    pad = num_positions - len(b_idx)
-    b_idx = np.concatenate([b_idx, np.zeros(pad, b_idx.dtype)]).astype(np.int32)
-    t_idx = np.concatenate([t_idx, np.zeros(pad, t_idx.dtype)]).astype(np.int32)
+    b_idx, t_idx, real = sample_positions(predicting[rows], num_positions, rng)
+    weight = (np.arange(num_positions) < real).astype(np.float32)
     t = data.tokens.shape[1]
     real = (np.arange(t)[None] < data.lengths[rows][:, None]).astype(np.float32)
     out = {"tokens": data.tokens[rows], "real": real, "b": b_idx, "t": t_idx, "weight": weight}

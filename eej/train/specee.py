@@ -33,6 +33,7 @@ import numpy as np
 
 from eej.cli import CliError
 from eej.train.cli import register_trainer
+from eej.train.data import sample_positions
 
 LABELS_FORMAT = 1
 
@@ -80,18 +81,6 @@ def _label_fn(params, drafter_params, tokens, rows, cols, *, drafter, k, cfg):
         labels.append(hit & (top == final))
         in_set.append(hit)
     return jnp.stack(features, 1), jnp.stack(labels, 1), jnp.stack(in_set, 1)
-
-
-def sample_positions(predicting: np.ndarray, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
-    """Up to `count` (row, column) pairs where `predicting` [B, T] is set, padded to `count`; -> (rows, cols, real)."""
-    rows, cols = np.nonzero(predicting)
-    if len(rows) > count:
-        keep = np.sort(rng.choice(len(rows), count, replace=False))
-        rows, cols = rows[keep], cols[keep]
-    real = len(rows)
-    pad = count - real
-    return (np.concatenate([rows, np.zeros(pad, rows.dtype)]).astype(np.int32),
-            np.concatenate([cols, np.zeros(pad, cols.dtype)]).astype(np.int32), real)
 
 
 def label_pass(model, drafter, drafter_params, data, predicting, args, progress=True) -> dict[str, np.ndarray]:
