@@ -65,6 +65,12 @@ class ModelConfig:
         `attend(q [B,T,Hq,Dh], k [B,T,Hkv,Dh], v [B,T,Hkv,Dh]) -> [B,T,Hq,Dh]` is causal attention
         over the KV cache (called once per layer; see `eej.model.transformer.block` and
         `eej.api.custom_model`). Compared by identity, so the config stays hashable.
+      num_experts: 0 for a dense MLP in every layer; E > 0 for a mixture-of-experts MLP in every layer
+        (eej.model.moe): a router picks `experts_per_token` of E SwiGLU experts of width `moe_ffn_size`.
+      moe_weighting: how the chosen experts' outputs are combined — "softmax" (softmax over all E router
+        logits, taken at the top-k; renormalised over them when `moe_norm_topk`: Mixtral, Qwen2-MoE) or
+        "unit" (each chosen expert counts once: the experts partition a dense FFN, MoEfication).
+      shared_expert_ffn_size: width of an always-active shared expert with a sigmoid gate (Qwen2-MoE); 0 = none.
     """
 
     name: str
@@ -87,6 +93,12 @@ class ModelConfig:
     dtype: str = "float32"
     attention_impl: str = "xla"
     layer_fn: Callable[..., Any] | None = None
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_ffn_size: int = 0
+    moe_weighting: str = "softmax"
+    moe_norm_topk: bool = True
+    shared_expert_ffn_size: int = 0
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_size"):
@@ -100,6 +112,22 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0 (0 = dense MLP), got {self.num_experts}")
+        if self.num_experts:
+            if not 1 <= self.experts_per_token <= self.num_experts:
+                raise ValueError(
+                    f"experts_per_token must be in [1, num_experts={self.num_experts}], got {self.experts_per_token}"
+                )
+            if self.moe_ffn_size <= 0:
+                raise ValueError(f"a mixture-of-experts model needs moe_ffn_size > 0, got {self.moe_ffn_size}")
+            if self.moe_weighting not in ("softmax", "unit"):
+                raise ValueError(f"moe_weighting must be 'softmax' or 'unit', got {self.moe_weighting!r}")
+
+    @property
+    def is_moe(self) -> bool:
+        """Every layer's MLP is a mixture of experts."""
+        return self.num_experts > 0
 
     @property
     def jnp_dtype(self) -> Any:

@@ -31,6 +31,7 @@ from jax import lax
 
 from eej.config import ModelConfig
 from eej.model import attention as attn_lib
+from eej.model import moe
 from eej.model.cache import KVCache, write_block
 from eej.model.rope import apply_rope
 
@@ -119,8 +120,11 @@ def qkv(layer: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: Mo
 
 
 def mlp(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """The SwiGLU feed-forward sub-block with its residual: x [B,T,D] -> [B,T,D]."""
+    """The SwiGLU feed-forward sub-block with its residual: x [B,T,D] -> [B,T,D] (a mixture of experts,
+    eej.model.moe, when `cfg.is_moe`)."""
     h = rms_norm(x, layer["mlp_norm"], cfg.rms_eps)
+    if cfg.is_moe:
+        return x + moe.moe_ffn(layer, h, cfg)[0]
     return x + linear(jax.nn.silu(linear(h, layer["w_gate"])) * linear(h, layer["w_up"]), layer["w_down"])
 
 

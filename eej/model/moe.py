@@ -1,0 +1,97 @@
+"""The mixture-of-experts MLP sub-block: a router picks k of E SwiGLU experts per token.
+
+Layer params of a MoE model (stacked on a leading L axis like every layer param; E experts of width Fe,
+optional shared expert of width Fs):
+
+    "mlp_norm": [L, D], "router": [L, D, E],
+    "w_gate": [L, E, D, Fe], "w_up": [L, E, D, Fe], "w_down": [L, E, Fe, D],
+    ("shared_w_gate": [L, D, Fs], "shared_w_up": [L, D, Fs], "shared_w_down": [L, Fs, D],
+     "shared_gate": [L, D, 1])                                            # Qwen2-MoE
+
+Routing (`route`): router logits z = RMSNorm(x) W_router (float32); the chosen experts are the top-k of z.
+Their weights are softmax(z) at those experts, renormalised over them when `cfg.moe_norm_topk` (Mixtral,
+Qwen2-MoE), or 1 each with `cfg.moe_weighting == "unit"` (a dense FFN split into experts: the sum of every
+expert's output is the dense output). The shared expert's output is added with weight sigmoid(x W_sg).
+
+Two ways to compute the experts, chosen statically by size (`moe_mlp`): *gathered* — each token's k
+experts' weights are gathered and applied (decoding: few tokens, reads only k of E experts) — and
+*dense* — every expert on every token, combined with a weight that is zero for experts not chosen
+(prefill and training: no gather of B·T·k weight copies). Both give the same output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from eej.config import ModelConfig
+
+
+def router_logits(layer: dict[str, jax.Array], h: jax.Array) -> jax.Array:
+    """Router logits [..., E] (float32) for the normed MLP input h [..., D]."""
+    return jnp.matmul(h.astype(jnp.float32), layer["router"].astype(jnp.float32))
+
+
+def route(logits: jax.Array, cfg: ModelConfig, k: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Router logits [..., E] -> (expert ids [..., k] int32, highest logit first; weights [..., k] float32)."""
+    k = cfg.experts_per_token if k is None else k
+    top, ids = lax.top_k(logits, k)
+    if cfg.moe_weighting == "unit":
+        return ids.astype(jnp.int32), jnp.ones_like(top)
+    weights = jnp.exp(top - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+    if cfg.moe_norm_topk:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return ids.astype(jnp.int32), weights
+
+
+def expert_outputs_dense(layer: dict[str, jax.Array], h: jax.Array) -> jax.Array:
+    """Every expert on every token: h [..., D] -> [..., E, D]."""
+    w_gate, w_up, w_down = (layer[n].astype(h.dtype) for n in ("w_gate", "w_up", "w_down"))
+    a = jax.nn.silu(jnp.einsum("...d,edf->...ef", h, w_gate)) * jnp.einsum("...d,edf->...ef", h, w_up)
+    return jnp.einsum("...ef,efd->...ed", a, w_down)
+
+
+def experts_gathered(
+    w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, h: jax.Array, ids: jax.Array, weights: jax.Array
+) -> jax.Array:
+    """The weighted sum of each token's chosen experts, reading only those experts' weights.
+
+    Args:
+      w_gate, w_up: [E', D, Fe]; w_down: [E', Fe, D] — a layer's experts, or the slots of an expert cache.
+      h: [N, D] normed MLP inputs; ids: [N, k] int32 indices into the E' axis; weights: [N, k].
+    Returns:
+      [N, D] in h's dtype.
+    """
+    g = jnp.take(w_gate, ids, axis=0).astype(h.dtype)  # [N, k, D, Fe]
+    u = jnp.take(w_up, ids, axis=0).astype(h.dtype)
+    d = jnp.take(w_down, ids, axis=0).astype(h.dtype)  # [N, k, Fe, D]
+    a = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", h, g)) * jnp.einsum("nd,nkdf->nkf", h, u)
+    y = jnp.einsum("nkf,nkfd->nkd", a, d)
+    return jnp.einsum("nkd,nk->nd", y, weights.astype(y.dtype))
+
+
+def shared_expert(layer: dict[str, jax.Array], h: jax.Array) -> jax.Array:
+    """The gated shared expert (Qwen2-MoE): h [..., D] -> [..., D]."""
+    g = jnp.matmul(h, layer["shared_w_gate"].astype(h.dtype))
+    u = jnp.matmul(h, layer["shared_w_up"].astype(h.dtype))
+    y = jnp.matmul(jax.nn.silu(g) * u, layer["shared_w_down"].astype(h.dtype))
+    gate = jax.nn.sigmoid(jnp.matmul(h, layer["shared_gate"].astype(h.dtype)).astype(jnp.float32))
+    return (y.astype(jnp.float32) * gate).astype(h.dtype)
+
+
+def moe_ffn(layer: dict[str, jax.Array], h: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """The MoE feed-forward on normed inputs h [B, T, D] -> (output [B, T, D], chosen expert ids [B, T, k])."""
+    b, t, d = h.shape
+    ids, weights = route(router_logits(layer, h), cfg)
+    k, e = cfg.experts_per_token, cfg.num_experts
+    if b * t * k < e:  # few tokens (decoding): read only the chosen experts
+        y = experts_gathered(layer["w_gate"], layer["w_up"], layer["w_down"], h.reshape(b * t, d),
+                             ids.reshape(b * t, k), weights.reshape(b * t, k)).reshape(b, t, d)
+    else:
+        combine = jnp.sum(jax.nn.one_hot(ids, e, dtype=jnp.float32) * weights[..., None], axis=-2)  # [B, T, E]
+        y = jnp.einsum("bted,bte->btd", expert_outputs_dense(layer, h), combine.astype(h.dtype))
+    if "shared_w_gate" in layer:
+        y = y + shared_expert(layer, h)
+    return y, ids
+
