@@ -168,6 +168,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "triton (jax-triton, GPU only: pip install 'eej[gpu]')",
     )
     p.add_argument("--cache-size", type=int, default=None, help="KV cache positions per row (default: fitted)")
+    p.add_argument("--moefy", metavar="ARTIFACT",
+                   help="run the dense model as the mixture of experts an `eej train moefy` artifact describes "
+                   "(e.g. artifacts/smollm2-135m/moefy.npz)")
+    p.add_argument("--experts-per-token", type=int, default=None,
+                   help="mixture-of-experts models: experts each token uses (default: the model's or the artifact's)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -215,10 +220,32 @@ def load_model_from_args(args: argparse.Namespace):
     except ValueError as e:
         raise CliError(str(e)) from None
     model = load_model(args.model, dtype=args.dtype)
+    model = _as_mixture(model, getattr(args, "moefy", None), getattr(args, "experts_per_token", None))
     if args.attention != model.cfg.attention_impl:
         import dataclasses
 
         model = dataclasses.replace(model, cfg=model.cfg.replace(attention_impl=args.attention))
+    return model
+
+
+def _as_mixture(model, moefy: str | None, experts_per_token: int | None):
+    """Apply --moefy / --experts-per-token to a loaded model."""
+    import dataclasses
+
+    from eej.experts.moefy import MoefyError, load_moefied
+    from eej.train.artifacts import ArtifactError
+
+    if moefy:
+        try:
+            return load_moefied(model, moefy, experts_per_token)
+        except (MoefyError, ArtifactError) as e:
+            raise CliError(str(e)) from None
+    if experts_per_token is not None:
+        if not model.cfg.is_moe:
+            raise CliError(f"--experts-per-token needs a mixture-of-experts model; {model.name} is dense (add --moefy ARTIFACT)")
+        if not 1 <= experts_per_token <= model.cfg.num_experts:
+            raise CliError(f"--experts-per-token must be in [1, {model.cfg.num_experts}], got {experts_per_token}")
+        return dataclasses.replace(model, cfg=model.cfg.replace(experts_per_token=experts_per_token))
     return model
 
 

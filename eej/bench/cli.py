@@ -78,6 +78,10 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--attention", args.attention]
     if args.cache_size is not None:
         parts += ["--cache-size", str(args.cache_size)]
+    if args.moefy:
+        parts += ["--moefy", args.moefy]
+    if args.experts_per_token is not None:
+        parts += ["--experts-per-token", str(args.experts_per_token)]
     if args.peers:
         parts += ["--peers", args.peers]
         if "hf-early-exit" in args.peers and args.early_exit_layer is not None:

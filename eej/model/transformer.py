@@ -120,10 +120,12 @@ def qkv(layer: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: Mo
 
 
 def mlp(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """The SwiGLU feed-forward sub-block with its residual: x [B,T,D] -> [B,T,D] (a mixture of experts,
-    eej.model.moe, when `cfg.is_moe`)."""
+    """The SwiGLU feed-forward sub-block with its residual: x [B,T,D] -> [B,T,D].
+
+    A layer with a "router" is a mixture of experts (eej.model.moe, settings from cfg); dense layers
+    stay dense even in a MoE model's config (e.g. an add-on's dense copy of a layer)."""
     h = rms_norm(x, layer["mlp_norm"], cfg.rms_eps)
-    if cfg.is_moe:
+    if "router" in layer:
         return x + moe.moe_ffn(layer, h, cfg)[0]
     return x + linear(jax.nn.silu(linear(h, layer["w_gate"])) * linear(h, layer["w_up"]), layer["w_down"])
 

@@ -66,7 +66,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 def _load_trainers() -> None:
     import importlib
 
-    for module in ("eej.train.kangaroo", "eej.train.skipdecode", "eej.train.specee", "eej.train.m2r2"):
+    for module in ("eej.train.kangaroo", "eej.train.skipdecode", "eej.train.specee", "eej.train.m2r2", "eej.train.moefy"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:
