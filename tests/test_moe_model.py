@@ -17,7 +17,7 @@ from eej.model.lora import default_targets, init_lora, parse_targets
 from eej.model.transformer import mlp
 from eej.weights.registry import random_params, tiny_config
 
-from conftest import tiny_model
+from conftest import random_prompts, tiny_model
 
 
 def _layer(cfg, seed: int = 0, index: int = 1) -> dict[str, jax.Array]:
@@ -78,6 +78,24 @@ def test_all_experts_of_a_split_dense_ffn_with_unit_weights_is_the_dense_mlp():
     gathered = moe.experts_gathered(split["w_gate"], split["w_up"], split["w_down"], h, ids, jnp.ones((10, e)))
     direct = (jax.nn.silu(h @ dense["w_gate"]) * (h @ dense["w_up"])) @ dense["w_down"]
     np.testing.assert_allclose(np.asarray(gathered), np.asarray(direct), atol=1e-5, rtol=1e-5)
+
+
+def test_methods_the_generic_tests_skip_run_on_tiny_moe():
+    """Lossy methods that decide per batch (SpecEE, M2R2 early exit) skip both generic checks on tiny-moe."""
+    from eej.decoding.engine import Engine
+    from eej.decoding.methods import methods_with_random_instances, random_method
+
+    model = tiny_model("tiny-moe", seed=2)
+    prompts = random_prompts(np.random.default_rng(4), [5, 12], model.cfg.vocab_size)
+    ran = []
+    for method in methods_with_random_instances():
+        strategy, method_params = random_method(model, method, seed=1)
+        if strategy.lossless or strategy.batch_invariant:
+            continue
+        out = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=10, eos_ids=())
+        assert [len(t) for t in out.tokens] == [10, 10]
+        ran.append(method)
+    assert "specee" in ran
 
 
 # ----------------------------------------------------------------------------- what does not apply to experts
