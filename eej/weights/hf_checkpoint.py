@@ -108,9 +108,8 @@ def _moe_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
     Router jitter and auxiliary losses only act in training, so they are not read.
     """
     if model_type == "mixtral":  # every layer MoE; top-k weights always renormalised
-        width = int(hf["intermediate_size"])
         return dict(num_experts=int(hf["num_local_experts"]), experts_per_token=int(hf["num_experts_per_tok"]),
-                    moe_ffn_size=width, moe_norm_topk=True)
+                    moe_ffn_size=int(hf["intermediate_size"]), moe_norm_topk=True)
     if model_type == "qwen2_moe" and int(hf.get("num_experts") or 0) > 0:
         mlp_only, step = hf.get("mlp_only_layers") or [], int(hf.get("decoder_sparse_step", 1))
         if mlp_only or step != 1:
