@@ -41,6 +41,18 @@ def test_plain_sharded_matches_single_device(data, model_size):
         assert got == want
 
 
+@pytest.mark.parametrize("data,model_size,shared", [(4, 2, 0), (2, 4, 48)])
+def test_moe_sharded_matches_single_device(data, model_size, shared):
+    # 8 experts of width 32 split over `model` inside each expert; model=2 also splits the 4/2 heads
+    model = tiny_model("tiny-moe", seed=4, vocab_size=264, shared_expert_ffn_size=shared)
+    prompts = prompts_for(model)
+    want = Engine(model).generate(prompts, max_new_tokens=12, eos_ids=()).tokens
+    engine = Engine(model, mesh=make_mesh(data=data, model=model_size))
+    layer = engine.model.params["layers"][0]
+    assert layer["w_gate"].sharding.spec == P(None, None, "model") and layer["w_down"].sharding.spec == P(None, "model", None)
+    assert engine.generate(prompts, max_new_tokens=12, eos_ids=()).tokens == want
+
+
 @pytest.mark.parametrize("method", methods_with_random_instances())
 def test_every_method_sharded_matches_single_device(method):
     model = tiny_model("tiny-gqa", seed=6, vocab_size=264)

@@ -11,7 +11,7 @@ from eej.decoding.engine import Engine, GenerationError, length_bucket
 from conftest import random_prompts, tiny_model
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gqa", "tiny-qwen2", "tiny-mistral"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gqa", "tiny-qwen2", "tiny-mistral", "tiny-moe"])
 def test_batched_equals_one_by_one_for_ragged_prompts(name):
     model = tiny_model(name)
     rng = np.random.default_rng(0)

@@ -62,7 +62,7 @@ def kangaroo_for(model: Model, seed: int, reduced: bool = True, adapter_scale: f
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    name=st.sampled_from(["tiny-llama", "tiny-gqa", "tiny-qwen2", "tiny-mistral"]),
+    name=st.sampled_from(["tiny-llama", "tiny-gqa", "tiny-qwen2", "tiny-mistral", "tiny-moe"]),
     agreeable=st.booleans(),
     exit_layer=st.integers(0, 5),
     threshold=st.sampled_from([0.0, 0.05, 0.3, 0.7, 1.0]),

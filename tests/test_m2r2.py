@@ -55,7 +55,7 @@ def plain_tokens(model, prompts, n, **kw):
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    name=st.sampled_from(["tiny-llama", "tiny-gqa", "tiny-qwen2", "tiny-mistral"]),
+    name=st.sampled_from(["tiny-llama", "tiny-gqa", "tiny-qwen2", "tiny-mistral", "tiny-moe"]),
     agreeable=st.booleans(),
     fast_layers=st.integers(1, 6),
     threshold=st.sampled_from([0.0, 0.05, 0.3, 0.7, 1.0]),

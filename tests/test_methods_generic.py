@@ -15,7 +15,7 @@ from eej.decoding.methods import methods_with_random_instances, random_method
 from conftest import random_prompts, tiny_model
 
 METHODS = methods_with_random_instances()
-MODELS = ["tiny-llama", "tiny-gqa"]
+MODELS = ["tiny-llama", "tiny-gqa", "tiny-moe"]
 
 
 @pytest.mark.parametrize("method", METHODS)

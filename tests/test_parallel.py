@@ -55,6 +55,16 @@ def test_param_rules_split_heads_ffn_vocab():
     assert s.param_spec("lm_head", (64, 257)) == P()  # does not divide: whole
 
 
+def test_param_rules_split_every_expert_over_its_width():
+    s = rules(4, 2, "tiny-moe", shared_expert_ffn_size=48)  # 8 experts of width 32
+    assert s.param_spec("w_gate", (8, 64, 32)) == P(None, None, "model")  # [E, D, Fe]
+    assert s.param_spec("w_up", (4, 8, 64, 32)) == P(None, None, None, "model")  # stacked [L, E, D, Fe]
+    assert s.param_spec("w_down", (8, 32, 64)) == P(None, "model", None)  # [E, Fe, D]
+    assert s.param_spec("shared_w_gate", (64, 48)) == P(None, "model")
+    assert s.param_spec("shared_w_down", (48, 64)) == P("model", None)
+    assert s.param_spec("router", (64, 8)) == P() and s.param_spec("shared_gate", (64, 1)) == P()
+
+
 def test_heads_stay_whole_unless_both_head_counts_divide():
     s = rules(2, 4)  # 6 query heads do not split 4 ways
     assert not s.splits_heads

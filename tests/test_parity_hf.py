@@ -1,7 +1,8 @@
 """Parity of eej's model with transformers + torch (the reference implementation).
 
-Tiny random Llama / Qwen2 / Mistral checkpoints (several RoPE scalings) written by transformers
-and read back by eej's safetensors loader; the real SmolLM2-135M read from its GGUF by both eej and
+Tiny random Llama / Qwen2 / Mistral checkpoints (several RoPE scalings) and mixtures of experts
+(Mixtral, Qwen2-MoE; experts saved one by one and fused) written by transformers and read back by
+eej's safetensors loader; the real SmolLM2-135M read from its GGUF by both eej and
 transformers' own GGUF loader. Logits must match tightly and greedy generation token for token.
 """
 
@@ -26,7 +27,7 @@ from eej.weights.registry import Model, smollm2_path, to_device  # noqa: E402
 GEN_TOKENS = 64
 
 
-def _hf_tiny(kind: str, tmp_path, **extra):
+def _hf_tiny(kind: str, tmp_path, save_original_format: bool = True, **extra):
     torch.manual_seed(0)
     common = dict(
         vocab_size=300, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
@@ -43,13 +44,20 @@ def _hf_tiny(kind: str, tmp_path, **extra):
     elif kind == "mistral":
         cfg = transformers.MistralConfig(**common)
         model = transformers.MistralForCausalLM(cfg)
+    elif kind == "mixtral":
+        cfg = transformers.MixtralConfig(**{**common, "intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2})
+        model = transformers.MixtralForCausalLM(cfg)
+    elif kind == "qwen2_moe":
+        moe = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+        cfg = transformers.Qwen2MoeConfig(**{**common, **moe, **extra})
+        model = transformers.Qwen2MoeForCausalLM(cfg)
     else:
         raise ValueError(kind)
     with torch.no_grad():  # larger-than-default weights so that logits are not all near zero
         for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(4.0)
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, save_original_format=save_original_format)
     return model.eval()
 
 
@@ -111,6 +119,40 @@ def test_tiny_checkpoint_matches_transformers(case, tmp_path):
     rng = np.random.default_rng(1)
     prompt = rng.integers(3, 300, size=11).tolist()
     _check(hf_model, model, prompt, atol=2e-4)
+
+
+MOE_CASES = {
+    "mixtral": ("mixtral", {}),
+    "mixtral-fused-sliding-window": ("mixtral", dict(save_original_format=False, sliding_window=12)),
+    "qwen2-moe-shared-expert": ("qwen2_moe", dict(norm_topk_prob=False)),
+    "qwen2-moe-norm-topk-fused": ("qwen2_moe", dict(norm_topk_prob=True, save_original_format=False)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MOE_CASES))
+def test_tiny_moe_checkpoint_matches_transformers(case, tmp_path):
+    kind, extra = MOE_CASES[case]
+    hf_model = _hf_tiny(kind, tmp_path, **extra)
+    model = _eej_from_dir(tmp_path)
+    assert model.cfg.is_moe
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 300, size=n).tolist() for n in (11, 4)]
+    want = [_hf_greedy(hf_model, p, GEN_TOKENS) for p in prompts]
+    seq = prompts[0] + want[0]
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([seq])).logits[0].float().numpy()
+    np.testing.assert_allclose(_eej_logits(model, seq), ref, atol=2e-4, rtol=1e-4)
+    # a ragged batch of two: prefill runs every expert (dense path), decoding reads the chosen ones (gathered)
+    out = Engine(model).generate(prompts, max_new_tokens=GEN_TOKENS, sampling=SamplingConfig(), eos_ids=())
+    assert out.tokens == want
+
+
+def test_mixed_dense_and_moe_qwen2_moe_is_rejected(tmp_path):
+    from eej.weights.hf_checkpoint import CheckpointError
+
+    _hf_tiny("qwen2_moe", tmp_path, mlp_only_layers=[1])
+    with pytest.raises(CheckpointError, match="mlp_only_layers=\\[1\\].*not supported"):
+        read_hf_checkpoint(str(tmp_path))
 
 
 @pytest.mark.real_model

@@ -139,7 +139,7 @@ def _decode_logits_teacher_forced(strategy, model, method_params, prompts, conti
     return jnp.stack(out, axis=1)
 
 
-@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-gqa"])
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-gqa", "tiny-moe"])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_masked_training_forward_equals_incremental_skip_decoding(model_name, implementation):
     model = tiny_model(model_name, seed=3)

@@ -180,7 +180,7 @@ def _check_fast(name: str, num_fast: int, cfg: ModelConfig, method_params: Any) 
         got = len(layers) if isinstance(layers, (tuple, list)) else type(layers).__name__
         raise ValueError(f"{name} settings ask for {num_fast} fast layers, method_params hold {got}")
     base = {"wq": (cfg.hidden_size, cfg.num_heads * cfg.head_dim), "wk": (cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim),
-            "w_down": (cfg.ffn_size, cfg.hidden_size)}
+            "w_down": (cfg.num_experts, cfg.moe_ffn_size, cfg.hidden_size) if cfg.is_moe else (cfg.ffn_size, cfg.hidden_size)}
     for j, layer in enumerate(layers):
         for key, shape in base.items():
             got = tuple(np.shape(layer.get(key))) if key in layer else None
@@ -440,7 +440,7 @@ def random_method_params(
 ) -> dict:
     """Untrained (random, non-zero) adapters, fast norm, ARLA and a half-vocabulary draft head (tests)."""
     cfg = model.cfg
-    lora = init_lora(jax.random.PRNGKey(seed), cfg, rank, num_layers=num_fast, **({"targets": targets} if targets else {}))
+    lora = init_lora(jax.random.PRNGKey(seed), cfg, rank, targets or None, num_layers=num_fast)
     rng = np.random.default_rng(seed)
     lora = {n: {"a": ab["a"], "b": jnp.asarray(rng.standard_normal(ab["b"].shape) * adapter_scale / rank, jnp.float32)}
             for n, ab in lora.items()}

@@ -20,7 +20,27 @@ import jax.numpy as jnp
 from eej.config import ModelConfig
 from eej.model.transformer import Params, stack_layers, unstack_layers
 
-PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+ATTENTION_PROJECTIONS = ("wq", "wk", "wv", "wo")
+PROJECTIONS = (*ATTENTION_PROJECTIONS, "w_gate", "w_up", "w_down")
+
+
+def default_targets(cfg: ModelConfig) -> tuple[str, ...]:
+    """Every projection of a dense model; the attention projections of a mixture of experts (whose MLP
+    weights are E experts, not one [in, out] matrix)."""
+    return ATTENTION_PROJECTIONS if cfg.is_moe else PROJECTIONS
+
+
+def parse_targets(cfg: ModelConfig, spec: str | None) -> tuple[str, ...]:
+    """"wq,wk,..." -> LoRA target names (None: `default_targets(cfg)`); ValueError naming bad ones."""
+    if spec is None:
+        return default_targets(cfg)
+    targets = tuple(t.strip() for t in spec.split(",") if t.strip())
+    bad = [t for t in targets if t not in PROJECTIONS]
+    if bad or not targets:
+        raise ValueError(f"unknown LoRA targets {', '.join(bad) or '(none)'}; choose from {', '.join(PROJECTIONS)}")
+    for name in targets:
+        projection_shape(cfg, name)  # rejects MLP targets on a mixture of experts
+    return targets
 
 
 def projection_shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
@@ -29,16 +49,21 @@ def projection_shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
     shapes = {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
     if name not in shapes:
         raise ValueError(f"unknown projection {name!r}; LoRA targets are {', '.join(PROJECTIONS)}")
+    if cfg.is_moe and name not in ATTENTION_PROJECTIONS:
+        raise ValueError(f"LoRA on {name} is not supported on a mixture-of-experts model ({cfg.num_experts} experts); "
+                         f"use attention-only LoRA targets {','.join(ATTENTION_PROJECTIONS)}")
     return shapes[name]
 
 
 def init_lora(
-    key: jax.Array, cfg: ModelConfig, rank: int, targets: Sequence[str] = PROJECTIONS, num_layers: int | None = None
+    key: jax.Array, cfg: ModelConfig, rank: int, targets: Sequence[str] | None = None, num_layers: int | None = None
 ) -> dict[str, dict[str, jax.Array]]:
-    """Fresh adapters for `num_layers` layers (default all): A ~ N(0, 1/in), B = 0."""
+    """Fresh adapters for `num_layers` layers (default all) on `targets` (default `default_targets(cfg)`):
+    A ~ N(0, 1/in), B = 0."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     n = cfg.num_layers if num_layers is None else num_layers
+    targets = default_targets(cfg) if targets is None else targets
     out = {}
     for name, k in zip(targets, jax.random.split(key, len(targets))):
         fan_in, fan_out = projection_shape(cfg, name)

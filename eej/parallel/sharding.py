@@ -5,7 +5,10 @@ without the method saying anything):
 
 - params (Megatron-style tensor parallelism over `model`): the q/k/v projections (and biases) are
   split over their output features = heads, `wo` over its input features; the FFN's gate/up over
-  F, `w_down` over its input F; `lm_head` over the vocabulary, `embed` over its rows. Attention is
+  F, `w_down` over its input F; `lm_head` over the vocabulary, `embed` over its rows. A mixture of
+  experts (eej.model.moe) is split the same way inside every expert: gate/up [E, D, Fe] over Fe,
+  `w_down` [E, Fe, D] over Fe (each device holds a slice of every expert, so routing needs no
+  communication), the shared expert like the dense FFN; the router stays whole. Attention is
   split only when both the query and KV head counts are multiples of the `model` size (a split
   must not cut a head or separate a query head from its KV head); any dim that does not divide
   stays whole. Everything else (norms, small adapters' other leaves) is replicated.
@@ -29,9 +32,10 @@ from eej.config import ModelConfig
 from eej.model.cache import KVCache
 
 # leaf name -> the axis (from the end) split over `model`; "heads" marks attention weights.
+# Axes count from the end, so stacked [L, ...] leaves and experts [E, ...] follow the same rules.
 _COLUMN = {"wq": "heads", "wk": "heads", "wv": "heads", "bq": "heads", "bk": "heads", "bv": "heads",
-           "w_gate": "ffn", "w_up": "ffn", "lm_head": "vocab"}
-_ROW = {"wo": "heads", "w_down": "ffn"}
+           "w_gate": "ffn", "w_up": "ffn", "shared_w_gate": "ffn", "shared_w_up": "ffn", "lm_head": "vocab"}
+_ROW = {"wo": "heads", "w_down": "ffn", "shared_w_down": "ffn"}
 
 
 def _leaf_name(path) -> str | None:

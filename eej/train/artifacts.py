@@ -23,7 +23,9 @@ class ArtifactError(ValueError):
 
 
 def model_fingerprint(cfg: ModelConfig) -> dict[str, Any]:
-    """The shape of a model: what an add-on must agree with."""
+    """The shape of a model: what an add-on must agree with (a mixture of experts adds its expert shape)."""
+    moe = {"num_experts": cfg.num_experts, "experts_per_token": cfg.experts_per_token, "moe_ffn_size": cfg.moe_ffn_size,
+           "shared_expert_ffn_size": cfg.shared_expert_ffn_size} if cfg.is_moe else {}
     return {
         "name": cfg.name,
         "vocab_size": cfg.vocab_size,
@@ -33,6 +35,7 @@ def model_fingerprint(cfg: ModelConfig) -> dict[str, Any]:
         "num_kv_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
         "ffn_size": cfg.ffn_size,
+        **moe,
     }
 
 
@@ -83,10 +86,11 @@ def load_artifact(path: str, method: str, cfg: ModelConfig | None = None) -> tup
         raise ArtifactError(f"{path} holds a {header.get('method')!r} add-on, not {method!r}")
     if cfg is not None:
         want, got = model_fingerprint(cfg), header.get("model", {})
-        diff = [k for k in want if k != "name" and want[k] != got.get(k)]
+        keys = [*want, *(k for k in got if k not in want)]  # both ways: a MoE add-on does not fit a dense model
+        diff = [k for k in keys if k != "name" and want.get(k) != got.get(k)]
         if diff:
             raise ArtifactError(
                 f"{path} was trained for model {got.get('name')!r} and does not match {cfg.name!r} "
-                f"({', '.join(f'{k}: {got.get(k)} vs {want[k]}' for k in diff)})"
+                f"({', '.join(f'{k}: {got.get(k)} vs {want.get(k)}' for k in diff)})"
             )
     return _unflatten(flat), header

@@ -34,14 +34,13 @@ from eej.cli import CliError
 from eej.train.cli import register_trainer
 from eej.train.data import sample_positions
 
-DEFAULT_TARGETS = "wq,wk,wv,wo,w_gate,w_up,w_down"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast-layers", type=int, default=6, help="K: the fast stream runs the first K layers with adapters")
     p.add_argument("--rate", type=float, default=5.0, help="R: fast layer k is aligned to slow depth min(round(R k), N)")
     p.add_argument("--rank", type=int, default=16, help="accelerator adapter (LoRA) rank")
-    p.add_argument("--targets", default=DEFAULT_TARGETS, help="adapted projections, comma-separated")
+    p.add_argument("--targets", default=None, help="adapted projections, comma-separated (default: all of "
+                   "wq,wk,wv,wo,w_gate,w_up,w_down; wq,wk,wv,wo on a mixture-of-experts model)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="V': distillation over the most frequent answer tokens (0 = all)")
     p.add_argument("--positions", type=int, default=512, help="predicting positions per batch whose distributions are matched")
     p.add_argument("--align-weight", type=float, default=1.0)
@@ -179,7 +178,7 @@ def m2r2_loss(trainable, frozen, batch, *, cfg, num_fast: int, targets, lora_sca
 
 def run(args: argparse.Namespace) -> int:
     from eej.decoding.m2r2 import init_arla
-    from eej.model.lora import PROJECTIONS, init_lora
+    from eej.model.lora import init_lora, parse_targets
     from eej.model.transformer import unstack_layers
     from eej.train.artifacts import save_artifact
     from eej.train.cli import train_config_from_args
@@ -194,9 +193,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--fast-layers must be in [1, {cfg.num_layers}] for {cfg.name}, got {args.fast_layers}")
     if args.rate < 1.0:
         raise CliError(f"--rate must be >= 1 (the fast stream runs ahead, not behind), got {args.rate}")
-    targets_proj = [s.strip() for s in args.targets.split(",") if s.strip()]
-    if not targets_proj or any(s not in PROJECTIONS for s in targets_proj):
-        raise CliError(f"--targets must name projections among {', '.join(PROJECTIONS)}, got {args.targets!r}")
+    try:
+        targets_proj = parse_targets(cfg, args.targets)
+    except ValueError as e:
+        raise CliError(f"--targets: {e}") from None
     if args.rank < 1 or args.positions < 1 or args.draft_vocab < 0 or not 0 <= args.eval_fraction < 1:
         raise CliError("--rank and --positions must be >= 1, --draft-vocab >= 0 and --eval-fraction in [0, 1)")
     config = train_config_from_args(args)
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     save_artifact(
         artifact, {**jax.tree.map(np.asarray, trained), "vocab_rank": ranking}, "m2r2", cfg,
         settings={"fast_layers": num_fast, "rate": args.rate, "rank": args.rank, "lora_scale": lora_scale,
-                  "targets": targets_proj, "target_depths": targets, "draft_vocab": int(len(vocab)) if vocab is not None else 0},
+                  "targets": list(targets_proj), "target_depths": targets, "draft_vocab": int(len(vocab)) if vocab is not None else 0},
         reproduce="eej train m2r2 " + " ".join(shlex.quote(a) for a in argv), held_out=held_out,
         train={"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
                "sequences": int(len(train_rows)), "data": [os.path.basename(p) for p in args.data]},

@@ -34,7 +34,7 @@ from jax import lax
 from eej.config import ModelConfig
 from eej.decoding.skipdecode import SkipDecodeSettings, SkipSchedule
 from eej.model.cache import init_cache
-from eej.model.lora import PROJECTIONS, init_lora, merge_lora
+from eej.model.lora import init_lora, merge_lora, parse_targets
 from eej.model.transformer import Params, block, canonical_layout, embed, logits_from_hidden, stack_layers
 from eej.train.teacher import hidden_states
 from eej.train.loop import masked_mean
@@ -172,7 +172,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", required=True, help="a skipdecode preset of the model's config (2x, 3x, ...) or a settings FILE.yaml")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA scale = alpha / rank")
-    p.add_argument("--targets", default=",".join(PROJECTIONS), help="comma-separated projections to adapt")
+    p.add_argument("--targets", default=None, help="comma-separated projections to adapt (default: all of "
+                   "wq,wk,wv,wo,w_gate,w_up,w_down; wq,wk,wv,wo on a mixture-of-experts model)")
     p.add_argument("--full-finetune", action="store_true", help="train the adapted layers' weights instead of LoRA")
     p.add_argument(
         "--adapt-layers", default="top", choices=["top", "all"],
@@ -196,13 +197,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.rank < 1:
         raise CliError(f"--rank must be >= 1, got {args.rank}")
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    bad = [t for t in targets if t not in PROJECTIONS]
-    if bad or not targets:
-        raise CliError(f"unknown --targets {', '.join(bad) or '(none)'}; choose from {', '.join(PROJECTIONS)}")
     model = load_model(args.model, layout="stacked")
     cfg = model.cfg
     try:
+        targets = parse_targets(cfg, args.targets)
         settings = from_settings(SkipDecodeSettings, method_settings(model.name, "skipdecode", args.budget), "skipdecode settings")
         schedule = settings.schedule()
         schedule.check_model(cfg.num_layers)

@@ -6,22 +6,25 @@ from typing import Any
 
 import numpy as np
 
-PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+# Matrices stored [..., out, in] by Hugging Face and [..., in, out] by eej (see eej.model.moe for the MoE ones).
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down",
+               "router", "shared_w_gate", "shared_w_up", "shared_w_down", "shared_gate")
 
 
 def from_hf_layout(params: dict[str, Any]) -> dict[str, Any]:
-    """Params with HF-layout projections ([L, out, in]; "lm_head" [V, D] or absent when tied) -> eej layout.
+    """Params with HF-layout projections ([L, out, in], experts [L, E, out, in]; "lm_head" [V, D] or absent
+    when tied) -> eej layout.
 
-    Projections become [L, in, out] and "lm_head" [D, V] (copied from "embed" when tied).
+    Projections become [L, in, out] (experts [L, E, in, out]) and "lm_head" [D, V] (copied from "embed" when tied).
     """
-    layers = {k: (np.ascontiguousarray(np.swapaxes(v, 1, 2)) if k in PROJECTIONS else v) for k, v in params["layers"].items()}
+    layers = {k: (np.ascontiguousarray(np.swapaxes(v, -1, -2)) if k in PROJECTIONS else v) for k, v in params["layers"].items()}
     head = params.get("lm_head", params["embed"])
     return {**params, "layers": layers, "lm_head": np.ascontiguousarray(head.T)}
 
 
 def to_hf_layout(params: dict[str, Any], tied: bool) -> dict[str, Any]:
     """The inverse of `from_hf_layout` (numpy in, numpy out); drops "lm_head" when `tied`."""
-    layers = {k: (np.swapaxes(np.asarray(v), 1, 2) if k in PROJECTIONS else np.asarray(v)) for k, v in params["layers"].items()}
+    layers = {k: (np.swapaxes(np.asarray(v), -1, -2) if k in PROJECTIONS else np.asarray(v)) for k, v in params["layers"].items()}
     out = {k: np.asarray(v) for k, v in params.items() if k not in ("layers", "lm_head")}
     out["layers"] = layers
     if not tied:

@@ -65,6 +65,11 @@ def read_gguf(path: str, name: str | None = None) -> tuple[ModelConfig, dict[str
     def meta(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
 
+    experts = int(meta("expert_count", 0) or 0)
+    if experts:
+        raise GGUFError(f"{path}: mixture-of-experts GGUF files ({experts} experts) are not supported; load the model's "
+                        "Hugging Face checkpoint directory instead (Mixtral and Qwen2-MoE load from there)")
+
     n_layers = int(meta("block_count"))
     hidden = int(meta("embedding_length"))
     n_heads = int(meta("attention.head_count"))
