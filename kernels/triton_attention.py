@@ -43,6 +43,9 @@ from eej.model.attention import reference_attention, register_impl
 from eej.parallel.sharding import per_shard
 
 DEFAULT_BLOCK_K = 64
+# Compiled Triton (>= 3.2) refuses plain Python globals inside a kernel; a constexpr global is allowed.
+# (Triton's CPU interpreter does not check this, which hid it until the first GPU run.)
+MASKED_SCORE = tl.constexpr(NEG_INF)
 
 
 @triton.jit
@@ -78,7 +81,7 @@ def attend_kernel(
     end = tl.minimum(first + BLOCKS_PER_SPLIT, (tl.max(pos, axis=0) + BLOCK_K) // BLOCK_K)
     if WINDOW > 0:
         first = tl.maximum(first, tl.maximum(tl.min(pos, axis=0) - WINDOW + 1, 0) // BLOCK_K)
-    row_max = tl.full((ROWS,), NEG_INF, tl.float32)
+    row_max = tl.full((ROWS,), MASKED_SCORE, tl.float32)
     denom = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
     cache_base = head * CAPACITY * HEAD_DIM
@@ -95,7 +98,7 @@ def attend_kernel(
         visible = slots[None, :] <= pos[:, None]
         if WINDOW > 0:
             visible = visible & (slots[None, :] > pos[:, None] - WINDOW)
-        scores = tl.where(visible, scores, NEG_INF)
+        scores = tl.where(visible, scores, MASKED_SCORE)
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         probs = tl.where(visible, tl.exp(scores - new_max[:, None]), 0.0)
         rescale = tl.exp(row_max - new_max)

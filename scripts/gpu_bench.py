@@ -126,9 +126,21 @@ def check_kernels(impls, shapes, capacity: int, batch: int, rng, smoke: bool = F
                         tol = 2e-3 if dtype == jnp.float32 else 5e-2
                         rec.update(max_abs_error=err, ok=bool(np.isfinite(err) and err <= tol))
                     except Exception as e:  # a kernel that fails to lower is a result, not a crash
-                        rec.update(ok=False, error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
+                        rec.update(ok=False, error=error_text(e))
                     records.append(rec)
     return records
+
+
+def error_text(e: BaseException, limit: int = 2000) -> str:
+    """The whole error message (compiler errors put the cause on their last lines), capped at `limit` characters."""
+    text = f"{type(e).__name__}: {e}".strip()
+    return text if len(text) <= limit else text[: limit // 2] + " [...] " + text[-limit // 2 :]
+
+
+def error_summary(text: str) -> str:
+    """One line for a markdown list: the first and the last non-empty line of an error."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"[:400]
 
 
 def time_call(fn, args, iters: int) -> float:
@@ -163,7 +175,7 @@ def time_kernels(impls, shapes, capacity: int, batches, query_counts, dtype, ite
                             kv_bytes = 2 * visible * hkv * dh * jnp.dtype(dtype).itemsize
                             rec.update(ms=ms, visible_kv_gb_per_s=kv_bytes / (ms * 1e-3) / 1e9)
                         except Exception as e:
-                            rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                            rec["error"] = error_text(e)
                     records.append(rec)
     return records
 
@@ -212,7 +224,7 @@ def build_engines(model, impls, methods) -> tuple[dict, list[dict]]:
                 strategy, params, addons = method_instance(m, method)
                 engines[method, name] = (Engine(m, strategy, params), addons)
             except Exception as e:
-                failed.append(dict(method=method, impl=name, error=f"{type(e).__name__}: {e}"[:300]))
+                failed.append(dict(method=method, impl=name, error=error_text(e)))
     return engines, failed
 
 
@@ -247,7 +259,7 @@ def time_decoding(model, impls, methods, batches, max_new: int, rounds: int, pro
                         rec["tokens_equal_xla"] = first.tokens == baseline
                         rec["prefix_agreement_xla"] = prefix_agreement(first.tokens, baseline)
                 except Exception as e:
-                    rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                    rec["error"] = error_text(e)
                 records.append(rec)
                 on_record(records)
                 print(f"  decoding {method} {name} batch {b}: {rec.get('tokens_per_second', rec.get('error'))}", flush=True)
@@ -279,7 +291,7 @@ def identity_check(model, impls, methods, batch: int, max_new: int, prompt_texts
                     else:
                         rec.update(tokens_equal_xla=tokens == baseline, prefix_agreement_xla=prefix_agreement(tokens, baseline))
                 except Exception as e:
-                    rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                    rec["error"] = error_text(e)
                 records.append(rec)
                 print(f"  identity {method} {name}: {rec.get('tokens_equal_xla', rec.get('error', 'baseline'))}", flush=True)
     return records
@@ -295,7 +307,7 @@ def render_markdown(report: dict) -> str:
     lines += [f"## Kernel checks: {len(checks) - len(bad)}/{len(checks)} within tolerance", ""]
     for c in bad:
         lines.append(f"- FAIL {c['impl']} {c['shape']} {c['dtype']} T={c['queries']} {c['lengths']}: "
-                     f"{c.get('error', c.get('max_abs_error'))}")
+                     f"{error_summary(c['error']) if 'error' in c else c.get('max_abs_error')}")
     lines += ["", "## Kernel time (ms per call, ragged lengths)", "",
               "| shape | dtype | batch | queries | " + " | ".join(report["impls"]) + " |",
               "|---|---|---:|---:|" + "---:|" * len(report["impls"])]
@@ -333,7 +345,7 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## float32 token identity (full-precision matmuls; vs plain decoding on the xla implementation)", "",
                   "| method | impl | batch | new tokens | same tokens as plain on xla |", "|---|---|---:|---:|---|"]
         for r in ident:
-            verdict = r.get("error") or r.get("skipped") or ("baseline" if "tokens_equal_xla" not in r else
+            verdict = (error_summary(r["error"]) if r.get("error") else None) or r.get("skipped") or ("baseline" if "tokens_equal_xla" not in r else
                                          f"{'yes' if r['tokens_equal_xla'] else 'no'} ({r['prefix_agreement_xla']:.2f})")
             lines.append(f"| {r['method']} | {r['impl']} | {r.get('batch', '')} | {r.get('max_new_tokens', '')} | {verdict} |")
     return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ Exact (recorded by eej.experts.offload.OffloadedDecoder): expert-prediction accu
 top-k) per layer distance for the slow residual and for the M2R2 fast stream, cache hit rate, bytes moved,
 and that every run's tokens equal the in-memory MoE model's.
 Modelled (eej.experts.timeline): decode time from the recorded loads, a host->device bandwidth
-(`--bandwidths`; "measured" = jax.device_put of an expert on this machine) and compute costs split from
+(`--bandwidths`; "measured" = the executor's own host->device copy of an expert on this machine) and compute costs split from
 the in-memory MoE model's measured step time in proportion to the weight bytes each part reads.
 
     python scripts/moe_offload_bench.py [--prompts 8] [--calibration 2] [--max-new-tokens 64]
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -62,16 +63,16 @@ def accuracy_tables(records, num_layers: int, num_fast: int):
     return {d: float(np.mean(v)) for d, v in slow.items()}, fast
 
 
-def measure_put_bandwidth(nbytes: int, repeats: int = 200) -> float:
-    """Host->device bytes/s of jax.device_put of an expert-sized float32 array (median; fresh arrays)."""
-    host = [np.random.default_rng(i).standard_normal(nbytes // 4).astype(np.float32) for i in range(8)]
-    dev = jax.devices()[0]
+def measure_put_bandwidth(dec: OffloadedDecoder, repeats: int = 200) -> float:
+    """Host->device bytes/s of the executor's own expert copy (median over distinct experts)."""
+    cfg = dec.cfg
     times = []
     for i in range(repeats):
+        weights = dec.host_experts[i % cfg.num_layers][(i // cfg.num_layers) % cfg.num_experts]
         start = time.perf_counter()
-        jax.block_until_ready(jax.device_put(host[i % 8], dev))
+        jax.block_until_ready(tuple(dec.copy_to_device(w) for w in weights))
         times.append(time.perf_counter() - start)
-    return nbytes / statistics.median(times)
+    return dec.expert_bytes / statistics.median(times)
 
 
 def layer_bytes(layer: dict, names) -> int:
@@ -170,7 +171,7 @@ def main() -> int:
     per_byte = t_step / total_b
     dense_layer_b = attn_b + 3 * cfg.hidden_size * dense.cfg.ffn_size * 4
     fast_layer_s = dense_layer_b * per_byte
-    measured_bw = measure_put_bandwidth(expert_b)
+    measured_bw = measure_put_bandwidth(calib)
     bandwidths = [measured_bw if b == "measured" else float(b) for b in args.bandwidths.split(",")]
 
     modelled = []
@@ -189,13 +190,14 @@ def main() -> int:
         "benchmark": "moe_offload",
         "machine": {**machine_info(), "load_average": load_average()},
         "note": args.note,
-        "command": "python scripts/moe_offload_bench.py " + " ".join(sys.argv[1:]),
+        "command": "python scripts/moe_offload_bench.py " + shlex.join(sys.argv[1:]),
         "model": cfg.name, "num_experts": cfg.num_experts, "experts_per_token": cfg.experts_per_token,
         "expert_bytes": expert_b, "fast_stream": {"layers": num_fast, "rate": rate,
                                                  "target_depths": [target_depth(k + 1, rate, cfg.num_layers) for k in range(num_fast)]},
         "prompts": len(prompts), "calibration_prompts": args.calibration, "max_new_tokens": n,
         "quality": {"token_agreement_vs_dense": round(float(np.mean(agreement)), 4)},
-        "measured": {"in_memory_moe_step_s": t_step, "dense_step_s": dense_step, "device_put_bandwidth_GBps": round(measured_bw / 1e9, 3)},
+        "measured": {"in_memory_moe_step_s": t_step, "dense_step_s": dense_step, "device_put_bandwidth_GBps": round(measured_bw / 1e9, 3),
+                     "host_memory": calib.host_memory},
         "cost_model": {"attn_s": attn_b * per_byte, "experts_s": active_b * per_byte, "other_s": other_b * per_byte,
                        "fast_layer_s": fast_layer_s, "split": "the in-memory MoE step time in proportion to the weight bytes each part reads"},
         "prefetch_top": args.prefetch_top or cfg.experts_per_token,
@@ -250,6 +252,8 @@ def render(r: dict) -> str:
         lines.append(f"| {run['capacity']} | {run['mode']} | {run['hit_rate']:.3f} | {run['loads'] / run['steps']:.1f} | "
                      f"{run['bytes_per_token'] / 1e6:.1f} | {run['wasted_prefetches']} | {'yes' if run['identical_to_in_memory'] else 'NO'} |")
     lines += ["", f"## Decode speed (modelled from the exact loads; in-memory MoE step {r['measured']['in_memory_moe_step_s'] * 1e3:.1f} ms measured)", "",
+              f"Experts held in `{r['measured'].get('host_memory', 'numpy')}` host memory; 'measured' bandwidth = the executor's own "
+              "copy of one expert to the device. Compute costs: the measured step split in proportion to weight bytes read.", "",
               "| host->device GB/s | capacity | loading | tokens/s | vs all experts resident |", "|---|---|---|---|---|"]
     for row in r["modelled"]:
         bw = f"{row['bandwidth_GBps']}" + (" (measured)" if row["measured_bandwidth"] else "")

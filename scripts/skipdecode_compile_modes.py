@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-sizes", default="1,8")
-    ap.add_argument("--note", default="machine shared with other jobs: absolute numbers are noisy, ratios are side by side")
+    ap.add_argument("--note", default="rounds interleaved: ratios are side by side; say here whether the machine was shared")
     ap.add_argument("--out", default=os.path.join(HERE, "..", "benchmarks", "results", "skipdecode_compile_modes"))
     args = ap.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

@@ -57,8 +57,8 @@ def markdown(table: list[dict], docs: dict[int, dict], sources: list[str]) -> st
         "",
         f"From {', '.join(f'`{os.path.relpath(p)}`' for p in sources)} (`eej bench`; commands in those files and in "
         "docs/skipdecode.md). Greedy, chat template, EOS honoured, "
-        f"{s['max_new_tokens']} new tokens max. Machine: {m['cpu']}, {m['cpu_count']} cores (shared with other jobs: "
-        "absolute tokens/s are noisy; speedups are side by side in one run).",
+        f"{s['max_new_tokens']} new tokens max. Machine: {m['cpu']}, {m['cpu_count']} cores ({s.get('note') or 'no note'}; "
+        "speedups are side by side in one run).",
         "",
     ]
     for bs, doc in sorted(docs.items()):

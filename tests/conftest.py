@@ -29,5 +29,16 @@ def real_model() -> Model:
     return load_model("smollm2-135m")
 
 
+def write_chat_data(path, examples: int = 24, seed: int = 0) -> None:
+    """A small question/answer JSONL training file of random two-letter words (trainer end-to-end tests)."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(examples):
+            words = " ".join(rng.choice(["ab", "cd", "ef", "gh"], 12))
+            f.write(json.dumps({"question": f"q{i} {words}", "answer": f"a {words} {words}"}) + "\n")
+
+
 def random_prompts(rng: np.random.Generator, lengths, vocab: int) -> list[list[int]]:
     return [rng.integers(3, vocab, size=n).tolist() for n in lengths]

@@ -59,6 +59,10 @@ def test_text_output_and_stats_line(capsys):
         (["generate", "--model", "tiny-llama", "--prompt", "hi", "--attention", "nope"], "attention"),
         (["generate", "--model", "tiny-llama", "--prompt", "hi", "--max-new-tokens", "abc"], "invalid int"),
         (["generate", "--model", "/no/such/model.gguf", "--prompt", "hi"], "not found"),
+        (["generate", "--model", "tiny-llama", "--prompt", "hi", "--experts-per-token", "2"], "is dense"),
+        (["generate", "--model", "tiny-moe", "--prompt", "hi", "--experts-per-token", "9"], "experts-per-token must be in"),
+        (["generate", "--model", "tiny-llama", "--prompt", "hi", "--moefy", "/no/such.npz"], "artifact not found"),
+        (["generate", "--model", "tiny-llama", "--prompt", "hi", "--moefy", "artifacts/smollm2-135m/moefy.npz"], "does not match"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):

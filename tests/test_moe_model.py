@@ -48,9 +48,9 @@ def test_gathered_and_dense_expert_paths_agree(shared):
     ids, weights = moe.route(moe.router_logits(layer, h), cfg)
     gathered = moe.experts_gathered(layer["w_gate"], layer["w_up"], layer["w_down"], h, ids, weights)
     combine = jnp.sum(jax.nn.one_hot(ids, cfg.num_experts) * weights[..., None], axis=-2)  # [N, E]
-    dense = jnp.einsum("ned,ne->nd", moe.expert_outputs_dense(layer, h), combine)
+    dense = moe.experts_dense(layer["w_gate"], layer["w_up"], layer["w_down"], h, combine)
     np.testing.assert_allclose(np.asarray(gathered), np.asarray(dense), atol=1e-5, rtol=1e-5)
-    # moe_ffn picks the path by size: one token is gathered, six tokens (6*2 >= 8 experts) are dense
+    # moe_ffn picks the path by size: one token is gathered, six tokens (3*6*2 > 8 experts) are dense
     one = jnp.stack([moe.moe_ffn(layer, h[i][None, None], cfg)[0][0, 0] for i in range(6)])
     batch, batch_ids = moe.moe_ffn(layer, h[:, None], cfg)
     assert batch_ids[:, 0].tolist() == ids.tolist()

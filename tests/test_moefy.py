@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_model
+from conftest import tiny_model, write_chat_data
 from eej.bench.fidelity import teacher_argmax
 from eej.experts.moefy import (
     MoefyError,
@@ -90,3 +90,47 @@ def test_bad_settings_are_clear():
         moefy_model(dense, partition[:2], router, 2)
     with pytest.raises(MoefyError, match="routers have shape"):
         moefy_model(dense, partition, router[:, :3], 2)
+
+
+@pytest.mark.real_model
+def test_shipped_split_with_every_expert_is_the_dense_model(real_model):
+    """The shipped artifact on the real model: k = E reproduces dense greedy decoding token for token;
+    the artifact's default k runs and its routers pick experts."""
+    from eej.decoding.engine import Engine
+    from eej.experts.moefy import load_moefied
+
+    prompts = [real_model.tokenizer.encode_chat("Name three primary colors.")]
+    dense = Engine(real_model).generate(prompts, max_new_tokens=24, eos_ids=())
+    full = load_moefied(real_model, "artifacts/smollm2-135m/moefy.npz", experts_per_token=16)
+    assert full.cfg.num_experts == 16 and full.cfg.moe_weighting == "unit"
+    assert Engine(full).generate(prompts, max_new_tokens=24, eos_ids=()).tokens == dense.tokens
+    default = load_moefied(real_model, "artifacts/smollm2-135m/moefy.npz")
+    assert default.cfg.experts_per_token < 16
+    assert len(Engine(default).generate(prompts, max_new_tokens=8, eos_ids=()).tokens[0]) == 8
+
+
+def test_train_moefy_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from eej.cli import main as cli_main
+    from eej.experts.moefy import load_moefied
+    from eej.train.artifacts import load_artifact
+
+    data = tmp_path / "chat.jsonl"
+    write_chat_data(data)
+    out = tmp_path / "run"
+    argv = ["train", "moefy", "--model", "tiny-gqa", "--data", str(data), "--out", str(out), "--experts", "4",
+            "--top-k", "2", "--steps", "40", "--batch-size", "64", "--lr", "3e-2", "--warmup", "2", "--seq-len", "64",
+            "--router-tokens", "512", "--cluster-tokens", "256", "--sweep", "1,4", "--eval-fraction", "0.25", "--no-progress"]
+    monkeypatch.setattr(sys, "argv", ["eej", *argv])
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    dense = tiny_model("tiny-gqa")
+    arrays, header = load_artifact(str(out / "moefy.npz"), "moefy", dense.cfg)
+    assert arrays["partition"].shape == (6, 4, 24) and arrays["router"].shape == (6, 64, 4)
+    for layer in arrays["partition"]:  # a partition of every layer's neurons
+        assert sorted(layer.ravel().tolist()) == list(range(96))
+    held = header["held_out"]
+    assert held["top1_agreement_by_k"]["4"] == 1.0  # every expert = the dense model
+    assert held["router_recall_at_k"] > 0.6  # above chance (0.5 for 2 of 4)
+    assert header["reproduce"].startswith("eej train moefy --model tiny-gqa")
+    assert load_moefied(dense, str(out / "moefy.npz")).cfg.experts_per_token == 2

@@ -49,9 +49,13 @@ def test_slots_always_hold_the_expert_the_cache_names():
             if expert < 0:
                 continue
             for i, name in enumerate(("w_gate", "w_up", "w_down")):
-                np.testing.assert_array_equal(np.asarray(dec.slots[layer][slot][i]), dec.host[name][layer, expert])
+                want = np.asarray(model.params["layers"][layer][name][expert])
+                np.testing.assert_array_equal(np.asarray(dec.slots[layer][slot][i]), want)
+                assert dec.slots[layer][slot][i].sharding.memory_kind in (None, "device")
             checked += 1
     assert checked == model.cfg.num_layers * 3  # every slot filled after 12 steps
+    assert dec.host_memory == "pinned_host"  # JAX's CPU device offers it too
+    assert dec.host_experts[0][0][0].sharding.memory_kind == "pinned_host"
 
 
 def test_dense_model_and_small_cache_are_refused():

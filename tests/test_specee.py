@@ -14,7 +14,7 @@ from eej.decoding.specee import random_specee, speculative_features, speculative
 from eej.model.cache import init_cache
 from eej.model.transformer import embed, final_norm, get_layer, logits_from_hidden, qkv, run_layers
 
-from conftest import random_prompts, tiny_model
+from conftest import random_prompts, tiny_model, write_chat_data
 
 
 def _never_firing(method_params, how: str):
@@ -186,11 +186,7 @@ def test_train_specee_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     save_artifact(str(tmp_path / "kangaroo.npz"), {"adapter": adapter, "vocab_rank": ranking}, "kangaroo", model.cfg,
                   settings={"exit_layer": 1, "draft_vocab": 0}, reproduce="test")
     data = tmp_path / "chat.jsonl"
-    rng = np.random.default_rng(0)
-    with open(data, "w") as f:
-        for i in range(24):
-            words = " ".join(rng.choice(["ab", "cd", "ef", "gh"], 12))
-            f.write(json.dumps({"question": f"q{i} {words}", "answer": f"a {words} {words}"}) + "\n")
+    write_chat_data(data)
     out = tmp_path / "run"
     argv = ["train", "specee", "--model", "tiny-gqa", "--data", str(data), "--out", str(out),
             "--drafter", str(tmp_path / "kangaroo.npz"), "--steps", "30", "--batch-size", "64", "--seq-len", "64",

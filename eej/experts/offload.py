@@ -1,12 +1,13 @@
 """Expert offloading: a MoE model decoding with its experts in host memory and an LRU cache of them on device.
 
 `OffloadedDecoder` keeps every non-expert weight (embeddings, attention, norms, routers, head, a shared
-expert) on the device and the routed experts in host memory (numpy). Each layer has `capacity` device
+expert) on the device and the routed experts in host memory (JAX's `pinned_host` memory kind, else
+numpy). Each layer has `capacity` device
 slots managed by `eej.experts.cache.ExpertCache`. A decode step runs layer by layer:
 
 1. attention + router (jitted, one program for every layer); the chosen expert ids come to the host;
 2. `request(layer, ids, "demand")`: missing experts are copied host -> device into their slots
-   (`jax.device_put`: a real host-to-device transfer on a GPU/TPU, a memcpy on CPU);
+   (`jax.device_put` to the `device` memory kind: a host-to-device DMA on a GPU/TPU, a memcpy on CPU);
 3. the experts run from their slots (jitted; one program per number of distinct experts).
 
 Prefetching, `prefetch="next-layer"` (the usual baseline): once layer l's router has run, layer l+1's
@@ -35,11 +36,12 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import SingleDeviceSharding
 
 from eej.config import ModelConfig
 from eej.experts.cache import ExpertCache, Load
 from eej.model.cache import init_cache
-from eej.model.moe import experts_gathered, route, router_logits, shared_expert
+from eej.model.moe import route, router_logits, shared_expert
 from eej.model.transformer import attention_block, block, embed, logits_from_hidden, rms_norm
 from eej.weights.registry import Model
 
@@ -69,11 +71,16 @@ def _attend_and_route(layer: dict, x: jax.Array, k_cache: jax.Array, v_cache: ja
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _experts_from_slots(layer: dict, slots: tuple, x: jax.Array, h: jax.Array, local_ids: jax.Array, weights: jax.Array, cfg: ModelConfig):
-    """x + the chosen experts (read from the given slot arrays) + shared expert: -> x [B, T, D]."""
-    b, t, d = h.shape
-    w_gate, w_up, w_down = (jnp.stack([s[i] for s in slots]) for i in range(3))
-    y = experts_gathered(w_gate, w_up, w_down, h.reshape(b * t, d), local_ids.reshape(b * t, -1),
-                         weights.reshape(b * t, -1)).reshape(b, t, d)
+    """x + the chosen experts + shared expert -> x [B, T, D].
+
+    slots: U (w_gate, w_up, w_down) tuples, the distinct experts the tokens chose, each used in place
+    (no stacking copy); local_ids [B, T, k] index into them; weights [B, T, k].
+    """
+    y = jnp.zeros_like(h)
+    for j, (w_gate, w_up, w_down) in enumerate(slots):
+        share = jnp.sum(jnp.where(local_ids == j, weights, 0.0), axis=-1)[..., None]  # [B, T, 1]
+        a = jax.nn.silu(h @ w_gate.astype(h.dtype)) * (h @ w_up.astype(h.dtype))
+        y = y + (a @ w_down.astype(h.dtype)) * share.astype(h.dtype)
     if "shared_w_gate" in layer:
         y = y + shared_expert(layer, h)
     return x + y
@@ -112,7 +119,8 @@ class OffloadedDecoder:
     """Greedy batched decoding of a MoE model with offloaded experts (see module docstring).
 
     Args:
-      model: a MoE model (`cfg.is_moe`); its expert weights are copied to host memory.
+      model: a MoE model (`cfg.is_moe`); its expert weights are copied to host memory (`pinned_host`
+        where the device offers that memory kind, else numpy).
       capacity: device slots per layer (experts); must hold the distinct experts one step needs.
       prefetch: "none" (on demand only), "next-layer" (after layer l's router, layer l+1's router on
         layer l's residual predicts layer l+1's experts: one layer ahead) or "m2r2" (the fast stream's
@@ -136,17 +144,23 @@ class OffloadedDecoder:
             raise ValueError(f"prefetch must be 'none', 'next-layer' or 'm2r2', got {prefetch!r}")
         if (prefetch == "m2r2") != (fast is not None):
             raise ValueError("prefetch='m2r2' needs the M2R2 fast stream (fast=...), and only it uses one")
-        self.model, self.cfg, self.record_slow, self.prefetch = model, cfg, record_slow, prefetch
+        self.cfg, self.record_slow, self.prefetch = cfg, record_slow, prefetch
         self.device = device or jax.devices()[0]
         layers = model.params["layers"]
         if not isinstance(layers, (tuple, list)):
             raise ValueError("OffloadedDecoder needs the decoding layout (load_model's default)")
-        self.host = {n: np.stack([np.asarray(layer[n]) for layer in layers]) for n in EXPERT_WEIGHTS}
+        # experts live in host memory: a pinned_host memory kind where the device has one (DMA-able on a
+        # GPU), else numpy; the executor keeps no device reference to them (the caller's Model still does)
+        kinds = {m.kind for m in self.device.addressable_memories()}
+        self.host_memory = "pinned_host" if "pinned_host" in kinds else "numpy"
+        self.host_experts = [[tuple(self._to_host(layer[n][e]) for n in EXPERT_WEIGHTS) for e in range(cfg.num_experts)]
+                             for layer in layers]
+        self.params = {k: v for k, v in model.params.items() if k != "layers"}
         self.resident = tuple({k: v for k, v in layer.items() if k not in EXPERT_WEIGHTS} for layer in layers)
         self.mlp_norms = jnp.stack([layer["mlp_norm"] for layer in layers])
         self.routers = jnp.stack([layer["router"] for layer in layers])
         self._layer_routing = [(self.mlp_norms[l : l + 1], self.routers[l : l + 1]) for l in range(cfg.num_layers)]
-        self.expert_bytes = sum(self.host[n][0, 0].nbytes for n in EXPERT_WEIGHTS)
+        self.expert_bytes = int(sum(w.nbytes for w in self.host_experts[0][0]))
         self.cache = ExpertCache(cfg.num_layers, cfg.num_experts, capacity)
         self.slots: list[list[tuple | None]] = [[None] * capacity for _ in range(cfg.num_layers)]
         self.prefetch_top = cfg.experts_per_token if prefetch_top is None else prefetch_top
@@ -174,11 +188,20 @@ class OffloadedDecoder:
 
     # -------------------------------------------------------------------------------- transfers
 
+    def _to_host(self, a: jax.Array):
+        if self.host_memory == "numpy":
+            return np.asarray(a)
+        return jax.device_put(a, SingleDeviceSharding(self.device, memory_kind="pinned_host"))
+
+    def copy_to_device(self, a) -> jax.Array:
+        """A host -> device copy (asynchronous: JAX returns before the transfer ends)."""
+        if self.host_memory == "numpy":
+            return jax.device_put(a, self.device)
+        return jax.device_put(a, SingleDeviceSharding(self.device, memory_kind="device"))
+
     def _perform(self, loads: list[Load]) -> None:
         for load in loads:
-            self.slots[load.layer][load.slot] = tuple(
-                jax.device_put(self.host[n][load.layer, load.expert], self.device) for n in EXPERT_WEIGHTS
-            )
+            self.slots[load.layer][load.slot] = tuple(self.copy_to_device(w) for w in self.host_experts[load.layer][load.expert])
 
     def _prefetch(self, x: jax.Array, k_cache: tuple, v_cache: tuple, positions: jax.Array):
         """Run the fast stream, request every layer's predicted experts -> (predicted per layer, loads, all predictions)."""
@@ -210,9 +233,10 @@ class OffloadedDecoder:
         cache = init_cache(cfg, b, capacity)
         ks, vs = list(cache.k), list(cache.v)
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-        x = embed(self.model.params, jnp.asarray(tokens), cfg)
+        x = embed(self.params, jnp.asarray(tokens), cfg)
         for l, layer in enumerate(self.resident):
-            full = {**layer, **{n: jax.device_put(self.host[n][l], self.device) for n in EXPERT_WEIGHTS}}
+            experts = [tuple(self.copy_to_device(w) for w in ws) for ws in self.host_experts[l]]  # streamed, not cached
+            full = {**layer, **{n: jnp.stack([e[i] for e in experts]) for i, n in enumerate(EXPERT_WEIGHTS)}}
             self.prefill_bytes += self.expert_bytes * cfg.num_experts
             x, ks[l], vs[l] = _prefill_layer(full, x, ks[l], vs[l], positions, cfg)
         last = x[jnp.arange(b), jnp.asarray(lengths) - 1]
@@ -222,7 +246,7 @@ class OffloadedDecoder:
         """One token per row: tokens [B], positions [B] -> last hidden [B, D]; ks/vs updated in place."""
         cfg = self.cfg
         pos = positions[:, None]
-        x = embed(self.model.params, tokens[:, None], cfg)
+        x = embed(self.params, tokens[:, None], cfg)
         predicted, loads, fast_ids = ([[] for _ in range(cfg.num_layers)], [], None)
         if self.prefetch == "m2r2":
             predicted, loads, fast_ids = self._prefetch(x, tuple(ks), tuple(vs), pos)
@@ -266,11 +290,11 @@ class OffloadedDecoder:
         capacity = width + max_new_tokens
         last, ks, vs = self.prefill(tokens, lengths, capacity)
         out = []
-        token, positions = _greedy_token(self.model.params, last, cfg), jnp.asarray(lengths)
+        token, positions = _greedy_token(self.params, last, cfg), jnp.asarray(lengths)
         for _ in range(max_new_tokens):
             out.append(np.asarray(token))
             if len(out) == max_new_tokens:
                 break
             last = self.step(token, positions, ks, vs)
-            token, positions = _greedy_token(self.model.params, last, cfg), positions + 1
+            token, positions = _greedy_token(self.params, last, cfg), positions + 1
         return np.stack(out, axis=1)

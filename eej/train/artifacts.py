@@ -24,7 +24,7 @@ class ArtifactError(ValueError):
 
 def model_fingerprint(cfg: ModelConfig) -> dict[str, Any]:
     """The shape of a model: what an add-on must agree with (a mixture of experts adds its expert shape)."""
-    moe = {"num_experts": cfg.num_experts, "experts_per_token": cfg.experts_per_token, "moe_ffn_size": cfg.moe_ffn_size,
+    moe = {"num_experts": cfg.num_experts, "moe_ffn_size": cfg.moe_ffn_size,  # not k: a runtime choice
            "shared_expert_ffn_size": cfg.shared_expert_ffn_size} if cfg.is_moe else {}
     return {
         "name": cfg.name,
