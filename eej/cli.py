@@ -274,20 +274,13 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 
 def read_prompt_file(path: str) -> list[str]:
     """Prompts from a JSONL file of {"prompt": str} objects."""
-    if not os.path.isfile(path):
-        raise CliError(f"batch file not found: {path}")
+    from eej.jsonl import read_jsonl
+
     prompts = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CliError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise CliError(f'{path}:{n}: expected an object with a string "prompt" field')
-            prompts.append(obj["prompt"])
+    for n, obj in read_jsonl(path, "batch file", CliError):
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise CliError(f'{path}:{n}: expected an object with a string "prompt" field')
+        prompts.append(obj["prompt"])
     if not prompts:
         raise CliError(f"{path} holds no prompts")
     return prompts

@@ -27,6 +27,7 @@ import numpy as np
 from eej.bench.machine import machine_info, measure_bandwidth
 from eej.config import SamplingConfig
 from eej.decoding.engine import Engine
+from eej.jsonl import read_jsonl
 from eej.weights.registry import load_model, smollm2_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,10 +38,10 @@ DEFAULT_QUESTIONS = os.environ.get(
 
 def load_prompts(path: str, n: int) -> list[str]:
     """First turns of `n` questions, spread over the file's categories in order."""
-    if not os.path.isfile(path):
-        sys.exit(f"questions file not found: {path} (pass --questions or set EEJ_QUESTIONS)")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    try:
+        rows = [obj for _, obj in read_jsonl(path, "questions file")]
+    except ValueError as e:
+        sys.exit(f"{e} (pass --questions or set EEJ_QUESTIONS)")
     by_cat: dict[str, list[str]] = {}
     for r in rows:
         by_cat.setdefault(r["category"], []).append(r["turns"][0])

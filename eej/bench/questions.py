@@ -18,9 +18,9 @@ that 10 MT-Bench questions cover all eight categories rather than only `writing`
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Sequence
+
+from eej.jsonl import read_jsonl
 
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 MT_BENCH = "mt_bench"
@@ -45,25 +45,16 @@ def load_questions(path: str, mt_bench_categories: str = "auto") -> list[Questio
     """Read and validate a Spec-Bench-schema JSONL file; categories mapped as the module docstring says."""
     if mt_bench_categories not in CATEGORY_MODES:
         raise QuestionsError(f"mt_bench_categories must be one of {', '.join(CATEGORY_MODES)}, got {mt_bench_categories!r}")
-    if not os.path.isfile(path):
-        raise QuestionsError(f"questions file not found: {path}")
     questions: list[Question] = []
     seen: dict[int | str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise QuestionsError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            question = _parse(obj, f"{path}:{n}")
-            if question.question_id in seen:
-                raise QuestionsError(
-                    f"{path}:{n}: question_id {question.question_id!r} already used on line {seen[question.question_id]}"
-                )
-            seen[question.question_id] = n
-            questions.append(question)
+    for n, obj in read_jsonl(path, "questions file", QuestionsError):
+        question = _parse(obj, f"{path}:{n}")
+        if question.question_id in seen:
+            raise QuestionsError(
+                f"{path}:{n}: question_id {question.question_id!r} already used on line {seen[question.question_id]}"
+            )
+        seen[question.question_id] = n
+        questions.append(question)
     if not questions:
         raise QuestionsError(f"{path} holds no questions")
     return map_categories(questions, mt_bench_categories)

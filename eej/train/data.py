@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from eej.jsonl import parse_jsonl
 from eej.weights.tokenizer import Tokenizer
 
 _PROMPT_KEYS = ("question", "instruction", "prompt")
@@ -71,13 +72,7 @@ def read_examples(path: str, txt_chunk_chars: int = 1500) -> list[Example]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     else:
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        records = [obj for _, obj in parse_jsonl(text.splitlines(), path, DataError)]
     examples = []
     for n, r in enumerate(records):
         prompt_key = next((k for k in _PROMPT_KEYS if k in r), None)
