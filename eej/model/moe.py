@@ -14,9 +14,9 @@ Qwen2-MoE), or 1 each with `cfg.moe_weighting == "unit"` (a dense FFN split into
 expert's output is the dense output). The shared expert's output is added with weight sigmoid(x W_sg).
 
 Two ways to compute the experts, chosen statically by size (`moe_ffn`): *gathered* — each token's k
-experts' weights are gathered and applied (decoding: few tokens, reads only k of E experts) — and
-*dense* — every expert on every token, combined with a weight that is zero for experts not chosen
-(prefill and training: no gather of B·T·k weight copies). Both give the same output.
+experts' weights are gathered and applied (3·B·T·k <= E: decoding a sparse MoE; reads only k of E
+experts) — and *dense* — every expert on every token as one matmul batched over experts, combined with
+a weight that is zero for experts not chosen (prefill, training, dense-ish routing). Same output.
 """
 
 from __future__ import annotations
