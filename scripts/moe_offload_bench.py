@@ -13,7 +13,7 @@ Modelled (eej.experts.timeline): decode time from the recorded loads, a host->de
 the in-memory MoE model's measured step time in proportion to the weight bytes each part reads.
 
     python scripts/moe_offload_bench.py [--prompts 8] [--calibration 2] [--max-new-tokens 64]
-        [--capacities 10,12] [--top-k 8] [--out benchmarks/results/moe_offload]
+        [--capacities 12,14] [--top-k K] [--out benchmarks/results/moe_offload]
 """
 
 from __future__ import annotations
@@ -50,17 +50,24 @@ def recall(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.mean([len(set(p) & set(t)) / len(t) for p, t in zip(pred.tolist(), true.tolist())]))
 
 
-def accuracy_tables(records, num_layers: int, num_fast: int):
-    """(slow[d] = mean recall of layer l's router on layer l-d's MLP input, fast[k][l] = recall of f_k for layer l)."""
+def slow_accuracy(records, num_layers: int) -> dict[int, float]:
+    """d -> mean recall of layer l's router on layer l-d's residual (records made with record_slow)."""
     slow = {d: [] for d in range(1, num_layers)}
-    fast = np.zeros((num_fast, num_layers))
     for rec in records:
         for l in range(num_layers):
             for d in range(1, l + 1):
                 slow[d].append(recall(rec.slow_predictions[l - d, l], rec.routed[l]))
+    return {d: float(np.mean(v)) for d, v in slow.items()}
+
+
+def fast_accuracy(records, num_layers: int, num_fast: int) -> np.ndarray:
+    """[k, l] mean recall of layer l's router on fast state f_k (records made with prefetch="m2r2")."""
+    fast = np.zeros((num_fast, num_layers))
+    for rec in records:
+        for l in range(num_layers):
             for k in range(num_fast):
                 fast[k, l] += recall(rec.fast_predictions[k, l], rec.routed[l]) / len(records)
-    return {d: float(np.mean(v)) for d, v in slow.items()}, fast
+    return fast
 
 
 def measure_put_bandwidth(dec: OffloadedDecoder, repeats: int = 200) -> float:
@@ -88,7 +95,7 @@ def main() -> int:
     ap.add_argument("--calibration", type=int, default=2, help="of --prompts, used to pick each layer's fast state")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--top-k", type=int, default=None, help="experts per token (default: the artifact's)")
-    ap.add_argument("--capacities", default="10,12", help="two (or more) cache sizes, experts per layer")
+    ap.add_argument("--capacities", default="12,14", help="two (or more) cache sizes, experts per layer")
     ap.add_argument("--bandwidths", default="measured,1e9,4e9,16e9,64e9", help="host->device bytes/s for the time model")
     ap.add_argument("--prefetch-top", type=int, default=None, help="prefetch each row's top this many predicted experts (default k)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "moe_offload"))
@@ -105,6 +112,9 @@ def main() -> int:
     prompts = [moe.tokenizer.encode_chat(t)[-256:] for t in texts]
     n = args.max_new_tokens
     capacities = [int(c) for c in args.capacities.split(",")]
+    if not all(cfg.experts_per_token <= c <= cfg.num_experts for c in capacities):
+        sys.exit(f"--capacities must be in [{cfg.experts_per_token}, {cfg.num_experts}] (top-{cfg.experts_per_token} "
+                 f"of {cfg.num_experts}: batch 1 needs k distinct experts per layer), got {args.capacities}")
 
     # reference: the in-memory MoE model (all experts resident) and its measured decode speed
     engine = Engine(moe)
@@ -128,11 +138,7 @@ def main() -> int:
     calib = OffloadedDecoder(moe, capacity=cfg.num_experts, prefetch="m2r2", fast=fast, predictor=[0] * cfg.num_layers)
     for p in prompts[: args.calibration]:
         calib.generate([p], n)
-    fast_calib = np.zeros((num_fast, cfg.num_layers))
-    for rec in calib.records:
-        for l in range(cfg.num_layers):
-            for k in range(num_fast):
-                fast_calib[k, l] += recall(rec.fast_predictions[k, l], rec.routed[l]) / len(calib.records)
+    fast_calib = fast_accuracy(calib.records, cfg.num_layers, num_fast)
     predictor = [int(np.argmax(fast_calib[:, l])) for l in range(cfg.num_layers)]
     scored = prompts[args.calibration :]
     scored_ref = reference[args.calibration :]
@@ -158,7 +164,7 @@ def main() -> int:
             runs.append({"capacity": capacity, "mode": label, "fast_layers_run": fast_used, "identical_to_in_memory": identical,
                          "steps": steps, **s.as_dict(), "bytes_per_token": s.loads * dec.expert_bytes / steps,
                          "records": dec.records})
-    slow_acc, fast_acc = accuracy_tables(tracer.records, cfg.num_layers, num_fast)
+    slow_acc, fast_acc = slow_accuracy(tracer.records, cfg.num_layers), fast_accuracy(tracer.records, cfg.num_layers, num_fast)
 
     # costs: the in-memory step split by bytes read (decode is memory-bound)
     layer = moe.params["layers"][0]

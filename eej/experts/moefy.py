@@ -31,7 +31,7 @@ import numpy as np
 
 from eej.config import ModelConfig
 from eej.model.cache import init_cache
-from eej.model.transformer import attention_block, embed, get_layer, mlp, num_layers, rms_norm
+from eej.model.transformer import attention_block, embed, get_layer, mlp, num_layers, rms_norm, stack_layers
 from eej.weights.registry import Model, to_device
 
 METHOD = "moefy"
@@ -150,10 +150,7 @@ def moefy_params(dense_layers: dict[str, np.ndarray], partition: np.ndarray, rou
 
 def host_layers(model: Model) -> dict[str, np.ndarray]:
     """A model's layer params stacked on the leading axis, as float32 numpy."""
-    layers = model.params["layers"]
-    if isinstance(layers, (tuple, list)):
-        return {k: np.stack([np.asarray(layer[k], np.float32) for layer in layers]) for k in layers[0]}
-    return {k: np.asarray(v, np.float32) for k, v in layers.items()}
+    return {k: np.asarray(v, np.float32) for k, v in stack_layers(model.params["layers"]).items()}
 
 
 def moefy_model(model: Model, partition: np.ndarray, router: np.ndarray, experts_per_token: int) -> Model:

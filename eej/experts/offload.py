@@ -39,8 +39,9 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from eej.config import ModelConfig
+from eej.decoding.m2r2 import fast_trajectory, target_depth
 from eej.experts.cache import ExpertCache, Load
-from eej.model.cache import init_cache
+from eej.model.cache import KVCache, init_cache
 from eej.model.moe import route, router_logits, shared_expert
 from eej.model.transformer import attention_block, block, embed, logits_from_hidden, rms_norm
 from eej.weights.registry import Model
@@ -95,13 +96,12 @@ def _all_routers(mlp_norms: jax.Array, routers: jax.Array, states: jax.Array, cf
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _fast_stream(fast_layers: tuple, x: jax.Array, k_cache: tuple, v_cache: tuple, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+def _fast_stream(params: dict, fast_layers: tuple, x: jax.Array, k_cache: tuple, v_cache: tuple, positions: jax.Array,
+                 cfg: ModelConfig) -> jax.Array:
     """The M2R2 fast trajectory [K, B, D] of the new token (reads the shared cache; its writes are dropped)."""
-    states = []
-    for j, layer in enumerate(fast_layers):
-        x, _, _ = block(layer, x, k_cache[j], v_cache[j], positions, cfg)
-        states.append(x[:, -1])
-    return jnp.stack(states)
+    cache = KVCache(k=tuple(k_cache[: len(fast_layers)]), v=tuple(v_cache[: len(fast_layers)]), lengths=positions[:, 0])
+    states, _ = fast_trajectory(params, {"fast_layers": fast_layers}, x, cache, positions, cfg)
+    return jnp.stack([s[:, -1] for s in states])
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -179,8 +179,6 @@ class OffloadedDecoder:
         self.records: list[StepRecord] = []
 
     def _default_predictor(self, rate: float | None, num_fast: int) -> list[int]:
-        from eej.decoding.m2r2 import target_depth
-
         n = self.cfg.num_layers
         rate = n / num_fast if rate is None else rate
         depths = [target_depth(j + 1, rate, n) for j in range(num_fast)]
@@ -205,7 +203,7 @@ class OffloadedDecoder:
 
     def _prefetch(self, x: jax.Array, k_cache: tuple, v_cache: tuple, positions: jax.Array):
         """Run the fast stream, request every layer's predicted experts -> (predicted per layer, loads, all predictions)."""
-        states = _fast_stream(self.fast_layers, x, k_cache, v_cache, positions, self.cfg)  # [K', B, D]
+        states = _fast_stream(self.params, self.fast_layers, x, k_cache, v_cache, positions, self.cfg)  # [K', B, D]
         ids = np.asarray(_all_routers(self.mlp_norms, self.routers, states, self.cfg))  # [K', L, B, k]
         predicted, loads = [], []
         for layer, j in enumerate(self.predictor):
