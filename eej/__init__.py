@@ -14,12 +14,14 @@ The notebook API (eej.api) in a line each:
     eej.custom_model(params, layer_fn, num_heads=8, num_kv_heads=8, head_dim=64)   # your own model
 """
 
-from eej.api import BenchReport, Completions, benchmark, compare, custom_model, generate, load_results
+from eej.api import Completions, benchmark, compare, generate
+from eej.bench.report import BenchReport, load_results
 from eej.config import ModelConfig, RopeConfig, SamplingConfig
 from eej.decoding.engine import Engine, GenerationOutput
 from eej.decoding.methods import build_method, known_methods
 from eej.decoding.plain import Plain
 from eej.decoding.strategy import StepResult, Strategy
+from eej.weights.custom import custom_model
 from eej.weights.registry import Model, load_model
 
 __version__ = "0.1.0"

@@ -15,8 +15,8 @@ Engines are kept per model and method, so a second call reuses the compiled code
 is a thin layer over `Engine`, `build_method` and `eej.bench`; `compare` and `benchmark` follow the
 bench protocol (interleaved, warm-up and compile time excluded; see docs/bench.md).
 
-`custom_model` wraps a model of your own (params + a per-layer function) so that the engine and
-every strategy run it (see docs/engine.md).
+A model of your own (params + a per-layer function) comes from `eej.custom_model`
+(eej.weights.custom; see docs/engine.md).
 """
 
 from __future__ import annotations
@@ -25,16 +25,19 @@ import dataclasses
 import hashlib
 import json
 import weakref
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
-import jax
-import jax.numpy as jnp
 
-from eej.config import ModelConfig, SamplingConfig
+from eej.bench.contestants import MethodContestant
+from eej.bench.peers import load_peers, parse_peers
+from eej.bench.questions import Question, load_questions, select_questions
+from eej.bench.report import BenchReport
+from eej.bench.runner import RunSettings
+from eej.bench.session import bench_document
+from eej.config import SamplingConfig
 from eej.decoding.engine import Engine, GenerationOutput
-from eej.decoding.methods import build_method
+from eej.decoding.methods import build_method, known_methods
 from eej.decoding.strategy import Strategy
-from eej.model.transformer import num_layers, unstack_layers
 from eej.weights.registry import Model
 
 MethodLike = Union[str, Strategy, "tuple[Strategy, Any]"]
@@ -76,8 +79,6 @@ def engine(model: Model, method: MethodLike = "plain", *, cache_size: int | None
 def method_status(model: Model) -> dict[str, str]:
     """Every registered method -> "ready" if `--method NAME` builds for `model` (its default preset and
     trained add-ons are there), else the one-line reason it does not."""
-    from eej.decoding.methods import known_methods
-
     status = {}
     for name in known_methods():
         try:
@@ -194,79 +195,6 @@ def generate(
 # ----------------------------------------------------------------------------- compare / benchmark
 
 
-class BenchReport:
-    """A bench JSON document (docs/bench.md) with notebook views: a table, per-category rows, plots.
-
-    `doc` is the document itself (the same schema `eej bench --out` writes); `records` are the
-    answers of a run made in this session (empty for a loaded file).
-    """
-
-    def __init__(self, doc: dict[str, Any], records: Sequence[Any] = ()):
-        from eej.bench.report import check_schema
-
-        check_schema(doc)
-        self.doc = doc
-        self.records = list(records)
-
-    @classmethod
-    def load(cls, path: str) -> "BenchReport":
-        """A report from a bench JSON file (e.g. benchmarks/results/*.json)."""
-        with open(path) as f:
-            return cls(json.load(f))
-
-    def rows(self, category: str | None = None) -> list[dict[str, Any]]:
-        """One dict per contestant: name, kind and the metrics (overall, or of one category)."""
-        out = []
-        for section in ("methods", "peers"):
-            for name, c in self.doc[section].items():
-                metrics = c["overall"] if category is None else c["per_category"][category]
-                out.append({"contestant": name, "kind": c["info"]["kind"], **metrics})
-        return out
-
-    def table(self, per_category: bool = False) -> str:
-        """The overall (or per-category) markdown table, as in `eej bench --report`."""
-        from eej.bench.report import overall_table, per_category_table
-
-        return per_category_table(self.doc) if per_category else overall_table(self.doc)
-
-    def markdown(self) -> str:
-        """The full report `eej bench --report` writes."""
-        from eej.bench.report import markdown_report
-
-        return markdown_report(self.doc)
-
-    def plot(self):
-        """A matplotlib Figure: speedup per category, and speedup against token agreement."""
-        from eej.bench.report import figure
-
-        return figure(self.doc)
-
-    def save(self, prefix: str) -> list[str]:
-        """Write PREFIX.json, PREFIX.md and PREFIX.png; returns the paths."""
-        from eej.bench.report import write_json, write_markdown, write_plot
-
-        paths = [prefix + ".json", prefix + ".md", prefix + ".png"]
-        write_json(self.doc, paths[0])
-        write_markdown(self.doc, paths[1])
-        write_plot(self.doc, paths[2])
-        return paths
-
-    def __repr__(self) -> str:
-        return self.table()
-
-    def _repr_markdown_(self) -> str:
-        s = self.doc["settings"]
-        head = (f"**eej bench: {self.doc['model']['name']}**, {s['answers_per_contestant']} answers per contestant, "
-                f"max {s['max_new_tokens']} new tokens, batch {s['batch_size']}, "
-                f"{'greedy' if s['greedy'] else 'sampling'} on {', '.join(self.doc['machine']['devices'][:1])}")
-        return f"{head}\n\n{self.table()}\n"
-
-
-def load_results(path: str) -> BenchReport:
-    """A bench JSON file as a BenchReport (`eej.load_results(path).plot()`)."""
-    return BenchReport.load(path)
-
-
 def _named_methods(methods: Sequence[MethodLike] | Mapping[str, MethodLike]) -> dict[str, MethodLike]:
     if isinstance(methods, Mapping):
         named = dict(methods)
@@ -285,8 +213,6 @@ def _named_methods(methods: Sequence[MethodLike] | Mapping[str, MethodLike]) -> 
 
 
 def _contestants(model: Model, methods, cache_size: int | None) -> list[Any]:
-    from eej.bench.contestants import MethodContestant
-
     return [MethodContestant(model, name, engine=engine(model, m, cache_size=cache_size))
             for name, m in _named_methods(methods).items()]
 
@@ -301,9 +227,6 @@ def _run_bench(model: Model, contestants: list[Any], questions: list[Any], descr
                max_new_tokens: int, batch_size: int, sampling: SamplingConfig, seed: int, agreement: bool,
                progress: bool) -> BenchReport:
     """The bench protocol over `questions` (eej.bench.session) -> BenchReport."""
-    from eej.bench.runner import RunSettings
-    from eej.bench.session import bench_document
-
     doc, records = bench_document(model, contestants, questions, RunSettings(max_new_tokens, batch_size, sampling, seed),
                                   described, agreement=agreement, progress=progress)
     return BenchReport(doc, records)
@@ -330,8 +253,6 @@ def compare(
     The bench protocol applies: interleaved contestants, warm-up and compile time excluded, speedups
     against plain in the same run, identical-output and token-agreement checks.
     """
-    from eej.bench.questions import Question
-
     groups = {"prompts": list(prompts)} if not isinstance(prompts, Mapping) else {k: list(v) for k, v in prompts.items()}
     if isinstance(prompts, str) or not all(isinstance(p, str) for g in groups.values() for p in g):
         raise TypeError("prompts: a list of strings, or {category: list of strings}")
@@ -375,9 +296,6 @@ def benchmark(
 ) -> BenchReport:
     """`eej bench` from Python: a Spec-Bench-schema questions file, methods and optional transformers peers
     (`peers=["hf", "hf-early-exit"]`, with `early_exit_layer` and `peer_threads` as in docs/bench.md)."""
-    from eej.bench.peers import load_peers, parse_peers
-    from eej.bench.questions import load_questions, select_questions
-
     chosen = select_questions(load_questions(questions, mt_bench_categories), categories, limit)
     peer_names = parse_peers(",".join(peers)) if peers else []
     contestants = _contestants(model, methods, cache_size)
@@ -393,60 +311,3 @@ def benchmark(
     }
     return _run_bench(model, contestants, chosen, described, max_new_tokens, batch_size,
                       SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), seed, agreement, progress)
-
-
-# ----------------------------------------------------------------------------- a model of your own
-
-
-def custom_model(
-    params: dict[str, Any],
-    layer_fn: Callable[..., jax.Array],
-    *,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    tokenizer: Any = None,
-    name: str = "custom",
-    eos_ids: Sequence[int] | None = None,
-    max_position: int = 4096,
-    rms_eps: float = 1e-5,
-    ffn_size: int | None = None,
-) -> Model:
-    """A model of your own — params + a per-layer function — as an eej Model: Engine, every strategy,
-    `generate`, `compare` and the bench run it.
-
-    params: {"embed": [V, D], "layers": your per-layer params (a list/tuple of pytrees, or a pytree of
-      [L, ...] arrays), "final_norm": [D] (RMSNorm weight; ones for none), "lm_head": [D, V]}.
-    layer_fn(layer_params, x [B, T, D], positions [B, T], attend) -> x [B, T, D]: one decoder layer;
-      `attend(q [B,T,num_heads,head_dim], k [B,T,num_kv_heads,head_dim], v) -> [B,T,num_heads,head_dim]`
-      is causal attention over eej's KV cache (apply your position encoding to q and k before).
-      Call it exactly once per layer. Define layer_fn once: the compiled code is keyed on it.
-    tokenizer: an eej Tokenizer (default: the byte tokenizer with ChatML specials, vocabulary >= 259).
-
-    ffn_size: the width of your MLP's hidden layer (default D); only the built-in Llama layer and add-ons
-      shaped like Llama's weights (a LoRA on `w_gate`, `w_up`, `w_down`) read it. Mesh sharding rules
-      (`--mesh`) and LoRA know the Llama parameter names only.
-    """
-    from eej.weights.byte_tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
-
-    missing = [k for k in ("embed", "layers", "final_norm", "lm_head") if k not in params]
-    if missing:
-        raise ValueError(f"params lack {', '.join(missing)} (need embed [V, D], layers, final_norm [D], lm_head [D, V])")
-    vocab, hidden = params["embed"].shape
-    if tuple(params["lm_head"].shape) != (hidden, vocab) or tuple(params["final_norm"].shape) != (hidden,):
-        raise ValueError(f"with embed [{vocab}, {hidden}], lm_head must be [{hidden}, {vocab}] and final_norm [{hidden}]")
-    if tokenizer is None:
-        if vocab < BYTE_VOCAB_SIZE:
-            raise ValueError(f"the default byte tokenizer needs a vocabulary of >= {BYTE_VOCAB_SIZE}; pass a tokenizer")
-        tokenizer = byte_tokenizer()
-    layers = unstack_layers(params["layers"])
-    dtype = jnp.dtype(params["embed"].dtype).name
-    cfg = ModelConfig(
-        name=name, vocab_size=vocab, hidden_size=hidden, num_layers=num_layers(layers), num_heads=num_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, ffn_size=hidden if ffn_size is None else ffn_size, rms_eps=rms_eps, tie_embeddings=False,
-        max_position=max_position, eos_ids=tuple(tokenizer.eos_ids if eos_ids is None else eos_ids),
-        pad_id=0, dtype=dtype if dtype in ("float32", "bfloat16") else "float32", layer_fn=layer_fn,
-    )
-    device_params = jax.tree.map(jnp.asarray, {**params, "layers": layers})
-    return Model(cfg=cfg, params=device_params, tokenizer=tokenizer)
-

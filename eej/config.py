@@ -64,7 +64,7 @@ class ModelConfig:
         `layer_fn(layer_params, x [B,T,D], positions [B,T], attend) -> x [B,T,D]`, where
         `attend(q [B,T,Hq,Dh], k [B,T,Hkv,Dh], v [B,T,Hkv,Dh]) -> [B,T,Hq,Dh]` is causal attention
         over the KV cache (called once per layer; see `eej.model.transformer.block` and
-        `eej.api.custom_model`). Compared by identity, so the config stays hashable.
+        `eej.custom_model`). Compared by identity, so the config stays hashable.
       num_experts: 0 for a dense MLP in every layer; E > 0 for a mixture-of-experts MLP in every layer
         (eej.model.moe): a router picks `experts_per_token` of E SwiGLU experts of width `moe_ffn_size`.
       moe_weighting: how the chosen experts' outputs are combined — "softmax" (softmax over all E router

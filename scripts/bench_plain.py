@@ -22,7 +22,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from eej.bench.machine import machine_info, measure_bandwidth
 from eej.config import SamplingConfig

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from eej.bench.machine import machine_info
-    from eej.decoding.kangaroo import adapter_forward, init_adapter
+    from eej.decoding.speculation import adapter_forward, init_adapter
     from eej.model.cache import init_cache
     from eej.model.transformer import embed, linear, logits_from_hidden, run_layers
     from eej.weights.registry import load_model

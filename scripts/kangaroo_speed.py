@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     from eej.config import SamplingConfig
     from eej.decoding.engine import Engine
     from eej.decoding.kangaroo import KangarooSettings, load_kangaroo
-    from eej.train.artifacts import load_artifact
+    from eej.weights.artifacts import load_artifact
     from eej.weights.registry import load_model
 
     model = load_model(args.model)

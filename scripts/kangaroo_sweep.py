@@ -98,10 +98,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    from eej.decoding.kangaroo import adapter_forward
+    from eej.decoding.speculation import adapter_forward
     from eej.model.cache import init_cache
     from eej.model.transformer import final_norm, linear
-    from eej.train.artifacts import load_artifact
+    from eej.weights.artifacts import load_artifact
     from eej.train.kangaroo import data_fingerprint, predicting_positions, prepare_data, teacher_cache
     from eej.weights.registry import load_model
 

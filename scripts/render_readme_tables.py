@@ -161,18 +161,15 @@ def method_infos(model_name: str = "smollm2-135m") -> list[MethodInfo]:
 
     import yaml
 
-    from eej.decoding.methods import METHOD_MODULES, known_methods, methods_with_random_instances, random_method
-    from eej.weights.byte_tokenizer import byte_tokenizer
-    from eej.weights.registry import Model, random_params, tiny_config, to_device
+    from eej.decoding.methods import METHOD_MODULES, known_methods, random_method
+    from eej.testing import tiny_model
 
-    cfg = tiny_config("tiny-llama")
-    tiny = Model(cfg=cfg, params=to_device(random_params(cfg), cfg), tokenizer=byte_tokenizer())
-    with_random = methods_with_random_instances()
+    tiny = tiny_model("tiny-llama")
     infos = []
     for name in known_methods():
         if name == "plain":
             continue
-        strategy = random_method(tiny, name)[0] if name in with_random else None
+        strategy = random_method(tiny, name)[0]
         family = method_family(name)
         module = next((m for m in METHOD_MODULES if m.rsplit(".", 1)[1] == family), None)
         doc = (importlib.import_module(module).__doc__ or "") if module else ""

@@ -13,10 +13,10 @@ from jax.sharding import PartitionSpec as P
 
 from eej.config import SamplingConfig
 from eej.decoding.engine import Engine
-from eej.decoding.methods import methods_with_random_instances, random_method
+from eej.decoding.methods import known_methods, random_method
 from eej.parallel import make_mesh
 
-from conftest import random_prompts, tiny_model
+from eej.testing import random_prompts, tiny_model
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (run through test_parallel.py)")
 
@@ -53,7 +53,7 @@ def test_moe_sharded_matches_single_device(data, model_size, shared):
     assert engine.generate(prompts, max_new_tokens=12, eos_ids=()).tokens == want
 
 
-@pytest.mark.parametrize("method", methods_with_random_instances())
+@pytest.mark.parametrize("method", known_methods())
 def test_every_method_sharded_matches_single_device(method):
     model = tiny_model("tiny-gqa", seed=6, vocab_size=264)
     strategy, method_params = random_method(model, method, seed=2)

@@ -10,14 +10,15 @@ import jax.numpy as jnp
 import pytest
 
 import eej
-from eej.api import BenchReport, engine
+from eej.api import engine
+from eej.bench.report import BenchReport
 from eej.bench.report import check_schema
 from eej.decoding.engine import Engine
 from eej.decoding.sampling import sample
-from eej.decoding.strategy import StepResult, Strategy
+from eej.decoding.strategy import StepInputs, StepResult, Strategy
 from eej.model.transformer import embed, logits_from_hidden, run_layers
 
-from conftest import tiny_model
+from eej.testing import tiny_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,14 +28,10 @@ class FirstLayerExit(Strategy):
     name: ClassVar[str] = "first-layer"
     lossless: ClassVar[bool] = False
 
-    def step(self, params, method_params, cache, method_state, pending, key, sampling, cfg) -> StepResult:
-        x, cache = run_layers(params, embed(params, pending[:, None], cfg), cache, cache.lengths[:, None], cfg, 0, 1)
-        batch = pending.shape[0]
-        return StepResult(
-            tokens=sample(logits_from_hidden(params, x[:, 0], cfg), key, sampling)[:, None],
-            counts=jnp.ones((batch,), jnp.int32), cache=cache.with_lengths(cache.lengths + 1),
-            method_state=method_state, forwards=jnp.zeros((batch,), jnp.int32), layers=jnp.ones((batch,), jnp.float32),
-        )
+    def step(self, s: StepInputs) -> StepResult:
+        x, cache = run_layers(s.params, embed(s.params, s.pending[:, None], s.cfg), s.cache, s.positions, s.cfg, 0, 1)
+        return StepResult.one_token(sample(logits_from_hidden(s.params, x[:, 0], s.cfg), s.key, s.sampling), cache,
+                                    s.method_state, forwards=0, layers=1)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from eej.bench.questions import (
     Question,
     QuestionsError,
     load_questions,
-    map_categories,
     select_questions,
 )
 from eej.bench.runner import RunSettings, plan_batches, run_bench

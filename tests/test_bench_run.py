@@ -21,7 +21,7 @@ from eej.cli import main
 from eej.decoding import methods
 from eej.decoding.engine import Engine
 from eej.decoding.sampling import sample
-from eej.decoding.strategy import StepResult, Strategy
+from eej.decoding.strategy import StepInputs, StepResult, Strategy
 from eej.model.transformer import embed, logits_from_hidden, run_layers
 from eej.weights.registry import load_model
 
@@ -42,21 +42,14 @@ class ShallowExit(Strategy):
     name: ClassVar[str] = "test-shallow"
     lossless: ClassVar[bool] = False
 
-    def step(self, params, method_params, cache, method_state, pending, key, sampling, cfg) -> StepResult:
-        x, cache = run_layers(params, embed(params, pending[:, None], cfg), cache, cache.lengths[:, None], cfg, 0, EXIT_LAYER)
-        batch = pending.shape[0]
-        return StepResult(
-            tokens=sample(logits_from_hidden(params, x[:, 0], cfg), key, sampling)[:, None],
-            counts=jnp.ones((batch,), jnp.int32),
-            cache=cache.with_lengths(cache.lengths + 1),
-            method_state=method_state,
-            forwards=jnp.zeros((batch,), jnp.int32),
-            layers=jnp.full((batch,), EXIT_LAYER, jnp.float32),
-        )
+    def step(self, s: StepInputs) -> StepResult:
+        x, cache = run_layers(s.params, embed(s.params, s.pending[:, None], s.cfg), s.cache, s.positions, s.cfg, 0, EXIT_LAYER)
+        return StepResult.one_token(sample(logits_from_hidden(s.params, x[:, 0], s.cfg), s.key, s.sampling), cache,
+                                    s.method_state, forwards=0, layers=EXIT_LAYER)
 
 
-def _build_shallow(model, config):
-    return ShallowExit(), None
+SHALLOW = methods.MethodSpec("test-shallow", load=lambda model, settings: (ShallowExit(), None),
+                             random=lambda model, seed: (ShallowExit(), None))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +65,7 @@ def bench_run(tmp_path_factory) -> dict[str, Any]:
     for k, v in files.items():
         argv += [f"--{k}", v]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(methods._BUILDERS, "test-shallow", _build_shallow)
+        mp.setitem(methods._METHODS, "test-shallow", SHALLOW)
         assert main(argv) == 0
     with open(files["out"]) as f:
         doc = json.load(f)

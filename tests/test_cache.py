@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from eej.model.cache import init_cache, write_block
 from eej.model.transformer import forward
 
-from conftest import tiny_model
+from eej.testing import tiny_model
 
 MODEL = tiny_model("tiny-gqa")
 CAPACITY = 48

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import pytest
 
 from eej.cli import main
 
-from conftest import has_real_model
+from eej.testing import has_real_model
 
 
 def _run(capsys, *argv):

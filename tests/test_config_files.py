@@ -18,7 +18,7 @@ import yaml
 
 from eej.cli import build_parser, main
 
-from conftest import has_real_model
+from eej.testing import has_real_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "jobs", "*.yaml")))
@@ -96,7 +96,7 @@ def _leaf_parsers(parser: argparse.ArgumentParser, prefix=()):
 
 
 def test_every_command_takes_config(monkeypatch):
-    from eej.train import cli as train_cli
+    from eej.cli import train as train_cli
 
     # A trainer registered here stands for the methods' trainers: `eej train NAME` gets --config too.
     monkeypatch.setitem(train_cli._TRAINERS, "test-trainer",
@@ -108,7 +108,7 @@ def test_every_command_takes_config(monkeypatch):
 
 
 def test_train_options_from_a_file(tmp_path, monkeypatch):
-    from eej.train import cli as train_cli
+    from eej.cli import train as train_cli
 
     monkeypatch.setitem(train_cli._TRAINERS, "test-trainer",
                         (lambda p: p.add_argument("--rank", type=int, default=4), lambda args: 0))
@@ -120,7 +120,7 @@ def test_train_options_from_a_file(tmp_path, monkeypatch):
 
 
 def test_bench_and_train_name_the_bad_key_too(tmp_path, capsys, monkeypatch):
-    from eej.train import cli as train_cli
+    from eej.cli import train as train_cli
 
     monkeypatch.setitem(train_cli._TRAINERS, "test-trainer",
                         (lambda p: p.add_argument("--rank", type=int, default=4), lambda args: 0))

@@ -16,12 +16,12 @@ import pytest
 import eej
 from eej.config import RopeConfig
 from eej.decoding.engine import Engine
-from eej.decoding.methods import methods_with_random_instances, random_method
+from eej.decoding.methods import known_methods, random_method
 from eej.model.cache import init_cache
 from eej.model.rope import apply_rope
 from eej.model.transformer import block, layer_kv, linear, mlp, qkv
 
-from conftest import random_prompts, tiny_model
+from eej.testing import random_prompts, tiny_model
 
 HEADS, KV_HEADS, HEAD_DIM, WIDTH, LAYERS, VOCAB = 4, 2, 8, 32, 3, 300
 ROPE = RopeConfig(theta=10000.0)
@@ -174,7 +174,7 @@ def _gpt(seed: int):
 
 
 @pytest.mark.parametrize("architecture", ["llama-layer-fn", "gpt"])
-@pytest.mark.parametrize("method", [m for m in methods_with_random_instances() if m != "plain"] or ["plain"])
+@pytest.mark.parametrize("method", [m for m in known_methods() if m != "plain"] or ["plain"])
 def test_every_method_composes_with_a_custom_model(method, architecture):
     """Each registered method, untrained, on the user's model: it runs, and a lossless one gives plain's tokens.
 

@@ -22,10 +22,9 @@ def test_engine_page_code_runs():
     namespace: dict = {}
     try:
         for block in blocks:  # in order, in one namespace, as a reader would run them
-            exec(compile(block, "docs/engine.md", "exec"), namespace)
+            exec(compile(block, "docs/engine.md", "exec", dont_inherit=True), namespace)
     finally:
-        methods._BUILDERS.pop("confidence-exit", None)
-        methods._RANDOM.pop("confidence-exit", None)
+        methods._METHODS.pop("confidence-exit", None)
 
 
 def test_every_docs_page_is_linked():

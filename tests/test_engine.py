@@ -8,7 +8,7 @@ import pytest
 from eej.config import SamplingConfig
 from eej.decoding.engine import Engine, GenerationError, length_bucket
 
-from conftest import random_prompts, tiny_model
+from eej.testing import random_prompts, tiny_model
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gqa", "tiny-qwen2", "tiny-mistral", "tiny-moe"])

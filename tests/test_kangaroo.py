@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import itertools
 import json
 
 import jax
@@ -17,32 +15,17 @@ from hypothesis import strategies as st
 from eej.cli import main as cli_main
 from eej.config import SamplingConfig
 from eej.decoding.engine import Engine
-from eej.decoding.kangaroo import (
-    Kangaroo,
-    KangarooSettings,
-    adapter_forward,
-    init_adapter,
-    load_kangaroo,
-    random_kangaroo,
-)
+from eej.decoding.strategy import StepInputs
+from eej.decoding.kangaroo import Kangaroo, KangarooSettings, load_kangaroo, random_kangaroo
 from eej.decoding.methods import MethodError, build_method
-from eej.decoding.speculation import draft_loop
+from eej.decoding.speculation import adapter_forward, draft_loop, init_adapter
 from eej.model.cache import init_cache
 from eej.model.transformer import embed, forward, run_layers
-from eej.train.artifacts import ArtifactError, save_artifact
+from eej.weights.artifacts import ArtifactError, save_artifact
 from eej.train.kangaroo import token_ranking
 from eej.weights.registry import Model
 
-from conftest import random_prompts, tiny_model
-
-
-def agreeable_model(name: str, seed: int, **overrides) -> Model:
-    """A tiny random model whose layers change the residual stream little, so that a draft from an
-    early layer (the logit lens, which an untrained adapter approximates) is often right — the
-    accept paths get exercised, not only rejections."""
-    model = tiny_model(name, seed, **overrides)
-    layers = tuple({**layer, "wo": layer["wo"] * 0.3, "w_down": layer["w_down"] * 0.3} for layer in model.params["layers"])
-    return dataclasses.replace(model, params={**model.params, "layers": layers})
+from eej.testing import agreeable_model, chi_square_p_value, exact_distribution, first_tokens, random_prompts, tiny_model
 
 
 def kangaroo_for(model: Model, seed: int, reduced: bool = True, adapter_scale: float | None = None, **fields):
@@ -143,52 +126,6 @@ def test_reduced_vocabulary_drafts_map_to_token_ids():
 # ----------------------------------------------------------------------------- lossless sampling
 
 
-def _exact_distribution(model: Model, prompt: list[int], n: int, sampling: SamplingConfig) -> dict[tuple, float]:
-    """P(first n tokens) under plain sampling, by enumerating every prefix (small vocabulary)."""
-    from eej.decoding.sampling import probabilities
-
-    vocab = model.cfg.vocab_size
-
-    @jax.jit
-    def next_probs(tokens):
-        b, t = tokens.shape
-        logits, _ = forward(model.params, tokens, jnp.broadcast_to(jnp.arange(t), (b, t)), init_cache(model.cfg, b, t), model.cfg)
-        return probabilities(logits[:, -1], sampling)
-
-    dist = {(): 1.0}
-    for _ in range(n):
-        prefixes = list(dist)
-        probs = np.asarray(next_probs(jnp.asarray([prompt + list(p) for p in prefixes], jnp.int32)), np.float64)
-        dist = {p + (v,): dist[p] * probs[i, v] for i, p in enumerate(prefixes) for v in range(vocab)}
-    return dist
-
-
-def _chi_square_p_value(counts: dict, expected_probs: dict, n: int) -> float:
-    """Pearson's chi-square test, cells with expected count < 5 pooled into one."""
-    obs, exp, pooled_obs, pooled_exp = [], [], 0.0, 0.0
-    for cell, prob in expected_probs.items():
-        if prob * n >= 5:
-            obs.append(counts.get(cell, 0))
-            exp.append(prob * n)
-        else:
-            pooled_obs += counts.get(cell, 0)
-            pooled_exp += prob * n
-    if pooled_exp > 0:
-        obs.append(pooled_obs)
-        exp.append(pooled_exp)
-    obs, exp = np.asarray(obs, float), np.asarray(exp, float)
-    stat = float(np.sum((obs - exp) ** 2 / exp))
-    return float(jax.scipy.stats.chi2.sf(stat, len(obs) - 1))
-
-
-def _first_tokens(engine: Engine, prompt: list[int], n_samples: int, n_tokens: int, sampling: SamplingConfig):
-    out = engine.generate([prompt] * n_samples, max_new_tokens=n_tokens, sampling=sampling, seed=11, eos_ids=())
-    counts: dict[tuple, int] = {}
-    for row in out.tokens:
-        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
-    return counts, out
-
-
 @pytest.mark.parametrize(
     "sampling,agreeable",
     [(SamplingConfig(temperature=1.0), False), (SamplingConfig(temperature=0.7, top_k=4, top_p=0.9), True)],
@@ -207,15 +144,15 @@ def test_sampling_is_lossless(sampling, agreeable):
     strategy, method_params = kangaroo_for(model, 5, True, 0.01 if agreeable else None, exit_layer=1, exit_threshold=0.0, max_draft_steps=3)
     assert method_params["draft_ids"].shape[0] == vocab // 2  # q is zero on half the vocabulary
     prompt = [3, 5, 1, 4]
-    exact = _exact_distribution(model, prompt, n_tokens, sampling)
+    exact = exact_distribution(model, prompt, n_tokens, sampling)
     assert sum(p * n_samples >= 5 for p in exact.values()) >= 30  # a spread-out distribution
-    counts, out = _first_tokens(Engine(model, strategy, method_params), prompt, n_samples, n_tokens, sampling)
-    assert _chi_square_p_value(counts, exact, n_samples) > 1e-4
+    counts, out = first_tokens(Engine(model, strategy, method_params), prompt, n_samples, n_tokens, sampling)
+    assert chi_square_p_value(counts, exact, n_samples) > 1e-4
     # some steps committed several tokens: the acceptance path was exercised, not only the resampling one
     assert sum(out.forwards) < n_samples * n_tokens
     hotter = dataclasses.replace(sampling, temperature=sampling.temperature * 1.25)
-    wrong, _ = _first_tokens(Engine(model), prompt, n_samples, n_tokens, hotter)
-    assert _chi_square_p_value(wrong, exact, n_samples) < 1e-4
+    wrong, _ = first_tokens(Engine(model), prompt, n_samples, n_tokens, hotter)
+    assert chi_square_p_value(wrong, exact, n_samples) < 1e-4
 
 
 # ----------------------------------------------------------------------------- cache rollback
@@ -240,7 +177,8 @@ def test_rollback_leaves_caches_as_if_only_committed_tokens_were_processed(name,
         pending = jnp.argmax(logits, -1).astype(jnp.int32)
         committed = []
         for _ in range(2):
-            result = strategy.step(params, method_params, cache, state, pending, jax.random.PRNGKey(0), SamplingConfig(), cfg)
+            result = strategy.step(StepInputs(params=params, method_params=method_params, cache=cache, method_state=state, pending=pending,
+                                              key=jax.random.PRNGKey(0), active=jnp.ones((batch,), bool), sampling=SamplingConfig(), cfg=cfg))
             cache, state = result.cache, result.method_state
             pending = jnp.take_along_axis(result.tokens, (result.counts - 1)[:, None], axis=1)[:, 0]
             committed.append((result.tokens, result.counts))
@@ -347,7 +285,7 @@ def test_train_command_end_to_end_stop_at_and_resume(tmp_path):
     """`eej train kangaroo` on a tiny registry model: a shortened run (--stop-at) writes an artifact that
     loads for decoding; continuing the same run to --steps changes it; the reproduce line starts with
     --data-command and does not repeat it."""
-    from eej.train.artifacts import load_artifact
+    from eej.weights.artifacts import load_artifact
 
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"count to {i}", "response": " ".join(str(j) for j in range(i))})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import jax
 import jax.numpy as jnp
 
 from eej.kernels import pallas_attention as pa
@@ -161,7 +160,7 @@ def test_impl_switch_lists_kernels_and_long_blocks_fall_back():
 
 
 def test_engine_with_pallas_attention_matches_xla():
-    from conftest import random_prompts, tiny_model
+    from eej.testing import random_prompts, tiny_model
 
     from eej.decoding.engine import Engine
 

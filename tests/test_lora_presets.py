@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from eej.model.lora import init_lora, merge_lora
-from eej.presets import PresetError, from_settings, method_settings
+from eej.settings import PresetError, from_settings, method_settings
 
-from conftest import tiny_model
+from eej.testing import tiny_model
 
 
 def test_zero_initialised_lora_changes_nothing_and_merge_adds_a_times_b():

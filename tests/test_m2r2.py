@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from eej.config import SamplingConfig
 from eej.decoding.engine import Engine
+from eej.decoding.strategy import StepInputs
 from eej.decoding.m2r2 import (
     M2R2Exit,
     M2R2Spec,
@@ -29,12 +30,11 @@ from eej.decoding.methods import build_method
 from eej.model.cache import init_cache
 from eej.model.lora import init_lora
 from eej.model.transformer import embed, forward
-from eej.train.artifacts import ArtifactError, save_artifact
+from eej.weights.artifacts import ArtifactError, save_artifact
 from eej.train.m2r2 import fast_stream_teacher_forced, m2r2_loss
 from eej.train.teacher import hidden_states
 
-from conftest import random_prompts, tiny_model
-from test_kangaroo import _chi_square_p_value, _exact_distribution, _first_tokens, agreeable_model
+from eej.testing import agreeable_model, chi_square_p_value, exact_distribution, first_tokens, plain_tokens, random_prompts, tiny_model
 
 
 def spec_for(model, seed: int, adapter_scale: float = 0.5, reduced: bool = True, **fields):
@@ -44,10 +44,6 @@ def spec_for(model, seed: int, adapter_scale: float = 0.5, reduced: bool = True,
     method_params = random_method_params(model, seed, fields["fast_layers"], adapter_scale=adapter_scale, reduced=reduced)
     method_params.pop("arla")
     return M2R2Spec(**fields), method_params
-
-
-def plain_tokens(model, prompts, n, **kw):
-    return Engine(model).generate(prompts, max_new_tokens=n, eos_ids=(), **kw).tokens
 
 
 # ----------------------------------------------------------------------------- lossless greedy
@@ -102,13 +98,13 @@ def test_spec_sampling_is_lossless(sampling, agreeable):
     strategy, method_params = spec_for(model, 5, 0.02 if agreeable else 0.5, True, fast_layers=2, exit_threshold=0.0, max_draft_steps=3)
     assert method_params["draft_ids"].shape[0] == vocab // 2  # q is zero on half the vocabulary
     prompt = [3, 5, 1, 4]
-    exact = _exact_distribution(model, prompt, n_tokens, sampling)
-    counts, out = _first_tokens(Engine(model, strategy, method_params), prompt, n_samples, n_tokens, sampling)
-    assert _chi_square_p_value(counts, exact, n_samples) > 1e-4
+    exact = exact_distribution(model, prompt, n_tokens, sampling)
+    counts, out = first_tokens(Engine(model, strategy, method_params), prompt, n_samples, n_tokens, sampling)
+    assert chi_square_p_value(counts, exact, n_samples) > 1e-4
     assert sum(out.forwards) < n_samples * n_tokens  # accepted drafts: the acceptance path ran
     hotter = dataclasses.replace(sampling, temperature=sampling.temperature * 1.25)
-    wrong, _ = _first_tokens(Engine(model), prompt, n_samples, n_tokens, hotter)
-    assert _chi_square_p_value(wrong, exact, n_samples) < 1e-4
+    wrong, _ = first_tokens(Engine(model), prompt, n_samples, n_tokens, hotter)
+    assert chi_square_p_value(wrong, exact, n_samples) < 1e-4
 
 
 # ----------------------------------------------------------------------------- shared KV
@@ -130,7 +126,8 @@ def _steps(strategy, method_params, model, prompts, num_steps, capacity=48):
         pending = jnp.argmax(logits, -1).astype(jnp.int32)
         committed = [pending]
         for _ in range(num_steps):
-            result = strategy.step(params, method_params, cache, state, pending, jax.random.PRNGKey(0), SamplingConfig(), cfg)
+            result = strategy.step(StepInputs(params=params, method_params=method_params, cache=cache, method_state=state, pending=pending,
+                                              key=jax.random.PRNGKey(0), active=jnp.ones(pending.shape, bool), sampling=SamplingConfig(), cfg=cfg))
             cache, state = result.cache, result.method_state
             pending = jnp.take_along_axis(result.tokens, (result.counts - 1)[:, None], axis=1)[:, 0]
             committed.append((result.tokens, result.counts))
@@ -250,8 +247,9 @@ def test_exit_decisions_ignore_finished_rows():
         tokens[b, : len(p)] = p
     cache = init_cache(cfg, 2, 32)
     _, cache, state = strategy.prefill(model.params, method_params, jnp.asarray(tokens), jnp.asarray([4, 9]), cache, cfg)
-    step = jax.jit(lambda active: strategy.step(model.params, method_params, cache, state, jnp.asarray([5, 6]),
-                                                jax.random.PRNGKey(0), SamplingConfig(), cfg, active=active))
+    step = jax.jit(lambda active: strategy.step(StepInputs(params=model.params, method_params=method_params, cache=cache, method_state=state,
+                                                           pending=jnp.asarray([5, 6]), key=jax.random.PRNGKey(0), active=active,
+                                                           sampling=SamplingConfig(), cfg=cfg)))
     assert float(step(jnp.asarray([True, False])).layers[0]) == 3 + cfg.num_layers  # the active row does not exit
     assert float(step(jnp.asarray([False, False])).layers[0]) == 2  # finished rows do not block: exit at min_exit_layer
 

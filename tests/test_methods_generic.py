@@ -10,11 +10,11 @@ import pytest
 
 from eej.config import SamplingConfig
 from eej.decoding.engine import Engine
-from eej.decoding.methods import methods_with_random_instances, random_method
+from eej.decoding.methods import known_methods, random_method
 
-from conftest import random_prompts, tiny_model
+from eej.testing import random_prompts, tiny_model
 
-METHODS = methods_with_random_instances()
+METHODS = known_methods()
 MODELS = ["tiny-llama", "tiny-gqa", "tiny-moe"]
 
 

@@ -15,9 +15,9 @@ import pytest
 from eej.model import moe
 from eej.model.lora import default_targets, init_lora, parse_targets
 from eej.model.transformer import mlp
-from eej.weights.registry import random_params, tiny_config
+from eej.weights.tiny import random_params, tiny_config
 
-from conftest import random_prompts, tiny_model
+from eej.testing import random_prompts, tiny_model
 
 
 def _layer(cfg, seed: int = 0, index: int = 1) -> dict[str, jax.Array]:
@@ -83,12 +83,12 @@ def test_all_experts_of_a_split_dense_ffn_with_unit_weights_is_the_dense_mlp():
 def test_methods_the_generic_tests_skip_run_on_tiny_moe():
     """Lossy methods that decide per batch (SpecEE, M2R2 early exit) skip both generic checks on tiny-moe."""
     from eej.decoding.engine import Engine
-    from eej.decoding.methods import methods_with_random_instances, random_method
+    from eej.decoding.methods import known_methods, random_method
 
     model = tiny_model("tiny-moe", seed=2)
     prompts = random_prompts(np.random.default_rng(4), [5, 12], model.cfg.vocab_size)
     ran = []
-    for method in methods_with_random_instances():
+    for method in known_methods():
         strategy, method_params = random_method(model, method, seed=1)
         if strategy.lossless or strategy.batch_invariant:
             continue
@@ -137,7 +137,7 @@ def test_train_cli_rejects_mlp_lora_targets_on_moe(capsys, tmp_path):
 
 
 def test_artifact_for_a_dense_model_does_not_fit_a_moe_model_of_the_same_shape(tmp_path):
-    from eej.train.artifacts import ArtifactError, load_artifact, save_artifact
+    from eej.weights.artifacts import ArtifactError, load_artifact, save_artifact
 
     dense, sparse = tiny_config("tiny-llama"), tiny_config("tiny-llama", num_experts=4, experts_per_token=2, moe_ffn_size=32)
     path = str(tmp_path / "a.npz")

@@ -4,8 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_model, write_chat_data
-from eej.bench.fidelity import teacher_argmax
+from eej.testing import tiny_model, write_chat_data
 from eej.experts.moefy import (
     MoefyError,
     balanced_assign,
@@ -114,7 +113,7 @@ def test_train_moefy_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
 
     from eej.cli import main as cli_main
     from eej.experts.moefy import load_moefied
-    from eej.train.artifacts import load_artifact
+    from eej.weights.artifacts import load_artifact
 
     data = tmp_path / "chat.jsonl"
     write_chat_data(data)

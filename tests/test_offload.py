@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import random_prompts, tiny_model
+from eej.testing import random_prompts, tiny_model
 from eej.api import engine
 from eej.decoding.m2r2 import random_method_params
 from eej.experts.cache import CacheCapacityError, ExpertCache

@@ -15,7 +15,7 @@ from eej.cli import main
 from eej.model.cache import init_cache
 from eej.parallel import DecodeSharding, MeshError, make_mesh, parse_mesh_spec
 from eej.parallel.distributed import DistributedError, settings_from
-from eej.weights.registry import tiny_config
+from eej.weights.tiny import tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

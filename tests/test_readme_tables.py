@@ -117,9 +117,8 @@ def test_method_tables_follow_the_registry(render, monkeypatch):
         batch_invariant: ClassVar[bool] = False
 
     for cls in (Exact, Lossy):
-        instance = lambda model, seed=0, cls=cls: (cls(), None)
-        monkeypatch.setitem(methods._BUILDERS, cls.name, lambda model, config, cls=cls: (cls(), None))
-        monkeypatch.setitem(methods._RANDOM, cls.name, instance)
+        monkeypatch.setitem(methods._METHODS, cls.name, methods.MethodSpec(
+            cls.name, load=lambda model, settings, cls=cls: (cls(), None), random=lambda model, seed=0, cls=cls: (cls(), None)))
     infos = [m for m in render.method_infos() if m.name.startswith("test-")]
     assert [(m.name, m.lossless, m.batch_invariant) for m in infos] == [
         ("test-exact", True, True), ("test-lossy", False, False)]

@@ -15,23 +15,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eej.decoding.engine import Engine
+from eej.decoding.methods import build_method
 from eej.decoding.skipdecode import (
     IMPLEMENTATIONS,
     ScheduleError,
     SkipDecode,
     SkipDecodeSettings,
     SkipSchedule,
-    build_skipdecode,
 )
 from eej.model.cache import init_cache
 from eej.model.lora import PROJECTIONS, init_lora, merge_lora
 from eej.model.transformer import linear, logits_from_hidden
-from eej.presets import REPO_ROOT, PresetError
+from eej.settings import REPO_ROOT, PresetError
 from eej.model.transformer import canonical_layout
 from eej.train.skipdecode import distillation_loss, prompt_lengths, response_window, skip_hidden, skip_hidden_above
 from eej.train.teacher import hidden_states
 
-from conftest import random_prompts, tiny_model
+from eej.testing import random_prompts, tiny_model
 
 # ----------------------------------------------------------------------------- schedule
 
@@ -307,7 +307,7 @@ def _write_chat_data(tmp_path):
 
 def test_train_cli_writes_an_artifact_that_the_method_loads(tmp_path, capsys, monkeypatch):
     from eej.cli import main
-    from eej.train.artifacts import ArtifactError
+    from eej.weights.artifacts import ArtifactError
 
     data = _write_chat_data(tmp_path)
     settings_file = tmp_path / "sched.yaml"
@@ -326,7 +326,7 @@ def test_train_cli_writes_an_artifact_that_the_method_loads(tmp_path, capsys, mo
     model = tiny_model("tiny-gqa")  # load_model("tiny-gqa") is the same seed-0 model
     with_lora = tmp_path / "with_lora.yaml"
     with_lora.write_text(yaml.safe_dump({"warmup_layers": 1, "max_layers": 6, "min_layers": 2, "horizon": 8, "lora": str(artifact)}))
-    strategy, method_params = build_skipdecode(model, str(with_lora))
+    strategy, method_params = build_method(model, f"skipdecode:{with_lora}")
     assert strategy.schedule == SkipSchedule.linear(1, 6, 2, 8)
     changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(method_params["layers"]), jax.tree.leaves(model.params["layers"]))]
     assert any(changed)
@@ -335,11 +335,11 @@ def test_train_cli_writes_an_artifact_that_the_method_loads(tmp_path, capsys, mo
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({"warmup_layers": 1, "max_layers": 5, "min_layers": 2, "horizon": 8, "lora": str(artifact)}))
     with pytest.raises(ArtifactError, match="trained for schedule"):
-        build_skipdecode(model, str(other))
+        build_method(model, f"skipdecode:{other}")
     small = tmp_path / "small.yaml"
     small.write_text(yaml.safe_dump({"warmup_layers": 1, "max_layers": 4, "min_layers": 2, "horizon": 8, "lora": str(artifact)}))
     with pytest.raises(ArtifactError, match="does not match"):
-        build_skipdecode(tiny_model("tiny-llama"), str(small))
+        build_method(tiny_model("tiny-llama"), f"skipdecode:{small}")
 
 
 def test_bad_settings_name_the_problem(tmp_path):
@@ -347,20 +347,20 @@ def test_bad_settings_name_the_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"warmup_layers": 3, "max_layers": 6, "min_layers": 3, "horizon": 8}))
     with pytest.raises(PresetError, match="warmup_layers \\(3\\) must be below"):
-        build_skipdecode(model, str(bad))
+        build_method(model, f"skipdecode:{bad}")
     bad.write_text(yaml.safe_dump({"warmup_layers": 1, "max_layers": 9, "min_layers": 3, "horizon": 8}))
     with pytest.raises(PresetError, match="model has 6"):
-        build_skipdecode(model, str(bad))
+        build_method(model, f"skipdecode:{bad}")
     bad.write_text(yaml.safe_dump({"warmup": 1}))
     with pytest.raises(PresetError, match="unknown key.*warmup"):
-        build_skipdecode(model, str(bad))
+        build_method(model, f"skipdecode:{bad}")
 
 
 @pytest.mark.real_model
 def test_real_model_presets_generate_within_their_schedule(real_model):
     prompts = [real_model.tokenizer.encode_chat(p) for p in ("Name a colour.", "What is 2+2? Answer briefly.")]
     for preset in ("2x", "3x-untuned"):
-        strategy, method_params = build_skipdecode(real_model, preset)
+        strategy, method_params = build_method(real_model, f"skipdecode:{preset}")
         out = Engine(real_model, strategy, method_params).generate(prompts, max_new_tokens=8, eos_ids=())
         assert out.layers == [float(sum(strategy.schedule.layers_at(t) for t in range(7)))] * 2
         assert all(len(t) == 8 for t in out.tokens)

@@ -9,12 +9,13 @@ import pytest
 
 from eej.config import SamplingConfig
 from eej.decoding.engine import Engine
+from eej.decoding.strategy import StepInputs
 from eej.train.specee import offline_layers, simulate_exits
 from eej.decoding.specee import random_specee, speculative_features, speculative_logits
 from eej.model.cache import init_cache
 from eej.model.transformer import embed, final_norm, get_layer, logits_from_hidden, qkv, run_layers
 
-from conftest import random_prompts, tiny_model, write_chat_data
+from eej.testing import random_prompts, tiny_model, write_chat_data
 
 
 def _never_firing(method_params, how: str):
@@ -61,7 +62,9 @@ def test_never_firing_predictor_equals_plain(kv, how, model_name):
 
 
 def _step_fn(strategy, cfg):
-    return jax.jit(lambda p, mp, cache, st, pending: strategy.step(p, mp, cache, st, pending, jax.random.PRNGKey(0), SamplingConfig(), cfg))
+    return jax.jit(lambda p, mp, cache, st, pending: strategy.step(StepInputs(
+        params=p, method_params=mp, cache=cache, method_state=st, pending=pending, key=jax.random.PRNGKey(0),
+        active=jnp.ones(pending.shape, bool), sampling=SamplingConfig(), cfg=cfg)))
 
 
 def _candidates(strategy, params, method_params, cache, state, pending, cfg):
@@ -176,9 +179,9 @@ def test_train_specee_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     import sys
 
     from eej.cli import main as cli_main
-    from eej.decoding.kangaroo import init_adapter
+    from eej.decoding.speculation import init_adapter
     from eej.decoding.methods import build_method
-    from eej.train.artifacts import load_artifact, save_artifact
+    from eej.weights.artifacts import load_artifact, save_artifact
 
     model = tiny_model("tiny-gqa", 0)
     adapter = init_adapter(model.cfg, 0, norm=np.asarray(model.params["final_norm"]))

@@ -5,19 +5,18 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eej.train.artifacts import ArtifactError, load_artifact, save_artifact
+from eej.weights.artifacts import ArtifactError, load_artifact, save_artifact
 from eej.train.data import DataError, batch_at, load_training_data, read_examples, tokenize_examples
 from eej.train.loop import TrainConfig, masked_mean, train
 from eej.train.teacher import collect_hidden_states, hidden_states
 from eej.model.transformer import forward, logits_from_hidden
 from eej.model.cache import init_cache
 
-from conftest import tiny_model
+from eej.testing import tiny_model
 
 
 def _files(tmp_path):

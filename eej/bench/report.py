@@ -241,3 +241,69 @@ def check_schema(doc: dict[str, Any]) -> None:
                 absent = [k for k in METRIC_KEYS if k not in metrics]
                 if absent:
                     raise ValueError(f"bench JSON {section}.{name} metrics lack {', '.join(absent)}")
+
+
+# ----------------------------------------------------------------------------- in a notebook
+
+
+class BenchReport:
+    """A bench JSON document (docs/bench.md) with notebook views: a table, per-category rows, plots.
+
+    `doc` is the document itself (the same schema `eej bench --out` writes); `records` are the
+    answers of a run made in this session (empty for a loaded file).
+    """
+
+    def __init__(self, doc: dict[str, Any], records: Sequence[Any] = ()):
+        check_schema(doc)
+        self.doc = doc
+        self.records = list(records)
+
+    @classmethod
+    def load(cls, path: str) -> "BenchReport":
+        """A report from a bench JSON file (e.g. benchmarks/results/*.json)."""
+        with open(path) as f:
+            return cls(json.load(f))
+
+    def rows(self, category: str | None = None) -> list[dict[str, Any]]:
+        """One dict per contestant: name, kind and the metrics (overall, or of one category)."""
+        out = []
+        for section in ("methods", "peers"):
+            for name, c in self.doc[section].items():
+                metrics = c["overall"] if category is None else c["per_category"][category]
+                out.append({"contestant": name, "kind": c["info"]["kind"], **metrics})
+        return out
+
+    def table(self, per_category: bool = False) -> str:
+        """The overall (or per-category) markdown table, as in `eej bench --report`."""
+        return per_category_table(self.doc) if per_category else overall_table(self.doc)
+
+    def markdown(self) -> str:
+        """The full report `eej bench --report` writes."""
+        return markdown_report(self.doc)
+
+    def plot(self):
+        """A matplotlib Figure: speedup per category, and speedup against token agreement."""
+        return figure(self.doc)
+
+    def save(self, prefix: str) -> list[str]:
+        """Write PREFIX.json, PREFIX.md and PREFIX.png; returns the paths."""
+        paths = [prefix + ".json", prefix + ".md", prefix + ".png"]
+        write_json(self.doc, paths[0])
+        write_markdown(self.doc, paths[1])
+        write_plot(self.doc, paths[2])
+        return paths
+
+    def __repr__(self) -> str:
+        return self.table()
+
+    def _repr_markdown_(self) -> str:
+        s = self.doc["settings"]
+        head = (f"**eej bench: {self.doc['model']['name']}**, {s['answers_per_contestant']} answers per contestant, "
+                f"max {s['max_new_tokens']} new tokens, batch {s['batch_size']}, "
+                f"{'greedy' if s['greedy'] else 'sampling'} on {', '.join(self.doc['machine']['devices'][:1])}")
+        return f"{head}\n\n{self.table()}\n"
+
+
+def load_results(path: str) -> BenchReport:
+    """A bench JSON file as a BenchReport (`eej.load_results(path).plot()`)."""
+    return BenchReport.load(path)

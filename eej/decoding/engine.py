@@ -22,6 +22,7 @@ import functools
 import time
 from typing import Any, Callable, Iterator, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +32,7 @@ from jax import lax
 from eej.config import ModelConfig, SamplingConfig
 from eej.decoding.plain import Plain
 from eej.decoding.sampling import sample
-from eej.decoding.strategy import StepResult, Strategy
+from eej.decoding.strategy import StepInputs, StepResult, Strategy
 from eej.model.cache import KVCache, init_cache
 from eej.model.transformer import Params
 from eej.parallel.sharding import DecodeSharding, to_host
@@ -189,8 +190,17 @@ def _advance(
 ) -> DecodeState:
     """One strategy step followed by the engine's commit."""
     key, sub = jax.random.split(state.key)
-    extra = {"active": ~state.done} if strategy.needs_active_rows else {}
-    result = strategy.step(params, method_params, state.cache, state.method_state, state.pending, sub, sampling, cfg, **extra)
+    inputs = StepInputs(params=params, method_params=method_params, cache=state.cache, method_state=state.method_state,
+                        pending=state.pending, key=sub, active=~state.done, sampling=sampling, cfg=cfg)
+    result = strategy.step(inputs)
+    batch = state.pending.shape[0]
+    try:  # a strategy of your own gets told what it returned wrong, at trace time
+        chex.assert_shape(result.tokens, (batch, None))
+        chex.assert_shape([result.counts, result.forwards, result.layers], (batch,))
+        chex.assert_type(result.tokens, int)
+        chex.assert_trees_all_equal_shapes_and_dtypes(result.cache, state.cache)
+    except AssertionError as e:
+        raise GenerationError(f"{type(strategy).__name__}.step returned a StepResult of the wrong shape or dtype: {e}") from None
     return _commit(state.replace(key=key), result, eos_ids, max_new)
 
 

@@ -9,7 +9,7 @@ M2R2 (Bhendawade et al. 2025, arXiv 2502.02040). The design as built here (equat
   after tau(k) = min(round(R k), N) layers (R: the rate). Zero adapters make f_k equal the slow
   residual after k layers, layer for layer.
 - The fast stream's prediction after k layers: its own RMSNorm + the LM head (or a reduced draft
-  head over a frequency-ranked vocabulary subset, `eej.decoding.kangaroo.reduced_head`).
+  head over a frequency-ranked vocabulary subset, `eej.decoding.speculation.reduced_head`).
 - Shared KV: fast layer j attends to the model cache's layer j, i.e. to the slow stream's K/V of
   committed tokens. Tokens in flight (drafts) write their fast K/V into the slots at or beyond the
   committed length, which the cache invariant allows (those slots are garbage until overwritten);
@@ -47,26 +47,28 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from eej.config import ModelConfig, SamplingConfig
-from eej.decoding.kangaroo import check_draft_head, draft_head, reduced_head
-from eej.decoding.methods import MethodError, register_method
+from eej.config import ModelConfig
+from eej.decoding.methods import register_method
 from eej.decoding.sampling import sample
-from eej.decoding.speculation import accept, draft_loop, rollback
-from eej.decoding.strategy import StepResult, Strategy
+from eej.decoding.speculation import accept, check_draft_head, draft_head, draft_loop, head_from_ranking, reduced_head, rollback
+from eej.decoding.strategy import StepInputs, StepResult, Strategy
 from eej.model.cache import KVCache
 from eej.model.lora import init_lora, merge_lora
 from eej.model.transformer import (
     Params,
-    block,
     embed,
     forward,
     linear,
     logits_from_hidden,
     propagate_kv,
     rms_norm,
+    run_layer_if,
     run_layers,
     unstack_layers,
 )
+from eej.settings import resolve_path, setting
+from eej.weights.artifacts import load_artifact
+from eej.weights.registry import Model
 
 # ----------------------------------------------------------------------------- the fast stream
 
@@ -160,14 +162,7 @@ def arla_logits(arla: dict, trajectory: jax.Array, cfg: ModelConfig) -> jax.Arra
     return h @ arla["w2"] + arla["bias"][:k]
 
 
-# ----------------------------------------------------------------------------- shared settings checks
-
-
-def _check_settings(name: str, fast_layers: Any, exit_threshold: Any) -> None:
-    if not isinstance(fast_layers, int) or fast_layers < 1:
-        raise ValueError(f"{name} fast_layers must be an integer >= 1, got {fast_layers!r}")
-    if not 0.0 <= float(exit_threshold) <= 1.0:
-        raise ValueError(f"{name} exit_threshold must be in [0, 1], got {exit_threshold}")
+# ----------------------------------------------------------------------------- add-on checks
 
 
 def _check_fast(name: str, num_fast: int, cfg: ModelConfig, method_params: Any) -> None:
@@ -206,14 +201,9 @@ class M2R2Spec(Strategy):
     lossless: ClassVar[bool] = True
     batch_invariant: ClassVar[bool] = True
 
-    fast_layers: int = 6
-    exit_threshold: float = 0.5
-    max_draft_steps: int = 5
-
-    def __post_init__(self) -> None:
-        _check_settings(self.name, self.fast_layers, self.exit_threshold)
-        if not isinstance(self.max_draft_steps, int) or self.max_draft_steps < 1:
-            raise ValueError(f"m2r2-spec max_draft_steps must be an integer >= 1, got {self.max_draft_steps!r}")
+    fast_layers: int = setting(6, at_least=1, integer=True)
+    exit_threshold: float = setting(0.5, at_least=0.0, at_most=1.0)
+    max_draft_steps: int = setting(5, at_least=1, integer=True)
 
     @property
     def max_step_tokens(self) -> int:
@@ -223,19 +213,9 @@ class M2R2Spec(Strategy):
         _check_fast("m2r2-spec", self.fast_layers, cfg, method_params)
         check_draft_head("m2r2-spec", cfg, method_params)
 
-    def step(
-        self,
-        params: Params,
-        method_params: Any,
-        cache: KVCache,
-        method_state: Any,
-        pending: jax.Array,
-        key: jax.Array,
-        sampling: SamplingConfig,
-        cfg: ModelConfig,
-    ) -> StepResult:
-        batch, k = pending.shape[0], self.max_draft_steps
-        start = cache.lengths
+    def step(self, s: StepInputs) -> StepResult:
+        params, method_params, cfg, k = s.params, s.method_params, s.cfg, self.max_draft_steps
+        start = s.cache.lengths
         head, ids = draft_head(params, method_params)
 
         def draft_fn(cache, token, i):
@@ -243,23 +223,23 @@ class M2R2Spec(Strategy):
             x, cache = run_fast(params, method_params, embed(params, token[:, None], cfg), cache, (start + i)[:, None], cfg)
             return cache, fast_head_logits(method_params, x[:, 0], head, cfg)
 
-        draft_key, verify_key = jax.random.split(key)
+        draft_key, verify_key = jax.random.split(s.key)
         cache, drafts = draft_loop(
-            draft_fn, cache, pending, draft_key, sampling,
+            draft_fn, s.cache, s.pending, draft_key, s.sampling,
             max_steps=k, exit_threshold=self.exit_threshold, vocab_size=cfg.vocab_size, vocab_ids=ids,
         )
         # The slow stream over [pending, drafts] in one pass: its K/V overwrite the drafts' fast K/V.
-        block_tokens = jnp.concatenate([pending[:, None], drafts.tokens], axis=1)
+        block_tokens = jnp.concatenate([s.pending[:, None], drafts.tokens], axis=1)
         positions = start[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None]
         logits, cache = forward(params, block_tokens, positions, cache, cfg)
-        tokens, counts = accept(drafts, logits, verify_key, sampling)
+        tokens, counts = accept(drafts, logits, verify_key, s.sampling)
         return StepResult(
             tokens=tokens,
             counts=counts,
             cache=rollback(cache, start + counts),
-            method_state=method_state,
-            forwards=jnp.ones((batch,), jnp.int32),
-            layers=jnp.full((batch,), drafts.steps * self.fast_layers + cfg.num_layers, jnp.float32),
+            method_state=s.method_state,
+            forwards=jnp.ones((s.batch,), jnp.int32),
+            layers=jnp.full((s.batch,), drafts.steps * self.fast_layers + cfg.num_layers, jnp.float32),
         )
 
 
@@ -278,14 +258,12 @@ class M2R2Exit(Strategy):
     name: ClassVar[str] = "m2r2-exit"
     lossless: ClassVar[bool] = False
     batch_invariant: ClassVar[bool] = False
-    needs_active_rows: ClassVar[bool] = True
 
-    fast_layers: int = 6
-    exit_threshold: float = 0.8
+    fast_layers: int = setting(6, at_least=1, integer=True)
+    exit_threshold: float = setting(0.8, at_least=0.0, at_most=1.0)
     min_exit_layer: int = 1
 
-    def __post_init__(self) -> None:
-        _check_settings(self.name, self.fast_layers, self.exit_threshold)
+    def check(self) -> None:
         if not isinstance(self.min_exit_layer, int) or not 1 <= self.min_exit_layer <= self.fast_layers:
             raise ValueError(
                 f"m2r2-exit min_exit_layer must be an integer in [1, fast_layers={self.fast_layers}], got {self.min_exit_layer!r}"
@@ -299,43 +277,23 @@ class M2R2Exit(Strategy):
         if have < self.fast_layers:
             raise ValueError(f"m2r2-exit ARLA covers {have} fast layers, the settings ask for {self.fast_layers}")
 
-    def step(
-        self,
-        params: Params,
-        method_params: Any,
-        cache: KVCache,
-        method_state: Any,
-        pending: jax.Array,
-        key: jax.Array,
-        sampling: SamplingConfig,
-        cfg: ModelConfig,
-        active: jax.Array | None = None,
-    ) -> StepResult:
-        batch, num_fast = pending.shape[0], self.fast_layers
-        active = jnp.ones((batch,), bool) if active is None else active
-        start = cache.lengths
-        positions = start[:, None]
-        x0 = embed(params, pending[:, None], cfg)
-        x = x0
-        ks, vs = list(cache.k), list(cache.v)
-        trajectory = jnp.zeros((batch, num_fast, cfg.hidden_size), x.dtype)
+    def step(self, s: StepInputs) -> StepResult:
+        params, method_params, cfg, num_fast = s.params, s.method_params, s.cfg, self.fast_layers
+        positions = s.positions
+        x0 = embed(params, s.pending[:, None], cfg)
+        x, cache = x0, s.cache
+        trajectory = jnp.zeros((s.batch, num_fast, cfg.hidden_size), x.dtype)
         exited = jnp.zeros((), bool)
         exit_layer = jnp.asarray(num_fast, jnp.int32)
         for j in range(num_fast):
-            layer = method_params["fast_layers"][j]
-
-            def run(operand, layer=layer):
-                return block(layer, *operand, positions, cfg)
-
-            # A batch-level decision: lax.cond skips the layer's compute once the batch has exited.
-            x, ks[j], vs[j] = lax.cond(exited, lambda operand: operand, run, (x, ks[j], vs[j]))
+            # A batch-level decision: the layer's compute is skipped for real once the batch has exited.
+            x, cache = run_layer_if(~exited, method_params["fast_layers"][j], j, x, cache, positions, cfg)
             trajectory = trajectory.at[:, j].set(x[:, 0])
             if j + 1 >= self.min_exit_layer:
                 p_exit = jax.nn.sigmoid(arla_logits(method_params["arla"], trajectory[:, : j + 1], cfg)[:, j])
-                fire = ~exited & jnp.all((p_exit >= self.exit_threshold) | ~active)
+                fire = ~exited & jnp.all((p_exit >= self.exit_threshold) | ~s.active)
                 exit_layer = jnp.where(fire, j + 1, exit_layer)
                 exited = exited | fire
-        cache = cache.replace(k=tuple(ks), v=tuple(vs))
 
         def exit_path(operand):
             x, cache = operand
@@ -348,46 +306,45 @@ class M2R2Exit(Strategy):
             return logits_from_hidden(params, h[:, 0], cfg), cache
 
         logits, cache = lax.cond(exited, exit_path, slow_path, (x, cache))
-        layers = jnp.where(exited, exit_layer, num_fast + cfg.num_layers).astype(jnp.float32)
-        return StepResult(
-            tokens=sample(logits, key, sampling)[:, None],
-            counts=jnp.ones((batch,), jnp.int32),
-            cache=cache.with_lengths(start + 1),
-            method_state=method_state,
-            forwards=jnp.where(exited, 0, 1) * jnp.ones((batch,), jnp.int32),
-            layers=jnp.broadcast_to(layers, (batch,)),
-        )
+        return StepResult.one_token(sample(logits, s.key, s.sampling), cache, s.method_state,
+                                    forwards=jnp.where(exited, 0, 1), layers=jnp.where(exited, exit_layer, num_fast + cfg.num_layers))
 
 
-# ----------------------------------------------------------------------------- building from settings
+# ----------------------------------------------------------------------------- registration
 
 
 @dataclasses.dataclass(frozen=True)
 class M2R2SpecSettings:
     """`configs/<model>/m2r2-spec.yaml` presets.
 
-    adapter: the trained artifact (relative paths: from the repository root).
+    adapter: the trained artifact (relative paths: from the repository root); it fixes fast_layers.
+    exit_threshold, max_draft_steps: see `M2R2Spec`.
     draft_vocab_size: V' of the reduced draft head (the artifact's most frequent tokens); 0 = full head.
     """
 
     adapter: str
-    exit_threshold: float = 0.5
-    max_draft_steps: int = 5
-    draft_vocab_size: int = 0
+    exit_threshold: float = setting(0.5, at_least=0.0, at_most=1.0)
+    max_draft_steps: int = setting(5, at_least=1, integer=True)
+    draft_vocab_size: int = setting(0, at_least=0, integer=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class M2R2ExitSettings:
-    """`configs/<model>/m2r2-exit.yaml` presets (adapter as in M2R2SpecSettings)."""
+    """`configs/<model>/m2r2-exit.yaml` presets (adapter as in M2R2SpecSettings; the others: see `M2R2Exit`)."""
 
     adapter: str
-    exit_threshold: float = 0.8
-    min_exit_layer: int = 1
+    exit_threshold: float = setting(0.8, at_least=0.0, at_most=1.0)
+    min_exit_layer: int = setting(1, at_least=1, integer=True)
 
 
-def params_from_artifact(model, arrays: dict, header: dict, draft_vocab_size: int = 0) -> dict:
-    """method_params from a loaded m2r2 artifact (adapters merged into the fast layers)."""
+def load_fast_stream(model: Model, adapter: str, draft_vocab_size: int = 0) -> tuple[int, dict]:
+    """A trained m2r2 artifact (`eej train m2r2`) for `model` -> (K fast layers, method_params).
+
+    method_params hold the fast layers (adapters merged), the fast norm, ARLA and, if draft_vocab_size > 0,
+    a reduced draft head over the artifact's most frequent answer tokens.
+    """
     cfg = model.cfg
+    arrays, header = load_artifact(resolve_path(adapter), "m2r2", cfg)
     settings = header.get("settings", {})
     num_fast = int(settings["fast_layers"])
     lora = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), arrays["lora"])
@@ -398,45 +355,24 @@ def params_from_artifact(model, arrays: dict, header: dict, draft_vocab_size: in
         "arla": jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), arrays["arla"]),
     }
     if draft_vocab_size:
-        ranking = arrays.get("vocab_rank")
-        if ranking is None or draft_vocab_size > len(ranking):
-            have = 0 if ranking is None else len(ranking)
-            raise MethodError(f"draft_vocab_size {draft_vocab_size} exceeds the {have} ranked tokens in the artifact")
-        out.update(reduced_head(model.params, ranking[:draft_vocab_size]))
-    return out
+        out.update(head_from_ranking(model.params, arrays.get("vocab_rank"), draft_vocab_size, adapter))
+    return num_fast, out
 
 
-def load_m2r2(model, adapter: str) -> tuple[dict, dict]:
-    """(arrays, header) of an m2r2 artifact, checked against the model."""
-    from eej.presets import resolve_path
-    from eej.train.artifacts import load_artifact
-
-    return load_artifact(resolve_path(adapter), "m2r2", model.cfg)
-
-
-def _build_spec(model, config: str | None) -> tuple[Strategy, Any]:
-    from eej.presets import from_settings, method_settings
-
-    s = from_settings(M2R2SpecSettings, method_settings(model.name, "m2r2-spec", config), "m2r2-spec settings")
-    arrays, header = load_m2r2(model, s.adapter)
-    method_params = params_from_artifact(model, arrays, header, s.draft_vocab_size)
+def load_spec(model: Model, s: M2R2SpecSettings) -> tuple[M2R2Spec, dict]:
+    num_fast, method_params = load_fast_stream(model, s.adapter, s.draft_vocab_size)
     method_params.pop("arla")
-    strategy = M2R2Spec(int(header["settings"]["fast_layers"]), s.exit_threshold, s.max_draft_steps)
-    return strategy, method_params
+    return M2R2Spec(num_fast, s.exit_threshold, s.max_draft_steps), method_params
 
 
-def _build_exit(model, config: str | None) -> tuple[Strategy, Any]:
-    from eej.presets import from_settings, method_settings
-
-    s = from_settings(M2R2ExitSettings, method_settings(model.name, "m2r2-exit", config), "m2r2-exit settings")
-    arrays, header = load_m2r2(model, s.adapter)
-    strategy = M2R2Exit(int(header["settings"]["fast_layers"]), s.exit_threshold, s.min_exit_layer)
-    return strategy, params_from_artifact(model, arrays, header)
+def load_exit(model: Model, s: M2R2ExitSettings) -> tuple[M2R2Exit, dict]:
+    num_fast, method_params = load_fast_stream(model, s.adapter)
+    return M2R2Exit(num_fast, s.exit_threshold, s.min_exit_layer), method_params
 
 
 def random_method_params(
-    model, seed: int, num_fast: int, rank: int = 4, adapter_scale: float = 0.5, reduced: bool = True, arla_scale: float = 1.0,
-    targets: Sequence[str] | None = None,
+    model: Model, seed: int, num_fast: int, rank: int = 4, adapter_scale: float = 0.5, reduced: bool = True,
+    arla_scale: float = 1.0, targets: Sequence[str] | None = None,
 ) -> dict:
     """Untrained (random, non-zero) adapters, fast norm, ARLA and a half-vocabulary draft head (tests)."""
     cfg = model.cfg
@@ -454,7 +390,7 @@ def random_method_params(
     return out
 
 
-def random_spec(model, seed: int, **overrides: Any) -> tuple[M2R2Spec, dict]:
+def random_spec(model: Model, seed: int, **overrides: Any) -> tuple[M2R2Spec, dict]:
     fields = dict(fast_layers=min(2, model.cfg.num_layers), exit_threshold=0.02, max_draft_steps=4)
     fields.update(overrides)
     method_params = random_method_params(model, seed, fields["fast_layers"])
@@ -462,12 +398,12 @@ def random_spec(model, seed: int, **overrides: Any) -> tuple[M2R2Spec, dict]:
     return M2R2Spec(**fields), method_params
 
 
-def random_exit(model, seed: int, **overrides: Any) -> tuple[M2R2Exit, dict]:
+def random_exit(model: Model, seed: int, **overrides: Any) -> tuple[M2R2Exit, dict]:
     fields = dict(fast_layers=min(3, model.cfg.num_layers), exit_threshold=0.5, min_exit_layer=1)
     fields.update(overrides)
     method_params = random_method_params(model, seed, fields["fast_layers"], reduced=False, arla_scale=3.0)
     return M2R2Exit(**fields), method_params
 
 
-register_method("m2r2-spec", _build_spec, random_spec)
-register_method("m2r2-exit", _build_exit, random_exit)
+register_method("m2r2-spec", settings=M2R2SpecSettings, load=load_spec, random=random_spec)
+register_method("m2r2-exit", settings=M2R2ExitSettings, load=load_exit, random=random_exit)

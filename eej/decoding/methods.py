@@ -1,58 +1,80 @@
 """The method registry: `--method NAME[:CONFIG]` -> (strategy, method_params) for a loaded model.
 
-Each decoding method registers a builder here (its module is listed in METHOD_MODULES). CONFIG is
-a preset name or a settings file (see eej.presets); methods without settings reject it.
+A method is defined by one registration, `register_method(name, settings=..., load=..., random=...)`:
+
+- `settings`: the frozen dataclass its presets fill (`configs/<model>/<name>.yaml`, or a file given as
+  CONFIG; see eej.settings); its fields' ranges are declared with `eej.settings.setting`. Without a
+  preset file for the model, a schema whose every field has a default runs with the defaults. None:
+  the method takes no settings (and refuses a CONFIG).
+- `load(model, settings) -> (strategy, method_params)`: builds the strategy and loads its trained
+  add-ons (a missing or mismatched add-on is an error, never random weights).
+- `random(model, seed) -> (strategy, method_params)`: the method with random, untrained add-ons for
+  any model (tiny test models included) — what the generic tests (batching, sharding, losslessness)
+  run every registered method with.
+
+Presets, their validation and the errors they raise come from here; `build_method` also checks that
+the add-ons fit the model (`Strategy.validate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import os
 from typing import Any, Callable
 
 from eej.decoding.plain import Plain
 from eej.decoding.strategy import Strategy
+from eej.settings import from_settings, method_settings, preset_file
 from eej.weights.registry import Model
 
-Builder = Callable[[Model, "str | None"], tuple[Strategy, Any]]
+Loader = Callable[[Model, Any], tuple[Strategy, Any]]
 RandomBuilder = Callable[[Model, int], tuple[Strategy, Any]]
-_BUILDERS: dict[str, Builder] = {}
-_RANDOM: dict[str, RandomBuilder] = {}
 
 
 class MethodError(ValueError):
     """Unknown method or settings that don't fit."""
 
 
-def register_method(name: str, builder: Builder, random_instance: RandomBuilder | None = None) -> None:
-    """Register `--method name`.
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A registered method (see the module docstring)."""
 
-    builder(model, config) -> (strategy, method_params) for real use (trained add-ons, presets).
-    random_instance(model, seed) -> (strategy, method_params) with random, untrained add-ons, for
-    any model (tiny test models included): what generic tests (batching, sharding, losslessness)
-    run every registered method with.
-    """
-    _BUILDERS[name] = builder
-    if random_instance is not None:
-        _RANDOM[name] = random_instance
+    name: str
+    load: Loader
+    random: RandomBuilder
+    settings: type | None = None
 
 
-# Modules that register methods on import; a module not (yet) present is skipped.
+_METHODS: dict[str, MethodSpec] = {}
+
+# Modules that register methods on import (plugins: imported on first use of the registry).
 METHOD_MODULES = ("eej.decoding.kangaroo", "eej.decoding.skipdecode", "eej.decoding.specee", "eej.decoding.m2r2")
 
 
-def _load_methods() -> None:
-    import importlib
+def register_method(name: str, *, load: Loader, random: RandomBuilder, settings: type | None = None) -> MethodSpec:
+    """Register `--method name` (see the module docstring); returns its MethodSpec."""
+    spec = MethodSpec(name, load, random, settings)
+    _METHODS[name] = spec
+    return spec
 
+
+def _load_methods() -> None:
     for module in METHOD_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+        importlib.import_module(module)
 
 
 def known_methods() -> tuple[str, ...]:
     _load_methods()
-    return tuple(_BUILDERS)
+    return tuple(_METHODS)
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The registration of method `name`; MethodError naming the known ones if there is none."""
+    _load_methods()
+    if name not in _METHODS:
+        raise MethodError(f"unknown method {name!r}; available: {', '.join(_METHODS)}")
+    return _METHODS[name]
 
 
 def parse_method(spec: str) -> tuple[str, str | None]:
@@ -64,36 +86,36 @@ def parse_method(spec: str) -> tuple[str, str | None]:
     return name, (config.strip() or None) if sep else None
 
 
+def method_settings_for(model: Model, name: str, config: str | None) -> Any:
+    """The settings dataclass of method `name` for `model` from its preset or settings file `config`."""
+    spec = method_spec(name)
+    if spec.settings is None:
+        if config is not None:
+            raise MethodError(f"method {name!r} takes no config (got {config!r})")
+        return None
+    if config is None and not os.path.isfile(preset_file(model.name, name)) and _all_defaults(spec.settings):
+        return spec.settings()  # nothing to configure: the declared defaults
+    return from_settings(spec.settings, method_settings(model.name, name, config), f"{name} settings")
+
+
+def _all_defaults(cls: type) -> bool:
+    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in dataclasses.fields(cls))
+
+
 def build_method(model: Model, spec: str) -> tuple[Strategy, Any]:
-    """Resolve a method spec for `model` -> (strategy, method_params)."""
+    """Resolve a method spec `NAME[:PRESET|:FILE]` for `model` -> (strategy, method_params)."""
     name, config = parse_method(spec)
-    _load_methods()
-    if name not in _BUILDERS:
-        raise MethodError(f"unknown method {name!r}; available: {', '.join(known_methods())}")
-    strategy, method_params = _BUILDERS[name](model, config)
+    strategy, method_params = method_spec(name).load(model, method_settings_for(model, name, config))
     strategy.validate(model.cfg, method_params)
     return strategy, method_params
 
 
 def random_method(model: Model, name: str, seed: int = 0) -> tuple[Strategy, Any]:
     """A registered method with random add-ons for `model` (see `register_method`)."""
-    _load_methods()
-    if name not in _RANDOM:
-        raise MethodError(f"method {name!r} has no random test instance")
-    strategy, method_params = _RANDOM[name](model, seed)
+    strategy, method_params = method_spec(name).random(model, seed)
     strategy.validate(model.cfg, method_params)
     return strategy, method_params
 
 
-def methods_with_random_instances() -> tuple[str, ...]:
-    _load_methods()
-    return tuple(_RANDOM)
-
-
-def _build_plain(model: Model, config: str | None) -> tuple[Strategy, Any]:
-    if config is not None:
-        raise MethodError(f"method 'plain' takes no config (got {config!r})")
-    return Plain(), None
-
-
-register_method("plain", _build_plain, lambda model, seed: (Plain(), None))
+register_method("plain", load=lambda model, settings: (Plain(), None), random=lambda model, seed: (Plain(), None))

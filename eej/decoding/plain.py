@@ -3,40 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import jax
-import jax.numpy as jnp
-
-from eej.config import ModelConfig, SamplingConfig
 from eej.decoding.sampling import sample
-from eej.decoding.strategy import StepResult, Strategy
-from eej.model.cache import KVCache
-from eej.model.transformer import Params, forward
+from eej.decoding.strategy import StepInputs, StepResult, Strategy
+from eej.model.transformer import forward
 
 
 @dataclasses.dataclass(frozen=True)
 class Plain(Strategy):
     name: ClassVar[str] = "plain"
 
-    def step(
-        self,
-        params: Params,
-        method_params: Any,
-        cache: KVCache,
-        method_state: Any,
-        pending: jax.Array,
-        key: jax.Array,
-        sampling: SamplingConfig,
-        cfg: ModelConfig,
-    ) -> StepResult:
-        logits, cache = forward(params, pending[:, None], cache.lengths[:, None], cache, cfg)
-        batch = pending.shape[0]
-        return StepResult(
-            tokens=sample(logits[:, 0], key, sampling)[:, None],
-            counts=jnp.ones((batch,), jnp.int32),
-            cache=cache.with_lengths(cache.lengths + 1),
-            method_state=method_state,
-            forwards=jnp.ones((batch,), jnp.int32),
-            layers=jnp.full((batch,), cfg.num_layers, jnp.float32),
-        )
+    def step(self, s: StepInputs) -> StepResult:
+        logits, cache = forward(s.params, s.pending[:, None], s.positions, s.cache, s.cfg)
+        return StepResult.one_token(sample(logits[:, 0], s.key, s.sampling), cache, s.method_state,
+                                    forwards=1, layers=s.cfg.num_layers)

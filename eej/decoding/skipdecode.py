@@ -38,20 +38,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from eej.config import ModelConfig, SamplingConfig
+from eej.config import ModelConfig
+from eej.decoding.methods import register_method
 from eej.decoding.sampling import sample
-from eej.decoding.strategy import StepResult, Strategy, full_prefill
+from eej.decoding.strategy import StepInputs, StepResult, Strategy, full_prefill
 from eej.model.cache import KVCache
+from eej.model.lora import init_lora, merge_lora
 from eej.model.transformer import (
     Params,
-    block,
     embed,
-    get_layer,
     logits_from_hidden,
     num_layers as count_layers,
     run_layers,
     run_layers_dynamic,
+    unstack_layers,
 )
+from eej.settings import PresetError, check_settings, resolve_path, setting
+from eej.weights.artifacts import ArtifactError, load_artifact
+from eej.weights.registry import Model
 
 Implementation = Literal["cond", "switch", "dynamic"]
 IMPLEMENTATIONS = ("cond", "switch", "dynamic")
@@ -158,37 +162,20 @@ def model_layers(params: Params, method_params: Any) -> Params:
     return {**params, "layers": method_params["layers"]}
 
 
-def _run_band_cond(params, x, cache, positions, cfg, first_top, start, end):
-    ks, vs = list(cache.k), list(cache.v)
-    for i in range(start, end):
-        layer = get_layer(params["layers"], i)
-
-        def run(op, layer=layer):
-            return block(layer, *op, positions, cfg)
-
-        x, ks[i], vs[i] = lax.cond(i >= first_top, run, lambda op: op, (x, ks[i], vs[i]))
-    return x, cache.replace(k=tuple(ks), v=tuple(vs))
-
-
 def _run_band_switch(params, x, cache, positions, cfg, branch, starts, end):
-    """One branch per distinct band start; operands are the band layers' caches only."""
+    """One branch per distinct band start, running layers [start, end); its operands are the band's caches only."""
     lo = min(starts)
-    band_k, band_v = cache.k[lo:end], cache.v[lo:end]
+    band = KVCache(k=cache.k[lo:end], v=cache.v[lo:end], lengths=cache.lengths)
 
     def make(first: int):
-        def run(op):
-            x, ks, vs = op
-            ks, vs = list(ks), list(vs)
-            for i in range(first, end):
-                x, ks[i - lo], vs[i - lo] = block(get_layer(params["layers"], i), x, ks[i - lo], vs[i - lo], positions, cfg)
-            return x, tuple(ks), tuple(vs)
+        def run(operand):
+            x, band = operand
+            return run_layers(params, x, band, positions, cfg, first, end, cache_offset=lo)
 
         return run
 
-    x, band_k, band_v = lax.switch(branch, [make(s) for s in starts], (x, band_k, band_v))
-    k = cache.k[:lo] + band_k + cache.k[end:]
-    v = cache.v[:lo] + band_v + cache.v[end:]
-    return x, cache.replace(k=k, v=v)
+    x, band = lax.switch(branch, [make(s) for s in starts], (x, band))
+    return x, cache.replace(k=cache.k[:lo] + band.k + cache.k[end:], v=cache.v[:lo] + band.v + cache.v[end:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,12 +190,10 @@ class SkipDecode(Strategy):
     batch_invariant: ClassVar[bool] = True
 
     schedule: SkipSchedule
-    implementation: Implementation = "cond"
+    implementation: Implementation = setting("cond", choices=IMPLEMENTATIONS)
 
     def validate(self, cfg: ModelConfig, method_params: Any) -> None:
         self.schedule.check_model(cfg.num_layers)
-        if self.implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"unknown skipdecode implementation {self.implementation!r}; use one of {', '.join(IMPLEMENTATIONS)}")
         if method_params is not None:
             if not isinstance(method_params, dict) or "layers" not in method_params:
                 raise ValueError("skipdecode method_params must be None or {'layers': fine-tuned layers}")
@@ -238,7 +223,7 @@ class SkipDecode(Strategy):
         if end > start:
             first_top = n_layers - (n - sched.warmup_layers)
             if self.implementation == "cond":
-                x, cache = _run_band_cond(params, x, cache, positions, cfg, first_top, start, end)
+                x, cache = run_layers(params, x, cache, positions, cfg, start, end, active=jnp.arange(n_layers) >= first_top)
             elif self.implementation == "switch":
                 starts = tuple(sorted({n_layers - (c - sched.warmup_layers) for c in sched.layer_counts}))
                 branch = jnp.searchsorted(jnp.asarray(starts, jnp.int32), first_top)
@@ -248,27 +233,10 @@ class SkipDecode(Strategy):
         x, cache = run_layers(params, x, cache, positions, cfg, end, n_layers)
         return logits_from_hidden(params, x[:, 0], cfg), cache, n
 
-    def step(
-        self,
-        params: Params,
-        method_params: Any,
-        cache: KVCache,
-        method_state: jax.Array,
-        pending: jax.Array,
-        key: jax.Array,
-        sampling: SamplingConfig,
-        cfg: ModelConfig,
-    ) -> StepResult:
-        logits, cache, n = self.decode_logits(params, method_params, cache, method_state, pending, cfg)
-        batch = pending.shape[0]
-        return StepResult(
-            tokens=sample(logits, key, sampling)[:, None],
-            counts=jnp.ones((batch,), jnp.int32),
-            cache=cache.with_lengths(cache.lengths + 1),
-            method_state=method_state + 1,
-            forwards=jnp.ones((batch,), jnp.int32),  # one (partial-depth) pass; `layers` says how deep
-            layers=jnp.full((batch,), n, jnp.float32),
-        )
+    def step(self, s: StepInputs) -> StepResult:
+        logits, cache, n = self.decode_logits(s.params, s.method_params, s.cache, s.method_state, s.pending, s.cfg)
+        # one (partial-depth) pass counts as a forward; `layers` says how deep
+        return StepResult.one_token(sample(logits, s.key, s.sampling), cache, s.method_state + 1, forwards=1, layers=n)
 
 
 # ----------------------------------------------------------------------------- settings and registry
@@ -289,8 +257,12 @@ class SkipDecodeSettings:
     horizon: int | None = None
     layer_counts: tuple[int, ...] | None = None
     lora: str | None = None
-    implementation: str = "cond"
+    implementation: str = setting("cond", choices=IMPLEMENTATIONS)
     budget: str | None = None  # informational: the layer budget this preset targets ("2x")
+
+    def __post_init__(self) -> None:
+        check_settings(self, "skipdecode")
+        self.schedule()  # a schedule that can't exist is an error in the settings themselves
 
     def schedule(self) -> SkipSchedule:
         linear = (self.max_layers, self.min_layers, self.horizon)
@@ -303,12 +275,9 @@ class SkipDecodeSettings:
         return SkipSchedule.linear(self.warmup_layers, *linear)
 
 
-def fine_tuned_layers(model, lora_path: str, schedule: SkipSchedule) -> dict[str, Any]:
-    """method_params for a LoRA artifact: the model's layers with the adapters merged in."""
-    from eej.model.lora import merge_lora
-    from eej.presets import resolve_path
-    from eej.train.artifacts import ArtifactError, load_artifact
-
+def fine_tuned_layers(model: Model, lora_path: str, schedule: SkipSchedule) -> dict[str, Any]:
+    """method_params for a fine-tuned artifact (LoRA, or all weights of the top layers): the model's layers
+    with the trained weights in place."""
     path = resolve_path(lora_path)
     tree, header = load_artifact(path, "skipdecode", model.cfg)
     trained = SkipSchedule(header["schedule"]["warmup_layers"], tuple(header["schedule"]["layer_counts"]))
@@ -320,22 +289,16 @@ def fine_tuned_layers(model, lora_path: str, schedule: SkipSchedule) -> dict[str
         )
     first = int(header.get("first_layer", 0))
     if "layers" in tree:  # a full fine-tune of layers [first, N)
-        from eej.model.transformer import unstack_layers
-
         trained_layers = unstack_layers(jax.tree.map(lambda a: jnp.asarray(a, model.cfg.jnp_dtype), tree["layers"]))
-        base = unstack_layers(model.params["layers"])
-        return {"layers": base[:first] + trained_layers}
+        return {"layers": unstack_layers(model.params["layers"])[:first] + trained_layers}
     merged = merge_lora(model.params, jax.tree.map(jnp.asarray, tree["lora"]), scale=float(header["lora_scale"]), first_layer=first)
     return {"layers": merged["layers"]}
 
 
-def build_skipdecode(model, config: str | None) -> tuple[SkipDecode, Any]:
-    """`--method skipdecode[:PRESET|FILE]` for a loaded model."""
-    from eej.presets import PresetError, from_settings, method_settings
-
-    settings = from_settings(SkipDecodeSettings, method_settings(model.name, "skipdecode", config), "skipdecode settings")
+def load_skipdecode(model: Model, settings: SkipDecodeSettings) -> tuple[SkipDecode, Any]:
+    """`--method skipdecode[:PRESET|FILE]`: the schedule, and the fine-tuned layers if the settings name an artifact."""
+    schedule = settings.schedule()
     try:
-        schedule = settings.schedule()
         schedule.check_model(model.cfg.num_layers)
     except ScheduleError as e:
         raise PresetError(f"skipdecode settings: {e}") from None
@@ -344,10 +307,8 @@ def build_skipdecode(model, config: str | None) -> tuple[SkipDecode, Any]:
     return strategy, method_params
 
 
-def random_skipdecode(model, seed: int) -> tuple[SkipDecode, Any]:
+def random_skipdecode(model: Model, seed: int) -> tuple[SkipDecode, Any]:
     """A random valid schedule and random (nonzero) LoRA for any model: the generic tests' instance."""
-    from eej.model.lora import init_lora, merge_lora
-
     rng = np.random.default_rng(seed)
     n = model.cfg.num_layers
     warmup = int(rng.integers(0, n - 1))
@@ -360,10 +321,4 @@ def random_skipdecode(model, seed: int) -> tuple[SkipDecode, Any]:
     return SkipDecode(schedule), {"layers": merge_lora(model.params, lora)["layers"]}
 
 
-def _register() -> None:
-    from eej.decoding.methods import register_method
-
-    register_method("skipdecode", build_skipdecode, random_skipdecode)
-
-
-_register()
+register_method("skipdecode", settings=SkipDecodeSettings, load=load_skipdecode, random=random_skipdecode)

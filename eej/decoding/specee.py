@@ -4,9 +4,9 @@ Each step feeds the pending token through the model one layer at a time and may 
 early:
 
 1. Layers [0, l) run; a drafter reads the residual stream there and proposes the k most likely
-   next tokens (the *speculative tokens*). The default drafter is Kangaroo's (eej.decoding.kangaroo):
-   its shallow layers are the target's own first l layers, so proposing costs one attention-only
-   adapter block and a (reduced-vocabulary) draft head.
+   next tokens (the *speculative tokens*). The default drafter is Kangaroo's draft (the adapter block
+   and reduced draft head of eej.decoding.speculation): its shallow layers are the target's own first
+   l layers, so proposing costs one attention-only adapter block and a (reduced-vocabulary) draft head.
 2. At each scheduled layer i >= l: h = final_norm(hidden_i); the logits of the k speculative
    tokens (their LM-head columns), their softmax over the k, and the change of that softmax since
    the last checked layer (the softmax itself at the first check) form a 3k feature vector; a
@@ -42,6 +42,7 @@ for the P = N - 1 - l predictor layers l .. N-2 (predictor p belongs to layer l 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any, ClassVar, Protocol
 
 import jax
@@ -49,22 +50,34 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from eej.config import ModelConfig, SamplingConfig
+from eej.config import ModelConfig
 from eej.decoding.methods import MethodError, register_method
 from eej.decoding.sampling import sample
-from eej.decoding.strategy import StepResult, Strategy, last_token_logits, prompt_positions
-from eej.model.cache import KVCache, init_cache
+from eej.decoding.speculation import (
+    adapter_forward,
+    check_adapter,
+    check_draft_head,
+    draft_head,
+    load_adapter,
+    prefill_tapped,
+    random_adapter,
+)
+from eej.decoding.strategy import StepInputs, StepResult, Strategy
+from eej.model.cache import KVCache, init_cache, write_block
 from eej.model.transformer import (
     Params,
-    block,
     embed,
     final_norm,
+    layer_kv,
     linear,
     logits_from_hidden,
-    propagate_kv,
+    run_layer_if,
     run_layers,
     unstack_layers,
 )
+from eej.settings import check_settings, resolve_path, setting
+from eej.weights.artifacts import load_artifact
+from eej.weights.registry import Model
 
 KV_MODES = ("propagate", "drop")
 PREDICTOR_KEYS = ("w1", "b1", "w2", "b2")
@@ -114,16 +127,17 @@ class KangarooDrafter:
         return self.exit_layer
 
     def validate(self, cfg: ModelConfig, drafter_params: Any) -> None:
-        from eej.decoding.kangaroo import Kangaroo
-
-        Kangaroo(exit_layer=self.exit_layer).validate(cfg, drafter_params)
+        if self.exit_layer >= cfg.num_layers:
+            raise ValueError(f"specee drafter exit_layer {self.exit_layer} must be below the model's {cfg.num_layers} layers")
+        if not isinstance(drafter_params, dict) or "adapter" not in drafter_params:
+            raise ValueError("specee's drafter needs {'adapter': ...} (a trained Kangaroo adapter; see `eej train kangaroo`)")
+        check_adapter("specee drafter", cfg, drafter_params["adapter"])
+        check_draft_head("specee drafter", cfg, drafter_params)
 
     def init_state(self, batch: int, capacity: int, cfg: ModelConfig) -> KVCache:
         return init_cache(cfg, batch, capacity, num_layers=1)
 
     def propose(self, params, drafter_params, state, hidden, positions, k, cfg):
-        from eej.decoding.kangaroo import adapter_forward, draft_head
-
         drafted, state = adapter_forward(drafter_params["adapter"], hidden, state, positions, cfg)
         head, ids = draft_head(params, drafter_params)
         _, top = lax.top_k(linear(drafted, head).astype(jnp.float32), k)
@@ -198,25 +212,18 @@ class SpecEE(Strategy):
     batch_invariant: ClassVar[bool] = False
 
     drafter: Any = KangarooDrafter(2)
-    num_candidates: int = 4
-    threshold: float = 0.5
+    num_candidates: int = setting(4, at_least=1, integer=True)
+    threshold: float = setting(0.5, at_least=0.0, at_most=1.0)
     offline_layers: tuple[int, ...] | None = None
-    online_window: int = 5
+    online_window: int = setting(5, at_least=0, integer=True)
     online_offsets: tuple[int, ...] = (-2, -1, 0, 1, 2)
-    kv: str = "propagate"
+    kv: str = setting("propagate", choices=KV_MODES)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_candidates, int) or self.num_candidates < 1:
-            raise ValueError(f"specee num_candidates must be an integer >= 1, got {self.num_candidates!r}")
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            raise ValueError(f"specee threshold must be in [0, 1], got {self.threshold}")
-        if not isinstance(self.online_window, int) or self.online_window < 0:
-            raise ValueError(f"specee online_window must be an integer >= 0, got {self.online_window!r}")
-        if self.kv not in KV_MODES:
-            raise ValueError(f"specee kv must be one of {', '.join(KV_MODES)}, got {self.kv!r}")
         if self.offline_layers is not None:
             object.__setattr__(self, "offline_layers", tuple(sorted(set(int(i) for i in self.offline_layers))))
         object.__setattr__(self, "online_offsets", tuple(int(o) for o in self.online_offsets))
+        super().__post_init__()
 
     @property
     def first_layer(self) -> int:
@@ -286,62 +293,41 @@ class SpecEE(Strategy):
 
     def prefill(self, params, method_params, tokens, prompt_lens, cache, cfg):
         """Prompt through layers [0, l), the drafter (its state only) and layers [l, N) at full depth."""
-        padded, l = tokens.shape[1], self.first_layer
-        positions = prompt_positions(tokens)
-        hidden, cache = run_layers(params, embed(params, tokens, cfg), cache, positions, cfg, 0, l, kv_limit=padded)
+        logits, cache, hidden, positions = prefill_tapped(params, tokens, prompt_lens, cache, cfg, self.first_layer)
         drafter_state = self.drafter.init_state(tokens.shape[0], cache.capacity, cfg)
         _, drafter_state = self.drafter.propose(params, method_params["drafter"], drafter_state, hidden, positions, self.num_candidates, cfg)
-        hidden, cache = run_layers(params, hidden, cache, positions, cfg, l, kv_limit=padded)
-        logits = last_token_logits(params, hidden, prompt_lens, cfg)
-        return logits, cache.with_lengths(prompt_lens), self._initial_state(drafter_state, prompt_lens, cfg)
+        return logits, cache, self._initial_state(drafter_state, prompt_lens, cfg)
 
-    def step(
-        self,
-        params: Params,
-        method_params: Any,
-        cache: KVCache,
-        method_state: Any,
-        pending: jax.Array,
-        key: jax.Array,
-        sampling: SamplingConfig,
-        cfg: ModelConfig,
-    ) -> StepResult:
+    def step(self, s: StepInputs) -> StepResult:
+        params, cfg, method_state = s.params, s.cfg, s.method_state
         n, l = cfg.num_layers, self.first_layer
-        batch = pending.shape[0]
-        positions = cache.lengths[:, None]  # [B, 1]
-        x, cache = run_layers(params, embed(params, pending[:, None], cfg), cache, positions, cfg, 0, l)
+        positions = s.positions  # [B, 1]
+        x, cache = run_layers(params, embed(params, s.pending[:, None], cfg), s.cache, positions, cfg, 0, l)
         candidates, drafter_state = self.drafter.propose(
-            params, method_params["drafter"], method_state["drafter"], x, positions, self.num_candidates, cfg
+            params, s.method_params["drafter"], method_state["drafter"], x, positions, self.num_candidates, cfg
         )
         candidates = candidates[:, 0]  # [B, k]
         columns = jnp.moveaxis(jnp.take(params["lm_head"], candidates, axis=1), 0, 1)  # [B, D, k]
         scheduled = self.schedule(method_state["recent_exits"], cfg)
-        predictors = method_params["predictors"]
+        predictors = s.method_params["predictors"]
         fire_logit = _logit(self.threshold)
         never = self.threshold >= 1.0
         drop = self.kv == "drop"
         layer_lengths = method_state.get("layer_lengths")
         layers = unstack_layers(params["layers"])
-        ks, vs = list(cache.k), list(cache.v)
 
         running = jnp.asarray(True)
-        token = jnp.zeros((batch,), jnp.int32)
+        token = jnp.zeros((s.batch,), jnp.int32)
         exit_layer = jnp.asarray(n - 1, jnp.int32)
-        last_probs = jnp.zeros((batch, self.num_candidates), jnp.float32)  # the "change" at the first check is the softmax
+        last_probs = jnp.zeros((s.batch, self.num_candidates), jnp.float32)  # the "change" at the first check is the softmax
 
         for i in range(l, n):
-            slots = layer_lengths[:, i : i + 1] if drop else None
+            def propagate(x, k, v, layer=layers[i]):  # the exited token's K/V in this skipped layer (CALM)
+                new_k, new_v = layer_kv(layer, x, positions, cfg)
+                return x, write_block(k, new_k, positions), write_block(v, new_v, positions)
 
-            def run(x, k, v, i=i, slots=slots):
-                return block(layers[i], x, k, v, positions, cfg, slots=slots)
-
-            def skip(x, k, v, i=i):
-                if drop:
-                    return x, k, v
-                one = propagate_kv(params, x, KVCache(k=(k,), v=(v,), lengths=cache.lengths), positions, cfg, i, cache_offset=i)
-                return x, one.k[0], one.v[0]
-
-            x, ks[i], vs[i] = lax.cond(running, run, skip, x, ks[i], vs[i])
+            x, cache = run_layer_if(running, layers[i], i, x, cache, positions, cfg,
+                                    slots=layer_lengths[:, i : i + 1] if drop else None, otherwise=None if drop else propagate)
             if i == n - 1 or never:
                 continue
 
@@ -361,14 +347,14 @@ class SpecEE(Strategy):
             carry = (running, token, exit_layer, last_probs)
             running, token, exit_layer, last_probs = lax.cond(running & scheduled[i], check, lambda c: c, carry)
 
-        if sampling.greedy:
+        if s.sampling.greedy:
             token = lax.cond(
                 running,
                 lambda: jnp.argmax(logits_from_hidden(params, x[:, 0], cfg), axis=-1).astype(jnp.int32),
                 lambda: token,
             )
         else:  # x is the exit layer's state (skipped layers pass it through)
-            token = sample(logits_from_hidden(params, x[:, 0], cfg), key, sampling)
+            token = sample(logits_from_hidden(params, x[:, 0], cfg), s.key, s.sampling)
 
         state = dict(method_state)
         state["drafter"] = drafter_state
@@ -377,18 +363,10 @@ class SpecEE(Strategy):
         if drop:
             ran = (jnp.arange(n) <= exit_layer).astype(jnp.int32)
             state["layer_lengths"] = layer_lengths + ran[None, :]
-        cache = cache.replace(k=tuple(ks), v=tuple(vs))
-        return StepResult(
-            tokens=token[:, None],
-            counts=jnp.ones((batch,), jnp.int32),
-            cache=cache.with_lengths(cache.lengths + 1),
-            method_state=state,
-            forwards=jnp.ones((batch,), jnp.int32),
-            layers=jnp.full((batch,), exit_layer + 1, jnp.float32),
-        )
+        return StepResult.one_token(token, cache, state, forwards=1, layers=exit_layer + 1)
 
 
-# ----------------------------------------------------------------------------- building from settings
+# ----------------------------------------------------------------------------- registration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,27 +380,26 @@ class SpecEESettings:
     """
 
     predictors: str
-    threshold: float = 0.5
+    threshold: float = setting(0.5, at_least=0.0, at_most=1.0)
     offline_layers: Any = "trained"
-    online_window: int = 5
+    online_window: int = setting(5, at_least=0, integer=True)
     online_offsets: tuple[int, ...] = (-2, -1, 0, 1, 2)
-    kv: str = "propagate"
+    kv: str = setting("propagate", choices=KV_MODES)
+
+    def __post_init__(self) -> None:
+        check_settings(self, "specee")
+        if isinstance(self.offline_layers, str) and self.offline_layers not in ("trained", "all"):
+            raise ValueError(f"specee offline_layers must be a list, 'trained' or 'all', got {self.offline_layers!r}")
 
 
-def load_specee(model, settings: SpecEESettings) -> tuple[SpecEE, dict]:
+def load_specee(model: Model, settings: SpecEESettings) -> tuple[SpecEE, dict]:
     """(strategy, method_params) from trained predictors and the drafter they name; checks both fit."""
-    from eej.decoding.kangaroo import KangarooSettings, load_kangaroo
-    from eej.presets import resolve_path
-    from eej.train.artifacts import load_artifact
-
     arrays, header = load_artifact(resolve_path(settings.predictors), "specee", model.cfg)
     trained = header.get("settings", {})
     drafter = trained.get("drafter", {})
     try:
-        kangaroo, drafter_params = load_kangaroo(
-            model, KangarooSettings(adapter=drafter["adapter"], exit_layer=int(drafter["exit_layer"]),
-                                    draft_vocab_size=int(drafter.get("draft_vocab_size", 0))),
-        )
+        exit_layer = int(drafter["exit_layer"])
+        drafter_params = load_adapter(model, drafter["adapter"], exit_layer, int(drafter.get("draft_vocab_size", 0)))
     except KeyError as e:
         raise MethodError(f"{settings.predictors} does not name its drafter ({e} missing in the header)") from None
     digest = drafter_digest(drafter_params)
@@ -431,15 +408,10 @@ def load_specee(model, settings: SpecEESettings) -> tuple[SpecEE, dict]:
             f"{settings.predictors} was trained with another drafter than {drafter['adapter']} holds now "
             f"(digest {drafter['digest'][:12]} vs {digest[:12]}); retrain the predictors"
         )
-    offline = settings.offline_layers
-    if offline == "trained":
-        offline = trained.get("offline_layers")
-    elif offline == "all":
-        offline = None
-    elif isinstance(offline, str):
-        raise MethodError(f"specee offline_layers must be a list, 'trained' or 'all', got {offline!r}")
+    offline = {"trained": trained.get("offline_layers"), "all": None}.get(settings.offline_layers, settings.offline_layers) \
+        if isinstance(settings.offline_layers, str) else settings.offline_layers
     strategy = SpecEE(
-        drafter=KangarooDrafter(kangaroo.exit_layer),
+        drafter=KangarooDrafter(exit_layer),
         num_candidates=int(trained.get("num_candidates", 4)),
         threshold=settings.threshold,
         offline_layers=None if offline is None else tuple(offline),
@@ -453,8 +425,6 @@ def load_specee(model, settings: SpecEESettings) -> tuple[SpecEE, dict]:
 
 def drafter_digest(drafter_params: dict) -> str:
     """A short fingerprint of a drafter's weights (what predictors trained on its candidates depend on)."""
-    import hashlib
-
     digest = hashlib.sha256()
     for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(drafter_params), key=lambda kv: jax.tree_util.keystr(kv[0])):
         digest.update(jax.tree_util.keystr(path).encode())
@@ -462,36 +432,22 @@ def drafter_digest(drafter_params: dict) -> str:
     return digest.hexdigest()
 
 
-def _build(model, config: str | None) -> tuple[Strategy, Any]:
-    from eej.presets import from_settings, method_settings
-
-    settings = from_settings(SpecEESettings, method_settings(model.name, "specee", config), "specee settings")
-    try:
-        return load_specee(model, settings)
-    except ValueError as e:
-        raise MethodError(str(e)) from None
-
-
-def random_specee(model, seed: int, **overrides: Any) -> tuple[SpecEE, dict]:
+def random_specee(model: Model, seed: int, **overrides: Any) -> tuple[SpecEE, dict]:
     """An untrained SpecEE for any model (tests): a random Kangaroo drafter and random predictors.
 
     The predictors' output bias is set so that they fire often, and the threshold low, so that a
     random instance exits early now and then (exercising both KV paths).
     """
-    from eej.decoding.kangaroo import random_kangaroo
-
     cfg = model.cfg
-    l = min(1, cfg.num_layers - 2)
-    kangaroo, drafter_params = random_kangaroo(model, seed, exit_layer=l)
     fields: dict[str, Any] = dict(
-        drafter=KangarooDrafter(kangaroo.exit_layer), num_candidates=4, threshold=0.3,
+        drafter=KangarooDrafter(min(1, cfg.num_layers - 2)), num_candidates=4, threshold=0.3,
         kv="drop" if cfg.sliding_window is None else "propagate",
     )
     fields.update(overrides)
     strategy = SpecEE(**fields)
     pred = init_predictors(cfg.num_layers - 1 - strategy.first_layer, strategy.num_candidates, hidden=16, seed=seed)
     pred["b2"] = pred["b2"] + 2.0
-    return strategy, {"drafter": drafter_params, "predictors": jax.tree.map(jnp.asarray, pred)}
+    return strategy, {"drafter": random_adapter(model, seed), "predictors": jax.tree.map(jnp.asarray, pred)}
 
 
-register_method("specee", _build, random_specee)
+register_method("specee", settings=SpecEESettings, load=load_specee, random=random_specee)

@@ -1,9 +1,9 @@
-"""The pieces of self-speculative decoding that do not depend on how drafts are made.
+"""The shared machinery of self-speculative decoding (Kangaroo, M2R2's self-speculation) and of the
+drafters that early-exit methods borrow (SpecEE's speculative tokens).
 
-A self-speculative step (Kangaroo, M2R2's self-speculation) is: draft up to `max_steps` tokens with
-a cheap drafter, each row stopping on its own when the drafter's confidence drops; verify them with
-the target model in one pass; accept with `eej.decoding.verify`; roll every cache back to the
-committed length. This module holds the drafter-independent parts:
+A self-speculative step is: draft up to `max_steps` tokens with a cheap drafter, each row stopping
+on its own when the drafter's confidence drops; verify them with the target model in one pass;
+accept with `eej.decoding.verify`; roll every cache back to the committed length.
 
 - `draft_loop`: the compiled drafting loop. A drafter is a function
   `draft_fn(carry, tokens [B], i) -> (carry, logits [B, V'])` that feeds token i of every row (the
@@ -13,6 +13,10 @@ committed length. This module holds the drafter-independent parts:
   stays lossless), and keeps per-row stop decisions with static shapes.
 - `accept`: the shared acceptance rule applied to a `DraftResult`.
 - `rollback`: every KV cache in a pytree set to the committed lengths.
+- Drafting pieces: the draft head with a reduced vocabulary (`draft_head`, `reduced_head`,
+  `head_from_ranking`), Kangaroo's attention-only adapter block (`adapter_forward`, `init_adapter`,
+  `check_adapter`, `load_adapter`), and the prefill that taps the residual entering layer l
+  (`prefill_tapped`), which a drafter reading layer l needs for the prompt.
 
 Batching: all rows run every iteration (static shapes); the loop continues while any row still
 drafts. A row that has stopped keeps computing throw-away drafts at positions past its own, which
@@ -25,13 +29,20 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax import lax
 
-from eej.config import SamplingConfig
+from eej.config import ModelConfig, SamplingConfig
+from eej.decoding.methods import MethodError
 from eej.decoding.sampling import warped_log_probs
+from eej.decoding.strategy import last_token_logits, prompt_positions
 from eej.decoding.verify import verify_greedy, verify_sampling
 from eej.model.cache import KVCache
+from eej.model.transformer import Params, attention_block, embed, rms_norm, run_layers
+from eej.settings import resolve_path
+from eej.weights.artifacts import load_artifact
+from eej.weights.registry import Model
 
 DraftFn = Callable[[Any, jax.Array, jax.Array], tuple[Any, jax.Array]]
 
@@ -128,3 +139,131 @@ def rollback(caches: Any, lengths: jax.Array) -> Any:
     return jax.tree.map(
         lambda c: c.with_lengths(lengths) if isinstance(c, KVCache) else c, caches, is_leaf=lambda c: isinstance(c, KVCache)
     )
+
+
+# ----------------------------------------------------------------------------- draft heads
+
+
+def draft_head(params: Params, method_params: dict) -> tuple[jax.Array, jax.Array | None]:
+    """The draft's LM head [D, V'] and its token ids [V'] (None: the full head)."""
+    if "draft_head" in method_params:
+        return method_params["draft_head"], method_params["draft_ids"]
+    return params["lm_head"], None
+
+
+def check_draft_head(method: str, cfg: ModelConfig, method_params: dict) -> None:
+    """ValueError unless method_params hold both or neither of draft_head [D, V'] and draft_ids [V']."""
+    if ("draft_head" in method_params) != ("draft_ids" in method_params):
+        raise ValueError(f"{method} method_params need both draft_head and draft_ids, or neither")
+    if "draft_head" in method_params:
+        head, ids = np.shape(method_params["draft_head"]), np.shape(method_params["draft_ids"])
+        if len(ids) != 1 or head != (cfg.hidden_size, ids[0]) or not 0 < ids[0] <= cfg.vocab_size:
+            raise ValueError(f"{method} draft_head {head} and draft_ids {ids} must be [D={cfg.hidden_size}, V'] and [V']")
+
+
+def reduced_head(params: Params, token_ids: Any) -> dict[str, jax.Array]:
+    """method_params entries for a draft head restricted to `token_ids` [V'] (a column slice of the LM head)."""
+    ids = jnp.asarray(np.asarray(token_ids, np.int32))
+    return {"draft_head": jnp.take(params["lm_head"], ids, axis=1), "draft_ids": ids}
+
+
+def head_from_ranking(params: Params, ranking: Any, size: int, where: str) -> dict[str, jax.Array]:
+    """A reduced draft head of the `size` most frequent tokens of an artifact's `vocab_rank` (read from `where`)."""
+    if ranking is None or size > len(ranking):
+        have = 0 if ranking is None else len(ranking)
+        raise MethodError(f"draft_vocab_size {size} exceeds the {have} ranked tokens in {where}")
+    return reduced_head(params, ranking[:size])
+
+
+# ----------------------------------------------------------------------------- Kangaroo's adapter block
+
+ADAPTER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "norm")
+
+
+def adapter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return {"attn_norm": (d,), "wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "norm": (d,)}
+
+
+def init_adapter(cfg: ModelConfig, seed: int = 0, scale: float = 0.02, norm: Any = None) -> dict[str, np.ndarray]:
+    """A random adapter (float32 numpy): projections ~ N(0, scale), norms 1 (or `norm` [D] for the final one).
+
+    Starting the final norm from the model's own final norm and the output projection small makes the
+    untrained draft close to the logit lens at the exit layer.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in adapter_shapes(cfg).items():
+        if name in ("attn_norm", "norm"):
+            out[name] = np.ones(shape, np.float32)
+        else:
+            out[name] = (rng.standard_normal(shape) * scale).astype(np.float32)
+    if norm is not None:
+        out["norm"] = np.asarray(norm, np.float32).copy()
+    return out
+
+
+def check_adapter(method: str, cfg: ModelConfig, adapter: Any) -> None:
+    """ValueError naming the first adapter weight missing or shaped unlike `adapter_shapes(cfg)`."""
+    for name, shape in adapter_shapes(cfg).items():
+        got = tuple(np.shape(adapter.get(name))) if name in adapter else None
+        if got != shape:
+            raise ValueError(f"{method} adapter {name} has shape {got}, the model needs {shape}")
+
+
+def adapter_forward(
+    adapter: dict[str, jax.Array],
+    hidden: jax.Array,
+    cache: KVCache,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    kv_limit: int | None = None,
+) -> tuple[jax.Array, KVCache]:
+    """Adapter over layer-l hidden states [B, T, D] -> (final-normed states [B, T, D], its 1-layer cache)."""
+    x, k, v = attention_block(adapter, hidden, *cache.layer(0), positions, cfg, kv_limit)
+    return rms_norm(x, adapter["norm"], cfg.rms_eps), cache.set_layer(0, k, v)
+
+
+def load_adapter(model: Model, path: str, exit_layer: int, draft_vocab_size: int = 0) -> dict[str, Any]:
+    """A trained Kangaroo adapter (`eej train kangaroo`) as method_params {"adapter", (draft head)}.
+
+    Checks that it was made for `model` and for `exit_layer`; draft_vocab_size > 0 adds a reduced draft
+    head over the artifact's most frequent answer tokens.
+    """
+    arrays, header = load_artifact(resolve_path(path), "kangaroo", model.cfg)
+    trained_layer = header.get("settings", {}).get("exit_layer")
+    if trained_layer != exit_layer:
+        raise MethodError(f"{path} was trained for exit_layer {trained_layer}, the settings ask for {exit_layer}")
+    method_params: dict[str, Any] = {"adapter": {k: jnp.asarray(arrays["adapter"][k], model.cfg.jnp_dtype) for k in ADAPTER_KEYS}}
+    if draft_vocab_size:
+        method_params.update(head_from_ranking(model.params, arrays.get("vocab_rank"), draft_vocab_size, path))
+    return method_params
+
+
+def random_adapter(model: Model, seed: int) -> dict[str, Any]:
+    """An untrained adapter for any model (tests), with a reduced draft head over a random half of the vocabulary."""
+    cfg = model.cfg
+    adapter = init_adapter(cfg, seed, scale=0.1, norm=np.asarray(model.params["final_norm"]))
+    method_params: dict[str, Any] = {"adapter": {k: jnp.asarray(v, cfg.jnp_dtype) for k, v in adapter.items()}}
+    rng = np.random.default_rng(seed)
+    method_params.update(reduced_head(model.params, np.sort(rng.permutation(cfg.vocab_size)[: max(1, cfg.vocab_size // 2)])))
+    return method_params
+
+
+# ----------------------------------------------------------------------------- the prefill tap
+
+
+def prefill_tapped(
+    params: Params, tokens: jax.Array, prompt_lens: jax.Array, cache: KVCache, cfg: ModelConfig, tap_layer: int
+) -> tuple[jax.Array, KVCache, jax.Array, jax.Array]:
+    """The whole model over right-padded prompts [B, P], keeping the residual entering layer `tap_layer`.
+
+    Returns (last-token logits [B, V], cache with lengths = prompt_lens, residual [B, P, D] after layers
+    [0, tap_layer), prompt positions [B, P]) — a drafter that reads layer l runs over the residual with
+    `kv_limit=P`.
+    """
+    padded = tokens.shape[1]
+    positions = prompt_positions(tokens)
+    tapped, cache = run_layers(params, embed(params, tokens, cfg), cache, positions, cfg, 0, tap_layer, kv_limit=padded)
+    hidden, cache = run_layers(params, tapped, cache, positions, cfg, tap_layer, kv_limit=padded)
+    return last_token_logits(params, hidden, prompt_lens, cfg), cache.with_lengths(prompt_lens), tapped, positions

@@ -3,11 +3,16 @@
 A strategy is a frozen (hashable) dataclass holding the method's static settings; its trainable
 add-ons (adapters, predictors, ...) travel separately as a `method_params` pytree so that they are
 jit arguments, never closed over. The engine owns prompts, caches, sampling keys, stopping and
-bookkeeping; a strategy only says how to produce the next committed tokens.
+bookkeeping; a strategy only says how to produce the next committed tokens:
+
+    result = strategy.step(StepInputs(...))       # everything a step reads, one struct
 
 Cache convention between steps: the cache holds every committed token except the newest one,
 `pending`, which the next step feeds first. So after a step that commits n tokens, the strategy
 sets `cache.lengths` to (old length + n).
+
+Settings declared with `eej.settings.setting(default, at_least=..., ...)` are checked when the
+strategy is built (one-line ValueErrors); checks that relate several fields go in `check`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,41 @@ from flax import struct
 from eej.config import ModelConfig, SamplingConfig
 from eej.model.cache import KVCache
 from eej.model.transformer import Params, embed, logits_from_hidden, run_layers
+from eej.settings import check_settings
+
+
+@struct.dataclass
+class StepInputs:
+    """What one strategy step reads, for B rows.
+
+    params: the model params; method_params: the strategy's add-ons (a pytree, or None).
+    cache: the model KV cache, holding every committed token but `pending`.
+    method_state: the strategy's own carried state (what its `prefill` returned, then its last step's).
+    pending: [B] int32, the newest committed token of each row (not yet in the cache).
+    key: a PRNG key for this step.
+    active: [B] bool, rows still generating (finished rows keep computing throw-away tokens; a method
+      that decides for the whole batch ignores them).
+    sampling, cfg: static (part of the compiled program, not traced).
+    """
+
+    params: Params
+    method_params: Any
+    cache: KVCache
+    method_state: Any
+    pending: jax.Array
+    key: jax.Array
+    active: jax.Array
+    sampling: SamplingConfig = struct.field(pytree_node=False)
+    cfg: ModelConfig = struct.field(pytree_node=False)
+
+    @property
+    def batch(self) -> int:
+        return self.pending.shape[0]
+
+    @property
+    def positions(self) -> jax.Array:
+        """[B, 1]: the position of each row's pending token."""
+        return self.cache.lengths[:, None]
 
 
 @struct.dataclass
@@ -42,6 +82,20 @@ class StepResult:
     method_state: Any
     forwards: jax.Array
     layers: jax.Array
+
+    @classmethod
+    def one_token(cls, token: jax.Array, cache: KVCache, method_state: Any, forwards: Any, layers: Any) -> "StepResult":
+        """A step that commits one token per row: token [B]; cache (lengths not yet advanced); forwards and
+        layers per row [B] or one value for every row."""
+        batch = token.shape[0]
+        return cls(
+            tokens=token[:, None].astype(jnp.int32),
+            counts=jnp.ones((batch,), jnp.int32),
+            cache=cache.with_lengths(cache.lengths + 1),
+            method_state=method_state,
+            forwards=jnp.broadcast_to(jnp.asarray(forwards, jnp.int32), (batch,)),
+            layers=jnp.broadcast_to(jnp.asarray(layers, jnp.float32), (batch,)),
+        )
 
 
 def last_token_logits(params: Params, hidden: jax.Array, prompt_lens: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -77,9 +131,13 @@ class Strategy:
     # Batch-invariant methods give each row the tokens it would get alone. Methods that make one
     # decision for the whole batch (e.g. exit a layer only when every row may) set this False.
     batch_invariant: ClassVar[bool] = True
-    # Batch-level deciders that must ignore finished rows set this: `step` then gets `active=` [B] bool
-    # (rows still generating; finished rows keep computing throw-away tokens).
-    needs_active_rows: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_settings(self, self.name)
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError if settings that depend on each other don't fit (single fields: `setting`)."""
 
     @property
     def max_step_tokens(self) -> int:
@@ -102,16 +160,6 @@ class Strategy:
         logits, cache = full_prefill(params, tokens, prompt_lens, cache, cfg)
         return logits, cache, ()
 
-    def step(
-        self,
-        params: Params,
-        method_params: Any,
-        cache: KVCache,
-        method_state: Any,
-        pending: jax.Array,
-        key: jax.Array,
-        sampling: SamplingConfig,
-        cfg: ModelConfig,
-    ) -> StepResult:
-        """Feed `pending` [B] (the newest committed token per row) and propose the next tokens."""
+    def step(self, inputs: StepInputs) -> StepResult:
+        """Feed `inputs.pending` [B] (the newest committed token per row) and propose the next tokens."""
         raise NotImplementedError

@@ -32,6 +32,8 @@ import numpy as np
 from eej.config import ModelConfig
 from eej.model.cache import init_cache
 from eej.model.transformer import attention_block, embed, get_layer, mlp, num_layers, rms_norm, stack_layers
+from eej.settings import resolve_path
+from eej.weights.artifacts import load_artifact
 from eej.weights.registry import Model, to_device
 
 METHOD = "moefy"
@@ -171,9 +173,6 @@ def moefy_model(model: Model, partition: np.ndarray, router: np.ndarray, experts
 
 def load_moefied(model: Model, path: str, experts_per_token: int | None = None) -> Model:
     """The MoE model of a `eej train moefy` artifact (k defaults to the artifact's)."""
-    from eej.presets import resolve_path
-    from eej.train.artifacts import load_artifact
-
     arrays, header = load_artifact(path if os.path.exists(path) else resolve_path(path), METHOD, model.cfg)
     k = int(header["settings"]["experts_per_token"]) if experts_per_token is None else experts_per_token
     return moefy_model(model, np.asarray(arrays["partition"]), np.asarray(arrays["router"], np.float32), k)

@@ -54,6 +54,18 @@ class KVCache:
         """Roll back (or forward) every row to `lengths` [B] committed tokens; no data moves."""
         return self.replace(lengths=jnp.asarray(lengths, jnp.int32))
 
+    def layer(self, i: int) -> tuple[jax.Array, jax.Array]:
+        """Layer i's keys and values, each [B, Hkv, S, Dh]."""
+        return self.k[i], self.v[i]
+
+    def set_layer(self, i: int, k: jax.Array, v: jax.Array) -> "KVCache":
+        """This cache with layer i's keys and values replaced (the others are the same arrays)."""
+        return self.replace(k=self.k[:i] + (k,) + self.k[i + 1 :], v=self.v[:i] + (v,) + self.v[i + 1 :])
+
+    def write(self, i: int, k: jax.Array, v: jax.Array, slots: jax.Array) -> "KVCache":
+        """Write a block's keys/values k, v [B, T, Hkv, Dh] into layer i at `slots` [B, T] (see `write_block`)."""
+        return self.set_layer(i, write_block(self.k[i], k, slots), write_block(self.v[i], v, slots))
+
 
 def init_cache(
     cfg: ModelConfig, batch_size: int, capacity: int, num_layers: int | None = None, dtype=None

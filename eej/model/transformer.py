@@ -249,6 +249,7 @@ def run_layers(
     end: int | None = None,
     cache_offset: int = 0,
     kv_limit: int | None = None,
+    active: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run layers [start, end) (Python ints) over a block of tokens.
 
@@ -259,17 +260,51 @@ def run_layers(
         cache holding only part of the stack).
       positions: [B, T] per-row positions of the block's tokens.
       kv_limit: see `attention_block`.
+      active: optional [N] bool (traced is fine): layer l runs only where active[l]; a skipped layer is
+        the identity for x and leaves its cache untouched (`run_layer_if`).
     Returns:
       (x [B, T, D] leaving layer end-1, cache with the block's K/V written in those layers).
       Lengths are not changed: committing tokens is the caller's decision.
     """
     layers = params["layers"]
     end = num_layers(layers) if end is None else end
-    ks, vs = list(cache.k), list(cache.v)
     for i in range(start, end):
-        c = i - cache_offset
-        x, ks[c], vs[c] = block(get_layer(layers, i), x, ks[c], vs[c], positions, cfg, kv_limit)
-    return x, cache.replace(k=tuple(ks), v=tuple(vs))
+        if active is None:
+            c = i - cache_offset
+            x, k, v = block(get_layer(layers, i), x, *cache.layer(c), positions, cfg, kv_limit)
+            cache = cache.set_layer(c, k, v)
+        else:
+            x, cache = run_layer_if(active[i], get_layer(layers, i), i - cache_offset, x, cache, positions, cfg)
+    return x, cache
+
+
+def run_layer_if(
+    run: jax.Array,
+    layer: Any,
+    index: int,
+    x: jax.Array,
+    cache: KVCache,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    *,
+    slots: jax.Array | None = None,
+    otherwise: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]] | None = None,
+) -> tuple[jax.Array, KVCache]:
+    """The layer with params `layer` over x, reading and writing cache layer `index`, when `run` holds.
+
+    run: a bool scalar (traced is fine) decided for the whole batch — `lax.cond` computes only the taken
+      branch (a per-row predicate under `vmap` would run both).
+    otherwise: what a skipped layer does, `(x, k_cache, v_cache) -> (x, k_cache, v_cache)`; default: nothing
+      (the identity for x, the cache untouched).
+    slots: see `attention_block`.
+    Returns (x, cache).
+    """
+
+    def run_layer(operand):
+        return block(layer, *operand, positions, cfg, slots=slots)
+
+    x, k, v = lax.cond(run, run_layer, (lambda op: op) if otherwise is None else (lambda op: otherwise(*op)), (x, *cache.layer(index)))
+    return x, cache.set_layer(index, k, v)
 
 
 def layer_kv(layer: Any, x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -311,18 +346,14 @@ def propagate_kv(
       first_layer are left untouched (their writes are dropped).
     """
     layers = params["layers"]
-    capacity = cache.capacity
     first = jnp.broadcast_to(jnp.asarray(first_layer, jnp.int32), (x.shape[0],))[:, None]
-    ks, vs = list(cache.k), list(cache.v)
     for c in range(cache.num_layers):
         i = c + cache_offset
         if isinstance(first_layer, int) and i < first_layer:
             continue
         k, v = layer_kv(get_layer(layers, i), x, positions, cfg)
-        pos = jnp.where(i >= first, positions, capacity)  # out of range: dropped
-        ks[c] = write_block(ks[c], k, pos)
-        vs[c] = write_block(vs[c], v, pos)
-    return cache.replace(k=tuple(ks), v=tuple(vs))
+        cache = cache.write(c, k, v, jnp.where(i >= first, positions, cache.capacity))  # out of range: dropped
+    return cache
 
 
 def run_layers_dynamic(
@@ -343,17 +374,14 @@ def run_layers_dynamic(
 
     def branch(i: int) -> Callable:
         def run(operand):
-            x, ks, vs = operand
-            x, k, v = block(layers[i], x, ks[i], vs[i], positions, cfg)
-            return x, ks[:i] + (k,) + ks[i + 1 :], vs[:i] + (v,) + vs[i + 1 :]
+            x, cache = operand
+            x, k, v = block(layers[i], x, *cache.layer(i), positions, cfg)
+            return x, cache.set_layer(i, k, v)
 
         return run
 
     branches = [branch(i) for i in range(len(layers))]
-    x, ks, vs = lax.fori_loop(
-        start, end, lambda i, carry: lax.switch(i, branches, carry), (x, tuple(cache.k), tuple(cache.v))
-    )
-    return x, cache.replace(k=ks, v=vs)
+    return lax.fori_loop(start, end, lambda i, carry: lax.switch(i, branches, carry), (x, cache))
 
 
 def forward(

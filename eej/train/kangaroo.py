@@ -25,14 +25,14 @@ import json
 import os
 import shlex
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eej.cli import CliError
-from eej.train.cli import register_trainer
+from eej.cli.parser import CliError
+from eej.cli.train import register_trainer
 from eej.train.data import sample_positions
 
 TEACHER_FORMAT = 1
@@ -153,7 +153,7 @@ def make_batch(teacher: dict, predicting: np.ndarray, rows: np.ndarray, exit_lay
 
 def distill_loss(adapter, frozen, batch, *, cfg):
     """Soft cross-entropy p -> q over the draft vocabulary; metrics: expected acceptance, top-1 agreement."""
-    from eej.decoding.kangaroo import adapter_forward
+    from eej.decoding.speculation import adapter_forward
     from eej.model.cache import init_cache
     from eej.model.transformer import linear, rms_norm
 
@@ -203,11 +203,11 @@ def data_fingerprint(model, data, args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from eej.decoding.kangaroo import ADAPTER_KEYS, init_adapter
-    from eej.train.artifacts import save_artifact
+    from eej.decoding.speculation import ADAPTER_KEYS, init_adapter
+    from eej.weights.artifacts import save_artifact
     from eej.train.data import batch_indices
     from eej.train.loop import train
-    from eej.train.cli import train_config_from_args
+    from eej.cli.train import train_config_from_args
     from eej.weights.registry import load_model
 
     model = load_model(args.model)

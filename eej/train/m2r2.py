@@ -24,14 +24,13 @@ import json
 import os
 import shlex
 import sys
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eej.cli import CliError
-from eej.train.cli import register_trainer
+from eej.cli.parser import CliError
+from eej.cli.train import register_trainer
 from eej.train.data import sample_positions
 
 
@@ -180,8 +179,8 @@ def run(args: argparse.Namespace) -> int:
     from eej.decoding.m2r2 import init_arla
     from eej.model.lora import init_lora, parse_targets
     from eej.model.transformer import unstack_layers
-    from eej.train.artifacts import save_artifact
-    from eej.train.cli import train_config_from_args
+    from eej.weights.artifacts import save_artifact
+    from eej.cli.train import train_config_from_args
     from eej.train.data import batch_indices
     from eej.train.kangaroo import data_fingerprint, predicting_positions, prepare_data, teacher_cache
     from eej.train.loop import train

@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from eej.cli import CliError
-from eej.train.cli import register_trainer, train_config_from_args
+from eej.cli.parser import CliError
+from eej.cli.train import register_trainer, train_config_from_args
 
 DEFAULT_SWEEP = "1,2,3,4,6,8,12,16"
 
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from eej.experts.moefy import METHOD, MoefyError, check_split, expert_scores, host_layers, moefy_model, partition_layer, activations
-    from eej.train.artifacts import save_artifact
+    from eej.weights.artifacts import save_artifact
     from eej.train.data import load_training_data, split
     from eej.train.loop import train
     from eej.weights.registry import load_model

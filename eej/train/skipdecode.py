@@ -187,10 +187,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from eej.cli import CliError
-    from eej.presets import PresetError, from_settings, method_settings
-    from eej.train.artifacts import save_artifact
-    from eej.train.cli import train_config_from_args
+    from eej.cli.parser import CliError
+    from eej.settings import PresetError, from_settings, method_settings
+    from eej.weights.artifacts import save_artifact
+    from eej.cli.train import train_config_from_args
     from eej.train.data import DataError, batch_at, load_training_data
     from eej.train.loop import read_log, to_numpy_tree, train
     from eej.weights.registry import load_model
@@ -288,7 +288,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
 
 
 def _register() -> None:
-    from eej.train.cli import register_trainer
+    from eej.cli.train import register_trainer
 
     register_trainer("skipdecode", _add_arguments, _run)
 

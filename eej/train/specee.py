@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eej.cli import CliError
-from eej.train.cli import register_trainer
+from eej.cli.parser import CliError
+from eej.cli.train import register_trainer
 from eej.train.data import sample_positions
 
 LABELS_FORMAT = 1
@@ -207,14 +207,14 @@ def _thresholds(text: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from eej.decoding.kangaroo import KangarooSettings, load_kangaroo
+    from eej.decoding.speculation import load_adapter
     from eej.decoding.specee import KangarooDrafter, drafter_digest, init_predictors
-    from eej.train.artifacts import load_artifact, save_artifact
+    from eej.weights.artifacts import load_artifact, save_artifact
     from eej.train.data import batch_indices, load_training_data
     from eej.train.kangaroo import predicting_positions
     from eej.train.loop import train
-    from eej.train.cli import train_config_from_args
-    from eej.presets import resolve_path
+    from eej.cli.train import train_config_from_args
+    from eej.settings import resolve_path
     from eej.weights.registry import load_model
 
     if args.candidates < 1 or args.hidden < 1 or args.label_positions < 1 or args.label_batch_size < 1:
@@ -229,10 +229,10 @@ def run(args: argparse.Namespace) -> int:
         _, header = load_artifact(resolve_path(args.drafter), "kangaroo", cfg)
         exit_layer = int(header["settings"]["exit_layer"])
         draft_vocab = int(header["settings"].get("draft_vocab", 0)) if args.draft_vocab is None else args.draft_vocab
-        kangaroo, drafter_params = load_kangaroo(model, KangarooSettings(adapter=args.drafter, exit_layer=exit_layer, draft_vocab_size=draft_vocab))
+        drafter_params = load_adapter(model, args.drafter, exit_layer, draft_vocab)
     except ValueError as e:
         raise CliError(str(e)) from None
-    drafter = KangarooDrafter(kangaroo.exit_layer)
+    drafter = KangarooDrafter(exit_layer)
     if not 0 <= exit_layer < cfg.num_layers - 1:
         raise CliError(f"the drafter's exit layer {exit_layer} leaves no predictor layer in {cfg.num_layers} layers")
     digest = drafter_digest(drafter_params)

