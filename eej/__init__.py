@@ -20,7 +20,7 @@ from eej.config import ModelConfig, RopeConfig, SamplingConfig
 from eej.decoding.engine import Engine, GenerationOutput
 from eej.decoding.methods import build_method, known_methods
 from eej.decoding.plain import Plain
-from eej.decoding.strategy import StepResult, Strategy
+from eej.decoding.strategy import StepInputs, StepResult, Strategy
 from eej.weights.custom import custom_model
 from eej.weights.registry import Model, load_model
 
@@ -36,6 +36,7 @@ __all__ = [
     "Plain",
     "RopeConfig",
     "SamplingConfig",
+    "StepInputs",
     "StepResult",
     "Strategy",
     "benchmark",

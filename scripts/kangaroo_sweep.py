@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 
 import jax
@@ -98,20 +97,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
+    from eej.bench.report import write_json
     from eej.decoding.speculation import adapter_forward
     from eej.model.cache import init_cache
     from eej.model.transformer import final_norm, linear
     from eej.weights.artifacts import load_artifact
-    from eej.train.kangaroo import data_fingerprint, predicting_positions, prepare_data, teacher_cache
+    from eej.train.data import DataOptions, predicting_positions, prepare_data
+    from eej.train.teacher import data_fingerprint, teacher_cache
     from eej.weights.registry import load_model
 
     model = load_model(args.model)
     cfg, params = model.cfg, model.params
-    data, _, eval_rows, _ = prepare_data(model, args)
+    data_options = DataOptions(args.data, args.seq_len, args.max_examples)
+    data, _, eval_rows, _ = prepare_data(model, data_options, args.eval_fraction, args.seed)
     predicting = predicting_positions(data.loss_mask)
     adapters = [(path, *load_artifact(path, "kangaroo", cfg)) for path in args.adapters]
     depths = sorted({h["settings"]["exit_layer"] for _, _, h in adapters})
-    teacher = teacher_cache(model, data, depths, args.teacher_cache, 8, data_fingerprint(model, data, args))
+    teacher = teacher_cache(model, data, depths, args.teacher_cache, 8, data_fingerprint(model, data_options, args.seed, len(data)))
     vocabs = [int(v) for v in args.draft_vocab.split(",")]
     steps_list = [int(k) for k in args.draft_steps.split(",")]
     thresholds = [float(x) for x in args.thresholds.split(",")]
@@ -166,9 +168,7 @@ def main(argv=None) -> int:
 
     meta = {"command": "python scripts/kangaroo_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "held_out_sequences": int(len(eval_rows)), "costs": args.costs}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump({**meta, "rows": rows}, f, indent=1)
+    write_json({**meta, "rows": rows}, args.out + ".json")
     write_report(args.out + ".md", meta, rows)
     return 0
 

@@ -19,7 +19,6 @@ the in-memory MoE model's measured step time in proportion to the weight bytes e
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -29,19 +28,19 @@ import time
 import jax
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from bench_plain import DEFAULT_QUESTIONS, load_prompts  # noqa: E402
+from eej.bench.fidelity import sequence_argmax
+from eej.bench.machine import load_average, machine_info
+from eej.bench.questions import SPEC_BENCH, mt_bench_questions
+from eej.bench.report import write_result
+from eej.decoding.engine import Engine
+from eej.decoding.m2r2 import load_fast_stream, target_depth
+from eej.experts.moefy import load_moefied
+from eej.experts.offload import OffloadedDecoder
+from eej.experts.timeline import Costs, simulate
+from eej.weights.artifacts import load_artifact
+from eej.weights.registry import load_model
 
-from eej.bench.machine import load_average, machine_info  # noqa: E402
-from eej.decoding.engine import Engine  # noqa: E402
-from eej.decoding.m2r2 import load_m2r2, params_from_artifact, target_depth  # noqa: E402
-from eej.experts.moefy import load_moefied  # noqa: E402
-from eej.experts.offload import OffloadedDecoder  # noqa: E402
-from eej.experts.timeline import Costs, simulate  # noqa: E402
-from eej.weights.registry import load_model  # noqa: E402
-
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def recall(pred: np.ndarray, true: np.ndarray) -> float:
@@ -87,7 +86,7 @@ def layer_bytes(layer: dict, names) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--questions", default=DEFAULT_QUESTIONS)
+    ap.add_argument("--questions", default=SPEC_BENCH, help="MT-Bench questions (first turns, one of each category in turn)")
     ap.add_argument("--moefy", default=os.path.join(ROOT, "artifacts", "smollm2-135m", "moefy.npz"))
     ap.add_argument("--m2r2", default=os.path.join(ROOT, "artifacts", "smollm2-135m", "m2r2.npz"))
     ap.add_argument("--prompts", type=int, default=8)
@@ -104,10 +103,9 @@ def main() -> int:
     dense = load_model("smollm2-135m")
     moe = load_moefied(dense, args.moefy, args.top_k)
     cfg = moe.cfg
-    arrays, header = load_m2r2(dense, args.m2r2)
-    fast = params_from_artifact(dense, arrays, header)
-    num_fast, rate = int(header["settings"]["fast_layers"]), float(header["settings"]["rate"])
-    texts = load_prompts(args.questions, args.prompts)
+    num_fast, fast = load_fast_stream(dense, args.m2r2)
+    rate = float(load_artifact(args.m2r2, "m2r2", dense.cfg)[1]["settings"]["rate"])
+    texts = [q.turns[0] for q in mt_bench_questions(args.questions, args.prompts)]
     prompts = [moe.tokenizer.encode_chat(t)[-256:] for t in texts]
     n = args.max_new_tokens
     capacities = [int(c) for c in args.capacities.split(",")]
@@ -127,8 +125,6 @@ def main() -> int:
     dense_engine.generate(prompts[:1], max_new_tokens=n, eos_ids=())
     dense_step = statistics.median(dense_engine.generate([p], max_new_tokens=n, eos_ids=()).decode_seconds / max(1, n - 1) for p in prompts[:3])
     agreement = []
-    from eej.bench.fidelity import sequence_argmax
-
     for p, toks in zip(prompts, reference):
         teacher = sequence_argmax(dense, list(p) + toks.tolist())[len(p) - 1 : len(p) - 1 + n]
         agreement.append(float(np.mean(teacher == toks)))
@@ -215,11 +211,7 @@ def main() -> int:
         "exact": runs,
         "modelled": modelled,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(render(result))
+    write_result(result, render(result), args.out)
     print(render(result))
     return 0
 

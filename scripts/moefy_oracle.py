@@ -14,7 +14,6 @@ The oracle is installed by replacing `eej.model.moe.moe_ffn` for this process on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -24,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import eej.model.moe as moe
-from eej.bench.fidelity import teacher_argmax
 from eej.bench.machine import machine_info
+from eej.bench.report import write_result
 from eej.experts.moefy import load_moefied
 from eej.train.data import load_training_data
+from eej.train.teacher import teacher_argmax
 from eej.weights.registry import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,15 +79,12 @@ def main() -> int:
     result = {"benchmark": "moefy_oracle", "machine": machine_info(), "artifact": os.path.relpath(args.moefy, ROOT),
               "num_experts": model.cfg.num_experts, "sequences": args.sequences, "tokens_scored": int(mask.sum()),
               "command": "python scripts/moefy_oracle.py " + shlex.join(sys.argv[1:]), "rows": rows}
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
     lines = ["# MoEfication: the routers against an oracle on the same split", "",
              f"`{result['artifact']}` ({result['num_experts']} experts); teacher-forced top-1 agreement with the dense model "
              f"on {args.sequences} held-out chat sequences ({result['tokens_scored']} tokens). Command: `{result['command']}`", "",
              "| k | router | oracle (k largest exact expert outputs) |", "|---|---|---|"]
     lines += [f"| {r['k']} | {r['router']:.3f} | {r['oracle']:.3f} |" for r in rows]
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_result(result, "\n".join(lines) + "\n", args.out)
     return 0
 
 

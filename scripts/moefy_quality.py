@@ -11,20 +11,14 @@ the dense model on held-out chat sequences, for a sweep of k; router recall@k) a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-import numpy as np
-
 from eej.bench.machine import machine_info
+from eej.bench.report import write_result
+from eej.weights.artifacts import ArtifactError, load_artifact
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def read_header(path: str) -> dict:
-    with np.load(path) as data:
-        return json.loads(data["__eej_meta__"].tobytes().decode())
 
 
 def main() -> int:
@@ -34,11 +28,10 @@ def main() -> int:
     args = ap.parse_args()
     rows = []
     for path in args.artifacts:
-        if not os.path.isfile(path):
-            sys.exit(f"artifact not found: {path}")
-        h = read_header(path)
-        if h.get("method") != "moefy":
-            sys.exit(f"{path} is not a moefy artifact")
+        try:
+            h = load_artifact(path, "moefy")[1]
+        except ArtifactError as e:
+            sys.exit(str(e))
         s, held = h["settings"], h["held_out"]
         rows.append({"artifact": os.path.relpath(path, ROOT), "experts": s["num_experts"], "expert_width": s["expert_width"],
                      "router_k": s["experts_per_token"], "router_recall_at_k": held["router_recall_at_k"],
@@ -47,9 +40,6 @@ def main() -> int:
     result = {"benchmark": "moefy_quality", "machine": machine_info(), "rows": rows,
               "metric": "teacher-forced top-1 agreement of the MoE model with the dense model on held-out chat sequences "
                         "(every real token of 32 held-out sequences of <= 256 tokens)"}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
     lines = ["# MoEfication quality: top-1 agreement with the dense model by experts per token", "",
              f"Metric: {result['metric']}. Router recall@k: the share of the k most important experts (exact output "
              "norm) that the router picks, on held-out tokens.", ""]
@@ -61,8 +51,7 @@ def main() -> int:
                   "|---" * (len(ks) + 1) + "|",
                   "| agreement | " + " | ".join(f"{r['agreement_by_k'][k]:.3f}" for k in ks) + " |", "",
                   f"Reproduce: `{r['reproduce']}`", ""]
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines))
+    write_result(result, "\n".join(lines), args.out)
     print("\n".join(lines))
     return 0
 

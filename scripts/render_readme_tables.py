@@ -15,131 +15,35 @@ files say:
     <!-- generated:gpu -->        scripts/gpu_bench.py output
     <!-- generated:other -->      any other JSON there, listed with its device
 
-each closed by `<!-- /generated:NAME -->`. Every results table names the device and machine its
-numbers came from, the run's date and settings, and the file it was read from. The tables are
-rendered by the code that renders each benchmark's own report (eej.bench.report,
-scripts/bench_plain.py, scripts/gpu_bench.py), so the README says what the reports say.
+each closed by `<!-- /generated:NAME -->`. The result sections come from eej.bench.results (the
+library renders its own documents); this script adds what only the README says (the method registry
+as a table, the comparison with other projects) and edits the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
-import json
+import importlib
 import os
 import re
 import sys
-from typing import Any, Callable
+
+import yaml
+
+from eej.bench.report import markdown_table
+from eej.bench.results import KINDS, results_markdown
+from eej.decoding.methods import METHOD_MODULES, known_methods, random_method
+from eej.testing import tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SECTIONS = ("methods", "comparison", "specbench", "plain", "gpu", "other")
-RESULT_KINDS = ("specbench", "plain", "gpu", "other")
+SECTIONS = ("methods", "comparison", *KINDS)
 _MARKER = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.S)
 
 
-class ReadmeError(Exception):
-    """The README's markers or a result file can't be used."""
-
-
-def _script(name: str) -> Any:
-    """A module from scripts/ (their report renderers are reused, not copied)."""
-    spec = importlib.util.spec_from_file_location(f"_eej_script_{name}", os.path.join(HERE, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-def kind_of(doc: Any) -> str:
-    """Which section a result document belongs to."""
-    if isinstance(doc, dict) and "schema_version" in doc and "methods" in doc and "peers" in doc:
-        return "specbench"
-    if isinstance(doc, dict) and "kernel_checks" in doc and "decoding" in doc:
-        return "gpu"
-    if isinstance(doc, dict) and str(doc.get("benchmark", "")).startswith("plain decoding") and "results" in doc:
-        return "plain"
-    return "other"
-
-
-def device_note(machine: dict[str, Any], device: str | None = None) -> str:
-    """Where the numbers came from: the accelerator (or CPU) and the host."""
-    cpu = f"{machine.get('cpu', 'unknown CPU')}, {machine.get('cpu_count', '?')} cores"
-    backend = machine.get("jax_backend", "?")
-    if device is None and backend != "cpu":
-        device = ", ".join(sorted(set(machine.get("devices", [])))) or backend
-    where = f"CPU ({cpu})" if device is None else f"{device} (host: {cpu})"
-    return f"{where}; JAX {machine.get('jax', '?')}"
-
-
-def _demote(markdown: str, levels: int = 3) -> str:
-    """Headings of an embedded report pushed below the README's own."""
-    return re.sub(r"^(#+) ", lambda m: "#" * min(6, len(m.group(1)) + levels) + " ", markdown, flags=re.M)
-
-
-def _link(path: str) -> str:
-    rel = _rel(path)
-    return f"[`{rel}`]({rel})"
-
-
-def render_specbench(path: str, doc: dict[str, Any]) -> str:
-    from eej.bench.report import overall_table
-
-    s, m, model = doc["settings"], doc["machine"], doc["model"]
-    per_cat = ", ".join(f"{c} {n}" for c, n in s["questions_per_category"].items())
-    load = ""
-    if m.get("load_average_start") and m.get("load_average_end"):
-        load = f" Load average (1 min) {m['load_average_start'][0]:.1f} at the start, {m['load_average_end'][0]:.1f} at the end."
-    stem = os.path.splitext(path)[0]
-    extra = [f"[{kind}]({_rel(stem + ext)})" for kind, ext in (("report", ".md"), ("plot", ".png")) if os.path.exists(stem + ext)]
-    lines = [
-        f"#### {os.path.basename(stem)}: {', '.join(f'`{n}`' for n in [*doc['methods'], *doc['peers']])} "
-        f"on {os.path.basename(s['questions'])}",
-        "",
-        f"Measured on **{device_note(m)}**, {s['date']}.{load}",
-        f"Model {model['name']} ({model['dtype']}, attention {model['attention']}); questions per category: {per_cat}; "
-        f"{s['answers_per_contestant']} answers per contestant; at most {s['max_new_tokens']} new tokens; "
-        f"batch {s['batch_size']}; {'greedy' if s['greedy'] else 'sampling'}. "
-        f"From {_link(path)}{' (' + ', '.join(extra) + ')' if extra else ''}.",
-    ]
-    if s.get("note"):
-        lines.append(f"Note: {s['note']}")
-    lines += ["", overall_table(doc), "", f"Reproduce: `{s['command']}`"]
-    return "\n".join(lines)
-
-
-def render_plain(path: str, doc: dict[str, Any]) -> str:
-    body = _demote(_script("bench_plain").render_markdown(doc))
-    return f"Measured on **{device_note(doc['machine'])}**. From {_link(path)}.\n\n{body.strip()}"
-
-
-def render_gpu(path: str, doc: dict[str, Any]) -> str:
-    full = _script("gpu_bench").render_markdown(doc)
-    decoding = full[full.index("## Decoding"):] if "## Decoding" in full else full
-    md = os.path.splitext(path)[0] + ".md"
-    more = f" Kernel checks and timings: {_link(md)}." if os.path.exists(md) else ""
-    return (f"Measured on **{device_note(doc['machine'], doc.get('device'))}**. From {_link(path)}.{more}\n\n"
-            f"{_demote(decoding, 2).strip()}")
-
-
-def render_other(path: str, doc: Any) -> str:
-    title = doc.get("benchmark") or doc.get("title") if isinstance(doc, dict) else None
-    machine = doc.get("machine") if isinstance(doc, dict) else None
-    where = f" Measured on {device_note(machine)}." if isinstance(machine, dict) else ""
-    md = os.path.splitext(path)[0] + ".md"
-    report = f" Report: {_link(md)}." if os.path.exists(md) else ""
-    return f"- {_link(path)}{': ' + title if title else ''}.{where}{report}"
-
-
-RENDERERS: dict[str, Callable[[str, Any], str]] = {
-    "specbench": render_specbench, "plain": render_plain, "gpu": render_gpu, "other": render_other,
-}
-EMPTY = {
-    "specbench": "_No `eej bench` results are committed yet._",
-    "plain": "_No plain-decoding results are committed yet (`make bench-plain` writes them)._",
-    "gpu": "_No GPU results are committed yet (`scripts/gpu_bench.sh` writes them)._",
-    "other": "_None._",
-}
+class ReadmeError(ValueError):
+    """The README's markers can't be used."""
 
 
 @dataclasses.dataclass
@@ -156,17 +60,13 @@ class MethodInfo:
 
 
 def method_infos(model_name: str = "smollm2-135m") -> list[MethodInfo]:
-    """Every registered method but `plain`, as its module, its strategy class and its presets file say."""
-    import importlib
+    """Every registered method but `plain`, as its module, its strategy class and its presets file say.
 
-    import yaml
-
-    from eej.decoding.methods import METHOD_MODULES, known_methods, random_method
-    from eej.testing import tiny_model
-
+    In METHOD_MODULES' order (registration order depends on which module a process imported first)."""
     tiny = tiny_model("tiny-llama")
     infos = []
-    for name in known_methods():
+    order = {m.rsplit(".", 1)[1]: i for i, m in enumerate(METHOD_MODULES)}
+    for name in sorted(known_methods(), key=lambda n: order.get(method_family(n), len(order))):
         if name == "plain":
             continue
         strategy = random_method(tiny, name)[0]
@@ -210,12 +110,7 @@ def render_methods(infos: list[MethodInfo], model_name: str = "smollm2-135m") ->
     rows = [[f"`{m.name}`", m.paper or "-", _yes_no(m.lossless), _yes_no(m.batch_invariant, "no (one decision per batch)"),
              m.presets, (_shipped(m.shipped) or "none needed") if m.presets != "-" else "-",
              f"[{m.page}]({m.page})" if m.page else "-"] for m in infos]
-    return _table(header, rows)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return markdown_table(header, rows)
 
 
 def _names(infos: list[MethodInfo]) -> str:
@@ -294,7 +189,7 @@ def render_comparison(infos: list[MethodInfo]) -> str:
     """eej against the published implementations and peers, one row per feature."""
     mine = eej_cells(infos)
     rows = [[f"**{feature}**", mine[feature], *cells] for feature, cells in PEER_CELLS.items()]
-    return _table(["", "eej (this tree)", *PEERS], rows) + "\n\n" + PEER_LINKS
+    return markdown_table(["", "eej (this tree)", *PEERS], rows) + "\n\n" + PEER_LINKS
 
 
 def _rel(path: str) -> str:
@@ -302,25 +197,9 @@ def _rel(path: str) -> str:
 
 
 def render_sections(results_dir: str) -> dict[str, str]:
-    """Section name -> generated markdown: the methods table, and every *.json in `results_dir` (by file name)."""
-    parts: dict[str, list[str]] = {k: [] for k in RESULT_KINDS}
-    names = sorted(f for f in os.listdir(results_dir) if f.endswith(".json")) if os.path.isdir(results_dir) else []
-    for name in names:
-        path = os.path.join(results_dir, name)
-        try:
-            with open(path) as f:
-                doc = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ReadmeError(f"{path}: not valid JSON ({e.msg})") from None
-        kind = kind_of(doc)
-        try:
-            parts[kind].append(RENDERERS[kind](path, doc))
-        except (KeyError, TypeError, IndexError, ValueError) as e:
-            raise ReadmeError(f"{path}: cannot render it as a {kind} result ({type(e).__name__}: {e})") from None
-    sep = {"other": "\n"}
-    out = {k: (sep.get(k, "\n\n").join(v) if v else EMPTY[k]) for k, v in parts.items()}
+    """Section name -> generated markdown: the methods tables, and every *.json in `results_dir` (by file name)."""
     infos = method_infos()
-    return {"methods": render_methods(infos), "comparison": render_comparison(infos), **out}
+    return {"methods": render_methods(infos), "comparison": render_comparison(infos), **results_markdown(results_dir, ROOT)}
 
 
 def render_readme(text: str, results_dir: str) -> str:
@@ -347,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         text = f.read()
     try:
         new = render_readme(text, args.results)
-    except ReadmeError as e:
+    except ValueError as e:
         print(f"render_readme_tables: {e}", file=sys.stderr)
         return 2
     if args.check:

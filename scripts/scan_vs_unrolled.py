@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
 import sys
 import time
 
@@ -35,6 +33,7 @@ import numpy as np
 from jax import lax
 
 from eej.bench.machine import load_average, machine_info
+from eej.bench.report import markdown_table, write_result
 from eej.model.cache import init_cache
 from eej.model.transformer import attention_block, block, embed, linear, logits_from_hidden, rms_norm, stack_layers
 from eej.weights.registry import load_model
@@ -126,8 +125,48 @@ def kangaroo_step(params, adapter, head, k, v, ak, av, token, start, *, design, 
 
 def compiled(fn, *args):
     start = time.perf_counter()
-    c = jax.jit(fn).lower(*args).compile()
-    return c, time.perf_counter() - start
+    return jax.jit(fn).lower(*args).compile(), round(time.perf_counter() - start, 2)
+
+
+def timed(fn, args, repeats: int = 1) -> float:
+    jax.block_until_ready(fn(*args))  # not the first call of a fresh executable
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / repeats
+
+
+def measure(model, batch: int, args) -> dict:
+    """Both designs at one batch size: compile seconds, plain tokens/s, Kangaroo-shaped step ms, identical outputs."""
+    cfg, params = model.cfg, model.params
+    rng = np.random.default_rng(0)
+    adapter = {n: jnp.asarray(rng.standard_normal(s) * 0.02, jnp.float32) for n, s in
+               {"attn_norm": (576,), "wq": (576, 576), "wk": (576, 192), "wv": (576, 192), "wo": (576, 576), "norm": (576,)}.items()}
+    prompt = jnp.asarray(rng.integers(100, 40000, (batch, args.prompt_len)), jnp.int32)
+    capacity = args.prompt_len + args.new_tokens + DRAFTS + 2
+    row, fns, outs = {"batch": batch}, {}, {}
+    for design in RUNNERS:
+        p, k, v = design_inputs(design, params, cfg, batch, capacity)
+        ak, av = (jnp.zeros((batch, cfg.num_kv_heads, capacity, cfg.head_dim)),) * 2
+        plain_args = (p, k, v, prompt)
+        step_args = (p, adapter, params["lm_head"][:, :DRAFT_VOCAB], k, v, ak, av, prompt[:, -1], jnp.full((batch,), args.prompt_len))
+        gen = functools.partial(plain_generate, design=design, cfg=cfg, new_tokens=args.new_tokens)
+        step = functools.partial(kangaroo_step, design=design, cfg=cfg)
+        fns[design, "plain"], row[f"{design}_plain_compile_s"] = compiled(gen, *plain_args)
+        fns[design, "kangaroo"], row[f"{design}_kangaroo_compile_s"] = compiled(step, *step_args)
+        fns[design, "plain"] = (fns[design, "plain"], plain_args)
+        fns[design, "kangaroo"] = (fns[design, "kangaroo"], step_args)
+        outs[design] = (np.asarray(fns[design, "plain"][0](*plain_args)), np.asarray(fns[design, "kangaroo"][0](*step_args)[0]))
+    row["identical"] = all(np.array_equal(a, b) for a, b in zip(outs["unrolled"], outs["scan"]))
+    times = {key: [] for key in fns}
+    for _ in range(args.rounds):  # interleaved: machine drift hits both designs alike
+        for (design, what), (fn, fn_args) in fns.items():
+            times[design, what].append(timed(fn, fn_args, 1 if what == "plain" else args.step_repeats))
+    for design in RUNNERS:
+        row[f"{design}_plain_tokens_per_s"] = round(batch * args.new_tokens / float(np.median(times[design, "plain"])), 2)
+        row[f"{design}_kangaroo_step_ms"] = round(1e3 * float(np.median(times[design, "kangaroo"])), 2)
+    return row
 
 
 def main(argv=None) -> int:
@@ -139,76 +178,22 @@ def main(argv=None) -> int:
     ap.add_argument("--step-repeats", type=int, default=20)
     ap.add_argument("--out", default="benchmarks/results/scan_vs_unrolled")
     args = ap.parse_args(argv)
-
     model = load_model("smollm2-135m")
-    cfg, params = model.cfg, model.params
-    rng = np.random.default_rng(0)
-    adapter = {n: jnp.asarray(rng.standard_normal(s) * 0.02, jnp.float32) for n, s in
-               {"attn_norm": (576,), "wq": (576, 576), "wk": (576, 192), "wv": (576, 192), "wo": (576, 576), "norm": (576,)}.items()}
-    head = params["lm_head"][:, :DRAFT_VOCAB]
     load_start = load_average()
-    results = []
-    for batch in [int(b) for b in args.batches.split(",")]:
-        prompt = jnp.asarray(rng.integers(100, 40000, (batch, args.prompt_len)), jnp.int32)
-        capacity = args.prompt_len + args.new_tokens + DRAFTS + 2
-        fns, inputs, row = {}, {}, {"batch": batch}
-        for design in RUNNERS:
-            p, k, v = design_inputs(design, params, cfg, batch, capacity)
-            gen = functools.partial(plain_generate, design=design, cfg=cfg, new_tokens=args.new_tokens)
-            fns[design, "plain"], row[f"{design}_plain_compile_s"] = compiled(gen, p, k, v, prompt)
-            ak, av = init_cache(cfg, batch, capacity, num_layers=1).k[0], init_cache(cfg, batch, capacity, num_layers=1).v[0]
-            start = jnp.full((batch,), args.prompt_len, jnp.int32)
-            token = prompt[:, -1]
-            step = functools.partial(kangaroo_step, design=design, cfg=cfg)
-            step_args = (p, adapter, head, k, v, ak, av, token, start)
-            fns[design, "kangaroo"], row[f"{design}_kangaroo_compile_s"] = compiled(step, *step_args)
-            inputs[design] = ((p, k, v, prompt), step_args)
-            jax.block_until_ready(fns[design, "plain"](p, k, v, prompt))  # first run outside the timing
-        outs = {d: np.asarray(fns[d, "plain"](*inputs[d][0])) for d in RUNNERS}
-        row["tokens_identical"] = bool(np.array_equal(outs["unrolled"], outs["scan"]))
-        steps = {d: np.asarray(fns[d, "kangaroo"](*inputs[d][1])[0]) for d in RUNNERS}
-        row["kangaroo_targets_identical"] = bool(np.array_equal(steps["unrolled"], steps["scan"]))
-        times = {(d, w): [] for d in RUNNERS for w in ("plain", "kangaroo")}
-        for _ in range(args.rounds):
-            for d in RUNNERS:
-                t0 = time.perf_counter()
-                jax.block_until_ready(fns[d, "plain"](*inputs[d][0]))
-                times[d, "plain"].append(time.perf_counter() - t0)
-                fn, a = fns[d, "kangaroo"], inputs[d][1]
-                jax.block_until_ready(fn(*a))
-                t0 = time.perf_counter()
-                for _ in range(args.step_repeats):
-                    out = fn(*a)
-                jax.block_until_ready(out)
-                times[d, "kangaroo"].append((time.perf_counter() - t0) / args.step_repeats)
-        for d in RUNNERS:
-            row[f"{d}_plain_tokens_per_s"] = round(batch * args.new_tokens / float(np.median(times[d, "plain"])), 2)
-            row[f"{d}_kangaroo_step_ms"] = round(1e3 * float(np.median(times[d, "kangaroo"])), 2)
-        for key in list(row):
-            if key.endswith("compile_s"):
-                row[key] = round(row[key], 2)
-        print(json.dumps(row), file=sys.stderr)
-        results.append(row)
+    results = [measure(model, int(b), args) for b in args.batches.split(",")]
     doc = {"machine": machine_info(), "load_average": {"start": load_start, "end": load_average()},
            "command": "python scripts/scan_vs_unrolled.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "settings": vars(args) | {"exit_layer": EXIT_LAYER, "drafts": DRAFTS, "draft_vocab": DRAFT_VOCAB}, "results": results}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(doc, f, indent=1)
-    lines = [f"# Unrolled layers vs lax.scan over stacked layers ({doc['machine']['cpu']}, "
-             f"load {doc['load_average']['start']} -> {doc['load_average']['end']})", "",
-             f"`{doc['command']}`; SmolLM2-135M float32, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
-             f"median of {args.rounds} interleaved rounds.", "",
-             "| batch | design | plain tokens/s | plain compile s | kangaroo-shaped step ms | its compile s |", "|---|---|---|---|---|---|"]
-    for row in results:
-        for d in RUNNERS:
-            lines.append(f"| {row['batch']} | {d} | {row[f'{d}_plain_tokens_per_s']} | {row[f'{d}_plain_compile_s']} | "
-                         f"{row[f'{d}_kangaroo_step_ms']} | {row[f'{d}_kangaroo_compile_s']} |")
-    lines += ["", "Tokens identical between the designs: " + ", ".join(
-        f"batch {r['batch']}: {r['tokens_identical'] and r['kangaroo_targets_identical']}" for r in results)]
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    rows = [[str(r["batch"]), d, str(r[f"{d}_plain_tokens_per_s"]), str(r[f"{d}_plain_compile_s"]),
+             str(r[f"{d}_kangaroo_step_ms"]), str(r[f"{d}_kangaroo_compile_s"])] for r in results for d in RUNNERS]
+    markdown = "\n\n".join([
+        f"# Unrolled layers vs lax.scan over stacked layers ({doc['machine']['cpu']}, load {load_start} -> {load_average()})",
+        f"`{doc['command']}`; SmolLM2-135M float32, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+        f"median of {args.rounds} interleaved rounds.",
+        markdown_table(["batch", "design", "plain tokens/s", "plain compile s", "kangaroo-shaped step ms", "its compile s"], rows),
+        "Tokens identical between the designs: " + ", ".join(f"batch {r['batch']}: {r['identical']}" for r in results) + "\n"])
+    write_result(doc, markdown, args.out)
+    print(markdown)
     return 0
 
 

@@ -3,8 +3,9 @@
 
 SkipDecode's layer count changes with the generation index inside the engine's single while_loop.
 This runs the same schedule with each implementation of `SkipDecode` (see eej/decoding/skipdecode.py)
-and plain decoding, greedy, EOS ignored (every run does the same work), rounds interleaved so machine
-drift hits all alike; compile time is reported apart. All implementations must give the same tokens.
+and plain decoding under the bench protocol (eej.bench.runner: the first N MT-Bench questions, both
+turns), greedy, EOS ignored (every run does the same work), the interleaved run repeated --rounds
+times; compile time is reported apart. All implementations must give the same tokens.
 
 Two reference schedules bound what skipping can give on this machine: `static-K` runs a constant
 K layers per step (K = the preset's mean, rounded; nothing conditional: the cost of the layers
@@ -12,7 +13,7 @@ alone) and `static-1` runs one layer (what a step costs besides the layers: embe
 sampling, loop).
 
     python scripts/skipdecode_compile_modes.py [--preset 2x-untuned] [--prompts 8] [--max-new-tokens 128]
-        [--rounds 3] [--out benchmarks/results/skipdecode_compile_modes]
+        [--rounds 3] [--batch-sizes 1,8] [--out benchmarks/results/skipdecode_compile_modes]
 
 Writes OUT.json and OUT.md.
 """
@@ -21,98 +22,67 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+from eej.bench.contestants import MethodContestant
+from eej.bench.machine import machine_info
+from eej.bench.metrics import decode_tokens_per_second, tokens_per_second
+from eej.bench.questions import SPEC_BENCH, mt_bench_questions
+from eej.bench.report import write_result
+from eej.bench.runner import RunSettings, run_bench
+from eej.decoding.engine import Engine
+from eej.decoding.methods import build_method
+from eej.decoding.skipdecode import IMPLEMENTATIONS, SkipDecode, SkipSchedule
+from eej.weights.registry import load_model
 
-from bench_plain import DEFAULT_QUESTIONS, load_prompts  # noqa: E402
-
-from eej.bench.machine import machine_info  # noqa: E402
-from eej.config import SamplingConfig  # noqa: E402
-from eej.decoding.engine import Engine  # noqa: E402
-from eej.decoding.skipdecode import IMPLEMENTATIONS, SkipDecode, SkipSchedule, build_skipdecode  # noqa: E402
-from eej.weights.registry import load_model  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--questions", default=DEFAULT_QUESTIONS)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--questions", default=SPEC_BENCH)
     ap.add_argument("--preset", default="2x-untuned")
-    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=8, help="MT-Bench questions (one of each category in turn)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--note", default="rounds interleaved: ratios are side by side; say here whether the machine was shared")
-    ap.add_argument("--out", default=os.path.join(HERE, "..", "benchmarks", "results", "skipdecode_compile_modes"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "skipdecode_compile_modes"))
     args = ap.parse_args()
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
-    model = load_model("smollm2-135m")
-    tok = model.tokenizer
-    prompts = sorted((tok.encode_chat(t) for t in load_prompts(args.questions, args.prompts)), key=len)
-    strategy, method_params = build_skipdecode(model, args.preset)
-    engines = {"plain": Engine(model)}
-    for impl in IMPLEMENTATIONS:
-        engines[impl] = Engine(model, dataclasses.replace(strategy, implementation=impl), method_params)
-    n, greedy = args.max_new_tokens, SamplingConfig()
+    model = load_model(args.model)
+    questions = mt_bench_questions(args.questions, args.prompts)
+    strategy, method_params = build_method(model, f"skipdecode:{args.preset}")
+    n = args.max_new_tokens
     mean_layers = round(strategy.schedule.average_layers(n - 1))
+    engines = {impl: Engine(model, dataclasses.replace(strategy, implementation=impl), method_params) for impl in IMPLEMENTATIONS}
     engines[f"static-{mean_layers}"] = Engine(model, SkipDecode(SkipSchedule(strategy.schedule.warmup_layers, (mean_layers,))))
     engines["static-1"] = Engine(model, SkipDecode(SkipSchedule(0, (1,))))
+    contestants = [MethodContestant(model, "plain"),
+                   *[MethodContestant(model, "skipdecode", engine=engine, name=name) for name, engine in engines.items()]]
 
-    def batches(bs: int) -> list[list[list[int]]]:
-        return [prompts[i : i + bs] for i in range(0, len(prompts), bs) if len(prompts[i : i + bs]) == bs]
-
-    compile_s = {name: 0.0 for name in engines}
-    tokens: dict[str, list] = {}
-    for name, engine in engines.items():
-        for bs in batch_sizes:
-            for group in batches(bs):
-                out = engine.generate(group, n, greedy, eos_ids=())
-                compile_s[name] += out.compile_seconds
-                if bs == batch_sizes[0]:
-                    tokens.setdefault(name, []).extend(out.tokens)
-    same = all(tokens[impl] == tokens[IMPLEMENTATIONS[0]] for impl in IMPLEMENTATIONS)
-
-    runs = {name: {bs: {"tokens": 0, "seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0} for bs in batch_sizes} for name in engines}
-    layers = {}
-    for r in range(args.rounds):
-        for bs in batch_sizes:
-            for group in batches(bs):
-                for name, engine in engines.items():
-                    out = engine.generate(group, n, greedy, eos_ids=())
-                    rec = runs[name][bs]
-                    rec["tokens"] += sum(out.new_tokens)
-                    rec["seconds"] += out.seconds
-                    rec["decode_tokens"] += sum(out.new_tokens) - bs
-                    rec["decode_seconds"] += out.decode_seconds
-                    layers[name] = out.layers[0] / max(1, out.new_tokens[0] - 1)
-        print(f"round {r + 1}/{args.rounds} done", flush=True)
-
-    results = {}
-    for bs in batch_sizes:
-        plain = runs["plain"][bs]
-        row = {}
-        for name in engines:
-            rec = runs[name][bs]
-            tps = rec["tokens"] / rec["seconds"]
-            dtps = rec["decode_tokens"] / rec["decode_seconds"]
-            row[name] = {
-                "tokens_per_second": tps,
-                "decode_tokens_per_second": dtps,
-                "speedup_vs_plain": tps / (plain["tokens"] / plain["seconds"]),
-                "decode_speedup_vs_plain": dtps / (plain["decode_tokens"] / plain["decode_seconds"]),
-            }
-        results[str(bs)] = row
+    results, compile_s, same, layers = {}, dict.fromkeys([c.name for c in contestants], 0.0), True, {}
+    for bs in (int(b) for b in args.batch_sizes.split(",")):
+        records, compiled = run_bench(contestants, questions, model.tokenizer, RunSettings(n, bs, ignore_eos=True, rounds=args.rounds))
+        by_name = {c.name: [r for r in records if r.contestant == c.name] for c in contestants}
+        same &= all([r.tokens for r in by_name[impl]] == [r.tokens for r in by_name[IMPLEMENTATIONS[0]]] for impl in IMPLEMENTATIONS)
+        plain_tps, plain_dtps = tokens_per_second(by_name["plain"]), decode_tokens_per_second(by_name["plain"])
+        results[str(bs)] = {}
+        for name, rows in by_name.items():
+            compile_s[name] += compiled[name]
+            layers[name] = sum(r.layers for r in rows) / sum(len(r.tokens) - 1 for r in rows)
+            tps, dtps = tokens_per_second(rows), decode_tokens_per_second(rows)
+            results[str(bs)][name] = {"tokens_per_second": tps, "decode_tokens_per_second": dtps,
+                                      "speedup_vs_plain": tps / plain_tps, "decode_speedup_vs_plain": dtps / plain_dtps}
+        print(f"batch {bs} done", flush=True)
     report = {
         "benchmark": "SkipDecode band-skipping implementations (one compiled loop)",
-        "model": "smollm2-135m (float32)",
+        "model": f"{args.model} ({model.cfg.dtype})",
         "machine": machine_info(),
         "note": args.note,
         "settings": {
-            "preset": args.preset, "schedule": dataclasses.asdict(strategy.schedule), "prompts": len(prompts),
+            "preset": args.preset, "schedule": dataclasses.asdict(strategy.schedule), "prompts": len(records) // len(contestants),
             "max_new_tokens": n, "rounds": args.rounds, "greedy": True, "eos": "ignored",
         },
         "layers_per_step": layers,
@@ -120,13 +90,8 @@ def main() -> None:
         "compile_seconds": compile_s,
         "results": results,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    md = render_markdown(report)
-    with open(args.out + ".md", "w") as f:
-        f.write(md)
-    print(md)
+    write_result(report, render_markdown(report), args.out)
+    print(render_markdown(report))
 
 
 def render_markdown(report: dict) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
@@ -24,7 +23,8 @@ import numpy as np
 def main(argv=None) -> int:
     from eej.bench.fidelity import sequence_argmax
     from eej.bench.metrics import agreement_count, rouge_l
-    from eej.bench.questions import load_questions, select_questions
+    from eej.bench.questions import SPEC_BENCH, load_questions, select_questions
+    from eej.bench.report import write_json
     from eej.bench.runner import plan_batches
     from eej.decoding.engine import Engine
     from eej.decoding.methods import build_method
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--questions", default="../shared/data/eval/spec_bench.jsonl")
+    p.add_argument("--questions", default=SPEC_BENCH)
     p.add_argument("--methods", required=True, help="comma-separated SpecEE specs")
     p.add_argument("--limit", type=int, default=2, help="questions per category")
     p.add_argument("--batch-size", type=int, default=1)
@@ -83,9 +83,7 @@ def main(argv=None) -> int:
             result["methods"][spec]["token_agreement"] = round(agree / max(total, 1), 4)
             result["methods"][spec]["rouge_l"] = round(float(np.mean(rouge)), 4)
         print(spec, json.dumps({k: v for k, v in result["methods"][spec].items() if k != "per_category"}), file=sys.stderr)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(result, args.out + ".json")
     _plot(result, args.out + ".png")
     return 0
 

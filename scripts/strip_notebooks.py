@@ -11,6 +11,7 @@ no diff once stripped again.
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -34,7 +35,9 @@ def strip(nb: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    paths = argv or sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("paths", nargs="*", help="notebooks (default: every notebooks/*.ipynb)")
+    paths = ap.parse_args(argv).paths or sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
     for path in paths:
         with open(path, encoding="utf-8") as f:
             text = f.read()

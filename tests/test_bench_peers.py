@@ -9,8 +9,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from eej.bench.peers import load_peers  # noqa: E402
 from eej.cli import main  # noqa: E402
+from eej.config import SamplingConfig  # noqa: E402
 from eej.weights.byte_tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer  # noqa: E402
+from eej.weights.registry import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +68,25 @@ def test_bad_early_exit_layer(checkpoint, tmp_path, capsys):
             "--early-exit-layer", "3", "--no-progress"]
     assert main(argv) == 2
     assert "--early-exit-layer must be in 1..2" in capsys.readouterr().err
+
+
+def test_peer_ignores_eos_like_eej(checkpoint, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["Hi."]}) + "\n")
+    out, answers = tmp_path / "r.json", tmp_path / "a.jsonl"
+    argv = ["bench", "--model", checkpoint, "--questions", str(questions), "--peers", "hf", "--ignore-eos",
+            "--max-new-tokens", "24", "--cache-size", "128", "--no-progress", "--no-agreement", "--out", str(out),
+            "--answers", str(answers)]
+    assert main(argv) == 0
+    records = {r["contestant"]: r["tokens"] for r in map(json.loads, answers.read_text().splitlines())}
+    assert len(records["hf"]) == 24 and records["hf"] == records["plain"]
+
+
+def test_peer_generation_ignores_eos(checkpoint):
+    model = load_model(checkpoint)
+    (peer,) = load_peers(["hf"], checkpoint, model)
+    prompt = model.tokenizer.encode_chat("Hi.")
+    first = peer.generate([prompt], 1, SamplingConfig(), 0).tokens[0][0]
+    peer.eos_ids = [first]  # the first answer token now ends the row, unless EOS is ignored
+    assert peer.generate([prompt], 6, SamplingConfig(), 0).tokens == [[first]]
+    assert len(peer.generate([prompt], 6, SamplingConfig(), 0, ignore_eos=True).tokens[0]) == 6

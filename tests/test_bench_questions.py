@@ -10,14 +10,17 @@ import json
 import pytest
 
 from eej.bench.contestants import Generation
+from eej.bench.metrics import AnswerRecord
 from eej.bench.questions import (
     MT_BENCH,
+    MT_BENCH_CATEGORIES,
     Question,
     QuestionsError,
     load_questions,
+    mt_bench_questions,
     select_questions,
 )
-from eej.bench.runner import RunSettings, plan_batches, run_bench
+from eej.bench.runner import RunSettings, combine_rounds, plan_batches, run_bench
 from eej.cli import main
 from eej.config import SamplingConfig
 from eej.weights.byte_tokenizer import byte_tokenizer
@@ -145,7 +148,7 @@ class Scripted:
         self.name, self.answer, self.log = name, answer, log
         self.tok = byte_tokenizer()
 
-    def generate(self, prompts, max_new_tokens, sampling, seed):
+    def generate(self, prompts, max_new_tokens, sampling, seed, ignore_eos=False):
         self.log.append((self.name, [self.tok.decode(p, skip_special_tokens=False) for p in prompts], seed))
         ids = self.tok.encode(f" {self.answer} ") + [self.tok.eos_ids[0]]
         return Generation(tokens=[ids for _ in prompts], seconds=0.5 * len(prompts), compile_seconds=1.0,
@@ -208,3 +211,39 @@ def test_limit_on_a_merged_category_covers_every_original_category(tmp_path):
     assert {q.source_category for q in chosen} == set(MT_BENCH_CATEGORIES)
     assert [q.question_id for q in chosen] == sorted(q.question_id for q in chosen)
     assert select_questions(load_questions(str(path)), categories=["mt_bench"], limit=10) == chosen
+
+
+def test_rounds_repeat_the_whole_interleaved_run():
+    tok = byte_tokenizer()
+    log: list = []
+    contestants = [Scripted("plain", "P-answer", log), Scripted("m", "M-answer", log)]
+    qs = [Question(1, "mt_bench", ("first?", "second?")), Question(2, "qa", ("only?",))]
+    once, _ = run_bench(contestants, qs, tok, RunSettings(max_new_tokens=8, seed=7, warmup=False))
+    first_round = list(log)
+    log.clear()
+    thrice, compile_s = run_bench(contestants, qs, tok, RunSettings(max_new_tokens=8, seed=7, warmup=False, rounds=3))
+    assert len(first_round) == 6 and len(log) == 3 * 6  # every contestant, batch and turn, once per round
+    assert sorted(log) == sorted(first_round * 3)  # the same prompts and seeds in every round
+    assert compile_s == {"plain": 9.0, "m": 9.0}
+    assert [(r.contestant, r.key, r.tokens, r.seconds) for r in thrice] == [(r.contestant, r.key, r.tokens, r.seconds) for r in once]
+    with pytest.raises(ValueError, match="--rounds must be >= 1"):
+        run_bench(contestants, qs, tok, RunSettings(rounds=0))
+
+
+def test_combined_rounds_keep_the_first_tokens_and_the_mean_time():
+    def record(seconds, tokens, decode=None):
+        return AnswerRecord("m", 1, "qa", 1, [5], tokens, seconds, decode_seconds=decode)
+
+    (combined,) = combine_rounds([record(1.0, [1, 2], 0.5), record(2.0, [1, 3], 1.0), record(6.0, [1, 2], 1.5)])
+    assert combined.tokens == [1, 2] and combined.seconds == 3.0 and combined.decode_seconds == 1.0
+    (peer,) = combine_rounds([record(1.0, [1]), record(3.0, [1])])
+    assert peer.seconds == 2.0 and peer.decode_seconds is None
+
+
+def test_mt_bench_questions_take_one_of_each_category_in_turn(tmp_path):
+    rows = [{"question_id": 100 + 10 * i + j, "category": c, "turns": [f"{c} {j}?", "More."]}
+            for i, c in enumerate(MT_BENCH_CATEGORIES) for j in range(2)]
+    path = write_jsonl(tmp_path / "mt.jsonl", rows)  # only MT-Bench's categories, as mt_bench.jsonl
+    chosen = mt_bench_questions(path, 9)
+    assert [q.question_id for q in chosen] == [100, 101, *(100 + 10 * i for i in range(1, 8))]  # the 9th: writing's second
+    assert {q.category for q in chosen} == {"mt_bench"} and all(len(q.turns) == 2 for q in chosen)

@@ -14,9 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from eej.bench.contestants import method_contestants
 from eej.bench.fidelity import sequence_argmax, teacher_argmax
 from eej.bench.metrics import METRIC_KEYS, agreement_count
+from eej.bench.questions import Question
 from eej.bench.report import CONTESTANT_KEYS, TOP_LEVEL_KEYS, check_schema
+from eej.bench.runner import RunSettings, run_bench
 from eej.cli import main
 from eej.decoding import methods
 from eej.decoding.engine import Engine
@@ -165,3 +168,52 @@ def test_sampling_run_reports_no_identical_rate(tmp_path, capsys):
     assert o["identical_rate"] is None and o["token_agreement"] is None and o["rouge_l"] == 1.0
     assert doc["settings"]["greedy"] is False
     assert "| `plain` | method |" in capsys.readouterr().out
+
+
+def test_ignore_eos_makes_every_answer_full_length():
+    model = load_model("tiny-llama")
+    prompt = model.tokenizer.encode_chat("Why?")
+    first = Engine(model).generate([prompt], 1).tokens[0][0]
+    model = dataclasses.replace(model, cfg=model.cfg.replace(eos_ids=(first,)))  # the first answer token ends a row
+    questions = [Question(1, "qa", ("Why?",))]
+    contestants = method_contestants(model, ["plain"], cache_size=128)
+    stopped, _ = run_bench(contestants, questions, model.tokenizer, RunSettings(max_new_tokens=8, warmup=False))
+    assert stopped[0].tokens == [first]
+    full, _ = run_bench(contestants, questions, model.tokenizer, RunSettings(max_new_tokens=8, warmup=False, ignore_eos=True))
+    assert len(full[0].tokens) == 8 and full[0].tokens == Engine(model).generate([prompt], 8, eos_ids=()).tokens[0]
+    assert full[0].decode_seconds is not None and 0 < full[0].decode_seconds <= full[0].seconds
+
+
+def test_fixed_length_rounds_and_attention_implementations(tmp_path, capsys):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps(QUESTIONS[0]) + "\n" + json.dumps(QUESTIONS[1]) + "\n")
+    out, answers = tmp_path / "r.json", tmp_path / "a.jsonl"
+    argv = ["bench", "--model", "tiny-llama", "--questions", str(questions), "--max-new-tokens", "6", "--cache-size", "128",
+            "--ignore-eos", "--rounds", "2", "--attention", "xla,pallas", "--no-progress", "--out", str(out),
+            "--answers", str(answers)]
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    check_schema(doc)
+    assert tuple(doc) == TOP_LEVEL_KEYS and list(doc["methods"]) == ["plain", "plain@pallas"]
+    assert [c["info"]["attention"] for c in doc["methods"].values()] == ["xla", "pallas"]
+    s = doc["settings"]
+    assert s["ignore_eos"] is True and s["rounds"] == 2 and s["attention"] == ["xla", "pallas"]
+    assert s["answers_per_contestant"] == 3 and doc["model"]["attention"] == "xla"
+    assert "--ignore-eos --rounds 2 --attention xla,pallas" in s["command"]
+    records = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert len(records) == 6 and all(len(r["tokens"]) == 6 for r in records)  # one record per answer, not per round
+    o = doc["methods"]["plain@pallas"]["overall"]
+    assert o["new_tokens"] == 18 and o["identical_rate"] == 1.0  # the Pallas kernel decodes plain's tokens
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+    (["--attention", "xla,xla"], "'xla' is listed twice in --attention"),
+    (["--attention", "xla,nope"], "unknown attention implementation 'nope'"),
+])
+def test_bench_option_errors(tmp_path, capsys, flags, message):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps(QUESTIONS[1]) + "\n")
+    assert main(["bench", "--model", "tiny-llama", "--questions", str(questions), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eej: error: ") and message in err and len(err.strip().splitlines()) == 1

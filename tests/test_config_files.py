@@ -9,6 +9,7 @@ model are errors there).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -95,23 +96,27 @@ def _leaf_parsers(parser: argparse.ArgumentParser, prefix=()):
             yield from _leaf_parsers(child, (*prefix, name))
 
 
-def test_every_command_takes_config(monkeypatch):
-    from eej.cli import train as train_cli
+@pytest.fixture
+def test_trainer(monkeypatch):
+    """A trainer registered here stands for the methods' trainers (one option of its own: rank, default 4)."""
+    from eej.train import trainers
 
-    # A trainer registered here stands for the methods' trainers: `eej train NAME` gets --config too.
-    monkeypatch.setitem(train_cli._TRAINERS, "test-trainer",
-                        (lambda p: p.add_argument("--rank", type=int, default=4), lambda args: 0))
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        rank: int = trainers.option(4)
+
+    monkeypatch.setitem(trainers._TRAINERS, "test-trainer", trainers.TrainerSpec("test-trainer", Options, lambda *a, **k: None))
+
+
+def test_every_command_takes_config(test_trainer):
+    # `eej train NAME` gets --config too.
     leaves = dict(_leaf_parsers(build_parser()))
     assert {("generate",), ("bench",), ("train", "test-trainer")} <= set(leaves)
     for name, parser in leaves.items():
         assert any("--config" in a.option_strings for a in parser._actions), name
 
 
-def test_train_options_from_a_file(tmp_path, monkeypatch):
-    from eej.cli import train as train_cli
-
-    monkeypatch.setitem(train_cli._TRAINERS, "test-trainer",
-                        (lambda p: p.add_argument("--rank", type=int, default=4), lambda args: 0))
+def test_train_options_from_a_file(tmp_path, test_trainer):
     path = _write(tmp_path, "data: [a.json, b.jsonl]\nout: runs/x\nsteps: 20\nrank: 16\n")
     args = build_parser().parse_args(["train", "test-trainer", "--config", path, "--steps", "5"])
     assert (args.data, args.out, args.steps, args.rank) == (["a.json", "b.jsonl"], "runs/x", 5, 16)
@@ -119,11 +124,7 @@ def test_train_options_from_a_file(tmp_path, monkeypatch):
     assert args.data == ["c.txt"]
 
 
-def test_bench_and_train_name_the_bad_key_too(tmp_path, capsys, monkeypatch):
-    from eej.cli import train as train_cli
-
-    monkeypatch.setitem(train_cli._TRAINERS, "test-trainer",
-                        (lambda p: p.add_argument("--rank", type=int, default=4), lambda args: 0))
+def test_bench_and_train_name_the_bad_key_too(tmp_path, capsys, test_trainer):
     path = _write(tmp_path, "questions: q.jsonl\nmethod: plain\n")
     line = _one_line_error(capsys, ["bench", "--config", path])
     assert f"{path}: unknown option 'method' for `eej bench` (did you mean methods?)" in line

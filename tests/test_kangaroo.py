@@ -22,7 +22,7 @@ from eej.decoding.speculation import adapter_forward, draft_loop, init_adapter
 from eej.model.cache import init_cache
 from eej.model.transformer import embed, forward, run_layers
 from eej.weights.artifacts import ArtifactError, save_artifact
-from eej.train.kangaroo import token_ranking
+from eej.train.data import token_ranking
 from eej.weights.registry import Model
 
 from eej.testing import agreeable_model, chi_square_p_value, exact_distribution, first_tokens, random_prompts, tiny_model

@@ -69,8 +69,6 @@ def test_imports_run_down_the_layers(module, path):
 
 @pytest.mark.parametrize("module,path", MODULES, ids=[m for m, _ in MODULES])
 def test_no_eej_import_inside_a_function(module, path):
-    if module.startswith("eej.cli"):
-        pytest.skip("the CLI imports the library inside its commands, so that `eej --help` starts without JAX")
     local = [target for target, inside in _imports(path) if inside]
     assert not local, f"{module} imports {', '.join(local)} inside a function"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +20,7 @@ def test_zero_initialised_lora_changes_nothing_and_merge_adds_a_times_b():
     model = tiny_model("tiny-gqa")
     lora = init_lora(jax.random.PRNGKey(0), model.cfg, rank=3, targets=("wq", "w_down"))
     same = merge_lora(model.params, lora)
-    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(model.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(same, model.params)  # same tree structure, every leaf equal
     lora["wq"]["b"] = jnp.ones_like(lora["wq"]["b"])
     merged = merge_lora(model.params, lora, scale=0.5, first_layer=0)
     i = 2

@@ -108,9 +108,7 @@ def test_shipped_split_with_every_expert_is_the_dense_model(real_model):
     assert len(Engine(default).generate(prompts, max_new_tokens=8, eos_ids=()).tokens[0]) == 8
 
 
-def test_train_moefy_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
-    import sys
-
+def test_train_moefy_end_to_end_on_a_tiny_model(tmp_path, capsys):
     from eej.cli import main as cli_main
     from eej.experts.moefy import load_moefied
     from eej.weights.artifacts import load_artifact
@@ -121,7 +119,6 @@ def test_train_moefy_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     argv = ["train", "moefy", "--model", "tiny-gqa", "--data", str(data), "--out", str(out), "--experts", "4",
             "--top-k", "2", "--steps", "40", "--batch-size", "64", "--lr", "3e-2", "--warmup", "2", "--seq-len", "64",
             "--router-tokens", "512", "--cluster-tokens", "256", "--sweep", "1,4", "--eval-fraction", "0.25", "--no-progress"]
-    monkeypatch.setattr(sys, "argv", ["eej", *argv])
     assert cli_main(argv) == 0, capsys.readouterr().err
     dense = tiny_model("tiny-gqa")
     arrays, header = load_artifact(str(out / "moefy.npz"), "moefy", dense.cfg)

@@ -1,5 +1,6 @@
 """scripts/render_readme_tables.py: the README's generated sections match the committed results and the
-method registry (a forgotten regeneration fails here), and the renderer itself says what the files say."""
+method registry (a forgotten regeneration fails here), and the renderer itself (the result sections:
+eej.bench.results) says what the files say."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 import sys
 
 import pytest
+
+from eej.bench.results import ResultsError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,10 +83,10 @@ def test_renderer_errors(render, tmp_path):
     broken = _bench_doc("m", "cpu:cpu", 1.0)
     del broken["settings"]["questions_per_category"]
     (tmp_path / "broken.json").write_text(json.dumps(broken))
-    with pytest.raises(render.ReadmeError, match="broken.json: cannot render it as a specbench result"):
+    with pytest.raises(ResultsError, match="broken.json: cannot render it as a specbench result"):
         render.render_readme(_readme(render), str(tmp_path))
     (tmp_path / "broken.json").write_text("{not json")
-    with pytest.raises(render.ReadmeError, match="not valid JSON"):
+    with pytest.raises(ResultsError, match="not valid JSON"):
         render.render_readme(_readme(render), str(tmp_path))
 
 

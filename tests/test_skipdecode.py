@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,8 +221,7 @@ def test_lora_merge_equals_unmerged_application_in_values_and_gradients():
     loss = lambda outs: sum(w * jnp.sum(o**2) for w, o in zip(weights, outs))  # noqa: E731
     g_merged = jax.jit(jax.grad(lambda l: loss(merged_outs(l))))(lora)
     g_unmerged = jax.jit(jax.grad(lambda l: loss(unmerged_outs(l))))(lora)
-    for a, b in zip(jax.tree.leaves(g_merged), jax.tree.leaves(g_unmerged)):
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    chex.assert_trees_all_close(g_merged, g_unmerged, atol=1e-4, rtol=1e-4)
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(g_merged))
 
 

@@ -174,9 +174,8 @@ def test_simulated_exits_follow_the_decoders_rule():
     assert sim["mean_layers"] == (3 + 4 + 5 + 2) / 4
 
 
-def test_train_specee_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
+def test_train_specee_end_to_end_on_a_tiny_model(tmp_path, capsys):
     import json
-    import sys
 
     from eej.cli import main as cli_main
     from eej.decoding.speculation import init_adapter
@@ -195,7 +194,6 @@ def test_train_specee_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
             "--drafter", str(tmp_path / "kangaroo.npz"), "--steps", "30", "--batch-size", "64", "--seq-len", "64",
             "--hidden", "16", "--label-batch-size", "4", "--label-positions", "32", "--eval-fraction", "0.25",
             "--threshold", "0.3", "--no-progress"]
-    monkeypatch.setattr(sys, "argv", ["eej", *argv])
     code = cli_main(argv)
     assert code == 0, capsys.readouterr().err
     arrays, header = load_artifact(str(out / "specee.npz"), "specee", model.cfg)

@@ -128,3 +128,29 @@ def test_teacher_hidden_states_match_the_model(tmp_path):
     cached = collect_hidden_states(model.params, model.cfg, data, depths=(2,), batch_size=4, progress=False)
     direct = hidden_states(model.params, jnp.asarray(data.tokens), model.cfg, depths=(2,))[2]
     np.testing.assert_allclose(cached[2], np.asarray(direct), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["kangaroo", "m2r2", "skipdecode", "specee", "moefy"])
+def test_the_reproduce_line_parses_back_to_the_same_options(name):
+    """`eej train NAME` is generated from the trainer's declared options, and the command line an artifact
+    records (every option explicit) gives those options back; out-of-range options are one-line TrainErrors."""
+    import shlex
+
+    from eej.cli import build_parser
+    from eej.train.data import DataOptions
+    from eej.train.trainers import TrainError, flag_name, option_fields, reproduce_command, trainers
+
+    spec = trainers()[name]
+    required = {"budget": "2x", "drafter": "runs/kangaroo.npz"}
+    options = spec.options(**{f.name: required[f.name] for f in option_fields(spec.options) if f.default is dataclasses.MISSING})
+    data, run = DataOptions(["a.json", "b b.jsonl"], seq_len=64), TrainConfig(steps=20, stop_at=5, learning_rate=0.01)
+    args = build_parser().parse_args(shlex.split(reproduce_command(name, "tiny-gqa", data, "runs/x y", options, run))[1:])
+    assert (args.method, args.model, args.out) == (name, "tiny-gqa", "runs/x y")
+    for group in (data, run, options):
+        for field in option_fields(group):
+            got = getattr(args, flag_name(field).replace("-", "_"))
+            assert (tuple(got) if isinstance(got, list) else got) == getattr(group, field.name), field.name
+    with pytest.raises(TrainError, match="seq_len must be an integer >= 8, got 4"):
+        DataOptions(["a.json"], seq_len=4)
+    with pytest.raises(TrainError, match=r"stop_at must be in \[1, steps=20\], got 21"):
+        TrainConfig(steps=20, stop_at=21)

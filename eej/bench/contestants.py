@@ -8,6 +8,7 @@ from typing import Any, Protocol, Sequence
 from eej.config import SamplingConfig
 from eej.decoding.engine import Engine
 from eej.decoding.methods import build_method, parse_method
+from eej.model.attention import get_impl
 from eej.weights.registry import Model
 
 
@@ -19,6 +20,7 @@ class Generation:
     seconds: wall time of the batch, prefill + decoding (compile excluded).
     forwards, layers: per row full-model forwards (prefill = 1) and decode-step layers; None when the
       contestant can't count them (peers).
+    decode_seconds: the part of `seconds` after the first token (None: not measured apart).
     """
 
     tokens: list[list[int]]
@@ -26,13 +28,16 @@ class Generation:
     compile_seconds: float = 0.0
     forwards: list[int] | None = None
     layers: list[float] | None = None
+    decode_seconds: float | None = None
 
 
 class Contestant(Protocol):
     name: str
     kind: str  # "method" or "peer"
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> Generation:
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingConfig, seed: int,
+                 ignore_eos: bool = False) -> Generation:
+        """ignore_eos: every row generates exactly max_new_tokens (EOS does not end it)."""
         ...
 
     def describe(self) -> dict[str, Any]:
@@ -44,12 +49,14 @@ class MethodContestant:
 
     engine: an Engine already built for the method, run under the name `spec` instead of building one
     (a strategy of your own, add-ons trained in the same session, or compiled code to reuse).
+    name: the contestant's name in the results (default: `spec`).
     """
 
     kind = "method"
 
-    def __init__(self, model: Model, spec: str, cache_size: int | None = None, engine: Engine | None = None):
-        self.name = spec
+    def __init__(self, model: Model, spec: str, cache_size: int | None = None, engine: Engine | None = None,
+                 name: str | None = None):
+        self.name = name or spec
         if engine is None:
             self.method_name, self.config = parse_method(spec)
             strategy, method_params = build_method(model, spec)
@@ -60,17 +67,19 @@ class MethodContestant:
         self.strategy = engine.strategy
         self.engine = engine
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> Generation:
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingConfig, seed: int,
+                 ignore_eos: bool = False) -> Generation:
         """Engine.generate; a call that had to compile is run again and the repeat is timed.
 
         The first execution of a freshly compiled XLA executable carries a one-time cost that
         compile_seconds doesn't include (measured 0.05-0.14 s on XLA:CPU): timing it would charge
         whichever contestant first meets a new prompt-length bucket.
         """
-        out = self.engine.generate(prompts, max_new_tokens, sampling, seed=seed)
+        eos_ids = () if ignore_eos else None
+        out = self.engine.generate(prompts, max_new_tokens, sampling, seed=seed, eos_ids=eos_ids)
         if out.compile_seconds > 0:
             compile_seconds = out.compile_seconds
-            out = self.engine.generate(prompts, max_new_tokens, sampling, seed=seed)
+            out = self.engine.generate(prompts, max_new_tokens, sampling, seed=seed, eos_ids=eos_ids)
             out.compile_seconds += compile_seconds
         return Generation(
             tokens=out.tokens,
@@ -78,6 +87,7 @@ class MethodContestant:
             compile_seconds=out.compile_seconds,
             forwards=list(out.forwards),
             layers=list(out.layers),
+            decode_seconds=out.decode_seconds,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -87,14 +97,36 @@ class MethodContestant:
             "config": self.config,
             "strategy": repr(self.strategy),
             "lossless": bool(self.strategy.lossless),
+            "attention": self.engine.cfg.attention_impl,
         }
 
 
-def method_contestants(model: Model, specs: Sequence[str], cache_size: int | None = None) -> list[MethodContestant]:
-    """One contestant per method spec; `plain` (the baseline) is put first, added if missing."""
-    specs = [s.strip() for s in specs if s.strip()]
-    duplicates = sorted({s for s in specs if specs.count(s) > 1})
+def with_attention(model: Model, impl: str) -> Model:
+    """`model` decoding with attention implementation `impl` (eej.model.attention; ValueError if unusable here)."""
+    get_impl(impl)
+    return model if impl == model.cfg.attention_impl else dataclasses.replace(model, cfg=model.cfg.replace(attention_impl=impl))
+
+
+def unique(items: Sequence[str], option: str) -> list[str]:
+    """`items` stripped, blanks dropped; ValueError naming `option` if one is listed twice."""
+    items = [s.strip() for s in items if s.strip()]
+    duplicates = sorted({s for s in items if items.count(s) > 1})
     if duplicates:
-        raise ValueError(f"method {duplicates[0]!r} is listed twice in --methods")
+        raise ValueError(f"{duplicates[0]!r} is listed twice in {option}")
+    return items
+
+
+def method_contestants(
+    model: Model, specs: Sequence[str], cache_size: int | None = None, attention: Sequence[str] = ()
+) -> list[MethodContestant]:
+    """One contestant per method spec and attention implementation; `plain` (the baseline) first, added if missing.
+
+    attention: implementations to run every method with (default: the model's). The first is the
+    reference: its contestants are named by their spec, the others' `SPEC@IMPL`.
+    """
+    specs = unique(specs, "--methods")
     specs = ["plain", *[s for s in specs if s != "plain"]]
-    return [MethodContestant(model, s, cache_size) for s in specs]
+    impls = unique(attention, "--attention") or [model.cfg.attention_impl]
+    models = [with_attention(model, impl) for impl in impls]
+    return [MethodContestant(m, s, cache_size, name=s if i == 0 else f"{s}@{impl}")
+            for i, (impl, m) in enumerate(zip(impls, models)) for s in specs]

@@ -47,6 +47,7 @@ class AnswerRecord:
     seconds: generation wall time attributed to this answer (its batch's time / rows in the batch).
     forwards, layers: full-model forwards (prefill = 1) and decode-step layers, None for peers.
     agreement: how many of `tokens` equal the full model's argmax on their own prefix (None: not computed).
+    decode_seconds: the part of `seconds` after the first token (None: not measured apart, e.g. peers).
     """
 
     contestant: str
@@ -60,6 +61,7 @@ class AnswerRecord:
     layers: float | None = None
     agreement: int | None = None
     text: str = ""
+    decode_seconds: float | None = None
 
     @property
     def key(self) -> tuple[Any, int]:
@@ -106,6 +108,18 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
 
 
+def tokens_per_second(records: Sequence[AnswerRecord]) -> float | None:
+    """Generated tokens / generation seconds of `records` (None without time)."""
+    return _ratio(sum(len(r.tokens) for r in records), sum(r.seconds for r in records))
+
+
+def decode_tokens_per_second(records: Sequence[AnswerRecord]) -> float | None:
+    """Tokens after each answer's first (which the prefill makes) / decode-loop seconds (None where not measured)."""
+    if not records or any(r.decode_seconds is None for r in records):
+        return None
+    return _ratio(sum(len(r.tokens) - 1 for r in records), sum(r.decode_seconds for r in records))
+
+
 def aggregate(
     records: Sequence[AnswerRecord],
     baseline: dict[tuple[Any, int], AnswerRecord] | None,
@@ -118,12 +132,11 @@ def aggregate(
     baseline_tokens_per_second: plain's tokens/s on the same questions, for speedup.
     """
     tokens = sum(len(r.tokens) for r in records)
-    seconds = sum(r.seconds for r in records)
-    tps = _ratio(tokens, seconds)
+    tps = tokens_per_second(records)
     out: dict[str, Any] = {
         "answers": len(records),
         "new_tokens": tokens,
-        "seconds": seconds,
+        "seconds": sum(r.seconds for r in records),
         "tokens_per_second": tps,
         "speedup": tps / baseline_tokens_per_second if tps is not None and baseline_tokens_per_second else None,
         "mean_accepted_tokens": None,

@@ -81,7 +81,8 @@ class HFPeer:
         self.pad_id = pad_id
         self.early_exit_layer = early_exit_layer
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingConfig, seed: int) -> Generation:
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingConfig, seed: int,
+                 ignore_eos: bool = False) -> Generation:
         torch = self.torch
         if self.early_exit_layer is not None and len(prompts) > 1:
             raise PeerError("hf-early-exit: transformers' assisted generation runs batch size 1 only; use --batch-size 1")
@@ -91,8 +92,9 @@ class HFPeer:
         for i, p in enumerate(prompts):  # left padding: what transformers expects for decoder-only batches
             ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
             mask[i, width - len(p) :] = 1
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id, min_new_tokens=0
+        kwargs: dict[str, Any] = dict(  # eos_token_id=None: no stop token (not the model's default)
+            max_new_tokens=max_new_tokens, eos_token_id=None if ignore_eos else self.eos_ids, pad_token_id=self.pad_id,
+            min_new_tokens=0,
         )
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
@@ -107,7 +109,7 @@ class HFPeer:
         seconds = time.perf_counter() - start
         rows = []
         for row in out[:, width:].tolist():
-            cut = next((j + 1 for j, t in enumerate(row) if t in self.eos_ids), len(row))
+            cut = len(row) if ignore_eos else next((j + 1 for j, t in enumerate(row) if t in self.eos_ids), len(row))
             rows.append(row[:cut])
         return Generation(tokens=rows, seconds=seconds)
 

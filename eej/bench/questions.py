@@ -18,13 +18,17 @@ that 10 MT-Bench questions cover all eight categories rather than only `writing`
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence
 
 from eej.jsonl import read_jsonl
+from eej.settings import REPO_ROOT
 
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 MT_BENCH = "mt_bench"
 CATEGORY_MODES = ("auto", "merge", "keep")
+# Spec-Bench's questions where the scripts look for them unless told (EEJ_QUESTIONS): next to the checkout.
+SPEC_BENCH = os.environ.get("EEJ_QUESTIONS", os.path.join(REPO_ROOT, "..", "shared", "data", "eval", "spec_bench.jsonl"))
 
 
 class QuestionsError(ValueError):
@@ -120,6 +124,12 @@ def select_questions(
         group = sorted((q for q in questions if q.category == category), key=_id_key)
         chosen.extend(_first(group, limit) if limit is not None else group)
     return chosen
+
+
+def mt_bench_questions(path: str, n: int) -> list[Question]:
+    """The first `n` MT-Bench questions of a Spec-Bench-schema file (spec_bench.jsonl or mt_bench.jsonl), one of
+    each MT-Bench category in turn: the prompts of the scripts' fixed-length speed runs."""
+    return select_questions(load_questions(path, "merge"), [MT_BENCH], n)
 
 
 def _first(group: list[Question], limit: int) -> list[Question]:

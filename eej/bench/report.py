@@ -50,11 +50,21 @@ def build_document(
     return doc
 
 
-def write_json(doc: dict[str, Any], path: str) -> None:
+def write_text(text: str, path: str) -> None:
+    """`text` into the file `path`, its folder made if needed."""
     ensure_parent(path)
     with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+        f.write(text)
+
+
+def write_json(doc: dict[str, Any], path: str) -> None:
+    write_text(json.dumps(doc, indent=1) + "\n", path)
+
+
+def write_result(doc: dict[str, Any], markdown: str, prefix: str) -> None:
+    """A benchmark's result and its report: PREFIX.json and PREFIX.md."""
+    write_json(doc, prefix + ".json")
+    write_text(markdown, prefix + ".md")
 
 
 def ensure_parent(path: str) -> None:
@@ -85,10 +95,10 @@ def _contestants(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [*doc["methods"].items(), *doc["peers"].items()]
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table: the header, a separator and one line per row of cells."""
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return out
+    return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def overall_table(doc: dict[str, Any]) -> str:
@@ -97,7 +107,7 @@ def overall_table(doc: dict[str, Any]) -> str:
     for name, c in _contestants(doc):
         o = c["overall"]
         rows.append([f"`{name}`", c["info"]["kind"], *[_fmt(o[k], p) for k, _, p in _COLUMNS], f"{c['compile_seconds']:.1f}"])
-    return "\n".join(_table(["contestant", "kind", *[label for _, label, _ in _COLUMNS], "compile s (excluded)"], rows))
+    return markdown_table(["contestant", "kind", *[label for _, label, _ in _COLUMNS], "compile s (excluded)"], rows)
 
 
 def per_category_table(doc: dict[str, Any]) -> str:
@@ -108,7 +118,7 @@ def per_category_table(doc: dict[str, Any]) -> str:
             o = c["per_category"].get(category)
             if o is not None:
                 rows.append([category, f"`{name}`", *[_fmt(o[k], p) for k, _, p in _COLUMNS]])
-    return "\n".join(_table(["category", "contestant", *[label for _, label, _ in _COLUMNS]], rows))
+    return markdown_table(["category", "contestant", *[label for _, label, _ in _COLUMNS]], rows)
 
 
 def markdown_report(doc: dict[str, Any]) -> str:
@@ -151,9 +161,7 @@ _DEFINITIONS = [
 
 
 def write_markdown(doc: dict[str, Any], path: str) -> None:
-    ensure_parent(path)
-    with open(path, "w") as f:
-        f.write(markdown_report(doc))
+    write_text(markdown_report(doc), path)
 
 
 # ----------------------------------------------------------------------------- plots

@@ -5,12 +5,17 @@ order rotates from batch to batch — so drift of the machine's speed hits all c
 A contestant answers turn 1 of each question, then turn 2 with the conversation so far (its own
 turn-1 answer as the assistant message), and so on, as Spec-Bench does. Prompts use the model's chat
 template. Before timing, each contestant generates once for the first batch (warm-up, discarded).
+
+`rounds` > 1 repeats the whole interleaved run (every batch, every contestant, with the same seeds),
+the rotation continuing from round to round; each answer keeps its first round's tokens and the
+mean of its rounds' times. `ignore_eos` makes every answer exactly `max_new_tokens` long (the same
+work for every contestant: EOS is generated but ends nothing).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from eej.bench.contestants import Contestant
 from eej.bench.metrics import AnswerRecord
@@ -26,6 +31,8 @@ class RunSettings:
     sampling: SamplingConfig = SamplingConfig()
     seed: int = 0
     warmup: bool = True
+    ignore_eos: bool = False
+    rounds: int = 1
 
 
 def plan_batches(questions: Sequence[Question], batch_size: int, tokenizer: Tokenizer) -> list[list[Question]]:
@@ -70,7 +77,7 @@ def _answer_batch(
         for i in rows:
             conversations[i].append({"role": "user", "content": batch[i].turns[turn]})
         prompts = [tokenizer.encode_chat(conversations[i]) for i in rows]
-        gen = contestant.generate(prompts, settings.max_new_tokens, settings.sampling, seed + turn)
+        gen = contestant.generate(prompts, settings.max_new_tokens, settings.sampling, seed + turn, settings.ignore_eos)
         compile_seconds += gen.compile_seconds
         for j, i in enumerate(rows):
             tokens = list(gen.tokens[j])
@@ -87,6 +94,7 @@ def _answer_batch(
                 forwards=None if gen.forwards is None else int(gen.forwards[j]),
                 layers=None if gen.layers is None else float(gen.layers[j]),
                 text=text,
+                decode_seconds=None if gen.decode_seconds is None else gen.decode_seconds / len(rows),
             )
             records.append(record)
             on_answer(record)
@@ -104,34 +112,52 @@ def run_bench(
 ) -> tuple[list[AnswerRecord], dict[str, float]]:
     """Run every contestant on every question (see the module docstring).
 
-    Returns (answer records in run order, compile seconds per contestant, warm-up included).
-    on_answer is called after each answer (progress reporting), on_batch with each finished batch's
-    index and records (checkpoints). completed: records of batches answered before (a resumed run,
-    see eej.bench.checkpoint), taken as they are instead of being answered again.
+    Returns (answer records in run order, rounds combined; compile seconds per contestant, warm-up
+    included). on_answer is called after each answer (progress reporting), on_batch with each finished
+    batch's index (round * batches + batch) and records (checkpoints). completed: records of batches
+    answered before (a resumed run, see eej.bench.checkpoint), taken as they are instead of being
+    answered again.
     """
     completed = completed or {}
     if not tokenizer.has_chat_template:
         raise ValueError("the bench uses the model's chat template, and this model's tokenizer has none")
+    if settings.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {settings.rounds}")
     batches = plan_batches(questions, settings.batch_size, tokenizer)
     compile_seconds = {c.name: 0.0 for c in contestants}
     if settings.warmup and batches:
         first = batches[0]
         prompts = [tokenizer.encode_chat(q.turns[0]) for q in first]
         for c in contestants:
-            compile_seconds[c.name] += c.generate(prompts, settings.max_new_tokens, settings.sampling, settings.seed).compile_seconds
+            gen = c.generate(prompts, settings.max_new_tokens, settings.sampling, settings.seed, settings.ignore_eos)
+            compile_seconds[c.name] += gen.compile_seconds
     records: list[AnswerRecord] = []
     turns = max((len(q.turns) for q in questions), default=1)
-    for b, batch in enumerate(batches):
-        if b in completed:
-            records.extend(completed[b])
+    for index in range(settings.rounds * len(batches)):
+        if index in completed:
+            records.extend(completed[index])
             continue
-        shift = b % len(contestants)
+        b = index % len(batches)
+        shift = index % len(contestants)
         batch_records: list[AnswerRecord] = []
         for c in [*contestants[shift:], *contestants[:shift]]:
-            # The same seed for every contestant on the same batch and turn.
-            new, compile_s = _answer_batch(c, batch, tokenizer, settings, settings.seed + b * turns, on_answer)
+            # The same seed for every contestant on the same batch and turn, in every round.
+            new, compile_s = _answer_batch(c, batches[b], tokenizer, settings, settings.seed + b * turns, on_answer)
             batch_records.extend(new)
             compile_seconds[c.name] += compile_s
         records.extend(batch_records)
-        on_batch(b, batch_records)
-    return records, compile_seconds
+        on_batch(index, batch_records)
+    return combine_rounds(records), compile_seconds
+
+
+def combine_rounds(records: Sequence[AnswerRecord]) -> list[AnswerRecord]:
+    """One record per (contestant, question, turn): the first round's, with the mean of all its rounds' times."""
+    groups: dict[tuple[str, Any, int], list[AnswerRecord]] = {}
+    for r in records:
+        groups.setdefault((r.contestant, *r.key), []).append(r)
+    out = []
+    for rounds in groups.values():
+        decode = [r.decode_seconds for r in rounds]
+        out.append(dataclasses.replace(rounds[0], seconds=sum(r.seconds for r in rounds) / len(rounds),
+                                       decode_seconds=None if None in decode else sum(decode) / len(decode)))
+    return out

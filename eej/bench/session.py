@@ -17,9 +17,12 @@ from typing import Any, Sequence
 
 from eej.bench.checkpoint import BenchCheckpoint
 from eej.bench.contestants import Contestant
-from eej.bench.metrics import AnswerRecord
-from eej.bench.questions import Question
-from eej.bench.runner import RunSettings
+from eej.bench.fidelity import sequence_argmax
+from eej.bench.machine import load_average, machine_info
+from eej.bench.metrics import AnswerRecord, agreement_count, summarize
+from eej.bench.questions import Question, categories_in_order
+from eej.bench.report import build_document
+from eej.bench.runner import RunSettings, run_bench
 from eej.weights.registry import Model
 
 
@@ -41,14 +44,8 @@ def bench_document(
     progress: tqdm bars on stderr.
     checkpoint: keeps finished batches on disk and supplies those of an interrupted run.
     """
-    from eej.bench.machine import load_average, machine_info
-    from eej.bench.metrics import summarize
-    from eej.bench.questions import categories_in_order
-    from eej.bench.report import build_document
-    from eej.bench.runner import run_bench
-
     load_start = load_average() if load_average_start is None else load_average_start
-    total = sum(len(q.turns) for q in questions) * len(contestants)
+    total = sum(len(q.turns) for q in questions) * len(contestants) * settings.rounds
     completed = {} if checkpoint is None else dict(checkpoint.completed)
     bar = _progress(total, "eej bench", "answer", progress)
     bar.update(sum(len(r) for r in completed.values()))
@@ -67,6 +64,7 @@ def bench_document(
 
     order = categories_in_order(questions)
     names = [c.name for c in contestants]
+    infos = {c.name: c.describe() for c in contestants}
     sampling = settings.sampling
     summary = summarize(records, names, order, sampling.greedy)
     machine = {**machine_info(), "load_average_start": load_start, "load_average_end": load_average()}
@@ -85,6 +83,9 @@ def bench_document(
         "chat_template": True,
         "warmup": "each contestant answers turn 1 of the first batch once before timing (discarded)",
         "interleaving": "per batch, every contestant in turn; the order rotates by one each batch",
+        "ignore_eos": settings.ignore_eos,
+        "rounds": settings.rounds,
+        "attention": list(dict.fromkeys(i["attention"] for i in infos.values() if "attention" in i)),
         "methods": [c.name for c in contestants if c.kind == "method"],
         "peers": [c.name for c in contestants if c.kind == "peer"],
         "token_agreement": agreement,
@@ -96,15 +97,11 @@ def bench_document(
     }
     model_info = {"name": model.name, "num_layers": model.cfg.num_layers, "dtype": model.cfg.dtype,
                   "attention": model.cfg.attention_impl, "eos_ids": list(model.cfg.eos_ids)}
-    infos = {c.name: c.describe() for c in contestants}
     return build_document(model_info, machine, run_settings, summary, infos, compile_seconds), records
 
 
 def add_agreement(model: Model, records: Sequence[AnswerRecord], progress: bool = True) -> float:
     """Fill each record's `agreement` from one teacher-forced forward over prompt + answer; -> seconds spent."""
-    from eej.bench.fidelity import sequence_argmax
-    from eej.bench.metrics import agreement_count
-
     start = time.perf_counter()
     bar = _progress(len(records), "token agreement", "answer", progress)
     for r in records:

@@ -5,8 +5,7 @@
     eej train METHOD ...    eej/cli/train.py
 
 Bad input ends with a one-line `eej: error: ...` on stderr and exit status 2 (eej/cli/parser.py, which
-also gives every command `--config FILE`). The command modules import the library inside their
-`run`, so that `eej --help` and argument errors answer without loading JAX.
+also gives every command `--config FILE`).
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for reproduce lines
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE

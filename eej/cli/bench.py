@@ -13,6 +13,14 @@ import hashlib
 import shlex
 from typing import Any
 
+from eej.bench.checkpoint import BenchCheckpoint, CheckpointError
+from eej.bench.contestants import method_contestants, unique
+from eej.bench.machine import load_average
+from eej.bench.peers import PEERS, load_peers, parse_peers
+from eej.bench.questions import CATEGORY_MODES, load_questions, select_questions
+from eej.bench.report import ensure_parent, markdown_report, write_json, write_markdown, write_plot
+from eej.bench.runner import RunSettings
+from eej.bench.session import bench_document, git_commit
 from eej.cli.options import add_model_arguments, load_model_from_args, sampling_from_args
 from eej.cli.parser import CliError
 
@@ -20,10 +28,7 @@ DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from eej.bench.peers import PEERS
-    from eej.bench.questions import CATEGORY_MODES
-
-    add_model_arguments(p)
+    add_model_arguments(p, attention_list=True)
     p.add_argument("--questions", required=True, help="JSONL in Spec-Bench's schema (question_id, category, turns)")
     p.add_argument("--methods", default="plain", help="comma-separated NAME[:CONFIG]; plain (the baseline) is always run")
     p.add_argument("--categories", default=None, help="comma-separated categories to run (default: all)")
@@ -33,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="merge MT-Bench's eight categories into mt_bench: auto = when the file also has other categories",
     )
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="every answer is exactly --max-new-tokens long (EOS ends nothing): equal work, for speed only")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole interleaved run N times; each answer's time is the mean of its rounds")
     p.add_argument("--batch-size", type=int, default=1, help="questions decoded together (same category)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the Spec-Bench protocol)")
     p.add_argument("--top-k", type=int, default=0, help="0 = no limit (sampling only)")
@@ -59,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # The options a checkpoint's answers depend on: resuming with any of them changed is refused.
 _RUN_KEYS = ("model", "dtype", "attention", "cache_size", "methods", "mt_bench_categories", "max_new_tokens", "batch_size",
-             "temperature", "top_k", "top_p", "seed", "peers", "early_exit_layer", "peer_threads")
+             "temperature", "top_k", "top_p", "seed", "peers", "early_exit_layer", "peer_threads", "ignore_eos", "rounds")
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -71,6 +80,10 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--limit", str(args.limit)]
     parts += ["--mt-bench-categories", args.mt_bench_categories, "--max-new-tokens", str(args.max_new_tokens),
               "--batch-size", str(args.batch_size), "--temperature", str(args.temperature), "--seed", str(args.seed)]
+    if args.ignore_eos:
+        parts.append("--ignore-eos")
+    if args.rounds != 1:
+        parts += ["--rounds", str(args.rounds)]
     if args.temperature > 0:
         parts += ["--top-k", str(args.top_k), "--top-p", str(args.top_p)]
     if args.dtype != "float32":
@@ -103,18 +116,15 @@ def _sha256(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from eej.bench.contestants import method_contestants
-    from eej.bench.machine import load_average
-    from eej.bench.peers import load_peers, parse_peers
-    from eej.bench.questions import load_questions, select_questions
-    from eej.bench.report import markdown_report, write_json, write_markdown, write_plot
-    from eej.bench.runner import RunSettings
-    from eej.bench.session import bench_document
-
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.rounds < 1:
+        raise CliError(f"--rounds must be >= 1, got {args.rounds}")
+    attention = unique(args.attention.split(","), "--attention")
+    if not attention:
+        raise CliError("--attention names no implementation")
     peer_names = parse_peers(args.peers)
     if "hf-early-exit" in peer_names and args.batch_size > 1:
         raise CliError("the hf-early-exit peer (transformers' assisted generation) runs batch size 1 only")
@@ -124,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     load_start = load_average()
 
-    model = load_model_from_args(args)
-    contestants: list[Any] = method_contestants(model, args.methods.split(","), args.cache_size)
+    model = load_model_from_args(args, attention=attention[0])
+    contestants: list[Any] = method_contestants(model, args.methods.split(","), args.cache_size, attention)
     contestants += load_peers(peer_names, args.model, model, args.early_exit_layer, args.peer_threads)
 
     described = {
@@ -136,12 +146,10 @@ def run(args: argparse.Namespace) -> int:
         "limit": args.limit,
         "mt_bench_categories": args.mt_bench_categories,
     }
-    settings = RunSettings(args.max_new_tokens, args.batch_size, sampling, args.seed)
+    settings = RunSettings(args.max_new_tokens, args.batch_size, sampling, args.seed, ignore_eos=args.ignore_eos,
+                           rounds=args.rounds)
     checkpoint = None
     if args.checkpoint:
-        from eej.bench.checkpoint import BenchCheckpoint, CheckpointError
-        from eej.bench.session import git_commit
-
         run = {k: v for k, v in vars(args).items() if k in _RUN_KEYS}
         run.update(questions_sha256=described["questions_sha256"], questions_chosen=[q.question_id for q in chosen],
                    eej_commit=git_commit())
@@ -169,8 +177,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_answers(records, path: str) -> None:
     import json
-
-    from eej.bench.report import ensure_parent
 
     ensure_parent(path)
     with open(path, "w") as f:

@@ -10,6 +10,8 @@ import json
 import sys
 from typing import Any
 
+import jax
+
 from eej.cli.options import (
     add_model_arguments,
     add_parallel_arguments,
@@ -20,6 +22,9 @@ from eej.cli.options import (
     sampling_from_args,
 )
 from eej.cli.parser import CliError
+from eej.decoding.engine import Engine
+from eej.decoding.methods import build_method
+from eej.jsonl import read_jsonl
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,8 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def read_prompt_file(path: str) -> list[str]:
     """Prompts from a JSONL file of {"prompt": str} objects."""
-    from eej.jsonl import read_jsonl
-
     prompts = []
     for n, obj in read_jsonl(path, "batch file", CliError):
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
@@ -57,17 +60,12 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     texts = [args.prompt] if args.prompt is not None else read_prompt_file(args.batch_file)
 
-    from eej.decoding.engine import Engine
-    from eej.decoding.methods import build_method
-
     mesh = mesh_from_args(args)
     model = load_model_from_args(args)
     strategy, method_params = build_method(model, args.method)
     engine = Engine(model, strategy, method_params, cache_size=args.cache_size, mesh=mesh)
     tok = model.tokenizer
     prompts = [tok.encode_chat(t) if args.chat else tok.encode(t) for t in texts]
-
-    import jax
 
     lead = jax.process_index() == 0  # every process computes; the first one reports
     stream = lead and not args.json and not args.no_stream and len(prompts) == 1 and sys.stdout.isatty()

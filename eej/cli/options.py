@@ -5,16 +5,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+import jax
+
 from eej.cli.parser import CliError
+from eej.config import SamplingConfig
+from eej.experts.moefy import MoefyError, load_moefied
+from eej.model.attention import get_impl
+from eej.parallel.distributed import initialize
+from eej.parallel.mesh import make_mesh, parse_mesh_spec
+from eej.weights.artifacts import ArtifactError
+from eej.weights.registry import load_model
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, attention_list: bool = False) -> None:
     p.add_argument("--model", default="smollm2-135m", help="registry name, .gguf file or HF checkpoint directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     p.add_argument(
         "--attention", default="xla",
         help="attention implementation: xla (default), pallas (Pallas kernels; interpreted on CPU), "
-        "triton (jax-triton, GPU only: pip install 'eej[gpu]')",
+        "triton (jax-triton, GPU only: pip install 'eej[gpu]')"
+        + ("; a comma-separated list runs every method once per implementation" if attention_list else ""),
     )
     p.add_argument("--cache-size", type=int, default=None, help="KV cache positions per row (default: fitted)")
     p.add_argument("--moefy", metavar="ARTIFACT",
@@ -33,8 +43,6 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_from_args(args: argparse.Namespace):
-    from eej.config import SamplingConfig
-
     return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
 
@@ -49,9 +57,6 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
 
 def mesh_from_args(args: argparse.Namespace):
     """Join a multi-host job if asked, then build the `--mesh` (None without one). Call before touching devices."""
-    from eej.parallel.distributed import initialize
-    from eej.parallel.mesh import make_mesh, parse_mesh_spec
-
     distributed = initialize(args.coordinator, args.num_processes, args.process_id)
     if args.mesh is None:
         if distributed:
@@ -60,26 +65,22 @@ def mesh_from_args(args: argparse.Namespace):
     return make_mesh(**parse_mesh_spec(args.mesh))
 
 
-def load_model_from_args(args: argparse.Namespace):
-    from eej.model.attention import get_impl
-    from eej.weights.registry import load_model
-
+def load_model_from_args(args: argparse.Namespace, attention: str | None = None):
+    """The model of --model/--dtype/--moefy/--experts-per-token, with --attention (or `attention`, if given)."""
+    attention = attention or args.attention
     try:
-        get_impl(args.attention)
+        get_impl(attention)
     except ValueError as e:
         raise CliError(str(e)) from None
     model = load_model(args.model, dtype=args.dtype)
     model = _as_mixture(model, getattr(args, "moefy", None), getattr(args, "experts_per_token", None))
-    if args.attention != model.cfg.attention_impl:
-        model = dataclasses.replace(model, cfg=model.cfg.replace(attention_impl=args.attention))
+    if attention != model.cfg.attention_impl:
+        model = dataclasses.replace(model, cfg=model.cfg.replace(attention_impl=attention))
     return model
 
 
 def _as_mixture(model, moefy: str | None, experts_per_token: int | None):
     """Apply --moefy / --experts-per-token to a loaded model."""
-    from eej.experts.moefy import MoefyError, load_moefied
-    from eej.weights.artifacts import ArtifactError
-
     if moefy:
         try:
             return load_moefied(model, moefy, experts_per_token)
@@ -95,7 +96,5 @@ def _as_mixture(model, moefy: str | None, experts_per_token: int | None):
 
 
 def device_description() -> str:
-    import jax
-
     d = jax.devices()[0]
     return f"{d.platform}:{getattr(d, 'device_kind', d.platform)} x{jax.device_count()}"

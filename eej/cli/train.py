@@ -1,78 +1,65 @@
-"""Train a method's add-ons: `eej train METHOD ...` (shared options, and a registry each trainer joins)."""
+"""Train a method's add-ons: `eej train METHOD ...` (the trainers are eej/train/<method>.py).
+
+The options are generated from what the trainers declare (eej.train.trainers.option): the training
+data (`DataOptions`), the optimisation (`TrainConfig`) and the method's own options dataclass;
+`--model`, `--out` and `--no-progress` are the training function's other arguments.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
-from typing import Callable
+import dataclasses
+import sys
+import types
+import typing
 
 from eej.cli.parser import CliError, Parser
-
-_TRAINERS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-DEFAULT_DATA_DIR = os.path.join("..", "shared", "data", "train")
-
-
-def register_trainer(
-    name: str, add_arguments: Callable[[argparse.ArgumentParser], None], run: Callable[[argparse.Namespace], int]
-) -> None:
-    """Make `eej train NAME` available: `add_arguments` declares method options, `run` trains."""
-    _TRAINERS[name] = (add_arguments, run)
-
-
-def add_common_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data", nargs="+", required=True, help="training files (e.g. ../shared/data/train/*.json)")
-    p.add_argument("--out", required=True, help="run directory: checkpoints, logs, the trained artifact")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--max-examples", type=int, default=None, help="cap the number of training sequences")
-    p.add_argument("--stop-at", type=int, default=None,
-                   help="end at this step, with the learning-rate schedule of --steps (a shortened run; resumable)")
-    p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-
-
-def train_config_from_args(args: argparse.Namespace, **overrides):
-    from eej.train.loop import TrainConfig
-
-    if args.steps < 1 or args.batch_size < 1 or args.seq_len < 8:
-        raise CliError("--steps and --batch-size must be >= 1 and --seq-len >= 8")
-    stop_at = getattr(args, "stop_at", None)
-    if stop_at is not None and not 1 <= stop_at <= args.steps:
-        raise CliError(f"--stop-at must be in [1, --steps={args.steps}], got {stop_at}")
-    fields = dict(
-        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup,
-        checkpoint_every_s=args.checkpoint_every, seed=args.seed, stop_at=stop_at,
-    )
-    fields.update(overrides)
-    return TrainConfig(**fields)
+from eej.train.data import DataOptions
+from eej.train.loop import TrainConfig
+from eej.train.trainers import flag_name, option_fields, trainers
+from eej.weights.registry import load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    _load_trainers()
     sub = p.add_subparsers(dest="method", metavar="METHOD", parser_class=Parser)
-    for name, (add_arguments, _) in _TRAINERS.items():
+    for name, spec in trainers().items():
         sp = sub.add_parser(name)
-        add_common_train_arguments(sp)
-        add_arguments(sp)
+        sp.add_argument("--model", default="smollm2-135m")
+        _add_options(sp, DataOptions)
+        sp.add_argument("--out", required=True, help="run directory: checkpoints, logs, the trained artifact")
+        _add_options(sp, TrainConfig)
+        sp.add_argument("--no-progress", action="store_true")
+        _add_options(sp, spec.options)
 
 
-def _load_trainers() -> None:
-    import importlib
+def _add_options(p: argparse.ArgumentParser, options: type) -> None:
+    """`--FLAG` for every option field of the dataclass `options`: its type, default, choices and help."""
+    hints = typing.get_type_hints(options)
+    for field in option_fields(options):
+        flag, help = f"--{flag_name(field)}", field.metadata["eej_option"]["help"]
+        kind = hints[field.name]
+        if kind is bool:
+            p.add_argument(flag, action="store_true", help=help)
+            continue
+        if isinstance(kind, types.UnionType):  # X | None -> X
+            kind = next(k for k in typing.get_args(kind) if k is not type(None))
+        many = typing.get_origin(kind) is tuple  # tuple[X, ...]: one or more values
+        kind = typing.get_args(kind)[0] if many else kind
+        required = field.default is dataclasses.MISSING
+        extra = {} if required else {"default": field.default}
+        p.add_argument(flag, type=kind, nargs="+" if many else None, required=required, help=help,
+                       choices=field.metadata.get("eej_setting", {}).get("choices"), **extra)
 
-    for module in ("eej.train.kangaroo", "eej.train.skipdecode", "eej.train.specee", "eej.train.m2r2", "eej.train.moefy"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+
+def _from_args(options: type, args: argparse.Namespace):
+    return options(**{f.name: getattr(args, flag_name(f).replace("-", "_")) for f in option_fields(options)})
 
 
 def run(args: argparse.Namespace) -> int:
     if not getattr(args, "method", None):
-        raise CliError(f"name a method to train: {', '.join(_TRAINERS) or '(none available)'}")
-    return _TRAINERS[args.method][1](args)
+        raise CliError(f"name a method to train: {', '.join(trainers())}")
+    spec = trainers()[args.method]
+    data, config, options = (_from_args(cls, args) for cls in (DataOptions, TrainConfig, spec.options))
+    trained = spec.train(load_model(args.model), data, args.out, options, config, progress=not args.no_progress)
+    print(f"wrote {trained.artifact}", file=sys.stderr)
+    return 0

@@ -42,7 +42,6 @@ from eej.decoding.speculation import (
     accept,
     adapter_forward,
     check_adapter,
-    check_draft_head,
     draft_head,
     draft_loop,
     load_adapter,
@@ -79,14 +78,7 @@ class Kangaroo(Strategy):
         return self.max_draft_steps + 1
 
     def validate(self, cfg: ModelConfig, method_params: Any) -> None:
-        if self.exit_layer >= cfg.num_layers:
-            raise ValueError(
-                f"kangaroo exit_layer {self.exit_layer} must be below the model's {cfg.num_layers} layers"
-            )
-        if not isinstance(method_params, dict) or "adapter" not in method_params:
-            raise ValueError("kangaroo needs method_params {'adapter': ...} (a trained adapter; see `eej train kangaroo`)")
-        check_adapter("kangaroo", cfg, method_params["adapter"])
-        check_draft_head("kangaroo", cfg, method_params)
+        check_adapter("kangaroo", cfg, self.exit_layer, method_params)
 
     def prefill(self, params, method_params, tokens, prompt_lens, cache, cfg):
         """Prompt through layers [0, l), the adapter and layers [l, N); both caches end at `prompt_lens`."""

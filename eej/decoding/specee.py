@@ -56,7 +56,6 @@ from eej.decoding.sampling import sample
 from eej.decoding.speculation import (
     adapter_forward,
     check_adapter,
-    check_draft_head,
     draft_head,
     load_adapter,
     prefill_tapped,
@@ -127,12 +126,7 @@ class KangarooDrafter:
         return self.exit_layer
 
     def validate(self, cfg: ModelConfig, drafter_params: Any) -> None:
-        if self.exit_layer >= cfg.num_layers:
-            raise ValueError(f"specee drafter exit_layer {self.exit_layer} must be below the model's {cfg.num_layers} layers")
-        if not isinstance(drafter_params, dict) or "adapter" not in drafter_params:
-            raise ValueError("specee's drafter needs {'adapter': ...} (a trained Kangaroo adapter; see `eej train kangaroo`)")
-        check_adapter("specee drafter", cfg, drafter_params["adapter"])
-        check_draft_head("specee drafter", cfg, drafter_params)
+        check_adapter("specee's kangaroo drafter", cfg, self.exit_layer, drafter_params)
 
     def init_state(self, batch: int, capacity: int, cfg: ModelConfig) -> KVCache:
         return init_cache(cfg, batch, capacity, num_layers=1)

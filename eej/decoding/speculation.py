@@ -203,12 +203,19 @@ def init_adapter(cfg: ModelConfig, seed: int = 0, scale: float = 0.02, norm: Any
     return out
 
 
-def check_adapter(method: str, cfg: ModelConfig, adapter: Any) -> None:
-    """ValueError naming the first adapter weight missing or shaped unlike `adapter_shapes(cfg)`."""
+def check_adapter(method: str, cfg: ModelConfig, exit_layer: int, method_params: Any) -> None:
+    """ValueError unless `method_params` hold an adapter for layer `exit_layer` of `cfg` (and a well-formed
+    draft head, if any), naming the first weight missing or shaped unlike `adapter_shapes(cfg)`."""
+    if exit_layer >= cfg.num_layers:
+        raise ValueError(f"{method} exit_layer {exit_layer} must be below the model's {cfg.num_layers} layers")
+    if not isinstance(method_params, dict) or "adapter" not in method_params:
+        raise ValueError(f"{method} needs method_params {{'adapter': ...}} (a trained adapter; see `eej train kangaroo`)")
+    adapter = method_params["adapter"]
     for name, shape in adapter_shapes(cfg).items():
         got = tuple(np.shape(adapter.get(name))) if name in adapter else None
         if got != shape:
             raise ValueError(f"{method} adapter {name} has shape {got}, the model needs {shape}")
+    check_draft_head(method, cfg, method_params)
 
 
 def adapter_forward(

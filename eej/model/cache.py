@@ -13,7 +13,6 @@ Why this layout (measured on XLA:CPU, SmolLM2 shapes, 30 layers, one decode step
   first XLA transposes the whole cache every step (B=8, S=256: 32.5 ms vs 3.4 ms of attention).
 - per-layer arrays rather than one stacked `[L, ...]` array: slicing one layer out of a stacked
   array inside a jitted step copies the slice, reading the cache twice.
-`stacked()` gives the `[L, B, S, Hkv, Dh]` view for code that wants it (training, inspection).
 """
 
 from __future__ import annotations
@@ -45,10 +44,6 @@ class KVCache:
     def capacity(self) -> int:
         """S: the number of positions each row can hold."""
         return self.k[0].shape[2]
-
-    def stacked(self) -> tuple[jax.Array, jax.Array]:
-        """Keys and values as `[L, B, S, Hkv, Dh]` arrays (a copy)."""
-        return jnp.stack(self.k).swapaxes(2, 3), jnp.stack(self.v).swapaxes(2, 3)
 
     def with_lengths(self, lengths: jax.Array) -> "KVCache":
         """Roll back (or forward) every row to `lengths` [B] committed tokens; no data moves."""

@@ -18,10 +18,11 @@ batch 8 — 13.6 vs 21.4. Several rows per step is what batched decoding and spe
 verification do, so [in, out] wins; the head follows suit.
 
 `layers` is stacked on a leading L axis — the canonical form used for storage, training and
-sharding. For decoding, `decoding_layout` turns it into a tuple of L per-layer dicts once: on
-XLA:CPU, slicing a layer out of a stacked array inside a jitted step copies it, which costs more
-than the matmul that reads it (measured: 36 vs 90 tokens/s for a SmolLM2-sized stack). Every
-function here accepts either form.
+sharding. For decoding, `eej.weights.registry.load_model` gives a tuple of L per-layer dicts, and
+the layer loops are Python-unrolled: on XLA:CPU, slicing a layer out of a stacked array inside a
+jitted step copies it (measured: 36 vs 90 tokens/s for a SmolLM2-sized stack), and a `lax.scan`
+over the stacked layers, which compiles 4-5x faster, decodes 12-18% slower (docs/engine.md,
+benchmarks/results/scan_vs_unrolled.md). Every function here accepts either form.
 """
 
 from __future__ import annotations
@@ -70,11 +71,6 @@ def stack_layers(layers: Layers) -> dict[str, jax.Array]:
     if isinstance(layers, (tuple, list)):
         return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
     return layers
-
-
-def decoding_layout(params: Params) -> Params:
-    """`params` with `layers` as a tuple of per-layer dicts (see module docstring)."""
-    return {**params, "layers": unstack_layers(params["layers"])}
 
 
 def canonical_layout(params: Params) -> Params:

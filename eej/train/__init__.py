@@ -1,1 +1,1 @@
-"""Training of the methods' add-ons: data, one optax/orbax loop, teacher caches, artifacts."""
+"""Training of the methods' add-ons: a registered trainer per method, data, one optax/orbax loop, teacher caches."""

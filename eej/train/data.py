@@ -14,19 +14,34 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from eej.jsonl import parse_jsonl
+from eej.train.trainers import TrainError, check_options, option
+from eej.weights.registry import Model
 from eej.weights.tokenizer import Tokenizer
 
 _PROMPT_KEYS = ("question", "instruction", "prompt")
 _RESPONSE_KEYS = ("answer", "response", "output")
 
 
-class DataError(ValueError):
+class DataError(TrainError):
     """A training data file is missing or not in a supported format."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+    """The training text: files (any mix of the formats above), sequence length, optional cap on sequences."""
+
+    files: tuple[str, ...] = option(help="training files (e.g. ../shared/data/train/*.json)", flag="data")
+    seq_len: int = option(256, at_least=8, integer=True)
+    max_examples: int | None = option(None, "cap the number of training sequences")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "files", (self.files,) if isinstance(self.files, str) else tuple(self.files))
+        check_options(self, "training data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,11 +146,62 @@ def load_training_data(
     return data.subset(np.nonzero(data.loss_mask.sum(axis=1) > 0)[0])
 
 
+def split_rows(n: int, eval_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices of n sequences, both in one seeded random order: round(n * eval_fraction)
+    held out, at least one if eval_fraction > 0."""
+    order = np.random.default_rng(seed + 1).permutation(n)
+    n_eval = max(1, int(round(n * eval_fraction))) if eval_fraction > 0 else 0
+    return order[n_eval:], order[:n_eval]
+
+
 def split(data: TokenizedData, eval_fraction: float, seed: int = 0) -> tuple[TokenizedData, TokenizedData]:
-    """(train, held-out) split of `data`."""
-    order = np.random.default_rng(seed + 1).permutation(len(data))
-    n_eval = max(1, int(round(len(data) * eval_fraction))) if eval_fraction > 0 else 0
-    return data.subset(order[n_eval:]), data.subset(order[:n_eval])
+    """(train, held-out) split of `data` (see `split_rows`)."""
+    train_rows, eval_rows = split_rows(len(data), eval_fraction, seed)
+    return data.subset(train_rows), data.subset(eval_rows)
+
+
+def token_ranking(tokens: np.ndarray, loss_mask: np.ndarray, always: Sequence[int] = ()) -> np.ndarray:
+    """Token ids ordered by how often they are training targets (ties: lower id first); `always` first.
+
+    Only tokens that occur are ranked. tokens, loss_mask: [N, T].
+    """
+    counts = np.bincount(tokens[loss_mask > 0].astype(np.int64), minlength=int(tokens.max()) + 1)
+    seen = np.nonzero(counts)[0]
+    ranked = seen[np.lexsort((seen, -counts[seen]))]
+    first = [int(t) for t in always]
+    return np.asarray(first + [int(t) for t in ranked if int(t) not in first], np.int32)
+
+
+def prepare_data(model: Model, data: DataOptions, eval_fraction: float, seed: int) -> tuple[TokenizedData, np.ndarray, np.ndarray, np.ndarray]:
+    """Training sequences and their split -> (data, train_rows, eval_rows, token ranking of the train answers).
+
+    Deterministic, so an evaluation script given the same options sees the same held-out rows (sorted).
+    """
+    tokenized = load_training_data(data.files, model.tokenizer, data.seq_len, data.max_examples, seed)
+    train_rows, eval_rows = (np.sort(rows) for rows in split_rows(len(tokenized), eval_fraction, seed))
+    ranking = token_ranking(tokenized.tokens[train_rows], tokenized.loss_mask[train_rows], always=model.cfg.eos_ids)
+    return tokenized, train_rows, eval_rows, ranking
+
+
+def predicting_positions(loss_mask: np.ndarray) -> np.ndarray:
+    """[N, T] bool: position t predicts an assistant token (the target at t + 1 is in the loss)."""
+    out = np.zeros(loss_mask.shape, bool)
+    out[:, :-1] = loss_mask[:, 1:] > 0
+    return out
+
+
+def length_batches(data: TokenizedData, batch_size: int, description: str,
+                   progress: bool = True) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Every sequence of `data` in batches of similar length, shortest first: (start, rows [b], tokens [batch_size, W]),
+    W the batch's longest length rounded up to a multiple of 64 (a pass costs what the real tokens cost), the last
+    batch padded with copies of its last row (one compiled shape per width)."""
+    from tqdm.auto import tqdm
+
+    order = np.argsort(data.lengths, kind="stable")
+    for start in tqdm(range(0, len(order), batch_size), desc=description, disable=not progress):
+        rows = order[start : start + batch_size]
+        tokens = data.tokens[rows, : min(data.tokens.shape[1], -(-int(data.lengths[rows].max()) // 64) * 64)]
+        yield start, rows, np.concatenate([tokens, np.repeat(tokens[-1:], batch_size - len(rows), axis=0)])
 
 
 def batch_indices(n: int, step: int, batch_size: int, seed: int = 0) -> np.ndarray:

@@ -23,23 +23,33 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from eej.train.trainers import TrainError, check_options, option
+
 LossFn = Callable[[Any, Any, dict], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    warmup_steps: int = 50
+    """The optimisation and its checkpoints (fields declared with `option`: every trainer's options).
+    seed: the data's shuffle, split and batch order, and the add-on's initial weights."""
+
+    steps: int = option(1000, at_least=1, integer=True)
+    batch_size: int = option(8, at_least=1, integer=True)
+    learning_rate: float = option(1e-3, flag="lr")
+    warmup_steps: int = option(50, flag="warmup")
+    stop_at: int | None = option(None, "end at this step, with the learning-rate schedule of --steps (a shortened run; resumable)")
+    checkpoint_every_s: float = option(300.0, "seconds between checkpoints", flag="checkpoint-every")
+    seed: int = option(0)
     weight_decay: float = 0.0
     b1: float = 0.9
     b2: float = 0.95
     grad_clip: float = 1.0
-    checkpoint_every_s: float = 300.0
     log_every: int = 10
-    seed: int = 0
-    stop_at: int | None = None  # end at this step of the `steps`-long schedule (a shortened run)
+
+    def __post_init__(self) -> None:
+        check_options(self, "training")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise TrainError(f"training stop_at must be in [1, steps={self.steps}], got {self.stop_at}")
 
     def optimizer(self) -> optax.GradientTransformation:
         """AdamW with linear warmup then cosine decay to 10%, after global-norm clipping."""
@@ -132,6 +142,27 @@ def _save(manager, step: int, params: Any, opt_state: Any) -> None:
     manager.wait_until_finished()
 
 
+def evaluate(loss_fn: LossFn, params: Any, frozen: Any, batch_for: Callable[[np.ndarray, int, np.random.Generator], dict],
+             predicting: np.ndarray, rows: np.ndarray, batch_size: int) -> dict[str, float]:
+    """Held-out metrics: the loss and `loss_fn`'s metrics averaged over every predicting position of `rows`.
+
+    predicting: [N, T] bool; `batch_for(rows, positions, rng)` makes the batch of sequences `rows` with
+    `positions` predicting positions (all of them here, zero-weighted padding beyond).
+    """
+    step = jax.jit(loss_fn)
+    chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    size = max(1, max(int(predicting[c].sum()) for c in chunks))  # one compiled shape: every position counted
+    totals: dict[str, float] = {}
+    weight = 0.0
+    for chunk in chunks:
+        n = int(predicting[chunk].sum())
+        loss, metrics = step(params, frozen, batch_for(chunk, size, np.random.default_rng(0)))
+        for k, v in {"loss": loss, **metrics}.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * n
+        weight += n
+    return {k: round(v / max(weight, 1.0), 5) for k, v in totals.items()}
+
+
 def read_log(out_dir: str) -> list[dict]:
     """The metrics lines a training run wrote."""
     path = os.path.join(out_dir, "train_log.jsonl")
@@ -145,7 +176,3 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean of `values` where `mask` is 1 (any shape; mask broadcastable)."""
     mask = jnp.broadcast_to(mask, values.shape).astype(values.dtype)
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def to_numpy_tree(tree: Any) -> Any:
-    return jax.tree.map(np.asarray, tree)

@@ -3,7 +3,7 @@
     eej train m2r2 --model smollm2-135m --data runs/self_distill.jsonl --out runs/m2r2 \
         --fast-layers 6 --rate 5 --steps 400
 
-The frozen model runs once over the data (the teacher pass, `eej.train.kangaroo.teacher_cache`):
+The frozen model runs once over the data (the teacher pass, `eej.train.teacher.teacher_cache`):
 the slow residuals entering fast layers 1..K-1 (their K/V is what the fast stream reads: shared
 KV), the slow residuals at the target depths tau(k) = round(R k), and the final layer's state and
 log-normaliser. Each step runs the fast stream over whole sequences with teacher-forced shared KV:
@@ -18,38 +18,50 @@ where p is the frozen model's next-token distribution and q_k the fast predictio
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
 import json
 import os
-import shlex
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eej.cli.parser import CliError
-from eej.cli.train import register_trainer
-from eej.train.data import sample_positions
+from eej.decoding.m2r2 import arla_logits, init_arla, target_depth
+from eej.model.lora import init_lora, merge_lora, parse_targets
+from eej.model.transformer import embed, linear, mlp, qkv, rms_norm, unstack_layers
+from eej.train.data import DataOptions, batch_indices, predicting_positions, prepare_data
+from eej.train.loop import TrainConfig, evaluate, train
+from eej.train.teacher import data_fingerprint, distillation_head, teacher_batch, teacher_cache
+from eej.train.trainers import Trained, TrainError, check_options, option, register_trainer, save_trained
+from eej.weights.registry import Model
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fast-layers", type=int, default=6, help="K: the fast stream runs the first K layers with adapters")
-    p.add_argument("--rate", type=float, default=5.0, help="R: fast layer k is aligned to slow depth min(round(R k), N)")
-    p.add_argument("--rank", type=int, default=16, help="accelerator adapter (LoRA) rank")
-    p.add_argument("--targets", default=None, help="adapted projections, comma-separated (default: all of "
-                   "wq,wk,wv,wo,w_gate,w_up,w_down; wq,wk,wv,wo on a mixture-of-experts model)")
-    p.add_argument("--draft-vocab", type=int, default=8192, help="V': distillation over the most frequent answer tokens (0 = all)")
-    p.add_argument("--positions", type=int, default=512, help="predicting positions per batch whose distributions are matched")
-    p.add_argument("--align-weight", type=float, default=1.0)
-    p.add_argument("--mid-weight", type=float, default=0.5, help="weight of the distillation at fast layers k < K")
-    p.add_argument("--arla-weight", type=float, default=1.0)
-    p.add_argument("--arla-dim", type=int, default=32)
-    p.add_argument("--teacher-cache", default=None, help="directory of cached frozen-model states (default OUT/teacher)")
-    p.add_argument("--teacher-batch-size", type=int, default=8)
-    p.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of the data for the final report")
-    p.add_argument("--artifact", default=None, help="artifact path (default OUT/m2r2.npz)")
+@dataclasses.dataclass(frozen=True)
+class M2R2Training:
+    """`eej train m2r2`'s options (see the module docstring)."""
+
+    fast_layers: int = option(6, "K: the fast stream runs the first K layers with adapters", at_least=1, integer=True)
+    rate: float = option(5.0, "R: fast layer k is aligned to slow depth min(round(R k), N)", at_least=1.0)
+    rank: int = option(16, "accelerator adapter (LoRA) rank", at_least=1, integer=True)
+    targets: str | None = option(None, "adapted projections, comma-separated (default: all of "
+                                 "wq,wk,wv,wo,w_gate,w_up,w_down; wq,wk,wv,wo on a mixture-of-experts model)")
+    draft_vocab: int = option(8192, "V': distillation over the most frequent answer tokens (0 = all)", at_least=0, integer=True)
+    positions: int = option(512, "predicting positions per batch whose distributions are matched", at_least=1, integer=True)
+    align_weight: float = option(1.0)
+    mid_weight: float = option(0.5, "weight of the distillation at fast layers k < K")
+    arla_weight: float = option(1.0)
+    arla_dim: int = option(32, at_least=1, integer=True)
+    teacher_cache: str | None = option(None, "directory of cached frozen-model states (default OUT/teacher)")
+    teacher_batch_size: int = option(8, at_least=1, integer=True)
+    eval_fraction: float = option(0.05, "held-out share of the data for the final report")
+    artifact: str | None = option(None, "artifact path (default OUT/m2r2.npz)")
+
+    def __post_init__(self) -> None:
+        check_options(self, "m2r2")
+        if not 0 <= self.eval_fraction < 1:
+            raise TrainError(f"m2r2 eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
 
 # ----------------------------------------------------------------------------- the fast stream, teacher-forced
@@ -62,8 +74,6 @@ def shared_kv_block(fast_layer: dict, base_layer: dict, x: jax.Array, slow_in: j
     base layer. Token t attends to the slow keys/values (base weights on slow_in) of positions < t
     and to its own fast key/value (adapted weights on x). Returns the fast residual after the layer.
     """
-    from eej.model.transformer import linear, mlp, qkv
-
     b, t, _ = x.shape
     hkv, g, dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
     q, k_fast, v_fast = qkv(fast_layer, x, positions, cfg)
@@ -93,40 +103,12 @@ def fast_stream_teacher_forced(fast_layers, base_layers, x0: jax.Array, slow_inp
     return out
 
 
-# ----------------------------------------------------------------------------- batches and loss
-
-
-def teacher_depths(num_fast: int, rate: float, num_layers: int) -> tuple[list[int], list[int]]:
-    """(slow depths whose K/V the fast stream reads: 1..K-1, target depths tau(1..K))."""
-    from eej.decoding.m2r2 import target_depth
-
-    return list(range(1, num_fast)), [target_depth(k, rate, num_layers) for k in range(1, num_fast + 1)]
-
-
-def make_batch(data, teacher: dict, predicting: np.ndarray, rows: np.ndarray, kv_depths, targets, final_layer: int,
-               num_positions: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Whole sequences `rows` (tokens, slow states, real-token mask) and `num_positions` predicting
-    positions (sampled if more, zero-weighted padding if fewer) with their teacher distributions."""
-    rows = np.asarray(rows)
-    b_idx, t_idx, real = sample_positions(predicting[rows], num_positions, rng)
-    weight = (np.arange(num_positions) < real).astype(np.float32)
-    t = data.tokens.shape[1]
-    real = (np.arange(t)[None] < data.lengths[rows][:, None]).astype(np.float32)
-    out = {"tokens": data.tokens[rows], "real": real, "b": b_idx, "t": t_idx, "weight": weight}
-    for d in sorted(set(kv_depths) | set(targets)):
-        out[f"h{d}"] = np.asarray(teacher[f"h{d}"][rows])
-    out["h_final"] = np.asarray(teacher[f"h{final_layer}"][rows])[b_idx, t_idx]
-    out["lse"] = np.asarray(teacher["lse"][rows])[b_idx, t_idx]
-    return out
+# ----------------------------------------------------------------------------- loss
 
 
 def m2r2_loss(trainable, frozen, batch, *, cfg, num_fast: int, targets, lora_scale: float,
               align_weight: float, mid_weight: float, arla_weight: float):
     """The training loss (module docstring); metrics: acceptance/top-1 of the K-layer draft, ARLA accuracy."""
-    from eej.decoding.m2r2 import arla_logits
-    from eej.model.lora import merge_lora
-    from eej.model.transformer import embed, linear, rms_norm
-
     base = frozen["layers"]
     fast = merge_lora({"layers": base}, trainable["lora"], lora_scale)["layers"]
     tokens = batch["tokens"]
@@ -172,100 +154,62 @@ def m2r2_loss(trainable, frozen, batch, *, cfg, num_fast: int, targets, lora_sca
     return loss, metrics
 
 
-# ----------------------------------------------------------------------------- the command
+# ----------------------------------------------------------------------------- training
 
 
-def run(args: argparse.Namespace) -> int:
-    from eej.decoding.m2r2 import init_arla
-    from eej.model.lora import init_lora, parse_targets
-    from eej.model.transformer import unstack_layers
-    from eej.weights.artifacts import save_artifact
-    from eej.cli.train import train_config_from_args
-    from eej.train.data import batch_indices
-    from eej.train.kangaroo import data_fingerprint, predicting_positions, prepare_data, teacher_cache
-    from eej.train.loop import train
-    from eej.weights.registry import load_model
-
-    model = load_model(args.model)
+def train_m2r2(model: Model, data: DataOptions, out_dir: str, options: M2R2Training, run: TrainConfig,
+               progress: bool = True) -> Trained:
+    """Train M2R2's fast stream (accelerator LoRA, its norm, ARLA) for `model` on `data`; writes the artifact."""
     cfg = model.cfg
-    if not 1 <= args.fast_layers <= cfg.num_layers:
-        raise CliError(f"--fast-layers must be in [1, {cfg.num_layers}] for {cfg.name}, got {args.fast_layers}")
-    if args.rate < 1.0:
-        raise CliError(f"--rate must be >= 1 (the fast stream runs ahead, not behind), got {args.rate}")
+    num_fast, lora_scale = options.fast_layers, 1.0
+    if num_fast > cfg.num_layers:
+        raise TrainError(f"m2r2 fast_layers must be in [1, {cfg.num_layers}] for {cfg.name}, got {num_fast}")
     try:
-        targets_proj = parse_targets(cfg, args.targets)
+        targets_proj = parse_targets(cfg, options.targets)
     except ValueError as e:
-        raise CliError(f"--targets: {e}") from None
-    if args.rank < 1 or args.positions < 1 or args.draft_vocab < 0 or not 0 <= args.eval_fraction < 1:
-        raise CliError("--rank and --positions must be >= 1, --draft-vocab >= 0 and --eval-fraction in [0, 1)")
-    config = train_config_from_args(args)
-    num_fast = args.fast_layers
-    lora_scale = 1.0
+        raise TrainError(f"m2r2 targets: {e}") from None
 
-    data, train_rows, eval_rows, ranking = prepare_data(model, args)
-    vocab = ranking[: args.draft_vocab] if args.draft_vocab else None
-    kv_depths, targets = teacher_depths(num_fast, args.rate, cfg.num_layers)
-    teacher = teacher_cache(
-        model, data, sorted(set(kv_depths) | set(targets)), args.teacher_cache or os.path.join(args.out, "teacher"),
-        args.teacher_batch_size, data_fingerprint(model, data, args), progress=not args.no_progress,
-    )
-    predicting = predicting_positions(data.loss_mask)
-    head = model.params["lm_head"] if vocab is None else jnp.take(model.params["lm_head"], jnp.asarray(vocab), axis=1)
+    tokenized, train_rows, eval_rows, ranking = prepare_data(model, data, options.eval_fraction, run.seed)
+    head, vocab_size = distillation_head(model, ranking, options.draft_vocab)
+    targets = [target_depth(k, options.rate, cfg.num_layers) for k in range(1, num_fast + 1)]  # tau(1..K)
+    depths = sorted(set(range(1, num_fast)) | set(targets))  # and the slow states whose K/V the fast stream reads
+    teacher = teacher_cache(model, tokenized, depths, options.teacher_cache or os.path.join(out_dir, "teacher"),
+                            options.teacher_batch_size, data_fingerprint(model, data, run.seed, len(tokenized)), progress)
+    predicting = predicting_positions(tokenized.loss_mask)
     frozen = {"layers": tuple(unstack_layers(model.params["layers"])[:num_fast]), "embed": model.params["embed"],
               "head": head, "final_norm": model.params["final_norm"]}
     init = {
-        "lora": init_lora(jax.random.PRNGKey(args.seed), cfg, args.rank, targets_proj, num_layers=num_fast),
+        "lora": init_lora(jax.random.PRNGKey(run.seed), cfg, options.rank, targets_proj, num_layers=num_fast),
         "norm": jnp.asarray(model.params["final_norm"], jnp.float32),
-        "arla": jax.tree.map(jnp.asarray, init_arla(cfg, num_fast, dim=args.arla_dim, hidden=2 * args.arla_dim, seed=args.seed)),
+        "arla": jax.tree.map(jnp.asarray, init_arla(cfg, num_fast, dim=options.arla_dim, hidden=2 * options.arla_dim, seed=run.seed)),
     }
 
-    def batch_for(rows, n_positions, rng):
-        return make_batch(data, teacher, predicting, rows, kv_depths, targets, cfg.num_layers, n_positions, rng)
+    def batch_for(rows: np.ndarray, positions: int, rng: np.random.Generator) -> dict:
+        """`teacher_batch` with the sequences' tokens [B, T] and real-token mask [B, T]."""
+        real = (np.arange(tokenized.tokens.shape[1])[None] < tokenized.lengths[rows][:, None]).astype(np.float32)
+        batch = teacher_batch(teacher, predicting, rows, depths, cfg.num_layers, positions, rng)
+        return {**batch, "tokens": tokenized.tokens[rows], "real": real}
 
     def batch_fn(step: int) -> dict:
-        rows = np.sort(train_rows[batch_indices(len(train_rows), step, config.batch_size, args.seed)])
-        return batch_for(rows, args.positions, np.random.default_rng([args.seed, step]))
+        rows = np.sort(train_rows[batch_indices(len(train_rows), step, run.batch_size, run.seed)])
+        return batch_for(rows, options.positions, np.random.default_rng([run.seed, step]))
 
     loss_fn = functools.partial(
         m2r2_loss, cfg=cfg, num_fast=num_fast, targets=tuple(targets), lora_scale=lora_scale,
-        align_weight=args.align_weight, mid_weight=args.mid_weight, arla_weight=args.arla_weight,
+        align_weight=options.align_weight, mid_weight=options.mid_weight, arla_weight=options.arla_weight,
     )
-    trained = train(loss_fn, init, frozen, batch_fn, config, args.out, description=f"m2r2 K={num_fast} R={args.rate:g}",
-                    progress=not args.no_progress)
-    held_out = evaluate(loss_fn, trained, frozen, batch_for, predicting, eval_rows, args.batch_size) if len(eval_rows) else {}
+    trained = train(loss_fn, init, frozen, batch_fn, run, out_dir, description=f"m2r2 K={num_fast} R={options.rate:g}",
+                    progress=progress)
+    held_out = evaluate(loss_fn, trained, frozen, batch_for, predicting, eval_rows, run.batch_size) if len(eval_rows) else {}
     if held_out:
         print(f"held-out: {json.dumps(held_out)}", file=sys.stderr)
-
-    artifact = args.artifact or os.path.join(args.out, "m2r2.npz")
-    argv = sys.argv[1:]
-    argv = argv[argv.index("m2r2") + 1 :] if "m2r2" in argv else argv
-    save_artifact(
-        artifact, {**jax.tree.map(np.asarray, trained), "vocab_rank": ranking}, "m2r2", cfg,
-        settings={"fast_layers": num_fast, "rate": args.rate, "rank": args.rank, "lora_scale": lora_scale,
-                  "targets": list(targets_proj), "target_depths": targets, "draft_vocab": int(len(vocab)) if vocab is not None else 0},
-        reproduce="eej train m2r2 " + " ".join(shlex.quote(a) for a in argv), held_out=held_out,
-        train={"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-               "sequences": int(len(train_rows)), "data": [os.path.basename(p) for p in args.data]},
+    return save_trained(
+        options.artifact or os.path.join(out_dir, "m2r2.npz"), {**jax.tree.map(np.asarray, trained), "vocab_rank": ranking},
+        "m2r2", model, data, out_dir, options, run,
+        settings={"fast_layers": num_fast, "rate": options.rate, "rank": options.rank, "lora_scale": lora_scale,
+                  "targets": list(targets_proj), "target_depths": targets, "draft_vocab": vocab_size},
+        held_out=held_out, record={"sequences": int(len(train_rows))},
     )
-    print(f"wrote {artifact}", file=sys.stderr)
-    return 0
 
 
-def evaluate(loss_fn, trained, frozen, batch_for, predicting, rows, batch_size: int) -> dict[str, float]:
-    """Metrics averaged over every predicting position of `rows`."""
-    step = jax.jit(loss_fn)
-    chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    size = max(1, max(int(predicting[c].sum()) for c in chunks))
-    totals: dict[str, float] = {}
-    weight = 0.0
-    for chunk in chunks:
-        n = int(predicting[chunk].sum())
-        batch = batch_for(chunk, size, np.random.default_rng(0))
-        loss, metrics = step(trained, frozen, batch)
-        for k, v in {"loss": loss, **metrics}.items():
-            totals[k] = totals.get(k, 0.0) + float(v) * n
-        weight += n
-    return {k: round(v / max(weight, 1.0), 5) for k, v in totals.items()}
-
-
-register_trainer("m2r2", add_arguments, run)
+register_trainer("m2r2", options=M2R2Training, train=train_m2r2)

@@ -12,27 +12,37 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from eej.cli.parser import CliError
-from eej.cli.train import register_trainer, train_config_from_args
+from eej.experts.moefy import METHOD, activations, check_split, expert_scores, host_layers, mlp_inputs, moefy_model, partition_layer
+from eej.train.data import DataOptions, TokenizedData, load_training_data, split
+from eej.train.loop import TrainConfig, train
+from eej.train.teacher import teacher_argmax
+from eej.train.trainers import Trained, TrainError, check_options, option, parse_numbers, register_trainer, save_trained
+from eej.weights.registry import Model
 
-DEFAULT_SWEEP = "1,2,3,4,6,8,12,16"
 
+@dataclasses.dataclass(frozen=True)
+class MoefyTraining:
+    """`eej train moefy`'s options (see the module docstring)."""
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experts", type=int, default=16, help="experts per layer E (must divide the FFN width)")
-    p.add_argument("--top-k", type=int, default=4, help="experts per token k: the labels' k and the shipped default")
-    p.add_argument("--router-tokens", type=int, default=16384, help="training tokens for the routers")
-    p.add_argument("--cluster-tokens", type=int, default=4096, help="tokens whose activations drive the clustering")
-    p.add_argument("--eval-fraction", type=float, default=0.1)
-    p.add_argument("--sweep", default=DEFAULT_SWEEP, help="comma-separated k values for the held-out agreement report")
-    p.add_argument("--artifact", default=None, help="where to write the artifact (default OUT/moefy.npz)")
+    experts: int = option(16, "experts per layer E (must divide the FFN width)")
+    top_k: int = option(4, "experts per token k: the labels' k and the shipped default")
+    router_tokens: int = option(16384, "training tokens for the routers", at_least=1, integer=True)
+    cluster_tokens: int = option(4096, "tokens whose activations drive the clustering", at_least=1, integer=True)
+    eval_fraction: float = option(0.1)
+    sweep: str = option("1,2,3,4,6,8,12,16", "comma-separated k values for the held-out agreement report")
+    artifact: str | None = option(None, "where to write the artifact (default OUT/moefy.npz)")
+
+    def __post_init__(self) -> None:
+        check_options(self, "moefy")
 
 
 def _token_rows(data, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -43,12 +53,9 @@ def _token_rows(data, count: int, rng: np.random.Generator) -> tuple[np.ndarray,
     return seq[pick], pos[pick]
 
 
-def collect_mlp_inputs(model, tokens: np.ndarray, seqs: np.ndarray, positions: np.ndarray, batch_size: int, progress: bool) -> np.ndarray:
+def collect_mlp_inputs(model: Model, tokens: np.ndarray, seqs: np.ndarray, positions: np.ndarray, batch_size: int, progress: bool) -> np.ndarray:
     """h_l at the chosen (sequence, position) pairs: -> [L, N, D] float32."""
-    import jax.numpy as jnp
     from tqdm.auto import tqdm
-
-    from eej.experts.moefy import mlp_inputs
 
     cfg = model.cfg
     needed = np.unique(seqs)
@@ -66,12 +73,8 @@ def collect_mlp_inputs(model, tokens: np.ndarray, seqs: np.ndarray, positions: n
     return out
 
 
-def agreement_sweep(dense, moe_model, data, ks: list[int]) -> dict[str, float]:
+def agreement_sweep(dense: Model, moe_model: Model, data: TokenizedData, ks: list[int]) -> dict[str, float]:
     """Teacher-forced top-1 agreement of the MoE model with the dense model on `data`'s real tokens, per k."""
-    import jax.numpy as jnp
-
-    from eej.bench.fidelity import teacher_argmax
-
     tokens = jnp.asarray(data.tokens)
     mask = np.arange(data.tokens.shape[1])[None, :] < data.lengths[:, None]
     ref = np.concatenate([np.asarray(teacher_argmax(dense.params, tokens[i : i + 8], dense.cfg)) for i in range(0, len(tokens), 8)])
@@ -83,54 +86,39 @@ def agreement_sweep(dense, moe_model, data, ks: list[int]) -> dict[str, float]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    import jax
-    import jax.numpy as jnp
-
-    from eej.experts.moefy import METHOD, MoefyError, check_split, expert_scores, host_layers, moefy_model, partition_layer, activations
-    from eej.weights.artifacts import save_artifact
-    from eej.train.data import load_training_data, split
-    from eej.train.loop import train
-    from eej.weights.registry import load_model
-
-    model = load_model(args.model)
+def train_moefy(model: Model, data: DataOptions, out_dir: str, options: MoefyTraining, run: TrainConfig,
+                progress: bool = True) -> Trained:
+    """Split `model`'s FFNs into experts, train a router per layer and report held-out agreement; writes the artifact."""
     cfg = model.cfg
-    try:
-        width = check_split(cfg, args.experts, args.top_k)
-    except MoefyError as e:
-        raise CliError(str(e)) from e
-    sweep = sorted({int(k) for k in args.sweep.split(",") if k.strip()} | {args.top_k})
-    if not all(1 <= k <= args.experts for k in sweep):
-        raise CliError(f"--sweep values must be in [1, {args.experts}]")
-    for path in args.data:
-        if not os.path.isfile(path):
-            raise CliError(f"training data not found: {path}")
-    progress = not args.no_progress
-    data = load_training_data(args.data, model.tokenizer, args.seq_len, args.max_examples, args.seed)
-    train_data, held = split(data, args.eval_fraction, args.seed)
-    rng = np.random.default_rng(args.seed)
-    seqs, pos = _token_rows(train_data, args.router_tokens, rng)
+    width = check_split(cfg, options.experts, options.top_k)
+    sweep = sorted(set(parse_numbers(options.sweep, int, "moefy sweep")) | {options.top_k})
+    if not all(1 <= k <= options.experts for k in sweep):
+        raise TrainError(f"moefy sweep values must be in [1, {options.experts}]")
+    tokenized = load_training_data(data.files, model.tokenizer, data.seq_len, data.max_examples, run.seed)
+    train_data, held = split(tokenized, options.eval_fraction, run.seed)
+    rng = np.random.default_rng(run.seed)
+    seqs, pos = _token_rows(train_data, options.router_tokens, rng)
     h = collect_mlp_inputs(model, train_data.tokens, seqs, pos, 8, progress)  # [L, N, D]
-    hseqs, hpos = _token_rows(held, max(1024, args.router_tokens // 8), rng)
+    hseqs, hpos = _token_rows(held, max(1024, options.router_tokens // 8), rng)
     h_held = collect_mlp_inputs(model, held.tokens, hseqs, hpos, 8, progress)
 
     dense = host_layers(model)
     started = time.time()
-    partition = np.zeros((cfg.num_layers, args.experts, width), np.int32)
-    labels = np.zeros((cfg.num_layers, h.shape[1], args.experts), np.float32)
-    labels_held = np.zeros((cfg.num_layers, h_held.shape[1], args.experts), np.float32)
+    partition = np.zeros((cfg.num_layers, options.experts, width), np.int32)
+    labels = np.zeros((cfg.num_layers, h.shape[1], options.experts), np.float32)
+    labels_held = np.zeros((cfg.num_layers, h_held.shape[1], options.experts), np.float32)
     for layer in range(cfg.num_layers):
         wg, wu, wd = (jnp.asarray(dense[n][layer]) for n in ("w_gate", "w_up", "w_down"))
-        mags = np.abs(np.asarray(activations(wg, wu, jnp.asarray(h[layer, : args.cluster_tokens]))))
-        partition[layer] = partition_layer(mags, args.experts, seed=args.seed + layer)
+        mags = np.abs(np.asarray(activations(wg, wu, jnp.asarray(h[layer, : options.cluster_tokens]))))
+        partition[layer] = partition_layer(mags, options.experts, seed=run.seed + layer)
         for hs, lab in ((h, labels), (h_held, labels_held)):
             scores = np.asarray(expert_scores(wg, wu, wd, jnp.asarray(partition[layer]), jnp.asarray(hs[layer])))
-            top = np.argsort(-scores, axis=1)[:, : args.top_k]
+            top = np.argsort(-scores, axis=1)[:, : options.top_k]
             np.put_along_axis(lab[layer], top, 1.0, axis=1)
-    print(f"partitioned {cfg.num_layers} layers into {args.experts} experts of {width} neurons in {time.time() - started:.0f} s",
+    print(f"partitioned {cfg.num_layers} layers into {options.experts} experts of {width} neurons in {time.time() - started:.0f} s",
           file=sys.stderr)
 
-    k = args.top_k
+    k = options.top_k
     frozen = {"h": jnp.asarray(h), "labels": jnp.asarray(labels)}
 
     def recall_at_k(logits, lab):
@@ -145,14 +133,12 @@ def run(args: argparse.Namespace) -> int:
         return bce, {"recall": recall_at_k(logits, lb)}
 
     n = h.shape[1]
-    batch_size = args.batch_size
 
     def batch_fn(step: int) -> dict:
-        return {"rows": jnp.asarray(np.random.default_rng((args.seed, step)).choice(n, batch_size, replace=False))}
+        return {"rows": jnp.asarray(np.random.default_rng((run.seed, step)).choice(n, run.batch_size, replace=False))}
 
-    init = {"router": jnp.asarray(np.random.default_rng(args.seed).standard_normal((cfg.num_layers, cfg.hidden_size, args.experts)).astype(np.float32) * 0.01)}
-    params = train(loss_fn, init, frozen, batch_fn, train_config_from_args(args), args.out, description=f"moefy E={args.experts} k={k}",
-                   progress=progress)
+    init = {"router": jnp.asarray(np.random.default_rng(run.seed).standard_normal((cfg.num_layers, cfg.hidden_size, options.experts)).astype(np.float32) * 0.01)}
+    params = train(loss_fn, init, frozen, batch_fn, run, out_dir, description=f"moefy E={options.experts} k={k}", progress=progress)
     router = np.asarray(params["router"], np.float32)
 
     held_logits = np.einsum("lnd,lde->lne", h_held, router)
@@ -164,20 +150,14 @@ def run(args: argparse.Namespace) -> int:
     held_out = {"router_recall_at_k": round(float(recall.mean()), 5),
                 "router_recall_per_layer": [round(float(r), 4) for r in recall],
                 "top1_agreement_by_k": agreement, "sequences": int(len(eval_rows.tokens))}
-    artifact = args.artifact or os.path.join(args.out, "moefy.npz")
-    reproduce = "eej train moefy " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["train", "moefy"] else None
-    save_artifact(
-        artifact, {"partition": partition, "router": router}, METHOD, cfg,
-        settings={"num_experts": args.experts, "expert_width": width, "experts_per_token": k, "weighting": "unit"},
-        held_out=held_out, reproduce=reproduce,
-        train={"steps": args.steps, "batch_size": batch_size, "lr": args.lr, "router_tokens": int(n),
-               "cluster_tokens": args.cluster_tokens, "seq_len": args.seq_len,
-               "data": [os.path.basename(p) for p in args.data]},
-    )
     print(f"router recall@{k}: {held_out['router_recall_at_k']:.3f}; teacher-forced top-1 agreement with the dense model "
           f"by k: {agreement}", file=sys.stderr)
-    print(f"wrote {artifact}", file=sys.stderr)
-    return 0
+    return save_trained(
+        options.artifact or os.path.join(out_dir, "moefy.npz"), {"partition": partition, "router": router}, METHOD, model, data,
+        out_dir, options, run,
+        settings={"num_experts": options.experts, "expert_width": width, "experts_per_token": k, "weighting": "unit"},
+        held_out=held_out, record={"router_tokens": int(n), "cluster_tokens": options.cluster_tokens},
+    )
 
 
-register_trainer("moefy", add_arguments, run)
+register_trainer("moefy", options=MoefyTraining, train=train_moefy)

@@ -20,15 +20,15 @@ Loss on assistant targets: KL(full model || skip model) of the next-token distri
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
 import os
-import shlex
 import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from eej.config import ModelConfig
@@ -36,8 +36,35 @@ from eej.decoding.skipdecode import SkipDecodeSettings, SkipSchedule
 from eej.model.cache import init_cache
 from eej.model.lora import init_lora, merge_lora, parse_targets
 from eej.model.transformer import Params, block, canonical_layout, embed, logits_from_hidden, stack_layers
+from eej.settings import from_settings, method_settings
+from eej.train.data import DataOptions, batch_at, load_training_data
+from eej.train.loop import TrainConfig, masked_mean, read_log, train
 from eej.train.teacher import hidden_states
-from eej.train.loop import masked_mean
+from eej.train.trainers import Trained, TrainError, check_options, option, register_trainer, save_trained
+from eej.weights.registry import Model
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipDecodeTraining:
+    """`eej train skipdecode`'s options (see the module docstring)."""
+
+    budget: str = option(help="a skipdecode preset of the model's config (2x, 3x, ...) or a settings FILE.yaml")
+    rank: int = option(8, "LoRA rank", at_least=1, integer=True)
+    alpha: float = option(16.0, "LoRA scale = alpha / rank")
+    targets: str | None = option(None, "comma-separated projections to adapt (default: all of "
+                                 "wq,wk,wv,wo,w_gate,w_up,w_down; wq,wk,wv,wo on a mixture-of-experts model)")
+    full_finetune: bool = option(False, "train the adapted layers' weights instead of LoRA")
+    adapt_layers: str = option(
+        "top", "top: the layers generated tokens run above the warm-up (cheaper: the frozen bottom is shared with "
+        "the teacher pass); all: every layer", choices=("top", "all"),
+    )
+    response_len: int = option(128, "score the first N assistant tokens of each sequence", at_least=1, integer=True)
+    ce_weight: float = option(0.0, "weight of cross-entropy on the reference responses")
+    no_remat: bool = option(False, "keep activations instead of recomputing them (more memory)")
+    artifact: str | None = option(None, "where to write the trained artifact (default: OUT/skipdecode-BUDGET.npz)")
+
+    def __post_init__(self) -> None:
+        check_options(self, "skipdecode")
 
 
 def prompt_lengths(loss_mask: jax.Array) -> jax.Array:
@@ -165,132 +192,61 @@ def distillation_loss(
     return kl + ce_weight * ce, {"kl": kl, "ce": ce, "agree": agree}
 
 
-# ----------------------------------------------------------------------------- eej train skipdecode
+# ----------------------------------------------------------------------------- training
 
 
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--budget", required=True, help="a skipdecode preset of the model's config (2x, 3x, ...) or a settings FILE.yaml")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA scale = alpha / rank")
-    p.add_argument("--targets", default=None, help="comma-separated projections to adapt (default: all of "
-                   "wq,wk,wv,wo,w_gate,w_up,w_down; wq,wk,wv,wo on a mixture-of-experts model)")
-    p.add_argument("--full-finetune", action="store_true", help="train the adapted layers' weights instead of LoRA")
-    p.add_argument(
-        "--adapt-layers", default="top", choices=["top", "all"],
-        help="top: the layers generated tokens run above the warm-up (cheaper: the frozen bottom is shared with "
-        "the teacher pass); all: every layer",
-    )
-    p.add_argument("--response-len", type=int, default=128, help="score the first N assistant tokens of each sequence")
-    p.add_argument("--ce-weight", type=float, default=0.0, help="weight of cross-entropy on the reference responses")
-    p.add_argument("--no-remat", action="store_true", help="keep activations instead of recomputing them (more memory)")
-    p.add_argument("--artifact", default=None, help="where to write the trained artifact (default: OUT/skipdecode-BUDGET.npz)")
-
-
-def _run(args: argparse.Namespace) -> int:
-    from eej.cli.parser import CliError
-    from eej.settings import PresetError, from_settings, method_settings
-    from eej.weights.artifacts import save_artifact
-    from eej.cli.train import train_config_from_args
-    from eej.train.data import DataError, batch_at, load_training_data
-    from eej.train.loop import read_log, to_numpy_tree, train
-    from eej.weights.registry import load_model
-
-    if args.rank < 1:
-        raise CliError(f"--rank must be >= 1, got {args.rank}")
-    model = load_model(args.model, layout="stacked")
+def train_skipdecode(model: Model, data: DataOptions, out_dir: str, options: SkipDecodeTraining, run: TrainConfig,
+                     progress: bool = True) -> Trained:
+    """Fine-tune `model` (LoRA or all weights) under the skip schedule of `options.budget`; writes the artifact."""
     cfg = model.cfg
     try:
-        targets = parse_targets(cfg, args.targets)
-        settings = from_settings(SkipDecodeSettings, method_settings(model.name, "skipdecode", args.budget), "skipdecode settings")
-        schedule = settings.schedule()
-        schedule.check_model(cfg.num_layers)
-    except (PresetError, ValueError) as e:
-        raise CliError(str(e)) from None
-    try:
-        data = load_training_data(args.data, model.tokenizer, args.seq_len, args.max_examples, seed=args.seed)
-    except DataError as e:
-        raise CliError(str(e)) from None
+        targets = parse_targets(cfg, options.targets)
+    except ValueError as e:
+        raise TrainError(f"skipdecode targets: {e}") from None
+    settings = from_settings(SkipDecodeSettings, method_settings(model.name, "skipdecode", options.budget), "skipdecode settings")
+    schedule = settings.schedule()
+    schedule.check_model(cfg.num_layers)
+    tokenized = load_training_data(data.files, model.tokenizer, data.seq_len, data.max_examples, seed=run.seed)
 
-    if args.response_len < 1:
-        raise CliError(f"--response-len must be >= 1, got {args.response_len}")
-    scale = args.alpha / args.rank
-    first = first_adapted_layer(schedule, cfg.num_layers, args.adapt_layers)
-    if args.full_finetune:
-        init: dict[str, Any] = {"layers": jax.tree.map(lambda a: jnp.asarray(a[first:]), model.params["layers"])}
+    scale = options.alpha / options.rank
+    params = canonical_layout(model.params)
+    first = first_adapted_layer(schedule, cfg.num_layers, options.adapt_layers)
+    if options.full_finetune:
+        init: dict[str, Any] = {"layers": jax.tree.map(lambda a: jnp.asarray(a[first:]), params["layers"])}
     else:
-        init = {"lora": init_lora(jax.random.PRNGKey(args.seed), cfg, args.rank, targets, num_layers=cfg.num_layers - first)}
+        init = {"lora": init_lora(jax.random.PRNGKey(run.seed), cfg, options.rank, targets, num_layers=cfg.num_layers - first)}
     loss_fn = functools.partial(
-        distillation_loss, cfg=cfg, schedule=schedule, first_layer=first, lora_scale=scale, ce_weight=args.ce_weight,
-        response_len=args.response_len, remat=not args.no_remat,
+        distillation_loss, cfg=cfg, schedule=schedule, first_layer=first, lora_scale=scale, ce_weight=options.ce_weight,
+        response_len=options.response_len, remat=not options.no_remat,
     )
-    config = train_config_from_args(args)
-    batch_fn = lambda step: batch_at(data, step, args.batch_size, seed=args.seed)  # noqa: E731
-    what = "full fine-tune" if args.full_finetune else f"LoRA rank {args.rank} on {', '.join(targets)}"
+    batch_fn = lambda step: batch_at(tokenized, step, run.batch_size, seed=run.seed)  # noqa: E731
+    what = "full fine-tune" if options.full_finetune else f"LoRA rank {options.rank} on {', '.join(targets)}"
     what += f" of layers {first}..{cfg.num_layers - 1}"
     print(
-        f"skipdecode {args.budget}: W={schedule.warmup_layers} n={schedule.max_layers}->{schedule.min_layers} over "
-        f"{len(schedule.layer_counts) - 1} tokens; {len(data)} sequences of <= {args.seq_len} tokens; "
-        f"{what}",
+        f"skipdecode {options.budget}: W={schedule.warmup_layers} n={schedule.max_layers}->{schedule.min_layers} over "
+        f"{len(schedule.layer_counts) - 1} tokens; {len(tokenized)} sequences of <= {data.seq_len} tokens; {what}",
         file=sys.stderr,
     )
-    trained = train(
-        loss_fn, init, {"params": canonical_layout(model.params)}, batch_fn, config, args.out,
-        description=f"skipdecode {args.budget}", progress=not args.no_progress,
-    )
-    log = read_log(args.out)
-    budget_name = os.path.basename(str(args.budget)).removesuffix(".yaml")
-    path = args.artifact or os.path.join(args.out, f"skipdecode-{budget_name}.npz")
-    save_artifact(
-        path,
-        to_numpy_tree(trained),
-        "skipdecode",
-        cfg,
+    trained = train(loss_fn, init, {"params": params}, batch_fn, run, out_dir, description=f"skipdecode {options.budget}",
+                    progress=progress)
+    log = read_log(out_dir)
+    budget_name = os.path.basename(str(options.budget)).removesuffix(".yaml")
+    return save_trained(
+        options.artifact or os.path.join(out_dir, f"skipdecode-{budget_name}.npz"), jax.tree.map(np.asarray, trained), "skipdecode",
+        model, data, out_dir, options, run,
         schedule={"warmup_layers": schedule.warmup_layers, "layer_counts": list(schedule.layer_counts)},
-        budget=budget_name,
-        first_layer=first,
-        lora_scale=scale,
-        lora_rank=None if args.full_finetune else args.rank,
+        budget=budget_name, first_layer=first, lora_scale=scale, lora_rank=None if options.full_finetune else options.rank,
         targets=list(targets),
-        train={
-            "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-            "ce_weight": args.ce_weight, "response_len": args.response_len, "sequences": len(data),
-            "final": log[-1] if log else None,
-        },
-        reproduce=reproduce_command(args),
+        record={"ce_weight": options.ce_weight, "response_len": options.response_len, "sequences": len(tokenized),
+                "final": log[-1] if log else None},
     )
-    print(f"wrote {path}", file=sys.stderr)
-    return 0
 
 
 def first_adapted_layer(schedule: SkipSchedule, num_layers: int, adapt: str) -> int:
     """The lowest trained layer: "all" -> 0; "top" -> the first layer a generated token runs above the warm-up."""
-    if adapt == "all":
-        return 0
-    if adapt == "top":
-        return schedule.band(num_layers)[0]
-    raise ValueError(f"adapt must be 'top' or 'all', got {adapt!r}")
+    if adapt not in ("top", "all"):
+        raise ValueError(f"adapt must be 'top' or 'all', got {adapt!r}")
+    return 0 if adapt == "all" else schedule.band(num_layers)[0]
 
 
-def reproduce_command(args: argparse.Namespace) -> str:
-    """The `eej train skipdecode` command line that repeats this run."""
-    parts = ["eej", "train", "skipdecode", "--model", args.model, "--budget", str(args.budget), "--data", *args.data]
-    options = [
-        ("--out", args.out), ("--steps", args.steps), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
-        ("--lr", args.lr), ("--warmup", args.warmup), ("--max-examples", args.max_examples), ("--seed", args.seed),
-        ("--rank", args.rank), ("--alpha", args.alpha), ("--targets", args.targets), ("--ce-weight", args.ce_weight),
-        ("--adapt-layers", args.adapt_layers), ("--response-len", args.response_len), ("--artifact", args.artifact),
-    ]
-    for flag, value in options:
-        if value is not None:
-            parts += [flag, str(value)]
-    parts += [flag for flag, on in (("--full-finetune", args.full_finetune), ("--no-remat", args.no_remat)) if on]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
-def _register() -> None:
-    from eej.cli.train import register_trainer
-
-    register_trainer("skipdecode", _add_arguments, _run)
-
-
-_register()
+register_trainer("skipdecode", options=SkipDecodeTraining, train=train_skipdecode)

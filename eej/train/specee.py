@@ -20,37 +20,54 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
 import json
 import os
-import shlex
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eej.cli.parser import CliError
-from eej.cli.train import register_trainer
-from eej.train.data import sample_positions
+from eej.decoding.specee import KangarooDrafter, drafter_digest, init_predictors, speculative_features, speculative_logits
+from eej.decoding.speculation import load_adapter
+from eej.model.transformer import final_norm, logits_from_hidden
+from eej.settings import resolve_path
+from eej.train.data import (DataOptions, TokenizedData, batch_indices, length_batches, load_training_data, predicting_positions,
+                            sample_positions, split_rows)
+from eej.train.loop import TrainConfig, train
+from eej.train.teacher import data_fingerprint, hidden_states
+from eej.train.trainers import Trained, TrainError, check_options, option, parse_numbers, register_trainer, save_trained
+from eej.weights.artifacts import load_artifact
+from eej.weights.registry import Model
 
 LABELS_FORMAT = 1
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--drafter", required=True, help="the Kangaroo artifact whose draft proposes the speculative tokens")
-    p.add_argument("--draft-vocab", type=int, default=None, help="the drafter's V' (default: what the Kangaroo artifact was trained with)")
-    p.add_argument("--candidates", type=int, default=4, help="k: speculative tokens per position")
-    p.add_argument("--hidden", type=int, default=512, help="the predictors' hidden width")
-    p.add_argument("--label-batch-size", type=int, default=8, help="sequences per label-pass batch")
-    p.add_argument("--label-positions", type=int, default=512, help="positions sampled per label-pass batch")
-    p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of the sequences")
-    p.add_argument("--threshold", type=float, default=0.5, help="the threshold the report and calibration use")
-    p.add_argument("--sweep-thresholds", default="0.5,0.8,0.9,0.95,0.98,0.99",
-                   help="thresholds whose simulated exits (mean layers, agreement) the report lists")
-    p.add_argument("--offline-coverage", type=float, default=0.9, help="share of simulated early exits the offline layers must hold")
-    p.add_argument("--artifact", default=None, help="artifact path (default OUT/specee.npz)")
+@dataclasses.dataclass(frozen=True)
+class SpecEETraining:
+    """`eej train specee`'s options (see the module docstring)."""
+
+    drafter: str = option(help="the Kangaroo artifact whose draft proposes the speculative tokens")
+    draft_vocab: int | None = option(None, "the drafter's V' (default: what the Kangaroo artifact was trained with)")
+    candidates: int = option(4, "k: speculative tokens per position", at_least=1, integer=True)
+    hidden: int = option(512, "the predictors' hidden width", at_least=1, integer=True)
+    label_batch_size: int = option(8, "sequences per label-pass batch", at_least=1, integer=True)
+    label_positions: int = option(512, "positions sampled per label-pass batch", at_least=1, integer=True)
+    eval_fraction: float = option(0.1, "held-out share of the sequences")
+    threshold: float = option(0.5, "the threshold the report and calibration use")
+    sweep_thresholds: str = option("0.5,0.8,0.9,0.95,0.98,0.99",
+                                   "thresholds whose simulated exits (mean layers, agreement) the report lists")
+    offline_coverage: float = option(0.9, "share of simulated early exits the offline layers must hold")
+    artifact: str | None = option(None, "artifact path (default OUT/specee.npz)")
+
+    def __post_init__(self) -> None:
+        check_options(self, "specee")
+        if not 0 < self.eval_fraction < 1 or not 0 < self.offline_coverage <= 1 or not 0 < self.threshold < 1:
+            raise TrainError("specee eval_fraction and threshold must be in (0, 1), offline_coverage in (0, 1]")
+        if any(not 0 < t < 1 for t in parse_numbers(self.sweep_thresholds, float, "specee sweep_thresholds")):
+            raise TrainError("specee sweep_thresholds must lie in (0, 1)")
 
 
 # ----------------------------------------------------------------------------- label pass
@@ -58,10 +75,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _label_fn(params, drafter_params, tokens, rows, cols, *, drafter, k, cfg):
     """Features [M, P, 3k], labels [M, P], in-set flags [M, P] for positions (rows, cols) [M] of tokens [B, T]."""
-    from eej.decoding.specee import speculative_features, speculative_logits
-    from eej.model.transformer import final_norm, logits_from_hidden
-    from eej.train.teacher import hidden_states
-
     n, l = cfg.num_layers, drafter.tap_layer
     b, t = tokens.shape
     states = hidden_states(params, tokens, cfg, range(l, n + 1))
@@ -83,45 +96,32 @@ def _label_fn(params, drafter_params, tokens, rows, cols, *, drafter, k, cfg):
     return jnp.stack(features, 1), jnp.stack(labels, 1), jnp.stack(in_set, 1)
 
 
-def label_pass(model, drafter, drafter_params, data, predicting, args, progress=True) -> dict[str, np.ndarray]:
-    """Features/labels for sampled assistant positions of every sequence, batch by batch (see the module docstring).
+def label_pass(model: Model, drafter: KangarooDrafter, drafter_params: dict, data: TokenizedData, predicting: np.ndarray,
+               options: SpecEETraining, seed: int, path: str, fingerprint: dict, progress: bool = True) -> dict[str, np.ndarray]:
+    """Features/labels for sampled assistant positions of every sequence, batch by batch (see the module docstring);
+    stored in `path` and reused while `fingerprint` matches.
 
     Returns {"features": [M, P, 3k] float32, "labels": [M, P] bool, "in_set": [M, P] bool, "sequence": [M] int32}.
     """
-    from tqdm.auto import tqdm
-
-    fn = jax.jit(functools.partial(_label_fn, drafter=drafter, k=args.candidates, cfg=model.cfg))
-    bs = args.label_batch_size
-    order = np.argsort(data.lengths, kind="stable")  # similar lengths together: less padding
-    out: dict[str, list] = {"features": [], "labels": [], "in_set": [], "sequence": []}
-    for start in tqdm(range(0, len(order), bs), desc="specee label pass", disable=not progress):
-        seqs = order[start : start + bs]
-        width = min(data.tokens.shape[1], -(-int(data.lengths[seqs].max()) // 64) * 64)
-        tokens = data.tokens[seqs, :width]
-        mask = predicting[seqs, :width]
-        if len(seqs) < bs:  # one compiled shape per width
-            tokens = np.concatenate([tokens, np.repeat(tokens[-1:], bs - len(seqs), axis=0)])
-        rows, cols, real = sample_positions(mask, args.label_positions, np.random.default_rng([args.seed, start]))
-        feats, labels, in_set = fn(model.params, drafter_params, jnp.asarray(tokens), jnp.asarray(rows), jnp.asarray(cols))
-        out["features"].append(np.asarray(feats)[:real])
-        out["labels"].append(np.asarray(labels)[:real])
-        out["in_set"].append(np.asarray(in_set)[:real])
-        out["sequence"].append(seqs[rows[:real]].astype(np.int32))
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def cached_label_pass(model, drafter, drafter_params, data, predicting, args, fingerprint: dict) -> dict[str, np.ndarray]:
-    """`label_pass`, stored in OUT/labels.npz and reused while `fingerprint` matches."""
-    path = os.path.join(args.out, "labels.npz")
     want = json.dumps({"format": LABELS_FORMAT, **fingerprint}, sort_keys=True)
     if os.path.exists(path):
         with np.load(path) as f:
             if str(f["meta"]) == want:
                 return {k: f[k] for k in ("features", "labels", "in_set", "sequence")}
-    labels = label_pass(model, drafter, drafter_params, data, predicting, args, progress=not args.no_progress)
-    os.makedirs(args.out, exist_ok=True)
-    np.savez(path, meta=np.asarray(want), **labels)
-    return labels
+    fn = jax.jit(functools.partial(_label_fn, drafter=drafter, k=options.candidates, cfg=model.cfg))
+    out: dict[str, list] = {"features": [], "labels": [], "in_set": [], "sequence": []}
+    for start, seqs, tokens in length_batches(data, options.label_batch_size, "specee label pass", progress):
+        mask = predicting[seqs, : tokens.shape[1]]
+        rows, cols, real = sample_positions(mask, options.label_positions, np.random.default_rng([seed, start]))
+        feats, labels, in_set = fn(model.params, drafter_params, jnp.asarray(tokens), jnp.asarray(rows), jnp.asarray(cols))
+        out["features"].append(np.asarray(feats)[:real])
+        out["labels"].append(np.asarray(labels)[:real])
+        out["in_set"].append(np.asarray(in_set)[:real])
+        out["sequence"].append(seqs[rows[:real]].astype(np.int32))
+    table = {k: np.concatenate(v) for k, v in out.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez(path, meta=np.asarray(want), **table)
+    return table
 
 
 # ----------------------------------------------------------------------------- loss and evaluation
@@ -193,61 +193,32 @@ def offline_layers(histogram: list[int], num_layers: int, coverage: float) -> li
     return sorted(int(i) for i in order[:count] if early[i] > 0)
 
 
-# ----------------------------------------------------------------------------- the command
+# ----------------------------------------------------------------------------- training
 
 
-def _thresholds(text: str) -> list[float]:
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise CliError(f"--sweep-thresholds must be comma-separated numbers, got {text!r}") from None
-    if any(not 0 < t < 1 for t in values):
-        raise CliError("--sweep-thresholds must lie in (0, 1)")
-    return values
-
-
-def run(args: argparse.Namespace) -> int:
-    from eej.decoding.speculation import load_adapter
-    from eej.decoding.specee import KangarooDrafter, drafter_digest, init_predictors
-    from eej.weights.artifacts import load_artifact, save_artifact
-    from eej.train.data import batch_indices, load_training_data
-    from eej.train.kangaroo import predicting_positions
-    from eej.train.loop import train
-    from eej.cli.train import train_config_from_args
-    from eej.settings import resolve_path
-    from eej.weights.registry import load_model
-
-    if args.candidates < 1 or args.hidden < 1 or args.label_positions < 1 or args.label_batch_size < 1:
-        raise CliError("--candidates, --hidden, --label-positions and --label-batch-size must be >= 1")
-    if not 0 < args.eval_fraction < 1 or not 0 < args.offline_coverage <= 1 or not 0 < args.threshold < 1:
-        raise CliError("--eval-fraction and --threshold must be in (0, 1), --offline-coverage in (0, 1]")
-    config = train_config_from_args(args)
-    _thresholds(args.sweep_thresholds)
-    model = load_model(args.model)
+def train_specee(model: Model, data: DataOptions, out_dir: str, options: SpecEETraining, run: TrainConfig,
+                 progress: bool = True) -> Trained:
+    """Label, train and calibrate SpecEE's predictors for `model` with `options.drafter`; writes the artifact."""
     cfg = model.cfg
-    try:
-        _, header = load_artifact(resolve_path(args.drafter), "kangaroo", cfg)
-        exit_layer = int(header["settings"]["exit_layer"])
-        draft_vocab = int(header["settings"].get("draft_vocab", 0)) if args.draft_vocab is None else args.draft_vocab
-        drafter_params = load_adapter(model, args.drafter, exit_layer, draft_vocab)
-    except ValueError as e:
-        raise CliError(str(e)) from None
+    _, header = load_artifact(resolve_path(options.drafter), "kangaroo", cfg)
+    exit_layer = int(header["settings"]["exit_layer"])
+    draft_vocab = int(header["settings"].get("draft_vocab", 0)) if options.draft_vocab is None else options.draft_vocab
+    drafter_params = load_adapter(model, options.drafter, exit_layer, draft_vocab)
     drafter = KangarooDrafter(exit_layer)
     if not 0 <= exit_layer < cfg.num_layers - 1:
-        raise CliError(f"the drafter's exit layer {exit_layer} leaves no predictor layer in {cfg.num_layers} layers")
+        raise TrainError(f"the drafter's exit layer {exit_layer} leaves no predictor layer in {cfg.num_layers} layers")
     digest = drafter_digest(drafter_params)
 
-    data = load_training_data(args.data, model.tokenizer, args.seq_len, args.max_examples, args.seed)
-    predicting = predicting_positions(data.loss_mask)
-    fingerprint = {"model": cfg.name, "data": [os.path.abspath(p) for p in args.data], "seq_len": args.seq_len,
-                   "max_examples": args.max_examples, "seed": args.seed, "drafter": digest, "k": args.candidates,
-                   "positions": args.label_positions, "batch": args.label_batch_size}
-    table = cached_label_pass(model, drafter, drafter_params, data, predicting, args, fingerprint)
-    held_out_seq = np.random.default_rng(args.seed + 1).permutation(len(data))[: max(1, int(round(len(data) * args.eval_fraction)))]
-    is_eval = np.isin(table["sequence"], held_out_seq)
+    tokenized = load_training_data(data.files, model.tokenizer, data.seq_len, data.max_examples, run.seed)
+    predicting = predicting_positions(tokenized.loss_mask)
+    fingerprint = {**data_fingerprint(model, data, run.seed, len(tokenized)), "drafter": digest, "k": options.candidates,
+                   "positions": options.label_positions, "batch": options.label_batch_size}
+    table = label_pass(model, drafter, drafter_params, tokenized, predicting, options, run.seed,
+                       os.path.join(out_dir, "labels.npz"), fingerprint, progress)
+    is_eval = np.isin(table["sequence"], split_rows(len(tokenized), options.eval_fraction, run.seed)[1])
     train_idx, eval_idx = np.nonzero(~is_eval)[0], np.nonzero(is_eval)[0]
     if len(train_idx) == 0:
-        raise CliError("no training positions (more data or a smaller --eval-fraction)")
+        raise TrainError("no training positions (more data or a smaller eval_fraction)")
     labels = table["labels"]
     pos = labels[train_idx].mean(axis=0)
     print(f"label pass: {len(train_idx)} training / {len(eval_idx)} held-out positions; positive rate per layer "
@@ -255,43 +226,37 @@ def run(args: argparse.Namespace) -> int:
     frozen = {"pos_weight": jnp.asarray(np.clip((1 - pos) / np.maximum(pos, 1e-6), 0.05, 50.0), jnp.float32)}
 
     def batch_fn(step: int) -> dict:
-        index = np.sort(train_idx[batch_indices(len(train_idx), step, config.batch_size, args.seed)])
+        index = np.sort(train_idx[batch_indices(len(train_idx), step, run.batch_size, run.seed)])
         return {"features": table["features"][index], "labels": labels[index]}
 
     first = exit_layer
-    init = jax.tree.map(jnp.asarray, init_predictors(cfg.num_layers - 1 - first, args.candidates, args.hidden, args.seed))
-    predictors = train(bce_loss, init, frozen, batch_fn, config, args.out, description="specee predictors",
-                       progress=not args.no_progress)
+    init = jax.tree.map(jnp.asarray, init_predictors(cfg.num_layers - 1 - first, options.candidates, options.hidden, run.seed))
+    predictors = train(bce_loss, init, frozen, batch_fn, run, out_dir, description="specee predictors", progress=progress)
 
     report_idx = eval_idx if len(eval_idx) else train_idx
     logits = np.asarray(jax.jit(predictor_logits)(predictors, jnp.asarray(table["features"][report_idx])))
-    fire = logits > np.log(args.threshold / (1 - args.threshold))
+    fire = logits > np.log(options.threshold / (1 - options.threshold))
     per_layer = layer_report(fire, labels[report_idx], first)
     calibration = simulate_exits(fire, table["in_set"][report_idx], labels[report_idx], cfg.num_layers, first)
-    schedule = offline_layers(calibration["histogram"], cfg.num_layers, args.offline_coverage)
+    schedule = offline_layers(calibration["histogram"], cfg.num_layers, options.offline_coverage)
     sweep = {}
-    for t in _thresholds(args.sweep_thresholds):
+    for t in parse_numbers(options.sweep_thresholds, float, "specee sweep_thresholds"):
         sim = simulate_exits(logits > np.log(t / (1 - t)), table["in_set"][report_idx], labels[report_idx], cfg.num_layers, first)
         sweep[str(t)] = {k: v for k, v in sim.items() if k != "histogram"}
         print(f"threshold {t}: {json.dumps(sweep[str(t)])}", file=sys.stderr)
     print(f"held-out per layer: {json.dumps(per_layer)}", file=sys.stderr)
-    print(f"held-out exit simulation (every layer checked, threshold {args.threshold}): {json.dumps(calibration)}", file=sys.stderr)
-    print(f"offline layers ({args.offline_coverage:.0%} of early exits): {schedule}", file=sys.stderr)
+    print(f"held-out exit simulation (every layer checked, threshold {options.threshold}): {json.dumps(calibration)}", file=sys.stderr)
+    print(f"offline layers ({options.offline_coverage:.0%} of early exits): {schedule}", file=sys.stderr)
 
-    artifact = args.artifact or os.path.join(args.out, "specee.npz")
-    argv = sys.argv[1:]
-    command = "eej train specee " + " ".join(shlex.quote(a) for a in (argv[argv.index("specee") + 1 :] if "specee" in argv else argv))
-    save_artifact(
-        artifact, {"predictors": {k: np.asarray(v, np.float32) for k, v in predictors.items()}}, "specee", cfg,
-        settings={"drafter": {"adapter": args.drafter, "exit_layer": exit_layer, "draft_vocab_size": draft_vocab, "digest": digest},
-                  "num_candidates": args.candidates, "offline_layers": schedule, "offline_coverage": args.offline_coverage,
-                  "threshold": args.threshold},
-        reproduce=command, held_out={"per_layer": per_layer, "exit_simulation": calibration, "threshold_sweep": sweep},
-        train={"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-               "positions": int(len(train_idx)), "data": [os.path.basename(p) for p in args.data]},
+    return save_trained(
+        options.artifact or os.path.join(out_dir, "specee.npz"),
+        {"predictors": {k: np.asarray(v, np.float32) for k, v in predictors.items()}}, "specee", model, data, out_dir, options, run,
+        settings={"drafter": {"adapter": options.drafter, "exit_layer": exit_layer, "draft_vocab_size": draft_vocab, "digest": digest},
+                  "num_candidates": options.candidates, "offline_layers": schedule, "offline_coverage": options.offline_coverage,
+                  "threshold": options.threshold},
+        held_out={"per_layer": per_layer, "exit_simulation": calibration, "threshold_sweep": sweep},
+        record={"positions": int(len(train_idx))},
     )
-    print(f"wrote {artifact}", file=sys.stderr)
-    return 0
 
 
-register_trainer("specee", add_arguments, run)
+register_trainer("specee", options=SpecEETraining, train=train_specee)

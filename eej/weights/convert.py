@@ -20,13 +20,3 @@ def from_hf_layout(params: dict[str, Any]) -> dict[str, Any]:
     layers = {k: (np.ascontiguousarray(np.swapaxes(v, -1, -2)) if k in PROJECTIONS else v) for k, v in params["layers"].items()}
     head = params.get("lm_head", params["embed"])
     return {**params, "layers": layers, "lm_head": np.ascontiguousarray(head.T)}
-
-
-def to_hf_layout(params: dict[str, Any], tied: bool) -> dict[str, Any]:
-    """The inverse of `from_hf_layout` (numpy in, numpy out); drops "lm_head" when `tied`."""
-    layers = {k: (np.swapaxes(np.asarray(v), -1, -2) if k in PROJECTIONS else np.asarray(v)) for k, v in params["layers"].items()}
-    out = {k: np.asarray(v) for k, v in params.items() if k not in ("layers", "lm_head")}
-    out["layers"] = layers
-    if not tied:
-        out["lm_head"] = np.asarray(params["lm_head"]).T
-    return out

@@ -109,5 +109,7 @@ def load_model(name_or_path: str, dtype: str = "float32", layout: str = "decodin
             f"unknown model {name_or_path!r}: use one of {', '.join(known_models())}, a .gguf file, "
             "or a Hugging Face checkpoint directory"
         )
-    cfg = cfg.replace(eos_ids=tuple(dict.fromkeys(cfg.eos_ids + tokenizer.eos_ids)))
+    # The name says where the model came from (the path or `name@seed` as given): reproduce lines repeat it.
+    name = name_or_path if (seed or os.sep in name_or_path or name_or_path.endswith(".gguf")) else cfg.name
+    cfg = cfg.replace(name=name, eos_ids=tuple(dict.fromkeys(cfg.eos_ids + tokenizer.eos_ids)))
     return Model(cfg=cfg, params=to_device(host_params, cfg, layout), tokenizer=tokenizer)

@@ -1,0 +1,147 @@
+"""A folder of benchmark result files (benchmarks/results/*.json) as markdown, one section per kind of result.
+
+    sections = results_markdown("benchmarks/results")    # {"specbench": ..., "plain": ..., "gpu": ..., "other": ...}
+
+Kinds: `eej bench` documents (eej.bench.report), plain decoding against transformers (eej.bench.plain),
+the GPU benchmark (eej.bench.gpu), and any other JSON, listed with its device. Each table names the
+device and machine its numbers came from, the run's date and settings, and the file it was read from,
+and is rendered by the code that renders that benchmark's own report, so both say the same.
+scripts/render_readme_tables.py puts these sections into the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+from eej.bench.gpu import gpu_markdown
+from eej.bench.plain import BENCHMARK as PLAIN_BENCHMARK
+from eej.bench.plain import plain_markdown
+from eej.bench.report import overall_table
+
+KINDS = ("specbench", "plain", "gpu", "other")
+EMPTY = {
+    "specbench": "_No `eej bench` results are committed yet._",
+    "plain": "_No plain-decoding results are committed yet (`make bench-plain` writes them)._",
+    "gpu": "_No GPU results are committed yet (`scripts/gpu_bench.sh` writes them)._",
+    "other": "_None._",
+}
+
+
+class ResultsError(ValueError):
+    """A result file that can't be read or rendered (the message names it)."""
+
+
+def kind_of(doc: Any) -> str:
+    """Which section a result document belongs to."""
+    if isinstance(doc, dict) and "schema_version" in doc and "methods" in doc and "peers" in doc:
+        return "specbench"
+    if isinstance(doc, dict) and "kernel_checks" in doc and "decoding" in doc:
+        return "gpu"
+    if isinstance(doc, dict) and str(doc.get("benchmark", "")).startswith(PLAIN_BENCHMARK) and "results" in doc:
+        return "plain"
+    return "other"
+
+
+def device_note(machine: dict[str, Any], device: str | None = None) -> str:
+    """Where the numbers came from: the accelerator (or CPU) and the host."""
+    cpu = f"{machine.get('cpu', 'unknown CPU')}, {machine.get('cpu_count', '?')} cores"
+    backend = machine.get("jax_backend", "?")
+    if device is None and backend != "cpu":
+        device = ", ".join(sorted(set(machine.get("devices", [])))) or backend
+    where = f"CPU ({cpu})" if device is None else f"{device} (host: {cpu})"
+    return f"{where}; JAX {machine.get('jax', '?')}"
+
+
+def _demote(markdown: str, levels: int = 3) -> str:
+    """Headings of an embedded report pushed below the page's own."""
+    return re.sub(r"^(#+) ", lambda m: "#" * min(6, len(m.group(1)) + levels) + " ", markdown, flags=re.MULTILINE)
+
+
+def _link(path: str, root: str) -> str:
+    rel = _rel(path, root)
+    return f"[`{rel}`]({rel})"
+
+
+def _rel(path: str, root: str) -> str:
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def render_specbench(path: str, doc: dict[str, Any], root: str) -> str:
+    s, m, model = doc["settings"], doc["machine"], doc["model"]
+    per_cat = ", ".join(f"{c} {n}" for c, n in s["questions_per_category"].items())
+    load = ""
+    if m.get("load_average_start") and m.get("load_average_end"):
+        load = f" Load average (1 min) {m['load_average_start'][0]:.1f} at the start, {m['load_average_end'][0]:.1f} at the end."
+    stem = os.path.splitext(path)[0]
+    extra = [f"[{kind}]({_rel(stem + ext, root)})" for kind, ext in (("report", ".md"), ("plot", ".png"))
+             if os.path.exists(stem + ext)]
+    lines = [
+        f"#### {os.path.basename(stem)}: {', '.join(f'`{n}`' for n in [*doc['methods'], *doc['peers']])} "
+        f"on {os.path.basename(s['questions'])}",
+        "",
+        f"Measured on **{device_note(m)}**, {s['date']}.{load}",
+        f"Model {model['name']} ({model['dtype']}, attention {model['attention']}); questions per category: {per_cat}; "
+        f"{s['answers_per_contestant']} answers per contestant; at most {s['max_new_tokens']} new tokens; "
+        f"batch {s['batch_size']}; {'greedy' if s['greedy'] else 'sampling'}"
+        + ("; EOS ignored" if s.get("ignore_eos") else "") + (f"; {s['rounds']} rounds" if s.get("rounds", 1) > 1 else "")
+        + f". From {_link(path, root)}{' (' + ', '.join(extra) + ')' if extra else ''}.",
+    ]
+    if s.get("note"):
+        lines.append(f"Note: {s['note']}")
+    lines += ["", overall_table(doc), "", f"Reproduce: `{s['command']}`"]
+    return "\n".join(lines)
+
+
+def render_plain(path: str, doc: dict[str, Any], root: str) -> str:
+    body = _demote(plain_markdown(doc))
+    return f"Measured on **{device_note(doc['machine'])}**. From {_link(path, root)}.\n\n{body.strip()}"
+
+
+def render_gpu(path: str, doc: dict[str, Any], root: str) -> str:
+    full = gpu_markdown(doc)
+    decoding = full[full.index("## Decoding"):] if "## Decoding" in full else full
+    md = os.path.splitext(path)[0] + ".md"
+    more = f" Kernel checks and timings: {_link(md, root)}." if os.path.exists(md) else ""
+    return (f"Measured on **{device_note(doc['machine'], doc.get('device'))}**. From {_link(path, root)}.{more}\n\n"
+            f"{_demote(decoding, 2).strip()}")
+
+
+def render_other(path: str, doc: Any, root: str) -> str:
+    title = doc.get("benchmark") or doc.get("title") if isinstance(doc, dict) else None
+    machine = doc.get("machine") if isinstance(doc, dict) else None
+    where = f" Measured on {device_note(machine)}." if isinstance(machine, dict) else ""
+    md = os.path.splitext(path)[0] + ".md"
+    report = f" Report: {_link(md, root)}." if os.path.exists(md) else ""
+    return f"- {_link(path, root)}{': ' + title if title else ''}.{where}{report}"
+
+
+RENDERERS: dict[str, Callable[[str, Any, str], str]] = {
+    "specbench": render_specbench, "plain": render_plain, "gpu": render_gpu, "other": render_other,
+}
+
+
+def results_markdown(results_dir: str, root: str | None = None) -> dict[str, str]:
+    """Kind -> markdown of every *.json in `results_dir` of that kind (by file name; EMPTY where none).
+
+    Links are relative to `root` (default: the folder above `results_dir`'s parent, a repository root).
+    """
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(results_dir)))
+    parts: dict[str, list[str]] = {k: [] for k in KINDS}
+    names = sorted(f for f in os.listdir(results_dir) if f.endswith(".json")) if os.path.isdir(results_dir) else []
+    for name in names:
+        path = os.path.join(results_dir, name)
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ResultsError(f"{path}: not valid JSON ({e.msg})") from None
+        kind = kind_of(doc)
+        try:
+            parts[kind].append(RENDERERS[kind](path, doc, root))
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise ResultsError(f"{path}: cannot render it as a {kind} result ({type(e).__name__}: {e})") from None
+    return {k: ("\n" if k == "other" else "\n\n").join(v) if v else EMPTY[k] for k, v in parts.items()}
