@@ -21,7 +21,7 @@ verification do, so [in, out] wins; the head follows suit.
 sharding. For decoding, `eej.weights.registry.load_model` gives a tuple of L per-layer dicts, and
 the layer loops are Python-unrolled: on XLA:CPU, slicing a layer out of a stacked array inside a
 jitted step copies it (measured: 36 vs 90 tokens/s for a SmolLM2-sized stack), and a `lax.scan`
-over the stacked layers, which compiles 4-5x faster, decodes 12-18% slower (docs/engine.md,
+over the stacked layers, which compiles 4-6x faster, decodes 6-14% slower (docs/engine.md,
 benchmarks/results/scan_vs_unrolled.md). Every function here accepts either form.
 """
 
