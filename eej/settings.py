@@ -45,11 +45,13 @@ def setting(
     at_most: float | None = None,
     choices: Sequence[Any] | None = None,
     integer: bool = False,
+    kw_only: bool = False,
 ) -> Any:
     """A dataclass field whose value `check_settings` validates: a number in [at_least, at_most]
-    (an integer if `integer`), or one of `choices`."""
+    (an integer if `integer`), or one of `choices`. kw_only: a keyword-only field (e.g. one a base class
+    adds after its subclasses' positional fields)."""
     meta = {"at_least": at_least, "at_most": at_most, "choices": None if choices is None else tuple(choices), "integer": integer}
-    return dataclasses.field(default=default, metadata={"eej_setting": meta})
+    return dataclasses.field(default=default, metadata={"eej_setting": meta}, kw_only=kw_only)
 
 
 def check_settings(obj: Any, owner: str) -> None:

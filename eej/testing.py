@@ -60,6 +60,15 @@ def plain_tokens(model: Model, prompts: list[list[int]], max_new_tokens: int, **
     return Engine(model).generate(prompts, max_new_tokens=max_new_tokens, eos_ids=(), **kwargs).tokens
 
 
+def cost_profile(adaptive: bool | float, max_drafts: int) -> dict:
+    """Settings of a self-speculative strategy for tests: `False` drafts max_drafts every step (the papers'
+    fixed behaviour); a number is the slope of made-up step costs 1 + slope * k, so that the controller drafts
+    K (slope 0), some k in between, or mostly nothing (a steep slope) — without measuring anything."""
+    if adaptive is False:
+        return {"adaptive": False}
+    return {"adaptive": True, "step_costs": tuple(1.0 + float(adaptive) * k for k in range(max_drafts + 1))}
+
+
 def write_chat_data(path, examples: int = 24, seed: int = 0) -> None:
     """A small question/answer JSONL training file of random two-letter words (trainer end-to-end tests)."""
     rng = np.random.default_rng(seed)

@@ -25,7 +25,8 @@ from eej.weights.artifacts import ArtifactError, save_artifact
 from eej.train.data import token_ranking
 from eej.weights.registry import Model
 
-from eej.testing import agreeable_model, chi_square_p_value, exact_distribution, first_tokens, random_prompts, tiny_model
+from eej.testing import (agreeable_model, chi_square_p_value, cost_profile, exact_distribution, first_tokens, random_prompts,
+                         tiny_model)
 
 
 def kangaroo_for(model: Model, seed: int, reduced: bool = True, adapter_scale: float | None = None, **fields):
@@ -53,12 +54,14 @@ def kangaroo_for(model: Model, seed: int, reduced: bool = True, adapter_scale: f
     lengths=st.lists(st.integers(1, 20), min_size=1, max_size=4),
     reduced=st.booleans(),
     seed=st.integers(0, 1000),
+    adaptive=st.sampled_from([False, 0.0, 0.3, 3.0]),  # fixed K, or step costs 1 + slope k: draft K, some k, mostly 0
 )
-def test_greedy_is_token_identical_to_plain(name, agreeable, exit_layer, threshold, steps, lengths, reduced, seed):
+def test_greedy_is_token_identical_to_plain(name, agreeable, exit_layer, threshold, steps, lengths, reduced, seed, adaptive):
     model = (agreeable_model if agreeable else tiny_model)(name, seed % 7)
     exit_layer = exit_layer % model.cfg.num_layers
     strategy, method_params = kangaroo_for(
-        model, seed, reduced, 0.01 if agreeable else None, exit_layer=exit_layer, exit_threshold=threshold, max_draft_steps=steps
+        model, seed, reduced, 0.01 if agreeable else None, exit_layer=exit_layer, exit_threshold=threshold, max_draft_steps=steps,
+        **cost_profile(adaptive, steps),
     )
     prompts = random_prompts(np.random.default_rng(seed), lengths, model.cfg.vocab_size)
     want = Engine(model).generate(prompts, max_new_tokens=21, eos_ids=()).tokens
@@ -182,7 +185,7 @@ def test_rollback_leaves_caches_as_if_only_committed_tokens_were_processed(name,
             cache, state = result.cache, result.method_state
             pending = jnp.take_along_axis(result.tokens, (result.counts - 1)[:, None], axis=1)[:, 0]
             committed.append((result.tokens, result.counts))
-        return pending, cache, state, committed
+        return pending, cache, state["drafter"], committed
 
     pending, cache, adapter_cache, committed = prefill_and_steps(model.params, method_params, jnp.asarray(tokens), lens)
     assert any(int(c.max()) > 1 for _, c in committed)  # drafts were accepted, so drafted KV was kept

@@ -34,13 +34,16 @@ from eej.weights.artifacts import ArtifactError, save_artifact
 from eej.train.m2r2 import fast_stream_teacher_forced, m2r2_loss
 from eej.train.teacher import hidden_states
 
-from eej.testing import agreeable_model, chi_square_p_value, exact_distribution, first_tokens, plain_tokens, random_prompts, tiny_model
+from eej.decoding.adaptive import TEST_STEP_COSTS
+from eej.testing import (agreeable_model, chi_square_p_value, cost_profile, exact_distribution, first_tokens, plain_tokens,
+                         random_prompts, tiny_model)
 
 
 def spec_for(model, seed: int, adapter_scale: float = 0.5, reduced: bool = True, **fields):
     """An untrained M2R2Spec: random adapters of `adapter_scale` (0: zero adapters, the fast stream is the
     slow one, so drafts are the logit lens at layer K), half-vocabulary draft head if `reduced`."""
     fields = {"fast_layers": min(2, model.cfg.num_layers), "exit_threshold": 0.02, "max_draft_steps": 4, **fields}
+    fields.setdefault("step_costs", TEST_STEP_COSTS[: fields["max_draft_steps"] + 1])
     method_params = random_method_params(model, seed, fields["fast_layers"], adapter_scale=adapter_scale, reduced=reduced)
     method_params.pop("arla")
     return M2R2Spec(**fields), method_params
@@ -59,12 +62,14 @@ def spec_for(model, seed: int, adapter_scale: float = 0.5, reduced: bool = True,
     lengths=st.lists(st.integers(1, 20), min_size=1, max_size=4),
     reduced=st.booleans(),
     seed=st.integers(0, 1000),
+    adaptive=st.sampled_from([False, 0.0, 0.3, 3.0]),  # fixed K, or step costs 1 + slope k (see eej.testing.cost_profile)
 )
-def test_spec_greedy_is_token_identical_to_plain(name, agreeable, fast_layers, threshold, steps, lengths, reduced, seed):
+def test_spec_greedy_is_token_identical_to_plain(name, agreeable, fast_layers, threshold, steps, lengths, reduced, seed, adaptive):
     model = (agreeable_model if agreeable else tiny_model)(name, seed % 7)
     strategy, method_params = spec_for(
         model, seed, 0.02 if agreeable else 0.5, reduced,
         fast_layers=min(fast_layers, model.cfg.num_layers), exit_threshold=threshold, max_draft_steps=steps,
+        **cost_profile(adaptive, steps),
     )
     prompts = random_prompts(np.random.default_rng(seed), lengths, model.cfg.vocab_size)
     got = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=21, eos_ids=()).tokens

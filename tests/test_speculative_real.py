@@ -1,5 +1,6 @@
 """Lossless self-speculation on SmolLM2-135M with the shipped add-ons: token-identical to plain decoding,
-drafts accepted (Kangaroo's adapter, M2R2's fast stream)."""
+drafts accepted (Kangaroo's adapter, M2R2's fast stream) — drafting every step as the papers do, and with
+the draft length chosen each step from the measured costs (the default presets)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,33 @@ from eej.decoding.engine import Engine
 from eej.decoding.methods import build_method
 
 
-@pytest.mark.real_model
-@pytest.mark.parametrize("method", ["kangaroo", "m2r2-spec"])
-def test_shipped_addons_are_lossless_and_accept_drafts(real_model, method):
-    strategy, method_params = build_method(real_model, method)  # the default preset, no set-up
-    tok = real_model.tokenizer
-    prompts = [
+def _prompts(model):
+    tok = model.tokenizer
+    return [
         tok.encode_chat("What is the capital of France? Answer in two sentences."),
         tok.encode_chat("Write a Python function that returns the sum of a list of numbers."),
     ]
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("method", ["kangaroo:fixed", "m2r2-spec:fixed"])
+def test_shipped_addons_are_lossless_and_accept_drafts(real_model, method):
+    strategy, method_params = build_method(real_model, method)  # a shipped preset, no set-up
+    prompts = _prompts(real_model)
     plain = Engine(real_model).generate(prompts, max_new_tokens=40)
     out = Engine(real_model, strategy, method_params).generate(prompts, max_new_tokens=40)
     assert out.tokens == plain.tokens
     # the trained drafts get accepted: fewer full-model forwards than tokens
     assert sum(out.new_tokens) / sum(out.forwards) > 1.2
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("method", ["kangaroo", "m2r2-spec"])
+def test_adaptive_defaults_are_lossless_on_the_real_model(real_model, method, tmp_path, monkeypatch):
+    monkeypatch.setenv("EEJ_CACHE_DIR", str(tmp_path))  # the step costs are measured here, on this machine
+    strategy, method_params = build_method(real_model, method)
+    assert strategy.adaptive
+    prompts = _prompts(real_model)
+    out = Engine(real_model, strategy, method_params).generate(prompts, max_new_tokens=40)
+    assert out.tokens == Engine(real_model).generate(prompts, max_new_tokens=40).tokens
+    assert sum(out.speculated_steps) <= sum(out.row_steps)

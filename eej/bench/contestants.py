@@ -21,6 +21,7 @@ class Generation:
     forwards, layers: per row full-model forwards (prefill = 1) and decode-step layers; None when the
       contestant can't count them (peers).
     decode_seconds: the part of `seconds` after the first token (None: not measured apart).
+    steps, speculated_steps, exited_steps: per row decode steps, and those that drafted / exited early (None: peers).
     """
 
     tokens: list[list[int]]
@@ -29,6 +30,9 @@ class Generation:
     forwards: list[int] | None = None
     layers: list[float] | None = None
     decode_seconds: float | None = None
+    steps: list[int] | None = None
+    speculated_steps: list[int] | None = None
+    exited_steps: list[int] | None = None
 
 
 class Contestant(Protocol):
@@ -88,6 +92,9 @@ class MethodContestant:
             forwards=list(out.forwards),
             layers=list(out.layers),
             decode_seconds=out.decode_seconds,
+            steps=list(out.row_steps),
+            speculated_steps=list(out.speculated_steps),
+            exited_steps=list(out.exited_steps),
         )
 
     def describe(self) -> dict[str, Any]:

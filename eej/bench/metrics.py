@@ -35,7 +35,11 @@ METRIC_KEYS = (
     "identical_rate",
     "token_agreement",
     "rouge_l",
+    "speculated_fraction",
+    "exited_fraction",
 )
+# What every bench document has had since schema version 1 (the rest were added later, null when absent).
+REQUIRED_METRIC_KEYS = METRIC_KEYS[:10]
 BASELINE = "plain"
 
 
@@ -48,6 +52,8 @@ class AnswerRecord:
     forwards, layers: full-model forwards (prefill = 1) and decode-step layers, None for peers.
     agreement: how many of `tokens` equal the full model's argmax on their own prefix (None: not computed).
     decode_seconds: the part of `seconds` after the first token (None: not measured apart, e.g. peers).
+    steps, speculated_steps, exited_steps: decode steps of this answer, and those in which the method drafted
+      at least one token / left the stack early (None for peers).
     """
 
     contestant: str
@@ -62,6 +68,9 @@ class AnswerRecord:
     agreement: int | None = None
     text: str = ""
     decode_seconds: float | None = None
+    steps: int | None = None
+    speculated_steps: int | None = None
+    exited_steps: int | None = None
 
     @property
     def key(self) -> tuple[Any, int]:
@@ -144,7 +153,13 @@ def aggregate(
         "identical_rate": None,
         "token_agreement": None,
         "rouge_l": None,
+        "speculated_fraction": None,
+        "exited_fraction": None,
     }
+    if records and all(r.steps is not None for r in records):
+        steps = sum(r.steps for r in records)
+        out["speculated_fraction"] = _ratio(sum(r.speculated_steps for r in records), steps)
+        out["exited_fraction"] = _ratio(sum(r.exited_steps for r in records), steps)
     if records and all(r.forwards is not None for r in records):
         out["mean_accepted_tokens"] = _ratio(tokens, sum(r.forwards for r in records))
     if records and all(r.layers is not None for r in records):

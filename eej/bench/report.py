@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any, Sequence
 
-from eej.bench.metrics import METRIC_KEYS
+from eej.bench.metrics import REQUIRED_METRIC_KEYS
 
 SCHEMA_VERSION = 1
 TOP_LEVEL_KEYS = ("schema_version", "model", "machine", "settings", "methods", "peers")
@@ -84,6 +84,8 @@ _COLUMNS = (
     ("identical_rate", "identical", "{:.3f}"),
     ("token_agreement", "token agreement", "{:.3f}"),
     ("rouge_l", "ROUGE-L", "{:.3f}"),
+    ("speculated_fraction", "speculated", "{:.2f}"),
+    ("exited_fraction", "exited early", "{:.2f}"),
 )
 
 
@@ -106,7 +108,7 @@ def overall_table(doc: dict[str, Any]) -> str:
     rows = []
     for name, c in _contestants(doc):
         o = c["overall"]
-        rows.append([f"`{name}`", c["info"]["kind"], *[_fmt(o[k], p) for k, _, p in _COLUMNS], f"{c['compile_seconds']:.1f}"])
+        rows.append([f"`{name}`", c["info"]["kind"], *[_fmt(o.get(k), p) for k, _, p in _COLUMNS], f"{c['compile_seconds']:.1f}"])
     return markdown_table(["contestant", "kind", *[label for _, label, _ in _COLUMNS], "compile s (excluded)"], rows)
 
 
@@ -117,7 +119,7 @@ def per_category_table(doc: dict[str, Any]) -> str:
         for name, c in _contestants(doc):
             o = c["per_category"].get(category)
             if o is not None:
-                rows.append([category, f"`{name}`", *[_fmt(o[k], p) for k, _, p in _COLUMNS]])
+                rows.append([category, f"`{name}`", *[_fmt(o.get(k), p) for k, _, p in _COLUMNS]])
     return markdown_table(["category", "contestant", *[label for _, label, _ in _COLUMNS]], rows)
 
 
@@ -246,7 +248,7 @@ def check_schema(doc: dict[str, Any]) -> None:
                 if k not in c:
                     raise ValueError(f"bench JSON {section}.{name} lacks {k}")
             for metrics in [c["overall"], *c["per_category"].values()]:
-                absent = [k for k in METRIC_KEYS if k not in metrics]
+                absent = [k for k in REQUIRED_METRIC_KEYS if k not in metrics]
                 if absent:
                     raise ValueError(f"bench JSON {section}.{name} metrics lack {', '.join(absent)}")
 

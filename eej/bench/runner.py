@@ -95,6 +95,7 @@ def _answer_batch(
                 layers=None if gen.layers is None else float(gen.layers[j]),
                 text=text,
                 decode_seconds=None if gen.decode_seconds is None else gen.decode_seconds / len(rows),
+                **{k: None if getattr(gen, k) is None else int(getattr(gen, k)[j]) for k in ("steps", "speculated_steps", "exited_steps")},
             )
             records.append(record)
             on_answer(record)

@@ -30,6 +30,7 @@ from flax import struct
 from jax import lax
 
 from eej.config import ModelConfig, SamplingConfig
+from eej.decoding.calibration import CALIBRATION_STEPS, cached_step_times, step_times_key, store_step_times, time_loop
 from eej.decoding.plain import Plain
 from eej.decoding.sampling import sample
 from eej.decoding.strategy import StepInputs, StepResult, Strategy
@@ -56,6 +57,7 @@ class DecodeState:
     key: PRNG key.
     steps: loop iterations so far.
     forwards, layers: [B] full-model forwards and transformer layers spent on each row while active.
+    row_steps, speculated, exited: [B] steps each row was active in, drafted tokens in, left the stack early in.
     """
 
     cache: KVCache
@@ -68,6 +70,9 @@ class DecodeState:
     steps: jax.Array
     forwards: jax.Array
     layers: jax.Array
+    row_steps: jax.Array
+    speculated: jax.Array
+    exited: jax.Array
 
 
 @dataclasses.dataclass
@@ -78,7 +83,10 @@ class GenerationOutput:
     forwards: full-model forwards per row (plain decoding: one per token after the first; the
       prefill counts as one).
     layers: transformer layers computed per row (prefill excluded).
-    method_state: the strategy's state after the last step (device arrays; e.g. a method's own counters).
+    row_steps: decode steps per row (while it was generating); speculated_steps, exited_steps: those of them
+      in which the row drafted at least one token / its token left the stack early.
+    method_state: the strategy's state after the last step (device arrays; e.g. a method's own counters, the
+      step times the engine measured for it).
     """
 
     tokens: list[list[int]]
@@ -90,6 +98,9 @@ class GenerationOutput:
     layers: list[float]
     steps: int
     method_state: Any = None
+    row_steps: list[int] = dataclasses.field(default_factory=list)
+    speculated_steps: list[int] = dataclasses.field(default_factory=list)
+    exited_steps: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def new_tokens(self) -> list[int]:
@@ -139,6 +150,9 @@ def _commit(state: DecodeState, result: StepResult, eos_ids: tuple[int, ...], ma
         steps=state.steps + 1,
         forwards=state.forwards + jnp.where(active, result.forwards, 0),
         layers=state.layers + jnp.where(active, result.layers, 0.0),
+        row_steps=state.row_steps + active,
+        speculated=state.speculated + (active & (result.drafted > 0) if result.drafted is not None else 0),
+        exited=state.exited + (active & result.exited if result.exited is not None else 0),
     )
 
 
@@ -174,6 +188,9 @@ def _prefill(
         steps=jnp.zeros((), jnp.int32),
         forwards=jnp.ones((batch,), jnp.int32),
         layers=jnp.zeros((batch,), jnp.float32),
+        row_steps=jnp.zeros((batch,), jnp.int32),
+        speculated=jnp.zeros((batch,), jnp.int32),
+        exited=jnp.zeros((batch,), jnp.int32),
     )
 
 
@@ -229,6 +246,7 @@ class Engine:
         self.cache_size = cache_size
         self.strategy.validate(model.cfg, method_params)
         self._compiled: dict[tuple, Callable] = {}
+        self._step_times: dict[tuple, list[float] | None] = {}
         self.mesh = mesh
         self._sharding = None
         if mesh is not None:
@@ -324,6 +342,30 @@ class Engine:
         state = jax.block_until_ready(fn(*args))
         return state, static, time.perf_counter() - start, compile_s
 
+    def _calibrated(self, state: DecodeState, static: dict, loop: Callable, batch: int) -> tuple[DecodeState, float]:
+        """`state` told the strategy's step times at this batch and cache size (measured on the compiled decode
+        `loop` once per shape, kept on disk per machine: eej.decoding.calibration); second: seconds spent measuring."""
+        strategy, sampling = static["strategy"], static["sampling"]
+        points = strategy.calibration_points()
+        if not points:
+            return state, 0.0
+        memo = (batch, state.cache.capacity, sampling)
+        start = time.perf_counter()
+        if memo not in self._step_times:
+            key = step_times_key(self.cfg, strategy, sampling, batch, state.cache.capacity)
+            ms = cached_step_times(key, len(points))
+            if ms is None:  # the loop forced to each point, for a few steps from this state
+                steps = static["max_new"] - CALIBRATION_STEPS  # the loop's counter: this many steps to go
+                edits = [lambda st, edit=edit: st.replace(method_state=edit(st.method_state), steps=jnp.full((), steps, jnp.int32))
+                         for edit in points]
+                ms = time_loop(lambda st: loop(self.model.params, self.method_params, st), state, edits)
+                if ms is not None:
+                    store_step_times(key, ms)
+            self._step_times[memo] = ms
+        ms = self._step_times[memo]
+        state = state if ms is None else state.replace(method_state=strategy.calibrate(state.method_state, ms))
+        return state, time.perf_counter() - start
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -339,10 +381,11 @@ class Engine:
         state, static, prefill_s, compile_s = self._prefill(prompts, max_new_tokens, sampling, seed, eos_ids)
         args = (self.model.params, self.method_params, state)
         fn, loop_compile_s = self._get("loop", _decode_loop, static, args, donate=(2,), batch=len(prompts))
+        state, calibration_s = self._calibrated(state, static, fn, len(prompts))
         start = time.perf_counter()
-        state = jax.block_until_ready(fn(*args))
+        state = jax.block_until_ready(fn(self.model.params, self.method_params, state))
         decode_s = time.perf_counter() - start
-        return self._output(state, prompts, prefill_s, decode_s, compile_s + loop_compile_s)
+        return self._output(state, prompts, prefill_s, decode_s, compile_s + loop_compile_s + calibration_s)
 
     def stream(
         self,
@@ -360,6 +403,10 @@ class Engine:
         state, static, prefill_s, compile_s = self._prefill(prompts, max_new_tokens, sampling, seed, eos_ids)
         args = (self.model.params, self.method_params, state)
         step, step_compile_s = self._get("step", _advance, static, args, donate=(2,), batch=len(prompts))
+        if self.strategy.calibration_points():  # the step times are measured on the decode loop
+            loop, loop_compile_s = self._get("loop", _decode_loop, static, args, donate=(2,), batch=len(prompts))
+            state, calibration_s = self._calibrated(state, static, loop, len(prompts))
+            step_compile_s += loop_compile_s + calibration_s
         return TokenStream(self, step, state, prompts, prefill_s, compile_s + step_compile_s)
 
     def _output(self, state: DecodeState, prompts, prefill_s: float, decode_s: float, compile_s: float) -> GenerationOutput:
@@ -375,6 +422,9 @@ class Engine:
             layers=to_host(state.layers).tolist(),
             steps=int(to_host(state.steps)),
             method_state=state.method_state,
+            row_steps=to_host(state.row_steps).tolist(),
+            speculated_steps=to_host(state.speculated).tolist(),
+            exited_steps=to_host(state.exited).tolist(),
         )
 
 

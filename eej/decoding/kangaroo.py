@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from eej.config import ModelConfig
+from eej.decoding.adaptive import TEST_STEP_COSTS, SelfSpeculative, judged, probe_overlap, verify_by_width
 from eej.decoding.methods import register_method
 from eej.decoding.speculation import (
     accept,
@@ -49,84 +50,109 @@ from eej.decoding.speculation import (
     random_adapter,
     rollback,
 )
-from eej.decoding.strategy import StepInputs, StepResult, Strategy
+from eej.decoding.strategy import StepInputs, StepResult
 from eej.model.cache import init_cache
-from eej.model.transformer import embed, linear, logits_from_hidden, run_layers
+from eej.model.transformer import embed, linear, logits_from_hidden, qkv, run_layers
 from eej.settings import setting
 from eej.weights.registry import Model
 
 
 @dataclasses.dataclass(frozen=True)
-class Kangaroo(Strategy):
+class Kangaroo(SelfSpeculative):
     """Kangaroo's static settings; the adapter (and draft head) travel in method_params.
 
     exit_layer: l, the number of target layers the draft shares (0 <= l < N).
     exit_threshold: a row stops drafting after a draft whose top-1 probability is below this.
     max_draft_steps: the most drafts per step (K); a step commits at most K + 1 tokens.
+    adaptive, step_costs, probe_every: the draft length chosen each step (eej.decoding.adaptive); the
+      probe is free here: a plain step runs layers [0, l) anyway, so the adapter and draft head score
+      their guess against the step's own token.
     """
 
     name: ClassVar[str] = "kangaroo"
     lossless: ClassVar[bool] = True
     batch_invariant: ClassVar[bool] = True
+    free_probe: ClassVar[bool] = True
 
     exit_layer: int = setting(2, at_least=0, integer=True)
     exit_threshold: float = setting(0.6, at_least=0.0, at_most=1.0)
     max_draft_steps: int = setting(6, at_least=1, integer=True)
 
-    @property
-    def max_step_tokens(self) -> int:
-        return self.max_draft_steps + 1
-
     def validate(self, cfg: ModelConfig, method_params: Any) -> None:
         check_adapter("kangaroo", cfg, self.exit_layer, method_params)
 
-    def prefill(self, params, method_params, tokens, prompt_lens, cache, cfg):
+    def prefill_drafter(self, params, method_params, tokens, prompt_lens, cache, cfg):
         """Prompt through layers [0, l), the adapter and layers [l, N); both caches end at `prompt_lens`."""
         logits, cache, hidden, positions = prefill_tapped(params, tokens, prompt_lens, cache, cfg, self.exit_layer)
         adapter_cache = init_cache(cfg, tokens.shape[0], cache.capacity, num_layers=1)
         _, adapter_cache = adapter_forward(method_params["adapter"], hidden, adapter_cache, positions, cfg, kv_limit=tokens.shape[1])
         return logits, cache, adapter_cache.with_lengths(prompt_lens)
 
-    def _shallow(self, s: StepInputs, cache, adapter_cache, token, positions):
-        """One token per row [B] at `positions` [B, 1] through layers [0, l) and the adapter."""
-        hidden, cache = run_layers(s.params, embed(s.params, token[:, None], s.cfg), cache, positions, s.cfg, 0, self.exit_layer)
-        drafted, adapter_cache = adapter_forward(s.method_params["adapter"], hidden, adapter_cache, positions, s.cfg)
-        return hidden[:, 0], drafted[:, 0], cache, adapter_cache
+    def _shallow(self, s: StepInputs, cache, token, positions):
+        """One token per row [B] at `positions` [B, 1] through layers [0, l) -> (hidden [B, 1, D], cache)."""
+        return run_layers(s.params, embed(s.params, token[:, None], s.cfg), cache, positions, s.cfg, 0, self.exit_layer)
 
-    def step(self, s: StepInputs) -> StepResult:
-        cfg, k = s.cfg, self.max_draft_steps
+    def speculate(self, s: StepInputs, k, probe):
+        cfg, max_k = s.cfg, self.max_draft_steps
         start = s.cache.lengths
+        adapter = s.method_params["adapter"]
         head, ids = draft_head(s.params, s.method_params)
-        hidden0 = jnp.zeros((s.batch, k + 1, cfg.hidden_size), cfg.jnp_dtype)
+        hidden0 = jnp.zeros((s.batch, max_k + 1, cfg.hidden_size), cfg.jnp_dtype)
 
         def draft_fn(carry, token, i):
             cache, adapter_cache, hidden = carry
-            h, drafted, cache, adapter_cache = self._shallow(s, cache, adapter_cache, token, (start + i)[:, None])
-            hidden = lax.dynamic_update_slice(hidden, h[:, None], (0, i, 0))
-            return (cache, adapter_cache, hidden), linear(drafted, head)
+            positions = (start + i)[:, None]
+            h, cache = self._shallow(s, cache, token, positions)
+            drafted, adapter_cache = adapter_forward(adapter, h, adapter_cache, positions, cfg)
+            hidden = lax.dynamic_update_slice(hidden, h, (0, i, 0))
+            return (cache, adapter_cache, hidden), linear(drafted[:, 0], head)
 
         draft_key, verify_key = jax.random.split(s.key)
         (cache, adapter_cache, hidden), drafts = draft_loop(
             draft_fn, (s.cache, s.method_state, hidden0), s.pending, draft_key, s.sampling,
-            max_steps=k, exit_threshold=self.exit_threshold, vocab_size=cfg.vocab_size, vocab_ids=ids,
+            max_steps=max_k, exit_threshold=self.exit_threshold, vocab_size=cfg.vocab_size, vocab_ids=ids, num_steps=k,
         )
-        # The last iteration's draft still needs its shallow layers (for verification) and adapter KV.
-        h, _, cache, adapter_cache = self._shallow(s, cache, adapter_cache, drafts.last, (start + drafts.steps)[:, None])
-        hidden = lax.dynamic_update_slice(hidden, h[:, None], (0, drafts.steps, 0))
+        # The last token (the last draft, or the pending one) still needs its shallow layers (for verification)
+        # and its adapter K/V; on a probe the adapter and head also guess the token after it.
+        positions = (start + drafts.steps)[:, None]
+        h, cache = self._shallow(s, cache, drafts.last(s.pending), positions)
+        hidden = lax.dynamic_update_slice(hidden, h, (0, drafts.steps, 0))
 
-        positions = start[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None]
-        deep, cache = run_layers(s.params, hidden, cache, positions, cfg, self.exit_layer)
-        tokens, counts = accept(drafts, logits_from_hidden(s.params, deep, cfg), verify_key, s.sampling)
+        def guess(adapter_cache):
+            drafted, adapter_cache = adapter_forward(adapter, h, adapter_cache, positions, cfg)
+            return linear(drafted[:, 0], head).astype(jnp.float32), adapter_cache
+
+        def kv_only(adapter_cache):
+            _, new_k, new_v = qkv(adapter, h, positions, cfg)
+            return jnp.zeros((s.batch, head.shape[1]), jnp.float32), adapter_cache.write(0, new_k, new_v, positions)
+
+        guessed, adapter_cache = kv_only(adapter_cache) if probe is False else lax.cond(probe, guess, kv_only, adapter_cache)
+
+        def verify(width: int):
+            positions = start[:, None] + jnp.arange(width, dtype=jnp.int32)[None]
+            deep, c = run_layers(s.params, hidden[:, :width], cache, positions, cfg, self.exit_layer)
+            logits = logits_from_hidden(s.params, deep, cfg)
+            tokens, counts = accept(drafts.first(width - 1), logits, verify_key, s.sampling)
+            return jnp.pad(tokens, ((0, 0), (0, max_k + 1 - width))), counts, c, logits[:, width - 1]
+
+        tokens, counts, cache, last_logits = verify_by_width(k, max_k, verify)
+        hits, trials = judged(drafts.num_drafted, counts)
+        if probe is not False:  # the guess counts where it was made after the right tokens: every draft accepted
+            scored = probe & (drafts.num_drafted == drafts.steps) & (counts == drafts.steps + 1)
+            hits = hits + jnp.where(scored, probe_overlap(last_logits, guessed, ids, s.sampling), 0.0)
+            trials = trials + scored.astype(jnp.float32)
         cache, adapter_cache = rollback((cache, adapter_cache), start + counts)
         shallow_passes = (drafts.steps + 1).astype(jnp.float32)
-        return StepResult(
+        result = StepResult(
             tokens=tokens,
             counts=counts,
             cache=cache,
             method_state=adapter_cache,
             forwards=jnp.ones((s.batch,), jnp.int32),
             layers=jnp.full((s.batch,), shallow_passes * self.exit_layer + (cfg.num_layers - self.exit_layer)),
+            drafted=drafts.num_drafted,
         )
+        return result, hits, trials
 
 
 # ----------------------------------------------------------------------------- registration
@@ -137,7 +163,7 @@ class KangarooSettings:
     """What `configs/<model>/kangaroo.yaml` presets hold.
 
     adapter: path of the trained artifact (relative paths: from the repository root).
-    exit_layer, exit_threshold, max_draft_steps: see `Kangaroo`.
+    exit_layer, exit_threshold, max_draft_steps, adaptive, probe_every: see `Kangaroo`.
     draft_vocab_size: V' of the reduced draft head (the artifact's most frequent tokens); 0 = full head.
     """
 
@@ -146,18 +172,24 @@ class KangarooSettings:
     exit_threshold: float = setting(0.6, at_least=0.0, at_most=1.0)
     max_draft_steps: int = setting(6, at_least=1, integer=True)
     draft_vocab_size: int = setting(0, at_least=0, integer=True)
+    adaptive: bool = setting(True, choices=(True, False))
+    probe_every: int = setting(8, at_least=1, integer=True)
 
 
 def load_kangaroo(model: Model, settings: KangarooSettings) -> tuple[Kangaroo, dict]:
     """(strategy, method_params) from a trained artifact; checks it fits the model and the settings."""
     method_params = load_adapter(model, settings.adapter, settings.exit_layer, settings.draft_vocab_size)
-    return Kangaroo(settings.exit_layer, settings.exit_threshold, settings.max_draft_steps), method_params
+    strategy = Kangaroo(settings.exit_layer, settings.exit_threshold, settings.max_draft_steps, adaptive=settings.adaptive,
+                        probe_every=settings.probe_every)
+    return strategy, method_params
 
 
 def random_kangaroo(model: Model, seed: int, **overrides: Any) -> tuple[Kangaroo, dict]:
-    """An untrained Kangaroo for any model (tests): random adapter, reduced draft head of half the vocabulary."""
+    """An untrained Kangaroo for any model (tests): random adapter, reduced draft head of half the vocabulary;
+    adaptive, with made-up step costs (`TEST_STEP_COSTS`) so that no calibration runs."""
     fields = dict(exit_layer=min(1, model.cfg.num_layers - 1), exit_threshold=0.02, max_draft_steps=4)
     fields.update(overrides)
+    fields.setdefault("step_costs", TEST_STEP_COSTS[: fields["max_draft_steps"] + 1])
     return Kangaroo(**fields), random_adapter(model, seed)
 
 

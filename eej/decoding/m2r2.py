@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,10 +48,11 @@ import numpy as np
 from jax import lax
 
 from eej.config import ModelConfig
+from eej.decoding.adaptive import TEST_STEP_COSTS, ExitEconomics, SelfSpeculative, forcing_modes, judged, verify_by_width
 from eej.decoding.methods import register_method
 from eej.decoding.sampling import sample
 from eej.decoding.speculation import accept, check_draft_head, draft_head, draft_loop, head_from_ranking, reduced_head, rollback
-from eej.decoding.strategy import StepInputs, StepResult, Strategy
+from eej.decoding.strategy import StepInputs, StepResult, Strategy, full_prefill
 from eej.model.cache import KVCache
 from eej.model.lora import init_lora, merge_lora
 from eej.model.transformer import (
@@ -189,12 +190,14 @@ def _check_fast(name: str, num_fast: int, cfg: ModelConfig, method_params: Any) 
 
 
 @dataclasses.dataclass(frozen=True)
-class M2R2Spec(Strategy):
+class M2R2Spec(SelfSpeculative):
     """Lossless self-speculation: the fast stream drafts, the slow stream verifies.
 
     fast_layers: K, the fast stream's depth (its draft runs K layers per token).
     exit_threshold: a row stops drafting after a draft whose top-1 draft probability is below this.
     max_draft_steps: the most drafts per step; a step commits at most max_draft_steps + 1 tokens.
+    adaptive, step_costs, probe_every: the draft length chosen each step (eej.decoding.adaptive; the fast
+      stream's weights differ from the slow stream's, so a probe is one real step drafting one token).
     """
 
     name: ClassVar[str] = "m2r2-spec"
@@ -205,16 +208,12 @@ class M2R2Spec(Strategy):
     exit_threshold: float = setting(0.5, at_least=0.0, at_most=1.0)
     max_draft_steps: int = setting(5, at_least=1, integer=True)
 
-    @property
-    def max_step_tokens(self) -> int:
-        return self.max_draft_steps + 1
-
     def validate(self, cfg: ModelConfig, method_params: Any) -> None:
         _check_fast("m2r2-spec", self.fast_layers, cfg, method_params)
         check_draft_head("m2r2-spec", cfg, method_params)
 
-    def step(self, s: StepInputs) -> StepResult:
-        params, method_params, cfg, k = s.params, s.method_params, s.cfg, self.max_draft_steps
+    def speculate(self, s: StepInputs, k, probe):
+        params, method_params, cfg, max_k = s.params, s.method_params, s.cfg, self.max_draft_steps
         start = s.cache.lengths
         head, ids = draft_head(params, method_params)
 
@@ -226,21 +225,29 @@ class M2R2Spec(Strategy):
         draft_key, verify_key = jax.random.split(s.key)
         cache, drafts = draft_loop(
             draft_fn, s.cache, s.pending, draft_key, s.sampling,
-            max_steps=k, exit_threshold=self.exit_threshold, vocab_size=cfg.vocab_size, vocab_ids=ids,
+            max_steps=max_k, exit_threshold=self.exit_threshold, vocab_size=cfg.vocab_size, vocab_ids=ids, num_steps=k,
         )
         # The slow stream over [pending, drafts] in one pass: its K/V overwrite the drafts' fast K/V.
         block_tokens = jnp.concatenate([s.pending[:, None], drafts.tokens], axis=1)
-        positions = start[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None]
-        logits, cache = forward(params, block_tokens, positions, cache, cfg)
-        tokens, counts = accept(drafts, logits, verify_key, s.sampling)
-        return StepResult(
+
+        def verify(width: int):
+            positions = start[:, None] + jnp.arange(width, dtype=jnp.int32)[None]
+            logits, c = forward(params, block_tokens[:, :width], positions, cache, cfg)
+            tokens, counts = accept(drafts.first(width - 1), logits, verify_key, s.sampling)
+            return jnp.pad(tokens, ((0, 0), (0, max_k + 1 - width))), counts, c
+
+        tokens, counts, cache = verify_by_width(k, max_k, verify)
+        hits, trials = judged(drafts.num_drafted, counts)
+        result = StepResult(
             tokens=tokens,
             counts=counts,
             cache=rollback(cache, start + counts),
             method_state=s.method_state,
             forwards=jnp.ones((s.batch,), jnp.int32),
             layers=jnp.full((s.batch,), drafts.steps * self.fast_layers + cfg.num_layers, jnp.float32),
+            drafted=drafts.num_drafted,
         )
+        return result, hits, trials
 
 
 # ----------------------------------------------------------------------------- dynamic early exit
@@ -253,6 +260,12 @@ class M2R2Exit(Strategy):
     fast_layers: K; exits are possible after fast layers min_exit_layer..K.
     exit_threshold: the batch exits at the first such layer where ARLA's exit probability is >= this
       for every active row (1.0 never exits unless ARLA is certain: plain decoding's tokens).
+    adaptive: try the fast stream only when it pays (eej.decoding.adaptive): with p the observed exit rate
+      of attempts and d their mean exit layer, an attempt costs p c_exit(d) + (1 - p) c_fail against a
+      plain step's c_plain (a failed attempt runs the K fast layers and then every layer); a plain step
+      then skips the fast stream. False: attempt every step, as the method is described.
+    step_costs: (c_plain, c_fail, c_exit at layer K), ms; None: the engine measures them.
+    probe_every: while not attempting, attempt anyway every this many steps (the rates stay fresh).
     """
 
     name: ClassVar[str] = "m2r2-exit"
@@ -262,12 +275,17 @@ class M2R2Exit(Strategy):
     fast_layers: int = setting(6, at_least=1, integer=True)
     exit_threshold: float = setting(0.8, at_least=0.0, at_most=1.0)
     min_exit_layer: int = 1
+    adaptive: bool = setting(True, choices=(True, False), kw_only=True)
+    step_costs: tuple[float, ...] | None = dataclasses.field(default=None, kw_only=True)
+    probe_every: int = setting(16, at_least=1, integer=True, kw_only=True)
 
     def check(self) -> None:
         if not isinstance(self.min_exit_layer, int) or not 1 <= self.min_exit_layer <= self.fast_layers:
             raise ValueError(
                 f"m2r2-exit min_exit_layer must be an integer in [1, fast_layers={self.fast_layers}], got {self.min_exit_layer!r}"
             )
+        if self.step_costs is not None and (len(self.step_costs) != 3 or min(self.step_costs) <= 0):
+            raise ValueError("m2r2-exit step_costs must be 3 positive times: a plain step, a failed attempt, an exit at layer K")
 
     def validate(self, cfg: ModelConfig, method_params: Any) -> None:
         _check_fast("m2r2-exit", self.fast_layers, cfg, method_params)
@@ -277,37 +295,71 @@ class M2R2Exit(Strategy):
         if have < self.fast_layers:
             raise ValueError(f"m2r2-exit ARLA covers {have} fast layers, the settings ask for {self.fast_layers}")
 
+    def prefill(self, params, method_params, tokens, prompt_lens, cache, cfg):
+        logits, cache = full_prefill(params, tokens, prompt_lens, cache, cfg)
+        n, k = cfg.num_layers, self.fast_layers  # before measuring: costs in layers (exit + propagation ~ 1 more)
+        return logits, cache, {"economics": ExitEconomics.start(2, self.step_costs or (n, n + k, k + 1))}
+
+    def calibration_points(self) -> list[Callable[[Any], Any]] | None:
+        """Forced: 0 a plain step, 1 an attempt that never exits, 2 an attempt that exits at layer K."""
+        return forcing_modes(3) if self.adaptive and self.step_costs is None else None
+
+    def calibrate(self, method_state: Any, milliseconds: list[float]) -> Any:
+        return {"economics": method_state["economics"].replace(costs=jnp.asarray(milliseconds, jnp.float32))}
+
+    def _attempts(self, econ: ExitEconomics) -> tuple[jax.Array, jax.Array]:
+        """(attempt the fast stream this step, whether it is a probe) from the rates and costs."""
+        if not self.adaptive:
+            return jnp.asarray(True), jnp.asarray(False)
+        plain, fail, exit_k = econ.costs[0], econ.costs[1], econ.costs[2]
+        p, depth = econ.rate[0], econ.rate[1] * self.fast_layers
+        exit_cost = exit_k - (self.fast_layers - depth) * (fail - plain) / self.fast_layers
+        pays = p * exit_cost + (1 - p) * fail < plain
+        due = ~pays & (econ.idle + 1 >= self.probe_every)
+        return jnp.where(econ.force >= 0, econ.force > 0, pays | due), due
+
     def step(self, s: StepInputs) -> StepResult:
         params, method_params, cfg, num_fast = s.params, s.method_params, s.cfg, self.fast_layers
+        econ: ExitEconomics = s.method_state["economics"]
         positions = s.positions
         x0 = embed(params, s.pending[:, None], cfg)
-        x, cache = x0, s.cache
-        trajectory = jnp.zeros((s.batch, num_fast, cfg.hidden_size), x.dtype)
-        exited = jnp.zeros((), bool)
-        exit_layer = jnp.asarray(num_fast, jnp.int32)
-        for j in range(num_fast):
-            # A batch-level decision: the layer's compute is skipped for real once the batch has exited.
-            x, cache = run_layer_if(~exited, method_params["fast_layers"][j], j, x, cache, positions, cfg)
-            trajectory = trajectory.at[:, j].set(x[:, 0])
-            if j + 1 >= self.min_exit_layer:
-                p_exit = jax.nn.sigmoid(arla_logits(method_params["arla"], trajectory[:, : j + 1], cfg)[:, j])
-                fire = ~exited & jnp.all((p_exit >= self.exit_threshold) | ~s.active)
-                exit_layer = jnp.where(fire, j + 1, exit_layer)
-                exited = exited | fire
+        attempt, _ = self._attempts(econ)
+
+        def fast_stream(cache):
+            x = x0
+            trajectory = jnp.zeros((s.batch, num_fast, cfg.hidden_size), x.dtype)
+            exited = jnp.zeros((), bool)
+            exit_layer = jnp.asarray(num_fast, jnp.int32)
+            for j in range(num_fast):
+                # A batch-level decision: the layer's compute is skipped for real once the batch has exited.
+                x, cache = run_layer_if(~exited, method_params["fast_layers"][j], j, x, cache, positions, cfg)
+                trajectory = trajectory.at[:, j].set(x[:, 0])
+                if j + 1 >= self.min_exit_layer:
+                    p_exit = jax.nn.sigmoid(arla_logits(method_params["arla"], trajectory[:, : j + 1], cfg)[:, j])
+                    fire = ~exited & jnp.all((p_exit >= self.exit_threshold) | ~s.active)
+                    fire = jnp.where(econ.force == 1, False, jnp.where(econ.force == 2, j + 1 == num_fast, fire))
+                    exit_layer = jnp.where(fire, j + 1, exit_layer)
+                    exited = exited | fire
+            return x, cache, exited, exit_layer
 
         def exit_path(operand):
-            x, cache = operand
+            x, cache, exit_layer = operand
             cache = propagate_kv(params, x, cache, positions, cfg, exit_layer)
             return fast_head_logits(method_params, x[:, 0], params["lm_head"], cfg), cache
 
         def slow_path(operand):
-            _, cache = operand
+            _, cache, _ = operand
             h, cache = run_layers(params, x0, cache, positions, cfg)
             return logits_from_hidden(params, h[:, 0], cfg), cache
 
-        logits, cache = lax.cond(exited, exit_path, slow_path, (x, cache))
-        return StepResult.one_token(sample(logits, s.key, s.sampling), cache, s.method_state,
-                                    forwards=jnp.where(exited, 0, 1), layers=jnp.where(exited, exit_layer, num_fast + cfg.num_layers))
+        x, cache, exited, exit_layer = lax.cond(attempt, fast_stream, lambda c: (x0, c, jnp.asarray(False), jnp.asarray(0, jnp.int32)),
+                                                s.cache)
+        logits, cache = lax.cond(exited, exit_path, slow_path, (x, cache, exit_layer))
+        econ = econ.observe(jnp.stack([exited, exit_layer / num_fast]).astype(jnp.float32),
+                            jnp.stack([attempt, exited]).astype(jnp.float32), attempt)
+        layers = jnp.where(exited, exit_layer, jnp.where(attempt, num_fast, 0) + cfg.num_layers)
+        return StepResult.one_token(sample(logits, s.key, s.sampling), cache, {"economics": econ},
+                                    forwards=jnp.where(exited, 0, 1), layers=layers, exited=exited)
 
 
 # ----------------------------------------------------------------------------- registration
@@ -318,7 +370,7 @@ class M2R2SpecSettings:
     """`configs/<model>/m2r2-spec.yaml` presets.
 
     adapter: the trained artifact (relative paths: from the repository root); it fixes fast_layers.
-    exit_threshold, max_draft_steps: see `M2R2Spec`.
+    exit_threshold, max_draft_steps, adaptive, probe_every: see `M2R2Spec`.
     draft_vocab_size: V' of the reduced draft head (the artifact's most frequent tokens); 0 = full head.
     """
 
@@ -326,6 +378,8 @@ class M2R2SpecSettings:
     exit_threshold: float = setting(0.5, at_least=0.0, at_most=1.0)
     max_draft_steps: int = setting(5, at_least=1, integer=True)
     draft_vocab_size: int = setting(0, at_least=0, integer=True)
+    adaptive: bool = setting(True, choices=(True, False))
+    probe_every: int = setting(16, at_least=1, integer=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,6 +389,8 @@ class M2R2ExitSettings:
     adapter: str
     exit_threshold: float = setting(0.8, at_least=0.0, at_most=1.0)
     min_exit_layer: int = setting(1, at_least=1, integer=True)
+    adaptive: bool = setting(True, choices=(True, False))
+    probe_every: int = setting(16, at_least=1, integer=True)
 
 
 def load_fast_stream(model: Model, adapter: str, draft_vocab_size: int = 0) -> tuple[int, dict]:
@@ -362,12 +418,12 @@ def load_fast_stream(model: Model, adapter: str, draft_vocab_size: int = 0) -> t
 def load_spec(model: Model, s: M2R2SpecSettings) -> tuple[M2R2Spec, dict]:
     num_fast, method_params = load_fast_stream(model, s.adapter, s.draft_vocab_size)
     method_params.pop("arla")
-    return M2R2Spec(num_fast, s.exit_threshold, s.max_draft_steps), method_params
+    return M2R2Spec(num_fast, s.exit_threshold, s.max_draft_steps, adaptive=s.adaptive, probe_every=s.probe_every), method_params
 
 
 def load_exit(model: Model, s: M2R2ExitSettings) -> tuple[M2R2Exit, dict]:
     num_fast, method_params = load_fast_stream(model, s.adapter)
-    return M2R2Exit(num_fast, s.exit_threshold, s.min_exit_layer), method_params
+    return M2R2Exit(num_fast, s.exit_threshold, s.min_exit_layer, adaptive=s.adaptive, probe_every=s.probe_every), method_params
 
 
 def random_method_params(
@@ -391,16 +447,21 @@ def random_method_params(
 
 
 def random_spec(model: Model, seed: int, **overrides: Any) -> tuple[M2R2Spec, dict]:
+    """An untrained M2R2Spec (tests): adaptive with made-up step costs (`TEST_STEP_COSTS`), so no calibration runs."""
     fields = dict(fast_layers=min(2, model.cfg.num_layers), exit_threshold=0.02, max_draft_steps=4)
     fields.update(overrides)
+    fields.setdefault("step_costs", TEST_STEP_COSTS[: fields["max_draft_steps"] + 1])
     method_params = random_method_params(model, seed, fields["fast_layers"])
     method_params.pop("arla")
     return M2R2Spec(**fields), method_params
 
 
 def random_exit(model: Model, seed: int, **overrides: Any) -> tuple[M2R2Exit, dict]:
+    """An untrained M2R2Exit (tests): adaptive with step costs in layers (no calibration runs)."""
     fields = dict(fast_layers=min(3, model.cfg.num_layers), exit_threshold=0.5, min_exit_layer=1)
     fields.update(overrides)
+    n, k = model.cfg.num_layers, fields["fast_layers"]
+    fields.setdefault("step_costs", (float(n), float(n + k), float(k + 1)))
     method_params = random_method_params(model, seed, fields["fast_layers"], reduced=False, arla_scale=3.0)
     return M2R2Exit(**fields), method_params
 

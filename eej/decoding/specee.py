@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,7 @@ import numpy as np
 from jax import lax
 
 from eej.config import ModelConfig
+from eej.decoding.adaptive import ExitEconomics, forcing_modes
 from eej.decoding.methods import MethodError, register_method
 from eej.decoding.sampling import sample
 from eej.decoding.speculation import (
@@ -70,6 +71,7 @@ from eej.model.transformer import (
     layer_kv,
     linear,
     logits_from_hidden,
+    qkv,
     run_layer_if,
     run_layers,
     unstack_layers,
@@ -110,6 +112,10 @@ class Drafter(Protocol):
         (consecutive, following what `state` has seen). Returns (candidate ids [B, T, k] int32, state).
         """
 
+    def keep(self, params: Params, drafter_params: Any, state: Any, hidden: jax.Array, positions: jax.Array,
+             cfg: ModelConfig) -> Any:
+        """The state after seeing a block of tokens without proposing (a step that checks no layer)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class KangarooDrafter:
@@ -137,6 +143,10 @@ class KangarooDrafter:
         _, top = lax.top_k(linear(drafted, head).astype(jnp.float32), k)
         top = top if ids is None else jnp.take(ids, top)
         return top.astype(jnp.int32), state.with_lengths(positions[:, -1] + 1)
+
+    def keep(self, params, drafter_params, state, hidden, positions, cfg):
+        _, new_k, new_v = qkv(drafter_params["adapter"], hidden, positions, cfg)  # the adapter's K/V only
+        return state.write(0, new_k, new_v, positions).with_lengths(positions[:, -1] + 1)
 
 
 # ----------------------------------------------------------------------------- predictors and features
@@ -199,6 +209,13 @@ class SpecEE(Strategy):
       `online_window` exit layers e (the last layer counts as an exit) and o in `online_offsets`.
       online_window 0 disables online scheduling.
     kv: "propagate" or "drop" (see the module docstring).
+    adaptive: of the scheduled layers, check only those where it pays (eej.decoding.adaptive): with f_i the
+      observed rate at which layer i's predictor fires and x_i the rate at which a firing leads to an exit,
+      f_i x_i (N - 1 - i) c_layer > c_check + f_i c_head; with no layer to check the drafter is skipped too.
+      Every `probe_every` steps every scheduled layer is checked (the rates stay fresh). False: the
+      schedule as described.
+    step_costs: (a step checking no layer, every predictor layer never firing, every layer firing but never
+      exiting), ms; None: the engine measures them.
     """
 
     name: ClassVar[str] = "specee"
@@ -212,6 +229,9 @@ class SpecEE(Strategy):
     online_window: int = setting(5, at_least=0, integer=True)
     online_offsets: tuple[int, ...] = (-2, -1, 0, 1, 2)
     kv: str = setting("propagate", choices=KV_MODES)
+    adaptive: bool = setting(True, choices=(True, False), kw_only=True)
+    step_costs: tuple[float, ...] | None = dataclasses.field(default=None, kw_only=True)
+    probe_every: int = setting(8, at_least=1, integer=True, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.offline_layers is not None:
@@ -269,7 +289,32 @@ class SpecEE(Strategy):
         }
         if self.kv == "drop":
             state["layer_lengths"] = jnp.broadcast_to(prompt_lens[:, None], (batch, cfg.num_layers)).astype(jnp.int32)
+        state["economics"] = ExitEconomics.start(2 * cfg.num_layers, self.step_costs or self._layer_costs(cfg))
         return state
+
+    def _layer_costs(self, cfg: ModelConfig) -> tuple[float, float, float]:
+        """The three step costs in layers (before measuring): a predictor ~1/20 of a layer, the full head V D
+        multiply-adds against a layer's weights."""
+        n, p = cfg.num_layers, len(self.predictor_layers(cfg))
+        d, f = cfg.hidden_size, cfg.ffn_size
+        head = cfg.vocab_size * d / (2 * d * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim + 3 * d * f)
+        return float(n), n + 0.05 * p, n + (0.05 + head) * p
+
+    def calibration_points(self) -> list[Callable[[Any], Any]] | None:
+        """Forced: 0 check no layer, 1 check every predictor layer never firing, 2 fire everywhere never exiting."""
+        return forcing_modes(3) if self.adaptive and self.step_costs is None else None
+
+    def calibrate(self, method_state: Any, milliseconds: list[float]) -> Any:
+        return {**method_state, "economics": method_state["economics"].replace(costs=jnp.asarray(milliseconds, jnp.float32))}
+
+    def _paying_layers(self, econ: ExitEconomics, cfg: ModelConfig) -> jax.Array:
+        """[N] bool: checking layer i saves more than it costs, by the observed rates and the step costs."""
+        n, p = cfg.num_layers, len(self.predictor_layers(cfg))
+        none, pred, fire = econ.costs[0], econ.costs[1], econ.costs[2]
+        per_layer, check, head = none / n, jnp.maximum(pred - none, 0.0) / p, jnp.maximum(fire - pred, 0.0) / p
+        fires, exits = econ.rate[:n], econ.rate[n:]
+        saved = (n - 1 - jnp.arange(n)) * per_layer
+        return fires * exits * saved > check + fires * head
 
     def schedule(self, recent_exits: jax.Array, cfg: ModelConfig) -> jax.Array:
         """[N] bool: the layers that run their predictor this step (offline set | online neighbourhoods)."""
@@ -296,13 +341,25 @@ class SpecEE(Strategy):
         params, cfg, method_state = s.params, s.cfg, s.method_state
         n, l = cfg.num_layers, self.first_layer
         positions = s.positions  # [B, 1]
-        x, cache = run_layers(params, embed(params, s.pending[:, None], cfg), s.cache, positions, cfg, 0, l)
-        candidates, drafter_state = self.drafter.propose(
-            params, s.method_params["drafter"], method_state["drafter"], x, positions, self.num_candidates, cfg
-        )
-        candidates = candidates[:, 0]  # [B, k]
-        columns = jnp.moveaxis(jnp.take(params["lm_head"], candidates, axis=1), 0, 1)  # [B, D, k]
+        econ: ExitEconomics = method_state["economics"]
         scheduled = self.schedule(method_state["recent_exits"], cfg)
+        probe = econ.idle + 1 >= self.probe_every
+        if self.adaptive:
+            scheduled = jnp.where(probe, scheduled, scheduled & self._paying_layers(econ, cfg))
+        every = jnp.asarray(np.isin(np.arange(n), list(self.predictor_layers(cfg))))
+        scheduled = jnp.where(econ.force == 0, False, jnp.where(econ.force > 0, every, scheduled))
+        x, cache = run_layers(params, embed(params, s.pending[:, None], cfg), s.cache, positions, cfg, 0, l)
+
+        def propose(state):
+            candidates, state = self.drafter.propose(params, s.method_params["drafter"], state, x, positions, self.num_candidates, cfg)
+            return candidates[:, 0], state
+
+        def keep(state):
+            state = self.drafter.keep(params, s.method_params["drafter"], state, x, positions, cfg)
+            return jnp.zeros((s.batch, self.num_candidates), jnp.int32), state
+
+        candidates, drafter_state = lax.cond(jnp.any(scheduled), propose, keep, method_state["drafter"])  # [B, k]
+        columns = jnp.moveaxis(jnp.take(params["lm_head"], candidates, axis=1), 0, 1)  # [B, D, k]
         predictors = s.method_params["predictors"]
         fire_logit = _logit(self.threshold)
         never = self.threshold >= 1.0
@@ -314,6 +371,7 @@ class SpecEE(Strategy):
         token = jnp.zeros((s.batch,), jnp.int32)
         exit_layer = jnp.asarray(n - 1, jnp.int32)
         last_probs = jnp.zeros((s.batch, self.num_candidates), jnp.float32)  # the "change" at the first check is the softmax
+        checked, fired = jnp.zeros((n,), bool), jnp.zeros((n,), bool)
 
         for i in range(l, n):
             def propagate(x, k, v, layer=layers[i]):  # the exited token's K/V in this skipped layer (CALM)
@@ -326,20 +384,22 @@ class SpecEE(Strategy):
                 continue
 
             def check(carry, i=i, x=x):
-                running, token, exit_layer, last_probs = carry
+                running, token, exit_layer, last_probs, checked, fired = carry
                 logits = speculative_logits(final_norm(params, x[:, 0], cfg), columns)
                 features, probs = speculative_features(logits, last_probs)
                 fire = jnp.all(predictor_logit(predictors, i - l, features) > fire_logit)
+                fire = jnp.where(econ.force == 1, False, jnp.where(econ.force == 2, True, fire))
 
                 def verify(_):
                     top = jnp.argmax(logits_from_hidden(params, x[:, 0], cfg), axis=-1).astype(jnp.int32)
-                    return jnp.all(jnp.any(top[:, None] == candidates, axis=-1)), top
+                    return jnp.all(jnp.any(top[:, None] == candidates, axis=-1)) & (econ.force != 2), top
 
                 leave, top = lax.cond(fire, verify, lambda _: (jnp.asarray(False), token), None)
-                return (~leave, jnp.where(leave, top, token), jnp.where(leave, i, exit_layer), probs)
+                return (~leave, jnp.where(leave, top, token), jnp.where(leave, i, exit_layer), probs,
+                        checked.at[i].set(True), fired.at[i].set(fire))
 
-            carry = (running, token, exit_layer, last_probs)
-            running, token, exit_layer, last_probs = lax.cond(running & scheduled[i], check, lambda c: c, carry)
+            carry = (running, token, exit_layer, last_probs, checked, fired)
+            running, token, exit_layer, last_probs, checked, fired = lax.cond(running & scheduled[i], check, lambda c: c, carry)
 
         if s.sampling.greedy:
             token = lax.cond(
@@ -357,7 +417,10 @@ class SpecEE(Strategy):
         if drop:
             ran = (jnp.arange(n) <= exit_layer).astype(jnp.int32)
             state["layer_lengths"] = layer_lengths + ran[None, :]
-        return StepResult.one_token(token, cache, state, forwards=1, layers=exit_layer + 1)
+        left = fired & (jnp.arange(n) == exit_layer) & ~running  # the layer a firing predictor let the token leave at
+        state["economics"] = econ.observe(jnp.concatenate([fired, left]).astype(jnp.float32),
+                                          jnp.concatenate([checked, fired]).astype(jnp.float32), probe)
+        return StepResult.one_token(token, cache, state, forwards=1, layers=exit_layer + 1, exited=exit_layer < n - 1)
 
 
 # ----------------------------------------------------------------------------- registration
@@ -369,7 +432,7 @@ class SpecEESettings:
 
     predictors: path of the trained predictors (`eej train specee`); its header names the drafter
       (a Kangaroo artifact), its draft vocabulary and the candidates count it was trained with.
-    threshold, offline_layers, online_window, online_offsets, kv: see `SpecEE`.
+    threshold, offline_layers, online_window, online_offsets, kv, adaptive, probe_every: see `SpecEE`.
       offline_layers: a list, "trained" (the set the training's calibration pass chose) or "all".
     """
 
@@ -379,6 +442,8 @@ class SpecEESettings:
     online_window: int = setting(5, at_least=0, integer=True)
     online_offsets: tuple[int, ...] = (-2, -1, 0, 1, 2)
     kv: str = setting("propagate", choices=KV_MODES)
+    adaptive: bool = setting(True, choices=(True, False))
+    probe_every: int = setting(8, at_least=1, integer=True)
 
     def __post_init__(self) -> None:
         check_settings(self, "specee")
@@ -412,6 +477,8 @@ def load_specee(model: Model, settings: SpecEESettings) -> tuple[SpecEE, dict]:
         online_window=settings.online_window,
         online_offsets=tuple(settings.online_offsets),
         kv=settings.kv,
+        adaptive=settings.adaptive,
+        probe_every=settings.probe_every,
     )
     predictors = {k: jnp.asarray(arrays["predictors"][k], jnp.float32) for k in PREDICTOR_KEYS}
     return strategy, {"drafter": drafter_params, "predictors": predictors}
@@ -438,6 +505,7 @@ def random_specee(model: Model, seed: int, **overrides: Any) -> tuple[SpecEE, di
         kv="drop" if cfg.sliding_window is None else "propagate",
     )
     fields.update(overrides)
+    fields.setdefault("step_costs", SpecEE(**fields)._layer_costs(cfg))  # in layers: no calibration in tests
     strategy = SpecEE(**fields)
     pred = init_predictors(cfg.num_layers - 1 - strategy.first_layer, strategy.num_candidates, hidden=16, seed=seed)
     pred["b2"] = pred["b2"] + 2.0

@@ -35,7 +35,7 @@ from jax import lax
 
 from eej.config import ModelConfig, SamplingConfig
 from eej.decoding.methods import MethodError
-from eej.decoding.sampling import warped_log_probs
+from eej.decoding.sampling import sample, warped_log_probs
 from eej.decoding.strategy import last_token_logits, prompt_positions
 from eej.decoding.verify import verify_greedy, verify_sampling
 from eej.model.cache import KVCache
@@ -52,7 +52,7 @@ class DraftResult:
     """What a drafting loop produced for B rows with room for K drafts.
 
     tokens: [B, K] int32 drafts; only the first `num_drafted[b]` of row b are real.
-    num_drafted: [B] int32 in [1, K].
+    num_drafted: [B] int32 in [0, K] (0 only when the loop was asked for no drafts).
     probs: [B, K, V] float32 distributions the drafts were drawn from (None when greedy).
     steps: int32 scalar: loop iterations run (= max of num_drafted).
     """
@@ -62,10 +62,16 @@ class DraftResult:
     probs: jax.Array | None
     steps: jax.Array
 
-    @property
-    def last(self) -> jax.Array:
-        """[B] the draft of the last iteration (each row's last real draft if it drafted `steps`)."""
-        return lax.dynamic_index_in_dim(self.tokens, jnp.maximum(self.steps - 1, 0), axis=1, keepdims=False)
+    def last(self, pending: jax.Array) -> jax.Array:
+        """[B] the token of the last iteration's output (each row's last real draft if it drafted `steps`),
+        or `pending` [B] when nothing was drafted."""
+        last = lax.dynamic_index_in_dim(self.tokens, jnp.maximum(self.steps - 1, 0), axis=1, keepdims=False)
+        return jnp.where(self.steps > 0, last, pending)
+
+    def first(self, n: int) -> "DraftResult":
+        """The first n (static) draft slots: what a verification of n + 1 tokens judges."""
+        return DraftResult(tokens=self.tokens[:, :n], num_drafted=jnp.minimum(self.num_drafted, n),
+                           probs=None if self.probs is None else self.probs[:, :n], steps=jnp.minimum(self.steps, n))
 
 
 def draft_loop(
@@ -79,12 +85,13 @@ def draft_loop(
     exit_threshold: float,
     vocab_size: int,
     vocab_ids: jax.Array | None = None,
+    num_steps: jax.Array | int | None = None,
 ) -> tuple[Any, DraftResult]:
-    """Draft up to `max_steps` tokens per row after `pending` [B].
+    """Draft up to `num_steps` (<= max_steps; default max_steps) tokens per row after `pending` [B].
 
-    Row b stops after `max_steps` drafts, or after a draft whose top-1 draft probability (softmax of
+    Row b stops after `num_steps` drafts, or after a draft whose top-1 draft probability (softmax of
     the draft logits at temperature 1, over the draft vocabulary) is below `exit_threshold` — that
-    draft is kept.
+    draft is kept. num_steps may be traced (an adaptive draft length); 0 drafts nothing.
 
     Args:
       draft_fn: see the module docstring; called with iteration index i (int32 scalar) for the
@@ -119,16 +126,22 @@ def draft_loop(
         draft = (choice if vocab_ids is None else vocab_ids[choice]).astype(jnp.int32)
         tokens = lax.dynamic_update_slice(tokens, draft[:, None], (0, i))
         num = num + active.astype(jnp.int32)
-        active = active & (confidence >= exit_threshold) & (i + 1 < max_steps)
+        active = active & (confidence >= exit_threshold) & (i + 1 < limit)
         return i + 1, draft, carry, tokens, probs, num, active
 
-    state = (jnp.zeros((), jnp.int32), pending, carry, tokens0, probs0, jnp.zeros((batch,), jnp.int32), jnp.ones((batch,), bool))
+    limit = max_steps if num_steps is None else jnp.minimum(num_steps, max_steps)
+    start = jnp.broadcast_to(jnp.asarray(limit) > 0, (batch,))
+    state = (jnp.zeros((), jnp.int32), pending, carry, tokens0, probs0, jnp.zeros((batch,), jnp.int32), start)
     steps, _, carry, tokens, probs, num, _ = lax.while_loop(lambda s: jnp.any(s[-1]), body, state)
     return carry, DraftResult(tokens=tokens, num_drafted=num, probs=probs, steps=steps)
 
 
 def accept(drafts: DraftResult, target_logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> tuple[jax.Array, jax.Array]:
-    """Verify drafts against target logits [B, K+1, V] -> (tokens [B, K+1], counts [B]) (see eej.decoding.verify)."""
+    """Verify drafts against target logits [B, K+1, V] -> (tokens [B, K+1], counts [B]) (see eej.decoding.verify).
+
+    K = 0 (nothing drafted: a plain step) samples the one token from the target."""
+    if drafts.tokens.shape[1] == 0:
+        return sample(target_logits[:, 0], key, sampling)[:, None], jnp.ones(target_logits.shape[:1], jnp.int32)
     if sampling.greedy:
         return verify_greedy(drafts.tokens, drafts.num_drafted, target_logits)
     return verify_sampling(drafts.tokens, drafts.num_drafted, drafts.probs, target_logits, key, sampling)

@@ -18,7 +18,7 @@ strategy is built (one-line ValueErrors); checks that relate several fields go i
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +74,8 @@ class StepResult:
     method_state: the strategy's own carried state.
     forwards: [B] int32 — full-model (target) forward passes made for the row this step.
     layers: [B] float32 — transformer layers computed for the row this step (drafting included).
+    drafted: [B] int32 — tokens the row drafted and verified this step (speculative methods; None: none).
+    exited: [B] bool — the row's token left the stack early this step (early exit; None: never).
     """
 
     tokens: jax.Array
@@ -82,11 +84,14 @@ class StepResult:
     method_state: Any
     forwards: jax.Array
     layers: jax.Array
+    drafted: jax.Array | None = None
+    exited: jax.Array | None = None
 
     @classmethod
-    def one_token(cls, token: jax.Array, cache: KVCache, method_state: Any, forwards: Any, layers: Any) -> "StepResult":
-        """A step that commits one token per row: token [B]; cache (lengths not yet advanced); forwards and
-        layers per row [B] or one value for every row."""
+    def one_token(cls, token: jax.Array, cache: KVCache, method_state: Any, forwards: Any, layers: Any,
+                  exited: Any = None) -> "StepResult":
+        """A step that commits one token per row: token [B]; cache (lengths not yet advanced); forwards,
+        layers and exited per row [B] or one value for every row."""
         batch = token.shape[0]
         return cls(
             tokens=token[:, None].astype(jnp.int32),
@@ -95,6 +100,7 @@ class StepResult:
             method_state=method_state,
             forwards=jnp.broadcast_to(jnp.asarray(forwards, jnp.int32), (batch,)),
             layers=jnp.broadcast_to(jnp.asarray(layers, jnp.float32), (batch,)),
+            exited=None if exited is None else jnp.broadcast_to(jnp.asarray(exited, bool), (batch,)),
         )
 
 
@@ -146,6 +152,16 @@ class Strategy:
 
     def validate(self, cfg: ModelConfig, method_params: Any) -> None:
         """Raise ValueError with a clear message if the settings or add-ons don't fit `cfg`."""
+
+    def calibration_points(self) -> list[Callable[[Any], Any]] | None:
+        """What this strategy measures on the running machine: edits of the method state (after the prefill)
+        under which the engine times its decode loop, at the batch and cache size it is about to run; None:
+        nothing to measure (the default)."""
+        return None
+
+    def calibrate(self, method_state: Any, milliseconds: list[float]) -> Any:
+        """The method state (after the prefill) told the measured milliseconds per step, one per calibration point."""
+        return method_state
 
     def prefill(
         self,

@@ -1,0 +1,247 @@
+"""Cost-aware, self-tuning speculation and exits: each step does what pays on this machine.
+
+A self-speculative step that drafts k tokens commits in expectation E_b(k) = 1 + α_b + ... + α_b^k
+tokens for a row b whose drafts are each accepted with probability α_b (the accepted prefix ends at the
+first rejection), and costs c(k) milliseconds. Each step the controller drafts
+
+    k* = argmax_k  Σ_b E_b(k) / c(k)        over the active rows, k = 0 (a plain step) included,
+
+one k for the whole batch: what maximises the batch's committed tokens per second, not what its most
+optimistic row would want (rows still stop drafting on their own when their draft's confidence drops).
+
+- c(k) is measured on the running machine: the engine times its compiled decode loop forced to draft k
+  tokens every step, for every k, at the batch size and cache size it is about to run
+  (`SelfSpeculative.calibration_points`), and keeps the table on disk per machine
+  (eej.decoding.calibration). On a CPU verifying a few tokens costs well over one step; on a GPU about
+  one step — the same rule then drafts far more.
+- α_b is an exponential moving average (decay `DECAY` per judged draft, prior 1/2 worth two drafts)
+  of what verification observed: accepted drafts, and the first rejected one. While the controller is
+  not speculating the estimate is kept fresh by a probe every `probe_every` plain steps: a drafter that
+  reads the residual stream of a plain step (Kangaroo: layer l) scores its guess for the next token
+  against the plain step's own output for the price of its adapter and draft head (`free_probe`); any
+  other drafter takes one real speculative step of one draft instead.
+
+The output is untouched: greedy verification and speculative sampling are lossless for any k, and k
+depends only on past steps. `adaptive=False` (a preset's `adaptive: false`) drafts `max_draft_steps`
+every step, as the papers do.
+
+The early-exit methods get the same discipline with `ExitEconomics` (their own decisions, same parts):
+each step M2R2's exit attempts the fast stream only when the measured costs and the observed exit rate
+say an attempt saves time on average (a failed attempt re-runs every layer), and SpecEE checks a layer's
+predictor only where the chance of exiting there, times the layers it would save, outweighs the check
+(its full-vocabulary argmax costs several layers) — with a probe of the other choice every
+`probe_every` steps so the estimates stay fresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import lax
+
+from eej.decoding.sampling import probabilities
+from eej.decoding.strategy import StepInputs, StepResult, Strategy, full_prefill
+from eej.settings import setting
+
+DECAY = 0.9  # per judged draft: the estimate follows the last ~10 drafts
+PRIOR_HITS, PRIOR_TRIALS = 1.0, 2.0
+# Step costs (k = 0, 1, ...: relative) that random test instances carry instead of measuring: drafting pays from an
+# acceptance of about 0.3, so an untrained drafter settles on plain steps and an agreeable one drafts.
+TEST_STEP_COSTS = (1.0, 1.3, 1.45, 1.6, 1.75, 1.9, 2.05, 2.2)
+
+
+@struct.dataclass
+class Controller:
+    """The adaptive controller's carried state (B rows, drafts up to K).
+
+    hits, trials: [B] float32 discounted accepted drafts and judged drafts (the prior included); α = hits / trials.
+    costs: [K + 1] float32, what a step drafting k tokens costs (ms, or relative); the engine writes measured ones.
+    idle: int32, consecutive steps that drafted nothing (a probe is due every `probe_every`).
+    force: int32, the draft length every step takes when >= 0 (calibration), -1: the controller decides.
+    chosen: [K + 1] int32, how many steps drafted k tokens.
+    """
+
+    hits: jax.Array
+    trials: jax.Array
+    costs: jax.Array
+    idle: jax.Array
+    force: jax.Array
+    chosen: jax.Array
+
+    @classmethod
+    def start(cls, batch: int, max_drafts: int, costs: tuple[float, ...] | None = None) -> "Controller":
+        return cls(hits=jnp.full((batch,), PRIOR_HITS, jnp.float32), trials=jnp.full((batch,), PRIOR_TRIALS, jnp.float32),
+                   costs=jnp.asarray(costs or (1.0,) * (max_drafts + 1), jnp.float32), idle=jnp.zeros((), jnp.int32),
+                   force=jnp.full((), -1, jnp.int32), chosen=jnp.zeros((max_drafts + 1,), jnp.int32))
+
+    @property
+    def acceptance(self) -> jax.Array:
+        """[B] the estimated probability that a row's next draft is accepted."""
+        return self.hits / self.trials
+
+
+def discounted(hits: jax.Array, trials: jax.Array, new_hits: jax.Array, new_trials: jax.Array, where: jax.Array):
+    """(hits, trials) after observing new_hits of new_trials where `where` (old ones decayed by DECAY per new trial)."""
+    decay = DECAY ** new_trials
+    return jnp.where(where, decay * hits + new_hits, hits), jnp.where(where, decay * trials + new_trials, trials)
+
+
+def expected_tokens(acceptance: jax.Array, max_drafts: int) -> jax.Array:
+    """E(k) = 1 + α + ... + α^k for k = 0..K: acceptance [...] -> [..., K + 1]."""
+    return jnp.cumsum(acceptance[..., None] ** jnp.arange(max_drafts + 1), axis=-1)
+
+
+def best_draft_length(acceptance: jax.Array, active: jax.Array, costs: jax.Array) -> jax.Array:
+    """argmax_k Σ_b E_b(k) / costs[k] over the active rows: acceptance, active [B]; costs [K + 1] -> int32 k."""
+    expected = jnp.sum(jnp.where(active[:, None], expected_tokens(acceptance, costs.shape[0] - 1), 0.0), axis=0)
+    return jnp.argmax(expected / costs).astype(jnp.int32)
+
+
+def probe_overlap(target_logits: jax.Array, draft_logits: jax.Array, draft_ids: jax.Array | None, sampling) -> jax.Array:
+    """Σ_v min(p_v, q_v): the probability that a draft from q (draft logits [B, V'], columns `draft_ids` [V']
+    or the full vocabulary) is accepted where the target says p (logits [B, V]) — under greedy decoding
+    whether the two argmaxes agree."""
+    if sampling.greedy:
+        guess = jnp.argmax(draft_logits, axis=-1)
+        guess = guess if draft_ids is None else draft_ids[guess]
+        return (guess == jnp.argmax(target_logits, axis=-1)).astype(jnp.float32)
+    p = probabilities(target_logits, sampling)
+    q = probabilities(draft_logits, sampling)
+    if draft_ids is not None:
+        q = jnp.zeros_like(p).at[:, draft_ids].set(q)
+    return jnp.sum(jnp.minimum(p, q), axis=-1)
+
+
+def verify_by_width(k: jax.Array | int, max_drafts: int, verify: Callable[[int], Any]) -> Any:
+    """`verify(w)` for the verification width w = k + 1: one compiled branch per width (`lax.switch`) when
+    k is traced, so that a short draft pays only for a short verification; k a Python int: that width only."""
+    if isinstance(k, int):
+        return verify(k + 1)
+    return lax.switch(jnp.clip(k, 0, max_drafts), [functools.partial(verify, w) for w in range(1, max_drafts + 2)])
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfSpeculative(Strategy):
+    """Base of the self-speculative strategies: the adaptive draft length, written once.
+
+    A subclass declares `max_draft_steps` and implements `speculate(inputs, k, probe)`: one step drafting
+    up to k tokens (traced, or a Python int) that returns (StepResult, hits [B], trials [B]) — the drafts
+    verification judged and accepted (plus, when `probe` and the drafter reads a plain step, its scored
+    guess) — and, if it needs more than the full prefill, `prefill_drafter` returning its own state.
+
+    adaptive: choose k each step (module docstring); False: always max_draft_steps.
+    step_costs: what a step drafting k = 0..K tokens costs (ms, or relative) at the batch and cache size in use;
+      None: the engine measures them (`calibration_points`) before the first run of each shape.
+    probe_every: while not drafting, score the drafter every this many steps.
+    """
+
+    free_probe: ClassVar[bool] = False  # the drafter can score a plain step's token for little (see module docstring)
+
+    adaptive: bool = setting(True, choices=(True, False), kw_only=True)
+    step_costs: tuple[float, ...] | None = dataclasses.field(default=None, kw_only=True)
+    probe_every: int = setting(8, at_least=1, integer=True, kw_only=True)
+
+    @property
+    def max_step_tokens(self) -> int:
+        return self.max_draft_steps + 1
+
+    def check(self) -> None:
+        if self.step_costs is not None and (len(self.step_costs) != self.max_draft_steps + 1 or min(self.step_costs) <= 0):
+            raise ValueError(f"{self.name} step_costs must hold {self.max_draft_steps + 1} positive times (k = 0..K drafts)")
+
+    def prefill_drafter(self, params, method_params, tokens, prompt_lens, cache, cfg) -> tuple[jax.Array, Any, Any]:
+        """The prompt through the model (and the drafter): -> (last-token logits [B, V], cache, drafter state)."""
+        logits, cache = full_prefill(params, tokens, prompt_lens, cache, cfg)
+        return logits, cache, ()
+
+    def prefill(self, params, method_params, tokens, prompt_lens, cache, cfg):
+        logits, cache, drafter = self.prefill_drafter(params, method_params, tokens, prompt_lens, cache, cfg)
+        controller = Controller.start(tokens.shape[0], self.max_draft_steps, self.step_costs)
+        return logits, cache, {"drafter": drafter, "controller": controller}
+
+    def speculate(self, inputs: StepInputs, k: jax.Array | int, probe: jax.Array | bool) -> tuple[StepResult, jax.Array, jax.Array]:
+        raise NotImplementedError
+
+    def step(self, s: StepInputs) -> StepResult:
+        ctl: Controller = s.method_state["controller"]
+        if self.adaptive:
+            k = best_draft_length(ctl.acceptance, s.active, ctl.costs)
+            due = (k == 0) & (ctl.idle + 1 >= self.probe_every)
+            if not self.free_probe:
+                k = jnp.where(due, 1, k)
+            forced = ctl.force >= 0
+            k = jnp.where(forced, ctl.force, k)
+            probe = (k > 0) | (due & ~forced)
+        else:
+            k, probe = self.max_draft_steps, False
+        result, hits, trials = self.speculate(s.replace(method_state=s.method_state["drafter"]), k, probe)
+        hits, trials = discounted(ctl.hits, ctl.trials, hits, trials, s.active)
+        ctl = ctl.replace(hits=hits, trials=trials, idle=jnp.where(jnp.asarray(k) > 0, 0, ctl.idle + 1),
+                          chosen=ctl.chosen.at[k].add(1))
+        return result.replace(method_state={"drafter": result.method_state, "controller": ctl})
+
+    def calibration_points(self) -> list[Callable[[Any], Any]] | None:
+        """Edits of the method state that force every step to draft k = 0..K tokens, to be timed (None: the
+        costs are known, or nothing adapts)."""
+        if not self.adaptive or self.step_costs is not None:
+            return None
+
+        def forcing(k: int) -> Callable[[Any], Any]:
+            return lambda state: {**state, "controller": state["controller"].replace(force=jnp.full((), k, jnp.int32))}
+
+        return [forcing(k) for k in range(self.max_draft_steps + 1)]
+
+    def calibrate(self, method_state: Any, milliseconds: list[float]) -> Any:
+        return {**method_state, "controller": method_state["controller"].replace(costs=jnp.asarray(milliseconds, jnp.float32))}
+
+
+def judged(drafted: jax.Array, counts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """What verification observed of the drafts: (accepted [B], judged [B]) from the drafts made (num_drafted [B])
+    and the tokens committed (counts [B] = accepted + 1): the accepted ones and the first rejected one."""
+    accepted = (counts - 1).astype(jnp.float32)
+    return accepted, accepted + (counts - 1 < drafted).astype(jnp.float32)
+
+
+@struct.dataclass
+class ExitEconomics:
+    """What an adaptive early-exit method carries to decide whether trying to exit pays (batch-level rates).
+
+    hits, trials: [n] float32 discounted successes and attempts of n decisions (e.g. per layer), prior 1/2.
+    costs: [m] float32, the method's measured step costs (ms, or layer units before measuring).
+    idle: int32, steps since the method last tried (a probe is due every `probe_every`).
+    force: int32, a calibration mode when >= 0 (the method's own meaning), -1: decide.
+    """
+
+    hits: jax.Array
+    trials: jax.Array
+    costs: jax.Array
+    idle: jax.Array
+    force: jax.Array
+
+    @classmethod
+    def start(cls, decisions: int, costs: tuple[float, ...]) -> "ExitEconomics":
+        return cls(hits=jnp.full((decisions,), PRIOR_HITS, jnp.float32), trials=jnp.full((decisions,), PRIOR_TRIALS, jnp.float32),
+                   costs=jnp.asarray(costs, jnp.float32), idle=jnp.zeros((), jnp.int32), force=jnp.full((), -1, jnp.int32))
+
+    @property
+    def rate(self) -> jax.Array:
+        return self.hits / self.trials
+
+    def observe(self, hits: jax.Array, trials: jax.Array, tried: jax.Array) -> "ExitEconomics":
+        """After a step: `hits` of `trials` [n] observed; `tried` (bool scalar): whether the method tried at all."""
+        new_hits, new_trials = discounted(self.hits, self.trials, hits, trials, trials > 0)
+        return self.replace(hits=new_hits, trials=new_trials, idle=jnp.where(tried, 0, self.idle + 1))
+
+
+def forcing_modes(modes: int) -> list[Callable[[Any], Any]]:
+    """Calibration edits setting `force` of the ExitEconomics at method_state["economics"] to 0..modes-1."""
+
+    def forcing(mode: int) -> Callable[[Any], Any]:
+        return lambda state: {**state, "economics": state["economics"].replace(force=jnp.full((), mode, jnp.int32))}
+
+    return [forcing(m) for m in range(modes)]

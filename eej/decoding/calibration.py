@@ -1,0 +1,113 @@
+"""Step times measured on the running machine, and kept on disk per machine.
+
+A strategy that adapts to what its steps cost (eej.decoding.adaptive) names the variants to time
+(`Strategy.calibration_points`); the engine times its compiled decode loop under each, a few steps
+from the prefilled state, at the batch and cache size it is about to run — once per shape — and
+remembers the milliseconds per step in `step_times.json` in eej's cache directory —
+keyed by the device, JAX's version, the model's shape, dtype and attention implementation, the
+strategy's settings and the shape — so that the next process on the same machine skips the
+measurement. A missing, corrupt or foreign entry only means measuring again.
+
+The cache directory is `$EEJ_CACHE_DIR`, else `$XDG_CACHE_HOME/eej`, else `~/.cache/eej`;
+`EEJ_CACHE_DIR=` (empty) keeps nothing on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eej.weights.artifacts import model_fingerprint
+
+STEP_TIMES_FILE = "step_times.json"
+ROUNDS = 3
+CALIBRATION_STEPS = 8  # decode steps per timed run
+
+
+def cache_dir() -> str | None:
+    """Where eej keeps what it measured or compiled on this machine (None: nowhere, `EEJ_CACHE_DIR=`)."""
+    if "EEJ_CACHE_DIR" in os.environ:
+        return os.environ["EEJ_CACHE_DIR"] or None
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "eej")
+
+
+def step_times_key(cfg, strategy: Any, sampling: Any, batch: int, capacity: int) -> dict[str, Any]:
+    """What measured step times depend on (JSON-ready)."""
+    device = jax.devices()[0]
+    return {"device": f"{device.platform}:{getattr(device, 'device_kind', '')}", "jax": jax.__version__,
+            "model": model_fingerprint(cfg), "dtype": cfg.dtype, "attention": cfg.attention_impl,
+            "strategy": repr(strategy), "sampling": repr(sampling), "batch": batch, "capacity": capacity}
+
+
+def _digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_step_times(key: dict[str, Any], count: int) -> list[float] | None:
+    """The milliseconds stored for `key` (None if absent, unreadable or not `count` positive numbers)."""
+    directory = cache_dir()
+    if directory is None:
+        return None
+    entry = _read(os.path.join(directory, STEP_TIMES_FILE)).get(_digest(key))
+    ms = entry.get("ms") if isinstance(entry, dict) and entry.get("key") == key else None
+    if not isinstance(ms, list) or len(ms) != count or not all(isinstance(m, (int, float)) and m > 0 for m in ms):
+        return None
+    return [float(m) for m in ms]
+
+
+def store_step_times(key: dict[str, Any], ms: Sequence[float]) -> None:
+    """Remember `ms` for `key` (atomically; a cache that can't be written is skipped, never an error)."""
+    directory = cache_dir()
+    if directory is None:
+        return
+    path = os.path.join(directory, STEP_TIMES_FILE)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        data = _read(path)
+        data[_digest(key)] = {"key": key, "ms": [round(float(m), 4) for m in ms], "measured": time.strftime("%Y-%m-%d")}
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".step_times.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def time_loop(loop: Callable[[Any], Any], state: Any, edits: Sequence[Callable[[Any], Any]], rounds: int = ROUNDS) -> list[float] | None:
+    """Milliseconds per step of the compiled decode `loop` run from `edit(state)`, for each edit: the median over
+    `rounds` rounds, interleaved (drift hits every point alike). None if a run made no step (nothing left to decode).
+
+    loop: state -> state, donating its input (`state` itself is not consumed: each run starts from a copy);
+    the edits also set how many steps a run makes (the loop's step counter).
+    """
+
+    def run(edit: Callable[[Any], Any]) -> float | None:
+        s = edit(jax.tree.map(jnp.copy, state))
+        before = int(s.steps)
+        start = time.perf_counter()
+        s = jax.block_until_ready(loop(s))
+        steps = int(s.steps) - before
+        return 1e3 * (time.perf_counter() - start) / steps if steps > 0 else None
+
+    for edit in edits:  # the first call of a compiled program is not representative
+        if run(edit) is None:
+            return None
+    times = [[run(edit) for edit in edits] for _ in range(rounds)]
+    return [float(np.median([t[i] for t in times])) for i in range(len(edits))]

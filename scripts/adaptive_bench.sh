@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Adaptive vs fixed speculation and exits against plain decoding (docs/adaptive.md), every method, in one
+# `eej bench` run per (question set, temperature, batch size):
+#   Spec-Bench (4 questions per category at batch 4, 2 at batch 1) and MT-Bench (8 questions, one category),
+#   greedy and temperature 0.7, batch 1 and 4, up to 128 new tokens.
+# Runs one benchmark at a time (a lock file: nothing else may measure meanwhile) and records the load average.
+#
+#   scripts/adaptive_bench.sh [OUT_PREFIX]      (default benchmarks/results/adaptive)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-benchmarks/results/adaptive}"
+EEJ="${EEJ:-.venv/bin/eej}"
+METHODS=plain,kangaroo,kangaroo:fixed,m2r2-spec,m2r2-spec:fixed,specee,specee:fixed,m2r2-exit,m2r2-exit:fixed,skipdecode
+exec 9>/tmp/eej-benchmark.lock
+flock 9
+for set in spec_bench mt_bench; do
+  for temp in 0 0.7; do
+    for batch in 1 4; do
+      if [ "$set" = spec_bench ]; then limit=$((batch == 1 ? 2 : 4)); cats=auto; else limit=8; cats=merge; fi
+      name="${OUT}_${set}_t${temp}_b${batch}"
+      [ -f "$name.json" ] && continue   # finished before: rerun by deleting it
+      "$EEJ" bench --model smollm2-135m --questions "../shared/data/eval/$set.jsonl" --methods "$METHODS" \
+        --limit "$limit" --mt-bench-categories "$cats" --max-new-tokens 128 --batch-size "$batch" \
+        --temperature "$temp" --seed 0 --no-progress --checkpoint "$name.checkpoint.jsonl" \
+        --out "$name.json" --report "$name.md" --note "scripts/adaptive_bench.sh; nothing else ran"
+      rm -f "$name.checkpoint.jsonl"
+    done
+  done
+done

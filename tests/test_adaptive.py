@@ -1,0 +1,160 @@
+"""Adaptive speculation: the controller's choice against hand calculations, probes, step times measured and
+kept on disk, and an untrained drafter on the real model settling on plain steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eej.config import SamplingConfig
+from eej.decoding import calibration
+from eej.decoding.adaptive import best_draft_length, expected_tokens, probe_overlap
+from eej.decoding.engine import Engine
+from eej.decoding.kangaroo import Kangaroo, random_kangaroo
+from eej.decoding.speculation import init_adapter, random_adapter
+from eej.testing import agreeable_model, plain_tokens, random_prompts, tiny_model
+
+COSTS = jnp.asarray([1.0, 1.3, 1.45, 1.6, 1.75])
+
+
+def test_expected_tokens_are_the_geometric_prefix_sums():
+    np.testing.assert_allclose(expected_tokens(jnp.asarray([0.0, 0.5, 1.0]), 3),
+                               [[1, 1, 1, 1], [1, 1.5, 1.75, 1.875], [1, 2, 3, 4]])
+
+
+@pytest.mark.parametrize("acceptance,active,want", [
+    ([0.0], [True], 0),               # drafts never accepted: plain steps
+    ([1.0], [True], 4),               # always accepted: (k+1)/c(k) grows to k = 4 (5 / 1.75 = 2.86)
+    ([0.5], [True], 2),               # 1, 1.5/1.3, 1.75/1.45, 1.875/1.6, 1.9375/1.75 = 1, 1.154, 1.207, 1.172, 1.107
+    ([0.2], [True], 0),               # 1.2 / 1.3 < 1
+    ([0.9, 0.0], [True, True], 4),    # the batch's total: (2, 2.9, 3.71, 4.44, 5.10) / c -> 2.91 at k = 4
+    ([0.9, 0.0], [False, True], 0),   # a finished row counts for nothing
+    ([0.35] * 4, [True] * 4, 1),      # 4 * (1, 1.35, 1.4725, 1.515, 1.530) / c = 4 * (1, 1.038, 1.016, 0.947, 0.874)
+])
+def test_controller_picks_what_a_hand_calculation_picks(acceptance, active, want):
+    k = best_draft_length(jnp.asarray(acceptance, jnp.float32), jnp.asarray(active), COSTS)
+    assert int(k) == want
+
+
+def test_on_a_gpu_like_cost_table_the_same_rule_drafts_more():
+    flat = jnp.asarray([1.0, 1.02, 1.04, 1.06, 1.08])  # verification of a few tokens costs about one step
+    assert int(best_draft_length(jnp.asarray([0.5]), jnp.asarray([True]), flat)) == 4  # 1.9375 / 1.08 = 1.79
+    assert int(best_draft_length(jnp.asarray([0.5]), jnp.asarray([True]), COSTS)) == 2
+    assert int(best_draft_length(jnp.asarray([0.3]), jnp.asarray([True]), flat)) == 3  # 1.417 / 1.06 > 1.425 / 1.08
+    assert int(best_draft_length(jnp.asarray([0.3]), jnp.asarray([True]), COSTS)) == 0
+
+
+def test_probe_overlap_is_the_acceptance_probability():
+    target = jnp.log(jnp.asarray([[0.5, 0.3, 0.2, 0.0 + 1e-30]]))
+    draft = jnp.log(jnp.asarray([[0.1, 0.6, 0.3]]))  # over token ids [0, 1, 3]
+    ids = jnp.asarray([0, 1, 3])
+    sampling = SamplingConfig(temperature=1.0)
+    # sum_v min(p_v, q_v): min(.5,.1) + min(.3,.6) + min(.2,0) + min(0,.3) = 0.4
+    np.testing.assert_allclose(probe_overlap(target, draft, ids, sampling), [0.4], atol=1e-6)
+    assert float(probe_overlap(target, draft, ids, SamplingConfig())[0]) == 0.0  # greedy: argmax 0 vs draft's 1
+    assert float(probe_overlap(target, jnp.log(jnp.asarray([[0.9, 0.05, 0.05]])), ids, SamplingConfig())[0]) == 1.0
+
+
+def test_an_unrewarding_drafter_settles_on_plain_steps_and_stays_lossless():
+    model = tiny_model("tiny-gqa", 3)
+    strategy, method_params = random_kangaroo(model, 1, exit_layer=2, exit_threshold=0.0, max_draft_steps=4,
+                                              step_costs=tuple(COSTS.tolist()), probe_every=4)
+    prompts = random_prompts(np.random.default_rng(0), [5, 9], model.cfg.vocab_size)
+    out = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=40, eos_ids=())
+    assert out.tokens == plain_tokens(model, prompts, 40)
+    controller = out.method_state["controller"]
+    chosen = np.asarray(controller.chosen)
+    assert chosen.sum() == out.steps and chosen[0] >= out.steps - 4  # a few drafting steps while the prior fades
+    assert float(jnp.min(controller.trials)) > 5  # probes kept scoring the drafter while it did not draft ...
+    assert int(best_draft_length(controller.acceptance, jnp.asarray([True, True]), COSTS)) == 0  # ... and it stays unrewarding
+    assert sum(out.speculated_steps) <= 2 * int(chosen[1:].sum()) and sum(out.new_tokens) / sum(out.forwards) < 1.1
+
+
+def test_an_agreeable_drafter_keeps_drafting():
+    model = agreeable_model("tiny-gqa", 1)
+    adapter = init_adapter(model.cfg, 0, 0.01, norm=np.asarray(model.params["final_norm"]))
+    strategy = Kangaroo(exit_layer=3, exit_threshold=0.0, max_draft_steps=4, step_costs=tuple(COSTS.tolist()))
+    method_params = {"adapter": {k: jnp.asarray(v) for k, v in adapter.items()}}
+    prompts = random_prompts(np.random.default_rng(2), [5, 12, 3], model.cfg.vocab_size)
+    out = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=40, eos_ids=())
+    assert out.tokens == plain_tokens(model, prompts, 40)
+    assert sum(out.speculated_steps) > 0.8 * sum(out.row_steps) and sum(out.new_tokens) / sum(out.forwards) > 1.5
+
+
+def test_step_times_are_measured_once_per_shape_and_kept_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("EEJ_CACHE_DIR", str(tmp_path))
+    model = tiny_model("tiny-llama", 0)
+    strategy = Kangaroo(exit_layer=1, exit_threshold=0.0, max_draft_steps=3)  # no step_costs: the engine measures
+    method_params = random_adapter(model, 0)
+    prompts = random_prompts(np.random.default_rng(1), [6], model.cfg.vocab_size)
+    engine = Engine(model, strategy, method_params)
+    first = engine.generate(prompts, max_new_tokens=20, eos_ids=())
+    stored = json.loads((tmp_path / calibration.STEP_TIMES_FILE).read_text())
+    (entry,) = stored.values()
+    assert entry["key"]["batch"] == 1 and len(entry["ms"]) == 4 and all(m > 0 for m in entry["ms"])
+    np.testing.assert_allclose(np.asarray(first.method_state["controller"].costs), entry["ms"], rtol=1e-3)
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr("eej.decoding.engine.time_loop", no_measuring)
+    again = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=20, eos_ids=())  # a new process, in effect
+    np.testing.assert_allclose(np.asarray(again.method_state["controller"].costs), entry["ms"], rtol=1e-3)
+    assert again.tokens == first.tokens == plain_tokens(model, prompts, 20)
+
+    # A corrupt file, or a foreign entry, means measuring again, never an error or other tokens.
+    monkeypatch.undo()
+    monkeypatch.setenv("EEJ_CACHE_DIR", str(tmp_path))
+    (tmp_path / calibration.STEP_TIMES_FILE).write_text("{not json")
+    assert Engine(model, strategy, method_params).generate(prompts, max_new_tokens=20, eos_ids=()).tokens == first.tokens
+    assert len(json.loads((tmp_path / calibration.STEP_TIMES_FILE).read_text())) == 1
+    data = json.loads((tmp_path / calibration.STEP_TIMES_FILE).read_text())
+    (digest,) = data
+    data[digest]["ms"] = [-1, "x"]
+    (tmp_path / calibration.STEP_TIMES_FILE).write_text(json.dumps(data))
+    assert Engine(model, strategy, method_params).generate(prompts, max_new_tokens=20, eos_ids=()).tokens == first.tokens
+    assert all(m > 0 for m in json.loads((tmp_path / calibration.STEP_TIMES_FILE).read_text())[digest]["ms"])
+
+
+def test_an_empty_cache_dir_keeps_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("EEJ_CACHE_DIR", "")
+    monkeypatch.chdir(tmp_path)
+    assert calibration.cache_dir() is None
+    model = tiny_model("tiny-llama", 0)
+    engine = Engine(model, Kangaroo(exit_layer=1, max_draft_steps=2), random_adapter(model, 0))
+    engine.generate(random_prompts(np.random.default_rng(1), [4], model.cfg.vocab_size), max_new_tokens=12, eos_ids=())
+    assert os.listdir(tmp_path) == []
+
+
+def test_fixed_drafting_is_the_papers_behaviour():
+    model = agreeable_model("tiny-llama", 2)
+    strategy, method_params = random_kangaroo(model, 3, exit_layer=2, exit_threshold=0.0, max_draft_steps=3, adaptive=False)
+    prompts = random_prompts(np.random.default_rng(4), [7], model.cfg.vocab_size)
+    out = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=30, eos_ids=())
+    assert out.tokens == plain_tokens(model, prompts, 30)
+    chosen = np.asarray(out.method_state["controller"].chosen)
+    assert chosen[3] == out.steps and out.speculated_steps == out.row_steps  # every step drafted K = 3
+
+
+@pytest.mark.real_model
+def test_an_untrained_adapter_on_the_real_model_costs_only_the_probes(real_model, tmp_path, monkeypatch):
+    """Acceptance ~0: after the prior fades the controller takes plain steps, with a probe every 8 (measured costs)."""
+    monkeypatch.setenv("EEJ_CACHE_DIR", str(tmp_path))
+    strategy = Kangaroo(exit_layer=2, exit_threshold=0.0, max_draft_steps=4)
+    adapter = init_adapter(real_model.cfg, 0, norm=np.asarray(real_model.params["final_norm"]))
+    method_params = {"adapter": {k: jnp.asarray(v) for k, v in adapter.items()}}
+    prompts = [real_model.tokenizer.encode_chat("Name three rivers in Europe.")]
+    out = Engine(real_model, strategy, method_params).generate(prompts, max_new_tokens=64, eos_ids=())
+    assert out.tokens == Engine(real_model).generate(prompts, max_new_tokens=64, eos_ids=()).tokens
+    chosen = np.asarray(out.method_state["controller"].chosen)
+    assert chosen[1:].sum() <= 6 and sum(out.speculated_steps) <= 6  # drafting only while the prior (1/2) fades
+    assert out.steps >= 63 - 6  # about one token per step: nothing lost to speculation that never pays
+    assert float(out.method_state["controller"].acceptance[0]) < 0.15
+    costs = np.asarray(out.method_state["controller"].costs)
+    assert np.all(costs > 0) and costs[4] > costs[0]  # measured on this machine: drafting 4 costs more than none
+    assert (chosen * costs).sum() <= 1.05 * out.steps * costs[0]  # within 5% of all-plain steps, by the measured costs
