@@ -3,7 +3,6 @@ kept on disk, and an untrained drafter on the real model settling on plain steps
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
