@@ -14,15 +14,21 @@ The notebook API (eej.api) in a line each:
     eej.custom_model(params, layer_fn, num_heads=8, num_kv_heads=8, head_dim=64)   # your own model
 """
 
-from eej.api import Completions, benchmark, compare, generate
-from eej.bench.report import BenchReport, load_results
-from eej.config import ModelConfig, RopeConfig, SamplingConfig
-from eej.decoding.engine import Engine, GenerationOutput
-from eej.decoding.methods import build_method, known_methods
-from eej.decoding.plain import Plain
-from eej.decoding.strategy import StepInputs, StepResult, Strategy
-from eej.weights.custom import custom_model
-from eej.weights.registry import Model, load_model
+import os
+
+# transformers, which wraps eej's tokenizers, prints an advisory "PyTorch was not found" line when it is imported
+# without torch — eej needs no torch. Its own switch for advisory messages (not its warnings) keeps eej quiet.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from eej.api import Completions, benchmark, compare, generate  # noqa: E402
+from eej.bench.report import BenchReport, load_results  # noqa: E402
+from eej.config import ModelConfig, RopeConfig, SamplingConfig  # noqa: E402
+from eej.decoding.engine import Engine, GenerationOutput  # noqa: E402
+from eej.decoding.methods import build_method, known_methods  # noqa: E402
+from eej.decoding.plain import Plain  # noqa: E402
+from eej.decoding.strategy import StepInputs, StepResult, Strategy  # noqa: E402
+from eej.weights.custom import custom_model  # noqa: E402
+from eej.weights.registry import Model, load_model  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -27,6 +27,8 @@ import json
 import weakref
 from typing import Any, Mapping, Sequence, Union
 
+import jax
+import numpy as np
 
 from eej.bench.contestants import MethodContestant
 from eej.bench.peers import load_peers, parse_peers
@@ -156,15 +158,42 @@ def _cell(text: str, limit: int = 400) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+def _token_ids(prompt: Any) -> list[int] | None:
+    """A prompt given as token ids — a list or tuple of ints, or a 1-D integer numpy or JAX array — as a list of
+    ints; None if it is not one (TypeError for an array that can't be token ids)."""
+    if isinstance(prompt, (np.ndarray, jax.Array)):
+        if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
+            raise TypeError(f"a prompt given as an array must be 1-D integer token ids, got {prompt.dtype} of shape "
+                            f"{tuple(prompt.shape)}")
+        return [int(t) for t in np.asarray(prompt)]
+    if isinstance(prompt, (list, tuple)) and prompt and all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)) for t in prompt):
+        return [int(t) for t in prompt]
+    return None
+
+
+def _as_prompt_list(prompts: Any) -> list[Prompt]:
+    """One prompt or a batch -> prompts, each a string or a list of token ids; TypeError naming what is wrong."""
+    if isinstance(prompts, (np.ndarray, jax.Array)) and prompts.ndim == 2:
+        prompts = list(prompts)  # a batch of token-id rows
     if isinstance(prompts, str):
         return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # one prompt given as token ids
+    ids = _token_ids(prompts)
+    if ids is not None:
+        return [ids]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError("prompts: a string, token ids (a list of ints or a 1-D integer array), or a list of those; got "
+                        f"{type(prompts).__name__}" + (" (decode bytes to a string first)" if isinstance(prompts, bytes) else ""))
     if not prompts:
         raise ValueError("no prompts given")
-    return prompts
+    out: list[Prompt] = []
+    for i, p in enumerate(prompts):
+        ids = None if isinstance(p, str) else _token_ids(p)
+        if not isinstance(p, str) and ids is None:
+            raise TypeError(f"prompt {i}: expected a string or token ids (a list of ints or a 1-D integer array), got "
+                            f"{type(p).__name__}" + (" (decode bytes to a string first)" if isinstance(p, bytes) else ""))
+        out.append(p if isinstance(p, str) else ids)
+    return out
 
 
 def generate(
@@ -186,7 +215,7 @@ def generate(
     """
     items = _as_prompt_list(prompts)
     tok = model.tokenizer
-    ids = [(tok.encode_chat(p) if chat else tok.encode(p)) if isinstance(p, str) else list(p) for p in items]
+    ids = [(tok.encode_chat(p) if chat else tok.encode(p)) if isinstance(p, str) else p for p in items]
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     out = engine(model, method, cache_size=cache_size).generate(ids, max_new_tokens, sampling, seed=seed)
     return Completions(method_label(method), items, [tok.decode(t) for t in out.tokens], out.tokens, out)

@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
                     "attention": model.cfg.attention_impl,
                     "mesh": None if mesh is None else dict(mesh.shape),
                     "processes": jax.process_count(),
+                    "compile_seconds": compile_seconds,
+                    "compile_cache_hits": engine.compile_cache_hits,
                 }
             )
         )
@@ -116,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     decode_rate = decode_tokens / decode_seconds if decode_seconds > 0 else 0.0
     print(
         f"[{total} tokens in {seconds:.2f} s: {tps:.1f} tokens/s overall, {decode_rate:.1f} tokens/s decoding "
-        f"(prefill {seconds - decode_seconds:.2f} s); method {args.method}; compile {compile_seconds:.1f} s not counted; "
+        f"(prefill {seconds - decode_seconds:.2f} s); method {args.method}; compile {compile_seconds:.1f} s not counted"
+        f"{f' ({engine.compile_cache_hits} programs from the compile cache)' if engine.compile_cache_hits else ''}; "
         f"{device_description()}]",
         file=sys.stderr,
     )

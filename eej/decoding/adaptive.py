@@ -42,10 +42,10 @@ from typing import Any, Callable, ClassVar
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax import lax
 
 from eej.decoding.sampling import probabilities
 from eej.decoding.strategy import StepInputs, StepResult, Strategy, full_prefill
+from eej.model.control import switch_in_place
 from eej.settings import setting
 
 DECAY = 0.9  # per judged draft: the estimate follows the last ~10 drafts
@@ -117,12 +117,11 @@ def probe_overlap(target_logits: jax.Array, draft_logits: jax.Array, draft_ids: 
     return jnp.sum(jnp.minimum(p, q), axis=-1)
 
 
-def verify_by_width(k: jax.Array | int, max_drafts: int, verify: Callable[[int], Any]) -> Any:
-    """`verify(w)` for the verification width w = k + 1: one compiled branch per width (`lax.switch`) when
-    k is traced, so that a short draft pays only for a short verification; k a Python int: that width only."""
-    if isinstance(k, int):
-        return verify(k + 1)
-    return lax.switch(jnp.clip(k, 0, max_drafts), [functools.partial(verify, w) for w in range(1, max_drafts + 2)])
+def verify_by_width(k: jax.Array | int, max_drafts: int, verify: Callable[[int, Any], tuple[Any, Any]], cache: Any) -> tuple[Any, Any]:
+    """`verify(w, cache)` -> (cache, out) for the verification width w = k + 1: one compiled branch per width
+    when k is traced, so that a short draft pays only for a short verification, the cache updated in place
+    (eej.model.control); k a Python int: that width only."""
+    return switch_in_place(k, [functools.partial(verify, w) for w in range(1, max_drafts + 2)], cache)
 
 
 @dataclasses.dataclass(frozen=True)

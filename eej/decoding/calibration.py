@@ -8,8 +8,8 @@ keyed by the device, JAX's version, the model's shape, dtype and attention imple
 strategy's settings and the shape — so that the next process on the same machine skips the
 measurement. A missing, corrupt or foreign entry only means measuring again.
 
-The cache directory is `$EEJ_CACHE_DIR`, else `$XDG_CACHE_HOME/eej`, else `~/.cache/eej`;
-`EEJ_CACHE_DIR=` (empty) keeps nothing on disk.
+The cache directory is eej's (eej.local_cache: `$EEJ_CACHE_DIR`, else `$XDG_CACHE_HOME/eej`, else
+`~/.cache/eej`; `EEJ_CACHE_DIR=` (empty) keeps nothing on disk).
 """
 
 from __future__ import annotations
@@ -25,18 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eej.local_cache import cache_dir
 from eej.weights.artifacts import model_fingerprint
 
 STEP_TIMES_FILE = "step_times.json"
 ROUNDS = 3
 CALIBRATION_STEPS = 8  # decode steps per timed run
-
-
-def cache_dir() -> str | None:
-    """Where eej keeps what it measured or compiled on this machine (None: nowhere, `EEJ_CACHE_DIR=`)."""
-    if "EEJ_CACHE_DIR" in os.environ:
-        return os.environ["EEJ_CACHE_DIR"] or None
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "eej")
 
 
 def step_times_key(cfg, strategy: Any, sampling: Any, batch: int, capacity: int) -> dict[str, Any]:

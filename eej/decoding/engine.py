@@ -34,6 +34,7 @@ from eej.decoding.calibration import CALIBRATION_STEPS, cached_step_times, step_
 from eej.decoding.plain import Plain
 from eej.decoding.sampling import sample
 from eej.decoding.strategy import StepInputs, StepResult, Strategy
+from eej.local_cache import compile_cache_hits, use_compilation_cache
 from eej.model.cache import KVCache, init_cache
 from eej.model.transformer import Params
 from eej.parallel.sharding import DecodeSharding, to_host
@@ -242,6 +243,8 @@ class Engine:
         cache_size: int | None = None,
         mesh: jax.sharding.Mesh | None = None,
     ):
+        use_compilation_cache()  # compiled programs persist on disk between processes (eej.local_cache)
+        self.compile_cache_hits = 0  # programs this engine loaded from that cache instead of compiling
         self.strategy = strategy or Plain()
         self.cache_size = cache_size
         self.strategy.validate(model.cfg, method_params)
@@ -306,7 +309,7 @@ class Engine:
         key = (name, tuple(sorted(static.items(), key=lambda kv: kv[0])), jax.tree.structure(args[2:]), str(shapes))
         if key in self._compiled:
             return self._compiled[key], 0.0
-        start = time.perf_counter()
+        start, hits = time.perf_counter(), compile_cache_hits()
         fn = functools.partial(fn, **static)
         if self._sharding is None:
             compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
@@ -315,6 +318,7 @@ class Engine:
                 out = self._sharding.state(jax.eval_shape(fn, *args), batch)
                 compiled = jax.jit(fn, donate_argnums=donate, out_shardings=out).lower(*args).compile()
         self._compiled[key] = compiled
+        self.compile_cache_hits += compile_cache_hits() - hits
         return compiled, time.perf_counter() - start
 
     # ------------------------------------------------------------------ public API
@@ -386,6 +390,23 @@ class Engine:
         state = jax.block_until_ready(fn(self.model.params, self.method_params, state))
         decode_s = time.perf_counter() - start
         return self._output(state, prompts, prefill_s, decode_s, compile_s + loop_compile_s + calibration_s)
+
+    def lower(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 128,
+        sampling: SamplingConfig = SamplingConfig(),
+        platforms: tuple[str, ...] = ("tpu",),
+    ) -> jax.stages.Lowered:
+        """The decode loop for these prompts lowered to StableHLO for `platforms`, without running or compiling
+        anything: e.g. whether a method lowers for a TPU, checked on a machine without one, or what its loop holds."""
+        padded, capacity = self._layout(prompts, max_new_tokens)
+        tokens, lens = self._inputs(prompts, padded)
+        static = dict(cfg=self.cfg, strategy=self.strategy, sampling=sampling, max_new=max_new_tokens, eos_ids=self.cfg.eos_ids)
+        args = (self.model.params, self.method_params, tokens, lens, jax.random.PRNGKey(0))
+        state = jax.eval_shape(functools.partial(_prefill, **static, capacity=capacity), *args)
+        loop = jax.jit(functools.partial(_decode_loop, **static))
+        return loop.trace(self.model.params, self.method_params, state).lower(lowering_platforms=platforms)
 
     def stream(
         self,

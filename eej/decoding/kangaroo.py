@@ -52,6 +52,7 @@ from eej.decoding.speculation import (
 )
 from eej.decoding.strategy import StepInputs, StepResult
 from eej.model.cache import init_cache
+from eej.model.control import cond_in_place
 from eej.model.transformer import embed, linear, logits_from_hidden, qkv, run_layers
 from eej.settings import setting
 from eej.weights.registry import Model
@@ -120,22 +121,22 @@ class Kangaroo(SelfSpeculative):
 
         def guess(adapter_cache):
             drafted, adapter_cache = adapter_forward(adapter, h, adapter_cache, positions, cfg)
-            return linear(drafted[:, 0], head).astype(jnp.float32), adapter_cache
+            return adapter_cache, linear(drafted[:, 0], head).astype(jnp.float32)
 
         def kv_only(adapter_cache):
             _, new_k, new_v = qkv(adapter, h, positions, cfg)
-            return jnp.zeros((s.batch, head.shape[1]), jnp.float32), adapter_cache.write(0, new_k, new_v, positions)
+            return adapter_cache.write(0, new_k, new_v, positions), jnp.zeros((s.batch, head.shape[1]), jnp.float32)
 
-        guessed, adapter_cache = kv_only(adapter_cache) if probe is False else lax.cond(probe, guess, kv_only, adapter_cache)
+        adapter_cache, guessed = cond_in_place(probe, guess, kv_only, adapter_cache)
 
-        def verify(width: int):
+        def verify(width: int, cache):
             positions = start[:, None] + jnp.arange(width, dtype=jnp.int32)[None]
-            deep, c = run_layers(s.params, hidden[:, :width], cache, positions, cfg, self.exit_layer)
+            deep, cache = run_layers(s.params, hidden[:, :width], cache, positions, cfg, self.exit_layer)
             logits = logits_from_hidden(s.params, deep, cfg)
             tokens, counts = accept(drafts.first(width - 1), logits, verify_key, s.sampling)
-            return jnp.pad(tokens, ((0, 0), (0, max_k + 1 - width))), counts, c, logits[:, width - 1]
+            return cache, (jnp.pad(tokens, ((0, 0), (0, max_k + 1 - width))), counts, logits[:, width - 1])
 
-        tokens, counts, cache, last_logits = verify_by_width(k, max_k, verify)
+        cache, (tokens, counts, last_logits) = verify_by_width(k, max_k, verify, cache)
         hits, trials = judged(drafts.num_drafted, counts)
         if probe is not False:  # the guess counts where it was made after the right tokens: every draft accepted
             scored = probe & (drafts.num_drafted == drafts.steps) & (counts == drafts.steps + 1)

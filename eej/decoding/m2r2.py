@@ -1,6 +1,7 @@
 """M2R2: a rate-accelerated residual stream for early exit and lossless self-speculation.
 
-M2R2 (Bhendawade et al. 2025, arXiv 2502.02040). The design as built here (equations in docs/m2r2.md):
+M2R2 as eej reconstructs it (reconstructed from the abstract of Bhendawade et al. 2025, arXiv 2502.02040): the
+paper's body was not available, so the equations, losses and ARLA below are eej's own design (docs/m2r2.md):
 
 - Slow stream: the frozen base model, layers [0, N).
 - Fast stream: the same first K layers with low-rank accelerator adapters (LoRA, eej.model.lora,
@@ -45,7 +46,6 @@ from typing import Any, Callable, ClassVar, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from eej.config import ModelConfig
 from eej.decoding.adaptive import TEST_STEP_COSTS, ExitEconomics, SelfSpeculative, forcing_modes, judged, verify_by_width
@@ -54,6 +54,7 @@ from eej.decoding.sampling import sample
 from eej.decoding.speculation import accept, check_draft_head, draft_head, draft_loop, head_from_ranking, reduced_head, rollback
 from eej.decoding.strategy import StepInputs, StepResult, Strategy, full_prefill
 from eej.model.cache import KVCache
+from eej.model.control import cond_in_place
 from eej.model.lora import init_lora, merge_lora
 from eej.model.transformer import (
     Params,
@@ -230,13 +231,13 @@ class M2R2Spec(SelfSpeculative):
         # The slow stream over [pending, drafts] in one pass: its K/V overwrite the drafts' fast K/V.
         block_tokens = jnp.concatenate([s.pending[:, None], drafts.tokens], axis=1)
 
-        def verify(width: int):
+        def verify(width: int, cache):
             positions = start[:, None] + jnp.arange(width, dtype=jnp.int32)[None]
-            logits, c = forward(params, block_tokens[:, :width], positions, cache, cfg)
+            logits, cache = forward(params, block_tokens[:, :width], positions, cache, cfg)
             tokens, counts = accept(drafts.first(width - 1), logits, verify_key, s.sampling)
-            return jnp.pad(tokens, ((0, 0), (0, max_k + 1 - width))), counts, c
+            return cache, (jnp.pad(tokens, ((0, 0), (0, max_k + 1 - width))), counts)
 
-        tokens, counts, cache = verify_by_width(k, max_k, verify)
+        cache, (tokens, counts) = verify_by_width(k, max_k, verify, cache)
         hits, trials = judged(drafts.num_drafted, counts)
         result = StepResult(
             tokens=tokens,
@@ -340,21 +341,19 @@ class M2R2Exit(Strategy):
                     fire = jnp.where(econ.force == 1, False, jnp.where(econ.force == 2, j + 1 == num_fast, fire))
                     exit_layer = jnp.where(fire, j + 1, exit_layer)
                     exited = exited | fire
-            return x, cache, exited, exit_layer
+            return cache, (x, exited, exit_layer)
 
-        def exit_path(operand):
-            x, cache, exit_layer = operand
+        def exit_path(cache, x, exit_layer):
             cache = propagate_kv(params, x, cache, positions, cfg, exit_layer)
-            return fast_head_logits(method_params, x[:, 0], params["lm_head"], cfg), cache
+            return cache, fast_head_logits(method_params, x[:, 0], params["lm_head"], cfg)
 
-        def slow_path(operand):
-            _, cache, _ = operand
+        def slow_path(cache, x, exit_layer):
             h, cache = run_layers(params, x0, cache, positions, cfg)
-            return logits_from_hidden(params, h[:, 0], cfg), cache
+            return cache, logits_from_hidden(params, h[:, 0], cfg)
 
-        x, cache, exited, exit_layer = lax.cond(attempt, fast_stream, lambda c: (x0, c, jnp.asarray(False), jnp.asarray(0, jnp.int32)),
-                                                s.cache)
-        logits, cache = lax.cond(exited, exit_path, slow_path, (x, cache, exit_layer))
+        cache, (x, exited, exit_layer) = cond_in_place(
+            attempt, fast_stream, lambda c: (c, (x0, jnp.asarray(False), jnp.asarray(0, jnp.int32))), s.cache)
+        cache, logits = cond_in_place(exited, exit_path, slow_path, cache, x, exit_layer)
         econ = econ.observe(jnp.stack([exited, exit_layer / num_fast]).astype(jnp.float32),
                             jnp.stack([attempt, exited]).astype(jnp.float32), attempt)
         layers = jnp.where(exited, exit_layer, jnp.where(attempt, num_fast, 0) + cfg.num_layers)

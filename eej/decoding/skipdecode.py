@@ -19,8 +19,8 @@ token; a layer that a token uses therefore holds KV for all earlier positions (p
 
 Compilation: the layer set changes with t inside the engine's single compiled loop. The warm-up
 layers and the top L_min - W layers always run; only the band [N - (L_max - W), N - (L_min - W))
-is conditional. `implementation` picks how the band is skipped ("cond": one `lax.cond` per band
-layer, touching only that layer's cache; "switch": one `lax.switch` branch per distinct layer
+is conditional. `implementation` picks how the band is skipped ("cond": one conditional per band
+layer, touching only that layer's cache; "switch": one branch per distinct layer
 count; "dynamic": `run_layers_dynamic` over a traced range). docs/skipdecode.md has the
 measurements that chose the default.
 
@@ -36,13 +36,13 @@ from typing import Any, ClassVar, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from eej.config import ModelConfig
 from eej.decoding.methods import register_method
 from eej.decoding.sampling import sample
 from eej.decoding.strategy import StepInputs, StepResult, Strategy, full_prefill
 from eej.model.cache import KVCache
+from eej.model.control import switch_in_place
 from eej.model.lora import init_lora, merge_lora
 from eej.model.transformer import (
     Params,
@@ -170,11 +170,11 @@ def _run_band_switch(params, x, cache, positions, cfg, branch, starts, end):
     def make(first: int):
         def run(operand):
             x, band = operand
-            return run_layers(params, x, band, positions, cfg, first, end, cache_offset=lo)
+            return run_layers(params, x, band, positions, cfg, first, end, cache_offset=lo), ()
 
         return run
 
-    x, band = lax.switch(branch, [make(s) for s in starts], (x, band))
+    (x, band), _ = switch_in_place(branch, [make(s) for s in starts], (x, band))
     return x, cache.replace(k=cache.k[:lo] + band.k + cache.k[end:], v=cache.v[:lo] + band.v + cache.v[end:])
 
 

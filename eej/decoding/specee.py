@@ -15,8 +15,8 @@ early:
    it is one of the speculative tokens; the token is that argmax. The last layer always decides.
 
 Batches: the decision is made for the whole batch — the batch leaves layer i only when every row
-may exit there (`lax.cond` under `vmap` would run both branches; a scalar predicate skips the
-work for real). So a row's tokens depend on its batch (`batch_invariant = False`), and the method
+still generating may exit there (`lax.cond` under `vmap` would run both branches; a scalar predicate
+skips the work for real; a finished row does not block the others). So a row's tokens depend on its batch (`batch_invariant = False`), and the method
 is lossy (`lossless = False`). Sampling draws from the exit layer's distribution; the exit rule
 itself is SpecEE's greedy one.
 
@@ -64,6 +64,7 @@ from eej.decoding.speculation import (
 )
 from eej.decoding.strategy import StepInputs, StepResult, Strategy
 from eej.model.cache import KVCache, init_cache, write_block
+from eej.model.control import cond_in_place
 from eej.model.transformer import (
     Params,
     embed,
@@ -352,13 +353,13 @@ class SpecEE(Strategy):
 
         def propose(state):
             candidates, state = self.drafter.propose(params, s.method_params["drafter"], state, x, positions, self.num_candidates, cfg)
-            return candidates[:, 0], state
+            return state, candidates[:, 0]
 
         def keep(state):
             state = self.drafter.keep(params, s.method_params["drafter"], state, x, positions, cfg)
-            return jnp.zeros((s.batch, self.num_candidates), jnp.int32), state
+            return state, jnp.zeros((s.batch, self.num_candidates), jnp.int32)
 
-        candidates, drafter_state = lax.cond(jnp.any(scheduled), propose, keep, method_state["drafter"])  # [B, k]
+        drafter_state, candidates = cond_in_place(jnp.any(scheduled), propose, keep, method_state["drafter"])  # [B, k]
         columns = jnp.moveaxis(jnp.take(params["lm_head"], candidates, axis=1), 0, 1)  # [B, D, k]
         predictors = s.method_params["predictors"]
         fire_logit = _logit(self.threshold)
@@ -387,12 +388,14 @@ class SpecEE(Strategy):
                 running, token, exit_layer, last_probs, checked, fired = carry
                 logits = speculative_logits(final_norm(params, x[:, 0], cfg), columns)
                 features, probs = speculative_features(logits, last_probs)
-                fire = jnp.all(predictor_logit(predictors, i - l, features) > fire_logit)
+                # One decision for the batch, over the rows still generating (a finished row never blocks an exit).
+                fire = jnp.all((predictor_logit(predictors, i - l, features) > fire_logit) | ~s.active)
                 fire = jnp.where(econ.force == 1, False, jnp.where(econ.force == 2, True, fire))
 
                 def verify(_):
                     top = jnp.argmax(logits_from_hidden(params, x[:, 0], cfg), axis=-1).astype(jnp.int32)
-                    return jnp.all(jnp.any(top[:, None] == candidates, axis=-1)) & (econ.force != 2), top
+                    speculative = jnp.any(top[:, None] == candidates, axis=-1) | ~s.active
+                    return jnp.all(speculative) & (econ.force != 2), top
 
                 leave, top = lax.cond(fire, verify, lambda _: (jnp.asarray(False), token), None)
                 return (~leave, jnp.where(leave, top, token), jnp.where(leave, i, exit_layer), probs,

@@ -37,6 +37,7 @@ from eej.config import ModelConfig
 from eej.model import attention as attn_lib
 from eej.model import moe
 from eej.model.cache import KVCache, write_block
+from eej.model.control import cond_in_place, run_if, switch_in_place
 from eej.model.rope import apply_rope
 
 Params = dict[str, Any]
@@ -288,8 +289,8 @@ def run_layer_if(
 ) -> tuple[jax.Array, KVCache]:
     """The layer with params `layer` over x, reading and writing cache layer `index`, when `run` holds.
 
-    run: a bool scalar (traced is fine) decided for the whole batch — `lax.cond` computes only the taken
-      branch (a per-row predicate under `vmap` would run both).
+    run: a bool scalar (traced is fine) decided for the whole batch — only the taken branch is computed
+      (a per-row predicate under `vmap` would run both), and the cache is updated in place (eej.model.control).
     otherwise: what a skipped layer does, `(x, k_cache, v_cache) -> (x, k_cache, v_cache)`; default: nothing
       (the identity for x, the cache untouched).
     slots: see `attention_block`.
@@ -299,7 +300,10 @@ def run_layer_if(
     def run_layer(operand):
         return block(layer, *operand, positions, cfg, slots=slots)
 
-    x, k, v = lax.cond(run, run_layer, (lambda op: op) if otherwise is None else (lambda op: otherwise(*op)), (x, *cache.layer(index)))
+    if otherwise is None:
+        x, k, v = run_if(run, run_layer, (x, *cache.layer(index)))
+    else:
+        (x, k, v), _ = cond_in_place(run, lambda op: (run_layer(op), ()), lambda op: (otherwise(*op), ()), (x, *cache.layer(index)))
     return x, cache.set_layer(index, k, v)
 
 
@@ -363,7 +367,7 @@ def run_layers_dynamic(
 ) -> tuple[jax.Array, KVCache]:
     """Like `run_layers` but with traced `start`/`end` (int32 scalars): one compiled loop serves every range.
 
-    Each iteration dispatches to its layer with `lax.switch`, so weights are read in place. The
+    Each iteration dispatches to its layer (`switch_in_place`), so weights are read in place. The
     cache must cover the whole stack (no offset).
     """
     layers = unstack_layers(params["layers"])
@@ -372,12 +376,12 @@ def run_layers_dynamic(
         def run(operand):
             x, cache = operand
             x, k, v = block(layers[i], x, *cache.layer(i), positions, cfg)
-            return x, cache.set_layer(i, k, v)
+            return (x, cache.set_layer(i, k, v)), ()
 
         return run
 
     branches = [branch(i) for i in range(len(layers))]
-    return lax.fori_loop(start, end, lambda i, carry: lax.switch(i, branches, carry), (x, cache))
+    return lax.fori_loop(start, end, lambda i, carry: switch_in_place(i, branches, carry)[0], (x, cache))
 
 
 def forward(

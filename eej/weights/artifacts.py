@@ -65,6 +65,10 @@ def save_artifact(path: str, params: dict[str, Any], method: str, cfg: ModelConf
     """Write `params` (nested dicts of arrays) with a header naming `method` and the model."""
     header = {"method": method, "model": model_fingerprint(cfg), **meta}
     flat = {k: np.asarray(v) for k, v in _flatten(params).items()}
+    bad = [k for k, v in flat.items() if v.dtype.kind == "f" and not np.all(np.isfinite(v))]
+    if bad:  # a diverged run: keep whatever artifact was there
+        raise ArtifactError(f"not writing {path}: {', '.join(bad[:3])} hold non-finite values (nan or inf); the training "
+                            "diverged — lower the learning rate, or restart from a good checkpoint")
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     with open(path, "wb") as f:
         np.savez_compressed(f, **flat, **{_META_KEY: np.frombuffer(json.dumps(header).encode(), np.uint8)})
