@@ -1,6 +1,6 @@
 """Offline sweep of Kangaroo settings: committed tokens per step from held-out self-distilled answers.
 
-On self-distilled data (the model's own greedy answers, scripts/kangaroo_self_distill.py) the
+On self-distilled data (the model's own greedy answers, `eej distill`) the
 teacher-forced prefix *is* what greedy decoding produces, so whether a draft at position t is
 accepted — the draft's top-1 equals the model's argmax there — can be read off the cached states
 without generating anything. Simulating Kangaroo's greedy steps over each held-out answer gives,

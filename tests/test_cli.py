@@ -29,7 +29,7 @@ def test_json_output_schema_on_a_batch_file(tmp_path, capsys):
     assert code == 0
     result = json.loads(out)
     assert set(result) == {"model", "method", "outputs", "seconds", "tokens_per_second", "device", "attention", "mesh",
-                           "processes"}
+                           "processes", "compile_seconds", "compile_cache_hits"}
     assert result["method"] == "plain" and result["model"] == "tiny-gqa"
     assert [o["prompt"] for o in result["outputs"]] == ["hello", "a longer prompt here", "x"]
     for o in result["outputs"]:

@@ -2,6 +2,7 @@
 
     eej generate ...        eej/cli/generate.py
     eej bench ...           eej/cli/bench.py
+    eej distill ...         eej/cli/distill.py
     eej train METHOD ...    eej/cli/train.py
 
 Bad input ends with a one-line `eej: error: ...` on stderr and exit status 2 (eej/cli/parser.py, which
@@ -15,10 +16,10 @@ import os
 import sys
 from typing import Sequence
 
-from eej.cli import bench, generate, train
+from eej.cli import bench, distill, generate, train
 from eej.cli.parser import EXIT_USAGE, CliError, Parser
 
-COMMANDS = {"generate": generate, "bench": bench, "train": train}
+COMMANDS = {"generate": generate, "bench": bench, "distill": distill, "train": train}
 
 
 def build_parser() -> argparse.ArgumentParser:

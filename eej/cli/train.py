@@ -25,14 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name, spec in trainers().items():
         sp = sub.add_parser(name)
         sp.add_argument("--model", default="smollm2-135m")
-        _add_options(sp, DataOptions)
+        add_option_flags(sp, DataOptions)
         sp.add_argument("--out", required=True, help="run directory: checkpoints, logs, the trained artifact")
-        _add_options(sp, TrainConfig)
+        add_option_flags(sp, TrainConfig)
         sp.add_argument("--no-progress", action="store_true")
-        _add_options(sp, spec.options)
+        add_option_flags(sp, spec.options)
 
 
-def _add_options(p: argparse.ArgumentParser, options: type) -> None:
+def add_option_flags(p: argparse.ArgumentParser, options: type) -> None:
     """`--FLAG` for every option field of the dataclass `options`: its type, default, choices and help."""
     hints = typing.get_type_hints(options)
     for field in option_fields(options):
@@ -51,7 +51,8 @@ def _add_options(p: argparse.ArgumentParser, options: type) -> None:
                        choices=field.metadata.get("eej_setting", {}).get("choices"), **extra)
 
 
-def _from_args(options: type, args: argparse.Namespace):
+def options_from_args(options: type, args: argparse.Namespace):
+    """The options dataclass `options` from the flags `add_option_flags` added."""
     return options(**{f.name: getattr(args, flag_name(f).replace("-", "_")) for f in option_fields(options)})
 
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if not getattr(args, "method", None):
         raise CliError(f"name a method to train: {', '.join(trainers())}")
     spec = trainers()[args.method]
-    data, config, options = (_from_args(cls, args) for cls in (DataOptions, TrainConfig, spec.options))
+    data, config, options = (options_from_args(cls, args) for cls in (DataOptions, TrainConfig, spec.options))
     trained = spec.train(load_model(args.model), data, args.out, options, config, progress=not args.no_progress)
     print(f"wrote {trained.artifact}", file=sys.stderr)
     return 0

@@ -67,16 +67,26 @@ def distill_prompts(model: Model, options: DistillOptions) -> list[tuple[str, li
     return prompts
 
 
+def _shards(out_dir: str) -> list[str]:
+    return sorted(os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith("shard-") and n.endswith(".jsonl"))
+
+
 def _written(out_dir: str) -> Iterator[dict]:
-    for name in sorted(os.listdir(out_dir)):
-        if name.startswith("shard-") and name.endswith(".jsonl"):
-            with open(os.path.join(out_dir, name), encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():  # a line cut by an interruption is the last of its shard: skipped, redone
-                        try:
-                            yield json.loads(line)
-                        except json.JSONDecodeError:
-                            continue
+    """The answers on disk; a line an interruption cut short is removed from its shard (it is answered again)."""
+    for path in _shards(out_dir):
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        rows = []
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        if len(rows) != len(lines) or (lines and not lines[-1].endswith("\n")):
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+            os.replace(path + ".tmp", path)
+        yield from rows
 
 
 def distill(model: Model, options: DistillOptions, out_dir: str, progress: bool = True) -> list[str]:
@@ -99,7 +109,7 @@ def distill(model: Model, options: DistillOptions, out_dir: str, progress: bool 
     todo = [(text, ids, s) for s in range(options.samples) for text, ids in prompts if (text, s) not in done]
     todo.sort(key=lambda item: (item[2], len(item[1])))  # greedy first; similar lengths together
     engine = Engine(model)
-    shard, count = len([n for n in os.listdir(out_dir) if n.startswith("shard-")]), 0
+    shard, count = len(_shards(out_dir)), 0
     bar = tqdm(total=len(prompts) * options.samples, initial=len(done), desc="distill", unit="answer", disable=not progress)
     f = None
     try:
@@ -122,4 +132,4 @@ def distill(model: Model, options: DistillOptions, out_dir: str, progress: bool 
         if f is not None:
             f.close()
         bar.close()
-    return sorted(os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith("shard-"))
+    return _shards(out_dir)
