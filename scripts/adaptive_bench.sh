@@ -6,6 +6,7 @@
 # Runs one benchmark at a time (a lock file: nothing else may measure meanwhile) and records the load average.
 #
 #   scripts/adaptive_bench.sh [OUT_PREFIX]      (default benchmarks/results/adaptive)
+#   SETS=spec_bench TEMPS=0 BATCHES="1 4" scripts/adaptive_bench.sh     (a subset)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/adaptive}"
@@ -13,9 +14,9 @@ EEJ="${EEJ:-.venv/bin/eej}"
 METHODS=plain,kangaroo,kangaroo:fixed,m2r2-spec,m2r2-spec:fixed,specee,specee:fixed,m2r2-exit,m2r2-exit:fixed,skipdecode
 exec 9>/tmp/eej-benchmark.lock
 flock 9
-for set in spec_bench mt_bench; do
-  for temp in 0 0.7; do
-    for batch in 1 4; do
+for set in ${SETS:-spec_bench mt_bench}; do
+  for temp in ${TEMPS:-0 0.7}; do
+    for batch in ${BATCHES:-1 4}; do
       if [ "$set" = spec_bench ]; then limit=$((batch == 1 ? 2 : 4)); cats=auto; else limit=8; cats=merge; fi
       name="${OUT}_${set}_t${temp}_b${batch}"
       [ -f "$name.json" ] && continue   # finished before: rerun by deleting it
