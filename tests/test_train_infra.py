@@ -202,7 +202,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_before_anything_is_save
     assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [3, 4]
 
 
-def test_resume_refuses_other_settings_unless_restart(tmp_path):
+def test_resume_refuses_other_settings_unless_restart(tmp_path, capsys):
     """A run resumed with other settings (the trainer's, the data's digest, the optimiser's) is an error naming what
     differs; --steps may grow (the run continues), not shrink; restart discards the old run."""
     from eej.train.trainers import TrainError
@@ -223,6 +223,9 @@ def test_resume_refuses_other_settings_unless_restart(tmp_path):
     longer = dataclasses.replace(cfg, steps=30, checkpoint_every_s=5.0, stop_at=25)
     train(loss_fn, init, frozen, batches, longer, out, progress=False, settings={"exit_layer": 2})
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "train_log.jsonl")][-1] == 25
+    (tmp_path / "run" / "run.json").unlink()  # a run of an older eej: resumed with a warning
+    train(loss_fn, init, frozen, batches, longer, out, progress=False, settings={"exit_layer": 2})
+    assert "no run.json (an older eej)" in capsys.readouterr().err
     restarted = train(loss_fn, init, frozen, batches, dataclasses.replace(cfg, restart=True), out, progress=False,
                       settings={"exit_layer": 4})
     fresh = train(loss_fn, init, frozen, batches, cfg, str(tmp_path / "fresh"), progress=False)
@@ -247,11 +250,29 @@ def test_data_fingerprints_follow_the_content_not_the_line_count(tmp_path):
     assert file_digests([str(a)]) != file_digests([str(b)])
 
 
-def _flip_bytes(directory, offset: int = 0):
-    """Invert the bytes from `offset` on of the array-data files under `directory` (an orbax checkpoint)."""
+def test_an_interrupted_teacher_cache_rewrite_is_not_taken_for_the_old_cache(tmp_path, monkeypatch):
+    import eej.train.teacher as teacher
+
+    model = tiny_model("tiny-gqa")
+    gpt, _, _ = _files(tmp_path)
+    data = tokenize_examples(read_examples(str(gpt)), model.tokenizer, seq_len=16)
+    first = np.array(teacher.teacher_cache(model, data, [1], str(tmp_path / "t"), 4, {"data": "a"}, progress=False)["h1"])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(teacher, "length_batches", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            teacher.teacher_cache(model, data, [1], str(tmp_path / "t"), 4, {"data": "b"}, progress=False)
+    again = teacher.teacher_cache(model, data, [1], str(tmp_path / "t"), 4, {"data": "a"}, progress=False)
+    np.testing.assert_array_equal(np.asarray(again["h1"]), first)
+
+
+def _flip_bytes(directory):
+    """Invert every byte of the array-data files under `directory` (an orbax checkpoint)."""
     for path in [p for p in directory.rglob("*") if p.is_file() and p.parent.name == "d"]:
-        data = path.read_bytes()
-        path.write_bytes(data[:offset] + bytes(b ^ 0xFF for b in data[offset:]))
+        path.write_bytes(bytes(b ^ 0xFF for b in path.read_bytes()))
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_older_one(tmp_path, capsys):

@@ -25,6 +25,7 @@ import functools
 import json
 import os
 import sys
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -106,9 +107,12 @@ def label_pass(model: Model, drafter: KangarooDrafter, drafter_params: dict, dat
     """
     want = json.dumps({"format": LABELS_FORMAT, **fingerprint}, sort_keys=True)
     if os.path.exists(path):
-        with np.load(path) as f:
-            if str(f["meta"]) == want:
-                return {k: f[k] for k in ("features", "labels", "in_set", "sequence")}
+        try:
+            with np.load(path) as f:
+                if str(f["meta"]) == want:
+                    return {k: f[k] for k in ("features", "labels", "in_set", "sequence")}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # damaged: labelled again below
+            pass
     fn = jax.jit(functools.partial(_label_fn, drafter=drafter, k=options.candidates, cfg=model.cfg))
     out: dict[str, list] = {"features": [], "labels": [], "in_set": [], "sequence": []}
     for start, seqs, tokens in length_batches(data, options.label_batch_size, "specee label pass", progress):
@@ -121,7 +125,9 @@ def label_pass(model: Model, drafter: KangarooDrafter, drafter_params: dict, dat
         out["sequence"].append(seqs[rows[:real]].astype(np.int32))
     table = {k: np.concatenate(v) for k, v in out.items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, meta=np.asarray(want), **table)
+    with open(path + ".tmp", "wb") as f:  # then renamed: an interrupted write never looks complete
+        np.savez(f, meta=np.asarray(want), **table)
+    os.replace(path + ".tmp", path)
     return table
 
 
