@@ -256,7 +256,8 @@ def test_an_interrupted_teacher_cache_rewrite_is_not_taken_for_the_old_cache(tmp
     model = tiny_model("tiny-gqa")
     gpt, _, _ = _files(tmp_path)
     data = tokenize_examples(read_examples(str(gpt)), model.tokenizer, seq_len=16)
-    first = np.array(teacher.teacher_cache(model, data, [1], str(tmp_path / "t"), 4, {"data": "a"}, progress=False)["h1"])
+    cache = str(tmp_path / "t")
+    first = np.array(teacher.teacher_cache(model, data, [1], cache, 4, {"data": "a"}, progress=False)["h1"])
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -264,8 +265,8 @@ def test_an_interrupted_teacher_cache_rewrite_is_not_taken_for_the_old_cache(tmp
     with monkeypatch.context() as m:
         m.setattr(teacher, "length_batches", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            teacher.teacher_cache(model, data, [1], str(tmp_path / "t"), 4, {"data": "b"}, progress=False)
-    again = teacher.teacher_cache(model, data, [1], str(tmp_path / "t"), 4, {"data": "a"}, progress=False)
+            teacher.teacher_cache(model, data, [1], cache, 4, {"data": "b"}, progress=False)
+    again = teacher.teacher_cache(model, data, [1], cache, 4, {"data": "a"}, progress=False)
     np.testing.assert_array_equal(np.asarray(again["h1"]), first)
 
 
