@@ -284,7 +284,7 @@ def test_token_ranking_orders_by_frequency_with_eos_first():
     assert token_ranking(tokens, mask, always=(2,)).tolist() == [2, 7, 5, 9, 1]
 
 
-def test_train_command_end_to_end_stop_at_and_resume(tmp_path):
+def test_train_command_end_to_end_stop_at_and_resume(tmp_path, capsys):
     """`eej train kangaroo` on a tiny registry model: a shortened run (--stop-at) writes an artifact that
     loads for decoding; continuing the same run to --steps changes it; the reproduce line starts with
     --data-command and does not repeat it."""
@@ -305,7 +305,22 @@ def test_train_command_end_to_end_stop_at_and_resume(tmp_path):
     model = tiny_model("tiny-gqa", 0)
     strategy, _ = load_kangaroo(model, KangarooSettings(str(artifact), exit_layer=1, draft_vocab_size=len(arrays["vocab_rank"])))
     assert strategy.exit_layer == 1
+    # the same --out with other settings, or with other data of the same line count, is refused (one line, exit 2)
+    capsys.readouterr()
+    code = cli_main([*argv, "--exit-layer", "2", "--teacher-cache", str(tmp_path / "teacher2")])
+    err = capsys.readouterr().err.strip().splitlines()  # after the teacher pass's notes
+    assert code == 2 and err[-1].startswith("eej: error: ") and "exit_layer 1 -> 2" in err[-1]
+    assert "--restart" in err[-1]
+    assert err[-1].count("eej: error") == 1 and not any("Traceback" in line for line in err)
+    original = data.read_text()
+    data.write_text(original.replace("count to", "count at"))
+    code = cli_main(argv)
+    assert code == 2 and "other settings (files " in capsys.readouterr().err
+    data.write_text(original)
     assert cli_main(argv) == 0  # continues from step 3 to 6
     resumed, _ = load_artifact(str(artifact), "kangaroo")
     assert not np.allclose(resumed["adapter"]["wq"], arrays["adapter"]["wq"])
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()][-1] == 6
+    assert "--restart" not in load_artifact(str(artifact), "kangaroo")[1]["reproduce"]
+    assert cli_main([*argv, "--exit-layer", "2", "--restart"]) == 0  # discards the run; the teacher cache is kept
+    assert load_artifact(str(artifact), "kangaroo")[1]["settings"]["exit_layer"] == 2

@@ -208,6 +208,11 @@ def test_train_specee_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert strategy.offline_layers == tuple(header["settings"]["offline_layers"]) and strategy.first_layer == 1
     out_tokens = Engine(model, strategy, method_params).generate([[5, 6, 7]], max_new_tokens=6, eos_ids=()).tokens
     assert len(out_tokens[0]) == 6
+    # a damaged label cache (an interrupted write) is labelled again; a threshold may change on a finished run
+    labels = out / "labels.npz"
+    labels.write_bytes(labels.read_bytes()[:100])
+    assert cli_main([*argv[:-3], "--threshold", "0.4", "--no-progress"]) == 0, capsys.readouterr().err
+    assert np.load(labels)["labels"].shape[1] == 4
     # predictors trained with another drafter are refused
     save_artifact(str(tmp_path / "kangaroo.npz"), {"adapter": {**adapter, "wq": adapter["wq"] + 1}, "vocab_rank": ranking},
                   "kangaroo", model.cfg, settings={"exit_layer": 1, "draft_vocab": 0}, reproduce="test")

@@ -15,7 +15,7 @@ import typing
 
 from eej.cli.parser import CliError, Parser
 from eej.train.data import DataOptions
-from eej.train.loop import TrainConfig
+from eej.train.loop import TrainConfig, run_lock
 from eej.train.trainers import flag_name, option_fields, trainers
 from eej.weights.registry import load_model
 
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"name a method to train: {', '.join(trainers())}")
     spec = trainers()[args.method]
     data, config, options = (options_from_args(cls, args) for cls in (DataOptions, TrainConfig, spec.options))
-    trained = spec.train(load_model(args.model), data, args.out, options, config, progress=not args.no_progress)
+    with run_lock(args.out):  # the whole run: teacher caches and labels in OUT too, not only the checkpoints
+        trained = spec.train(load_model(args.model), data, args.out, options, config, progress=not args.no_progress)
     print(f"wrote {trained.artifact}", file=sys.stderr)
     return 0

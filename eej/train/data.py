@@ -12,6 +12,7 @@ Files are read by path (e.g. from ../shared/data/train); nothing is copied into 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Iterable, Iterator, Sequence
@@ -83,19 +84,21 @@ def read_examples(path: str, txt_chunk_chars: int = 1500) -> list[Example]:
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
-            records = json.loads(text)
+            records = [(f"{path}: record {n}", r) for n, r in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     else:
-        records = [obj for _, obj in parse_jsonl(text.splitlines(), path, DataError)]
+        records = [(f"{path}:{n}", obj) for n, obj in parse_jsonl(text.splitlines(), path, DataError)]
     examples = []
-    for n, r in enumerate(records):
+    for where, r in records:
+        if not isinstance(r, dict):
+            raise DataError(f"{where}: expected a JSON object with a prompt and a response field, "
+                            f"got {type(r).__name__}")
         prompt_key = next((k for k in _PROMPT_KEYS if k in r), None)
         response_key = next((k for k in _RESPONSE_KEYS if k in r), None)
         if prompt_key is None or response_key is None:
             raise DataError(
-                f"{path}: record {n} has no prompt field ({'/'.join(_PROMPT_KEYS)}) or response field "
-                f"({'/'.join(_RESPONSE_KEYS)})"
+                f"{where}: no prompt field ({'/'.join(_PROMPT_KEYS)}) or response field ({'/'.join(_RESPONSE_KEYS)})"
             )
         prompt = str(r[prompt_key])
         if r.get("input"):
@@ -143,7 +146,26 @@ def load_training_data(
     if max_examples is not None:
         order = order[:max_examples]
     data = tokenize_examples([examples[i] for i in order], tokenizer, seq_len)
-    return data.subset(np.nonzero(data.loss_mask.sum(axis=1) > 0)[0])
+    kept = data.subset(np.nonzero(data.loss_mask.sum(axis=1) > 0)[0])
+    if not len(kept):
+        raise DataError(f"no training example keeps an answer token within seq_len={seq_len} (truncation cut every "
+                        "answer away): raise --seq-len or use shorter prompts")
+    return kept
+
+
+def file_digests(paths: Iterable[str]) -> list[str]:
+    """The sha256 of each file's bytes: what a run or a cache built from these files depends on (not their paths)."""
+    out = []
+    for path in paths:
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except FileNotFoundError:
+            raise DataError(f"training data file not found: {path}") from None
+        out.append(digest.hexdigest())
+    return out
 
 
 def split_rows(n: int, eval_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -179,6 +201,8 @@ def prepare_data(model: Model, data: DataOptions, eval_fraction: float, seed: in
     """
     tokenized = load_training_data(data.files, model.tokenizer, data.seq_len, data.max_examples, seed)
     train_rows, eval_rows = (np.sort(rows) for rows in split_rows(len(tokenized), eval_fraction, seed))
+    if not len(train_rows):
+        raise DataError(f"all {len(tokenized)} training sequences are held out: more data or a smaller --eval-fraction")
     ranking = token_ranking(tokenized.tokens[train_rows], tokenized.loss_mask[train_rows], always=model.cfg.eos_ids)
     return tokenized, train_rows, eval_rows, ranking
 

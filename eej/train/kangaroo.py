@@ -33,7 +33,7 @@ from eej.decoding.speculation import ADAPTER_KEYS, adapter_forward, init_adapter
 from eej.model.cache import init_cache
 from eej.model.transformer import get_layer, linear, rms_norm
 from eej.train.data import DataOptions, batch_indices, predicting_positions, prepare_data
-from eej.train.loop import TrainConfig, evaluate, train
+from eej.train.loop import TrainConfig, check_resume, evaluate, run_settings, train
 from eej.train.teacher import data_fingerprint, distillation_head, teacher_batch, teacher_cache
 from eej.train.trainers import Trained, TrainError, check_options, option, parse_numbers, register_trainer, save_trained
 from eej.weights.registry import Model
@@ -46,15 +46,16 @@ class KangarooTraining:
     exit_layer: int = option(2, "l: the draft shares the target's layers [0, l)", at_least=0, integer=True)
     draft_vocab: int = option(16384, "V': the draft's vocabulary, the most frequent answer tokens (0 = all)", at_least=0, integer=True)
     positions: int = option(1024, "predicting positions per batch whose distributions are matched", at_least=1, integer=True)
-    teacher_cache: str | None = option(None, "directory of cached frozen-model states (default OUT/teacher)")
-    teacher_depths: str = option("", "further exit layers to cache in the same teacher pass, e.g. 2,4,6")
-    teacher_batch_size: int = option(8, at_least=1, integer=True)
+    teacher_cache: str | None = option(None, "directory of cached frozen-model states (default OUT/teacher)",
+                                       result=False)
+    teacher_depths: str = option("", "further exit layers to cache in the same teacher pass, e.g. 2,4,6", result=False)
+    teacher_batch_size: int = option(8, at_least=1, integer=True, result=False)
     eval_fraction: float = option(0.05, "held-out share of the data for the final report")
     init_scale: float = option(0.02, "std of the random adapter projections")
     init_from_layer: bool = option(False, "start the adapter's attention from the target's layer l attention instead of random weights")
-    artifact: str | None = option(None, "artifact path (default OUT/kangaroo.npz)")
+    artifact: str | None = option(None, "artifact path (default OUT/kangaroo.npz)", result=False)
     data_command: str | None = option(None, "the command that made --data (e.g. the self-distillation script), recorded "
-                                      "in the artifact's reproduce line")
+                                      "in the artifact's reproduce line", result=False)
 
     def __post_init__(self) -> None:
         check_options(self, "kangaroo")
@@ -96,6 +97,8 @@ def train_kangaroo(model: Model, data: DataOptions, out_dir: str, options: Kanga
     layers = [options.exit_layer, *parse_numbers(options.teacher_depths, int, "kangaroo teacher_depths")]
     if any(not 0 <= d < cfg.num_layers for d in layers):
         raise TrainError(f"kangaroo exit_layer and teacher_depths must be in [0, {cfg.num_layers - 1}] for {cfg.name}, got {layers}")
+    settings = run_settings(model, data, options)
+    check_resume(out_dir, run, settings)
     tokenized, train_rows, eval_rows, ranking = prepare_data(model, data, options.eval_fraction, run.seed)
     head, vocab_size = distillation_head(model, ranking, options.draft_vocab)
     teacher = teacher_cache(model, tokenized, layers, options.teacher_cache or os.path.join(out_dir, "teacher"),
@@ -116,7 +119,8 @@ def train_kangaroo(model: Model, data: DataOptions, out_dir: str, options: Kanga
         return batch_for(rows, options.positions, np.random.default_rng([run.seed, step]))
 
     loss_fn = functools.partial(distill_loss, cfg=cfg, exit_layer=options.exit_layer)
-    adapter = train(loss_fn, init, frozen, batch_fn, run, out_dir, description=f"kangaroo l={options.exit_layer}", progress=progress)
+    adapter = train(loss_fn, init, frozen, batch_fn, run, out_dir, description=f"kangaroo l={options.exit_layer}",
+                    progress=progress, settings=settings)
     held_out = evaluate(loss_fn, adapter, frozen, batch_for, predicting, eval_rows, run.batch_size) if len(eval_rows) else {}
     if held_out:
         print(f"held-out: {json.dumps(held_out)}", file=sys.stderr)

@@ -32,7 +32,7 @@ from eej.decoding.m2r2 import arla_logits, init_arla, target_depth
 from eej.model.lora import init_lora, merge_lora, parse_targets
 from eej.model.transformer import embed, linear, mlp, qkv, rms_norm, unstack_layers
 from eej.train.data import DataOptions, batch_indices, predicting_positions, prepare_data
-from eej.train.loop import TrainConfig, evaluate, train
+from eej.train.loop import TrainConfig, check_resume, evaluate, run_settings, train
 from eej.train.teacher import data_fingerprint, distillation_head, teacher_batch, teacher_cache
 from eej.train.trainers import Trained, TrainError, check_options, option, register_trainer, save_trained
 from eej.weights.registry import Model
@@ -53,10 +53,11 @@ class M2R2Training:
     mid_weight: float = option(0.5, "weight of the distillation at fast layers k < K")
     arla_weight: float = option(1.0)
     arla_dim: int = option(32, at_least=1, integer=True)
-    teacher_cache: str | None = option(None, "directory of cached frozen-model states (default OUT/teacher)")
-    teacher_batch_size: int = option(8, at_least=1, integer=True)
+    teacher_cache: str | None = option(None, "directory of cached frozen-model states (default OUT/teacher)",
+                                       result=False)
+    teacher_batch_size: int = option(8, at_least=1, integer=True, result=False)
     eval_fraction: float = option(0.05, "held-out share of the data for the final report")
-    artifact: str | None = option(None, "artifact path (default OUT/m2r2.npz)")
+    artifact: str | None = option(None, "artifact path (default OUT/m2r2.npz)", result=False)
 
     def __post_init__(self) -> None:
         check_options(self, "m2r2")
@@ -168,6 +169,8 @@ def train_m2r2(model: Model, data: DataOptions, out_dir: str, options: M2R2Train
         targets_proj = parse_targets(cfg, options.targets)
     except ValueError as e:
         raise TrainError(f"m2r2 targets: {e}") from None
+    settings = run_settings(model, data, options)
+    check_resume(out_dir, run, settings)
 
     tokenized, train_rows, eval_rows, ranking = prepare_data(model, data, options.eval_fraction, run.seed)
     head, vocab_size = distillation_head(model, ranking, options.draft_vocab)
@@ -199,7 +202,7 @@ def train_m2r2(model: Model, data: DataOptions, out_dir: str, options: M2R2Train
         align_weight=options.align_weight, mid_weight=options.mid_weight, arla_weight=options.arla_weight,
     )
     trained = train(loss_fn, init, frozen, batch_fn, run, out_dir, description=f"m2r2 K={num_fast} R={options.rate:g}",
-                    progress=progress)
+                    progress=progress, settings=settings)
     held_out = evaluate(loss_fn, trained, frozen, batch_for, predicting, eval_rows, run.batch_size) if len(eval_rows) else {}
     if held_out:
         print(f"held-out: {json.dumps(held_out)}", file=sys.stderr)

@@ -23,7 +23,7 @@ import numpy as np
 
 from eej.experts.moefy import METHOD, activations, check_split, expert_scores, host_layers, mlp_inputs, moefy_model, partition_layer
 from eej.train.data import DataOptions, TokenizedData, load_training_data, split
-from eej.train.loop import TrainConfig, train
+from eej.train.loop import TrainConfig, check_resume, run_settings, train
 from eej.train.teacher import teacher_argmax
 from eej.train.trainers import Trained, TrainError, check_options, option, parse_numbers, register_trainer, save_trained
 from eej.weights.registry import Model
@@ -38,8 +38,8 @@ class MoefyTraining:
     router_tokens: int = option(16384, "training tokens for the routers", at_least=1, integer=True)
     cluster_tokens: int = option(4096, "tokens whose activations drive the clustering", at_least=1, integer=True)
     eval_fraction: float = option(0.1)
-    sweep: str = option("1,2,3,4,6,8,12,16", "comma-separated k values for the held-out agreement report")
-    artifact: str | None = option(None, "where to write the artifact (default OUT/moefy.npz)")
+    sweep: str = option("1,2,3,4,6,8,12,16", "comma-separated k values for the held-out agreement report", result=False)
+    artifact: str | None = option(None, "where to write the artifact (default OUT/moefy.npz)", result=False)
 
     def __post_init__(self) -> None:
         check_options(self, "moefy")
@@ -94,6 +94,8 @@ def train_moefy(model: Model, data: DataOptions, out_dir: str, options: MoefyTra
     sweep = sorted(set(parse_numbers(options.sweep, int, "moefy sweep")) | {options.top_k})
     if not all(1 <= k <= options.experts for k in sweep):
         raise TrainError(f"moefy sweep values must be in [1, {options.experts}]")
+    settings = run_settings(model, data, options)
+    check_resume(out_dir, run, settings)
     tokenized = load_training_data(data.files, model.tokenizer, data.seq_len, data.max_examples, run.seed)
     train_data, held = split(tokenized, options.eval_fraction, run.seed)
     rng = np.random.default_rng(run.seed)
@@ -138,7 +140,8 @@ def train_moefy(model: Model, data: DataOptions, out_dir: str, options: MoefyTra
         return {"rows": jnp.asarray(np.random.default_rng((run.seed, step)).choice(n, run.batch_size, replace=False))}
 
     init = {"router": jnp.asarray(np.random.default_rng(run.seed).standard_normal((cfg.num_layers, cfg.hidden_size, options.experts)).astype(np.float32) * 0.01)}
-    params = train(loss_fn, init, frozen, batch_fn, run, out_dir, description=f"moefy E={options.experts} k={k}", progress=progress)
+    params = train(loss_fn, init, frozen, batch_fn, run, out_dir, description=f"moefy E={options.experts} k={k}",
+                   progress=progress, settings=settings)
     router = np.asarray(params["router"], np.float32)
 
     held_logits = np.einsum("lnd,lde->lne", h_held, router)

@@ -38,7 +38,7 @@ from eej.model.lora import init_lora, merge_lora, parse_targets
 from eej.model.transformer import Params, block, canonical_layout, embed, logits_from_hidden, stack_layers
 from eej.settings import from_settings, method_settings
 from eej.train.data import DataOptions, batch_at, load_training_data
-from eej.train.loop import TrainConfig, masked_mean, read_log, train
+from eej.train.loop import TrainConfig, check_resume, masked_mean, read_log, run_settings, train
 from eej.train.teacher import hidden_states
 from eej.train.trainers import Trained, TrainError, check_options, option, register_trainer, save_trained
 from eej.weights.registry import Model
@@ -60,8 +60,9 @@ class SkipDecodeTraining:
     )
     response_len: int = option(128, "score the first N assistant tokens of each sequence", at_least=1, integer=True)
     ce_weight: float = option(0.0, "weight of cross-entropy on the reference responses")
-    no_remat: bool = option(False, "keep activations instead of recomputing them (more memory)")
-    artifact: str | None = option(None, "where to write the trained artifact (default: OUT/skipdecode-BUDGET.npz)")
+    no_remat: bool = option(False, "keep activations instead of recomputing them (more memory)", result=False)
+    artifact: str | None = option(None, "where to write the trained artifact (default: OUT/skipdecode-BUDGET.npz)",
+                                  result=False)
 
     def __post_init__(self) -> None:
         check_options(self, "skipdecode")
@@ -206,6 +207,9 @@ def train_skipdecode(model: Model, data: DataOptions, out_dir: str, options: Ski
     settings = from_settings(SkipDecodeSettings, method_settings(model.name, "skipdecode", options.budget), "skipdecode settings")
     schedule = settings.schedule()
     schedule.check_model(cfg.num_layers)
+    schedule_record = {"warmup_layers": schedule.warmup_layers, "layer_counts": list(schedule.layer_counts)}
+    run_record = run_settings(model, data, options, budget=schedule_record)  # a preset name -> the schedule it names
+    check_resume(out_dir, run, run_record)
     tokenized = load_training_data(data.files, model.tokenizer, data.seq_len, data.max_examples, seed=run.seed)
 
     scale = options.alpha / options.rank
@@ -228,13 +232,13 @@ def train_skipdecode(model: Model, data: DataOptions, out_dir: str, options: Ski
         file=sys.stderr,
     )
     trained = train(loss_fn, init, {"params": params}, batch_fn, run, out_dir, description=f"skipdecode {options.budget}",
-                    progress=progress)
+                    progress=progress, settings=run_record)
     log = read_log(out_dir)
     budget_name = os.path.basename(str(options.budget)).removesuffix(".yaml")
     return save_trained(
         options.artifact or os.path.join(out_dir, f"skipdecode-{budget_name}.npz"), jax.tree.map(np.asarray, trained), "skipdecode",
         model, data, out_dir, options, run,
-        schedule={"warmup_layers": schedule.warmup_layers, "layer_counts": list(schedule.layer_counts)},
+        schedule=schedule_record,
         budget=budget_name, first_layer=first, lora_scale=scale, lora_rank=None if options.full_finetune else options.rank,
         targets=list(targets),
         record={"ce_weight": options.ce_weight, "response_len": options.response_len, "sequences": len(tokenized),

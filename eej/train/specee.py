@@ -25,6 +25,7 @@ import functools
 import json
 import os
 import sys
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ from eej.model.transformer import final_norm, logits_from_hidden
 from eej.settings import resolve_path
 from eej.train.data import (DataOptions, TokenizedData, batch_indices, length_batches, load_training_data, predicting_positions,
                             sample_positions, split_rows)
-from eej.train.loop import TrainConfig, train
+from eej.train.loop import TrainConfig, check_resume, run_settings, train
 from eej.train.teacher import data_fingerprint, hidden_states
 from eej.train.trainers import Trained, TrainError, check_options, option, parse_numbers, register_trainer, save_trained
 from eej.weights.artifacts import load_artifact
@@ -56,11 +57,12 @@ class SpecEETraining:
     label_batch_size: int = option(8, "sequences per label-pass batch", at_least=1, integer=True)
     label_positions: int = option(512, "positions sampled per label-pass batch", at_least=1, integer=True)
     eval_fraction: float = option(0.1, "held-out share of the sequences")
-    threshold: float = option(0.5, "the threshold the report and calibration use")
+    threshold: float = option(0.5, "the threshold the report and calibration use", result=False)
     sweep_thresholds: str = option("0.5,0.8,0.9,0.95,0.98,0.99",
-                                   "thresholds whose simulated exits (mean layers, agreement) the report lists")
-    offline_coverage: float = option(0.9, "share of simulated early exits the offline layers must hold")
-    artifact: str | None = option(None, "artifact path (default OUT/specee.npz)")
+                                   "thresholds whose simulated exits (mean layers, agreement) the report lists",
+                                   result=False)
+    offline_coverage: float = option(0.9, "share of simulated early exits the offline layers must hold", result=False)
+    artifact: str | None = option(None, "artifact path (default OUT/specee.npz)", result=False)
 
     def __post_init__(self) -> None:
         check_options(self, "specee")
@@ -105,9 +107,12 @@ def label_pass(model: Model, drafter: KangarooDrafter, drafter_params: dict, dat
     """
     want = json.dumps({"format": LABELS_FORMAT, **fingerprint}, sort_keys=True)
     if os.path.exists(path):
-        with np.load(path) as f:
-            if str(f["meta"]) == want:
-                return {k: f[k] for k in ("features", "labels", "in_set", "sequence")}
+        try:
+            with np.load(path) as f:
+                if str(f["meta"]) == want:
+                    return {k: f[k] for k in ("features", "labels", "in_set", "sequence")}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # damaged: labelled again below
+            pass
     fn = jax.jit(functools.partial(_label_fn, drafter=drafter, k=options.candidates, cfg=model.cfg))
     out: dict[str, list] = {"features": [], "labels": [], "in_set": [], "sequence": []}
     for start, seqs, tokens in length_batches(data, options.label_batch_size, "specee label pass", progress):
@@ -120,7 +125,9 @@ def label_pass(model: Model, drafter: KangarooDrafter, drafter_params: dict, dat
         out["sequence"].append(seqs[rows[:real]].astype(np.int32))
     table = {k: np.concatenate(v) for k, v in out.items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, meta=np.asarray(want), **table)
+    with open(path + ".tmp", "wb") as f:  # then renamed: an interrupted write never looks complete
+        np.savez(f, meta=np.asarray(want), **table)
+    os.replace(path + ".tmp", path)
     return table
 
 
@@ -208,6 +215,8 @@ def train_specee(model: Model, data: DataOptions, out_dir: str, options: SpecEET
     if not 0 <= exit_layer < cfg.num_layers - 1:
         raise TrainError(f"the drafter's exit layer {exit_layer} leaves no predictor layer in {cfg.num_layers} layers")
     digest = drafter_digest(drafter_params)
+    settings = run_settings(model, data, options, drafter=digest, draft_vocab=draft_vocab)  # the drafter's content
+    check_resume(out_dir, run, settings)
 
     tokenized = load_training_data(data.files, model.tokenizer, data.seq_len, data.max_examples, run.seed)
     predicting = predicting_positions(tokenized.loss_mask)
@@ -231,7 +240,8 @@ def train_specee(model: Model, data: DataOptions, out_dir: str, options: SpecEET
 
     first = exit_layer
     init = jax.tree.map(jnp.asarray, init_predictors(cfg.num_layers - 1 - first, options.candidates, options.hidden, run.seed))
-    predictors = train(bce_loss, init, frozen, batch_fn, run, out_dir, description="specee predictors", progress=progress)
+    predictors = train(bce_loss, init, frozen, batch_fn, run, out_dir, description="specee predictors",
+                       progress=progress, settings=settings)
 
     report_idx = eval_idx if len(eval_idx) else train_idx
     logits = np.asarray(jax.jit(predictor_logits)(predictors, jnp.asarray(table["features"][report_idx])))

@@ -23,7 +23,7 @@ import numpy as np
 from eej.config import ModelConfig
 from eej.model.cache import init_cache
 from eej.model.transformer import Params, embed, forward, logits_from_hidden, run_layers
-from eej.train.data import DataOptions, TokenizedData, length_batches, sample_positions
+from eej.train.data import DataOptions, TokenizedData, file_digests, length_batches, sample_positions
 from eej.weights.registry import Model
 
 TEACHER_FORMAT = 1
@@ -99,9 +99,9 @@ def distillation_head(model: Model, ranking: np.ndarray, size: int) -> tuple[jax
 
 
 def data_fingerprint(model: Model, data: DataOptions, seed: int, sequences: int) -> dict:
-    """What a cache of the frozen model's view of the training data depends on."""
+    """What a cache of the frozen model's view of the training data depends on (the files' content, not their paths)."""
     return {
-        "model": model.cfg.name, "data": [os.path.abspath(p) for p in data.files], "seq_len": data.seq_len,
+        "model": model.cfg.name, "data": file_digests(data.files), "seq_len": data.seq_len,
         "max_examples": data.max_examples, "seed": seed, "sequences": sequences,
     }
 
@@ -129,6 +129,8 @@ def teacher_cache(model: Model, data: TokenizedData, depths: Sequence[int], dire
         if {k: meta.get(k) for k in want} == want and set(depths) <= set(meta["depths"]):
             return _open_teacher(directory, meta["depths"])
     os.makedirs(directory, exist_ok=True)
+    if os.path.exists(meta_path):  # stale: rewritten below; an interrupted rewrite must not look complete
+        os.remove(meta_path)
     n, t = data.tokens.shape
     arrays = {f"h{d}": np.lib.format.open_memmap(os.path.join(directory, f"h{d}.npy"), "w+", np.float16, (n, t, cfg.hidden_size)) for d in depths}
     arrays["lse"] = np.lib.format.open_memmap(os.path.join(directory, "lse.npy"), "w+", np.float32, (n, t))

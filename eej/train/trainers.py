@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 import shlex
 from typing import Any, Callable
@@ -32,12 +33,23 @@ class TrainError(ValueError):
 # ----------------------------------------------------------------------------- declared options
 
 
-def option(default: Any = dataclasses.MISSING, help: str | None = None, *, flag: str | None = None, **ranges: Any) -> Any:
+def option(default: Any = dataclasses.MISSING, help: str | None = None, *, flag: str | None = None, result: bool = True,
+           **ranges: Any) -> Any:
     """A trainer option: a dataclass field offered as `--FLAG` (default: the field name with dashes),
     with its help text and, if `ranges` are given (`at_least`, `at_most`, `choices`, `integer`), the
-    range `check_options` enforces. A bool option is a flag that is off by default."""
+    range `check_options` enforces. A bool option is a flag that is off by default. result=False: the
+    option does not change what the run computes (a path, a cadence), so it may differ when a run resumes
+    (`result_settings`)."""
     declared = setting(default, **ranges).metadata if ranges else {}
-    return dataclasses.field(default=default, metadata={**declared, "eej_option": {"help": help, "flag": flag}})
+    return dataclasses.field(default=default, metadata={**declared, "eej_option": {"help": help, "flag": flag},
+                                                        **({} if result else {"eej_no_result": True})})
+
+
+def result_settings(options: Any) -> dict[str, Any]:
+    """The fields of the dataclass `options` that change what a run computes (all but those declared with
+    result=False), by name: what a resumed run must agree with."""
+    fields = dataclasses.fields(options)
+    return {f.name: getattr(options, f.name) for f in fields if not f.metadata.get("eej_no_result")}
 
 
 def option_fields(options: Any) -> list[dataclasses.Field]:
@@ -51,7 +63,12 @@ def flag_name(field: dataclasses.Field) -> str:
 
 
 def check_options(options: Any, owner: str) -> None:
-    """TrainError naming `owner` and the field for the first option of `options` out of its declared range."""
+    """TrainError naming `owner` and the field for the first option of `options` out of its declared range,
+    or holding a float that is not finite (nan, inf)."""
+    for field in dataclasses.fields(options):
+        value = getattr(options, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TrainError(f"{owner} {field.name} must be a finite number, got {value}")
     try:
         check_settings(options, owner)
     except ValueError as e:
@@ -127,7 +144,7 @@ def save_trained(path: str, arrays: dict[str, Any], method: str, model: Model, d
     """Write a trained artifact: `arrays`, the method's `header` fields (settings, schedule, ...), the
     reproduce line (after `command_prefix &&`, e.g. the command that made the data), the held-out
     report, and under `train` the run's main options plus `record`."""
-    command = reproduce_command(method, model.name, data, out_dir, options, run)
+    command = reproduce_command(method, model.name, data, out_dir, options, dataclasses.replace(run, restart=False))
     train = {"steps": run.steps, "stop_at": run.stop_at, "batch_size": run.batch_size, "seq_len": data.seq_len,
              "lr": run.learning_rate, "data": [os.path.basename(p) for p in data.files], **(record or {})}
     save_artifact(path, arrays, method, model.cfg, **header, held_out=held_out or {}, train=train,
