@@ -14,7 +14,8 @@ in the cache and row t sees slots <= positions[b, t].
 - On GPU both split long caches into parts by default (flash decoding; `layout.merge_splits`
   combines them), because B * Hkv programs alone leave most of a GPU idle at small batch.
 - `attention` is the op registered as `--attention pallas`: T = 1 -> decode, T <= 16 -> verify,
-  longer blocks (prefill) -> the XLA reference (a prefill is one call per prompt, not the hot path).
+  longer blocks (prefill) -> the XLA reference (a prefill is one call per prompt, not the hot path);
+  on a TPU, T <= 16 -> the Mosaic kernel of `eej.kernels.mosaic_attention` instead.
 
 On CPU the kernels run with `interpret=True` (how CI tests them); on GPU they lower through
 Pallas' Triton backend. The pure-jnp reference is `decode_attention_reference` (the shape-checked
@@ -45,6 +46,7 @@ from eej.kernels.layout import (
     split_count,
     unpack_rows,
 )
+from eej.kernels.mosaic_attention import mosaic_attention
 
 DEFAULT_BLOCK_K = 128
 _SQUEEZED = getattr(pl, "squeezed", None)  # `None` in older Pallas
@@ -265,8 +267,11 @@ def decode_attention_reference(q, k_cache, v_cache, positions, *, sliding_window
 
 
 def attention(q, k_cache, v_cache, positions, *, sliding_window: int | None = None) -> jax.Array:
-    """The `pallas` implementation of the attention op (signature of `eej.model.attention.reference_attention`)."""
+    """The `pallas` implementation of the attention op (signature of `eej.model.attention.reference_attention`):
+    on a TPU the Mosaic kernel (`eej.kernels.mosaic_attention`), elsewhere this module's kernels."""
     t = q.shape[1]
+    if t <= MAX_QUERIES and jax.default_backend() == "tpu":
+        return mosaic_attention(q, k_cache, v_cache, positions, sliding_window=sliding_window)
     if t == 1:
         return decode_attention(q, k_cache, v_cache, positions, sliding_window=sliding_window)
     if t <= MAX_QUERIES:

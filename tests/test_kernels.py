@@ -1,12 +1,15 @@
-"""Pallas attention kernels (interpret mode on CPU) against the jnp reference, and the impl switch."""
+"""Pallas attention kernels (interpret mode on CPU) against the jnp reference, the impl switch, and the TPU
+(Mosaic) variant in Pallas' TPU interpret mode and lowered for a TPU."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import jax.numpy as jnp
 
 from eej.kernels import pallas_attention as pa
+from eej.kernels.mosaic_attention import mosaic_attention
 from eej.kernels.layout import KernelShapeError, kv_block_size, merge_splits
 from eej.model.attention import available_impls, get_impl, reference_attention
 
@@ -170,3 +173,30 @@ def test_engine_with_pallas_attention_matches_xla():
     kernel_model = type(model)(cfg=model.cfg.replace(attention_impl="pallas"), params=model.params, tokenizer=model.tokenizer)
     got = Engine(kernel_model).generate(prompts, max_new_tokens=8, eos_ids=()).tokens
     assert got == want
+
+
+# ----------------------------------------------------------------------------- the TPU (Mosaic) variant
+
+def _mosaic(q, k, v, pos, *, sliding_window, block_k, kv_splits, interpret):
+    assert kv_splits is None  # the Mosaic kernel streams blocks along the grid; it has no splits
+    return mosaic_attention(q, k, v, pos, sliding_window=sliding_window, block_k=block_k, interpret=interpret)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [1, 5, 16])
+def test_mosaic_matches_reference_in_tpu_interpret_mode(dtype, t):
+    # ragged rows (a block boundary, mid-block, the full cache) with GQA; blocks a row cannot see hold NaN
+    lengths = [0, 15, 64 - t]
+    check(_mosaic, 20 + t, 3, t, 8, 2, 64, 16, dtype, [[n + i for i in range(t)] for n in lengths])
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_mosaic_sliding_window(t):
+    positions = [[n + i for i in range(t)] for n in (2, 30, 60 - t)]
+    check(_mosaic, 30 + t, 3, t, 4, 2, 64, 8, jnp.float32, positions, window=10, block_k=8)
+
+
+def test_mosaic_kernel_lowers_for_a_tpu():
+    q, k, v, _, _, pos = make_inputs(40, 2, 1, 8, 2, 256, 64, jnp.bfloat16, [[5], [200]], block_k=128)
+    lowered = jax.jit(mosaic_attention).trace(q, k, v, pos).lower(lowering_platforms=("tpu",))
+    assert "tpu_custom_call" in lowered.as_text()  # a Mosaic kernel, not an emulation
