@@ -4,9 +4,9 @@ An adaptive method that finds speculation (or exiting) does not pay falls back t
 must cost what plain decoding's does, or the method can never break even. This times the compiled decode
 loop of plain decoding and of each method forced to each of its calibration modes (mode 0 = the plain
 step: no drafts / no attempt / no predictor), interleaved round by round so that drift hits all alike,
-at batch 1 and the cache sizes of a short and a long prompt. Run it alone (`flock /tmp/eej-benchmark.lock`).
+at a batch size (`--batch`, default 1) and the cache sizes of a short and a long prompt. Run it alone (`flock /tmp/eej-benchmark.lock`).
 
-    python scripts/plain_mode_overhead.py [--out benchmarks/results/plain_mode_overhead]
+    python scripts/plain_mode_overhead.py [--batch 4] [--out benchmarks/results/plain_mode_overhead_b4]
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ METHODS = ("kangaroo", "m2r2-spec", "specee", "m2r2-exit")
 STEPS, ROUNDS, MAX_NEW = 24, 9, 128
 
 
-def _contestants(model, prompt_len: int) -> list[tuple[str, float]]:
+def _contestants(model, prompt_len: int, batch: int) -> list[tuple[str, float]]:
     runs = []
     for name in ("plain", *METHODS):
         engine = eej.api.engine(model, name)
-        state, static, _, _ = engine._prefill([list(range(100, 100 + prompt_len))], MAX_NEW, SamplingConfig(), 0, ())
-        loop, _ = engine._get("loop", _decode_loop, static, (engine.model.params, engine.method_params, state), donate=(2,), batch=1)
+        state, static, _, _ = engine._prefill([list(range(100 + b, 100 + b + prompt_len)) for b in range(batch)], MAX_NEW, SamplingConfig(), 0, ())
+        loop, _ = engine._get("loop", _decode_loop, static, (engine.model.params, engine.method_params, state), donate=(2,), batch=batch)
         points = engine.strategy.calibration_points() or [lambda ms: ms]
         for mode, edit in enumerate(points):
             def run(engine=engine, loop=loop, state=state, edit=edit) -> float:
@@ -53,11 +53,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/plain_mode_overhead")
     parser.add_argument("--prompt-lengths", default="100,800")
+    parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     model = eej.load_model("smollm2-135m")
     rows = []
     for prompt_len in [int(n) for n in args.prompt_lengths.split(",")]:
-        runs = _contestants(model, prompt_len)
+        runs = _contestants(model, prompt_len, args.batch)
         for _, run in runs:
             run()  # first call of each program
         times = {name: [] for name, _ in runs}
@@ -68,15 +69,15 @@ def main() -> None:
         for name, ms in times.items():
             rows.append({"prompt_tokens": prompt_len, "contestant": name, "ms_per_step": float(np.median(ms)),
                          "vs_plain": float(np.median(ms)) / plain})
-    doc = {"model": "smollm2-135m", "batch": 1, "steps_per_run": STEPS, "rounds": ROUNDS,
+    doc = {"model": "smollm2-135m", "batch": args.batch, "steps_per_run": STEPS, "rounds": ROUNDS,
            "machine": {"platform": platform.platform(), "device": str(jax.devices()[0]), "cpus": os.cpu_count(),
                        "load_average": os.getloadavg(), "jax": jax.__version__},
            "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(doc, f, indent=1)
-    lines = ["# Each method's step modes against plain decoding (ms per decode step, batch 1)", "",
-             f"`python scripts/plain_mode_overhead.py`; {doc['machine']['device']}, {doc['machine']['cpus']} CPUs, "
+    lines = [f"# Each method's step modes against plain decoding (ms per decode step, batch {args.batch})", "",
+             f"`python scripts/plain_mode_overhead.py --batch {args.batch}`; {doc['machine']['device']}, {doc['machine']['cpus']} CPUs, "
              f"load average {', '.join(f'{x:.2f}' for x in doc['machine']['load_average'])}; median of {ROUNDS} interleaved "
              f"rounds of {STEPS} steps. Mode 0 is the step an adaptive method takes when it does nothing special.", "",
              "| prompt tokens | contestant | ms/step | vs plain |", "|---|---|---|---|"]
