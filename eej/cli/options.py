@@ -46,6 +46,19 @@ def sampling_from_args(args: argparse.Namespace):
     return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
 
+def check_lengths(model, max_new_tokens: int, cache_size: int | None) -> int:
+    """Refuse `--max-new-tokens` / `--cache-size` the model's context can't hold -> the positions a row can use."""
+    context = model.cfg.max_position
+    if cache_size is not None and not 1 <= cache_size <= context:
+        raise CliError(f"--cache-size must be in [1, {context}] (the context of {model.name}), got {cache_size}")
+    capacity = context if cache_size is None else cache_size
+    if not 1 <= max_new_tokens < capacity:
+        raise CliError(f"--max-new-tokens must be in [1, {capacity - 1}] (a row holds {capacity} positions: "
+                       f"{'--cache-size' if cache_size is not None else f'the context of {model.name}'}), "
+                       f"got {max_new_tokens}")
+    return capacity
+
+
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", help="device mesh, e.g. data=8,model=1 (rows over data, heads/FFN over model); "
                    "default: one device")
