@@ -61,6 +61,8 @@ def test_text_output_and_stats_line(capsys):
          "--max-new-tokens must be in [1, 63]"),
         (["generate", "--model", "tiny-llama", "--prompt", "x" * 2100], "exceeds the model's context of 2048"),
         (["generate", "--model", "tiny-llama", "--batch-file", "."], "batch file . is a directory"),
+        (["generate", "--model", "tiny-llama", "--prompt", "hi", "--seed", "100000000000000000000000"], "fit 64 bits"),
+        (["generate", "--model", "tiny-llama", "--prompt", "hi", "--seed", "x"], "--seed: expected an integer"),
         (["generate", "--model", "tiny-llama", "--batch-file", "/no/such/file.jsonl"], "not found"),
         (["generate", "--model", "tiny-llama"], "exactly one of"),
         (["generate", "--model", "tiny-llama", "--prompt", "x" * 100, "--cache-size", "64", "--max-new-tokens", "8"],

@@ -21,7 +21,7 @@ from eej.bench.questions import CATEGORY_MODES, load_questions, select_questions
 from eej.bench.report import markdown_report, write_json, write_markdown, write_plot, write_text
 from eej.bench.runner import RunSettings
 from eej.bench.session import bench_document, git_commit
-from eej.cli.options import add_model_arguments, check_lengths, load_model_from_args, sampling_from_args
+from eej.cli.options import add_model_arguments, check_lengths, load_model_from_args, sampling_from_args, seed_arg
 from eej.cli.parser import CliError
 from eej.files import check_writable, exclusive
 
@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the Spec-Bench protocol)")
     p.add_argument("--top-k", type=int, default=0, help="0 = no limit (sampling only)")
     p.add_argument("--top-p", type=float, default=1.0, help="(sampling only)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--peers", default=None, help=f"comma-separated transformers baselines: {', '.join(PEERS)} (need torch)")
     p.add_argument(
         "--early-exit-layer", type=int, default=None,

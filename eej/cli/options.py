@@ -39,7 +39,18 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of `--seed`: an integer that fits 64 bits (what the random key is made from)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must fit 64 bits (|seed| < 2**63), got {text}")
+    return value
 
 
 def sampling_from_args(args: argparse.Namespace):
