@@ -287,3 +287,14 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         write_atomic(str(path), "new and longer")
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["r.json"]
+
+
+def test_a_question_too_long_for_the_cache_is_refused_before_any_answer(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("eej.cli.bench.bench_document", lambda *a, **k: pytest.fail("the run started"))
+    long = {"question_id": 11, "category": "qa", "turns": ["Hi.", "x" * 60]}
+    argv = _bench_argv(tmp_path)
+    (tmp_path / "q.jsonl").write_text(json.dumps(QUESTIONS[1]) + "\n" + json.dumps(long) + "\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "question 11 turn 2: prompt of" in err and "exceeds the 64 positions" in err
+    assert len(err.strip().splitlines()) == 1

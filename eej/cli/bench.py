@@ -19,7 +19,7 @@ from eej.bench.machine import load_average
 from eej.bench.peers import PEERS, load_peers, parse_peers
 from eej.bench.questions import CATEGORY_MODES, load_questions, select_questions
 from eej.bench.report import markdown_report, write_json, write_markdown, write_plot, write_text
-from eej.bench.runner import RunSettings
+from eej.bench.runner import RunSettings, check_prompts_fit
 from eej.bench.session import bench_document, git_commit
 from eej.cli.options import add_model_arguments, check_lengths, load_model_from_args, sampling_from_args, seed_arg
 from eej.cli.parser import CliError
@@ -144,7 +144,8 @@ def _run(args: argparse.Namespace) -> int:
     load_start = load_average()
 
     model = load_model_from_args(args, attention=attention[0])
-    check_lengths(model, args.max_new_tokens, args.cache_size)
+    capacity = check_lengths(model, args.max_new_tokens, args.cache_size)
+    check_prompts_fit(chosen, model.tokenizer, args.max_new_tokens, capacity)
     contestants: list[Any] = method_contestants(model, args.methods.split(","), args.cache_size, attention)
     contestants += load_peers(peer_names, args.model, model, args.early_exit_layer, args.peer_threads)
 
