@@ -75,7 +75,7 @@ class BenchCheckpoint:
         return keep
 
     def _batch(self, line: Any, n: int) -> int:
-        if not isinstance(line, dict) or not isinstance(line.get("batch"), int) or not isinstance(line.get("record"), dict):
+        if not (isinstance(line, dict) and isinstance(line.get("batch"), int) and isinstance(line.get("record"), dict)):
             raise CheckpointError(f"{self.path}:{n}: not a checkpoint line (expected batch and record); the file is "
                                   "damaged: delete it to start the run again")
         return line["batch"]
