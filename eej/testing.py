@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 from typing import Sequence
 
 import jax
@@ -76,6 +77,42 @@ def write_chat_data(path, examples: int = 24, seed: int = 0) -> None:
         for i in range(examples):
             words = " ".join(rng.choice(["ab", "cd", "ef", "gh"], 12))
             f.write(json.dumps({"question": f"q{i} {words}", "answer": f"a {words} {words}"}) + "\n")
+
+
+TINY_HF_CONFIG = dict(
+    model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+
+def write_hf_checkpoint(path, config: dict | None = None, tensors: dict | None = None,
+                        seed: int = 0) -> dict[str, np.ndarray]:
+    """A tiny random Llama checkpoint directory (config.json + model.safetensors), written without torch, for
+    loader tests. Tensors are shaped for TINY_HF_CONFIG; `config` then changes its keys (None deletes one)
+    and `tensors` replaces, adds (HF names) or, with None, deletes tensors. -> the tensors written."""
+    from safetensors.numpy import save_file  # a dependency of transformers
+
+    rng = np.random.default_rng(seed)
+    c = TINY_HF_CONFIG
+    d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    q = d
+    kv = d // c["num_attention_heads"] * c["num_key_value_heads"]
+    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
+    for i in range(c["num_hidden_layers"]):
+        shapes.update({f"model.layers.{i}.{k}": s for k, s in {
+            "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+            "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d), "self_attn.v_proj.weight": (kv, d),
+            "self_attn.o_proj.weight": (d, q), "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+            "mlp.down_proj.weight": (d, f)}.items()})
+    weights = {k: (rng.standard_normal(s) * 0.1).astype(np.float32) for k, s in shapes.items()}
+    weights = {k: w for k, w in {**weights, **(tensors or {})}.items() if w is not None}
+    cfg = {k: val for k, val in {**c, **(config or {})}.items() if val is not None}
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    save_file({k: np.ascontiguousarray(w) for k, w in weights.items()}, os.path.join(path, "model.safetensors"))
+    return weights
 
 
 # ----------------------------------------------------------------------------- exact sampling distributions

@@ -23,6 +23,7 @@ from eej.model.transformer import forward  # noqa: E402
 from eej.weights.hf_checkpoint import read_hf_checkpoint  # noqa: E402
 from eej.weights.byte_tokenizer import byte_tokenizer  # noqa: E402
 from eej.weights.registry import Model, smollm2_path, to_device  # noqa: E402
+from eej.testing import write_hf_checkpoint  # noqa: E402
 
 GEN_TOKENS = 64
 
@@ -189,3 +190,81 @@ def test_smollm2_tokenizer_matches_transformers_gguf(real_model):
     assert real_model.tokenizer.chat_prompt(messages) == ref.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True
     )
+
+
+# ----------------------------------------------------------------------------- checkpoints that contradict config.json
+
+
+def test_a_checkpoint_written_without_torch_loads(tmp_path):
+    write_hf_checkpoint(tmp_path, tensors={"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)})
+    cfg, params = read_hf_checkpoint(str(tmp_path))
+    assert (cfg.num_layers, cfg.ffn_size, cfg.vocab_size, cfg.num_kv_heads) == (2, 48, 300, 2)
+    assert params["layers"]["w_gate"].shape == (2, 32, 48) and params["lm_head"].shape == (32, 300)
+
+
+_L0 = "model.layers.0."
+BAD_CHECKPOINTS = {
+    "extra layer": ({"num_hidden_layers": 1}, {}, "tensor model.layers.1.input_layernorm.weight \\(and 8 more\\) "
+                    "is not part of the model config.json describes \\(layer 1 is beyond num_hidden_layers=1\\)"),
+    "ffn size": ({"intermediate_size": 64}, {}, f"tensor {_L0}mlp.gate_proj.weight has shape \\[48, 32\\]; config.json "
+                 "gives \\[64, 32\\] \\(intermediate_size, hidden_size\\)"),
+    "vocab size": ({"vocab_size": 280}, {}, "tensor model.embed_tokens.weight has shape \\[300, 32\\]; .*vocab_size"),
+    "head": ({}, {"lm_head.weight": np.zeros((300, 16), np.float32)}, "tensor lm_head.weight has shape \\[300, 16\\]"),
+    "kv heads": ({"num_key_value_heads": 4}, {}, f"{_L0}self_attn.k_proj.weight has shape .*num_key_value_heads"),
+    "mlp_bias": ({"mlp_bias": True}, {}, "config.json: key 'mlp_bias' is true: eej's MLP has no biases"),
+    "llama attention bias": ({"attention_bias": True}, {}, "key 'attention_bias' is true: .*o_proj bias"),
+    "stray bias": ({}, {f"{_L0}mlp.down_proj.bias": np.zeros(32, np.float32)},
+                   f"tensor {_L0}mlp.down_proj.bias is not part .*no such bias"),
+    "missing tensor": ({}, {f"{_L0}mlp.up_proj.weight": None}, f"tensor {_L0}mlp.up_proj.weight is missing"),
+    "missing key": ({"num_hidden_layers": None}, {}, "config.json: key 'num_hidden_layers' is missing"),
+    "bad key": ({"hidden_size": "32"}, {}, "key 'hidden_size' must be an integer, got '32'"),
+    "bad eps": ({"rms_norm_eps": "tiny"}, {}, "key 'rms_norm_eps' must be a finite number"),
+    "heads": ({"num_attention_heads": 3, "head_dim": 8}, {}, "num_heads \\(3\\) must be a multiple of num_kv_heads"),
+    "qwen2 mixed window": ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8,
+                            "max_window_layers": 1}, {}, "layers \\[1\\] have a sliding window and the others not"),
+    "nan": ({}, {f"{_L0}self_attn.v_proj.weight": np.full((16, 32), np.nan, np.float32)},
+            f"model.safetensors: tensor {_L0}self_attn.v_proj.weight holds non-finite values"),
+    "inf in an f16 tensor": ({}, {"model.norm.weight": np.full(32, np.inf, np.float16)}, "model.norm.weight holds non"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_checkpoints_that_contradict_their_config_are_refused(case, tmp_path):
+    config, tensors, message = BAD_CHECKPOINTS[case]
+    write_hf_checkpoint(tmp_path, config, tensors)
+    with pytest.raises(ValueError, match=message):
+        read_hf_checkpoint(str(tmp_path))
+
+
+def test_qwen2_sliding_window_in_every_layer_or_none(tmp_path):
+    base = {"model_type": "qwen2", "sliding_window": 8}
+    for extra, window in (({"use_sliding_window": True, "max_window_layers": 0}, 8),
+                          ({"use_sliding_window": True}, None),  # max_window_layers 28 >= layers: no layer slides
+                          ({"use_sliding_window": False, "max_window_layers": 0}, None)):
+        tensors = {f"model.layers.{i}.self_attn.{p}_proj.bias": np.zeros(n, np.float32)
+                   for i in range(2) for p, n in (("q", 32), ("k", 16), ("v", 16))}
+        write_hf_checkpoint(tmp_path, {**base, **extra}, tensors)
+        assert read_hf_checkpoint(str(tmp_path))[0].sliding_window == window, extra
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw: (10**15).to_bytes(8, "little") + raw[8:], "not a safetensors file \\(header length 1000000000000000"),
+    (lambda raw: raw[:5], "not a safetensors file"),
+    (lambda raw: raw[:8] + b"\xff" * (len(raw) - 8), "header is not a JSON object"),
+    (lambda raw: raw[:-100], "data_offsets .* don't match its size or the file's"),
+])
+def test_a_damaged_safetensors_file_is_refused(tmp_path, damage, message):
+    write_hf_checkpoint(tmp_path)
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(damage(file.read_bytes()))
+    with pytest.raises(ValueError, match=message):
+        read_hf_checkpoint(str(tmp_path))
+
+
+def test_a_bad_checkpoint_is_one_line_and_exit_2_from_the_cli(tmp_path, capsys):
+    from eej.cli import main
+
+    write_hf_checkpoint(tmp_path, {"intermediate_size": 64})
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eej: error: ") and "mlp.gate_proj.weight has shape [48, 32]" in err[0]
