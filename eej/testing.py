@@ -115,6 +115,49 @@ def write_hf_checkpoint(path, config: dict | None = None, tensors: dict | None =
     return weights
 
 
+def write_gguf(path, metadata: dict | None = None, tensors: dict | None = None, seed: int = 0) -> None:
+    """A tiny random Llama `.gguf` file (float32 tensors, a byte-level BPE vocabulary of 300 tokens) for loader
+    tests, shaped like TINY_HF_CONFIG. `metadata` changes `llama.*` keys (None deletes one); `tensors`
+    replaces, adds (GGUF names, e.g. `blk.0.attn_q.weight`) or, with None, deletes tensors."""
+    import gguf
+    from tokenizers import pre_tokenizers
+
+    rng = np.random.default_rng(seed)
+    c = TINY_HF_CONFIG
+    d, f, v, heads, kv_heads = (c[k] for k in ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads",
+                                               "num_key_value_heads"))
+    kv = d // heads * kv_heads
+    meta = {"block_count": c["num_hidden_layers"], "embedding_length": d, "feed_forward_length": f,
+            "attention.head_count": heads, "attention.head_count_kv": kv_heads, "context_length": 128,
+            "attention.layer_norm_rms_epsilon": 1e-5, "vocab_size": v, **(metadata or {})}
+    shapes = {"token_embd.weight": (v, d), "output_norm.weight": (d,), "output.weight": (v, d)}
+    for i in range(c["num_hidden_layers"]):
+        shapes.update({f"blk.{i}.{k}": s for k, s in {
+            "attn_norm.weight": (d,), "ffn_norm.weight": (d,), "attn_q.weight": (d, d), "attn_k.weight": (kv, d),
+            "attn_v.weight": (kv, d), "attn_output.weight": (d, d), "ffn_gate.weight": (f, d),
+            "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}.items()})
+    weights = {k: (rng.standard_normal(s) * 0.1).astype(np.float32) for k, s in shapes.items()}
+    weights = {k: w for k, w in {**weights, **(tensors or {})}.items() if w is not None}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in meta.items():
+        if value is None:
+            continue
+        if isinstance(value, float):
+            writer.add_float32(f"llama.{key}", value)
+        else:
+            writer.add_uint32(f"llama.{key}", value)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(sorted(pre_tokenizers.ByteLevel.alphabet()) + [f"<extra_{i}>" for i in range(v - 256)])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    for name, w in weights.items():
+        writer.add_tensor(name, np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 # ----------------------------------------------------------------------------- exact sampling distributions
 
 

@@ -23,7 +23,8 @@ from eej.model.transformer import forward  # noqa: E402
 from eej.weights.hf_checkpoint import read_hf_checkpoint  # noqa: E402
 from eej.weights.byte_tokenizer import byte_tokenizer  # noqa: E402
 from eej.weights.registry import Model, smollm2_path, to_device  # noqa: E402
-from eej.testing import write_hf_checkpoint  # noqa: E402
+from eej.testing import write_gguf, write_hf_checkpoint  # noqa: E402
+from eej.weights.gguf_file import read_gguf  # noqa: E402
 
 GEN_TOKENS = 64
 
@@ -268,3 +269,44 @@ def test_a_bad_checkpoint_is_one_line_and_exit_2_from_the_cli(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("eej: error: ") and "mlp.gate_proj.weight has shape [48, 32]" in err[0]
+
+
+def test_a_gguf_written_here_loads(tmp_path):
+    write_gguf(tmp_path / "m.gguf")
+    cfg, params, tokenizer = read_gguf(str(tmp_path / "m.gguf"))
+    assert (cfg.vocab_size, cfg.num_layers, cfg.ffn_size, cfg.num_kv_heads) == (300, 2, 48, 2)
+    assert params["layers"]["w_down"].shape == (2, 48, 32) and tokenizer.decode(tokenizer.encode("hi")) == "hi"
+
+
+BAD_GGUFS = {
+    "garbage f16 data": ({}, {"blk.1.ffn_up.weight": np.full((48, 32), 0xFFFF, np.uint16).view(np.float16)},
+                         "m.gguf: tensor blk.1.ffn_up.weight holds non-finite values"),
+    "nan": ({}, {"token_embd.weight": np.full((300, 32), np.nan, np.float32)}, "tensor token_embd.weight holds non"),
+    "extra block": ({"block_count": 1}, {}, "tensor blk.1.attn_k.weight \\(and 8 more\\) is not part of the model"),
+    "llama 3 rope table": ({}, {"rope_freqs.weight": np.ones(4, np.float32)}, "tensor rope_freqs.weight is not part"),
+    "output bias": ({}, {"blk.0.attn_output.bias": np.zeros(32, np.float32)}, "blk.0.attn_output.bias is not part"),
+    "ffn size": ({"feed_forward_length": 64}, {}, "blk.0.ffn_gate.weight has shape \\[48, 32\\]; the metadata gives"),
+    "missing key": ({"feed_forward_length": None}, {}, "metadata llama.feed_forward_length must be a positive integer"),
+    "missing tensor": ({}, {"blk.1.attn_v.weight": None}, "tensor blk.1.attn_v.weight is missing"),
+    "vocab size": ({"vocab_size": 299}, {}, "token_embd.weight has 300 rows; metadata llama.vocab_size is 299"),
+    "partial rotary": ({"rope.dimension_count": 4}, {}, "partial rotary embeddings are not supported"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GGUFS))
+def test_ggufs_that_contradict_their_metadata_are_refused(case, tmp_path):
+    metadata, tensors, message = BAD_GGUFS[case]
+    write_gguf(tmp_path / "m.gguf", metadata, tensors)
+    with pytest.raises(ValueError, match=message):
+        read_gguf(str(tmp_path / "m.gguf"))
+
+
+def test_a_gguf_of_garbage_is_one_line_and_exit_2_from_the_cli(tmp_path, capsys):
+    from eej.cli import main
+
+    garbage = np.frombuffer(np.random.default_rng(0).bytes(300 * 32 * 2), np.float16).reshape(300, 32).copy()
+    garbage[7, 3] = np.inf  # random bytes hold non-finite halves often; make sure of one
+    write_gguf(tmp_path / "m.gguf", tensors={"output.weight": garbage})
+    assert main(["generate", "--model", str(tmp_path / "m.gguf"), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eej: error: ") and "tensor output.weight holds non-finite" in err[0]
