@@ -310,3 +310,29 @@ def test_a_gguf_of_garbage_is_one_line_and_exit_2_from_the_cli(tmp_path, capsys)
     assert main(["generate", "--model", str(tmp_path / "m.gguf"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("eej: error: ") and "tensor output.weight holds non-finite" in err[0]
+
+
+def test_a_missing_or_damaged_tokenizer_is_one_line_and_exit_2(tmp_path, capsys):
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models
+
+    from eej.cli import main
+
+    write_hf_checkpoint(tmp_path)
+    argv = ["generate", "--model", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "2"]
+
+    def error() -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("eej: error: "), err
+        return err[0]
+
+    assert "has no tokenizer.json" in error()
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    assert "tokenizer.json or tokenizer_config.json can't be read" in error()
+    words = RawTokenizer(models.WordLevel({"h": 0, "i": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    words.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": "two"}')
+    assert "generation_config.json: eos_token_id must be a token id" in error()
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2]}')
+    assert main(argv) == 0  # the checkpoint itself is fine
