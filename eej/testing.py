@@ -115,10 +115,12 @@ def write_hf_checkpoint(path, config: dict | None = None, tensors: dict | None =
     return weights
 
 
-def write_gguf(path, metadata: dict | None = None, tensors: dict | None = None, seed: int = 0) -> None:
+def write_gguf(path, metadata: dict | None = None, tensors: dict | None = None, seed: int = 0,
+               vocabulary: bool = True) -> None:
     """A tiny random Llama `.gguf` file (float32 tensors, a byte-level BPE vocabulary of 300 tokens) for loader
     tests, shaped like TINY_HF_CONFIG. `metadata` changes `llama.*` keys (None deletes one); `tensors`
-    replaces, adds (GGUF names, e.g. `blk.0.attn_q.weight`) or, with None, deletes tensors."""
+    replaces, adds (GGUF names, e.g. `blk.0.attn_q.weight`) or, with None, deletes tensors; `vocabulary=False`
+    leaves the token list out."""
     import gguf
     from tokenizers import pre_tokenizers
 
@@ -144,10 +146,13 @@ def write_gguf(path, metadata: dict | None = None, tensors: dict | None = None, 
             continue
         if isinstance(value, float):
             writer.add_float32(f"llama.{key}", value)
+        elif isinstance(value, str):
+            writer.add_string(f"llama.{key}", value)
         else:
             writer.add_uint32(f"llama.{key}", value)
     writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(sorted(pre_tokenizers.ByteLevel.alphabet()) + [f"<extra_{i}>" for i in range(v - 256)])
+    if vocabulary:
+        writer.add_token_list(sorted(pre_tokenizers.ByteLevel.alphabet()) + [f"<extra_{i}>" for i in range(v - 256)])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     for name, w in weights.items():

@@ -290,6 +290,7 @@ BAD_GGUFS = {
     "missing tensor": ({}, {"blk.1.attn_v.weight": None}, "tensor blk.1.attn_v.weight is missing"),
     "vocab size": ({"vocab_size": 299}, {}, "token_embd.weight has 300 rows; metadata llama.vocab_size is 299"),
     "partial rotary": ({"rope.dimension_count": 4}, {}, "partial rotary embeddings are not supported"),
+    "rope factor": ({"rope.scaling.type": "linear"}, {}, "metadata llama.rope.scaling.factor must be a positive"),
 }
 
 
@@ -298,6 +299,12 @@ def test_ggufs_that_contradict_their_metadata_are_refused(case, tmp_path):
     metadata, tensors, message = BAD_GGUFS[case]
     write_gguf(tmp_path / "m.gguf", metadata, tensors)
     with pytest.raises(ValueError, match=message):
+        read_gguf(str(tmp_path / "m.gguf"))
+
+
+def test_a_gguf_without_a_vocabulary_is_refused(tmp_path):
+    write_gguf(tmp_path / "m.gguf", vocabulary=False)
+    with pytest.raises(ValueError, match="m.gguf: the tokenizer metadata .*tokenizer.ggml.tokens is missing"):
         read_gguf(str(tmp_path / "m.gguf"))
 
 

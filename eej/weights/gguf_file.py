@@ -78,6 +78,13 @@ def read_gguf(path: str, name: str | None = None) -> tuple[ModelConfig, dict[str
             raise GGUFError(f"{path}: metadata {arch}.{key} must be a positive integer, got {value!r}")
         return int(value)
 
+    def number(key: str, default: Any = None) -> float:
+        """A positive finite metadata number; GGUFError naming the key otherwise."""
+        value = meta(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < float("inf"):
+            raise GGUFError(f"{path}: metadata {arch}.{key} must be a positive number, got {value!r}")
+        return float(value)
+
     experts = int(meta("expert_count", 0) or 0)
     if experts:
         raise GGUFError(f"{path}: mixture-of-experts GGUF files ({experts} experts) are not supported; load the model's "
@@ -146,17 +153,22 @@ def read_gguf(path: str, name: str | None = None) -> tuple[ModelConfig, dict[str
         raise GGUFError(f"{path}: tensor {left[0]}{more} is not part of the model the metadata describes "
                         f"({arch}, {n_layers} blocks); eej refuses it rather than compute without it")
 
-    tokenizer = tokenizer_from_gguf_fields(lambda key, default=None: _field(reader, key, default))
+    try:
+        tokenizer = tokenizer_from_gguf_fields(lambda key, default=None: _field(reader, key, default))
+    except GGUFError:
+        raise
+    except Exception as e:  # tokenizers raises assorted errors on malformed vocabularies or merges
+        raise GGUFError(f"{path}: the tokenizer metadata can't be used ({' '.join(str(e).split())})") from None
     scaling_type = meta("rope.scaling.type", "none")
-    rope = RopeConfig(theta=float(meta("rope.freq_base", 10000.0)))
+    rope = RopeConfig(theta=number("rope.freq_base", 10000.0))
     if scaling_type == "linear":
-        rope = RopeConfig(theta=rope.theta, type="linear", factor=float(meta("rope.scaling.factor")))
+        rope = RopeConfig(theta=rope.theta, type="linear", factor=number("rope.scaling.factor"))
     elif scaling_type == "yarn":
         rope = RopeConfig(
             theta=rope.theta,
             type="yarn",
-            factor=float(meta("rope.scaling.factor")),
-            original_max_position=int(meta("rope.scaling.original_context_length")),
+            factor=number("rope.scaling.factor"),
+            original_max_position=count("rope.scaling.original_context_length"),
         )
     elif scaling_type not in ("none", None):
         raise GGUFError(f"{path}: RoPE scaling {scaling_type!r} is not supported")
@@ -173,11 +185,11 @@ def read_gguf(path: str, name: str | None = None) -> tuple[ModelConfig, dict[str
         head_dim=head_dim,
         ffn_size=ffn,
         rope=rope,
-        rms_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+        rms_eps=number("attention.layer_norm_rms_epsilon", 1e-5),
         tie_embeddings=tied,
         attention_bias="bq" in layers,
         sliding_window=None,
-        max_position=int(meta("context_length", 4096)),
+        max_position=count("context_length", 4096),
         bos_id=None if bos is None else int(bos),
         eos_ids=() if eos is None else (int(eos),),
         pad_id=int(pad) if pad is not None else 0,

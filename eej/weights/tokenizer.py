@@ -92,6 +92,8 @@ def tokenizer_from_gguf_fields(field: Callable[..., Any]) -> Tokenizer:
             f"GGUF tokenizer model {kind!r} is not supported (eej rebuilds byte-level BPE, 'gpt2'); load the "
             "model from a Hugging Face checkpoint directory instead"
         )
+    if field("tokenizer.ggml.tokens") is None:
+        raise ValueError("GGUF metadata tokenizer.ggml.tokens is missing: the file carries no vocabulary")
     tokens: list[str] = list(field("tokenizer.ggml.tokens"))
     types: list[int] = list(field("tokenizer.ggml.token_type", [1] * len(tokens)))
     merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
