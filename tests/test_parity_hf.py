@@ -220,6 +220,8 @@ BAD_CHECKPOINTS = {
     "missing key": ({"num_hidden_layers": None}, {}, "config.json: key 'num_hidden_layers' is missing"),
     "bad key": ({"hidden_size": "32"}, {}, "key 'hidden_size' must be an integer, got '32'"),
     "bad eps": ({"rms_norm_eps": "tiny"}, {}, "key 'rms_norm_eps' must be a finite number"),
+    "bad eos": ({"eos_token_id": [2, "</s>"]}, {}, "key 'eos_token_id' must be a token id or a list of them"),
+    "bad pad": ({"pad_token_id": -1}, {}, "key 'pad_token_id' must be >= 0, got -1"),
     "heads": ({"num_attention_heads": 3, "head_dim": 8}, {}, "num_heads \\(3\\) must be a multiple of num_kv_heads"),
     "qwen2 mixed window": ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8,
                             "max_window_layers": 1}, {}, "layers \\[1\\] have a sliding window and the others not"),

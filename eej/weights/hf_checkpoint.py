@@ -249,8 +249,10 @@ def config_from_hf(hf: dict[str, Any], name: str) -> ModelConfig:
     hidden = _int(hf, "hidden_size")
     layers = _int(hf, "num_hidden_layers")
     eos = hf.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    pad = hf.get("pad_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eos_ids):
+        raise CheckpointError(f"key 'eos_token_id' must be a token id or a list of them, got {eos!r}")
+    pad = _int(hf, "pad_token_id", None, minimum=0)
     try:
         return ModelConfig(
             name=name,
@@ -267,9 +269,9 @@ def config_from_hf(hf: dict[str, Any], name: str) -> ModelConfig:
             attention_bias=_attention_bias(hf, model_type),
             sliding_window=_sliding_window(hf, model_type, layers),
             max_position=_int(hf, "max_position_embeddings", 4096),
-            bos_id=hf.get("bos_token_id"),
+            bos_id=_int(hf, "bos_token_id", None, minimum=0),
             eos_ids=eos_ids,
-            pad_id=int(pad) if pad else (eos_ids[0] if eos_ids else 0),
+            pad_id=pad if pad else (eos_ids[0] if eos_ids else 0),
             **_moe_fields(hf, model_type),
         )
     except (TypeError, ValueError) as e:  # RoPE parameters, ModelConfig's own checks
