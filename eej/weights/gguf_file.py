@@ -155,8 +155,6 @@ def read_gguf(path: str, name: str | None = None) -> tuple[ModelConfig, dict[str
 
     try:
         tokenizer = tokenizer_from_gguf_fields(lambda key, default=None: _field(reader, key, default))
-    except GGUFError:
-        raise
     except Exception as e:  # tokenizers raises assorted errors on malformed vocabularies or merges
         raise GGUFError(f"{path}: the tokenizer metadata can't be used ({' '.join(str(e).split())})") from None
     scaling_type = meta("rope.scaling.type", "none")
