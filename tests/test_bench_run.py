@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
@@ -217,3 +218,83 @@ def test_bench_option_errors(tmp_path, capsys, flags, message):
     assert main(["bench", "--model", "tiny-llama", "--questions", str(questions), "--no-progress", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("eej: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def _bench_argv(tmp_path, *flags) -> list[str]:
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps(QUESTIONS[1]) + "\n")
+    return ["bench", "--model", "tiny-llama", "--questions", str(questions), "--max-new-tokens", "4",
+            "--cache-size", "64", "--no-progress", "--no-agreement", *flags]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--cache-size", "100000"], "--cache-size must be in [1, 2048]"),
+    (["--max-new-tokens", "100000000000000000000"], "--max-new-tokens must be in [1, 63]"),
+])
+def test_bench_lengths_beyond_the_context_are_refused(tmp_path, capsys, flags, message):
+    assert main([*_bench_argv(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eej: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("outputs,message", [
+    (lambda tmp: ["--report", str(tmp / "r.md"), "--out", str(tmp / "a_file" / "r.json")], "r.json can't be written"),
+    (lambda tmp: ["--plot", str(tmp)], "is a directory"),
+    (lambda tmp: ["--out", str(tmp / "r.json"), "--report", str(tmp / "r.json")], "is given twice"),
+])
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, monkeypatch, outputs, message):
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setattr("eej.cli.bench.load_questions", lambda *a: pytest.fail("the run started"))
+    assert main(_bench_argv(tmp_path, *outputs(tmp_path))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eej: error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.md").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--checkpoint"])
+def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys, monkeypatch, flag):
+    from eej.files import exclusive
+
+    path = str(tmp_path / "shared.json")
+    monkeypatch.setattr("eej.cli.bench.load_questions", lambda *a: pytest.fail("the run started"))
+    with exclusive([path]):  # what a first run holds while it works
+        assert main(_bench_argv(tmp_path, flag, path)) == 2
+    err = capsys.readouterr().err
+    assert f"is writing {path}" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(path)
+
+
+def test_outputs_are_written_atomically_json_last(tmp_path, monkeypatch, capsys):
+    import eej.files
+
+    written = []
+    real = eej.files.write_atomic
+    monkeypatch.setattr("eej.bench.report.write_atomic", lambda path, data: (written.append(path), real(path, data)))
+    files = [tmp_path / name for name in ("r.json", "r.md", "a.jsonl")]
+    argv = _bench_argv(tmp_path, "--out", str(files[0]), "--report", str(files[1]), "--answers", str(files[2]))
+    assert main(argv) == 0
+    assert sorted(written) == sorted(map(str, files)) and written[-1] == str(files[0])
+    check_schema(json.loads(files[0].read_text()))
+    assert sorted(os.listdir(tmp_path)) == sorted([".r.json.lock", "a.jsonl", "q.jsonl", "r.json", "r.md"])
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    from eej.files import write_atomic
+
+    path = tmp_path / "r.json"
+    write_atomic(str(path), "old")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(str(path), "new and longer")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["r.json"]
+
+
+def test_a_question_too_long_for_the_cache_is_refused_before_any_answer(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("eej.cli.bench.bench_document", lambda *a, **k: pytest.fail("the run started"))
+    long = {"question_id": 11, "category": "qa", "turns": ["Hi.", "x" * 60]}
+    argv = _bench_argv(tmp_path)
+    (tmp_path / "q.jsonl").write_text(json.dumps(QUESTIONS[1]) + "\n" + json.dumps(long) + "\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "question 11 turn 2: prompt of" in err and "exceeds the 64 positions" in err
+    assert len(err.strip().splitlines()) == 1

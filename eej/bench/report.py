@@ -16,6 +16,7 @@ import os
 from typing import Any, Sequence
 
 from eej.bench.metrics import REQUIRED_METRIC_KEYS
+from eej.files import write_atomic
 
 SCHEMA_VERSION = 1
 TOP_LEVEL_KEYS = ("schema_version", "model", "machine", "settings", "methods", "peers")
@@ -51,10 +52,8 @@ def build_document(
 
 
 def write_text(text: str, path: str) -> None:
-    """`text` into the file `path`, its folder made if needed."""
-    ensure_parent(path)
-    with open(path, "w") as f:
-        f.write(text)
+    """`text` into the file `path`, its folder made if needed, atomically (eej.files.write_atomic)."""
+    write_atomic(path, text)
 
 
 def write_json(doc: dict[str, Any], path: str) -> None:
@@ -62,14 +61,9 @@ def write_json(doc: dict[str, Any], path: str) -> None:
 
 
 def write_result(doc: dict[str, Any], markdown: str, prefix: str) -> None:
-    """A benchmark's result and its report: PREFIX.json and PREFIX.md."""
-    write_json(doc, prefix + ".json")
+    """A benchmark's result and its report: PREFIX.md, then PREFIX.json (the JSON last: its presence means done)."""
     write_text(markdown, prefix + ".md")
-
-
-def ensure_parent(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    write_json(doc, prefix + ".json")
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -232,9 +226,10 @@ def figure(doc: dict[str, Any]):
 
 
 def write_plot(doc: dict[str, Any], path: str) -> None:
-    """`figure(doc)` as a PNG."""
-    ensure_parent(path)
-    figure(doc).savefig(path, dpi=110)
+    """`figure(doc)` as a PNG (written atomically)."""
+    png = io.BytesIO()
+    figure(doc).savefig(png, format="png", dpi=110)
+    write_atomic(path, png.getvalue())
 
 
 def check_schema(doc: dict[str, Any]) -> None:
