@@ -18,6 +18,7 @@ import pytest
 from eej.bench.contestants import method_contestants
 from eej.bench.fidelity import sequence_argmax, teacher_argmax
 from eej.bench.metrics import METRIC_KEYS, agreement_count
+from eej.bench.quality import reference_rouge_l
 from eej.bench.questions import Question
 from eej.bench.report import CONTESTANT_KEYS, TOP_LEVEL_KEYS, check_schema
 from eej.bench.runner import RunSettings, run_bench
@@ -34,7 +35,7 @@ QUESTIONS = [
     {"question_id": 7, "category": "writing", "turns": ["Hi there.", "Again."]},
     {"question_id": 9, "category": "qa", "turns": ["Why?"]},
     {"question_id": 8, "category": "qa", "turns": ["Who?"]},
-    {"question_id": 3, "category": "qa", "turns": ["How?"]},
+    {"question_id": 3, "category": "qa", "turns": ["How?"], "reference": ["Like this."]},
     {"question_id": 5, "category": "translation", "turns": ["Hallo."]},
 ]
 
@@ -118,6 +119,19 @@ def test_lossy_method_metrics(bench_run):
     identical = [mine[k]["tokens"] == plain[k]["tokens"] for k in mine]
     assert o["identical_rate"] == sum(identical) / 4
     assert o["token_agreement"] == sum(a["agreement"] for a in mine.values()) / sum(len(a["tokens"]) for a in mine.values())
+
+
+def test_reference_metrics_reach_the_document_and_report(bench_run):
+    doc, answers = bench_run["doc"], bench_run["answers"]
+    for name, c in doc["methods"].items():
+        o, qa, mt = c["overall"], c["per_category"]["qa"], c["per_category"]["mt_bench"]
+        assert (o["reference_rouge_l_count"], o["reference_skipped"]) == (1, 3)  # only question 3 has a reference
+        assert (qa["reference_rouge_l_count"], qa["reference_skipped"]) == (1, 1)
+        assert (mt["reference_rouge_l_count"], mt["reference_skipped"], mt["reference_rouge_l"]) == (0, 2, None)
+        text = next(a["text"] for a in answers if a["contestant"] == name and a["question_id"] == 3)
+        assert o["reference_rouge_l"] == qa["reference_rouge_l"] == reference_rouge_l(text, "Like this.")
+    with open(bench_run["files"]["report"]) as f:
+        assert "## Task quality" in f.read()
 
 
 def test_agreement_matches_an_unpadded_forward(bench_run):
