@@ -3,6 +3,7 @@
     check_writable(paths)        every output can be created (folders made), before any work
     write_atomic(path, data)     a temporary file in the same folder, then os.replace: readers never see half a file
     with exclusive(path): ...    a non-blocking lock on PATH's lock file: a second run writing PATH fails at once
+    with locked(lock_file): ...  the lock itself (a run directory's lock: eej.train.loop.run_lock)
 """
 
 from __future__ import annotations
@@ -63,23 +64,40 @@ def lock_path(path: str) -> str:
     return os.path.join(os.path.dirname(full), f".{os.path.basename(full)}.lock")
 
 
+class LockHeld(OutputError):
+    """A lock file another process holds (`holder`: its process id, or "unknown")."""
+
+    def __init__(self, lock: str, holder: str):
+        super().__init__(f"lock {lock} is held by process {holder}")
+        self.lock, self.holder = lock, holder
+
+
+@contextlib.contextmanager
+def locked(lock: str) -> Iterator[None]:
+    """Hold the lock file `lock` (flock, non-blocking; it records our process id) for the block; LockHeld if another
+    process holds it. The operating system drops the lock when a process dies."""
+    os.makedirs(os.path.dirname(os.path.abspath(lock)), exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise LockHeld(lock, f.read().strip() or "unknown") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
 @contextlib.contextmanager
 def exclusive(paths: Sequence[str]) -> Iterator[None]:
-    """Hold the lock of every path in `paths` for the block; OutputError (naming the path and the holder's process id)
-    if another process holds one. The operating system drops the locks when a process dies."""
+    """Hold the lock of every path in `paths` (`lock_path`) for the block; OutputError naming the path and the
+    holder's process id if another process holds one."""
     with contextlib.ExitStack() as stack:
         for path in paths:
-            lock = lock_path(path)
-            os.makedirs(os.path.dirname(lock), exist_ok=True)
-            f = stack.enter_context(open(lock, "a+"))
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "unknown"
-                raise OutputError(f"another run (process {holder}) is writing {path} (lock {lock}); "
+                stack.enter_context(locked(lock_path(path)))
+            except LockHeld as e:
+                raise OutputError(f"another run (process {e.holder}) is writing {path} (lock {e.lock}); "
                                   "wait for it to finish or choose another path") from None
-            f.truncate(0)
-            f.write(str(os.getpid()))
-            f.flush()
         yield
