@@ -158,40 +158,56 @@ def _cell(text: str, limit: int = 400) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
-def _token_ids(prompt: Any) -> list[int] | None:
+_IDS = "token ids (a list of ints, or a 1-D integer numpy/JAX array)"
+
+
+def _token_ids(prompt: Any, where: str) -> list[int] | None:
     """A prompt given as token ids — a list or tuple of ints, or a 1-D integer numpy or JAX array — as a list of
-    ints; None if it is not one (TypeError for an array that can't be token ids)."""
+    ints; None if it is not token ids at all. TypeError naming `where` for ids of the wrong kind (float or bool
+    arrays or elements, arrays of another rank)."""
     if isinstance(prompt, (np.ndarray, jax.Array)):
         if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
-            raise TypeError(f"a prompt given as an array must be 1-D integer token ids, got {prompt.dtype} of shape "
+            raise TypeError(f"{where}: an array prompt must be 1-D integer token ids, got {prompt.dtype} of shape "
                             f"{tuple(prompt.shape)}")
         return [int(t) for t in np.asarray(prompt)]
-    if isinstance(prompt, (list, tuple)) and prompt and all(
-            isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)) for t in prompt):
+    # A list holding any number is meant as token ids (not a batch), so every element must be an int.
+    if isinstance(prompt, (list, tuple)) and any(isinstance(t, (int, float, np.number, np.bool_)) for t in prompt):
+        for i, t in enumerate(prompt):
+            if not isinstance(t, (int, np.integer)) or isinstance(t, (bool, np.bool_)):
+                raise TypeError(f"{where}: token ids must be ints; element {i} is {type(t).__name__} {t!r}")
         return [int(t) for t in prompt]
     return None
 
 
+def _not_a_prompt(where: str, value: Any, batch: bool = False) -> TypeError:
+    hint = " (decode bytes to a string first)" if isinstance(value, (bytes, bytearray)) else ""
+    what = f"a string, {_IDS}, or a list of those" if batch else f"a string or {_IDS}"
+    return TypeError(f"{where}: expected {what}; got {type(value).__name__}{hint}")
+
+
 def _as_prompt_list(prompts: Any) -> list[Prompt]:
-    """One prompt or a batch -> prompts, each a string or a list of token ids; TypeError naming what is wrong."""
+    """One prompt or a batch -> prompts, each a string or a list of token ids; TypeError naming what is wrong.
+
+    A batch is a list or tuple of prompts, or a 2-D integer array (one row per prompt).
+    """
     if isinstance(prompts, (np.ndarray, jax.Array)) and prompts.ndim == 2:
-        prompts = list(prompts)  # a batch of token-id rows
+        if not np.issubdtype(prompts.dtype, np.integer):
+            raise TypeError(f"prompts: a 2-D array must be integer token ids (one row per prompt), got {prompts.dtype}")
+        prompts = list(np.asarray(prompts))
     if isinstance(prompts, str):
         return [prompts]
-    ids = _token_ids(prompts)
+    ids = _token_ids(prompts, "prompts")
     if ids is not None:
         return [ids]
     if not isinstance(prompts, (list, tuple)):
-        raise TypeError("prompts: a string, token ids (a list of ints or a 1-D integer array), or a list of those; got "
-                        f"{type(prompts).__name__}" + (" (decode bytes to a string first)" if isinstance(prompts, bytes) else ""))
+        raise _not_a_prompt("prompts", prompts, batch=True)
     if not prompts:
         raise ValueError("no prompts given")
     out: list[Prompt] = []
     for i, p in enumerate(prompts):
-        ids = None if isinstance(p, str) else _token_ids(p)
+        ids = None if isinstance(p, str) else _token_ids(p, f"prompt {i}")
         if not isinstance(p, str) and ids is None:
-            raise TypeError(f"prompt {i}: expected a string or token ids (a list of ints or a 1-D integer array), got "
-                            f"{type(p).__name__}" + (" (decode bytes to a string first)" if isinstance(p, bytes) else ""))
+            raise _not_a_prompt(f"prompt {i}", p)
         out.append(p if isinstance(p, str) else ids)
     return out
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 from typing import Sequence
 
 import jax
@@ -76,6 +77,90 @@ def write_chat_data(path, examples: int = 24, seed: int = 0) -> None:
         for i in range(examples):
             words = " ".join(rng.choice(["ab", "cd", "ef", "gh"], 12))
             f.write(json.dumps({"question": f"q{i} {words}", "answer": f"a {words} {words}"}) + "\n")
+
+
+TINY_HF_CONFIG = dict(
+    model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+
+def write_hf_checkpoint(path, config: dict | None = None, tensors: dict | None = None,
+                        seed: int = 0) -> dict[str, np.ndarray]:
+    """A tiny random Llama checkpoint directory (config.json + model.safetensors), written without torch, for
+    loader tests. Tensors are shaped for TINY_HF_CONFIG; `config` then changes its keys (None deletes one)
+    and `tensors` replaces, adds (HF names) or, with None, deletes tensors. -> the tensors written."""
+    from safetensors.numpy import save_file  # a dependency of transformers
+
+    rng = np.random.default_rng(seed)
+    c = TINY_HF_CONFIG
+    d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    q = d
+    kv = d // c["num_attention_heads"] * c["num_key_value_heads"]
+    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
+    for i in range(c["num_hidden_layers"]):
+        shapes.update({f"model.layers.{i}.{k}": s for k, s in {
+            "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+            "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d), "self_attn.v_proj.weight": (kv, d),
+            "self_attn.o_proj.weight": (d, q), "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+            "mlp.down_proj.weight": (d, f)}.items()})
+    weights = {k: (rng.standard_normal(s) * 0.1).astype(np.float32) for k, s in shapes.items()}
+    weights = {k: w for k, w in {**weights, **(tensors or {})}.items() if w is not None}
+    cfg = {k: val for k, val in {**c, **(config or {})}.items() if val is not None}
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    save_file({k: np.ascontiguousarray(w) for k, w in weights.items()}, os.path.join(path, "model.safetensors"))
+    return weights
+
+
+def write_gguf(path, metadata: dict | None = None, tensors: dict | None = None, seed: int = 0,
+               vocabulary: bool = True) -> None:
+    """A tiny random Llama `.gguf` file (float32 tensors, a byte-level BPE vocabulary of 300 tokens) for loader
+    tests, shaped like TINY_HF_CONFIG. `metadata` changes `llama.*` keys (None deletes one); `tensors`
+    replaces, adds (GGUF names, e.g. `blk.0.attn_q.weight`) or, with None, deletes tensors; `vocabulary=False`
+    leaves the token list out."""
+    import gguf
+    from tokenizers import pre_tokenizers
+
+    rng = np.random.default_rng(seed)
+    c = TINY_HF_CONFIG
+    d, f, v, heads, kv_heads = (c[k] for k in ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads",
+                                               "num_key_value_heads"))
+    kv = d // heads * kv_heads
+    meta = {"block_count": c["num_hidden_layers"], "embedding_length": d, "feed_forward_length": f,
+            "attention.head_count": heads, "attention.head_count_kv": kv_heads, "context_length": 128,
+            "attention.layer_norm_rms_epsilon": 1e-5, "vocab_size": v, **(metadata or {})}
+    shapes = {"token_embd.weight": (v, d), "output_norm.weight": (d,), "output.weight": (v, d)}
+    for i in range(c["num_hidden_layers"]):
+        shapes.update({f"blk.{i}.{k}": s for k, s in {
+            "attn_norm.weight": (d,), "ffn_norm.weight": (d,), "attn_q.weight": (d, d), "attn_k.weight": (kv, d),
+            "attn_v.weight": (kv, d), "attn_output.weight": (d, d), "ffn_gate.weight": (f, d),
+            "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}.items()})
+    weights = {k: (rng.standard_normal(s) * 0.1).astype(np.float32) for k, s in shapes.items()}
+    weights = {k: w for k, w in {**weights, **(tensors or {})}.items() if w is not None}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in meta.items():
+        if value is None:
+            continue
+        if isinstance(value, float):
+            writer.add_float32(f"llama.{key}", value)
+        elif isinstance(value, str):
+            writer.add_string(f"llama.{key}", value)
+        else:
+            writer.add_uint32(f"llama.{key}", value)
+    writer.add_tokenizer_model("gpt2")
+    if vocabulary:
+        writer.add_token_list(sorted(pre_tokenizers.ByteLevel.alphabet()) + [f"<extra_{i}>" for i in range(v - 256)])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    for name, w in weights.items():
+        writer.add_tensor(name, np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 # ----------------------------------------------------------------------------- exact sampling distributions

@@ -7,6 +7,7 @@ import json
 from typing import ClassVar
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import eej
@@ -114,3 +115,35 @@ def test_input_errors(model):
         eej.compare(model, "hi", ["plain"])
     with pytest.raises(ValueError, match="unknown method"):
         eej.generate(model, "hi", method="no-such-method")
+
+
+def test_token_ids_as_arrays_and_lists_of_them(model):
+    ids = model.tokenizer.encode_chat("hello")
+    want = eej.generate(model, ids, max_new_tokens=4).tokens[0]
+    for prompt in (np.array(ids), jnp.array(ids, jnp.int32), tuple(ids), [np.int64(t) for t in ids]):
+        assert eej.generate(model, prompt, max_new_tokens=4).tokens == [want]
+    other = model.tokenizer.encode_chat("bye")
+    batch = eej.generate(model, [np.array(ids), jnp.array(other)], max_new_tokens=4)
+    assert batch.tokens[0] == want and batch.prompts == [ids, other]
+    square = np.array([ids, ids])  # 2-D: one row per prompt
+    assert eej.generate(model, square, max_new_tokens=4).tokens == [want, want]
+    assert eej.generate(model, jnp.asarray(square), max_new_tokens=4).tokens == [want, want]
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ({"prompt": "hi"}, "prompts: expected a string, token ids .*; got dict"),
+    (b"hi", "got bytes \\(decode bytes to a string first\\)"),
+    (True, "got bool"),
+    (np.array([1.0, 2.0]), "1-D integer token ids, got float64"),
+    (np.array([True, False]), "1-D integer token ids, got bool"),
+    (np.zeros((2, 3), np.float32), "2-D array must be integer token ids"),
+    (np.zeros((1, 1, 3), np.int32), "shape \\(1, 1, 3\\)"),
+    ([1, True], "element 1 is bool"),
+    ([1, 2.0], "element 1 is float"),
+    (["hi", {"prompt": "x"}], "prompt 1: expected a string or token ids.*got dict"),
+    (["hi", b"x"], "prompt 1: .*got bytes"),
+    ([np.array([1.5])], "prompt 0: an array prompt must be 1-D integer"),
+])
+def test_prompts_of_the_wrong_type_are_refused(model, prompts, message):
+    with pytest.raises(TypeError, match=message):
+        eej.generate(model, prompts, max_new_tokens=2)

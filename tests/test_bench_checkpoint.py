@@ -82,3 +82,20 @@ def test_a_checkpoint_of_another_run_is_refused(setup, capsys):
     (tmp / "other.jsonl").write_text('{"something": "else"}\n')
     assert main([*argv[:-1], str(tmp / "other.jsonl")]) == 2
     assert "is not an eej bench checkpoint" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_names_its_line(setup, capsys):
+    tmp, argv = setup
+    assert main([*argv, "--limit", "1"]) == 0
+    ckpt = tmp / "ckpt.jsonl"
+    lines = ckpt.read_text().splitlines()
+    for bad, message in [({"batch": 0, "record": {"nonsense": 1}}, "ckpt.jsonl:2: not an answer record"),
+                         ([1, 2], "ckpt.jsonl:2: not a checkpoint line")]:
+        ckpt.write_text("\n".join([lines[0], json.dumps(bad), *lines[2:]]) + "\n")
+        capsys.readouterr()
+        assert main([*argv, "--limit", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("eej: error:") and message in err and len(err.splitlines()) == 1
+    # bytes that are not UTF-8 at the end: a line cut off by an interruption, answered again
+    ckpt.write_bytes(("\n".join(lines) + "\n").encode() + b'{"batch": 1, "rec\xff')
+    assert main([*argv, "--limit", "1"]) == 0

@@ -1,10 +1,24 @@
-"""Bench metrics on hand-made cases: ROUGE-L, token agreement, aggregation, speedup."""
+"""Bench metrics on hand-made cases: ROUGE-L, token agreement, aggregation, speedup, task quality vs references."""
 
 from __future__ import annotations
 
+import dataclasses
+from decimal import Decimal
+
 import pytest
 
-from eej.bench.metrics import AnswerRecord, agreement_count, aggregate, lcs_length, rouge_l, summarize
+from eej.bench.metrics import (
+    METRIC_KEYS,
+    REFERENCE_KEYS,
+    AnswerRecord,
+    agreement_count,
+    aggregate,
+    lcs_length,
+    rouge_l,
+    summarize,
+)
+from eej.bench.quality import corpus_bleu, exact_match, final_number, is_gsm8k, reference_rouge_l
+from eej.bench.report import build_document, figure, markdown_report
 
 
 def rec(contestant, qid, tokens, *, turn=1, category="qa", seconds=1.0, forwards=None, layers=None, agreement=None):
@@ -98,3 +112,108 @@ def test_aggregate_of_nothing_and_missing_baseline():
     assert empty["answers"] == 0 and empty["tokens_per_second"] is None and empty["speedup"] is None
     with pytest.raises(ValueError, match="plain"):
         summarize([rec("m", 1, [1])], ["m"], ["qa"], greedy=True)
+
+
+# ----------------------------------------------------------------------------- task quality against references
+
+
+def test_reference_rouge_l_known_values():
+    assert reference_rouge_l("The cat sat.", "the cat sat") == 1.0  # lower-cased, punctuation dropped
+    # LCS 2 ("the cat"): P = 2/6, R = 2/2, F1 = 2 * (1/3) / (4/3).
+    assert reference_rouge_l("the cat sat on the mat", "the cat") == pytest.approx(0.5)
+    assert reference_rouge_l("cats running", "cat run") == 1.0  # Porter-stemmed
+    # Acceptable answers: the best. "George Harrison": P = 2/4, R = 1 -> 2/3; "James Ray": 0.
+    assert reference_rouge_l("George Harrison sang it", ("James Ray", "George Harrison")) == pytest.approx(2 / 3)
+    assert reference_rouge_l("", "the cat") == 0.0
+
+
+def test_corpus_bleu_known_values():
+    assert corpus_bleu(["a b c d"], ["a b c d"]) == pytest.approx(100.0)
+    # n-gram precisions 4/5, 3/4, 2/3, 1/2; the answer is longer, so no brevity penalty.
+    assert corpus_bleu(["a b c d e"], ["a b c d"]) == pytest.approx(100 * (0.2 ** 0.25))
+    # Corpus BLEU pools n-gram counts over answers (not a mean of sentence scores): 7/8, 5/6, 3/4, 1/2.
+    assert corpus_bleu(["a b c d", "a b c x"], ["a b c d", "a b c d"]) == pytest.approx(100 * (105 / 384) ** 0.25)
+
+
+@pytest.mark.parametrize(
+    "text, number",
+    [
+        ("The answer is $1,000.", Decimal(1000)),
+        ("400*.5=$<<400*.5=200>>200\n#### 1000", Decimal(1000)),
+        ("first 5, then\n#### 7 and finally 9", Decimal(9)),  # the last number after the last ####
+        ("x = -3.5", Decimal("-3.5")),
+        ("pages 10-12", Decimal(12)),  # a hyphen after a digit is no minus sign
+        ("no number here", None),
+    ],
+)
+def test_final_number(text, number):
+    assert final_number(text) == number
+
+
+def test_exact_match_and_gsm8k_references():
+    reference = "He pays 400*.5=$200 more\nSo it cost $1000 in total.\n#### 1000"
+    assert is_gsm8k(reference)
+    assert not is_gsm8k("Area is 3") and not is_gsm8k(("#### 3",)) and not is_gsm8k("#### none")
+    assert exact_match("So the total is $1,000.00.", reference)
+    assert not exact_match("It costs 600 dollars, not 1000 but 999.", reference)
+    assert not exact_match("I cannot tell.", reference)
+
+
+def texted(contestant, qid, category, text):
+    return dataclasses.replace(rec(contestant, qid, [1], category=category), text=text)
+
+
+REFERENCES = {(1, 1): "a b c d", (2, 1): "so 3+4=7\n#### 7", (3, 1): ("Paris", "the city of Paris")}
+CATEGORIES = ["translation", "math_reasoning", "rag", "qa"]
+
+
+def quality_records():
+    answers = {
+        "plain": ["a b c d", "The answer is 7.", "Paris", "anything"],
+        "m": ["a b c d e", "The answer is 8.", "It is Paris", "x"],
+    }
+    return [texted(name, q, CATEGORIES[q - 1], text)
+            for name, texts in answers.items() for q, text in enumerate(texts, 1)]
+
+
+def test_reference_metrics_per_category_and_overall():
+    out = summarize(quality_records(), ["plain", "m"], CATEGORIES, greedy=True, references=REFERENCES)
+    m, plain = out["m"]["overall"], out["plain"]["overall"]
+    assert (m["reference_rouge_l_count"], m["reference_skipped"]) == (3, 1)  # qa has no reference
+    assert (m["reference_bleu_count"], m["reference_exact_match_count"]) == (1, 1)
+    # translation P = 4/5, R = 1 -> 8/9; math "the answer is 8" vs "so 3 4 7 7": 0; rag best 0.5 ("paris" of 3 words).
+    assert m["reference_rouge_l"] == pytest.approx((8 / 9 + 0 + 0.5) / 3)
+    assert m["reference_bleu"] == pytest.approx(100 * (0.2 ** 0.25))
+    assert m["reference_exact_match"] == 0.0
+    # plain: math LCS 1 ("7"), P = 1/4, R = 1/5 -> 2/9.
+    assert plain["reference_rouge_l"] == pytest.approx((1 + 2 / 9 + 1) / 3)
+    assert plain["reference_bleu"] == pytest.approx(100.0) and plain["reference_exact_match"] == 1.0
+    rag, qa = out["m"]["per_category"]["rag"], out["m"]["per_category"]["qa"]
+    assert rag["reference_rouge_l"] == pytest.approx(0.5) and rag["reference_bleu"] is None
+    assert (rag["reference_bleu_count"], rag["reference_exact_match_count"], rag["reference_skipped"]) == (0, 0, 0)
+    assert qa["reference_rouge_l"] is None and (qa["reference_rouge_l_count"], qa["reference_skipped"]) == (0, 1)
+    # Without references every reference_* key is None (not measured), and METRIC_KEYS holds them all.
+    bare = summarize(quality_records(), ["plain", "m"], CATEGORIES, greedy=True)["m"]["overall"]
+    assert set(REFERENCE_KEYS) <= set(METRIC_KEYS) and all(bare[k] is None for k in REFERENCE_KEYS)
+
+
+def document(references):
+    summary = summarize(quality_records(), ["plain", "m"], CATEGORIES, greedy=True, references=references)
+    infos = {"plain": {"kind": "method"}, "m": {"kind": "method"}}
+    settings = {"questions": "q.jsonl", "command": "eej bench", "categories": CATEGORIES}
+    return build_document({"name": "tiny"}, {}, settings, summary, infos, {})
+
+
+def test_report_shows_task_quality_only_with_references():
+    report = markdown_report(document(REFERENCES))
+    assert "## Task quality" in report
+    quality = report.split("## Task quality")[1].split("## Settings")[0]
+    assert f"| `m` | method | {(8 / 9 + 0.5) / 3:.3f} | 3 | {100 * 0.2 ** 0.25:.2f} | 1 | 0.000 | 1 | 1 |" in quality
+    assert "| rag | `m` | 0.500 | 1 | n/a | 0 | n/a | 0 | 0 |" in quality
+    assert "| qa |" not in quality and "Categories without references (not scored): qa." in quality
+    assert "## Task quality" not in markdown_report(document(None))
+
+
+def test_plot_adds_the_task_quality_panel_only_with_references():
+    assert len(figure(document(REFERENCES)).axes) == 3
+    assert len(figure(document(None)).axes) == 2

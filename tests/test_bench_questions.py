@@ -18,6 +18,7 @@ from eej.bench.questions import (
     QuestionsError,
     load_questions,
     mt_bench_questions,
+    references_by_answer,
     select_questions,
 )
 from eej.bench.runner import RunSettings, combine_rounds, plan_batches, run_bench
@@ -92,6 +93,35 @@ def test_string_ids_sort_after_integers():
 def test_bad_files_give_clear_errors(tmp_path, rows, message):
     with pytest.raises(QuestionsError, match=message):
         load_questions(write_jsonl(tmp_path / "bad.jsonl", rows))
+
+
+def test_references_per_turn(tmp_path):
+    rows = [
+        {"question_id": 1, "category": "translation", "turns": ["t1"], "reference": ["Hello"]},
+        {"question_id": 2, "category": "rag", "turns": ["r2"], "reference": [["Paris", " ", "the city of Paris"]]},
+        {"question_id": 3, "category": "stem", "turns": ["s3 one", "s3 two"], "reference": ["first", ""]},
+        {"question_id": 4, "category": "qa", "turns": ["q4"]},
+        {"question_id": 5, "category": "rag", "turns": ["r5 one", "r5 two"], "reference": [[], None]},
+    ]
+    qs = load_questions(write_jsonl(tmp_path / "q.jsonl", rows), "keep")
+    assert [q.references for q in qs] == [
+        ("Hello",), (("Paris", "the city of Paris"),), ("first", None), (), (None, None)]
+    assert references_by_answer(qs) == {(1, 1): "Hello", (2, 1): ("Paris", "the city of Paris"), (3, 1): "first"}
+
+
+@pytest.mark.parametrize(
+    "reference, message",
+    [
+        (["a"], "reference must be a list with one entry per turn \\(2\\)"),
+        ("a", "reference must be a list with one entry per turn"),
+        (["a", 3], "each reference must be a string, a list of strings or null, got 3"),
+        (["a", ["b", 4]], "each reference must be a string, a list of strings or null"),
+    ],
+)
+def test_bad_references_give_clear_errors(tmp_path, reference, message):
+    row = {"question_id": 1, "category": "qa", "turns": ["one", "two"], "reference": reference}
+    with pytest.raises(QuestionsError, match="bad.jsonl:1: " + message):
+        load_questions(write_jsonl(tmp_path / "bad.jsonl", [row]))
 
 
 def test_bad_selection_errors(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import pytest
 from eej.bench.contestants import method_contestants
 from eej.bench.fidelity import sequence_argmax, teacher_argmax
 from eej.bench.metrics import METRIC_KEYS, agreement_count
+from eej.bench.quality import reference_rouge_l
 from eej.bench.questions import Question
 from eej.bench.report import CONTESTANT_KEYS, TOP_LEVEL_KEYS, check_schema
 from eej.bench.runner import RunSettings, run_bench
@@ -33,7 +35,7 @@ QUESTIONS = [
     {"question_id": 7, "category": "writing", "turns": ["Hi there.", "Again."]},
     {"question_id": 9, "category": "qa", "turns": ["Why?"]},
     {"question_id": 8, "category": "qa", "turns": ["Who?"]},
-    {"question_id": 3, "category": "qa", "turns": ["How?"]},
+    {"question_id": 3, "category": "qa", "turns": ["How?"], "reference": ["Like this."]},
     {"question_id": 5, "category": "translation", "turns": ["Hallo."]},
 ]
 
@@ -117,6 +119,19 @@ def test_lossy_method_metrics(bench_run):
     identical = [mine[k]["tokens"] == plain[k]["tokens"] for k in mine]
     assert o["identical_rate"] == sum(identical) / 4
     assert o["token_agreement"] == sum(a["agreement"] for a in mine.values()) / sum(len(a["tokens"]) for a in mine.values())
+
+
+def test_reference_metrics_reach_the_document_and_report(bench_run):
+    doc, answers = bench_run["doc"], bench_run["answers"]
+    for name, c in doc["methods"].items():
+        o, qa, mt = c["overall"], c["per_category"]["qa"], c["per_category"]["mt_bench"]
+        assert (o["reference_rouge_l_count"], o["reference_skipped"]) == (1, 3)  # only question 3 has a reference
+        assert (qa["reference_rouge_l_count"], qa["reference_skipped"]) == (1, 1)
+        assert (mt["reference_rouge_l_count"], mt["reference_skipped"], mt["reference_rouge_l"]) == (0, 2, None)
+        text = next(a["text"] for a in answers if a["contestant"] == name and a["question_id"] == 3)
+        assert o["reference_rouge_l"] == qa["reference_rouge_l"] == reference_rouge_l(text, "Like this.")
+    with open(bench_run["files"]["report"]) as f:
+        assert "## Task quality" in f.read()
 
 
 def test_agreement_matches_an_unpadded_forward(bench_run):
@@ -217,3 +232,83 @@ def test_bench_option_errors(tmp_path, capsys, flags, message):
     assert main(["bench", "--model", "tiny-llama", "--questions", str(questions), "--no-progress", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("eej: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def _bench_argv(tmp_path, *flags) -> list[str]:
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps(QUESTIONS[1]) + "\n")
+    return ["bench", "--model", "tiny-llama", "--questions", str(questions), "--max-new-tokens", "4",
+            "--cache-size", "64", "--no-progress", "--no-agreement", *flags]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--cache-size", "100000"], "--cache-size must be in [1, 2048]"),
+    (["--max-new-tokens", "100000000000000000000"], "--max-new-tokens must be in [1, 63]"),
+])
+def test_bench_lengths_beyond_the_context_are_refused(tmp_path, capsys, flags, message):
+    assert main([*_bench_argv(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eej: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("outputs,message", [
+    (lambda tmp: ["--report", str(tmp / "r.md"), "--out", str(tmp / "a_file" / "r.json")], "r.json can't be written"),
+    (lambda tmp: ["--plot", str(tmp)], "is a directory"),
+    (lambda tmp: ["--out", str(tmp / "r.json"), "--report", str(tmp / "r.json")], "is given twice"),
+])
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, monkeypatch, outputs, message):
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setattr("eej.cli.bench.load_questions", lambda *a: pytest.fail("the run started"))
+    assert main(_bench_argv(tmp_path, *outputs(tmp_path))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eej: error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.md").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--checkpoint"])
+def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys, monkeypatch, flag):
+    from eej.files import exclusive
+
+    path = str(tmp_path / "shared.json")
+    monkeypatch.setattr("eej.cli.bench.load_questions", lambda *a: pytest.fail("the run started"))
+    with exclusive([path]):  # what a first run holds while it works
+        assert main(_bench_argv(tmp_path, flag, path)) == 2
+    err = capsys.readouterr().err
+    assert f"is writing {path}" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(path)
+
+
+def test_outputs_are_written_atomically_json_last(tmp_path, monkeypatch, capsys):
+    import eej.files
+
+    written = []
+    real = eej.files.write_atomic
+    monkeypatch.setattr("eej.bench.report.write_atomic", lambda path, data: (written.append(path), real(path, data)))
+    files = [tmp_path / name for name in ("r.json", "r.md", "a.jsonl")]
+    argv = _bench_argv(tmp_path, "--out", str(files[0]), "--report", str(files[1]), "--answers", str(files[2]))
+    assert main(argv) == 0
+    assert sorted(written) == sorted(map(str, files)) and written[-1] == str(files[0])
+    check_schema(json.loads(files[0].read_text()))
+    assert sorted(os.listdir(tmp_path)) == sorted([".r.json.lock", "a.jsonl", "q.jsonl", "r.json", "r.md"])
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    from eej.files import write_atomic
+
+    path = tmp_path / "r.json"
+    write_atomic(str(path), "old")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(str(path), "new and longer")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["r.json"]
+
+
+def test_a_question_too_long_for_the_cache_is_refused_before_any_answer(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("eej.cli.bench.bench_document", lambda *a, **k: pytest.fail("the run started"))
+    long = {"question_id": 11, "category": "qa", "turns": ["Hi.", "x" * 60]}
+    argv = _bench_argv(tmp_path)
+    (tmp_path / "q.jsonl").write_text(json.dumps(QUESTIONS[1]) + "\n" + json.dumps(long) + "\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "question 11 turn 2: prompt of" in err and "exceeds the 64 positions" in err
+    assert len(err.strip().splitlines()) == 1

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from eej.cli import main
+from eej.decoding.engine import Engine
 
 from eej.testing import has_real_model
 
@@ -51,9 +52,21 @@ def test_text_output_and_stats_line(capsys):
         (["generate", "--model", "tiny-llama", "--prompt", "hi", "--top-p", "1.5"], "top_p"),
         (["generate", "--model", "tiny-llama", "--prompt", "hi", "--top-p", "0"], "top_p"),
         (["generate", "--model", "tiny-llama", "--prompt", "hi", "--temperature", "-1"], "temperature"),
+        (["generate", "--model", "tiny-llama", "--prompt", "hi", "--temperature", "nan"], "must be a finite"),
+        (["generate", "--model", "tiny-llama", "--prompt", "hi", "--cache-size", "10000000000"],
+         "--cache-size must be in [1, 2048]"),
+        (["generate", "--model", "tiny-llama", "--prompt", "hi", "--max-new-tokens", "100000000000000000000"],
+         "--max-new-tokens must be in [1, 2047]"),
+        (["generate", "--model", "tiny-llama", "--prompt", "hi", "--cache-size", "64", "--max-new-tokens", "64"],
+         "--max-new-tokens must be in [1, 63]"),
+        (["generate", "--model", "tiny-llama", "--prompt", "x" * 2100], "exceeds the model's context of 2048"),
+        (["generate", "--model", "tiny-llama", "--batch-file", "."], "batch file . is a directory"),
+        (["generate", "--model", "tiny-llama", "--prompt", "hi", "--seed", "100000000000000000000000"], "fit 64 bits"),
+        (["generate", "--model", "tiny-llama", "--prompt", "hi", "--seed", "x"], "--seed: expected an integer"),
         (["generate", "--model", "tiny-llama", "--batch-file", "/no/such/file.jsonl"], "not found"),
         (["generate", "--model", "tiny-llama"], "exactly one of"),
-        (["generate", "--model", "tiny-llama", "--prompt", "x" * 100, "--cache-size", "64"], "exceeds the cache"),
+        (["generate", "--model", "tiny-llama", "--prompt", "x" * 100, "--cache-size", "64", "--max-new-tokens", "8"],
+         "--prompt: prompt of"),
         (["generate", "--model", "tiny-llama", "--prompt", "hi", "--method", "nope"], "unknown method"),
         (["generate", "--model", "tiny-llama", "--prompt", "hi", "--attention", "nope"], "attention"),
         (["generate", "--model", "tiny-llama", "--prompt", "hi", "--max-new-tokens", "abc"], "invalid int"),
@@ -80,6 +93,25 @@ def test_bad_batch_file_lines(tmp_path, capsys):
     bad.write_text('{"text": "no prompt field"}\n')
     code, _, err = _run(capsys, "generate", "--model", "tiny-llama", "--batch-file", str(bad))
     assert code == 2 and '"prompt"' in err
+
+
+def test_every_batch_prompt_is_checked_before_any_is_decoded(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(Engine, "generate", lambda self, *a, **k: calls.append(a))
+    batch = tmp_path / "long.jsonl"
+    batch.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["short", "fine", "x" * 80, "ok"]))
+    code, out, err = _run(capsys, "generate", "--model", "tiny-llama", "--batch-file", str(batch), "--cache-size", "64",
+                          "--max-new-tokens", "8")
+    assert code == 2 and not calls and out == ""
+    assert len(err.strip().splitlines()) == 1 and f"{batch}:3: prompt of" in err and "exceeds the cache of 64" in err
+
+
+def test_batch_file_that_is_not_utf8_names_file_and_line(tmp_path, capsys):
+    batch = tmp_path / "latin1.jsonl"
+    batch.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    code, _, err = _run(capsys, "generate", "--model", "tiny-llama", "--batch-file", str(batch))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{batch}:2: not UTF-8 text" in err
 
 
 def test_console_script_runs_without_importing_torch():

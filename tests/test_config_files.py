@@ -74,6 +74,7 @@ def test_required_options_may_come_from_the_file(tmp_path):
     ("model: [unclosed\n", "not valid YAML"),
     ("default: x\npresets: {x: {}}\n", "holds method presets, not command options; use it as --method NAME:"),
     ("config: other.yaml\n", "unknown option 'config'"),
+    ("seed: 100000000000000000000000\n", "seed: must fit 64 bits"),
 ])
 def test_bad_files_are_one_line_errors_naming_the_key(tmp_path, capsys, text, message):
     path = _write(tmp_path, text)
@@ -85,6 +86,14 @@ def test_missing_file_and_repeated_option(tmp_path, capsys):
     assert "config file not found: /no/such.yaml" in _one_line_error(capsys, ["generate", "--config", "/no/such.yaml"])
     path = _write(tmp_path, "model: tiny-llama\n")
     assert "give --config once" in _one_line_error(capsys, ["generate", "--config", path, "--config", path])
+
+
+def test_a_directory_or_non_utf8_file_is_named(tmp_path, capsys):
+    line = _one_line_error(capsys, ["generate", "--config", str(tmp_path)])
+    assert f"config file {tmp_path} is a directory" in line
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"model: tiny-llama\nnote: caf\xe9\n")
+    assert f"{path}: not UTF-8 text" in _one_line_error(capsys, ["generate", "--config", str(path)])
 
 
 def _leaf_parsers(parser: argparse.ArgumentParser, prefix=()):

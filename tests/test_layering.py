@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Lower numbers are lower layers; a module may import from its own layer and the ones below.
 LAYERS = {
-    "eej.config": 0, "eej.settings": 0, "eej.jsonl": 0, "eej.local_cache": 0,
+    "eej.config": 0, "eej.settings": 0, "eej.jsonl": 0, "eej.local_cache": 0, "eej.files": 0,
     "eej.model": 1,
     "eej.weights": 2, "eej.parallel": 2, "eej.kernels": 2,
     "eej.decoding": 3,

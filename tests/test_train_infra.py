@@ -312,7 +312,7 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path, capsys):
         held.write("4242\n")
         held.flush()
         loss_fn, init, frozen, batches = _quadratic_problem()
-        with pytest.raises(TrainError, match="in use by another training run .*train.lock held by pid 4242"):
+        with pytest.raises(TrainError, match="in use by another training run .*train.lock held by process 4242"):
             train(loss_fn, init, frozen, batches, TrainConfig(steps=2), str(out), progress=False)
         data = tmp_path / "chat.jsonl"
         data.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")

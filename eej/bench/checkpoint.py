@@ -54,10 +54,11 @@ class BenchCheckpoint:
                 n += 1
                 try:
                     line = json.loads(raw)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, UnicodeDecodeError):
                     break  # a line cut off by the interruption: everything after it is redone
                 if n == 1:
-                    if not isinstance(line, dict) or line.get("eej_bench_checkpoint") != FORMAT:
+                    if not isinstance(line, dict) or line.get("eej_bench_checkpoint") != FORMAT \
+                            or not isinstance(line.get("run"), dict):
                         raise CheckpointError(f"{self.path} is not an eej bench checkpoint")
                     differ = sorted(k for k in set(run) | set(line["run"]) if run.get(k) != line["run"].get(k))
                     if differ:
@@ -65,13 +66,26 @@ class BenchCheckpoint:
                             f"{self.path} belongs to another run ({', '.join(differ)} differ); "
                             "use another --checkpoint file or delete this one"
                         )
-                elif "batch_done" in line:
+                elif isinstance(line, dict) and isinstance(line.get("batch_done"), int):
                     self.completed[line["batch_done"]] = pending.pop(line["batch_done"], [])
                 else:
-                    pending.setdefault(line["batch"], []).append(AnswerRecord(**line["record"]))
+                    pending.setdefault(self._batch(line, n), []).append(self._record(line, n))
                     continue
                 keep = f.tell()
         return keep
+
+    def _batch(self, line: Any, n: int) -> int:
+        if not (isinstance(line, dict) and isinstance(line.get("batch"), int) and isinstance(line.get("record"), dict)):
+            raise CheckpointError(f"{self.path}:{n}: not a checkpoint line (expected batch and record); the file is "
+                                  "damaged: delete it to start the run again")
+        return line["batch"]
+
+    def _record(self, line: dict[str, Any], n: int) -> AnswerRecord:
+        try:
+            return AnswerRecord(**line["record"])
+        except TypeError as e:
+            raise CheckpointError(f"{self.path}:{n}: not an answer record ({e}); the file is damaged: delete it to "
+                                  "start the run again") from None
 
     def add(self, batch: int, records: list[AnswerRecord]) -> None:
         """Append batch `batch`'s records and its marker, on disk before returning."""

@@ -17,13 +17,33 @@ over answers:
   token_agreement       fraction of generated tokens equal to the full model's argmax given the
                         answer's own prefix (one teacher-forced forward over prompt + answer).
   rouge_l               mean ROUGE-L F1 (LCS on token ids) of the answer against plain's answer.
+
+Task quality against the references the questions carry (eej.bench.quality defines each score); answers
+without a reference are left out of them and counted in `reference_skipped`, and each has a `*_count` of
+the answers it covers (all None when the run was given no references):
+
+  reference_rouge_l      mean over answers with a reference of the ROUGE-L F1 of the answer text.
+  reference_bleu         corpus BLEU (0-100) of the answers in eej.bench.quality.BLEU_CATEGORIES.
+  reference_exact_match  fraction of answers to GSM8K-style references whose final number is right.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+from eej.bench.quality import BLEU_CATEGORIES, Reference, corpus_bleu, exact_match, is_gsm8k, reference_rouge_l
+
+# Task quality against the questions' references (see above); a *_count is the answers behind the score before it.
+REFERENCE_KEYS = (
+    "reference_rouge_l",
+    "reference_rouge_l_count",
+    "reference_skipped",
+    "reference_bleu",
+    "reference_bleu_count",
+    "reference_exact_match",
+    "reference_exact_match_count",
+)
 METRIC_KEYS = (
     "answers",
     "new_tokens",
@@ -37,6 +57,7 @@ METRIC_KEYS = (
     "rouge_l",
     "speculated_fraction",
     "exited_fraction",
+    *REFERENCE_KEYS,
 )
 # What every bench document has had since schema version 1 (the rest were added later, null when absent).
 REQUIRED_METRIC_KEYS = METRIC_KEYS[:10]
@@ -129,16 +150,43 @@ def decode_tokens_per_second(records: Sequence[AnswerRecord]) -> float | None:
     return _ratio(sum(len(r.tokens) - 1 for r in records), sum(r.decode_seconds for r in records))
 
 
+def reference_metrics(
+    records: Sequence[AnswerRecord], references: Mapping[tuple[Any, int], Reference] | None
+) -> dict[str, Any]:
+    """The REFERENCE_KEYS for `records` against `references` by (question_id, turn) (None: all None)."""
+    out: dict[str, Any] = dict.fromkeys(REFERENCE_KEYS)
+    if references is None:
+        return out
+    scored = [(r, references[r.key]) for r in records if r.key in references]
+    bleu = [(r.text, ref) for r, ref in scored if r.category in BLEU_CATEGORIES and isinstance(ref, str)]
+    math = [(r.text, ref) for r, ref in scored if is_gsm8k(ref)]
+    out.update(
+        reference_rouge_l_count=len(scored),
+        reference_skipped=len(records) - len(scored),
+        reference_bleu_count=len(bleu),
+        reference_exact_match_count=len(math),
+    )
+    if scored:
+        out["reference_rouge_l"] = sum(reference_rouge_l(r.text, ref) for r, ref in scored) / len(scored)
+    if bleu:
+        out["reference_bleu"] = corpus_bleu(*zip(*bleu))
+    if math:
+        out["reference_exact_match"] = sum(exact_match(text, ref) for text, ref in math) / len(math)
+    return out
+
+
 def aggregate(
     records: Sequence[AnswerRecord],
     baseline: dict[tuple[Any, int], AnswerRecord] | None,
     baseline_tokens_per_second: float | None,
     greedy: bool,
+    references: Mapping[tuple[Any, int], Reference] | None = None,
 ) -> dict[str, Any]:
     """The METRIC_KEYS for `records` (one contestant, one category or all).
 
     baseline: plain's records by (question_id, turn), for identical_rate and rouge_l (None: they are None).
     baseline_tokens_per_second: plain's tokens/s on the same questions, for speedup.
+    references: the questions' references by (question_id, turn), for the reference_* keys (None: they are None).
     """
     tokens = sum(len(r.tokens) for r in records)
     tps = tokens_per_second(records)
@@ -155,6 +203,7 @@ def aggregate(
         "rouge_l": None,
         "speculated_fraction": None,
         "exited_fraction": None,
+        **reference_metrics(records, references),
     }
     if records and all(r.steps is not None for r in records):
         steps = sum(r.steps for r in records)
@@ -176,11 +225,16 @@ def aggregate(
 
 
 def summarize(
-    records: Iterable[AnswerRecord], contestants: Sequence[str], categories: Sequence[str], greedy: bool
+    records: Iterable[AnswerRecord],
+    contestants: Sequence[str],
+    categories: Sequence[str],
+    greedy: bool,
+    references: Mapping[tuple[Any, int], Reference] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """{contestant: {"overall": metrics, "per_category": {category: metrics}}} (metrics as `aggregate`).
 
-    Fidelity and speedup are against the contestant named BASELINE ("plain"), which must be present.
+    Fidelity and speedup are against the contestant named BASELINE ("plain"), which must be present;
+    task quality against `references` (eej.bench.questions.references_by_answer; None: not scored).
     """
     by_contestant: dict[str, list[AnswerRecord]] = {c: [] for c in contestants}
     for r in records:
@@ -198,9 +252,10 @@ def summarize(
     for name in contestants:
         rows = by_contestant[name]
         out[name] = {
-            "overall": aggregate(rows, base_by_key, base_overall, greedy),
+            "overall": aggregate(rows, base_by_key, base_overall, greedy, references),
             "per_category": {
-                c: aggregate([r for r in rows if r.category == c], base_by_key, base_per_cat[c], greedy) for c in categories
+                c: aggregate([r for r in rows if r.category == c], base_by_key, base_per_cat[c], greedy, references)
+                for c in categories
             },
         }
     return out

@@ -1,4 +1,6 @@
-"""Benchmark questions in Spec-Bench's schema: one JSON object per line with `question_id`, `category`, `turns`.
+"""Benchmark questions in Spec-Bench's schema: one JSON object per line with `question_id`, `category`, `turns`,
+and optionally `reference`: one entry per turn, a string or a list of acceptable strings ("" or [] or null: that
+turn has none). eej.bench.quality scores answers against them.
 
     questions = load_questions("../shared/data/eval/spec_bench.jsonl")
     chosen = select_questions(questions, categories=["qa", "rag"], limit=10)
@@ -21,6 +23,7 @@ import dataclasses
 import os
 from typing import Sequence
 
+from eej.bench.quality import Reference
 from eej.jsonl import read_jsonl
 from eej.settings import REPO_ROOT
 
@@ -43,6 +46,7 @@ class Question:
     category: str
     turns: tuple[str, ...]
     source_category: str | None = None  # the file's category when it was merged into `category`
+    references: tuple[Reference | None, ...] = ()  # one per turn (None: no reference), () when the file has none
 
 
 def load_questions(path: str, mt_bench_categories: str = "auto") -> list[Question]:
@@ -77,7 +81,31 @@ def _parse(obj: object, where: str) -> Question:
         raise QuestionsError(f"{where}: category must be a non-empty string, got {category!r}")
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise QuestionsError(f"{where}: turns must be a non-empty list of non-empty strings")
-    return Question(question_id=qid, category=category.strip(), turns=tuple(turns))
+    references = _references(obj.get("reference"), len(turns), where)
+    return Question(question_id=qid, category=category.strip(), turns=tuple(turns), references=references)
+
+
+def _references(value: object, turns: int, where: str) -> tuple[Reference | None, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) != turns:
+        raise QuestionsError(f"{where}: reference must be a list with one entry per turn ({turns})")
+    out: list[Reference | None] = []
+    for entry in value:
+        if isinstance(entry, list) and all(isinstance(t, str) for t in entry):
+            kept = tuple(t for t in entry if t.strip())
+            out.append(kept or None)
+        elif isinstance(entry, str) or entry is None:
+            out.append(entry if entry and entry.strip() else None)
+        else:
+            raise QuestionsError(f"{where}: each reference must be a string, a list of strings or null, got {entry!r}")
+    return tuple(out)
+
+
+def references_by_answer(questions: Sequence[Question]) -> dict[tuple[int | str, int], Reference]:
+    """{(question_id, turn): reference} for the turns (numbered from 1) that have one."""
+    return {(q.question_id, turn): ref
+            for q in questions for turn, ref in enumerate(q.references, 1) if ref is not None}
 
 
 def map_categories(questions: Sequence[Question], mode: str = "auto") -> list[Question]:

@@ -16,6 +16,7 @@ import os
 from typing import Any, Sequence
 
 from eej.bench.metrics import REQUIRED_METRIC_KEYS
+from eej.files import write_atomic
 
 SCHEMA_VERSION = 1
 TOP_LEVEL_KEYS = ("schema_version", "model", "machine", "settings", "methods", "peers")
@@ -51,10 +52,8 @@ def build_document(
 
 
 def write_text(text: str, path: str) -> None:
-    """`text` into the file `path`, its folder made if needed."""
-    ensure_parent(path)
-    with open(path, "w") as f:
-        f.write(text)
+    """`text` into the file `path`, its folder made if needed, atomically (eej.files.write_atomic)."""
+    write_atomic(path, text)
 
 
 def write_json(doc: dict[str, Any], path: str) -> None:
@@ -62,14 +61,9 @@ def write_json(doc: dict[str, Any], path: str) -> None:
 
 
 def write_result(doc: dict[str, Any], markdown: str, prefix: str) -> None:
-    """A benchmark's result and its report: PREFIX.json and PREFIX.md."""
-    write_json(doc, prefix + ".json")
+    """A benchmark's result and its report: PREFIX.md, then PREFIX.json (the JSON last: its presence means done)."""
     write_text(markdown, prefix + ".md")
-
-
-def ensure_parent(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    write_json(doc, prefix + ".json")
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -112,15 +106,49 @@ def overall_table(doc: dict[str, Any]) -> str:
     return markdown_table(["contestant", "kind", *[label for _, label, _ in _COLUMNS], "compile s (excluded)"], rows)
 
 
-def per_category_table(doc: dict[str, Any]) -> str:
-    """Markdown table: one row per category and contestant."""
+def per_category_table(doc: dict[str, Any], columns: Sequence[tuple[str, str, str]] = _COLUMNS,
+                       categories: Sequence[str] | None = None) -> str:
+    """Markdown table: one row per category (default: all of the run's) and contestant."""
     rows = []
-    for category in doc["settings"]["categories"]:
+    for category in doc["settings"]["categories"] if categories is None else categories:
         for name, c in _contestants(doc):
             o = c["per_category"].get(category)
             if o is not None:
-                rows.append([category, f"`{name}`", *[_fmt(o.get(k), p) for k, _, p in _COLUMNS]])
-    return markdown_table(["category", "contestant", *[label for _, label, _ in _COLUMNS]], rows)
+                rows.append([category, f"`{name}`", *[_fmt(o.get(k), p) for k, _, p in columns]])
+    return markdown_table(["category", "contestant", *[label for _, label, _ in columns]], rows)
+
+
+_QUALITY_COLUMNS = (
+    ("reference_rouge_l", "ROUGE-L vs reference", "{:.3f}"),
+    ("reference_rouge_l_count", "answers", "{:d}"),
+    ("reference_bleu", "BLEU", "{:.2f}"),
+    ("reference_bleu_count", "BLEU answers", "{:d}"),
+    ("reference_exact_match", "exact match", "{:.3f}"),
+    ("reference_exact_match_count", "exact-match answers", "{:d}"),
+    ("reference_skipped", "no reference (skipped)", "{:d}"),
+)
+
+
+def _scored(metrics: dict[str, Any]) -> bool:
+    return bool(metrics.get("reference_rouge_l_count"))
+
+
+def quality_tables(doc: dict[str, Any]) -> str | None:
+    """Markdown: task quality against the questions' references, overall and for the categories that have
+    references (None when no answer of the run had one, or the document predates these metrics)."""
+    contestants = _contestants(doc)
+    if not any(_scored(c["overall"]) for _, c in contestants):
+        return None
+    rows = [[f"`{name}`", c["info"]["kind"], *[_fmt(c["overall"].get(k), p) for k, _, p in _QUALITY_COLUMNS]]
+            for name, c in contestants]
+    overall = markdown_table(["contestant", "kind", *[label for _, label, _ in _QUALITY_COLUMNS]], rows)
+    categories = doc["settings"]["categories"]
+    scored = [g for g in categories if any(_scored(c["per_category"].get(g, {})) for _, c in contestants)]
+    lines = [overall, "", per_category_table(doc, _QUALITY_COLUMNS, scored)]
+    unscored = [g for g in categories if g not in scored]
+    if unscored:
+        lines += ["", f"Categories without references (not scored): {', '.join(unscored)}."]
+    return "\n".join(lines)
 
 
 def markdown_report(doc: dict[str, Any]) -> str:
@@ -133,6 +161,9 @@ def markdown_report(doc: dict[str, Any]) -> str:
 
     lines += ["## Overall", "", overall_table(doc), ""]
     lines += ["## Per category", "", per_category_table(doc), ""]
+    quality = quality_tables(doc)
+    if quality is not None:
+        lines += ["## Task quality (against the questions' references)", "", quality, ""]
 
     lines += ["## Settings", ""]
     shown = {k: v for k, v in s.items() if k not in ("command", "note")}
@@ -157,6 +188,13 @@ _DEFINITIONS = [
     "- token agreement: fraction of generated tokens equal to the full model's argmax given the answer's own "
     "prefix (one teacher-forced eej forward over prompt + answer).",
     "- ROUGE-L: mean LCS-based F1 on token ids against eej `plain`'s answer.",
+    "- ROUGE-L vs reference: mean ROUGE-L F1 of the answer text against the question's reference (Google's "
+    "rouge-score, `rougeL`, stemmed; the best of several acceptable references), over the answers with one.",
+    "- BLEU: corpus BLEU (sacrebleu defaults, 0-100) of the translation answers against their references.",
+    "- exact match: fraction of answers to GSM8K-style questions (reference ending `#### <answer>`) whose final "
+    "number (the last number in the answer, after its last `####` if any) equals the reference's.",
+    "- answers / no reference (skipped): the answers behind each score, and those whose question has no reference "
+    "for that turn (left out of all three).",
     "- n/a: not measured for that contestant (peers don't report forwards or layers) or not meaningful "
     "(identical rate when sampling).",
 ]
@@ -186,15 +224,18 @@ def _figure_class():
 
 def figure(doc: dict[str, Any]):
     """A matplotlib Figure with two panels: speedup per category per contestant (bars), and speedup vs
-    token agreement. Built without pyplot, so it neither changes the backend nor stays open; a notebook
-    shows it when it is a cell's value."""
+    token agreement; a third, speedup vs ROUGE-L against the questions' references, when the run had any.
+    Built without pyplot, so it neither changes the backend nor stays open; a notebook shows it when it is
+    a cell's value."""
     from matplotlib import colormaps
 
     categories = list(doc["settings"]["categories"])
     contestants = _contestants(doc)
     colors = {name: colormaps["tab10"](i % 10) for i, (name, _) in enumerate(contestants)}
-    fig = _figure_class()(figsize=(14, 5))
-    bars, frontier = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    with_quality = any(_scored(c["overall"]) for _, c in contestants)
+    fig = _figure_class()(figsize=(20 if with_quality else 14, 5))
+    bars, frontier, *quality = fig.subplots(1, 3 if with_quality else 2,
+                                            gridspec_kw={"width_ratios": [3, 2, 2] if with_quality else [3, 2]})
 
     groups = [*categories, "overall"]
     compared = [(n, c) for n, c in contestants if n != "plain"] or contestants
@@ -209,32 +250,45 @@ def figure(doc: dict[str, Any]):
     bars.set_title("Speedup per category")
     bars.legend(fontsize=8)
 
-    agreements = [0.9]
-    for name, c in contestants:
-        per_cat = [(o["token_agreement"], o["speedup"]) for o in c["per_category"].values()]
-        per_cat = [(a, s) for a, s in per_cat if a is not None and s is not None]
-        if per_cat:
-            frontier.scatter(*zip(*per_cat), s=12, alpha=0.4, color=colors[name])
-            agreements += [a for a, _ in per_cat]
-        o = c["overall"]
-        if o["token_agreement"] is not None and o["speedup"] is not None:
-            frontier.scatter([o["token_agreement"]], [o["speedup"]], s=70, color=colors[name], label=name, edgecolor="black")
-    frontier.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-    frontier.set_xlim(min(agreements) - 0.02, 1.01)
+    xs = _frontier(frontier, contestants, colors, "token_agreement")
+    frontier.set_xlim(min([0.9, *xs]) - 0.02, 1.01)
     frontier.set_xlabel("token agreement with the full model's argmax")
-    frontier.set_ylabel("speedup vs eej plain")
     frontier.set_title("Quality/speed frontier (big: overall, small: categories)")
-    if frontier.get_legend_handles_labels()[0]:
-        frontier.legend(fontsize=8)
+    if quality:
+        _frontier(quality[0], contestants, colors, "reference_rouge_l")
+        quality[0].set_xlabel("ROUGE-L F1 against the questions' references")
+        quality[0].set_title("Task quality/speed (categories with references)")
     fig.suptitle(f"eej bench: {doc['model']['name']}, {os.path.basename(doc['settings']['questions'])}")
     fig.tight_layout()
     return fig
 
 
+def _frontier(axes, contestants: Sequence[tuple[str, dict[str, Any]]], colors: dict[str, Any], key: str) -> list[float]:
+    """Scatter speedup against metric `key`: small points per category, a big one per contestant overall.
+    Returns the x values drawn."""
+    drawn: list[float] = []
+    for name, c in contestants:
+        per_cat = [(o.get(key), o["speedup"]) for o in c["per_category"].values()]
+        per_cat = [(x, s) for x, s in per_cat if x is not None and s is not None]
+        if per_cat:
+            axes.scatter(*zip(*per_cat), s=12, alpha=0.4, color=colors[name])
+            drawn += [x for x, _ in per_cat]
+        o = c["overall"]
+        if o.get(key) is not None and o["speedup"] is not None:
+            axes.scatter([o[key]], [o["speedup"]], s=70, color=colors[name], label=name, edgecolor="black")
+            drawn.append(o[key])
+    axes.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    axes.set_ylabel("speedup vs eej plain")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=8)
+    return drawn
+
+
 def write_plot(doc: dict[str, Any], path: str) -> None:
-    """`figure(doc)` as a PNG."""
-    ensure_parent(path)
-    figure(doc).savefig(path, dpi=110)
+    """`figure(doc)` as a PNG (written atomically)."""
+    png = io.BytesIO()
+    figure(doc).savefig(png, format="png", dpi=110)
+    write_atomic(path, png.getvalue())
 
 
 def check_schema(doc: dict[str, Any]) -> None:
@@ -292,7 +346,8 @@ class BenchReport:
         return markdown_report(self.doc)
 
     def plot(self):
-        """A matplotlib Figure: speedup per category, and speedup against token agreement."""
+        """A matplotlib Figure: speedup per category, and speedup against token agreement (and against ROUGE-L
+        to the questions' references, when the run had any)."""
         return figure(self.doc)
 
     def save(self, prefix: str) -> list[str]:

@@ -55,6 +55,22 @@ def plan_batches(questions: Sequence[Question], batch_size: int, tokenizer: Toke
     return batches
 
 
+def check_prompts_fit(questions: Sequence[Question], tokenizer: Tokenizer, max_new_tokens: int, capacity: int) -> None:
+    """ValueError naming the first question and turn whose prompt can't fit `capacity` positions with
+    `max_new_tokens` more, checked before any answer: turn 1 exactly; a later turn with its earlier
+    answers left empty (a lower bound: its real answers only add tokens, so such a turn fails for sure)."""
+    for q in questions:
+        conversation: list[dict[str, str]] = []
+        for turn, text in enumerate(q.turns, 1):
+            conversation += [{"role": "user", "content": text}]
+            length = len(tokenizer.encode_chat(conversation))
+            if length + max_new_tokens > capacity:
+                raise ValueError(f"question {q.question_id} turn {turn}: prompt of {length}"
+                                 f"{' or more' if turn > 1 else ''} tokens + max_new_tokens {max_new_tokens} exceeds "
+                                 f"the {capacity} positions of a row; lower --max-new-tokens or leave the question out")
+            conversation += [{"role": "assistant", "content": ""}]
+
+
 def answer_text(tokenizer: Tokenizer, tokens: Sequence[int]) -> str:
     """An answer as the assistant message of the next turn (special tokens dropped, stripped, as Spec-Bench)."""
     return tokenizer.decode(tokens).strip()

@@ -20,7 +20,7 @@ from eej.bench.contestants import Contestant
 from eej.bench.fidelity import sequence_argmax
 from eej.bench.machine import load_average, machine_info
 from eej.bench.metrics import AnswerRecord, agreement_count, summarize
-from eej.bench.questions import Question, categories_in_order
+from eej.bench.questions import Question, categories_in_order, references_by_answer
 from eej.bench.report import build_document
 from eej.bench.runner import RunSettings, run_bench
 from eej.weights.registry import Model
@@ -66,7 +66,7 @@ def bench_document(
     names = [c.name for c in contestants]
     infos = {c.name: c.describe() for c in contestants}
     sampling = settings.sampling
-    summary = summarize(records, names, order, sampling.greedy)
+    summary = summarize(records, names, order, sampling.greedy, references_by_answer(questions))
     machine = {**machine_info(), "load_average_start": load_start, "load_average_end": load_average()}
     run_settings = {
         **described,

@@ -18,11 +18,12 @@ from eej.bench.contestants import method_contestants, unique
 from eej.bench.machine import load_average
 from eej.bench.peers import PEERS, load_peers, parse_peers
 from eej.bench.questions import CATEGORY_MODES, load_questions, select_questions
-from eej.bench.report import ensure_parent, markdown_report, write_json, write_markdown, write_plot
-from eej.bench.runner import RunSettings
+from eej.bench.report import markdown_report, write_json, write_markdown, write_plot, write_text
+from eej.bench.runner import RunSettings, check_prompts_fit
 from eej.bench.session import bench_document, git_commit
-from eej.cli.options import add_model_arguments, load_model_from_args, sampling_from_args
+from eej.cli.options import add_model_arguments, check_lengths, load_model_from_args, sampling_from_args, seed_arg
 from eej.cli.parser import CliError
+from eej.files import check_writable, exclusive
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -46,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the Spec-Bench protocol)")
     p.add_argument("--top-k", type=int, default=0, help="0 = no limit (sampling only)")
     p.add_argument("--top-p", type=float, default=1.0, help="(sampling only)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--peers", default=None, help=f"comma-separated transformers baselines: {', '.join(PEERS)} (need torch)")
     p.add_argument(
         "--early-exit-layer", type=int, default=None,
@@ -116,6 +117,14 @@ def _sha256(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check every output path, take the locks of --out and --checkpoint (one run per file), then benchmark."""
+    outputs = [p for p in (args.report, args.plot, args.answers, args.out) if p]
+    check_writable(outputs + ([args.checkpoint] if args.checkpoint else []))
+    with exclusive([p for p in (args.out, args.checkpoint) if p]):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.batch_size < 1:
@@ -135,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     load_start = load_average()
 
     model = load_model_from_args(args, attention=attention[0])
+    capacity = check_lengths(model, args.max_new_tokens, args.cache_size)
+    check_prompts_fit(chosen, model.tokenizer, args.max_new_tokens, capacity)
     contestants: list[Any] = method_contestants(model, args.methods.split(","), args.cache_size, attention)
     contestants += load_peers(peer_names, args.model, model, args.early_exit_layer, args.peer_threads)
 
@@ -162,14 +173,15 @@ def run(args: argparse.Namespace) -> int:
         agreement=not args.no_agreement, progress=not args.no_progress, load_average_start=load_start,
         checkpoint=checkpoint,
     )
-    if args.out:
-        write_json(doc, args.out)
+    # Every file atomically, the JSON last: its presence means the run finished (docs/bench.md, scripts/cloud_job.sh).
     if args.report:
         write_markdown(doc, args.report)
     if args.plot:
         write_plot(doc, args.plot)
     if args.answers:
         _write_answers(records, args.answers)
+    if args.out:
+        write_json(doc, args.out)
     report = markdown_report(doc)
     print(report.split("## Per category")[0].rstrip())
     return 0
@@ -178,11 +190,8 @@ def run(args: argparse.Namespace) -> int:
 def _write_answers(records, path: str) -> None:
     import json
 
-    ensure_parent(path)
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps({
-                "contestant": r.contestant, "question_id": r.question_id, "category": r.category, "turn": r.turn,
-                "prompt_length": len(r.prompt_tokens), "tokens": r.tokens, "text": r.text, "seconds": round(r.seconds, 4),
-                "forwards": r.forwards, "layers": r.layers, "agreement": r.agreement,
-            }) + "\n")
+    write_text("".join(json.dumps({
+        "contestant": r.contestant, "question_id": r.question_id, "category": r.category, "turn": r.turn,
+        "prompt_length": len(r.prompt_tokens), "tokens": r.tokens, "text": r.text, "seconds": round(r.seconds, 4),
+        "forwards": r.forwards, "layers": r.layers, "agreement": r.agreement,
+    }) + "\n" for r in records), path)

@@ -16,6 +16,7 @@ from eej.cli.options import (
     add_model_arguments,
     add_parallel_arguments,
     add_sampling_arguments,
+    check_lengths,
     device_description,
     load_model_from_args,
     mesh_from_args,
@@ -40,16 +41,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p)
 
 
-def read_prompt_file(path: str) -> list[str]:
-    """Prompts from a JSONL file of {"prompt": str} objects."""
+def read_prompt_file(path: str) -> list[tuple[int, str]]:
+    """(line number, prompt) of each line of a JSONL file of {"prompt": str} objects."""
     prompts = []
     for n, obj in read_jsonl(path, "batch file", CliError):
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise CliError(f'{path}:{n}: expected an object with a string "prompt" field')
-        prompts.append(obj["prompt"])
+        prompts.append((n, obj["prompt"]))
     if not prompts:
         raise CliError(f"{path} holds no prompts")
     return prompts
+
+
+def check_prompts(prompts: list[list[int]], where: list[str], max_new_tokens: int, capacity: int, room: str) -> None:
+    """Every prompt fits `capacity` positions with `max_new_tokens` more, checked before any is decoded;
+    an error names the prompt's `where` (the batch file's line) and `room` (what limits the positions)."""
+    for ids, place in zip(prompts, where):
+        if not ids:
+            raise CliError(f"{place}: the prompt is empty")
+        if len(ids) + max_new_tokens > capacity:
+            raise CliError(f"{place}: prompt of {len(ids)} tokens + --max-new-tokens {max_new_tokens} exceeds "
+                           f"{room} of {capacity} positions; shorten it or lower --max-new-tokens")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,14 +70,21 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
     sampling = sampling_from_args(args)
-    texts = [args.prompt] if args.prompt is not None else read_prompt_file(args.batch_file)
+    if args.prompt is not None:
+        texts, where = [args.prompt], ["--prompt"]
+    else:
+        lines = read_prompt_file(args.batch_file)
+        texts, where = [t for _, t in lines], [f"{args.batch_file}:{n}" for n, _ in lines]
 
     mesh = mesh_from_args(args)
     model = load_model_from_args(args)
+    capacity = check_lengths(model, args.max_new_tokens, args.cache_size)
     strategy, method_params = build_method(model, args.method)
     engine = Engine(model, strategy, method_params, cache_size=args.cache_size, mesh=mesh)
     tok = model.tokenizer
     prompts = [tok.encode_chat(t) if args.chat else tok.encode(t) for t in texts]
+    room = "the cache" if args.cache_size is not None else "the model's context"
+    check_prompts(prompts, where, args.max_new_tokens, capacity, room)
 
     lead = jax.process_index() == 0  # every process computes; the first one reports
     stream = lead and not args.json and not args.no_stream and len(prompts) == 1 and sys.stdout.isatty()

@@ -39,11 +39,35 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of `--seed`: an integer that fits 64 bits (what the random key is made from)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must fit 64 bits (|seed| < 2**63), got {text}")
+    return value
 
 
 def sampling_from_args(args: argparse.Namespace):
     return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def check_lengths(model, max_new_tokens: int, cache_size: int | None) -> int:
+    """Refuse `--max-new-tokens` / `--cache-size` the model's context can't hold -> the positions a row can use."""
+    context = model.cfg.max_position
+    if cache_size is not None and not 1 <= cache_size <= context:
+        raise CliError(f"--cache-size must be in [1, {context}] (the context of {model.name}), got {cache_size}")
+    capacity = context if cache_size is None else cache_size
+    if not 1 <= max_new_tokens < capacity:
+        raise CliError(f"--max-new-tokens must be in [1, {capacity - 1}] (a row holds {capacity} positions: "
+                       f"{'--cache-size' if cache_size is not None else f'the context of {model.name}'}), "
+                       f"got {max_new_tokens}")
+    return capacity
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:

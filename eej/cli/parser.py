@@ -78,13 +78,17 @@ def config_file_arguments(parser: argparse.ArgumentParser, path: str) -> list[st
     values are scalars, lists for options taking several values, booleans for flags. Unknown keys,
     values of the wrong type and method presets files are one-line errors naming the file and the key.
     """
+    if os.path.isdir(path):
+        raise CliError(f"config file {path} is a directory; give a YAML file")
     if not os.path.isfile(path):
         raise CliError(f"config file not found: {path}")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise CliError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+        except UnicodeDecodeError as e:
+            raise CliError(f"{path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
     if data is None:
         return []
     if not isinstance(data, dict):
@@ -132,7 +136,9 @@ def _option_arguments(action: argparse.Action, name: str, value: Any, where: str
         if action.type is not None:
             try:
                 action.type(text)
-            except (TypeError, ValueError, argparse.ArgumentTypeError):
+            except argparse.ArgumentTypeError as e:
+                raise CliError(f"{where}: {e}") from None
+            except (TypeError, ValueError):
                 raise CliError(f"{where}: invalid value {v!r} ({getattr(action.type, '__name__', 'value')} expected)") from None
         if action.choices is not None and text not in [str(c) for c in action.choices]:
             raise CliError(f"{where}: invalid choice {v!r} (choose from {', '.join(map(str, action.choices))})")

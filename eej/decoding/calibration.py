@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eej.files import write_atomic
 from eej.local_cache import cache_dir
 from eej.weights.artifacts import model_fingerprint
 
@@ -73,13 +73,9 @@ def store_step_times(key: dict[str, Any], ms: Sequence[float]) -> None:
         return
     path = os.path.join(directory, STEP_TIMES_FILE)
     try:
-        os.makedirs(directory, exist_ok=True)
         data = _read(path)
         data[_digest(key)] = {"key": key, "ms": [round(float(m), 4) for m in ms], "measured": time.strftime("%Y-%m-%d")}
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".step_times.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(data, indent=1))
     except OSError:
         pass
 

@@ -4,9 +4,11 @@ A drafter must predict what the model says, not what a data set's authors wrote.
 eej's batched engine, to answer every prompt of the training files — the first answer greedy, further ones
 sampled at `temperature` — and writes `{"prompt", "response", "sample"}` lines into shards of `shard_size`
 answers under the output directory (`shard-00000.jsonl`, ...), which `eej train ... --data OUT/*.jsonl` reads like
-any chat data. The run is resumable: running it again with the same options writes only the answers missing
-(a different model or options in the same directory is an error). Prompts are batched by length; a progress
-bar shows the answers done and the time left.
+any chat data. The run is resumable: running it again with the same options writes only the answers missing (an
+answer an interruption cut short is removed and answered again; a different model or options in the same directory
+is an error, and so is a second run while one writes there). A resumed run's sampled answers are not those an
+uninterrupted run would have drawn (their keys follow the batches), its greedy ones are. Prompts are batched by
+length; a progress bar shows the answers done and the time left.
 
 Evaluation prompts are never distilled: a file under a folder named `eval` (Spec-Bench, MT-Bench) is refused.
 """
@@ -23,6 +25,7 @@ import numpy as np
 from eej.config import SamplingConfig
 from eej.decoding.engine import Engine
 from eej.train.data import read_examples
+from eej.train.loop import run_lock
 from eej.train.trainers import TrainError, check_options, option
 from eej.weights.registry import Model
 
@@ -91,9 +94,13 @@ def _written(out_dir: str) -> Iterator[dict]:
 
 def distill(model: Model, options: DistillOptions, out_dir: str, progress: bool = True) -> list[str]:
     """Answer the prompts (see the module docstring) into shards under `out_dir`; returns the shard paths."""
+    with run_lock(out_dir):  # a second distillation into the same directory is refused
+        return _distill(model, options, out_dir, progress)
+
+
+def _distill(model: Model, options: DistillOptions, out_dir: str, progress: bool) -> list[str]:
     from tqdm.auto import tqdm
 
-    os.makedirs(out_dir, exist_ok=True)
     manifest = {"model": model.name, "options": dataclasses.asdict(options)}
     path = os.path.join(out_dir, MANIFEST)
     if os.path.exists(path):

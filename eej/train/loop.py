@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -38,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from eej.files import LockHeld, locked
 from eej.train.data import DataOptions, file_digests
 from eej.train.trainers import TrainError, check_options, option, result_settings
 from eej.weights.registry import Model, check_finite
@@ -122,23 +122,17 @@ def run_lock(out_dir: str) -> Iterator[None]:
         finally:
             _HELD_LOCKS[path] -= 1
         return
-    with open(path, "a+") as f:
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip()
-            by = f" by pid {holder}" if holder else ""
-            raise TrainError(f"{out_dir} is in use by another training run (lock {path} held{by}); "
+            stack.enter_context(locked(path))
+        except LockHeld as e:
+            raise TrainError(f"{out_dir} is in use by another training run (lock {path} held by process {e.holder}); "
                              "wait for it to end or use another --out") from None
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
         _HELD_LOCKS[path] = 1
         try:
             yield
         finally:
-            del _HELD_LOCKS[path]  # closing the file releases the lock
+            del _HELD_LOCKS[path]
 
 
 def _read_run(out_dir: str) -> dict | None:

@@ -1,9 +1,11 @@
-"""Between Hugging Face's tensor layout and eej's (see eej.model.transformer for the latter)."""
+"""Weights read from files into eej: the change from Hugging Face's tensor layout to eej's (see
+eej.model.transformer for the latter), and the check that every value is finite."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import jax
 import numpy as np
 
 # Matrices stored [..., out, in] by Hugging Face and [..., in, out] by eej (see eej.model.moe for the MoE ones).
@@ -20,3 +22,14 @@ def from_hf_layout(params: dict[str, Any]) -> dict[str, Any]:
     layers = {k: (np.ascontiguousarray(np.swapaxes(v, -1, -2)) if k in PROJECTIONS else v) for k, v in params["layers"].items()}
     head = params.get("lm_head", params["embed"])
     return {**params, "layers": layers, "lm_head": np.ascontiguousarray(head.T)}
+
+
+def check_finite(params: Any, where: str) -> None:
+    """ValueError naming the first weight of `params` (an array, or a pytree of them) that holds nan or inf:
+    a damaged file, refused at load. `where` names the file (and the tensor, for a single array)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        leaf = np.asarray(leaf)
+        if leaf.dtype.kind == "f" and not np.isfinite(leaf).all():
+            name = jax.tree_util.keystr(path)
+            raise ValueError(f"{where}{f' weight {name}' if name else ''} holds non-finite values (nan or inf); the "
+                             "file is damaged — download or convert the model again")

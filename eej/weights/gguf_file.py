@@ -1,4 +1,10 @@
-"""Load a Llama-family `.gguf` file: config, dequantized params and tokenizer, without torch."""
+"""Load a Llama-family `.gguf` file: config, dequantized params and tokenizer, without torch.
+
+Every tensor is checked against the file's metadata: a tensor missing, left over (an extra block,
+a bias or table eej's layers lack, such as llama.cpp's `rope_freqs.weight` for Llama 3 RoPE
+scaling) or of another shape, a value that is not finite (a damaged file), and a metadata key
+missing are each a GGUFError naming the tensor or key.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from eej.config import ModelConfig, RopeConfig
-from eej.weights.convert import from_hf_layout
+from eej.weights.convert import check_finite, from_hf_layout
 from eej.weights.tokenizer import Tokenizer, tokenizer_from_gguf_fields
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -65,32 +71,68 @@ def read_gguf(path: str, name: str | None = None) -> tuple[ModelConfig, dict[str
     def meta(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
 
+    def count(key: str, default: Any = None) -> int:
+        """A positive integer metadata value; GGUFError naming the key if it is missing or not one."""
+        value = meta(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise GGUFError(f"{path}: metadata {arch}.{key} must be a positive integer, got {value!r}")
+        return int(value)
+
+    def number(key: str, default: Any = None) -> float:
+        """A positive finite metadata number; GGUFError naming the key otherwise."""
+        value = meta(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < float("inf"):
+            raise GGUFError(f"{path}: metadata {arch}.{key} must be a positive number, got {value!r}")
+        return float(value)
+
     experts = int(meta("expert_count", 0) or 0)
     if experts:
         raise GGUFError(f"{path}: mixture-of-experts GGUF files ({experts} experts) are not supported; load the model's "
                         "Hugging Face checkpoint directory instead (Mixtral and Qwen2-MoE load from there)")
 
-    n_layers = int(meta("block_count"))
-    hidden = int(meta("embedding_length"))
-    n_heads = int(meta("attention.head_count"))
-    n_kv = int(meta("attention.head_count_kv", n_heads))
-    head_dim = int(meta("attention.key_length", hidden // n_heads))
+    n_layers = count("block_count")
+    hidden = count("embedding_length")
+    n_heads = count("attention.head_count")
+    n_kv = count("attention.head_count_kv", n_heads)
+    head_dim = count("attention.key_length", hidden // n_heads)
+    ffn = count("feed_forward_length")
+    rotary = meta("rope.dimension_count")
+    if rotary is not None and rotary != head_dim:
+        raise GGUFError(f"{path}: metadata {arch}.rope.dimension_count is {rotary} but heads have {head_dim} "
+                        "dimensions; partial rotary embeddings are not supported")
     tensors = {t.name: t for t in reader.tensors}
+    q, kv = n_heads * head_dim, n_kv * head_dim
+    if "token_embd.weight" not in tensors:
+        raise GGUFError(f"{path}: tensor token_embd.weight is missing")
+    vocab = int(tensors["token_embd.weight"].shape[-1])  # ggml lists dimensions innermost first
+    if meta("vocab_size", vocab) != vocab:
+        raise GGUFError(f"{path}: tensor token_embd.weight has {vocab} rows; metadata {arch}.vocab_size is "
+                        f"{meta('vocab_size')}")
+    shapes = {"attn_norm": (hidden,), "wq": (q, hidden), "wk": (kv, hidden), "wv": (kv, hidden), "wo": (hidden, q),
+              "bq": (q,), "bk": (kv,), "bv": (kv,), "mlp_norm": (hidden,), "w_gate": (ffn, hidden),
+              "w_up": (ffn, hidden), "w_down": (hidden, ffn)}
+    used: set[str] = set()
 
-    def load(tensor_name: str) -> np.ndarray:
+    def load(tensor_name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if tensor_name not in tensors:
+            raise GGUFError(f"{path}: tensor {tensor_name} is missing")
         t = tensors[tensor_name]
-        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if w.shape != shape:
+            raise GGUFError(f"{path}: tensor {tensor_name} has shape {list(w.shape)}; the metadata gives {list(shape)} "
+                            "(embedding_length, feed_forward_length, attention.head_count[_kv] x key_length)")
+        check_finite(w, f"{path}: tensor {tensor_name}")
+        used.add(tensor_name)
+        return w
 
-    embed = load("token_embd.weight")
+    embed = load("token_embd.weight", (vocab, hidden))
     layers: dict[str, list[np.ndarray]] = {}
     for key, suffix in _LAYER_TENSORS.items():
-        if f"blk.0.{suffix}" not in tensors:
-            if key in ("bq", "bk", "bv"):
-                continue
-            raise GGUFError(f"{path}: tensor blk.0.{suffix} is missing")
+        if key in ("bq", "bk", "bv") and f"blk.0.{suffix}" not in tensors:
+            continue
         per_layer = []
         for i in range(n_layers):
-            w = load(f"blk.{i}.{suffix}")
+            w = load(f"blk.{i}.{suffix}", shapes[key])
             if arch != "qwen2" and key in ("wq", "bq"):
                 w = _unpermute_rope_rows(w, n_heads)
             elif arch != "qwen2" and key in ("wk", "bk"):
@@ -100,23 +142,31 @@ def read_gguf(path: str, name: str | None = None) -> tuple[ModelConfig, dict[str
     params: dict[str, Any] = {
         "embed": embed,
         "layers": {k: np.stack(v) for k, v in layers.items()},
-        "final_norm": load("output_norm.weight"),
+        "final_norm": load("output_norm.weight", (hidden,)),
     }
     tied = "output.weight" not in tensors
     if not tied:
-        params["lm_head"] = load("output.weight")
+        params["lm_head"] = load("output.weight", (vocab, hidden))
+    left = sorted(set(tensors) - used)
+    if left:
+        more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
+        raise GGUFError(f"{path}: tensor {left[0]}{more} is not part of the model the metadata describes "
+                        f"({arch}, {n_layers} blocks); eej refuses it rather than compute without it")
 
-    tokenizer = tokenizer_from_gguf_fields(lambda key, default=None: _field(reader, key, default))
+    try:
+        tokenizer = tokenizer_from_gguf_fields(lambda key, default=None: _field(reader, key, default))
+    except Exception as e:  # tokenizers raises assorted errors on malformed vocabularies or merges
+        raise GGUFError(f"{path}: the tokenizer metadata can't be used ({' '.join(str(e).split())})") from None
     scaling_type = meta("rope.scaling.type", "none")
-    rope = RopeConfig(theta=float(meta("rope.freq_base", 10000.0)))
+    rope = RopeConfig(theta=number("rope.freq_base", 10000.0))
     if scaling_type == "linear":
-        rope = RopeConfig(theta=rope.theta, type="linear", factor=float(meta("rope.scaling.factor")))
+        rope = RopeConfig(theta=rope.theta, type="linear", factor=number("rope.scaling.factor"))
     elif scaling_type == "yarn":
         rope = RopeConfig(
             theta=rope.theta,
             type="yarn",
-            factor=float(meta("rope.scaling.factor")),
-            original_max_position=int(meta("rope.scaling.original_context_length")),
+            factor=number("rope.scaling.factor"),
+            original_max_position=count("rope.scaling.original_context_length"),
         )
     elif scaling_type not in ("none", None):
         raise GGUFError(f"{path}: RoPE scaling {scaling_type!r} is not supported")
@@ -131,13 +181,13 @@ def read_gguf(path: str, name: str | None = None) -> tuple[ModelConfig, dict[str
         num_heads=n_heads,
         num_kv_heads=n_kv,
         head_dim=head_dim,
-        ffn_size=int(meta("feed_forward_length")),
+        ffn_size=ffn,
         rope=rope,
-        rms_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+        rms_eps=number("attention.layer_norm_rms_epsilon", 1e-5),
         tie_embeddings=tied,
         attention_bias="bq" in layers,
         sliding_window=None,
-        max_position=int(meta("context_length", 4096)),
+        max_position=count("context_length", 4096),
         bos_id=None if bos is None else int(bos),
         eos_ids=() if eos is None else (int(eos),),
         pad_id=int(pad) if pad is not None else 0,

@@ -17,7 +17,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from eej.config import ModelConfig
 from eej.model.transformer import Params
@@ -66,16 +65,6 @@ def smollm2_path() -> str:
     return path
 
 
-def check_finite(params: Params, where: str) -> None:
-    """ValueError naming the first weight of `params` (numpy) that holds nan or inf: a damaged file, refused at load."""
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        leaf = np.asarray(leaf)
-        if leaf.dtype.kind == "f" and not np.isfinite(leaf).all():
-            name = jax.tree_util.keystr(path)
-            raise ValueError(f"{where}: weight {name} holds non-finite values (nan or inf); the file is damaged — "
-                             "download or convert the model again")
-
-
 def to_device(params: Params, cfg: ModelConfig, layout: str = "decoding") -> Params:
     """numpy params (layers stacked) -> jax arrays in cfg.dtype.
 
@@ -120,7 +109,6 @@ def load_model(name_or_path: str, dtype: str = "float32", layout: str = "decodin
             f"unknown model {name_or_path!r}: use one of {', '.join(known_models())}, a .gguf file, "
             "or a Hugging Face checkpoint directory"
         )
-    check_finite(host_params, name_or_path)
     # The name says where the model came from (the path or `name@seed` as given): reproduce lines repeat it.
     name = name_or_path if (seed or os.sep in name_or_path or name_or_path.endswith(".gguf")) else cfg.name
     cfg = cfg.replace(name=name, eos_ids=tuple(dict.fromkeys(cfg.eos_ids + tokenizer.eos_ids)))

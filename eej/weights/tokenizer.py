@@ -92,6 +92,8 @@ def tokenizer_from_gguf_fields(field: Callable[..., Any]) -> Tokenizer:
             f"GGUF tokenizer model {kind!r} is not supported (eej rebuilds byte-level BPE, 'gpt2'); load the "
             "model from a Hugging Face checkpoint directory instead"
         )
+    if field("tokenizer.ggml.tokens") is None:
+        raise ValueError("GGUF metadata tokenizer.ggml.tokens is missing: the file carries no vocabulary")
     tokens: list[str] = list(field("tokenizer.ggml.tokens"))
     types: list[int] = list(field("tokenizer.ggml.token_type", [1] * len(tokens)))
     merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
@@ -121,17 +123,30 @@ def tokenizer_from_gguf_fields(field: Callable[..., Any]) -> Tokenizer:
 
 
 def tokenizer_from_directory(path: str) -> Tokenizer:
-    """A Hugging Face tokenizer directory (tokenizer.json [+ tokenizer_config.json]) -> Tokenizer."""
-    from transformers import PreTrainedTokenizerFast
-
+    """A Hugging Face tokenizer directory (tokenizer.json [+ tokenizer_config.json, generation_config.json])
+    -> Tokenizer; ValueError naming the file that is missing or can't be read."""
     import json
     import os
 
-    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(path)
+    except Exception as e:  # tokenizers and transformers raise assorted errors on a missing or damaged file
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            raise ValueError(f"{path} has no tokenizer.json (eej reads fast tokenizers: save one with "
+                             "transformers' tokenizer.save_pretrained)") from None
+        raise ValueError(f"{path}: tokenizer.json or tokenizer_config.json can't be read "
+                         f"({' '.join(str(e).split()) or type(e).__name__})") from None
     eos: list[int] = []
     gen_cfg = os.path.join(path, "generation_config.json")
     if os.path.exists(gen_cfg):
-        with open(gen_cfg) as f:
-            value = json.load(f).get("eos_token_id")
+        try:
+            with open(gen_cfg, encoding="utf-8") as f:
+                value = json.load(f).get("eos_token_id")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            raise ValueError(f"{gen_cfg}: not a JSON object") from None
         eos = value if isinstance(value, list) else ([] if value is None else [value])
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eos):
+            raise ValueError(f"{gen_cfg}: eos_token_id must be a token id or a list of them, got {value!r}")
     return Tokenizer(tok, eos_ids=eos)
