@@ -40,7 +40,8 @@ import optax
 from eej.files import LockHeld, locked
 from eej.train.data import DataOptions, file_digests
 from eej.train.trainers import TrainError, check_options, option, result_settings
-from eej.weights.registry import Model, check_finite
+from eej.weights.convert import check_finite
+from eej.weights.registry import Model
 
 LossFn = Callable[[Any, Any, dict], tuple[jax.Array, dict[str, jax.Array]]]
 
