@@ -85,6 +85,23 @@ def _prefilled(strategy, method_params, model, prompts, capacity=64):
     return jnp.argmax(logits, -1).astype(jnp.int32), cache, state
 
 
+def test_exit_decisions_ignore_finished_rows():
+    """A batch-level exit needs every *active* row to agree: with predictors that never fire the batch never exits,
+    unless no row is active any more (finished rows never block an exit)."""
+    model = tiny_model("tiny-gqa", seed=5)
+    cfg = model.cfg
+    strategy, method_params = random_specee(model, 6, kv="drop", adaptive=False)
+    method_params = _never_firing(method_params, "bias")
+    pending, cache, state = _prefilled(strategy, method_params, model, random_prompts(np.random.default_rng(7), [6, 9], cfg.vocab_size))
+    step = jax.jit(lambda active: strategy.step(StepInputs(
+        params=model.params, method_params=method_params, cache=cache, method_state=state, pending=pending,
+        key=jax.random.PRNGKey(0), active=active, sampling=SamplingConfig(), cfg=cfg)))
+    last = cfg.num_layers - 1
+    assert int(step(jnp.asarray([True, True])).method_state["recent_exits"][-1]) == last
+    assert int(step(jnp.asarray([True, False])).method_state["recent_exits"][-1]) == last
+    assert int(step(jnp.asarray([False, False])).method_state["recent_exits"][-1]) < last
+
+
 @pytest.mark.parametrize("kv", ["propagate", "drop"])
 def test_early_exits_emit_a_speculative_token_that_is_the_exit_layers_argmax(kv):
     model = tiny_model("tiny-gqa", seed=5)

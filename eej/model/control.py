@@ -3,10 +3,10 @@
 Why not `lax.cond` / `lax.switch`: inside a loop (the decode loop is one), XLA copies every buffer that
 a branch updates in place — its copy insertion cannot prove the branch owns the buffer (jax-ml/jax#5986,
 #39449). A KV cache that passes through a conditional each decode step is then copied each step: on
-XLA:CPU with SmolLM2-135M, batch 1, a 1024-position cache, Kangaroo's plain step (verification by
-`lax.switch` over widths) cost 20.6 ms against 17.2 ms for plain decoding — 56 layer caches copied per
-step. A `lax.while_loop` updates its carry in place, and a while loop that runs 0 or 1 times is a
-conditional; here each branch is such a loop (toy with 8 such layers: 239 -> 5 µs per step).
+XLA:CPU with SmolLM2-135M, batch 1, an 800-token prompt, Kangaroo's plain step (verification by
+`lax.switch` over widths) cost 1.18x a plain decoding step
+(benchmarks/results/plain_mode_overhead_before_control.md). A `lax.while_loop` updates its carry in
+place, and a while loop that runs 0 or 1 times is a conditional; here each branch is such a loop.
 
 Each branch maps (state, *operands) -> (state, out): `state` holds what may be updated in place (caches),
 `operands` what is only read, `out` what the branch computes (every branch the same structure). Branches
