@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -30,11 +31,11 @@ METHODS = ("kangaroo", "m2r2-spec", "specee", "m2r2-exit")
 STEPS, ROUNDS, MAX_NEW = 24, 9, 128
 
 
-def _contestants(model, prompt_len: int, batch: int) -> list[tuple[str, float]]:
+def _contestants(model, prompt_len: int, batch: int, sampling: SamplingConfig, methods: tuple[str, ...]) -> list[tuple[str, float]]:
     runs = []
-    for name in ("plain", *METHODS):
+    for name in ("plain", *methods):
         engine = eej.api.engine(model, name)
-        state, static, _, _ = engine._prefill([list(range(100 + b, 100 + b + prompt_len)) for b in range(batch)], MAX_NEW, SamplingConfig(), 0, ())
+        state, static, _, _ = engine._prefill([list(range(100 + b, 100 + b + prompt_len)) for b in range(batch)], MAX_NEW, sampling, 0, ())
         loop, _ = engine._get("loop", _decode_loop, static, (engine.model.params, engine.method_params, state), donate=(2,), batch=batch)
         points = engine.strategy.calibration_points() or [lambda ms: ms]
         for mode, edit in enumerate(points):
@@ -54,11 +55,15 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/plain_mode_overhead")
     parser.add_argument("--prompt-lengths", default="100,800")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    parser.add_argument("--methods", default=",".join(METHODS))
     args = parser.parse_args()
+    sampling = SamplingConfig(temperature=args.temperature)
+    methods = tuple(m for m in args.methods.split(",") if m)
     model = eej.load_model("smollm2-135m")
     rows = []
     for prompt_len in [int(n) for n in args.prompt_lengths.split(",")]:
-        runs = _contestants(model, prompt_len, args.batch)
+        runs = _contestants(model, prompt_len, args.batch, sampling, methods)
         for _, run in runs:
             run()  # first call of each program
         times = {name: [] for name, _ in runs}
@@ -69,15 +74,16 @@ def main() -> None:
         for name, ms in times.items():
             rows.append({"prompt_tokens": prompt_len, "contestant": name, "ms_per_step": float(np.median(ms)),
                          "vs_plain": float(np.median(ms)) / plain})
-    doc = {"model": "smollm2-135m", "batch": args.batch, "steps_per_run": STEPS, "rounds": ROUNDS,
+    doc = {"model": "smollm2-135m", "batch": args.batch, "temperature": args.temperature, "steps_per_run": STEPS, "rounds": ROUNDS,
            "machine": {"platform": platform.platform(), "device": str(jax.devices()[0]), "cpus": os.cpu_count(),
                        "load_average": os.getloadavg(), "jax": jax.__version__},
            "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(doc, f, indent=1)
-    lines = [f"# Each method's step modes against plain decoding (ms per decode step, batch {args.batch})", "",
-             f"`python scripts/plain_mode_overhead.py --batch {args.batch}`; {doc['machine']['device']}, {doc['machine']['cpus']} CPUs, "
+    lines = [f"# Each method's step modes against plain decoding (ms per decode step, batch {args.batch}, "
+             f"{'greedy' if sampling.greedy else f'temperature {args.temperature}'})", "",
+             f"`python scripts/plain_mode_overhead.py {' '.join(sys.argv[1:])}`; {doc['machine']['device']}, {doc['machine']['cpus']} CPUs, "
              f"load average {', '.join(f'{x:.2f}' for x in doc['machine']['load_average'])}; median of {ROUNDS} interleaved "
              f"rounds of {STEPS} steps. Mode 0 is the step an adaptive method takes when it does nothing special.", "",
              "| prompt tokens | contestant | ms/step | vs plain |", "|---|---|---|---|"]

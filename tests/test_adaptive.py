@@ -12,7 +12,7 @@ import pytest
 
 from eej.config import SamplingConfig
 from eej.decoding import calibration
-from eej.decoding.adaptive import best_draft_length, expected_tokens, probe_overlap
+from eej.decoding.adaptive import best_draft_length, expected_tokens, next_backoff, probe_due, probe_overlap
 from eej.decoding.engine import Engine
 from eej.decoding.kangaroo import Kangaroo, random_kangaroo
 from eej.decoding.speculation import init_adapter, random_adapter
@@ -46,6 +46,19 @@ def test_on_a_gpu_like_cost_table_the_same_rule_drafts_more():
     assert int(best_draft_length(jnp.asarray([0.5]), jnp.asarray([True]), COSTS)) == 2
     assert int(best_draft_length(jnp.asarray([0.3]), jnp.asarray([True]), flat)) == 3  # 1.417 / 1.06 > 1.425 / 1.08
     assert int(best_draft_length(jnp.asarray([0.3]), jnp.asarray([True]), COSTS)) == 0
+
+
+def test_probes_back_off_while_they_find_nothing_and_come_back_when_acting():
+    """Probe every 4 steps, then 8, 16, 32 (MAX_BACKOFF = 3) while the rule never acts; after it acts, every 4 again."""
+    idle, backoff, probes = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), []
+    for step in range(140):
+        acting = jnp.asarray(step == 100)
+        due = probe_due(idle, backoff, 4) & ~acting
+        if bool(due):
+            probes.append(step)
+        idle = jnp.where(due | acting, 0, idle + 1)
+        backoff = next_backoff(backoff, due, acting)
+    assert probes == [3, 11, 27, 59, 91, 104, 112, 128]
 
 
 def test_probe_overlap_is_the_acceptance_probability():
@@ -142,7 +155,8 @@ def test_fixed_drafting_is_the_papers_behaviour():
 
 @pytest.mark.real_model
 def test_an_untrained_adapter_on_the_real_model_costs_only_the_probes(real_model, tmp_path, monkeypatch):
-    """Acceptance ~0: after the prior fades the controller takes plain steps, with a probe every 8 (measured costs)."""
+    """Acceptance ~0: after the prior fades the controller takes plain steps, with a probe every 8 plain steps and
+    more rarely as the probes keep finding nothing (measured costs)."""
     monkeypatch.setenv("EEJ_CACHE_DIR", str(tmp_path))
     strategy = Kangaroo(exit_layer=2, exit_threshold=0.0, max_draft_steps=4)
     adapter = init_adapter(real_model.cfg, 0, norm=np.asarray(real_model.params["final_norm"]))
@@ -153,7 +167,9 @@ def test_an_untrained_adapter_on_the_real_model_costs_only_the_probes(real_model
     chosen = np.asarray(out.method_state["controller"].chosen)
     assert chosen[1:].sum() <= 6 and sum(out.speculated_steps) <= 6  # drafting only while the prior (1/2) fades
     assert out.steps >= 63 - 6  # about one token per step: nothing lost to speculation that never pays
-    assert float(out.method_state["controller"].acceptance[0]) < 0.15
-    costs = np.asarray(out.method_state["controller"].costs)
+    controller = out.method_state["controller"]
+    costs = np.asarray(controller.costs)
     assert np.all(costs > 0) and costs[4] > costs[0]  # measured on this machine: drafting 4 costs more than none
+    assert int(best_draft_length(controller.acceptance, jnp.asarray([True]), controller.costs)) == 0  # learnt: no draft pays
+    assert int(controller.backoff) > 0  # and the probes that kept finding so have spaced out
     assert (chosen * costs).sum() <= 1.05 * out.steps * costs[0]  # within 5% of all-plain steps, by the measured costs

@@ -9,6 +9,7 @@ import pytest
 
 from eej.config import SamplingConfig
 from eej.decoding.engine import Engine
+from eej.decoding.sampling import sample
 from eej.decoding.strategy import StepInputs
 from eej.train.specee import offline_layers, simulate_exits
 from eej.decoding.specee import random_specee, speculative_features, speculative_logits
@@ -47,11 +48,17 @@ def test_features_match_full_vocab_computation():
 
 @pytest.mark.parametrize(
     "kv, how, model_name",
-    [("propagate", "bias", "tiny-gqa"), ("drop", "bias", "tiny-llama"), ("drop", "threshold", "tiny-gqa")],
+    [("propagate", "bias", "tiny-gqa"), ("drop", "bias", "tiny-llama"), ("drop", "threshold", "tiny-gqa"),
+     ("propagate", "unpaying", "tiny-gqa"), ("drop", "unpaying", "tiny-llama")],
 )
 def test_never_firing_predictor_equals_plain(kv, how, model_name):
+    """Predictors that never fire, a threshold of 1, or checks that never pay by the costs (so that the adaptive
+    step skips every check and, with kv='propagate', runs the whole stack as a plain step does): plain's tokens."""
     model = tiny_model(model_name, seed=2)
     overrides = {"kv": kv, "threshold": 1.0} if how == "threshold" else {"kv": kv}
+    if how == "unpaying":  # a check costs more than the whole step; no probe within the run
+        n = model.cfg.num_layers
+        overrides.update(step_costs=(float(n), 3.0 * n, 9.0 * n), probe_every=64)
     strategy, method_params = random_specee(model, 3, **overrides)
     method_params = _never_firing(method_params, how)
     prompts = random_prompts(np.random.default_rng(4), [5, 12, 1], model.cfg.vocab_size)
@@ -127,6 +134,29 @@ def test_early_exits_emit_a_speculative_token_that_is_the_exit_layers_argmax(kv)
         pending, cache, state = result.tokens[:, 0], result.cache, result.method_state
     assert 0 < early < 30  # both paths were exercised
     assert int(state["exit_counts"].sum()) == 30
+
+
+def test_sampled_tokens_are_drawn_from_the_exit_layers_distribution():
+    """Under sampling an exit draws its token from the exit layer's logits with the step's key, and a step that
+    reaches the last layer from the last layer's."""
+    model = tiny_model("tiny-gqa", seed=5)
+    cfg, params = model.cfg, model.params
+    strategy, method_params = random_specee(model, 6, kv="propagate", threshold=0.05)
+    sampling, key = SamplingConfig(temperature=1.0), jax.random.PRNGKey(3)
+    pending, cache, state = _prefilled(strategy, method_params, model, random_prompts(np.random.default_rng(7), [6, 9], cfg.vocab_size))
+    step = jax.jit(lambda cache, st, pending: strategy.step(StepInputs(
+        params=params, method_params=method_params, cache=cache, method_state=st, pending=pending, key=key,
+        active=jnp.ones(pending.shape, bool), sampling=sampling, cfg=cfg)))
+    depths = set()
+    for _ in range(20):
+        result = step(cache, state, pending)
+        exit_layer = int(result.method_state["recent_exits"][-1])
+        depths.add(exit_layer == cfg.num_layers - 1)
+        x, _ = run_layers(params, embed(params, pending[:, None], cfg), cache, cache.lengths[:, None], cfg, 0, exit_layer + 1)
+        want = sample(logits_from_hidden(params, x[:, 0], cfg), key, sampling)
+        np.testing.assert_array_equal(np.asarray(result.tokens[:, 0]), np.asarray(want))
+        pending, cache, state = result.tokens[:, 0], result.cache, result.method_state
+    assert depths == {True, False}  # exits and full-depth steps both happened
 
 
 def test_propagation_fills_exactly_the_skipped_layers():

@@ -19,7 +19,11 @@ optimistic row would want (rows still stop drafting on their own when their draf
   not speculating the estimate is kept fresh by a probe every `probe_every` plain steps: a drafter that
   reads the residual stream of a plain step (Kangaroo: layer l) scores its guess for the next token
   against the plain step's own output for the price of its adapter and draft head (`free_probe`); any
-  other drafter takes one real speculative step of one draft instead.
+  other drafter takes one real speculative step of one draft instead. A probe after which speculation
+  still does not pay doubles the wait for the next one, up to 2^MAX_BACKOFF times `probe_every`, and
+  any step the rule chooses to speculate brings it back to `probe_every`: on text where the drafter never
+  pays, the probes' cost fades (a probe is a step that does not pay, by the estimate) instead of staying
+  a fixed fraction of every step.
 
 The output is untouched: greedy verification and speculative sampling are lossless for any k, and k
 depends only on past steps. `adaptive=False` (a preset's `adaptive: false`) drafts `max_draft_steps`
@@ -29,8 +33,8 @@ The early-exit methods get the same discipline with `ExitEconomics` (their own d
 each step M2R2's exit attempts the fast stream only when the measured costs and the observed exit rate
 say an attempt saves time on average (a failed attempt re-runs every layer), and SpecEE checks a layer's
 predictor only where the chance of exiting there, times the layers it would save, outweighs the check
-(its full-vocabulary argmax costs several layers) — with a probe of the other choice every
-`probe_every` steps so the estimates stay fresh.
+and the full-vocabulary argmax a firing predictor that does not lead to an exit wastes — with a probe of
+the other choice every `probe_every` steps (backing off the same way) so the estimates stay fresh.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from eej.settings import setting
 
 DECAY = 0.9  # per judged draft: the estimate follows the last ~10 drafts
 PRIOR_HITS, PRIOR_TRIALS = 1.0, 2.0
+MAX_BACKOFF = 3  # probes that change nothing space out to at most 2**3 x probe_every steps
 # Step costs (k = 0, 1, ...: relative) that random test instances carry instead of measuring: drafting pays from an
 # acceptance of about 0.3, so an untrained drafter settles on plain steps and an agreeable one drafts.
 TEST_STEP_COSTS = (1.0, 1.3, 1.45, 1.6, 1.75, 1.9, 2.05, 2.2)
@@ -61,7 +66,8 @@ class Controller:
 
     hits, trials: [B] float32 discounted accepted drafts and judged drafts (the prior included); α = hits / trials.
     costs: [K + 1] float32, what a step drafting k tokens costs (ms, or relative); the engine writes measured ones.
-    idle: int32, consecutive steps that drafted nothing (a probe is due every `probe_every`).
+    idle: int32, consecutive steps that drafted nothing (a probe is due every `probe_every` << backoff).
+    backoff: int32 in [0, MAX_BACKOFF], probes since the rule last chose to draft (see `probe_due`).
     force: int32, the draft length every step takes when >= 0 (calibration), -1: the controller decides.
     chosen: [K + 1] int32, how many steps drafted k tokens.
     """
@@ -70,6 +76,7 @@ class Controller:
     trials: jax.Array
     costs: jax.Array
     idle: jax.Array
+    backoff: jax.Array
     force: jax.Array
     chosen: jax.Array
 
@@ -77,12 +84,24 @@ class Controller:
     def start(cls, batch: int, max_drafts: int, costs: tuple[float, ...] | None = None) -> "Controller":
         return cls(hits=jnp.full((batch,), PRIOR_HITS, jnp.float32), trials=jnp.full((batch,), PRIOR_TRIALS, jnp.float32),
                    costs=jnp.asarray(costs or (1.0,) * (max_drafts + 1), jnp.float32), idle=jnp.zeros((), jnp.int32),
-                   force=jnp.full((), -1, jnp.int32), chosen=jnp.zeros((max_drafts + 1,), jnp.int32))
+                   backoff=jnp.zeros((), jnp.int32), force=jnp.full((), -1, jnp.int32),
+                   chosen=jnp.zeros((max_drafts + 1,), jnp.int32))
 
     @property
     def acceptance(self) -> jax.Array:
         """[B] the estimated probability that a row's next draft is accepted."""
         return self.hits / self.trials
+
+
+def probe_due(idle: jax.Array, backoff: jax.Array, probe_every: int) -> jax.Array:
+    """Whether a probe is due after `idle` steps without one: every probe_every * 2^backoff steps."""
+    return idle + 1 >= probe_every * jnp.left_shift(jnp.ones((), jnp.int32), backoff)
+
+
+def next_backoff(backoff: jax.Array, probed: jax.Array, acting: jax.Array) -> jax.Array:
+    """The backoff after a step: back to 0 when the rule chose to act (draft, attempt, check), one more (up to
+    MAX_BACKOFF) after a probe the rule did not ask for."""
+    return jnp.where(acting, 0, jnp.where(probed, jnp.minimum(backoff + 1, MAX_BACKOFF), backoff)).astype(jnp.int32)
 
 
 def discounted(hits: jax.Array, trials: jax.Array, new_hits: jax.Array, new_trials: jax.Array, where: jax.Array):
@@ -169,19 +188,19 @@ class SelfSpeculative(Strategy):
     def step(self, s: StepInputs) -> StepResult:
         ctl: Controller = s.method_state["controller"]
         if self.adaptive:
-            k = best_draft_length(ctl.acceptance, s.active, ctl.costs)
-            due = (k == 0) & (ctl.idle + 1 >= self.probe_every)
-            if not self.free_probe:
-                k = jnp.where(due, 1, k)
+            wanted = best_draft_length(ctl.acceptance, s.active, ctl.costs)
+            due = (wanted == 0) & probe_due(ctl.idle, ctl.backoff, self.probe_every)
+            k = wanted if self.free_probe else jnp.where(due, 1, wanted)
             forced = ctl.force >= 0
             k = jnp.where(forced, ctl.force, k)
             probe = (k > 0) | (due & ~forced)
+            backoff = next_backoff(ctl.backoff, due, wanted > 0)
         else:
-            k, probe = self.max_draft_steps, False
+            k, probe, backoff = self.max_draft_steps, False, ctl.backoff
         result, hits, trials = self.speculate(s.replace(method_state=s.method_state["drafter"]), k, probe)
         hits, trials = discounted(ctl.hits, ctl.trials, hits, trials, s.active)
-        ctl = ctl.replace(hits=hits, trials=trials, idle=jnp.where(jnp.asarray(k) > 0, 0, ctl.idle + 1),
-                          chosen=ctl.chosen.at[k].add(1))
+        ctl = ctl.replace(hits=hits, trials=trials, idle=jnp.where((jnp.asarray(k) > 0) | probe, 0, ctl.idle + 1),
+                          backoff=backoff, chosen=ctl.chosen.at[k].add(1))
         return result.replace(method_state={"drafter": result.method_state, "controller": ctl})
 
     def calibration_points(self) -> list[Callable[[Any], Any]] | None:
@@ -212,7 +231,8 @@ class ExitEconomics:
 
     hits, trials: [n] float32 discounted successes and attempts of n decisions (e.g. per layer), prior 1/2.
     costs: [m] float32, the method's measured step costs (ms, or layer units before measuring).
-    idle: int32, steps since the method last tried (a probe is due every `probe_every`).
+    idle: int32, steps since the method last probed or tried (a probe is due every `probe_every` << backoff).
+    backoff: int32 in [0, MAX_BACKOFF], probes since the rule last chose to try (see `probe_due`).
     force: int32, a calibration mode when >= 0 (the method's own meaning), -1: decide.
     """
 
@@ -220,21 +240,30 @@ class ExitEconomics:
     trials: jax.Array
     costs: jax.Array
     idle: jax.Array
+    backoff: jax.Array
     force: jax.Array
 
     @classmethod
     def start(cls, decisions: int, costs: tuple[float, ...]) -> "ExitEconomics":
         return cls(hits=jnp.full((decisions,), PRIOR_HITS, jnp.float32), trials=jnp.full((decisions,), PRIOR_TRIALS, jnp.float32),
-                   costs=jnp.asarray(costs, jnp.float32), idle=jnp.zeros((), jnp.int32), force=jnp.full((), -1, jnp.int32))
+                   costs=jnp.asarray(costs, jnp.float32), idle=jnp.zeros((), jnp.int32), backoff=jnp.zeros((), jnp.int32),
+                   force=jnp.full((), -1, jnp.int32))
 
     @property
     def rate(self) -> jax.Array:
         return self.hits / self.trials
 
-    def observe(self, hits: jax.Array, trials: jax.Array, tried: jax.Array) -> "ExitEconomics":
-        """After a step: `hits` of `trials` [n] observed; `tried` (bool scalar): whether the method tried at all."""
+    def probe_due(self, probe_every: int) -> jax.Array:
+        """Whether this step probes: `probe_every` << backoff steps since the last probe or attempt."""
+        return probe_due(self.idle, self.backoff, probe_every)
+
+    def observe(self, hits: jax.Array, trials: jax.Array, tried: jax.Array, probed: jax.Array | bool = False,
+                acting: jax.Array | bool = False) -> "ExitEconomics":
+        """After a step: `hits` of `trials` [n] observed; `tried` (bool scalar): whether the method tried at all;
+        `probed`: the step was a probe; `acting`: the rule itself chose to try (resets the backoff)."""
         new_hits, new_trials = discounted(self.hits, self.trials, hits, trials, trials > 0)
-        return self.replace(hits=new_hits, trials=new_trials, idle=jnp.where(tried, 0, self.idle + 1))
+        return self.replace(hits=new_hits, trials=new_trials, idle=jnp.where(tried, 0, self.idle + 1),
+                            backoff=next_backoff(self.backoff, probed, acting))
 
 
 def forcing_modes(modes: int) -> list[Callable[[Any], Any]]:

@@ -266,7 +266,8 @@ class M2R2Exit(Strategy):
       plain step's c_plain (a failed attempt runs the K fast layers and then every layer); a plain step
       then skips the fast stream. False: attempt every step, as the method is described.
     step_costs: (c_plain, c_fail, c_exit at layer K), ms; None: the engine measures them.
-    probe_every: while not attempting, attempt anyway every this many steps (the rates stay fresh).
+    probe_every: while not attempting, attempt anyway every this many steps (the rates stay fresh; backing off
+      while the attempts keep not paying: eej.decoding.adaptive).
     """
 
     name: ClassVar[str] = "m2r2-exit"
@@ -308,23 +309,24 @@ class M2R2Exit(Strategy):
     def calibrate(self, method_state: Any, milliseconds: list[float]) -> Any:
         return {"economics": method_state["economics"].replace(costs=jnp.asarray(milliseconds, jnp.float32))}
 
-    def _attempts(self, econ: ExitEconomics) -> tuple[jax.Array, jax.Array]:
-        """(attempt the fast stream this step, whether it is a probe) from the rates and costs."""
+    def _attempts(self, econ: ExitEconomics) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(attempt the fast stream this step, whether it is a probe, whether the rule says it pays) from the
+        rates and costs."""
         if not self.adaptive:
-            return jnp.asarray(True), jnp.asarray(False)
+            return jnp.asarray(True), jnp.asarray(False), jnp.asarray(True)
         plain, fail, exit_k = econ.costs[0], econ.costs[1], econ.costs[2]
         p, depth = econ.rate[0], econ.rate[1] * self.fast_layers
         exit_cost = exit_k - (self.fast_layers - depth) * (fail - plain) / self.fast_layers
         pays = p * exit_cost + (1 - p) * fail < plain
-        due = ~pays & (econ.idle + 1 >= self.probe_every)
-        return jnp.where(econ.force >= 0, econ.force > 0, pays | due), due
+        due = ~pays & econ.probe_due(self.probe_every)
+        return jnp.where(econ.force >= 0, econ.force > 0, pays | due), due, pays
 
     def step(self, s: StepInputs) -> StepResult:
         params, method_params, cfg, num_fast = s.params, s.method_params, s.cfg, self.fast_layers
         econ: ExitEconomics = s.method_state["economics"]
         positions = s.positions
         x0 = embed(params, s.pending[:, None], cfg)
-        attempt, _ = self._attempts(econ)
+        attempt, probe, pays = self._attempts(econ)
 
         def fast_stream(cache):
             x = x0
@@ -355,7 +357,7 @@ class M2R2Exit(Strategy):
             attempt, fast_stream, lambda c: (c, (x0, jnp.asarray(False), jnp.asarray(0, jnp.int32))), s.cache)
         cache, logits = cond_in_place(exited, exit_path, slow_path, cache, x, exit_layer)
         econ = econ.observe(jnp.stack([exited, exit_layer / num_fast]).astype(jnp.float32),
-                            jnp.stack([attempt, exited]).astype(jnp.float32), attempt)
+                            jnp.stack([attempt, exited]).astype(jnp.float32), attempt, probe, pays)
         layers = jnp.where(exited, exit_layer, jnp.where(attempt, num_fast, 0) + cfg.num_layers)
         return StepResult.one_token(sample(logits, s.key, s.sampling), cache, {"economics": econ},
                                     forwards=jnp.where(exited, 0, 1), layers=layers, exited=exited)

@@ -212,9 +212,11 @@ class SpecEE(Strategy):
     kv: "propagate" or "drop" (see the module docstring).
     adaptive: of the scheduled layers, check only those where it pays (eej.decoding.adaptive): with f_i the
       observed rate at which layer i's predictor fires and x_i the rate at which a firing leads to an exit,
-      f_i x_i (N - 1 - i) c_layer > c_check + f_i c_head; with no layer to check the drafter is skipped too.
-      Every `probe_every` steps every scheduled layer is checked (the rates stay fresh). False: the
-      schedule as described.
+      f_i (x_i (N - 1 - i) c_layer - (1 - x_i) c_head) > c_check (an exit's argmax is the step's own head; a
+      firing without an exit wastes one); with no layer to check the drafter is skipped too and the step runs
+      the stack as a plain step does. Every `probe_every` steps (more rarely while the probes keep finding no
+      layer that pays) every scheduled layer is checked, so the rates stay fresh. False: the schedule as
+      described.
     step_costs: (a step checking no layer, every predictor layer never firing, every layer firing but never
       exiting), ms; None: the engine measures them.
     """
@@ -309,13 +311,18 @@ class SpecEE(Strategy):
         return {**method_state, "economics": method_state["economics"].replace(costs=jnp.asarray(milliseconds, jnp.float32))}
 
     def _paying_layers(self, econ: ExitEconomics, cfg: ModelConfig) -> jax.Array:
-        """[N] bool: checking layer i saves more than it costs, by the observed rates and the step costs."""
+        """[N] bool: checking layer i saves more than it costs, by the observed rates and the step costs.
+
+        A check costs its predictor; a firing predictor costs a full-vocabulary argmax, which is wasted when the
+        argmax is not a speculative token (no exit) and is the step's own head when it is (the exit then saves
+        the layers above i).
+        """
         n, p = cfg.num_layers, len(self.predictor_layers(cfg))
         none, pred, fire = econ.costs[0], econ.costs[1], econ.costs[2]
         per_layer, check, head = none / n, jnp.maximum(pred - none, 0.0) / p, jnp.maximum(fire - pred, 0.0) / p
         fires, exits = econ.rate[:n], econ.rate[n:]
         saved = (n - 1 - jnp.arange(n)) * per_layer
-        return fires * exits * saved > check + fires * head
+        return fires * (exits * saved - (1 - exits) * head) > check
 
     def schedule(self, recent_exits: jax.Array, cfg: ModelConfig) -> jax.Array:
         """[N] bool: the layers that run their predictor this step (offline set | online neighbourhoods)."""
@@ -344,11 +351,13 @@ class SpecEE(Strategy):
         positions = s.positions  # [B, 1]
         econ: ExitEconomics = method_state["economics"]
         scheduled = self.schedule(method_state["recent_exits"], cfg)
-        probe = econ.idle + 1 >= self.probe_every
+        probe = econ.probe_due(self.probe_every)
+        paying = scheduled & self._paying_layers(econ, cfg)
         if self.adaptive:
-            scheduled = jnp.where(probe, scheduled, scheduled & self._paying_layers(econ, cfg))
+            scheduled = jnp.where(probe, scheduled, paying)
         every = jnp.asarray(np.isin(np.arange(n), list(self.predictor_layers(cfg))))
         scheduled = jnp.where(econ.force == 0, False, jnp.where(econ.force > 0, every, scheduled))
+        checking = jnp.any(scheduled) & (self.threshold < 1.0)
         x, cache = run_layers(params, embed(params, s.pending[:, None], cfg), s.cache, positions, cfg, 0, l)
 
         def propose(state):
@@ -359,13 +368,53 @@ class SpecEE(Strategy):
             state = self.drafter.keep(params, s.method_params["drafter"], state, x, positions, cfg)
             return state, jnp.zeros((s.batch, self.num_candidates), jnp.int32)
 
-        drafter_state, candidates = cond_in_place(jnp.any(scheduled), propose, keep, method_state["drafter"])  # [B, k]
+        drafter_state, candidates = cond_in_place(checking, propose, keep, method_state["drafter"])  # [B, k]
+        layer_lengths = method_state.get("layer_lengths")
+        no_exit = (jnp.asarray(True), jnp.zeros((s.batch,), jnp.int32), jnp.asarray(n - 1, jnp.int32),
+                   jnp.zeros((n,), bool), jnp.zeros((n,), bool))
+
+        def whole_stack(cache):  # nothing to check: the layers of a plain step, no per-layer conditionals
+            h, cache = run_layers(params, x, cache, positions, cfg, l, n)
+            return cache, (h, *no_exit)
+
+        def layer_by_layer(cache):
+            return self._layer_by_layer(s, x, cache, scheduled, candidates, layer_lengths)
+
+        if self.kv == "drop":  # the packed cache needs per-layer slots, which only the layer-by-layer path writes
+            cache, (x, running, token, exit_layer, checked, fired) = layer_by_layer(cache)
+        else:
+            cache, (x, running, token, exit_layer, checked, fired) = cond_in_place(checking, layer_by_layer, whole_stack, cache)
+        # x is the exit layer's state (skipped layers pass it through); an exit already drew its token from it
+        token = lax.cond(running, lambda: sample(logits_from_hidden(params, x[:, 0], cfg), s.key, s.sampling), lambda: token)
+
+        state = dict(method_state)
+        state["drafter"] = drafter_state
+        state["recent_exits"] = jnp.concatenate([method_state["recent_exits"][1:], exit_layer[None]])
+        state["exit_counts"] = method_state["exit_counts"] + (jnp.arange(n) == exit_layer).astype(jnp.int32)
+        if self.kv == "drop":
+            ran = (jnp.arange(n) <= exit_layer).astype(jnp.int32)
+            state["layer_lengths"] = layer_lengths + ran[None, :]
+        left = fired & (jnp.arange(n) == exit_layer) & ~running  # the layer a firing predictor let the token leave at
+        state["economics"] = econ.observe(jnp.concatenate([fired, left]).astype(jnp.float32),
+                                          jnp.concatenate([checked, fired]).astype(jnp.float32), probe, probe, jnp.any(paying))
+        return StepResult.one_token(token, cache, state, forwards=1, layers=exit_layer + 1, exited=exit_layer < n - 1)
+
+    def _layer_by_layer(self, s: StepInputs, x: jax.Array, cache: KVCache, scheduled: jax.Array, candidates: jax.Array,
+                        layer_lengths: jax.Array | None) -> tuple[KVCache, tuple]:
+        """Layers [l, N), each checking its predictor where `scheduled` [N] until the batch exits.
+
+        x: [B, 1, D] the residual stream entering layer l; candidates: [B, k] the speculative tokens.
+        Returns (cache, (x leaving the exit layer, running, token [B] (drawn where the batch exited), exit layer,
+        checked [N], fired [N])).
+        """
+        params, cfg, positions = s.params, s.cfg, s.positions
+        n, l = cfg.num_layers, self.first_layer
+        econ: ExitEconomics = s.method_state["economics"]
         columns = jnp.moveaxis(jnp.take(params["lm_head"], candidates, axis=1), 0, 1)  # [B, D, k]
         predictors = s.method_params["predictors"]
         fire_logit = _logit(self.threshold)
         never = self.threshold >= 1.0
         drop = self.kv == "drop"
-        layer_lengths = method_state.get("layer_lengths")
         layers = unstack_layers(params["layers"])
 
         running = jnp.asarray(True)
@@ -392,38 +441,19 @@ class SpecEE(Strategy):
                 fire = jnp.all((predictor_logit(predictors, i - l, features) > fire_logit) | ~s.active)
                 fire = jnp.where(econ.force == 1, False, jnp.where(econ.force == 2, True, fire))
 
-                def verify(_):
-                    top = jnp.argmax(logits_from_hidden(params, x[:, 0], cfg), axis=-1).astype(jnp.int32)
+                def verify(_):  # SpecEE's rule on the argmax; the token itself is drawn from this layer's logits
+                    full = logits_from_hidden(params, x[:, 0], cfg)
+                    top = jnp.argmax(full, axis=-1).astype(jnp.int32)
                     speculative = jnp.any(top[:, None] == candidates, axis=-1) | ~s.active
-                    return jnp.all(speculative) & (econ.force != 2), top
+                    return jnp.all(speculative) & (econ.force != 2), top if s.sampling.greedy else sample(full, s.key, s.sampling)
 
-                leave, top = lax.cond(fire, verify, lambda _: (jnp.asarray(False), token), None)
-                return (~leave, jnp.where(leave, top, token), jnp.where(leave, i, exit_layer), probs,
+                leave, drawn = lax.cond(fire, verify, lambda _: (jnp.asarray(False), token), None)
+                return (~leave, jnp.where(leave, drawn, token), jnp.where(leave, i, exit_layer), probs,
                         checked.at[i].set(True), fired.at[i].set(fire))
 
             carry = (running, token, exit_layer, last_probs, checked, fired)
             running, token, exit_layer, last_probs, checked, fired = lax.cond(running & scheduled[i], check, lambda c: c, carry)
-
-        if s.sampling.greedy:
-            token = lax.cond(
-                running,
-                lambda: jnp.argmax(logits_from_hidden(params, x[:, 0], cfg), axis=-1).astype(jnp.int32),
-                lambda: token,
-            )
-        else:  # x is the exit layer's state (skipped layers pass it through)
-            token = sample(logits_from_hidden(params, x[:, 0], cfg), s.key, s.sampling)
-
-        state = dict(method_state)
-        state["drafter"] = drafter_state
-        state["recent_exits"] = jnp.concatenate([method_state["recent_exits"][1:], exit_layer[None]])
-        state["exit_counts"] = method_state["exit_counts"] + (jnp.arange(n) == exit_layer).astype(jnp.int32)
-        if drop:
-            ran = (jnp.arange(n) <= exit_layer).astype(jnp.int32)
-            state["layer_lengths"] = layer_lengths + ran[None, :]
-        left = fired & (jnp.arange(n) == exit_layer) & ~running  # the layer a firing predictor let the token leave at
-        state["economics"] = econ.observe(jnp.concatenate([fired, left]).astype(jnp.float32),
-                                          jnp.concatenate([checked, fired]).astype(jnp.float32), probe)
-        return StepResult.one_token(token, cache, state, forwards=1, layers=exit_layer + 1, exited=exit_layer < n - 1)
+        return cache, (x, running, token, exit_layer, checked, fired)
 
 
 # ----------------------------------------------------------------------------- registration
