@@ -7,11 +7,12 @@
 #
 #   scripts/adaptive_bench.sh [OUT_PREFIX]      (default benchmarks/results/adaptive)
 #   SETS=spec_bench TEMPS=0 BATCHES="1 4" scripts/adaptive_bench.sh     (a subset)
+#   METHODS=plain,kangaroo,specee scripts/adaptive_bench.sh             (some contestants)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/adaptive}"
 EEJ="${EEJ:-.venv/bin/eej}"
-METHODS=plain,kangaroo,kangaroo:fixed,m2r2-spec,m2r2-spec:fixed,specee,specee:fixed,m2r2-exit,m2r2-exit:fixed,skipdecode
+METHODS="${METHODS:-plain,kangaroo,kangaroo:fixed,m2r2-spec,m2r2-spec:fixed,specee,specee:fixed,m2r2-exit,m2r2-exit:fixed,skipdecode}"
 exec 9>/tmp/eej-benchmark.lock
 flock 9
 for set in ${SETS:-spec_bench mt_bench}; do

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from eej.config import SamplingConfig
+from eej.decoding.adaptive import ExitEconomics
 from eej.decoding.engine import Engine
 from eej.decoding.sampling import sample
 from eej.decoding.strategy import StepInputs
@@ -198,6 +199,24 @@ def test_propagation_fills_exactly_the_skipped_layers():
         pending, cache, state = result.tokens[:, 0], result.cache, result.method_state
     assert seen_exit
 
+
+
+def test_a_layer_is_checked_where_its_exits_save_more_than_its_wasted_heads_cost():
+    """The adaptive rule f (x (N - 1 - i) c_layer - (1 - x) c_head) > c_check against a hand calculation: with
+    c_layer = 1, c_check = 0.1, c_head = 3 and predictors that always fire, a layer that always exits pays below
+    the last layer but one; one that exits half the time pays where (N - 1 - i) / 2 - 1.5 > 0.1, i.e. i < N - 4.2."""
+    model = tiny_model("tiny-gqa", seed=1)
+    n = model.cfg.num_layers
+    strategy, _ = random_specee(model, 0)
+    p = len(strategy.predictor_layers(model.cfg))
+    costs = (float(n), n + 0.1 * p, n + 3.1 * p)  # none, every check never firing, every layer firing
+    econ = ExitEconomics.start(2 * n, costs)
+    always = econ.replace(hits=jnp.concatenate([jnp.ones(n), jnp.ones(n)]), trials=jnp.ones(2 * n))
+    half = econ.replace(hits=jnp.concatenate([jnp.ones(n), jnp.full((n,), 0.5)]), trials=jnp.ones(2 * n))
+    assert np.asarray(strategy._paying_layers(always, model.cfg)).tolist() == [i < n - 1 for i in range(n)]
+    assert np.asarray(strategy._paying_layers(half, model.cfg)).tolist() == [i < n - 4.2 for i in range(n)]
+    never = econ.replace(hits=jnp.concatenate([jnp.ones(n), jnp.zeros(n)]), trials=jnp.ones(2 * n))
+    assert not np.asarray(strategy._paying_layers(never, model.cfg)).any()  # firings that never exit only cost
 
 
 def test_offline_layers_rule():
