@@ -61,15 +61,16 @@ TEST_STEP_COSTS = (1.0, 1.3, 1.45, 1.6, 1.75, 1.9, 2.05, 2.2)
 
 
 @struct.dataclass
-class Controller:
-    """The adaptive controller's carried state (B rows, drafts up to K).
+class ExitEconomics:
+    """What an adaptive method carries to decide whether acting pays: discounted rates, step costs, the probe
+    schedule. An early-exit method's n decisions are batch-level (e.g. one per layer); `Controller` adds the
+    speculative controller's own bookkeeping.
 
-    hits, trials: [B] float32 discounted accepted drafts and judged drafts (the prior included); α = hits / trials.
-    costs: [K + 1] float32, what a step drafting k tokens costs (ms, or relative); the engine writes measured ones.
-    idle: int32, consecutive steps that drafted nothing (a probe is due every `probe_every` << backoff).
-    backoff: int32 in [0, MAX_BACKOFF], probes since the rule last chose to draft (see `probe_due`).
-    force: int32, the draft length every step takes when >= 0 (calibration), -1: the controller decides.
-    chosen: [K + 1] int32, how many steps drafted k tokens.
+    hits, trials: [n] float32 discounted successes and attempts of n decisions, the prior (1/2, worth two) included.
+    costs: [m] float32, the method's measured step costs (ms, or relative / layer units before measuring).
+    idle: int32, steps since the method last probed or acted (a probe is due every `probe_every` << backoff).
+    backoff: int32 in [0, MAX_BACKOFF], probes since the rule last chose to act (see `probe_due`).
+    force: int32, a calibration mode when >= 0 (the method's own meaning), -1: decide.
     """
 
     hits: jax.Array
@@ -78,19 +79,49 @@ class Controller:
     idle: jax.Array
     backoff: jax.Array
     force: jax.Array
+
+    @classmethod
+    def start(cls, decisions: int, costs: tuple[float, ...], **extra: Any) -> "ExitEconomics":
+        return cls(hits=jnp.full((decisions,), PRIOR_HITS, jnp.float32), trials=jnp.full((decisions,), PRIOR_TRIALS, jnp.float32),
+                   costs=jnp.asarray(costs, jnp.float32), idle=jnp.zeros((), jnp.int32), backoff=jnp.zeros((), jnp.int32),
+                   force=jnp.full((), -1, jnp.int32), **extra)
+
+    @property
+    def rate(self) -> jax.Array:
+        return self.hits / self.trials
+
+    def probe_due(self, probe_every: int) -> jax.Array:
+        """Whether this step probes: `probe_every` << backoff steps since the last probe or action."""
+        return probe_due(self.idle, self.backoff, probe_every)
+
+    def observe(self, hits: jax.Array, trials: jax.Array, tried: jax.Array, probed: jax.Array | bool = False,
+                acting: jax.Array | bool = False) -> "ExitEconomics":
+        """After a step: `hits` of `trials` [n] observed; `tried` (bool scalar): whether the method tried at all;
+        `probed`: the step was a probe; `acting`: the rule itself chose to try (resets the backoff)."""
+        new_hits, new_trials = discounted(self.hits, self.trials, hits, trials, trials > 0)
+        return self.replace(hits=new_hits, trials=new_trials, idle=jnp.where(tried, 0, self.idle + 1),
+                            backoff=next_backoff(self.backoff, probed, acting))
+
+
+@struct.dataclass
+class Controller(ExitEconomics):
+    """The adaptive draft-length controller's carried state (B rows, drafts up to K): `ExitEconomics` over the B
+    rows' drafts (hits, trials: discounted accepted and judged drafts; α = hits / trials), with costs [K + 1] what
+    a step drafting k tokens costs, plus
+
+    chosen: [K + 1] int32, how many steps drafted k tokens.
+    """
+
     chosen: jax.Array
 
     @classmethod
     def start(cls, batch: int, max_drafts: int, costs: tuple[float, ...] | None = None) -> "Controller":
-        return cls(hits=jnp.full((batch,), PRIOR_HITS, jnp.float32), trials=jnp.full((batch,), PRIOR_TRIALS, jnp.float32),
-                   costs=jnp.asarray(costs or (1.0,) * (max_drafts + 1), jnp.float32), idle=jnp.zeros((), jnp.int32),
-                   backoff=jnp.zeros((), jnp.int32), force=jnp.full((), -1, jnp.int32),
-                   chosen=jnp.zeros((max_drafts + 1,), jnp.int32))
+        return super().start(batch, costs or (1.0,) * (max_drafts + 1), chosen=jnp.zeros((max_drafts + 1,), jnp.int32))
 
     @property
     def acceptance(self) -> jax.Array:
         """[B] the estimated probability that a row's next draft is accepted."""
-        return self.hits / self.trials
+        return self.rate
 
 
 def probe_due(idle: jax.Array, backoff: jax.Array, probe_every: int) -> jax.Array:
@@ -223,47 +254,6 @@ def judged(drafted: jax.Array, counts: jax.Array) -> tuple[jax.Array, jax.Array]
     and the tokens committed (counts [B] = accepted + 1): the accepted ones and the first rejected one."""
     accepted = (counts - 1).astype(jnp.float32)
     return accepted, accepted + (counts - 1 < drafted).astype(jnp.float32)
-
-
-@struct.dataclass
-class ExitEconomics:
-    """What an adaptive early-exit method carries to decide whether trying to exit pays (batch-level rates).
-
-    hits, trials: [n] float32 discounted successes and attempts of n decisions (e.g. per layer), prior 1/2.
-    costs: [m] float32, the method's measured step costs (ms, or layer units before measuring).
-    idle: int32, steps since the method last probed or tried (a probe is due every `probe_every` << backoff).
-    backoff: int32 in [0, MAX_BACKOFF], probes since the rule last chose to try (see `probe_due`).
-    force: int32, a calibration mode when >= 0 (the method's own meaning), -1: decide.
-    """
-
-    hits: jax.Array
-    trials: jax.Array
-    costs: jax.Array
-    idle: jax.Array
-    backoff: jax.Array
-    force: jax.Array
-
-    @classmethod
-    def start(cls, decisions: int, costs: tuple[float, ...]) -> "ExitEconomics":
-        return cls(hits=jnp.full((decisions,), PRIOR_HITS, jnp.float32), trials=jnp.full((decisions,), PRIOR_TRIALS, jnp.float32),
-                   costs=jnp.asarray(costs, jnp.float32), idle=jnp.zeros((), jnp.int32), backoff=jnp.zeros((), jnp.int32),
-                   force=jnp.full((), -1, jnp.int32))
-
-    @property
-    def rate(self) -> jax.Array:
-        return self.hits / self.trials
-
-    def probe_due(self, probe_every: int) -> jax.Array:
-        """Whether this step probes: `probe_every` << backoff steps since the last probe or attempt."""
-        return probe_due(self.idle, self.backoff, probe_every)
-
-    def observe(self, hits: jax.Array, trials: jax.Array, tried: jax.Array, probed: jax.Array | bool = False,
-                acting: jax.Array | bool = False) -> "ExitEconomics":
-        """After a step: `hits` of `trials` [n] observed; `tried` (bool scalar): whether the method tried at all;
-        `probed`: the step was a probe; `acting`: the rule itself chose to try (resets the backoff)."""
-        new_hits, new_trials = discounted(self.hits, self.trials, hits, trials, trials > 0)
-        return self.replace(hits=new_hits, trials=new_trials, idle=jnp.where(tried, 0, self.idle + 1),
-                            backoff=next_backoff(self.backoff, probed, acting))
 
 
 def forcing_modes(modes: int) -> list[Callable[[Any], Any]]:
