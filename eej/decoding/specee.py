@@ -404,14 +404,22 @@ class SpecEE(Strategy):
             carry = (running, token, exit_layer, last_probs, checked, fired)
             running, token, exit_layer, last_probs, checked, fired = lax.cond(running & scheduled[i], check, lambda c: c, carry)
 
-        if s.sampling.greedy:
+        # x is the exit layer's state (skipped layers pass it through); the full LM head on it is the distribution
+        # the step decides by: an exit's token is its argmax (the predictors only read the k speculative tokens'
+        # logits to decide *whether* to exit), the last layer's otherwise.
+        logits = None
+        if s.sampling.greedy and not s.scoring:  # the head only where no exit computed the argmax already
             token = lax.cond(
                 running,
                 lambda: jnp.argmax(logits_from_hidden(params, x[:, 0], cfg), axis=-1).astype(jnp.int32),
                 lambda: token,
             )
-        else:  # x is the exit layer's state (skipped layers pass it through)
-            token = sample(logits_from_hidden(params, x[:, 0], cfg), s.key, s.sampling)
+        else:
+            logits = logits_from_hidden(params, x[:, 0], cfg)
+            if s.sampling.greedy:
+                token = jnp.where(running, jnp.argmax(logits, axis=-1).astype(jnp.int32), token)
+            else:
+                token = sample(logits, s.key, s.sampling)
 
         state = dict(method_state)
         state["drafter"] = drafter_state
@@ -423,7 +431,8 @@ class SpecEE(Strategy):
         left = fired & (jnp.arange(n) == exit_layer) & ~running  # the layer a firing predictor let the token leave at
         state["economics"] = econ.observe(jnp.concatenate([fired, left]).astype(jnp.float32),
                                           jnp.concatenate([checked, fired]).astype(jnp.float32), probe)
-        return StepResult.one_token(token, cache, state, forwards=1, layers=exit_layer + 1, exited=exit_layer < n - 1)
+        return StepResult.one_token(token, cache, state, forwards=1, layers=exit_layer + 1, exited=exit_layer < n - 1,
+                                    logits=logits)
 
 
 # ----------------------------------------------------------------------------- registration
