@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from decimal import Decimal
 
 import pytest
@@ -208,8 +209,8 @@ def test_report_shows_task_quality_only_with_references():
     report = markdown_report(document(REFERENCES))
     assert "## Task quality" in report
     quality = report.split("## Task quality")[1].split("## Settings")[0]
-    assert f"| `m` | method | {(8 / 9 + 0.5) / 3:.3f} | 3 | {100 * 0.2 ** 0.25:.2f} | 1 | 0.000 | 1 | 1 |" in quality
-    assert "| rag | `m` | 0.500 | 1 | n/a | 0 | n/a | 0 | 0 |" in quality
+    assert f"| `m` | method | {(8 / 9 + 0.5) / 3:.3f} | 3 | {100 * 0.2 ** 0.25:.2f} | 1 | 0.000 | 1 | n/a | 0 | 1 |" in quality
+    assert "| rag | `m` | 0.500 | 1 | n/a | 0 | n/a | 0 | n/a | 0 | 0 |" in quality
     assert "| qa |" not in quality and "Categories without references (not scored): qa." in quality
     assert "## Task quality" not in markdown_report(document(None))
 
@@ -217,3 +218,22 @@ def test_report_shows_task_quality_only_with_references():
 def test_plot_adds_the_task_quality_panel_only_with_references():
     assert len(figure(document(REFERENCES)).axes) == 3
     assert len(figure(document(None)).axes) == 2
+    doc = document(REFERENCES)
+    doc["methods"]["m"]["overall"]["reference_perplexity"] = 12.5
+    assert len(figure(doc).axes) == 4  # and one for the references' perplexity, when computed
+
+
+def test_reference_perplexity_is_a_ratio_of_sums_over_the_scored_answers_with_a_reference():
+    records = quality_records()
+    nll = {(1, 1): (6.0, 3), (2, 1): (2.0, 1), (3, 1): None, (4, 1): (9.0, 9)}  # (4, 1): qa, no reference
+    for r in records:
+        if nll[r.key] is not None:
+            r.reference_nll, r.reference_tokens = nll[r.key]
+    out = summarize(records, ["plain", "m"], CATEGORIES, greedy=True, references=REFERENCES)["m"]
+    o = out["overall"]
+    assert o["reference_perplexity"] == pytest.approx(math.exp(8.0 / 4)) and o["reference_perplexity_count"] == 2
+    assert o["reference_skipped"] == 1  # the question without a reference, whatever its nll says
+    cat = out["per_category"]
+    assert cat["translation"]["reference_perplexity"] == pytest.approx(math.exp(2.0))
+    assert (cat["rag"]["reference_perplexity"], cat["rag"]["reference_perplexity_count"]) == (None, 0)  # not scored
+    assert (cat["qa"]["reference_perplexity"], cat["qa"]["reference_perplexity_count"], cat["qa"]["reference_skipped"]) == (None, 0, 1)

@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ from eej.decoding import methods
 from eej.decoding.engine import Engine
 from eej.decoding.sampling import sample
 from eej.decoding.strategy import StepInputs, StepResult, Strategy
-from eej.model.transformer import embed, logits_from_hidden, run_layers
+from eej.model.cache import init_cache
+from eej.model.transformer import embed, forward, logits_from_hidden, run_layers
 from eej.weights.registry import load_model
 
 EXIT_LAYER = 2
@@ -49,12 +51,20 @@ class ShallowExit(Strategy):
 
     def step(self, s: StepInputs) -> StepResult:
         x, cache = run_layers(s.params, embed(s.params, s.pending[:, None], s.cfg), s.cache, s.positions, s.cfg, 0, EXIT_LAYER)
-        return StepResult.one_token(sample(logits_from_hidden(s.params, x[:, 0], s.cfg), s.key, s.sampling), cache,
-                                    s.method_state, forwards=0, layers=EXIT_LAYER)
+        logits = logits_from_hidden(s.params, x[:, 0], s.cfg)
+        return StepResult.one_token(sample(logits, s.key, s.sampling), cache, s.method_state, forwards=0, layers=EXIT_LAYER,
+                                    logits=logits)
 
 
 SHALLOW = methods.MethodSpec("test-shallow", load=lambda model, settings: (ShallowExit(), None),
                              random=lambda model, seed: (ShallowExit(), None))
+
+
+def teacher_logits(model, sequence: list[int]) -> jnp.ndarray:
+    """Logits [T, V] of one exact-length full forward over `sequence`."""
+    tokens = jnp.asarray([sequence], jnp.int32)
+    positions = jnp.arange(len(sequence), dtype=jnp.int32)[None]
+    return forward(model.params, tokens, positions, init_cache(model.cfg, 1, len(sequence)), model.cfg)[0][0]
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +140,25 @@ def test_reference_metrics_reach_the_document_and_report(bench_run):
         assert (mt["reference_rouge_l_count"], mt["reference_skipped"], mt["reference_rouge_l"]) == (0, 2, None)
         text = next(a["text"] for a in answers if a["contestant"] == name and a["question_id"] == 3)
         assert o["reference_rouge_l"] == qa["reference_rouge_l"] == reference_rouge_l(text, "Like this.")
+        assert (o["reference_perplexity_count"], qa["reference_perplexity_count"], mt["reference_perplexity_count"]) == (1, 1, 0)
+        assert o["reference_perplexity"] == qa["reference_perplexity"] and mt["reference_perplexity"] is None
+    assert doc["settings"]["reference_perplexity"] is True and doc["settings"]["reference_perplexity_omitted"] == {}
+    # plain's: one full forward over the prompt + the reference (as the answer after the chat template's header)
+    model = load_model("tiny-llama")
+    prompt, ref = model.tokenizer.encode_chat("How?"), model.tokenizer.encode("Like this.")
+    assert len(ref) > 8
+    ref = ref[:8]  # capped at --max-new-tokens
+    logits = teacher_logits(model, prompt + ref)
+    nll = -sum(float(jax.nn.log_softmax(logits[len(prompt) - 1 + i])[t]) for i, t in enumerate(ref))
+    plain = doc["methods"]["plain"]["overall"]["reference_perplexity"]
+    assert plain == pytest.approx(np.exp(nll / len(ref)), rel=1e-4)
+    assert doc["methods"]["test-shallow"]["overall"]["reference_perplexity"] != pytest.approx(plain, rel=1e-3)
+    scored = [a for a in answers if a["question_id"] == 3]
+    assert len(scored) == 2 and all(a["reference_tokens"] == len(ref) for a in scored)
+    assert all(a["reference_nll"] is None for a in answers if a["question_id"] != 3)
     with open(bench_run["files"]["report"]) as f:
-        assert "## Task quality" in f.read()
+        report = f.read()
+    assert "## Task quality" in report and "reference perplexity" in report
 
 
 def test_agreement_matches_an_unpadded_forward(bench_run):

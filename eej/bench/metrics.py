@@ -25,11 +25,15 @@ the answers it covers (all None when the run was given no references):
   reference_rouge_l      mean over answers with a reference of the ROUGE-L F1 of the answer text.
   reference_bleu         corpus BLEU (0-100) of the answers in eej.bench.quality.BLEU_CATEGORIES.
   reference_exact_match  fraction of answers to GSM8K-style references whose final number is right.
+  reference_perplexity   exp(total NLL / total tokens) of the reference answers, teacher-forced through the
+                         contestant's own compute path (`Engine.score`; eej.bench.session fills each record's
+                         `reference_nll` and `reference_tokens`), over the answers with a reference that were scored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Iterable, Mapping, Sequence
 
 from eej.bench.quality import BLEU_CATEGORIES, Reference, corpus_bleu, exact_match, is_gsm8k, reference_rouge_l
@@ -43,6 +47,8 @@ REFERENCE_KEYS = (
     "reference_bleu_count",
     "reference_exact_match",
     "reference_exact_match_count",
+    "reference_perplexity",
+    "reference_perplexity_count",
 )
 METRIC_KEYS = (
     "answers",
@@ -75,6 +81,8 @@ class AnswerRecord:
     decode_seconds: the part of `seconds` after the first token (None: not measured apart, e.g. peers).
     steps, speculated_steps, exited_steps: decode steps of this answer, and those in which the method drafted
       at least one token / left the stack early (None for peers).
+    reference_nll, reference_tokens: the summed negative log-likelihood of the turn's reference answer (teacher-forced
+      after this answer's prompt, through the contestant's compute path) and its token count (None: not scored).
     """
 
     contestant: str
@@ -92,6 +100,8 @@ class AnswerRecord:
     steps: int | None = None
     speculated_steps: int | None = None
     exited_steps: int | None = None
+    reference_nll: float | None = None
+    reference_tokens: int | None = None
 
     @property
     def key(self) -> tuple[Any, int]:
@@ -159,19 +169,24 @@ def reference_metrics(
         return out
     scored = [(r, references[r.key]) for r in records if r.key in references]
     bleu = [(r.text, ref) for r, ref in scored if r.category in BLEU_CATEGORIES and isinstance(ref, str)]
-    math = [(r.text, ref) for r, ref in scored if is_gsm8k(ref)]
+    gsm8k = [(r.text, ref) for r, ref in scored if is_gsm8k(ref)]
+    perplexity = [r for r, _ in scored if r.reference_nll is not None and r.reference_tokens is not None]
     out.update(
         reference_rouge_l_count=len(scored),
         reference_skipped=len(records) - len(scored),
         reference_bleu_count=len(bleu),
-        reference_exact_match_count=len(math),
+        reference_exact_match_count=len(gsm8k),
+        reference_perplexity_count=len(perplexity),
     )
     if scored:
         out["reference_rouge_l"] = sum(reference_rouge_l(r.text, ref) for r, ref in scored) / len(scored)
     if bleu:
         out["reference_bleu"] = corpus_bleu(*zip(*bleu))
-    if math:
-        out["reference_exact_match"] = sum(exact_match(text, ref) for text, ref in math) / len(math)
+    if gsm8k:
+        out["reference_exact_match"] = sum(exact_match(text, ref) for text, ref in gsm8k) / len(gsm8k)
+    tokens = sum(r.reference_tokens for r in perplexity)
+    if tokens:
+        out["reference_perplexity"] = math.exp(sum(r.reference_nll for r in perplexity) / tokens)
     return out
 
 

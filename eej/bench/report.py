@@ -125,6 +125,8 @@ _QUALITY_COLUMNS = (
     ("reference_bleu_count", "BLEU answers", "{:d}"),
     ("reference_exact_match", "exact match", "{:.3f}"),
     ("reference_exact_match_count", "exact-match answers", "{:d}"),
+    ("reference_perplexity", "reference perplexity", "{:.2f}"),
+    ("reference_perplexity_count", "perplexity answers", "{:d}"),
     ("reference_skipped", "no reference (skipped)", "{:d}"),
 )
 
@@ -148,6 +150,8 @@ def quality_tables(doc: dict[str, Any]) -> str | None:
     unscored = [g for g in categories if g not in scored]
     if unscored:
         lines += ["", f"Categories without references (not scored): {', '.join(unscored)}."]
+    for name, reason in doc["settings"].get("reference_perplexity_omitted", {}).items():
+        lines += ["", f"`{name}`: no reference perplexity ({reason})."]
     return "\n".join(lines)
 
 
@@ -193,8 +197,12 @@ _DEFINITIONS = [
     "- BLEU: corpus BLEU (sacrebleu defaults, 0-100) of the translation answers against their references.",
     "- exact match: fraction of answers to GSM8K-style questions (reference ending `#### <answer>`) whose final "
     "number (the last number in the answer, after its last `####` if any) equals the reference's.",
+    ("- reference perplexity: exp(total negative log-likelihood / total tokens) of the reference answers, each "
+     "teacher-forced after the answer's own prompt through the contestant's compute path (SkipDecode's schedule by "
+     "answer position, SpecEE's and M2R2's exits as they decide them; lossless methods: plain's), greedy decisions, "
+     "references capped at max_new_tokens; peers are not scored."),
     "- answers / no reference (skipped): the answers behind each score, and those whose question has no reference "
-    "for that turn (left out of all three).",
+    "for that turn (left out of all four).",
     "- n/a: not measured for that contestant (peers don't report forwards or layers) or not meaningful "
     "(identical rate when sampling).",
 ]
@@ -224,7 +232,8 @@ def _figure_class():
 
 def figure(doc: dict[str, Any]):
     """A matplotlib Figure with two panels: speedup per category per contestant (bars), and speedup vs
-    token agreement; a third, speedup vs ROUGE-L against the questions' references, when the run had any.
+    token agreement; a third, speedup vs ROUGE-L against the questions' references, when the run had any, and a
+    fourth, speedup vs the references' perplexity under each contestant, when it was computed.
     Built without pyplot, so it neither changes the backend nor stays open; a notebook shows it when it is
     a cell's value."""
     from matplotlib import colormaps
@@ -233,9 +242,10 @@ def figure(doc: dict[str, Any]):
     contestants = _contestants(doc)
     colors = {name: colormaps["tab10"](i % 10) for i, (name, _) in enumerate(contestants)}
     with_quality = any(_scored(c["overall"]) for _, c in contestants)
-    fig = _figure_class()(figsize=(20 if with_quality else 14, 5))
-    bars, frontier, *quality = fig.subplots(1, 3 if with_quality else 2,
-                                            gridspec_kw={"width_ratios": [3, 2, 2] if with_quality else [3, 2]})
+    with_perplexity = with_quality and any(c["overall"].get("reference_perplexity") is not None for _, c in contestants)
+    ratios = [3, 2] + [2] * (with_quality + with_perplexity)
+    fig = _figure_class()(figsize=(14 + 6 * (len(ratios) - 2), 5))
+    bars, frontier, *quality = fig.subplots(1, len(ratios), gridspec_kw={"width_ratios": ratios})
 
     groups = [*categories, "overall"]
     compared = [(n, c) for n, c in contestants if n != "plain"] or contestants
@@ -258,6 +268,11 @@ def figure(doc: dict[str, Any]):
         _frontier(quality[0], contestants, colors, "reference_rouge_l")
         quality[0].set_xlabel("ROUGE-L F1 against the questions' references")
         quality[0].set_title("Task quality/speed (categories with references)")
+    if with_perplexity:
+        _frontier(quality[1], contestants, colors, "reference_perplexity")
+        quality[1].set_xscale("log")
+        quality[1].set_xlabel("perplexity of the references (teacher-forced; lower is better)")
+        quality[1].set_title("Reference perplexity/speed")
     fig.suptitle(f"eej bench: {doc['model']['name']}, {os.path.basename(doc['settings']['questions'])}")
     fig.tight_layout()
     return fig
@@ -347,7 +362,7 @@ class BenchReport:
 
     def plot(self):
         """A matplotlib Figure: speedup per category, and speedup against token agreement (and against ROUGE-L
-        to the questions' references, when the run had any)."""
+        to the questions' references and their perplexity, when the run had any)."""
         return figure(self.doc)
 
     def save(self, prefix: str) -> list[str]:

@@ -20,9 +20,11 @@ from eej.bench.contestants import Contestant
 from eej.bench.fidelity import sequence_argmax
 from eej.bench.machine import load_average, machine_info
 from eej.bench.metrics import AnswerRecord, agreement_count, summarize
+from eej.bench.quality import Reference, texts
 from eej.bench.questions import Question, categories_in_order, references_by_answer
 from eej.bench.report import build_document
-from eej.bench.runner import RunSettings, run_bench
+from eej.bench.runner import RunSettings, plan_batches, run_bench
+from eej.decoding.engine import ScoringError
 from eej.weights.registry import Model
 
 
@@ -34,6 +36,7 @@ def bench_document(
     described: dict[str, Any],
     *,
     agreement: bool = True,
+    perplexity: bool = True,
     progress: bool = True,
     load_average_start: Any = None,
     checkpoint: BenchCheckpoint | None = None,
@@ -41,6 +44,7 @@ def bench_document(
     """Run every contestant on `questions` (eej.bench.runner's protocol) -> (bench JSON document, records).
 
     agreement: compute token_agreement (one teacher-forced forward per answer).
+    perplexity: compute reference_perplexity (each method's teacher-forced pass over the references).
     progress: tqdm bars on stderr.
     checkpoint: keeps finished batches on disk and supplies those of an interrupted run.
     """
@@ -61,6 +65,11 @@ def bench_document(
         bar.close()
     run_seconds = time.perf_counter() - start
     fidelity_seconds = add_agreement(model, records, progress) if agreement else 0.0
+    omitted: dict[str, str] = {}
+    if perplexity:
+        perplexity_seconds, omitted = add_reference_perplexity(model, contestants, questions, records, settings, progress)
+    else:
+        perplexity_seconds = 0.0
 
     order = categories_in_order(questions)
     names = [c.name for c in contestants]
@@ -89,9 +98,12 @@ def bench_document(
         "methods": [c.name for c in contestants if c.kind == "method"],
         "peers": [c.name for c in contestants if c.kind == "peer"],
         "token_agreement": agreement,
+        "reference_perplexity": perplexity,
+        "reference_perplexity_omitted": omitted,
         "resumed_batches": len(completed),
         "run_seconds": round(run_seconds, 1),
         "fidelity_seconds": round(fidelity_seconds, 1),
+        "perplexity_seconds": round(perplexity_seconds, 1),
         "eej_commit": git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -113,6 +125,50 @@ def add_agreement(model: Model, records: Sequence[AnswerRecord], progress: bool 
         bar.update(1)
     bar.close()
     return time.perf_counter() - start
+
+
+def reference_tokens(model: Model, reference: Reference, max_new_tokens: int) -> list[int]:
+    """A reference as the answer the chat template puts after the prompt's assistant header: its (first acceptable)
+    text stripped, tokenized without special tokens, capped at `max_new_tokens` (what a contestant could generate)."""
+    return model.tokenizer.encode(texts(reference)[0].strip())[:max_new_tokens]
+
+
+def add_reference_perplexity(
+    model: Model,
+    contestants: Sequence[Contestant],
+    questions: Sequence[Question],
+    records: Sequence[AnswerRecord],
+    settings: RunSettings,
+    progress: bool = True,
+) -> tuple[float, dict[str, str]]:
+    """Fill `reference_nll` and `reference_tokens` of every method's records whose turn has a reference: the reference
+    teacher-forced after the record's own prompt through the method's engine (`Engine.score`; lossless methods by plain),
+    rows batched as the run batched them (the rows of a batch and turn that have a reference). Peers are not scored.
+    -> (seconds spent, {contestant: why it was not scored} for methods that can't score)."""
+    references = references_by_answer(questions)
+    batch_of = {q.question_id: b for b, batch in enumerate(plan_batches(questions, settings.batch_size, model.tokenizer))
+                for q in batch}
+    methods = [c for c in contestants if c.kind == "method" and getattr(c, "engine", None) is not None]
+    groups: dict[str, dict[tuple[int, int], list[AnswerRecord]]] = {c.name: {} for c in methods}
+    for r in records:
+        if r.contestant in groups and r.key in references:
+            groups[r.contestant].setdefault((batch_of[r.question_id], r.turn), []).append(r)
+    start = time.perf_counter()
+    bar = _progress(sum(len(g) for g in groups.values()), "reference perplexity", "batch", progress)
+    omitted: dict[str, str] = {}
+    for c in methods:
+        for rows in groups[c.name].values():
+            refs = [reference_tokens(model, references[r.key], settings.max_new_tokens) for r in rows]
+            try:
+                out = c.engine.score([r.prompt_tokens for r in rows], refs, settings.max_new_tokens, seed=settings.seed)
+            except ScoringError as e:
+                omitted[c.name] = str(e)
+                break
+            for r, nll, n in zip(rows, out.nll, out.tokens):
+                r.reference_nll, r.reference_tokens = nll, n
+            bar.update(1)
+    bar.close()
+    return time.perf_counter() - start, omitted
 
 
 def _progress(total: int, description: str, unit: str, enabled: bool):

@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--peer-threads", type=int, default=0, help="torch threads for the peers (0 = torch's default)")
     p.add_argument("--no-agreement", action="store_true", help="skip the teacher-forced forwards (token_agreement = null)")
+    p.add_argument("--no-perplexity", action="store_true",
+                   help="skip the teacher-forced passes over the references (reference_perplexity = null)")
     p.add_argument("--out", default=None, help="JSON results file")
     p.add_argument("--report", default=None, help="markdown report file")
     p.add_argument("--plot", default=None, help="PNG with the speedup and quality/speed plots")
@@ -105,6 +107,8 @@ def _command(args: argparse.Namespace) -> str:
             parts += ["--peer-threads", str(args.peer_threads)]
     if args.no_agreement:
         parts.append("--no-agreement")
+    if args.no_perplexity:
+        parts.append("--no-perplexity")
     for flag in ("out", "report", "plot", "answers"):  # --note is metadata, not part of the experiment
         if getattr(args, flag):
             parts += [f"--{flag}", getattr(args, flag)]
@@ -170,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
             raise CliError(str(e)) from None
     doc, records = bench_document(
         model, contestants, chosen, settings, described,
-        agreement=not args.no_agreement, progress=not args.no_progress, load_average_start=load_start,
+        agreement=not args.no_agreement, perplexity=not args.no_perplexity, progress=not args.no_progress, load_average_start=load_start,
         checkpoint=checkpoint,
     )
     # Every file atomically, the JSON last: its presence means the run finished (docs/bench.md, scripts/cloud_job.sh).
@@ -194,4 +198,5 @@ def _write_answers(records, path: str) -> None:
         "contestant": r.contestant, "question_id": r.question_id, "category": r.category, "turn": r.turn,
         "prompt_length": len(r.prompt_tokens), "tokens": r.tokens, "text": r.text, "seconds": round(r.seconds, 4),
         "forwards": r.forwards, "layers": r.layers, "agreement": r.agreement,
+        "reference_nll": r.reference_nll, "reference_tokens": r.reference_tokens,
     }) + "\n" for r in records), path)

@@ -45,6 +45,10 @@ class GenerationError(ValueError):
     """Bad generation input (empty prompt, prompt longer than the cache, ...)."""
 
 
+class ScoringError(GenerationError):
+    """A strategy that can't score references (`Engine.score`): its steps return no logits, or commit several tokens."""
+
+
 @struct.dataclass
 class DecodeState:
     """Everything the decode loop carries. B rows, N = max_new_tokens.
@@ -116,6 +120,39 @@ class GenerationOutput:
         return sum(self.new_tokens) / max(self.seconds, 1e-9)
 
 
+@dataclasses.dataclass
+class ScoreOutput:
+    """Result of `Engine.score` for B (prompt, reference) rows.
+
+    logprobs: per row, the log-probability of each reference token under the scoring strategy's own compute
+      path, teacher-forced (entry i: token i given the prompt and reference tokens 0..i-1).
+    choices: per row, the token the strategy would have committed (greedy) at each of those positions.
+    strategy: the name of the strategy that scored ("plain" for a lossless method: its distribution is plain's).
+    """
+
+    logprobs: list[list[float]]
+    choices: list[list[int]]
+    strategy: str
+    seconds: float
+    compile_seconds: float
+
+    @property
+    def nll(self) -> list[float]:
+        """Per row, the summed negative log-likelihood of its reference (0.0 for an empty one)."""
+        return [-float(sum(lp)) for lp in self.logprobs]
+
+    @property
+    def tokens(self) -> list[int]:
+        """Per row, the reference tokens scored."""
+        return [len(lp) for lp in self.logprobs]
+
+    @property
+    def perplexity(self) -> float | None:
+        """exp(total NLL / total tokens) over every row (None: no token scored)."""
+        total = sum(self.tokens)
+        return float(np.exp(sum(self.nll) / total)) if total else None
+
+
 def length_bucket(n: int) -> int:
     """Round a length up to 16, 32, 64, ..., 512, then to multiples of 512 (bounds recompiles)."""
     if n <= 512:
@@ -177,6 +214,14 @@ def _prefill(
     key, sub = jax.random.split(key)
     first = sample(logits, sub, sampling)
     done = jnp.isin(first, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros((batch,), bool)
+    return _first_state(cache, method_state, first, done | (max_new <= 1), key, max_new, cfg)
+
+
+def _first_state(
+    cache: KVCache, method_state: Any, first: jax.Array, done: jax.Array, key: jax.Array, max_new: int, cfg: ModelConfig
+) -> DecodeState:
+    """The decode state after the prefill committed `first` [B] (rows `done` [B] already finished)."""
+    batch = first.shape[0]
     output = jnp.full((batch, max_new), cfg.pad_id, jnp.int32).at[:, 0].set(first)
     return DecodeState(
         cache=cache,
@@ -184,7 +229,7 @@ def _prefill(
         pending=first,
         output=output,
         num_new=jnp.ones((batch,), jnp.int32),
-        done=done | (max_new <= 1),
+        done=done,
         key=key,
         steps=jnp.zeros((), jnp.int32),
         forwards=jnp.ones((batch,), jnp.int32),
@@ -207,9 +252,24 @@ def _advance(
     eos_ids: tuple[int, ...],
 ) -> DecodeState:
     """One strategy step followed by the engine's commit."""
+    state, result = _step(params, method_params, state, cfg=cfg, strategy=strategy, sampling=sampling)
+    return _commit(state, result, eos_ids, max_new)
+
+
+def _step(
+    params: Params,
+    method_params: Any,
+    state: DecodeState,
+    *,
+    cfg: ModelConfig,
+    strategy: Strategy,
+    sampling: SamplingConfig,
+    scoring: bool = False,
+) -> tuple[DecodeState, StepResult]:
+    """One strategy step from `state` -> (state with the key advanced, the step's result, checked at trace time)."""
     key, sub = jax.random.split(state.key)
     inputs = StepInputs(params=params, method_params=method_params, cache=state.cache, method_state=state.method_state,
-                        pending=state.pending, key=sub, active=~state.done, sampling=sampling, cfg=cfg)
+                        pending=state.pending, key=sub, active=~state.done, sampling=sampling, cfg=cfg, scoring=scoring)
     result = strategy.step(inputs)
     batch = state.pending.shape[0]
     try:  # a strategy of your own gets told what it returned wrong, at trace time
@@ -217,9 +277,92 @@ def _advance(
         chex.assert_shape([result.counts, result.forwards, result.layers], (batch,))
         chex.assert_type(result.tokens, int)
         chex.assert_trees_all_equal_shapes_and_dtypes(result.cache, state.cache)
+        if result.logits is not None:
+            chex.assert_shape(result.logits, (batch, cfg.vocab_size))
     except AssertionError as e:
         raise GenerationError(f"{type(strategy).__name__}.step returned a StepResult of the wrong shape or dtype: {e}") from None
-    return _commit(state.replace(key=key), result, eos_ids, max_new)
+    return state.replace(key=key), result
+
+
+def _token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log softmax(logits [B, V]) at tokens [B] -> [B] float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, None], axis=1)[:, 0]
+
+
+def _score_prefill(
+    params: Params,
+    method_params: Any,
+    tokens: jax.Array,
+    prompt_lens: jax.Array,
+    references: jax.Array,
+    reference_lens: jax.Array,
+    key: jax.Array,
+    *,
+    cfg: ModelConfig,
+    strategy: Strategy,
+    sampling: SamplingConfig,
+    capacity: int,
+    max_new: int,
+    eos_ids: tuple[int, ...],
+) -> tuple[DecodeState, jax.Array]:
+    """The prefill of `Engine.score`: prompts [B, P], references [B, N] (right-padded, lengths [B]).
+
+    The prefill's last-token logits score reference token 0, which is then committed in place of the sampled
+    token. Returns (decode state, (log-probs [B, N] float32, greedy choices [B, N] int32): entry 0 filled, zeros
+    elsewhere and for empty references).
+    """
+    batch = tokens.shape[0]
+    cache = init_cache(cfg, batch, capacity)
+    logits, cache, method_state = strategy.prefill(params, method_params, tokens, prompt_lens, cache, cfg)
+    first = references[:, 0]
+    logprobs = jnp.zeros(references.shape, jnp.float32).at[:, 0].set(
+        jnp.where(reference_lens > 0, _token_logprobs(logits, first), 0.0))
+    choices = jnp.zeros(references.shape, jnp.int32).at[:, 0].set(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    return _first_state(cache, method_state, first, reference_lens <= 1, key, max_new, cfg), (logprobs, choices)
+
+
+def _score_loop(
+    params: Params,
+    method_params: Any,
+    state: DecodeState,
+    references: jax.Array,
+    reference_lens: jax.Array,
+    scores: tuple[jax.Array, jax.Array],
+    *,
+    cfg: ModelConfig,
+    strategy: Strategy,
+    sampling: SamplingConfig,
+    max_new: int,
+    eos_ids: tuple[int, ...],
+) -> tuple[DecodeState, tuple[jax.Array, jax.Array]]:
+    """Teacher-forced decoding: each step feeds reference token i - 1 (the pending token), the step's logits score
+    reference token i, and token i is committed in place of the step's own. References [B, N], lengths [B],
+    scores (log-probs [B, N], greedy choices [B, N], from `_score_prefill`) -> (final state, scores filled for
+    i < each row's length)."""
+    batch, n = references.shape
+    rows = jnp.arange(batch)
+
+    def body(carry):
+        state, (logprobs, choices) = carry
+        state, result = _step(params, method_params, state, cfg=cfg, strategy=strategy, sampling=sampling, scoring=True)
+        if result.logits is None:
+            raise ScoringError(
+                f"{type(strategy).__name__}.step returned no logits (StepResult.logits) when scoring: it can't score "
+                "references; return the logits each step draws its token from"
+            )
+        i = state.num_new  # [B] the reference token this step scores (the pending one is i - 1)
+        target = references[rows, jnp.minimum(i, n - 1)]
+        active = ~state.done
+        slot = jnp.where(active, i, n)  # n: out of range, dropped
+        logprobs = logprobs.at[rows, slot].set(_token_logprobs(result.logits, target), mode="drop")
+        choices = choices.at[rows, slot].set(jnp.argmax(result.logits, axis=-1).astype(jnp.int32), mode="drop")
+        forced = result.replace(tokens=jnp.broadcast_to(target[:, None], result.tokens.shape),
+                                counts=jnp.ones((batch,), jnp.int32))
+        state = _commit(state, forced, (), max_new)
+        return state.replace(done=state.done | (state.num_new >= reference_lens)), (logprobs, choices)
+
+    return lax.while_loop(lambda c: jnp.any(~c[0].done) & (c[0].steps < max_new), body, (state, scores))
 
 
 def _decode_loop(params: Params, method_params: Any, state: DecodeState, **static: Any) -> DecodeState:
@@ -390,6 +533,72 @@ class Engine:
         state = jax.block_until_ready(fn(self.model.params, self.method_params, state))
         decode_s = time.perf_counter() - start
         return self._output(state, prompts, prefill_s, decode_s, compile_s + loop_compile_s + calibration_s)
+
+    def score(
+        self,
+        prompts: Sequence[Sequence[int]],
+        references: Sequence[Sequence[int]],
+        max_new_tokens: int | None = None,
+        seed: int = 0,
+    ) -> ScoreOutput:
+        """Teacher-forced log-probabilities of `references` (token ids, one per prompt) under this strategy's own
+        compute path, decided greedily: the prompt's prefill scores reference token 0, then one compiled loop of the
+        strategy's steps, each feeding the previous reference token (so the cache and the method's state — SkipDecode's
+        position in its schedule, SpecEE's and M2R2's exit decisions and rates — evolve as they would while decoding
+        the reference) and scoring the next one with `StepResult.logits`.
+
+        A lossless strategy's distribution is plain decoding's by construction: it is scored by `Plain` on the same
+        model. max_new_tokens: the decode budget to lay the cache out for (default: the longest reference; the same
+        as a `generate` call's gives the same shapes and the same measured step costs); references must fit it.
+        Raises ScoringError for a lossy strategy that commits several tokens per step or returns no logits.
+        """
+        if len(references) != len(prompts):
+            raise GenerationError(f"{len(prompts)} prompts but {len(references)} references")
+        longest = max((len(r) for r in references), default=0)
+        budget = max(longest, 1) if max_new_tokens is None else max_new_tokens
+        if longest > budget:
+            raise GenerationError(f"a reference of {longest} tokens exceeds max_new_tokens {budget}")
+        for r in references:
+            bad = [t for t in r if not 0 <= int(t) < self.cfg.vocab_size]
+            if bad:
+                raise GenerationError(f"reference token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        strategy, method_params = self.strategy, self.method_params
+        if strategy.lossless:
+            strategy, method_params = Plain(), None
+        elif strategy.max_step_tokens != 1:
+            raise ScoringError(f"{type(strategy).__name__} commits up to {strategy.max_step_tokens} tokens per step; "
+                               "scoring needs a lossy method's steps to commit one token each")
+        padded, capacity = self._layout(prompts, budget)
+        tokens, lens = self._inputs(prompts, padded)
+        refs = np.full((len(prompts), budget), self.cfg.pad_id, np.int32)
+        for i, r in enumerate(references):
+            refs[i, : len(r)] = r
+        ref_lens = jnp.asarray([len(r) for r in references], jnp.int32)
+        static = {"cfg": self.cfg, "strategy": strategy, "sampling": SamplingConfig(), "max_new": budget,
+                  "eos_ids": self.cfg.eos_ids}
+        args = (self.model.params, method_params, tokens, lens, jnp.asarray(refs), ref_lens, jax.random.PRNGKey(seed))
+        if self._sharding is not None:
+            sharding = self._sharding
+            placed = sharding.place(args[2:6], sharding.state(args[2:6], len(prompts)))
+            args = (*args[:2], *placed, sharding.place(args[6], sharding.named(jax.sharding.PartitionSpec())))
+        batch = len(prompts)
+        prefill, compile_s = self._get("score-prefill", _score_prefill, {**static, "capacity": capacity}, args, (), batch)
+        start = time.perf_counter()
+        state, scores = jax.block_until_ready(prefill(*args))
+        run_s = time.perf_counter() - start
+        calibration_s = 0.0
+        if strategy.calibration_points():  # the adaptive decisions as the decode loop would make them
+            loop, loop_compile_s = self._get("loop", _decode_loop, static, (args[0], args[1], state), donate=(2,), batch=batch)
+            state, calibration_s = self._calibrated(state, static, loop, batch)
+            compile_s += loop_compile_s
+        loop_args = (args[0], args[1], state, args[4], args[5], scores)
+        loop, loop_compile_s = self._get("score-loop", _score_loop, static, loop_args, donate=(2, 5), batch=batch)
+        start = time.perf_counter()
+        _, (logprobs, choices) = jax.block_until_ready(loop(*loop_args))
+        run_s += time.perf_counter() - start
+        logprobs, choices = to_host(logprobs), to_host(choices)
+        return ScoreOutput(logprobs=[logprobs[b, : len(r)].tolist() for b, r in enumerate(references)],
+                           choices=[choices[b, : len(r)].tolist() for b, r in enumerate(references)], strategy=strategy.name, seconds=run_s, compile_seconds=compile_s + loop_compile_s + calibration_s)
 
     def lower(
         self,

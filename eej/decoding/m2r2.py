@@ -360,7 +360,7 @@ class M2R2Exit(Strategy):
                             jnp.stack([attempt, exited]).astype(jnp.float32), attempt, probe, pays)
         layers = jnp.where(exited, exit_layer, jnp.where(attempt, num_fast, 0) + cfg.num_layers)
         return StepResult.one_token(sample(logits, s.key, s.sampling), cache, {"economics": econ},
-                                    forwards=jnp.where(exited, 0, 1), layers=layers, exited=exited)
+                                    forwards=jnp.where(exited, 0, 1), layers=layers, exited=exited, logits=logits)
 
 
 # ----------------------------------------------------------------------------- registration

@@ -16,5 +16,6 @@ class Plain(Strategy):
 
     def step(self, s: StepInputs) -> StepResult:
         logits, cache = forward(s.params, s.pending[:, None], s.positions, s.cache, s.cfg)
-        return StepResult.one_token(sample(logits[:, 0], s.key, s.sampling), cache, s.method_state,
-                                    forwards=1, layers=s.cfg.num_layers)
+        logits = logits[:, 0]
+        return StepResult.one_token(sample(logits, s.key, s.sampling), cache, s.method_state,
+                                    forwards=1, layers=s.cfg.num_layers, logits=logits)

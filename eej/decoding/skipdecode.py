@@ -236,7 +236,8 @@ class SkipDecode(Strategy):
     def step(self, s: StepInputs) -> StepResult:
         logits, cache, n = self.decode_logits(s.params, s.method_params, s.cache, s.method_state, s.pending, s.cfg)
         # one (partial-depth) pass counts as a forward; `layers` says how deep
-        return StepResult.one_token(sample(logits, s.key, s.sampling), cache, s.method_state + 1, forwards=1, layers=n)
+        return StepResult.one_token(sample(logits, s.key, s.sampling), cache, s.method_state + 1, forwards=1, layers=n,
+                                    logits=logits)
 
 
 # ----------------------------------------------------------------------------- settings and registry

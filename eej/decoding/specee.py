@@ -384,8 +384,15 @@ class SpecEE(Strategy):
             cache, (x, running, token, exit_layer, checked, fired) = layer_by_layer(cache)
         else:
             cache, (x, running, token, exit_layer, checked, fired) = cond_in_place(checking, layer_by_layer, whole_stack, cache)
-        # x is the exit layer's state (skipped layers pass it through); an exit already drew its token from it
-        token = lax.cond(running, lambda: sample(logits_from_hidden(params, x[:, 0], cfg), s.key, s.sampling), lambda: token)
+        # x is the exit layer's state (skipped layers pass it through); an exit already drew its token from it. The
+        # full LM head on x is the distribution the step decides by (an exit's token is its argmax; the predictors
+        # only read the k speculative tokens' logits to decide *whether* to exit): scoring returns it.
+        logits = None
+        if s.scoring:
+            logits = logits_from_hidden(params, x[:, 0], cfg)
+            token = jnp.where(running, sample(logits, s.key, s.sampling), token)
+        else:
+            token = lax.cond(running, lambda: sample(logits_from_hidden(params, x[:, 0], cfg), s.key, s.sampling), lambda: token)
 
         state = dict(method_state)
         state["drafter"] = drafter_state
@@ -397,7 +404,8 @@ class SpecEE(Strategy):
         left = fired & (jnp.arange(n) == exit_layer) & ~running  # the layer a firing predictor let the token leave at
         state["economics"] = econ.observe(jnp.concatenate([fired, left]).astype(jnp.float32),
                                           jnp.concatenate([checked, fired]).astype(jnp.float32), probe, probe, jnp.any(paying))
-        return StepResult.one_token(token, cache, state, forwards=1, layers=exit_layer + 1, exited=exit_layer < n - 1)
+        return StepResult.one_token(token, cache, state, forwards=1, layers=exit_layer + 1, exited=exit_layer < n - 1,
+                                    logits=logits)
 
     def _layer_by_layer(self, s: StepInputs, x: jax.Array, cache: KVCache, scheduled: jax.Array, candidates: jax.Array,
                         layer_lengths: jax.Array | None) -> tuple[KVCache, tuple]:

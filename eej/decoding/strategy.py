@@ -42,6 +42,8 @@ class StepInputs:
     active: [B] bool, rows still generating (finished rows keep computing throw-away tokens; a method
       that decides for the whole batch ignores them).
     sampling, cfg: static (part of the compiled program, not traced).
+    scoring: static; True when the engine teacher-forces a reference (`Engine.score`): the step must return
+      `StepResult.logits`, and a method that skips computing them in plain decoding computes them then.
     """
 
     params: Params
@@ -53,6 +55,7 @@ class StepInputs:
     active: jax.Array
     sampling: SamplingConfig = struct.field(pytree_node=False)
     cfg: ModelConfig = struct.field(pytree_node=False)
+    scoring: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def batch(self) -> int:
@@ -76,6 +79,11 @@ class StepResult:
     layers: [B] float32 — transformer layers computed for the row this step (drafting included).
     drafted: [B] int32 — tokens the row drafted and verified this step (speculative methods; None: none).
     exited: [B] bool — the row's token left the stack early this step (early exit; None: never).
+    logits: [B, V] float — the full-vocabulary logits of the distribution the step drew its first token from
+      (the one the method decided by: e.g. an early exit's layer), for teacher-forced scoring (`Engine.score`);
+      None: the step does not provide them (a one-token method must when `StepInputs.scoring` is set). They are
+      the logits the step computes anyway, so returning them costs nothing in the decode loop (unused outputs
+      are dropped by XLA).
     """
 
     tokens: jax.Array
@@ -86,12 +94,13 @@ class StepResult:
     layers: jax.Array
     drafted: jax.Array | None = None
     exited: jax.Array | None = None
+    logits: jax.Array | None = None
 
     @classmethod
     def one_token(cls, token: jax.Array, cache: KVCache, method_state: Any, forwards: Any, layers: Any,
-                  exited: Any = None) -> "StepResult":
+                  exited: Any = None, logits: jax.Array | None = None) -> "StepResult":
         """A step that commits one token per row: token [B]; cache (lengths not yet advanced); forwards,
-        layers and exited per row [B] or one value for every row."""
+        layers and exited per row [B] or one value for every row; logits [B, V] the token was drawn from."""
         batch = token.shape[0]
         return cls(
             tokens=token[:, None].astype(jnp.int32),
@@ -101,6 +110,7 @@ class StepResult:
             forwards=jnp.broadcast_to(jnp.asarray(forwards, jnp.int32), (batch,)),
             layers=jnp.broadcast_to(jnp.asarray(layers, jnp.float32), (batch,)),
             exited=None if exited is None else jnp.broadcast_to(jnp.asarray(exited, bool), (batch,)),
+            logits=logits,
         )
 
 
