@@ -32,7 +32,7 @@ CONFIGS = {
     "data=2": ["--mesh", "data=2"],
     "data=4": ["--mesh", "data=4"],
     "data=8": ["--mesh", "data=8"],
-    "data=4,model=2": ["--mesh", "data=4,model=2"],
+    "data=4 model=2": ["--mesh", "data=4,model=2"],
     "data=8 bfloat16": ["--mesh", "data=8", "--dtype", "bfloat16"],
     "no mesh bfloat16": ["--dtype", "bfloat16"],
 }
