@@ -6,6 +6,9 @@ runs this file in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_c
 
 from __future__ import annotations
 
+import gc
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -115,3 +118,26 @@ def test_pallas_kernel_per_shard_matches_xla():
     kernel_model = type(model)(cfg=model.cfg.replace(attention_impl="pallas"), params=model.params, tokenizer=model.tokenizer)
     got = Engine(kernel_model, mesh=make_mesh(data=4, model=2)).generate(prompts, max_new_tokens=8, eos_ids=()).tokens
     assert got == want
+
+
+def _resident_bytes() -> int:
+    """Bytes of all live jax arrays, counting every device's shard (a replicated array once per device)."""
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize * len(a.sharding.device_set)
+               for a in jax.live_arrays() if not a.is_deleted())
+
+
+def test_mesh_engine_holds_one_copy_of_the_params_per_device():
+    """Placing params on a data=8 mesh makes the 8 replicas (real copies on CPU devices) and nothing more: once
+    the caller drops its unplaced model (as `eej generate` does), no other copy of the weights stays alive."""
+    gc.collect()
+    before = _resident_bytes()
+    model = tiny_model("tiny-llama", seed=4)
+    params_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
+    engine = Engine(model, mesh=make_mesh(data=8))
+    del model
+    gc.collect()
+    assert _resident_bytes() - before <= 8 * params_bytes
+    out = engine.generate(prompts_for(engine.model), max_new_tokens=4, eos_ids=())
+    del out
+    gc.collect()
+    assert _resident_bytes() - before <= 8 * params_bytes + 64 * 1024  # + the prompts' and state's small arrays

@@ -105,6 +105,7 @@ def test_json_schema_is_stable(bench_run):
     assert s["answers_per_contestant"] == 4 and s["greedy"] is True
     assert s["command"].startswith("eej bench --model tiny-llama") and "--limit 2" in s["command"]
     assert "cpu_count" in doc["machine"] and "load_average_start" in doc["machine"]
+    assert doc["machine"]["peak_rss_mib"] > 100  # the process's peak resident memory, read after the run
 
 
 def test_plain_metrics_are_exact(bench_run):
@@ -194,6 +195,7 @@ def test_report_and_plot_are_written(bench_run):
     assert bench_run["doc"]["settings"]["command"] in report
     assert "## Per category" in report and "| mt_bench | `test-shallow` |" in report
     assert "**Note:** shared machine" in report
+    assert f"- peak_rss_mib: {bench_run['doc']['machine']['peak_rss_mib']}" in report
     with open(files["plot"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

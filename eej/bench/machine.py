@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from typing import Any
 
@@ -79,6 +80,17 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 10) -> dict[str, float]:
         out[name] = data.nbytes / best / 1e9
     del data
     return out
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far, in MiB (`ru_maxrss`: KiB on Linux, bytes on macOS), or None
+    where unknown. Read it at the end of a run: it only grows."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def load_average() -> list[float] | None:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from eej.bench.checkpoint import BenchCheckpoint
 from eej.bench.contestants import Contestant
 from eej.bench.fidelity import sequence_argmax
-from eej.bench.machine import load_average, machine_info
+from eej.bench.machine import load_average, machine_info, peak_rss_mib
 from eej.bench.metrics import AnswerRecord, agreement_count, summarize
 from eej.bench.quality import Reference, texts
 from eej.bench.questions import Question, categories_in_order, references_by_answer
@@ -76,7 +76,8 @@ def bench_document(
     infos = {c.name: c.describe() for c in contestants}
     sampling = settings.sampling
     summary = summarize(records, names, order, sampling.greedy, references_by_answer(questions))
-    machine = {**machine_info(), "load_average_start": load_start, "load_average_end": load_average()}
+    machine = {**machine_info(), "load_average_start": load_start, "load_average_end": load_average(),
+               "peak_rss_mib": peak_rss_mib()}  # read last: the whole run's peak
     run_settings = {
         **described,
         "categories": order,

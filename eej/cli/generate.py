@@ -81,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     capacity = check_lengths(model, args.max_new_tokens, args.cache_size)
     strategy, method_params = build_method(model, args.method)
     engine = Engine(model, strategy, method_params, cache_size=args.cache_size, mesh=mesh)
+    # On a mesh the engine holds its own placed copy of the params: drop ours, or, where placing copied every
+    # shard (a `model` split), one more full copy of the weights stays resident for the whole run.
+    model, method_params = engine.model, engine.method_params
     tok = model.tokenizer
     prompts = [tok.encode_chat(t) if args.chat else tok.encode(t) for t in texts]
     room = "the cache" if args.cache_size is not None else "the model's context"

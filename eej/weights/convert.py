@@ -18,10 +18,20 @@ def from_hf_layout(params: dict[str, Any]) -> dict[str, Any]:
     when tied) -> eej layout.
 
     Projections become [L, in, out] (experts [L, E, in, out]) and "lm_head" [D, V] (copied from "embed" when tied).
+    A layer entry may also be a list of the L per-layer arrays: it is stacked and transposed in one copy (a loader
+    that reads layer by layer then never holds a stacked HF-layout copy too).
     """
-    layers = {k: (np.ascontiguousarray(np.swapaxes(v, -1, -2)) if k in PROJECTIONS else v) for k, v in params["layers"].items()}
+    layers = {k: _stack(v, transpose=k in PROJECTIONS) for k, v in params["layers"].items()}
     head = params.get("lm_head", params["embed"])
     return {**params, "layers": layers, "lm_head": np.ascontiguousarray(head.T)}
+
+
+def _stack(value: Any, transpose: bool) -> np.ndarray:
+    """A stacked [L, ...] array or a list of L arrays -> one contiguous [L, ...] array, last two axes swapped if
+    `transpose`."""
+    if isinstance(value, list):
+        return np.stack([np.swapaxes(v, -1, -2) if transpose else v for v in value])
+    return np.ascontiguousarray(np.swapaxes(value, -1, -2)) if transpose else value
 
 
 def check_finite(params: Any, where: str) -> None:
