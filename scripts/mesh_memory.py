@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from eej.bench.machine import machine_info
+from eej.files import write_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["Tell me about the sea.", "What is 2+2?", "Write a poem about cats.", "Explain gravity.",
@@ -118,11 +119,8 @@ def main() -> int:
     doc["runs"][args.label] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit,
                                "load_average": load, "load_average_end": [round(x, 2) for x in os.getloadavg()],
                                "note": args.note, "configs": {**earlier, **results}}
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(render(doc))
+    write_atomic(args.out, json.dumps(doc, indent=1) + "\n")  # eej.files: readers never see half a file
+    write_atomic(os.path.splitext(args.out)[0] + ".md", render(doc))
     return 0
 
 

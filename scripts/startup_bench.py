@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from eej.bench.machine import machine_info
+from eej.files import write_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["generate", "--model", "smollm2-135m", "--prompt", "hi", "--max-new-tokens", "8", "--json"]
@@ -121,11 +122,8 @@ def main() -> int:
         "tokens": warm["tokens"], "tokens_identical": all(r["tokens"] == warm["tokens"] for r in timed),
     }
     print(json.dumps(doc["runs"][args.label]["median"]))
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(render(doc))
+    write_atomic(args.out, json.dumps(doc, indent=1) + "\n")  # eej.files: readers never see half a file
+    write_atomic(os.path.splitext(args.out)[0] + ".md", render(doc))
     return 0
 
 
