@@ -217,12 +217,17 @@ def _restore(manager, state: Any, sums: dict[str, str]) -> Any:
         except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many kinds of error for a damaged file
             reason = " ".join(str(e).split())[:160] or type(e).__name__
         else:
-            try:
-                check_finite(restored, where)
-                recorded = sums.get(str(step))  # none: saved by an older eej, or interrupted before it was written
-                reason = None if recorded in (None, _checksum(restored)) else "checksum mismatch"
-            except ValueError:
-                reason = "nan or inf in its weights"
+            # The checksum first: a mismatch says the bytes changed since the save, the more precise diagnosis when
+            # the changed bytes also decode as nan or inf.
+            recorded = sums.get(str(step))  # none: saved by an older eej, or interrupted before it was written
+            if recorded not in (None, _checksum(restored)):
+                reason = "checksum mismatch"
+            else:
+                try:
+                    check_finite(restored, where)
+                    reason = None
+                except ValueError:
+                    reason = "nan or inf in its weights"
         if reason is None:
             for damaged in steps[:n]:
                 manager.delete(damaged)
