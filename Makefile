@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PROMPT ?= Explain in three sentences why the sky is blue.
 PYTEST_ARGS ?=
+# Two pytest workers, one per core of the 2-core machines it runs on (most of a test's time is single-threaded XLA
+# compilation); a file's tests stay on one worker so they share its compiled programs. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test bench-plain clean
 
@@ -27,7 +30,7 @@ demo: $(VENV)/.runtime
 	$(VENV)/bin/eej generate --model smollm2-135m --chat --max-new-tokens 128 --prompt "$(PROMPT)"
 
 test: $(VENV)/.test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 bench-plain: $(VENV)/.test
 	$(PY) scripts/bench_plain.py

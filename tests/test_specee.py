@@ -149,7 +149,9 @@ def test_sampled_tokens_are_drawn_from_the_exit_layers_distribution():
         params=params, method_params=method_params, cache=cache, method_state=st, pending=pending, key=key,
         active=jnp.ones(pending.shape, bool), sampling=sampling, cfg=cfg)))
     depths = set()
-    for _ in range(20):
+    for _ in range(60):  # until both an exit and a full-depth step have been checked
+        if depths == {True, False}:
+            break
         result = step(cache, state, pending)
         exit_layer = int(result.method_state["recent_exits"][-1])
         depths.add(exit_layer == cfg.num_layers - 1)

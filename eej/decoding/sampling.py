@@ -19,6 +19,11 @@ def warped_log_probs(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
 
     Not for greedy sampling (temperature 0), which is an argmax.
     """
+    return jax.nn.log_softmax(_warped_logits(logits, sampling), axis=-1)
+
+
+def _warped_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Logits [..., V] after temperature, top-k and top-p: `warped_log_probs` up to a per-row constant."""
     logits = logits.astype(jnp.float32) / sampling.temperature
     vocab = logits.shape[-1]
     if 0 < sampling.top_k < vocab:
@@ -32,7 +37,7 @@ def warped_log_probs(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
         keep_sorted = mass_before < sampling.top_p
         cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.nn.log_softmax(logits, axis=-1)
+    return logits
 
 
 def probabilities(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
@@ -46,9 +51,45 @@ def sample(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.A
     """Draw token ids [...] (int32) from logits [..., V]."""
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, warped_log_probs(logits, sampling), axis=-1).astype(jnp.int32)
+    warped = _warped_logits(logits, sampling)
+    return sample_from_probs(jnp.exp(warped - jnp.max(warped, axis=-1, keepdims=True)), key)
 
 
 def sample_from_probs(probs: jax.Array, key: jax.Array) -> jax.Array:
-    """Draw ids [...] from (possibly unnormalised, non-negative) probabilities [..., V]."""
-    return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+    """Draw ids [...] (int32) from non-negative weights [..., V], each row with a positive sum (need not be 1)."""
+    return inverse_cdf(probs, jax.random.uniform(key, probs.shape[:-1]))
+
+
+def inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
+    """The id [...] whose cumulative-weight interval holds `u` [...] (in [0, 1)) times the row's total weight.
+
+    With u uniform this draws id i with probability weights[i] / sum(weights) (up to float32 rounding), as the
+    Gumbel-max trick does, but from one random number per row instead of one per vocabulary entry: at a vocabulary
+    of 49,152 that noise cost a third of a batch-4 CPU decode step. The search runs in two levels — a block of
+    `_BLOCK` ids, then the id inside it — because one cumulative sum over the whole vocabulary is itself slow on
+    XLA:CPU. A zero-weight id is never returned, whatever the rounding.
+    """
+    weights = weights.astype(jnp.float32)
+    vocab = weights.shape[-1]
+    block = min(_BLOCK, vocab)
+    padded = jnp.pad(weights, [(0, 0)] * (weights.ndim - 1) + [(0, -vocab % block)])
+    blocks = padded.reshape(*padded.shape[:-1], -1, block)  # [..., V / block, block]
+    sums = jnp.sum(blocks, axis=-1)
+    target = u * jnp.sum(sums, axis=-1)
+    j = _interval(sums, target)
+    before = jnp.sum(jnp.where(jnp.arange(sums.shape[-1]) < j[..., None], sums, 0.0), axis=-1)
+    inner = jnp.take_along_axis(blocks, j[..., None, None], axis=-2)[..., 0, :]
+    return (j * block + _interval(inner, target - before)).astype(jnp.int32)
+
+
+_BLOCK = 256
+
+
+def _interval(weights: jax.Array, target: jax.Array) -> jax.Array:
+    """The index [...] of the first cumulative weight [..., n] above `target` [...], kept to a positive weight."""
+    index = jnp.sum(jnp.cumsum(weights, axis=-1) <= target[..., None], axis=-1)
+    positive = weights > 0
+    n = weights.shape[-1]
+    first = jnp.argmax(positive, axis=-1)
+    last = n - 1 - jnp.argmax(positive[..., ::-1], axis=-1)
+    return jnp.clip(index, first, last)
