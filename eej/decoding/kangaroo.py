@@ -140,7 +140,10 @@ class Kangaroo(SelfSpeculative):
         hits, trials = judged(drafts.num_drafted, counts)
         if probe is not False:  # the guess counts where it was made after the right tokens: every draft accepted
             scored = probe & (drafts.num_drafted == drafts.steps) & (counts == drafts.steps + 1)
-            hits = hits + jnp.where(scored, probe_overlap(last_logits, guessed, ids, s.sampling), 0.0)
+            # Under sampling the overlap takes two full-vocabulary distributions: computed only on a step that scores.
+            overlap = lax.cond(jnp.any(scored), lambda: probe_overlap(last_logits, guessed, ids, s.sampling),
+                               lambda: jnp.zeros(scored.shape, jnp.float32))
+            hits = hits + jnp.where(scored, overlap, 0.0)
             trials = trials + scored.astype(jnp.float32)
         cache, adapter_cache = rollback((cache, adapter_cache), start + counts)
         shallow_passes = (drafts.steps + 1).astype(jnp.float32)
