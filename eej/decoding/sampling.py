@@ -65,7 +65,7 @@ def inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
 
     With u uniform this draws id i with probability weights[i] / sum(weights) (up to float32 rounding), as the
     Gumbel-max trick does, but from one random number per row instead of one per vocabulary entry: at a vocabulary
-    of 49,152 that noise cost an eighth of a batch-4 CPU decode step (scripts/sampler_bench.py). The search runs in
+    of 49,152 that noise cost about a seventh of a batch-4 CPU decode step (scripts/sampler_bench.py). The search runs in
     two levels — a block of `_BLOCK` ids, then the id inside it — because one cumulative sum over the whole
     vocabulary is itself slow on XLA:CPU. A zero-weight id is never returned, whatever the rounding.
     """

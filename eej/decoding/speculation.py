@@ -35,7 +35,7 @@ from jax import lax
 
 from eej.config import ModelConfig, SamplingConfig
 from eej.decoding.methods import MethodError
-from eej.decoding.sampling import sample, sample_from_probs, warped_log_probs
+from eej.decoding.sampling import probabilities, sample, sample_from_probs
 from eej.decoding.strategy import last_token_logits, prompt_positions
 from eej.decoding.verify import verify_greedy, verify_sampling
 from eej.model.cache import KVCache
@@ -120,7 +120,7 @@ def draft_loop(
         if greedy:
             choice = jnp.argmax(logits, axis=-1)
         else:
-            q = jnp.exp(warped_log_probs(logits, sampling))
+            q = probabilities(logits, sampling)
             choice = sample_from_probs(q, jax.random.fold_in(key, i))
             probs = lax.dynamic_update_slice(probs, to_full(q)[:, None], (0, i, 0))
         draft = (choice if vocab_ids is None else vocab_ids[choice]).astype(jnp.int32)
