@@ -98,6 +98,27 @@ def test_speed_and_speedup_per_category():
     assert out["m"]["overall"]["mean_accepted_tokens"] is None and out["m"]["overall"]["avg_layers"] is None
 
 
+def test_row_speedup_charges_a_row_only_while_it_generates():
+    # plain: two full answers, each row busy the whole 1 s loop; m: one answer ended after 2 of its batch's steps,
+    # which lowers its tokens/s (the batch waited for the long row) but not its generating rows' speed.
+    records = [
+        dataclasses.replace(rec("plain", 1, [1] * 11, seconds=1.0), row_decode_seconds=1.0),
+        dataclasses.replace(rec("plain", 2, [1] * 11, seconds=1.0), row_decode_seconds=1.0),
+        dataclasses.replace(rec("m", 1, [1] * 11, seconds=0.5), row_decode_seconds=0.5),
+        dataclasses.replace(rec("m", 2, [1] * 3, seconds=0.5), row_decode_seconds=0.1),
+    ]
+    out = summarize(records, ["plain", "m"], ["qa"], greedy=False)
+    assert out["m"]["overall"]["speedup"] == pytest.approx((14 / 1.0) / (22 / 2.0))
+    assert out["m"]["overall"]["row_speedup"] == pytest.approx((12 / 0.6) / (20 / 2.0))
+    assert out["m"]["per_category"]["qa"]["row_speedup"] == pytest.approx(2.0)
+    assert out["plain"]["overall"]["row_speedup"] == 1.0
+    # A contestant without row times (a peer) has none; nor does anyone when plain has none.
+    peer = [dataclasses.replace(r, contestant="peer", row_decode_seconds=None) for r in records[:2]]
+    assert summarize(records + peer, ["plain", "m", "peer"], ["qa"], greedy=False)["peer"]["overall"]["row_speedup"] is None
+    bare = [dataclasses.replace(r, row_decode_seconds=None) if r.contestant == "plain" else r for r in records]
+    assert summarize(bare, ["plain", "m"], ["qa"], greedy=False)["m"]["overall"]["row_speedup"] is None
+
+
 def test_sampling_reports_no_identical_rate_and_multi_turn_keys_match_by_turn():
     plain = [rec("plain", 1, [1, 2], turn=1), rec("plain", 1, [3, 4], turn=2)]
     other = [rec("m", 1, [1, 2], turn=1), rec("m", 1, [3, 5], turn=2)]
@@ -213,6 +234,15 @@ def test_report_shows_task_quality_only_with_references():
     assert "| rag | `m` | 0.500 | 1 | n/a | 0 | n/a | 0 | n/a | 0 | 0 |" in quality
     assert "| qa |" not in quality and "Categories without references (not scored): qa." in quality
     assert "## Task quality" not in markdown_report(document(None))
+
+
+def test_report_shows_row_speedup_only_where_it_was_measured():
+    doc = document(None)
+    assert "row speedup |" not in markdown_report(doc).split("## Definitions")[0]  # documents from before it
+    for c in doc["methods"].values():
+        c["overall"]["row_speedup"] = 1.25
+    report = markdown_report(doc)
+    assert "| row speedup | compile s (excluded) |" in report and "| 1.25x |" in report
 
 
 def test_plot_adds_the_task_quality_panel_only_with_references():

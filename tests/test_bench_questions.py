@@ -5,6 +5,7 @@ No model is compiled here: the protocol runs with scripted contestants that reco
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -262,12 +263,29 @@ def test_rounds_repeat_the_whole_interleaved_run():
 
 def test_combined_rounds_keep_the_first_tokens_and_the_mean_time():
     def record(seconds, tokens, decode=None):
-        return AnswerRecord("m", 1, "qa", 1, [5], tokens, seconds, decode_seconds=decode)
+        return AnswerRecord("m", 1, "qa", 1, [5], tokens, seconds, decode_seconds=decode,
+                            row_decode_seconds=None if decode is None else decode / 2)
 
     (combined,) = combine_rounds([record(1.0, [1, 2], 0.5), record(2.0, [1, 3], 1.0), record(6.0, [1, 2], 1.5)])
     assert combined.tokens == [1, 2] and combined.seconds == 3.0 and combined.decode_seconds == 1.0
+    assert combined.row_decode_seconds == 0.5
     (peer,) = combine_rounds([record(1.0, [1]), record(3.0, [1])])
-    assert peer.seconds == 2.0 and peer.decode_seconds is None
+    assert peer.seconds == 2.0 and peer.decode_seconds is None and peer.row_decode_seconds is None
+
+
+def test_a_row_is_charged_the_loop_time_of_the_steps_it_took_part_in():
+    class Ragged(Scripted):
+        """Rows that generate for 8, 2 and 0 decode steps of a 2 s loop (the last one's first token ended it)."""
+
+        def generate(self, prompts, max_new_tokens, sampling, seed, ignore_eos=False):
+            gen = super().generate(prompts, max_new_tokens, sampling, seed, ignore_eos)
+            return dataclasses.replace(gen, decode_seconds=2.0, steps=[8, 2, 0], speculated_steps=[0] * 3,
+                                       exited_steps=[0] * 3)
+
+    qs = [Question(i, "qa", (f"q{i}?",)) for i in range(3)]
+    records, _ = run_bench([Ragged("plain", "A", [])], qs, byte_tokenizer(), RunSettings(max_new_tokens=8, batch_size=3))
+    assert sorted(r.row_decode_seconds for r in records) == [0.0, 0.5, 2.0]
+    assert all(r.decode_seconds == pytest.approx(2.0 / 3) for r in records)
 
 
 def test_mt_bench_questions_take_one_of_each_category_in_turn(tmp_path):

@@ -63,6 +63,7 @@ METRIC_KEYS = (
     "rouge_l",
     "speculated_fraction",
     "exited_fraction",
+    "row_speedup",
     *REFERENCE_KEYS,
 )
 # What every bench document has had since schema version 1 (the rest were added later, null when absent).
@@ -79,6 +80,8 @@ class AnswerRecord:
     forwards, layers: full-model forwards (prefill = 1) and decode-step layers, None for peers.
     agreement: how many of `tokens` equal the full model's argmax on their own prefix (None: not computed).
     decode_seconds: the part of `seconds` after the first token (None: not measured apart, e.g. peers).
+    row_decode_seconds: the decode-loop seconds during which this answer's row was still generating: its batch's
+      loop time x the fraction of the loop's steps the row took part in (None: not measured, e.g. peers).
     steps, speculated_steps, exited_steps: decode steps of this answer, and those in which the method drafted
       at least one token / left the stack early (None for peers).
     reference_nll, reference_tokens: the summed negative log-likelihood of the turn's reference answer (teacher-forced
@@ -102,6 +105,7 @@ class AnswerRecord:
     exited_steps: int | None = None
     reference_nll: float | None = None
     reference_tokens: int | None = None
+    row_decode_seconds: float | None = None
 
     @property
     def key(self) -> tuple[Any, int]:
@@ -160,6 +164,15 @@ def decode_tokens_per_second(records: Sequence[AnswerRecord]) -> float | None:
     return _ratio(sum(len(r.tokens) - 1 for r in records), sum(r.decode_seconds for r in records))
 
 
+def row_tokens_per_second(records: Sequence[AnswerRecord]) -> float | None:
+    """Tokens after each answer's first / the seconds its row was generating in the decode loop: a generating
+    row's speed, which rows that finished early and wait for their batch's longest one do not lower (None where
+    not measured)."""
+    if not records or any(r.row_decode_seconds is None for r in records):
+        return None
+    return _ratio(sum(len(r.tokens) - 1 for r in records), sum(r.row_decode_seconds for r in records))
+
+
 def reference_metrics(
     records: Sequence[AnswerRecord], references: Mapping[tuple[Any, int], Reference] | None
 ) -> dict[str, Any]:
@@ -196,15 +209,18 @@ def aggregate(
     baseline_tokens_per_second: float | None,
     greedy: bool,
     references: Mapping[tuple[Any, int], Reference] | None = None,
+    baseline_row_tokens_per_second: float | None = None,
 ) -> dict[str, Any]:
     """The METRIC_KEYS for `records` (one contestant, one category or all).
 
     baseline: plain's records by (question_id, turn), for identical_rate and rouge_l (None: they are None).
     baseline_tokens_per_second: plain's tokens/s on the same questions, for speedup.
+    baseline_row_tokens_per_second: plain's `row_tokens_per_second` on the same questions, for row_speedup.
     references: the questions' references by (question_id, turn), for the reference_* keys (None: they are None).
     """
     tokens = sum(len(r.tokens) for r in records)
     tps = tokens_per_second(records)
+    row_tps = row_tokens_per_second(records)
     out: dict[str, Any] = {
         "answers": len(records),
         "new_tokens": tokens,
@@ -218,6 +234,7 @@ def aggregate(
         "rouge_l": None,
         "speculated_fraction": None,
         "exited_fraction": None,
+        "row_speedup": row_tps / baseline_row_tokens_per_second if row_tps and baseline_row_tokens_per_second else None,
         **reference_metrics(records, references),
     }
     if records and all(r.steps is not None for r in records):
@@ -258,18 +275,19 @@ def summarize(
         raise ValueError(f"the records hold no {BASELINE!r} answers to compare against")
     base_records = by_contestant[BASELINE]
     base_by_key = {r.key: r for r in base_records}
-    base_overall = aggregate(base_records, None, None, greedy)["tokens_per_second"]
-    base_per_cat = {
-        c: aggregate([r for r in base_records if r.category == c], None, None, greedy)["tokens_per_second"]
-        for c in categories
-    }
+    base_overall = (tokens_per_second(base_records), row_tokens_per_second(base_records))
+    base_per_cat = {}
+    for c in categories:
+        in_category = [r for r in base_records if r.category == c]
+        base_per_cat[c] = (tokens_per_second(in_category), row_tokens_per_second(in_category))
     out: dict[str, dict[str, Any]] = {}
     for name in contestants:
         rows = by_contestant[name]
         out[name] = {
-            "overall": aggregate(rows, base_by_key, base_overall, greedy, references),
+            "overall": aggregate(rows, base_by_key, base_overall[0], greedy, references, base_overall[1]),
             "per_category": {
-                c: aggregate([r for r in rows if r.category == c], base_by_key, base_per_cat[c], greedy, references)
+                c: aggregate([r for r in rows if r.category == c], base_by_key, base_per_cat[c][0], greedy, references,
+                             base_per_cat[c][1])
                 for c in categories
             },
         }

@@ -80,6 +80,7 @@ _COLUMNS = (
     ("rouge_l", "ROUGE-L", "{:.3f}"),
     ("speculated_fraction", "speculated", "{:.2f}"),
     ("exited_fraction", "exited early", "{:.2f}"),
+    ("row_speedup", "row speedup", "{:.2f}x"),
 )
 
 
@@ -97,18 +98,26 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def _columns(doc: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
+    """_COLUMNS, less row speedup in documents written before it was measured."""
+    measured = any(c["overall"].get("row_speedup") is not None for _, c in _contestants(doc))
+    return _COLUMNS if measured else tuple(c for c in _COLUMNS if c[0] != "row_speedup")
+
+
 def overall_table(doc: dict[str, Any]) -> str:
     """Markdown table: one row per contestant with its overall metrics and compile time."""
-    rows = []
+    rows, columns = [], _columns(doc)
     for name, c in _contestants(doc):
         o = c["overall"]
-        rows.append([f"`{name}`", c["info"]["kind"], *[_fmt(o.get(k), p) for k, _, p in _COLUMNS], f"{c['compile_seconds']:.1f}"])
-    return markdown_table(["contestant", "kind", *[label for _, label, _ in _COLUMNS], "compile s (excluded)"], rows)
+        rows.append([f"`{name}`", c["info"]["kind"], *[_fmt(o.get(k), p) for k, _, p in columns], f"{c['compile_seconds']:.1f}"])
+    return markdown_table(["contestant", "kind", *[label for _, label, _ in columns], "compile s (excluded)"], rows)
 
 
-def per_category_table(doc: dict[str, Any], columns: Sequence[tuple[str, str, str]] = _COLUMNS,
+def per_category_table(doc: dict[str, Any], columns: Sequence[tuple[str, str, str]] | None = None,
                        categories: Sequence[str] | None = None) -> str:
-    """Markdown table: one row per category (default: all of the run's) and contestant."""
+    """Markdown table: one row per category (default: all of the run's) and contestant; columns default to the
+    speed and fidelity ones."""
+    columns = _columns(doc) if columns is None else columns
     rows = []
     for category in doc["settings"]["categories"] if categories is None else categories:
         for name, c in _contestants(doc):
@@ -185,6 +194,10 @@ _DEFINITIONS = [
     "- tokens/s: generated tokens / generation wall time (prefill + decoding; compile time and warm-up "
     "excluded; compile time is listed apart). With batches, a batch's time is shared equally by its rows.",
     "- speedup: tokens/s / eej `plain`'s tokens/s on the same questions in the same run (peers too).",
+    "- row speedup: decode speed of a generating row / eej `plain`'s: tokens after the first / the decode-loop "
+    "seconds during which the answer's row was still generating (its batch's loop time x the share of the loop's steps "
+    "it took part in). Rows that finished early and wait for their batch's longest row, and the prefill, do not count: "
+    "under sampling answers of different lengths change `speedup` by chance, not this.",
     "- mean accepted: generated tokens / full-model forwards (the prefill counts as one); plain = 1.00.",
     "- avg layers: transformer layers computed in decode steps / tokens those steps generated; plain = the "
     "model's layer count.",

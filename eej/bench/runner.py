@@ -95,6 +95,8 @@ def _answer_batch(
         prompts = [tokenizer.encode_chat(conversations[i]) for i in rows]
         gen = contestant.generate(prompts, settings.max_new_tokens, settings.sampling, seed + turn, settings.ignore_eos)
         compile_seconds += gen.compile_seconds
+        # The loop ran while any row was generating: as many steps as its longest-running row took.
+        loop_steps = max(gen.steps) if gen.steps else 0
         for j, i in enumerate(rows):
             tokens = list(gen.tokens[j])
             text = answer_text(tokenizer, tokens)
@@ -111,6 +113,8 @@ def _answer_batch(
                 layers=None if gen.layers is None else float(gen.layers[j]),
                 text=text,
                 decode_seconds=None if gen.decode_seconds is None else gen.decode_seconds / len(rows),
+                row_decode_seconds=(None if gen.decode_seconds is None or gen.steps is None
+                                    else gen.decode_seconds * gen.steps[j] / loop_steps if loop_steps else 0.0),
                 **{k: None if getattr(gen, k) is None else int(getattr(gen, k)[j]) for k in ("steps", "speculated_steps", "exited_steps")},
             )
             records.append(record)
@@ -175,6 +179,8 @@ def combine_rounds(records: Sequence[AnswerRecord]) -> list[AnswerRecord]:
     out = []
     for rounds in groups.values():
         decode = [r.decode_seconds for r in rounds]
+        row_decode = [r.row_decode_seconds for r in rounds]
         out.append(dataclasses.replace(rounds[0], seconds=sum(r.seconds for r in rounds) / len(rounds),
-                                       decode_seconds=None if None in decode else sum(decode) / len(decode)))
+                                       decode_seconds=None if None in decode else sum(decode) / len(decode),
+                                       row_decode_seconds=None if None in row_decode else sum(row_decode) / len(row_decode)))
     return out
