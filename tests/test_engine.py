@@ -94,20 +94,6 @@ def test_length_buckets_bound_recompiles():
     assert [length_bucket(n) for n in (1, 16, 17, 100, 512, 513, 1100)] == [16, 16, 32, 128, 512, 1024, 1536]
 
 
-def test_an_engine_keeps_its_most_recent_programs_and_recompiles_an_evicted_one(monkeypatch):
-    import eej.decoding.engine as engine_module
-
-    monkeypatch.setattr(engine_module, "MAX_PROGRAMS", 3)
-    model = tiny_model("tiny-llama")
-    engine = Engine(model)
-    short, long = random_prompts(np.random.default_rng(2), [3, 40], model.cfg.vocab_size)
-    first = engine.generate([short], max_new_tokens=8, eos_ids=())
-    engine.generate([long], max_new_tokens=8, eos_ids=())  # another length bucket: two more programs
-    assert len(engine._compiled) == 3
-    again = engine.generate([short], max_new_tokens=8, eos_ids=())  # its prefill was evicted: compiled again
-    assert again.compile_seconds > 0 and again.tokens == first.tokens and len(engine._compiled) == 3
-
-
 def test_bfloat16_option_runs_close_to_float32():
     import jax.numpy as jnp
 

@@ -17,7 +17,6 @@ strategies run unchanged.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import time
@@ -40,13 +39,6 @@ from eej.model.cache import KVCache, init_cache
 from eej.model.transformer import Params
 from eej.parallel.sharding import DecodeSharding, to_host
 from eej.weights.registry import Model
-
-
-# Compiled programs an engine keeps (least recently used out first). Each holds its machine code in memory maps:
-# a benchmark of several methods over prompts of many lengths otherwise runs into the kernel's map limit. An evicted
-# program that is needed again loads from the persistent compile cache (eej.local_cache), its time excluded as
-# compile time like the first compile.
-MAX_PROGRAMS = 16
 
 
 class GenerationError(ValueError):
@@ -399,7 +391,7 @@ class Engine:
         self.strategy = strategy or Plain()
         self.cache_size = cache_size
         self.strategy.validate(model.cfg, method_params)
-        self._compiled: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()  # least recent first
+        self._compiled: dict[tuple, Callable] = {}
         self._step_times: dict[tuple, list[float] | None] = {}
         self.mesh = mesh
         self._sharding = None
@@ -459,7 +451,6 @@ class Engine:
         shapes = tuple(jax.tree.map(lambda a: (a.shape, a.dtype), a) for a in args[2:])
         key = (name, tuple(sorted(static.items(), key=lambda kv: kv[0])), jax.tree.structure(args[2:]), str(shapes))
         if key in self._compiled:
-            self._compiled.move_to_end(key)
             return self._compiled[key], 0.0
         start, hits = time.perf_counter(), compile_cache_hits()
         fn = functools.partial(fn, **static)
@@ -470,8 +461,6 @@ class Engine:
                 out = self._sharding.state(jax.eval_shape(fn, *args), batch)
                 compiled = jax.jit(fn, donate_argnums=donate, out_shardings=out).lower(*args).compile()
         self._compiled[key] = compiled
-        while len(self._compiled) > MAX_PROGRAMS:  # each program holds its machine code mapped in memory
-            self._compiled.popitem(last=False)
         self.compile_cache_hits += compile_cache_hits() - hits
         return compiled, time.perf_counter() - start
 
