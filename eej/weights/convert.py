@@ -22,16 +22,31 @@ def from_hf_layout(params: dict[str, Any]) -> dict[str, Any]:
     that reads layer by layer then never holds a stacked HF-layout copy too).
     """
     layers = {k: _stack(v, transpose=k in PROJECTIONS) for k, v in params["layers"].items()}
-    head = params.get("lm_head", params["embed"])
-    return {**params, "layers": layers, "lm_head": np.ascontiguousarray(head.T)}
+    head = np.asarray(params.get("lm_head", params["embed"]))
+    lm_head = np.empty(head.shape[::-1], head.dtype)
+    _copy_transposed(lm_head, head)
+    return {**params, "layers": layers, "lm_head": lm_head}
 
 
 def _stack(value: Any, transpose: bool) -> np.ndarray:
     """A stacked [L, ...] array or a list of L arrays -> one contiguous [L, ...] array, last two axes swapped if
     `transpose`."""
-    if isinstance(value, list):
-        return np.stack([np.swapaxes(v, -1, -2) if transpose else v for v in value])
-    return np.ascontiguousarray(np.swapaxes(value, -1, -2)) if transpose else value
+    if not transpose:
+        return np.stack(value) if isinstance(value, list) else value
+    first = np.asarray(value[0])
+    out = np.empty((len(value), *first.shape[:-2], first.shape[-1], first.shape[-2]), first.dtype)
+    for dst, src in zip(out, value):
+        _copy_transposed(dst, np.asarray(src))
+    return out
+
+
+def _copy_transposed(dst: np.ndarray, src: np.ndarray, band: int = 256) -> None:
+    """dst = src with its last two axes swapped ([..., a, b] -> [..., b, a]), copied `band` rows of src at a time.
+
+    A whole-matrix transposed copy misses the cache on nearly every element: 0.37 s instead of 0.03 s for
+    SmolLM2-135M's [49152, 576] embedding (issue #19, startup time)."""
+    for i in range(0, src.shape[-2], band):
+        dst[..., i:i + band] = np.swapaxes(src[..., i:i + band, :], -1, -2)
 
 
 def check_finite(params: Any, where: str) -> None:
