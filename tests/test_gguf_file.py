@@ -197,3 +197,36 @@ def test_a_type_neither_eej_nor_the_gguf_package_dequantizes_is_a_one_line_error
     with pytest.raises(GGUFError, match="m.gguf: tensor blk.0.attn_norm.weight is stored as I32, which eej can't "
                                         "dequantize"):
         read_gguf(str(tmp_path / "m.gguf"))
+
+
+def test_layers_are_stacked_in_eejs_layout_one_layer_at_a_time():
+    from eej.weights.convert import stack_layers, transposed
+
+    rng = np.random.default_rng(3)
+    per_layer = [rng.standard_normal((2, 300, 40)).astype(np.float32) for _ in range(3)]
+
+    def layers():
+        for w in per_layer:
+            w = w.copy()
+            yield w
+            w[:] = np.nan  # asked for the next layer, stack_layers must hold a copy of this one already
+
+    out = stack_layers(layers(), 3, transpose=True)
+    assert np.array_equal(out, np.stack([np.swapaxes(w, -1, -2) for w in per_layer]))
+    assert np.array_equal(stack_layers(iter(per_layer), 3, transpose=False), np.stack(per_layer))
+    assert np.array_equal(transposed(per_layer[0][0]), per_layer[0][0].T)
+    for a in (out, transposed(per_layer[0][0])):
+        assert a.flags.c_contiguous and a.ctypes.data % 64 == 0
+
+
+def test_a_loaded_models_weights_become_device_arrays_without_a_copy(tmp_path):
+    """read_gguf's arrays are 64-byte aligned, so jax on CPU uses their memory (a load writes each weight once)."""
+    from eej.weights.registry import to_device
+
+    write_gguf(tmp_path / "m.gguf")
+    cfg, params, _ = read_gguf(str(tmp_path / "m.gguf"))
+    device = to_device(params, cfg)
+    assert device["lm_head"].unsafe_buffer_pointer() == params["lm_head"].ctypes.data
+    for key, stacked in params["layers"].items():
+        for i in range(cfg.num_layers):
+            assert device["layers"][i][key].unsafe_buffer_pointer() == stacked[i].ctypes.data, (key, i)

@@ -3,6 +3,8 @@ eej.model.transformer for the latter), and the check that every value is finite.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -18,26 +20,48 @@ def from_hf_layout(params: dict[str, Any]) -> dict[str, Any]:
     when tied) -> eej layout.
 
     Projections become [L, in, out] (experts [L, E, in, out]) and "lm_head" [D, V] (copied from "embed" when tied).
-    A layer entry may also be a list of the L per-layer arrays: it is stacked and transposed in one copy (a loader
-    that reads layer by layer then never holds a stacked HF-layout copy too).
     """
-    layers = {k: _stack(v, transpose=k in PROJECTIONS) for k, v in params["layers"].items()}
-    head = np.asarray(params.get("lm_head", params["embed"]))
-    lm_head = np.empty(head.shape[::-1], head.dtype)
-    _copy_transposed(lm_head, head)
-    return {**params, "layers": layers, "lm_head": lm_head}
+    layers = {k: stack_layers(v, len(v), transpose=True) if k in PROJECTIONS else v for k, v in params["layers"].items()}
+    return {**params, "layers": layers, "lm_head": transposed(params.get("lm_head", params["embed"]))}
 
 
-def _stack(value: Any, transpose: bool) -> np.ndarray:
-    """A stacked [L, ...] array or a list of L arrays -> one contiguous [L, ...] array, last two axes swapped if
-    `transpose`."""
-    if not transpose:
-        return np.stack(value) if isinstance(value, list) else value
-    first = np.asarray(value[0])
-    out = np.empty((len(value), *first.shape[:-2], first.shape[-1], first.shape[-2]), first.dtype)
-    for dst, src in zip(out, value):
-        _copy_transposed(dst, np.asarray(src))
+def stack_layers(layers: Iterable[np.ndarray], count: int, transpose: bool) -> np.ndarray:
+    """`count` per-layer arrays -> one [count, ...] array (`empty_aligned`), each one's last two axes swapped if
+    `transpose` (HF's [out, in] projections -> eej's [in, out]).
+
+    `layers` may be a generator: it is consumed one array at a time, so a loader that reads layer by layer holds
+    one layer's array besides the result, not all of them (SmolLM2-135M: 4 MB instead of 430 MB).
+    """
+    out = None
+    for i, layer in enumerate(layers):
+        layer = np.asarray(layer)
+        if out is None:
+            shape = (*layer.shape[:-2], layer.shape[-1], layer.shape[-2]) if transpose else layer.shape
+            out = empty_aligned((count, *shape), layer.dtype)
+        if transpose:
+            _copy_transposed(out[i], layer)
+        else:
+            out[i] = layer
     return out
+
+
+def transposed(a: np.ndarray) -> np.ndarray:
+    """A copy of `a` [..., m, n] as [..., n, m] (`empty_aligned`)."""
+    out = empty_aligned((*a.shape[:-2], a.shape[-1], a.shape[-2]), a.dtype)
+    _copy_transposed(out, np.asarray(a))
+    return out
+
+
+def empty_aligned(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """`np.empty(shape, dtype)` at an address that is a multiple of 64 bytes.
+
+    On CPU, jax makes such an array (or a slice of whole layers of one) a device array without copying it
+    (eej.weights.registry.to_device): a load then writes each weight once, not twice. Memory written for the first
+    time is slow on some virtual machines (up to 1.5 s per GB measured here, issue #19 startup time)."""
+    size = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(size + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + size].view(dtype).reshape(shape)
 
 
 def _copy_transposed(dst: np.ndarray, src: np.ndarray, band: int = 256) -> None:

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from eej.config import ModelConfig, RopeConfig
-from eej.weights.convert import check_finite, from_hf_layout
+from eej.weights.convert import PROJECTIONS, check_finite, empty_aligned, stack_layers, transposed
 from eej.weights.tokenizer import Tokenizer, tokenizer_from_gguf_fields
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -183,12 +183,13 @@ def dequantize(tensor: GGUFTensor) -> np.ndarray:
         return tensor.data.view(np.float32).reshape(shape)
     if kind == gguf.GGMLQuantizationType.Q8_0:  # blocks of 32: f16 scale, 32 int8
         blocks = tensor.data.reshape(-1, 34)
-        values = blocks[:, 2:].view(np.int8).astype(np.float32)
+        values = empty_aligned((len(blocks), 32), np.float32)
+        values[:] = blocks[:, 2:].view(np.int8)
         values *= blocks[:, :2].view(np.float16).astype(np.float32)
         return values.reshape(shape)
     if kind == gguf.GGMLQuantizationType.Q4_1:  # blocks of 32: f16 scale, f16 minimum, 16 bytes of 2 nibbles
         blocks = tensor.data.reshape(-1, 20)
-        values = np.empty((len(blocks), 32), np.float32)
+        values = empty_aligned((len(blocks), 32), np.float32)
         values[:, :16] = blocks[:, 4:] & 0x0F  # the low nibbles are values 0-15, the high ones 16-31
         values[:, 16:] = blocks[:, 4:] >> 4
         values *= blocks[:, 0:2].view(np.float16).astype(np.float32)
@@ -279,27 +280,22 @@ def read_gguf(path: str, name: str | None = None) -> tuple[ModelConfig, dict[str
         return w
 
     embed = load("token_embd.weight", (vocab, hidden))
-    layers: dict[str, list[np.ndarray]] = {}
-    for key, suffix in _LAYER_TENSORS.items():
-        if key in ("bq", "bk", "bv") and f"blk.0.{suffix}" not in tensors:
-            continue
-        per_layer = []
-        for i in range(n_layers):
-            w = load(f"blk.{i}.{suffix}", shapes[key])
-            if arch != "qwen2" and key in ("wq", "bq"):
-                w = _unpermute_rope_rows(w, n_heads)
-            elif arch != "qwen2" and key in ("wk", "bk"):
-                w = _unpermute_rope_rows(w, n_kv)
-            per_layer.append(w)
-        layers[key] = per_layer
-    params: dict[str, Any] = {
-        "embed": embed,
-        "layers": layers,  # per-layer lists: from_hf_layout stacks them (transposed) in one copy
-        "final_norm": load("output_norm.weight", (hidden,)),
-    }
+
+    def layer(key: str, i: int) -> np.ndarray:
+        w = load(f"blk.{i}.{_LAYER_TENSORS[key]}", shapes[key])
+        if arch != "qwen2" and key in ("wq", "bq"):
+            return _unpermute_rope_rows(w, n_heads)
+        if arch != "qwen2" and key in ("wk", "bk"):
+            return _unpermute_rope_rows(w, n_kv)
+        return w
+
+    # Each layer's tensor is dequantized and copied into the stack (eej's layout) in turn: one is held at a time.
+    present = [key for key, suffix in _LAYER_TENSORS.items() if key not in ("bq", "bk", "bv") or f"blk.0.{suffix}" in tensors]
+    layers = {key: stack_layers((layer(key, i) for i in range(n_layers)), n_layers, transpose=key in PROJECTIONS)
+              for key in present}
+    params: dict[str, Any] = {"embed": embed, "layers": layers, "final_norm": load("output_norm.weight", (hidden,))}
     tied = "output.weight" not in tensors
-    if not tied:
-        params["lm_head"] = load("output.weight", (vocab, hidden))
+    params["lm_head"] = transposed(embed if tied else load("output.weight", (vocab, hidden)))
     left = sorted(set(tensors) - used)
     if left:
         more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
@@ -345,4 +341,4 @@ def read_gguf(path: str, name: str | None = None) -> tuple[ModelConfig, dict[str
         eos_ids=() if eos is None else (int(eos),),
         pad_id=int(pad) if pad is not None else 0,
     )
-    return cfg, from_hf_layout(params), tokenizer
+    return cfg, params, tokenizer
