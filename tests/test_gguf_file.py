@@ -200,7 +200,7 @@ def test_a_type_neither_eej_nor_the_gguf_package_dequantizes_is_a_one_line_error
 
 
 def test_layers_are_stacked_in_eejs_layout_one_layer_at_a_time():
-    from eej.weights.convert import stack_layers, transposed
+    from eej.weights.convert import stack_layer_arrays, transposed
 
     rng = np.random.default_rng(3)
     per_layer = [rng.standard_normal((2, 300, 40)).astype(np.float32) for _ in range(3)]
@@ -209,11 +209,11 @@ def test_layers_are_stacked_in_eejs_layout_one_layer_at_a_time():
         for w in per_layer:
             w = w.copy()
             yield w
-            w[:] = np.nan  # asked for the next layer, stack_layers must hold a copy of this one already
+            w[:] = np.nan  # asked for the next layer, stack_layer_arrays must hold a copy of this one already
 
-    out = stack_layers(layers(), 3, transpose=True)
+    out = stack_layer_arrays(layers(), 3, transpose=True)
     assert np.array_equal(out, np.stack([np.swapaxes(w, -1, -2) for w in per_layer]))
-    assert np.array_equal(stack_layers(iter(per_layer), 3, transpose=False), np.stack(per_layer))
+    assert np.array_equal(stack_layer_arrays(iter(per_layer), 3, transpose=False), np.stack(per_layer))
     assert np.array_equal(transposed(per_layer[0][0]), per_layer[0][0].T)
     for a in (out, transposed(per_layer[0][0])):
         assert a.flags.c_contiguous and a.ctypes.data % 64 == 0

@@ -15,19 +15,28 @@ PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down",
                "router", "shared_w_gate", "shared_w_up", "shared_w_down", "shared_gate")
 
 
-def from_hf_layout(params: dict[str, Any]) -> dict[str, Any]:
+def from_hf_layout(params: dict[str, Any], num_layers: int | None = None) -> dict[str, Any]:
     """Params with HF-layout projections ([L, out, in], experts [L, E, out, in]; "lm_head" [V, D] or absent
     when tied) -> eej layout.
 
     Projections become [L, in, out] (experts [L, E, in, out]) and "lm_head" [D, V] (copied from "embed" when tied).
+    A layer entry may also be the L per-layer arrays — a list, or a generator when `num_layers` is given: they are
+    stacked as they come (`stack_layer_arrays`), so a loader that reads layer by layer never holds them all.
     """
-    layers = {k: stack_layers(v, len(v), transpose=True) if k in PROJECTIONS else v for k, v in params["layers"].items()}
+
+    def stack(key: str, value: Any) -> np.ndarray:
+        if isinstance(value, np.ndarray) and key not in PROJECTIONS:
+            return value
+        return stack_layer_arrays(value, num_layers or len(value), transpose=key in PROJECTIONS)
+
+    layers = {k: stack(k, v) for k, v in params["layers"].items()}
     return {**params, "layers": layers, "lm_head": transposed(params.get("lm_head", params["embed"]))}
 
 
-def stack_layers(layers: Iterable[np.ndarray], count: int, transpose: bool) -> np.ndarray:
+def stack_layer_arrays(layers: Iterable[np.ndarray], count: int, transpose: bool) -> np.ndarray:
     """`count` per-layer arrays -> one [count, ...] array (`empty_aligned`), each one's last two axes swapped if
-    `transpose` (HF's [out, in] projections -> eej's [in, out]).
+    `transpose` (HF's [out, in] projections -> eej's [in, out]). (eej.model.transformer.stack_layers stacks
+    per-layer param dicts instead.)
 
     `layers` may be a generator: it is consumed one array at a time, so a loader that reads layer by layer holds
     one layer's array besides the result, not all of them (SmolLM2-135M: 4 MB instead of 430 MB).

@@ -18,12 +18,13 @@ import math
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from eej.config import ModelConfig, RopeConfig
-from eej.weights.convert import PROJECTIONS, check_finite, empty_aligned, stack_layers, transposed
+from eej.weights.convert import check_finite, empty_aligned, from_hf_layout
 from eej.weights.tokenizer import Tokenizer, tokenizer_from_gguf_fields
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -290,13 +291,17 @@ def read_gguf(path: str, name: str | None = None) -> tuple[ModelConfig, dict[str
             return _unpermute_rope_rows(w, n_kv)
         return w
 
+    def per_layer(key: str) -> Iterator[np.ndarray]:
+        return (layer(key, i) for i in range(n_layers))
+
     # Each layer's tensor is dequantized and copied into the stack (eej's layout) in turn: one is held at a time.
     present = [key for key, suffix in _LAYER_TENSORS.items() if key not in ("bq", "bk", "bv") or f"blk.0.{suffix}" in tensors]
-    layers = {key: stack_layers((layer(key, i) for i in range(n_layers)), n_layers, transpose=key in PROJECTIONS)
-              for key in present}
-    params: dict[str, Any] = {"embed": embed, "layers": layers, "final_norm": load("output_norm.weight", (hidden,))}
+    params: dict[str, Any] = {"embed": embed, "layers": {key: per_layer(key) for key in present},
+                              "final_norm": load("output_norm.weight", (hidden,))}
     tied = "output.weight" not in tensors
-    params["lm_head"] = transposed(embed if tied else load("output.weight", (vocab, hidden)))
+    if not tied:
+        params["lm_head"] = load("output.weight", (vocab, hidden))
+    params = from_hf_layout(params, n_layers)  # reads the layers: before the check of what was used
     left = sorted(set(tensors) - used)
     if left:
         more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
@@ -335,7 +340,7 @@ def read_gguf(path: str, name: str | None = None) -> tuple[ModelConfig, dict[str
         rope=rope,
         rms_eps=number("attention.layer_norm_rms_epsilon", 1e-5),
         tie_embeddings=tied,
-        attention_bias="bq" in layers,
+        attention_bias="bq" in present,
         sliding_window=None,
         max_position=count("context_length", 4096),
         bos_id=None if bos is None else int(bos),
