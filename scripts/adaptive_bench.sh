@@ -8,6 +8,9 @@
 #   scripts/adaptive_bench.sh [OUT_PREFIX]      (default benchmarks/results/adaptive)
 #   SETS=spec_bench TEMPS=0 BATCHES="1 4" scripts/adaptive_bench.sh     (a subset)
 #   METHODS=plain,kangaroo,specee scripts/adaptive_bench.sh             (some contestants)
+#   MT_LIMIT=16 scripts/adaptive_bench.sh        (MT-Bench questions: 16 gives batch 4 the 8 generate calls that
+#                                                 a speedup interval needs, eej.bench.metrics.MIN_CI_UNITS)
+#   EXTRA="--no-perplexity" scripts/adaptive_bench.sh                   (more `eej bench` options)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/adaptive}"
@@ -18,13 +21,13 @@ flock 9
 for set in ${SETS:-spec_bench mt_bench}; do
   for temp in ${TEMPS:-0 0.7}; do
     for batch in ${BATCHES:-1 4}; do
-      if [ "$set" = spec_bench ]; then limit=$((batch == 1 ? 2 : 4)); cats=auto; else limit=8; cats=merge; fi
+      if [ "$set" = spec_bench ]; then limit=$((batch == 1 ? 2 : 4)); cats=auto; else limit="${MT_LIMIT:-8}"; cats=merge; fi
       name="${OUT}_${set}_t${temp}_b${batch}"
       [ -f "$name.json" ] && continue   # finished before: rerun by deleting it
       "$EEJ" bench --model smollm2-135m --questions "../shared/data/eval/$set.jsonl" --methods "$METHODS" \
         --limit "$limit" --mt-bench-categories "$cats" --max-new-tokens 128 --batch-size "$batch" \
         --temperature "$temp" --seed 0 --no-progress --checkpoint "$name.checkpoint.jsonl" \
-        --out "$name.json" --report "$name.md" --note "scripts/adaptive_bench.sh; nothing else ran"
+        --out "$name.json" --report "$name.md" --note "scripts/adaptive_bench.sh; nothing else ran" ${EXTRA:-}
       rm -f "$name.checkpoint.jsonl"
     done
   done

@@ -16,6 +16,7 @@ from eej.bench.metrics import (
     aggregate,
     lcs_length,
     rouge_l,
+    speedup_interval,
     summarize,
 )
 from eej.bench.quality import corpus_bleu, exact_match, final_number, is_gsm8k, reference_rouge_l
@@ -234,6 +235,68 @@ def test_report_shows_task_quality_only_with_references():
     assert "| rag | `m` | 0.500 | 1 | n/a | 0 | n/a | 0 | n/a | 0 | 0 |" in quality
     assert "| qa |" not in quality and "Categories without references (not scored): qa." in quality
     assert "## Task quality" not in markdown_report(document(None))
+
+
+def timed_calls(contestant, seconds, tokens=10, rows=1, turn=1):
+    """One record per row of one-turn generate calls: call c (batch c) took seconds[c] for `rows` rows of `tokens`."""
+    return [dataclasses.replace(rec(contestant, (c, j), [1] * tokens, turn=turn, seconds=s / rows),
+                                row_decode_seconds=s / rows, batch=c)
+            for c, s in enumerate(seconds) for j in range(rows)]
+
+
+def test_speedup_interval_is_a_point_when_every_call_speeds_up_alike():
+    plain = timed_calls("plain", [1.0, 2.0, 3.0, 1.5, 0.5, 4.0])
+    fast = timed_calls("m", [0.5, 1.0, 1.5, 0.75, 0.25, 2.0])
+    low, high = speedup_interval(fast, plain)
+    assert low == pytest.approx(2.0) and high == pytest.approx(2.0)
+    low, high = speedup_interval(fast, plain, row=True)
+    assert low == pytest.approx(2.0) and high == pytest.approx(2.0)
+
+
+def test_speedup_interval_pairs_the_calls():
+    # The machine slowed every contestant down in the same calls: paired, that is no uncertainty at all.
+    drift = [1.0, 3.0, 0.7, 2.2, 1.4, 5.0, 0.9, 1.8]
+    plain = timed_calls("plain", drift)
+    same = timed_calls("m", [0.8 * d for d in drift])
+    assert speedup_interval(same, plain) == pytest.approx((1.25, 1.25))
+
+
+def test_speedup_interval_spans_the_calls_ratios_and_holds_the_point_estimate():
+    plain = timed_calls("plain", [1.0] * 8, rows=3)
+    ratios = [0.8, 1.3, 0.9, 1.1, 1.0, 1.4, 0.7, 1.2]
+    m = timed_calls("m", [1 / r for r in ratios], rows=3)
+    low, high = speedup_interval(m, plain)
+    point = summarize(plain + m, ["plain", "m"], ["qa"], greedy=False)["m"]["overall"]
+    assert min(ratios) < low < point["speedup"] < high < max(ratios)
+    assert (point["speedup_ci_low"], point["speedup_ci_high"]) == (low, high)
+    # Rows of one call share its timing: the unit is the call, so more rows per call change nothing.
+    one_row = speedup_interval(timed_calls("m", [1 / r for r in ratios]), timed_calls("plain", [1.0] * 8))
+    assert one_row == pytest.approx((low, high))
+    narrower = speedup_interval(m, plain, level=0.5)
+    assert low < narrower[0] < narrower[1] < high
+    assert speedup_interval(m, plain) == (low, high)  # a fixed seed: the same interval every time
+
+
+def test_speedup_interval_needs_enough_calls_and_their_timings():
+    plain, m = timed_calls("plain", [1.0] * 5), timed_calls("m", [0.5] * 5)
+    assert speedup_interval(m, plain) is None  # 5 calls: too few
+    plain, m = timed_calls("plain", [1.0] * 6), timed_calls("m", [0.5] * 6)
+    assert speedup_interval(m, plain) is not None
+    assert speedup_interval([dataclasses.replace(r, batch=None) for r in m], plain) is None  # calls not recorded
+    assert speedup_interval([dataclasses.replace(r, row_decode_seconds=None) for r in m], plain, row=True) is None
+    out = summarize(plain + m, ["plain", "m"], ["qa"], greedy=False)["m"]["overall"]
+    assert out["speedup_ci_low"] == pytest.approx(2.0) and out["row_speedup_ci_high"] == pytest.approx(2.0)
+    few = summarize(plain[:5] + m[:5], ["plain", "m"], ["qa"], greedy=False)["m"]["overall"]
+    assert few["speedup"] == pytest.approx(2.0) and few["speedup_ci_low"] is None
+
+
+def test_report_shows_speedup_intervals_only_where_they_were_measured():
+    doc = document(None)
+    assert "95% CI" not in markdown_report(doc).split("## Definitions")[0]
+    doc["methods"]["m"]["overall"].update(speedup_ci_low=0.934, speedup_ci_high=1.061)
+    report = markdown_report(doc)
+    assert "| speedup 95% CI | compile s (excluded) |" in report and "| 0.93-1.06 |" in report
+    assert "row speedup 95% CI" not in report.split("## Definitions")[0]
 
 
 def test_report_shows_row_speedup_only_where_it_was_measured():

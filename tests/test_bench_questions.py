@@ -288,6 +288,18 @@ def test_a_row_is_charged_the_loop_time_of_the_steps_it_took_part_in():
     assert all(r.decode_seconds == pytest.approx(2.0 / 3) for r in records)
 
 
+def test_each_answer_records_the_batch_it_was_generated_in():
+    tok = byte_tokenizer()
+    qs = [Question(1, "qa", ("a?",)), Question(2, "qa", ("bb?",)), Question(3, "qa", ("ccc?",)),
+          Question(4, "mt_bench", ("d?", "e?"))]
+    settings = RunSettings(max_new_tokens=8, batch_size=2, warmup=False, rounds=2)
+    records, _ = run_bench([Scripted("plain", "P", []), Scripted("m", "M", [])], qs, tok, settings)
+    plan = plan_batches(qs, 2, tok)
+    where = {q.question_id: b for b, batch in enumerate(plan) for q in batch}
+    assert len(records) == 2 * 5 and all(r.batch == where[r.question_id] for r in records)
+    assert {r.call for r in records} == {(0, 1), (1, 1), (2, 1), (2, 2)}
+
+
 def test_mt_bench_questions_take_one_of_each_category_in_turn(tmp_path):
     rows = [{"question_id": 100 + 10 * i + j, "category": c, "turns": [f"{c} {j}?", "More."]}
             for i, c in enumerate(MT_BENCH_CATEGORIES) for j in range(2)]

@@ -17,6 +17,9 @@ over answers:
   token_agreement       fraction of generated tokens equal to the full model's argmax given the
                         answer's own prefix (one teacher-forced forward over prompt + answer).
   rouge_l               mean ROUGE-L F1 (LCS on token ids) of the answer against plain's answer.
+  speedup_ci_low/high   a 95% paired-bootstrap interval of `speedup` (row_speedup_ci_low/high: of `row_speedup`):
+                        the run's generate calls (one batch, one turn) resampled with replacement, the same ones
+                        for the contestant and plain (`speedup_interval`); None with fewer than MIN_CI_UNITS calls.
 
 Task quality against the references the questions carry (eej.bench.quality defines each score); answers
 without a reference are left out of them and counted in `reference_skipped`, and each has a `*_count` of
@@ -35,6 +38,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
 
 from eej.bench.quality import BLEU_CATEGORIES, Reference, corpus_bleu, exact_match, is_gsm8k, reference_rouge_l
 
@@ -64,11 +69,19 @@ METRIC_KEYS = (
     "speculated_fraction",
     "exited_fraction",
     "row_speedup",
+    "speedup_ci_low",
+    "speedup_ci_high",
+    "row_speedup_ci_low",
+    "row_speedup_ci_high",
     *REFERENCE_KEYS,
 )
 # What every bench document has had since schema version 1 (the rest were added later, null when absent).
 REQUIRED_METRIC_KEYS = METRIC_KEYS[:10]
 BASELINE = "plain"
+# Fewer generate calls than this give no speedup interval: a bootstrap over a handful of units says little.
+MIN_CI_UNITS = 6
+CI_LEVEL = 0.95
+CI_RESAMPLES = 4000
 
 
 @dataclasses.dataclass
@@ -82,6 +95,8 @@ class AnswerRecord:
     decode_seconds: the part of `seconds` after the first token (None: not measured apart, e.g. peers).
     row_decode_seconds: the decode-loop seconds during which this answer's row was still generating: its batch's
       loop time x the fraction of the loop's steps the row took part in (None: not measured, e.g. peers).
+    batch: the index of the batch (eej.bench.runner.plan_batches) the answer was generated in, the same in every
+      round (None: not recorded, e.g. a checkpoint written before it was): with `turn`, the generate call.
     steps, speculated_steps, exited_steps: decode steps of this answer, and those in which the method drafted
       at least one token / left the stack early (None for peers).
     reference_nll, reference_tokens: the summed negative log-likelihood of the turn's reference answer (teacher-forced
@@ -106,10 +121,16 @@ class AnswerRecord:
     reference_nll: float | None = None
     reference_tokens: int | None = None
     row_decode_seconds: float | None = None
+    batch: int | None = None
 
     @property
     def key(self) -> tuple[Any, int]:
         return (self.question_id, self.turn)
+
+    @property
+    def call(self) -> tuple[int | None, int]:
+        """The generate call that made this answer: (batch, turn)."""
+        return (self.batch, self.turn)
 
 
 def lcs_length(a: Sequence[Any], b: Sequence[Any]) -> int:
@@ -173,6 +194,51 @@ def row_tokens_per_second(records: Sequence[AnswerRecord]) -> float | None:
     return _ratio(sum(len(r.tokens) - 1 for r in records), sum(r.row_decode_seconds for r in records))
 
 
+def speedup_interval(
+    records: Sequence[AnswerRecord],
+    baseline: Sequence[AnswerRecord],
+    row: bool = False,
+    level: float = CI_LEVEL,
+    resamples: int = CI_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """A paired percentile-bootstrap interval of `records`' speedup over `baseline` (row speedup if `row`).
+
+    The unit is the generate call (AnswerRecord.call: one batch, one turn): its rows share one timing, so they
+    are not independent. Each resample draws len(calls) calls with replacement, the same ones for both sides,
+    and takes (tokens / seconds of the contestant) / (tokens / seconds of the baseline) over them, as `speedup`
+    (`row_speedup`) does over all. It covers the machine's timing noise from call to call and how the speedup
+    varies from prompt to prompt; not an effect that holds for a whole process (e.g. where its code landed in
+    memory). -> (low, high), or None with fewer than MIN_CI_UNITS calls both sides have, or without timings.
+    """
+    def per_call(rs: Sequence[AnswerRecord]) -> dict[tuple[int | None, int], tuple[int, float]] | None:
+        sums: dict[tuple[int | None, int], tuple[int, float]] = {}
+        for r in rs:
+            seconds = r.row_decode_seconds if row else r.seconds
+            if r.batch is None or seconds is None:
+                return None
+            tokens, total = sums.get(r.call, (0, 0.0))
+            sums[r.call] = (tokens + len(r.tokens) - (1 if row else 0), total + seconds)
+        return sums
+
+    mine, base = per_call(records), per_call(baseline)
+    if mine is None or base is None:
+        return None
+    calls = sorted(set(mine) & set(base))
+    if len(calls) < MIN_CI_UNITS:
+        return None
+    table = np.array([[*mine[c], *base[c]] for c in calls], np.float64)  # [calls, 4]: tokens, s; plain tokens, s
+    draws = np.random.default_rng(seed).integers(0, len(calls), size=(resamples, len(calls)))
+    sums = table[draws].sum(axis=1)  # [resamples, 4]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = (sums[:, 0] * sums[:, 3]) / (sums[:, 1] * sums[:, 2])
+    ratios = ratios[np.isfinite(ratios)]
+    if not ratios.size:
+        return None
+    low, high = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 def reference_metrics(
     records: Sequence[AnswerRecord], references: Mapping[tuple[Any, int], Reference] | None
 ) -> dict[str, Any]:
@@ -213,7 +279,8 @@ def aggregate(
 ) -> dict[str, Any]:
     """The METRIC_KEYS for `records` (one contestant, one category or all).
 
-    baseline: plain's records by (question_id, turn), for identical_rate and rouge_l (None: they are None).
+    baseline: plain's records by (question_id, turn), for identical_rate, rouge_l and the speedup intervals (None:
+      they are None).
     baseline_tokens_per_second: plain's tokens/s on the same questions, for speedup.
     baseline_row_tokens_per_second: plain's `row_tokens_per_second` on the same questions, for row_speedup.
     references: the questions' references by (question_id, turn), for the reference_* keys (None: they are None).
@@ -235,8 +302,15 @@ def aggregate(
         "speculated_fraction": None,
         "exited_fraction": None,
         "row_speedup": row_tps / baseline_row_tokens_per_second if row_tps and baseline_row_tokens_per_second else None,
+        **dict.fromkeys(("speedup_ci_low", "speedup_ci_high", "row_speedup_ci_low", "row_speedup_ci_high")),
         **reference_metrics(records, references),
     }
+    if baseline is not None:
+        paired = [baseline[r.key] for r in records if r.key in baseline]
+        for prefix, row in (("speedup", False), ("row_speedup", True)):
+            interval = speedup_interval(records, paired, row=row)
+            if interval is not None:
+                out[f"{prefix}_ci_low"], out[f"{prefix}_ci_high"] = interval
     if records and all(r.steps is not None for r in records):
         steps = sum(r.steps for r in records)
         out["speculated_fraction"] = _ratio(sum(r.speculated_steps for r in records), steps)

@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any, Sequence
 
-from eej.bench.metrics import REQUIRED_METRIC_KEYS
+from eej.bench.metrics import CI_RESAMPLES, MIN_CI_UNITS, REQUIRED_METRIC_KEYS
 from eej.files import write_atomic
 
 SCHEMA_VERSION = 1
@@ -104,13 +104,28 @@ def _columns(doc: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
     return _COLUMNS if measured else tuple(c for c in _COLUMNS if c[0] != "row_speedup")
 
 
+_INTERVALS = (("speedup", "speedup 95% CI"), ("row_speedup", "row speedup 95% CI"))
+
+
+def _intervals(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """The _INTERVALS some contestant of `doc` has overall (none in documents written before they were measured)."""
+    return [(k, label) for k, label in _INTERVALS if any(c["overall"].get(f"{k}_ci_low") is not None for _, c in _contestants(doc))]
+
+
+def _interval(metrics: dict[str, Any], key: str) -> str:
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    return "n/a" if low is None or high is None else f"{low:.2f}-{high:.2f}"
+
+
 def overall_table(doc: dict[str, Any]) -> str:
-    """Markdown table: one row per contestant with its overall metrics and compile time."""
-    rows, columns = [], _columns(doc)
+    """Markdown table: one row per contestant with its overall metrics, speedup intervals and compile time."""
+    rows, columns, intervals = [], _columns(doc), _intervals(doc)
     for name, c in _contestants(doc):
         o = c["overall"]
-        rows.append([f"`{name}`", c["info"]["kind"], *[_fmt(o.get(k), p) for k, _, p in columns], f"{c['compile_seconds']:.1f}"])
-    return markdown_table(["contestant", "kind", *[label for _, label, _ in columns], "compile s (excluded)"], rows)
+        rows.append([f"`{name}`", c["info"]["kind"], *[_fmt(o.get(k), p) for k, _, p in columns],
+                     *[_interval(o, k) for k, _ in intervals], f"{c['compile_seconds']:.1f}"])
+    header = ["contestant", "kind", *[label for _, label, _ in columns], *[label for _, label in intervals]]
+    return markdown_table([*header, "compile s (excluded)"], rows)
 
 
 def per_category_table(doc: dict[str, Any], columns: Sequence[tuple[str, str, str]] | None = None,
@@ -198,6 +213,10 @@ _DEFINITIONS = [
     "seconds during which the answer's row was still generating (its batch's loop time x the share of the loop's steps "
     "it took part in). Rows that finished early and wait for their batch's longest row, and the prefill, do not count: "
     "under sampling answers of different lengths change `speedup` by chance, not this.",
+    f"- speedup 95% CI, row speedup 95% CI: paired percentile-bootstrap intervals ({CI_RESAMPLES} resamples) over the "
+    "run's generate calls (one batch, one turn: its rows share one timing), the same calls resampled for the contestant "
+    "and eej `plain`. They cover timing noise from call to call and how the speedup varies over prompts, not an effect "
+    f"lasting a whole process; n/a with fewer than {MIN_CI_UNITS} calls.",
     "- mean accepted: generated tokens / full-model forwards (the prefill counts as one); plain = 1.00.",
     "- avg layers: transformer layers computed in decode steps / tokens those steps generated; plain = the "
     "model's layer count.",

@@ -83,8 +83,9 @@ def _answer_batch(
     settings: RunSettings,
     seed: int,
     on_answer: Callable[[AnswerRecord], None],
+    index: int | None = None,
 ) -> tuple[list[AnswerRecord], float]:
-    """All turns of `batch` by one contestant -> (records, compile seconds)."""
+    """All turns of `batch` (the plan's batch `index`) by one contestant -> (records, compile seconds)."""
     conversations: list[list[dict[str, str]]] = [[] for _ in batch]
     records: list[AnswerRecord] = []
     compile_seconds = 0.0
@@ -115,6 +116,7 @@ def _answer_batch(
                 decode_seconds=None if gen.decode_seconds is None else gen.decode_seconds / len(rows),
                 row_decode_seconds=(None if gen.decode_seconds is None or gen.steps is None
                                     else gen.decode_seconds * gen.steps[j] / loop_steps if loop_steps else 0.0),
+                batch=index,
                 **{k: None if getattr(gen, k) is None else int(getattr(gen, k)[j]) for k in ("steps", "speculated_steps", "exited_steps")},
             )
             records.append(record)
@@ -163,7 +165,7 @@ def run_bench(
         batch_records: list[AnswerRecord] = []
         for c in [*contestants[shift:], *contestants[:shift]]:
             # The same seed for every contestant on the same batch and turn, in every round.
-            new, compile_s = _answer_batch(c, batches[b], tokenizer, settings, settings.seed + b * turns, on_answer)
+            new, compile_s = _answer_batch(c, batches[b], tokenizer, settings, settings.seed + b * turns, on_answer, b)
             batch_records.extend(new)
             compile_seconds[c.name] += compile_s
         records.extend(batch_records)
