@@ -31,12 +31,25 @@ def test_expected_tokens_are_the_geometric_prefix_sums():
     ([1.0], [True], 4),               # always accepted: (k+1)/c(k) grows to k = 4 (5 / 1.75 = 2.86)
     ([0.5], [True], 2),               # 1, 1.5/1.3, 1.75/1.45, 1.875/1.6, 1.9375/1.75 = 1, 1.154, 1.207, 1.172, 1.107
     ([0.2], [True], 0),               # 1.2 / 1.3 < 1
-    ([0.9, 0.0], [True, True], 4),    # the batch's total: (2, 2.9, 3.71, 4.44, 5.10) / c -> 2.91 at k = 4
-    ([0.9, 0.0], [False, True], 0),   # a finished row counts for nothing
-    ([0.35] * 4, [True] * 4, 1),      # 4 * (1, 1.35, 1.4725, 1.515, 1.530) / c = 4 * (1, 1.038, 1.016, 0.947, 0.874)
+    ([0.9, 0.0], [True, True], 0),    # the batch waits for its last row, which drafts would only slow: c(k) / 1
+    ([0.9, 0.0], [True, False], 4),   # a finished row counts for nothing: row 0 alone, c(k) / E(k) least at k = 4
+    ([0.9, 0.5], [True, True], 2),    # the slower row decides: c / E = 1, .867, .829, .853, .903 for α = 0.5
+    ([0.35] * 4, [True] * 4, 1),      # (1, 1.35, 1.4725, 1.515, 1.530) / c = (1, 1.038, 1.016, 0.947, 0.874)
+    ([0.0, 1.0], [False, False], 0),  # nothing active: a plain step
 ])
 def test_controller_picks_what_a_hand_calculation_picks(acceptance, active, want):
     k = best_draft_length(jnp.asarray(acceptance, jnp.float32), jnp.asarray(active), COSTS)
+    assert int(k) == want
+
+
+@pytest.mark.parametrize("remaining,want", [
+    ([10, 10], 0),   # equal budgets: row 1's 10 c(k) / 1 is the finish time, least at k = 0
+    ([100, 1], 4),   # row 1 ends next step anyway: row 0's 100 c(k) / E(k) = 100, 68.4, 53.5, 46.5, 42.7
+    ([10, 9], 0),    # row 0: 10 c / E = 10, 6.84, ...; row 1: 9 c(k) = 9, 11.7, ...: max least at k = 0 (10)
+    ([40, 20], 1),   # k = 1: max(40 * 1.3 / 1.9, 20 * 1.3) = 27.4 < 40 at k = 0, < max(21.4, 29) at k = 2
+])
+def test_controller_weighs_rows_by_the_budget_they_have_left(remaining, want):
+    k = best_draft_length(jnp.asarray([0.9, 0.0]), jnp.asarray([True, True]), COSTS, jnp.asarray(remaining))
     assert int(k) == want
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from eej.config import SamplingConfig
 from eej.decoding.engine import Engine, GenerationError, length_bucket
+from eej.decoding.plain import Plain
 
 from eej.testing import random_prompts, tiny_model
 
@@ -73,6 +77,33 @@ def test_max_new_tokens_and_the_forward_count():
     assert out.new_tokens == [9]
     assert out.forwards == [9]  # prefill + 8 decode steps
     assert out.layers == [8 * model.cfg.num_layers]
+
+
+@dataclasses.dataclass(frozen=True)
+class RemembersBudgets(Plain):
+    """Plain decoding that keeps the `remaining` budget of every step it took: method state (steps, seen [B, 16])."""
+
+    def prefill(self, params, method_params, tokens, prompt_lens, cache, cfg):
+        logits, cache, _ = super().prefill(params, method_params, tokens, prompt_lens, cache, cfg)
+        return logits, cache, (jnp.zeros((), jnp.int32), jnp.full((tokens.shape[0], 16), -1, jnp.int32))
+
+    def step(self, s):
+        steps, seen = s.method_state
+        result = super().step(s)
+        return result.replace(method_state=(steps + 1, seen.at[:, steps].set(s.remaining)))
+
+
+def test_a_step_is_told_each_rows_remaining_budget():
+    model = tiny_model()
+    prompts = random_prompts(np.random.default_rng(3), [4, 9, 2], model.cfg.vocab_size)
+    free = Engine(model).generate(prompts, 7, eos_ids=()).tokens
+    eos = free[0][2]  # row 0 ends at its 3rd token; rows that produce it later end there too
+    out = Engine(model, RemembersBudgets()).generate(prompts, 7, eos_ids=(eos,))
+    steps, seen = out.method_state
+    assert int(steps) == out.steps and out.steps == max(len(t) for t in out.tokens) - 1
+    for row, tokens in zip(np.asarray(seen), out.tokens):
+        # the prefill made token 1 of 7; decode step j (from 0) has 6 - j to go while the row generates
+        assert row[: len(tokens) - 1].tolist() == [6 - j for j in range(len(tokens) - 1)]
 
 
 def test_bad_inputs_raise_clear_errors():

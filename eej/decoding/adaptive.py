@@ -2,12 +2,18 @@
 
 A self-speculative step that drafts k tokens commits in expectation E_b(k) = 1 + α_b + ... + α_b^k
 tokens for a row b whose drafts are each accepted with probability α_b (the accepted prefix ends at the
-first rejection), and costs c(k) milliseconds. Each step the controller drafts
+first rejection), and costs c(k) milliseconds. A batch runs until its last row ends, so what a user waits
+for is the row that finishes last: at the pace of a step drafting k, row b, with R_b tokens of its budget
+left, needs R_b c(k) / E_b(k) more milliseconds. Each step the controller drafts
 
-    k* = argmax_k  Σ_b E_b(k) / c(k)        over the active rows, k = 0 (a plain step) included,
+    k* = argmin_k  max_b R_b c(k) / E_b(k)        over the active rows, k = 0 (a plain step) included,
 
-one k for the whole batch: what maximises the batch's committed tokens per second, not what its most
-optimistic row would want (rows still stop drafting on their own when their draft's confidence drops).
+one k for the whole batch, the one that brings its last row in soonest: a row whose drafts are rarely
+accepted keeps the batch on plain steps (drafting would slow that row, and the batch waits for it), while
+a row close to the end of its budget counts for little. Not what the batch's most optimistic row would
+want, nor the batch's total tokens per second, which rows that finish early and then idle inflate. At
+batch 1 it is k* = argmax_k E(k) / c(k). (Rows still stop drafting on their own when their draft's
+confidence drops.)
 
 - c(k) is measured on the running machine: the engine times its compiled decode loop forced to draft k
   tokens every step, for every k, at the batch size and cache size it is about to run
@@ -146,10 +152,13 @@ def expected_tokens(acceptance: jax.Array, max_drafts: int) -> jax.Array:
     return jnp.cumsum(acceptance[..., None] ** jnp.arange(max_drafts + 1), axis=-1)
 
 
-def best_draft_length(acceptance: jax.Array, active: jax.Array, costs: jax.Array) -> jax.Array:
-    """argmax_k Σ_b E_b(k) / costs[k] over the active rows: acceptance, active [B]; costs [K + 1] -> int32 k."""
-    expected = jnp.sum(jnp.where(active[:, None], expected_tokens(acceptance, costs.shape[0] - 1), 0.0), axis=0)
-    return jnp.argmax(expected / costs).astype(jnp.int32)
+def best_draft_length(acceptance: jax.Array, active: jax.Array, costs: jax.Array,
+                      remaining: jax.Array | None = None) -> jax.Array:
+    """argmin_k max_b remaining_b costs[k] / E_b(k) over the active rows (module docstring): acceptance, active,
+    remaining [B] (None: equal budgets); costs [K + 1] -> int32 k (0 when no row is active; ties: the shorter)."""
+    remaining = jnp.ones(acceptance.shape, jnp.float32) if remaining is None else remaining.astype(jnp.float32)
+    finish = remaining[:, None] * costs[None, :] / expected_tokens(acceptance, costs.shape[0] - 1)  # [B, K + 1]
+    return jnp.argmin(jnp.max(jnp.where(active[:, None], finish, 0.0), axis=0)).astype(jnp.int32)
 
 
 def probe_overlap(target_logits: jax.Array, draft_logits: jax.Array, draft_ids: jax.Array | None, sampling) -> jax.Array:
@@ -219,7 +228,7 @@ class SelfSpeculative(Strategy):
     def step(self, s: StepInputs) -> StepResult:
         ctl: Controller = s.method_state["controller"]
         if self.adaptive:
-            wanted = best_draft_length(ctl.acceptance, s.active, ctl.costs)
+            wanted = best_draft_length(ctl.acceptance, s.active, ctl.costs, s.remaining)
             due = (wanted == 0) & probe_due(ctl.idle, ctl.backoff, self.probe_every)
             k = wanted if self.free_probe else jnp.where(due, 1, wanted)
             forced = ctl.force >= 0

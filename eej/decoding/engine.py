@@ -269,7 +269,8 @@ def _step(
     """One strategy step from `state` -> (state with the key advanced, the step's result, checked at trace time)."""
     key, sub = jax.random.split(state.key)
     inputs = StepInputs(params=params, method_params=method_params, cache=state.cache, method_state=state.method_state,
-                        pending=state.pending, key=sub, active=~state.done, sampling=sampling, cfg=cfg, scoring=scoring)
+                        pending=state.pending, key=sub, active=~state.done, sampling=sampling, cfg=cfg, scoring=scoring,
+                        remaining=state.output.shape[1] - state.num_new)
     result = strategy.step(inputs)
     batch = state.pending.shape[0]
     try:  # a strategy of your own gets told what it returned wrong, at trace time

@@ -41,6 +41,9 @@ class StepInputs:
     key: a PRNG key for this step.
     active: [B] bool, rows still generating (finished rows keep computing throw-away tokens; a method
       that decides for the whole batch ignores them).
+    remaining: [B] int32, tokens each row may still commit (its budget, max_new_tokens, less what it has committed;
+      EOS may end it sooner), or None where not known (taken as equal). A batch runs until its last row ends, so
+      a method deciding for the whole batch weighs its rows by it (eej.decoding.adaptive.best_draft_length).
     sampling, cfg: static (part of the compiled program, not traced).
     scoring: static; True when the engine teacher-forces a reference (`Engine.score`): the step must return
       `StepResult.logits`, and a method that skips computing them in plain decoding computes them then.
@@ -56,6 +59,7 @@ class StepInputs:
     sampling: SamplingConfig = struct.field(pytree_node=False)
     cfg: ModelConfig = struct.field(pytree_node=False)
     scoring: bool = struct.field(pytree_node=False, default=False)
+    remaining: jax.Array | None = None
 
     @property
     def batch(self) -> int:
