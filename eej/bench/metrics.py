@@ -173,9 +173,22 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
 
 
+def _counted(r: AnswerRecord, row: bool) -> tuple[int, float | None]:
+    """What `speedup` (row False) or `row_speedup` (row True) counts of one answer: (tokens, seconds) — all its tokens
+    over its share of its batch's time, or the tokens after its first over the decode-loop time of its row."""
+    return (len(r.tokens) - 1, r.row_decode_seconds) if row else (len(r.tokens), r.seconds)
+
+
+def _rate(records: Sequence[AnswerRecord], row: bool) -> float | None:
+    counted = [_counted(r, row) for r in records]
+    if not counted or any(seconds is None for _, seconds in counted):
+        return None
+    return _ratio(sum(tokens for tokens, _ in counted), sum(seconds for _, seconds in counted))
+
+
 def tokens_per_second(records: Sequence[AnswerRecord]) -> float | None:
     """Generated tokens / generation seconds of `records` (None without time)."""
-    return _ratio(sum(len(r.tokens) for r in records), sum(r.seconds for r in records))
+    return _rate(records, row=False)
 
 
 def decode_tokens_per_second(records: Sequence[AnswerRecord]) -> float | None:
@@ -189,9 +202,7 @@ def row_tokens_per_second(records: Sequence[AnswerRecord]) -> float | None:
     """Tokens after each answer's first / the seconds its row was generating in the decode loop: a generating
     row's speed, which rows that finished early and wait for their batch's longest one do not lower (None where
     not measured)."""
-    if not records or any(r.row_decode_seconds is None for r in records):
-        return None
-    return _ratio(sum(len(r.tokens) - 1 for r in records), sum(r.row_decode_seconds for r in records))
+    return _rate(records, row=True)
 
 
 def speedup_interval(
@@ -214,11 +225,11 @@ def speedup_interval(
     def per_call(rs: Sequence[AnswerRecord]) -> dict[tuple[int | None, int], tuple[int, float]] | None:
         sums: dict[tuple[int | None, int], tuple[int, float]] = {}
         for r in rs:
-            seconds = r.row_decode_seconds if row else r.seconds
+            tokens, seconds = _counted(r, row)
             if r.batch is None or seconds is None:
                 return None
-            tokens, total = sums.get(r.call, (0, 0.0))
-            sums[r.call] = (tokens + len(r.tokens) - (1 if row else 0), total + seconds)
+            total_tokens, total_seconds = sums.get(r.call, (0, 0.0))
+            sums[r.call] = (total_tokens + tokens, total_seconds + seconds)
         return sums
 
     mine, base = per_call(records), per_call(baseline)
