@@ -7,7 +7,8 @@
 #
 #   scripts/adaptive_bench.sh [OUT_PREFIX]      (default benchmarks/results/adaptive)
 #   SETS=spec_bench TEMPS=0 BATCHES="1 4" scripts/adaptive_bench.sh     (a subset)
-#   METHODS=plain,kangaroo,specee scripts/adaptive_bench.sh             (some contestants)
+#   METHODS=plain,kangaroo,specee scripts/adaptive_bench.sh             (some contestants; again=plain, in the
+#                                                 default list, is a second plain decoding: an A/A control)
 #   MT_LIMIT=16 scripts/adaptive_bench.sh        (MT-Bench questions: 16 gives batch 4 the 8 generate calls that
 #                                                 a speedup interval needs, eej.bench.metrics.MIN_CI_UNITS)
 #   EXTRA="--no-perplexity" scripts/adaptive_bench.sh                   (more `eej bench` options)
@@ -15,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/adaptive}"
 EEJ="${EEJ:-.venv/bin/eej}"
-METHODS="${METHODS:-plain,kangaroo,kangaroo:fixed,m2r2-spec,m2r2-spec:fixed,specee,specee:fixed,m2r2-exit,m2r2-exit:fixed,skipdecode}"
+METHODS="${METHODS:-plain,again=plain,kangaroo,kangaroo:fixed,m2r2-spec,m2r2-spec:fixed,specee,specee:fixed,m2r2-exit,m2r2-exit:fixed,skipdecode}"
 exec 9>/tmp/eej-benchmark.lock
 flock 9
 for set in ${SETS:-spec_bench mt_bench}; do

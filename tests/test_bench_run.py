@@ -250,10 +250,31 @@ def test_fixed_length_rounds_and_attention_implementations(tmp_path, capsys):
     assert o["new_tokens"] == 18 and o["identical_rate"] == 1.0  # the Pallas kernel decodes plain's tokens
 
 
+def test_a_labelled_second_plain_is_an_a_a_control(tmp_path, monkeypatch):
+    """`again=plain` runs plain decoding a second time on its own engine, under its own name: same tokens as
+    the baseline, a speedup that reads the run's noise; a label keeps its spec's method and preset."""
+    monkeypatch.setitem(methods._METHODS, "test-shallow", SHALLOW)
+    out = tmp_path / "r.json"
+    assert main([*_bench_argv(tmp_path, "--methods", "again=plain,plain,exit2=test-shallow"), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert list(doc["methods"]) == ["plain", "again", "exit2"]
+    again = doc["methods"]["again"]
+    assert again["info"]["method"] == "plain" and again["overall"]["identical_rate"] == 1.0
+    assert again["overall"]["new_tokens"] == doc["methods"]["plain"]["overall"]["new_tokens"]
+    assert doc["methods"]["exit2"]["info"]["method"] == "test-shallow"
+    model = load_model("tiny-llama")
+    engines = [c.engine for c in method_contestants(model, ["plain", "again=plain"], cache_size=64)]
+    assert engines[0] is not engines[1]
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--rounds", "0"], "--rounds must be >= 1, got 0"),
     (["--attention", "xla,xla"], "'xla' is listed twice in --attention"),
     (["--attention", "xla,nope"], "unknown attention implementation 'nope'"),
+    (["--methods", "a=plain,a=plain"], "'a=plain' is listed twice in --methods"),
+    (["--methods", "a=plain,a=plain:x"], "contestant 'a' is named twice in --methods"),
+    (["--methods", "plain=test-shallow"], "the name 'plain' is the baseline's; give 'test-shallow' another name"),
+    (["--methods", "again="], "'again=' in --methods names no method after '='"),
 ])
 def test_bench_option_errors(tmp_path, capsys, flags, message):
     questions = tmp_path / "q.jsonl"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Protocol, Sequence
 
 from eej.config import SamplingConfig
@@ -128,12 +129,34 @@ def method_contestants(
 ) -> list[MethodContestant]:
     """One contestant per method spec and attention implementation; `plain` (the baseline) first, added if missing.
 
+    specs: `SPEC` or `LABEL=SPEC` entries (`labelled_spec`); a contestant is named by its label, else its spec.
     attention: implementations to run every method with (default: the model's). The first is the
-    reference: its contestants are named by their spec, the others' `SPEC@IMPL`.
+    reference: its contestants are named as above, the others' `NAME@IMPL`.
     """
-    specs = unique(specs, "--methods")
-    specs = ["plain", *[s for s in specs if s != "plain"]]
+    pairs = [labelled_spec(s) for s in unique(specs, "--methods")]
+    names = [name for name, _ in pairs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"contestant {twice[0]!r} is named twice in --methods")
+    labelled = dict(pairs)
+    if labelled.get("plain", "plain") != "plain":
+        raise ValueError(f"the name 'plain' is the baseline's; give {labelled['plain']!r} another name in --methods")
+    labelled = {"plain": "plain", **{k: v for k, v in labelled.items() if k != "plain"}}
     impls = unique(attention, "--attention") or [model.cfg.attention_impl]
     models = [with_attention(model, impl) for impl in impls]
-    return [MethodContestant(m, s, cache_size, name=s if i == 0 else f"{s}@{impl}")
-            for i, (impl, m) in enumerate(zip(impls, models)) for s in specs]
+    return [MethodContestant(m, spec, cache_size, name=label if i == 0 else f"{label}@{impl}")
+            for i, (impl, m) in enumerate(zip(impls, models)) for label, spec in labelled.items()]
+
+
+_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def labelled_spec(item: str) -> tuple[str, str]:
+    """A `--methods` entry -> (contestant name, method spec): `LABEL=SPEC` names a contestant (e.g.
+    `again=plain`, a second plain decoding on its own engine: an A/A control), a bare `SPEC` is its own name."""
+    label, sep, spec = item.strip().partition("=")
+    if not sep or not _LABEL.fullmatch(label.strip()):
+        return item.strip(), item.strip()
+    if not spec.strip():
+        raise ValueError(f"{item!r} in --methods names no method after '='")
+    return label.strip(), spec.strip()
