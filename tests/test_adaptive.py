@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from eej.config import SamplingConfig
-from eej.decoding import calibration
+from eej.decoding import calibration, kangaroo, m2r2
 from eej.decoding.adaptive import best_draft_length, expected_tokens, next_backoff, probe_due, probe_overlap
 from eej.decoding.engine import Engine
 from eej.decoding.kangaroo import Kangaroo, random_kangaroo
@@ -164,6 +165,49 @@ def test_fixed_drafting_is_the_papers_behaviour():
     assert out.tokens == plain_tokens(model, prompts, 30)
     chosen = np.asarray(out.method_state["controller"].chosen)
     assert chosen[3] == out.steps and out.speculated_steps == out.row_steps  # every step drafted K = 3
+
+
+def _recorded_widths(monkeypatch, module) -> list[int]:
+    """Every decode step's verification width less one (what `module` passes `verify_by_width`), as it runs."""
+    widths: list[int] = []
+    real = module.verify_by_width
+
+    def recording(drafted, max_drafts, verify, cache):
+        jax.debug.callback(lambda d: widths.append(int(d)), drafted)
+        return real(drafted, max_drafts, verify, cache)
+
+    monkeypatch.setattr(module, "verify_by_width", recording)
+    return widths
+
+
+@pytest.mark.parametrize("module,build", [(kangaroo, random_kangaroo), (m2r2, m2r2.random_spec)])
+def test_verification_is_as_wide_as_the_drafts_made(monkeypatch, module, build):
+    """K = 4 asked every step (fixed); a threshold of 1 stops every row after its first draft (a draft's confidence
+    is below 1), so each step verifies 2 tokens, not 5 — and the output stays plain decoding's."""
+    widths = _recorded_widths(monkeypatch, module)
+    model = tiny_model()
+    prompts = random_prompts(np.random.default_rng(5), [6, 9], model.cfg.vocab_size)
+    for threshold, drafted in [(1.0, {1}), (0.0, {4})]:
+        widths.clear()
+        strategy, method_params = build(model, 1, exit_threshold=threshold, max_draft_steps=4, adaptive=False)
+        out = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=12, eos_ids=())
+        assert out.tokens == plain_tokens(model, prompts, 12)
+        assert set(widths) == drafted and len(widths) == out.steps
+
+
+def test_calibration_times_full_drafts_whatever_the_threshold(monkeypatch):
+    """c(k) is the cost of k drafts and k + 1 verified: a step forced to draft k does not stop at a low-confidence
+    draft (here every draft is), while the steps that decode afterwards do."""
+    monkeypatch.setenv("EEJ_CACHE_DIR", "")
+    widths = _recorded_widths(monkeypatch, kangaroo)
+    model = tiny_model()
+    strategy, method_params = random_kangaroo(model, 1, exit_threshold=1.0, max_draft_steps=3, step_costs=None)
+    engine = Engine(model, strategy, method_params)
+    prompts = random_prompts(np.random.default_rng(6), [8], model.cfg.vocab_size)
+    out = engine.generate(prompts, max_new_tokens=16, eos_ids=())
+    assert out.tokens == plain_tokens(model, prompts, 16)
+    decoding = widths[-out.steps:]
+    assert set(decoding) <= {0, 1} and {0, 1, 2, 3} <= set(widths[:-out.steps])
 
 
 @pytest.mark.real_model

@@ -176,21 +176,24 @@ def probe_overlap(target_logits: jax.Array, draft_logits: jax.Array, draft_ids: 
     return jnp.sum(jnp.minimum(p, q), axis=-1)
 
 
-def verify_by_width(k: jax.Array | int, max_drafts: int, verify: Callable[[int, Any], tuple[Any, Any]], cache: Any) -> tuple[Any, Any]:
-    """`verify(w, cache)` -> (cache, out) for the verification width w = k + 1: one compiled branch per width
-    when k is traced, so that a short draft pays only for a short verification, the cache updated in place
-    (eej.model.control); k a Python int: that width only."""
-    return switch_in_place(k, [functools.partial(verify, w) for w in range(1, max_drafts + 2)], cache)
+def verify_by_width(drafted: jax.Array | int, max_drafts: int, verify: Callable[[int, Any], tuple[Any, Any]],
+                    cache: Any) -> tuple[Any, Any]:
+    """`verify(w, cache)` -> (cache, out) for the verification width w = drafted + 1, `drafted` the draft loop's
+    steps (`DraftResult.steps`: at most the k asked for, fewer when every row's draft fell below its confidence
+    threshold first): one compiled branch per width when traced, so that a short draft pays only for a short
+    verification, the cache updated in place (eej.model.control); a Python int: that width only."""
+    return switch_in_place(drafted, [functools.partial(verify, w) for w in range(1, max_drafts + 2)], cache)
 
 
 @dataclasses.dataclass(frozen=True)
 class SelfSpeculative(Strategy):
     """Base of the self-speculative strategies: the adaptive draft length, written once.
 
-    A subclass declares `max_draft_steps` and implements `speculate(inputs, k, probe)`: one step drafting
-    up to k tokens (traced, or a Python int) that returns (StepResult, hits [B], trials [B]) — the drafts
-    verification judged and accepted (plus, when `probe` and the drafter reads a plain step, its scored
-    guess) — and, if it needs more than the full prefill, `prefill_drafter` returning its own state.
+    A subclass declares `max_draft_steps` and `exit_threshold` and implements `speculate(inputs, k, probe, full)`:
+    one step drafting up to k tokens (traced, or a Python int; `full`: all k, no confidence stop — how calibration
+    times c(k)) and verifying what it drafted, that returns (StepResult, hits [B], trials [B]) — the drafts verification
+    judged and accepted (plus, when `probe` and the drafter reads a plain step, its scored guess) — and, if it
+    needs more than the full prefill, `prefill_drafter` returning its own state.
 
     adaptive: choose k each step (module docstring); False: always max_draft_steps.
     step_costs: what a step drafting k = 0..K tokens costs (ms, or relative) at the batch and cache size in use;
@@ -222,8 +225,13 @@ class SelfSpeculative(Strategy):
         controller = Controller.start(tokens.shape[0], self.max_draft_steps, self.step_costs)
         return logits, cache, {"drafter": drafter, "controller": controller}
 
-    def speculate(self, inputs: StepInputs, k: jax.Array | int, probe: jax.Array | bool) -> tuple[StepResult, jax.Array, jax.Array]:
+    def speculate(self, inputs: StepInputs, k: jax.Array | int, probe: jax.Array | bool,
+                  full: jax.Array | bool) -> tuple[StepResult, jax.Array, jax.Array]:
         raise NotImplementedError
+
+    def draft_threshold(self, full: jax.Array | bool) -> jax.Array | float:
+        """The confidence below which a row stops drafting: the method's `exit_threshold`, none when `full`."""
+        return self.exit_threshold if full is False else jnp.where(full, 0.0, self.exit_threshold)
 
     def step(self, s: StepInputs) -> StepResult:
         ctl: Controller = s.method_state["controller"]
@@ -236,15 +244,16 @@ class SelfSpeculative(Strategy):
             probe = (k > 0) | (due & ~forced)
             backoff = next_backoff(ctl.backoff, due, wanted > 0)
         else:
-            k, probe, backoff = self.max_draft_steps, False, ctl.backoff
-        result, hits, trials = self.speculate(s.replace(method_state=s.method_state["drafter"]), k, probe)
+            k, probe, backoff, forced = self.max_draft_steps, False, ctl.backoff, False
+        result, hits, trials = self.speculate(s.replace(method_state=s.method_state["drafter"]), k, probe, forced)
         hits, trials = discounted(ctl.hits, ctl.trials, hits, trials, s.active)
         ctl = ctl.replace(hits=hits, trials=trials, idle=jnp.where((jnp.asarray(k) > 0) | probe, 0, ctl.idle + 1),
                           backoff=backoff, chosen=ctl.chosen.at[k].add(1))
         return result.replace(method_state={"drafter": result.method_state, "controller": ctl})
 
     def calibration_points(self) -> list[Callable[[Any], Any]] | None:
-        """Edits of the method state that force every step to draft k = 0..K tokens, to be timed (None: the
+        """Edits of the method state that force every step to draft k = 0..K tokens (all k: a forced step does not stop
+        at a low-confidence draft, so that c(k) is the cost of k drafts and k + 1 verified), to be timed (None: the
         costs are known, or nothing adapts)."""
         if not self.adaptive or self.step_costs is not None:
             return None

@@ -31,12 +31,15 @@ from eej.weights.artifacts import model_fingerprint
 STEP_TIMES_FILE = "step_times.json"
 ROUNDS = 3
 CALIBRATION_STEPS = 8  # decode steps per timed run
+# Part of every key: raise it when what a calibration point measures changes, so that older times are not reused
+# (2: a forced self-speculative step drafts all k tokens and verification is as wide as the drafts).
+MEASURES_VERSION = 2
 
 
 def step_times_key(cfg, strategy: Any, sampling: Any, batch: int, capacity: int) -> dict[str, Any]:
     """What measured step times depend on (JSON-ready)."""
     device = jax.devices()[0]
-    return {"device": f"{device.platform}:{getattr(device, 'device_kind', '')}", "jax": jax.__version__,
+    return {"measures": MEASURES_VERSION, "device": f"{device.platform}:{getattr(device, 'device_kind', '')}", "jax": jax.__version__,
             "model": model_fingerprint(cfg), "dtype": cfg.dtype, "attention": cfg.attention_impl,
             "strategy": repr(strategy), "sampling": repr(sampling), "batch": batch, "capacity": capacity}
 

@@ -93,7 +93,7 @@ class Kangaroo(SelfSpeculative):
         """One token per row [B] at `positions` [B, 1] through layers [0, l) -> (hidden [B, 1, D], cache)."""
         return run_layers(s.params, embed(s.params, token[:, None], s.cfg), cache, positions, s.cfg, 0, self.exit_layer)
 
-    def speculate(self, s: StepInputs, k, probe):
+    def speculate(self, s: StepInputs, k, probe, full):
         cfg, max_k = s.cfg, self.max_draft_steps
         start = s.cache.lengths
         adapter = s.method_params["adapter"]
@@ -111,7 +111,7 @@ class Kangaroo(SelfSpeculative):
         draft_key, verify_key = jax.random.split(s.key)
         (cache, adapter_cache, hidden), drafts = draft_loop(
             draft_fn, (s.cache, s.method_state, hidden0), s.pending, draft_key, s.sampling,
-            max_steps=max_k, exit_threshold=self.exit_threshold, vocab_size=cfg.vocab_size, vocab_ids=ids, num_steps=k,
+            max_steps=max_k, exit_threshold=self.draft_threshold(full), vocab_size=cfg.vocab_size, vocab_ids=ids, num_steps=k,
         )
         # The last token (the last draft, or the pending one) still needs its shallow layers (for verification)
         # and its adapter K/V; on a probe the adapter and head also guess the token after it.
@@ -136,7 +136,7 @@ class Kangaroo(SelfSpeculative):
             tokens, counts = accept(drafts.first(width - 1), logits, verify_key, s.sampling)
             return cache, (jnp.pad(tokens, ((0, 0), (0, max_k + 1 - width))), counts, logits[:, width - 1])
 
-        cache, (tokens, counts, last_logits) = verify_by_width(k, max_k, verify, cache)
+        cache, (tokens, counts, last_logits) = verify_by_width(drafts.steps, max_k, verify, cache)
         hits, trials = judged(drafts.num_drafted, counts)
         if probe is not False:  # the guess counts where it was made after the right tokens: every draft accepted
             scored = probe & (drafts.num_drafted == drafts.steps) & (counts == drafts.steps + 1)

@@ -213,7 +213,7 @@ class M2R2Spec(SelfSpeculative):
         _check_fast("m2r2-spec", self.fast_layers, cfg, method_params)
         check_draft_head("m2r2-spec", cfg, method_params)
 
-    def speculate(self, s: StepInputs, k, probe):
+    def speculate(self, s: StepInputs, k, probe, full):
         params, method_params, cfg, max_k = s.params, s.method_params, s.cfg, self.max_draft_steps
         start = s.cache.lengths
         head, ids = draft_head(params, method_params)
@@ -226,7 +226,7 @@ class M2R2Spec(SelfSpeculative):
         draft_key, verify_key = jax.random.split(s.key)
         cache, drafts = draft_loop(
             draft_fn, s.cache, s.pending, draft_key, s.sampling,
-            max_steps=max_k, exit_threshold=self.exit_threshold, vocab_size=cfg.vocab_size, vocab_ids=ids, num_steps=k,
+            max_steps=max_k, exit_threshold=self.draft_threshold(full), vocab_size=cfg.vocab_size, vocab_ids=ids, num_steps=k,
         )
         # The slow stream over [pending, drafts] in one pass: its K/V overwrite the drafts' fast K/V.
         block_tokens = jnp.concatenate([s.pending[:, None], drafts.tokens], axis=1)
@@ -237,7 +237,7 @@ class M2R2Spec(SelfSpeculative):
             tokens, counts = accept(drafts.first(width - 1), logits, verify_key, s.sampling)
             return cache, (jnp.pad(tokens, ((0, 0), (0, max_k + 1 - width))), counts)
 
-        cache, (tokens, counts) = verify_by_width(k, max_k, verify, cache)
+        cache, (tokens, counts) = verify_by_width(drafts.steps, max_k, verify, cache)
         hits, trials = judged(drafts.num_drafted, counts)
         result = StepResult(
             tokens=tokens,
