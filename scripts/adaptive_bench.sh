@@ -16,7 +16,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/adaptive}"
 EEJ="${EEJ:-.venv/bin/eej}"
-METHODS="${METHODS:-plain,again=plain,kangaroo,kangaroo:fixed,m2r2-spec,m2r2-spec:fixed,specee,specee:fixed,m2r2-exit,m2r2-exit:fixed,skipdecode}"
+DEFAULT_METHODS=plain,again=plain,kangaroo,kangaroo:fixed,m2r2-spec,m2r2-spec:fixed,specee,specee:fixed
+DEFAULT_METHODS+=,m2r2-exit,m2r2-exit:fixed,skipdecode
+METHODS="${METHODS:-$DEFAULT_METHODS}"
 exec 9>/tmp/eej-benchmark.lock
 flock 9
 for set in ${SETS:-spec_bench mt_bench}; do

@@ -118,10 +118,15 @@ def with_attention(model: Model, impl: str) -> Model:
 def unique(items: Sequence[str], option: str) -> list[str]:
     """`items` stripped, blanks dropped; ValueError naming `option` if one is listed twice."""
     items = [s.strip() for s in items if s.strip()]
-    duplicates = sorted({s for s in items if items.count(s) > 1})
-    if duplicates:
-        raise ValueError(f"{duplicates[0]!r} is listed twice in {option}")
+    twice = first_repeat(items)
+    if twice is not None:
+        raise ValueError(f"{twice!r} is listed twice in {option}")
     return items
+
+
+def first_repeat(items: Sequence[str]) -> str | None:
+    """The smallest item that `items` holds more than once (None: all distinct)."""
+    return min((s for s in set(items) if items.count(s) > 1), default=None)
 
 
 def method_contestants(
@@ -134,10 +139,9 @@ def method_contestants(
     reference: its contestants are named as above, the others' `NAME@IMPL`.
     """
     pairs = [labelled_spec(s) for s in unique(specs, "--methods")]
-    names = [name for name, _ in pairs]
-    twice = sorted({name for name in names if names.count(name) > 1})
-    if twice:
-        raise ValueError(f"contestant {twice[0]!r} is named twice in --methods")
+    twice = first_repeat([name for name, _ in pairs])
+    if twice is not None:
+        raise ValueError(f"contestant {twice!r} is named twice in --methods")
     labelled = dict(pairs)
     if labelled.get("plain", "plain") != "plain":
         raise ValueError(f"the name 'plain' is the baseline's; give {labelled['plain']!r} another name in --methods")

@@ -31,7 +31,9 @@ DEFAULT_MAX_NEW_TOKENS = 256
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, attention_list=True)
     p.add_argument("--questions", required=True, help="JSONL in Spec-Bench's schema (question_id, category, turns)")
-    p.add_argument("--methods", default="plain", help="comma-separated NAME[:CONFIG], or LABEL=NAME[:CONFIG] to name a contestant (again=plain: an A/A control); plain (the baseline) is always run")
+    p.add_argument("--methods", default="plain",
+                   help="comma-separated NAME[:CONFIG], or LABEL=NAME[:CONFIG] to name a contestant "
+                        "(again=plain: an A/A control); plain (the baseline) is always run")
     p.add_argument("--categories", default=None, help="comma-separated categories to run (default: all)")
     p.add_argument("--limit", type=int, default=None, help="first N questions (by question_id) of each category")
     p.add_argument(

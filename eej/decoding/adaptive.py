@@ -191,9 +191,9 @@ class SelfSpeculative(Strategy):
 
     A subclass declares `max_draft_steps` and `exit_threshold` and implements `speculate(inputs, k, probe, full)`:
     one step drafting up to k tokens (traced, or a Python int; `full`: all k, no confidence stop — how calibration
-    times c(k)) and verifying what it drafted, that returns (StepResult, hits [B], trials [B]) — the drafts verification
-    judged and accepted (plus, when `probe` and the drafter reads a plain step, its scored guess) — and, if it
-    needs more than the full prefill, `prefill_drafter` returning its own state.
+    times c(k)) and verifying what it drafted, that returns (StepResult, hits [B], trials [B]) — the drafts
+    verification judged and accepted (plus, when `probe` and the drafter reads a plain step, its scored guess) —
+    and, if it needs more than the full prefill, `prefill_drafter` returning its own state.
 
     adaptive: choose k each step (module docstring); False: always max_draft_steps.
     step_costs: what a step drafting k = 0..K tokens costs (ms, or relative) at the batch and cache size in use;

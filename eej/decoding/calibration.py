@@ -39,9 +39,10 @@ MEASURES_VERSION = 2
 def step_times_key(cfg, strategy: Any, sampling: Any, batch: int, capacity: int) -> dict[str, Any]:
     """What measured step times depend on (JSON-ready)."""
     device = jax.devices()[0]
-    return {"measures": MEASURES_VERSION, "device": f"{device.platform}:{getattr(device, 'device_kind', '')}", "jax": jax.__version__,
-            "model": model_fingerprint(cfg), "dtype": cfg.dtype, "attention": cfg.attention_impl,
-            "strategy": repr(strategy), "sampling": repr(sampling), "batch": batch, "capacity": capacity}
+    return {"measures": MEASURES_VERSION, "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+            "jax": jax.__version__, "model": model_fingerprint(cfg), "dtype": cfg.dtype,
+            "attention": cfg.attention_impl, "strategy": repr(strategy), "sampling": repr(sampling), "batch": batch,
+            "capacity": capacity}
 
 
 def _digest(key: dict[str, Any]) -> str:

@@ -111,7 +111,8 @@ class Kangaroo(SelfSpeculative):
         draft_key, verify_key = jax.random.split(s.key)
         (cache, adapter_cache, hidden), drafts = draft_loop(
             draft_fn, (s.cache, s.method_state, hidden0), s.pending, draft_key, s.sampling,
-            max_steps=max_k, exit_threshold=self.draft_threshold(full), vocab_size=cfg.vocab_size, vocab_ids=ids, num_steps=k,
+            max_steps=max_k, exit_threshold=self.draft_threshold(full), vocab_size=cfg.vocab_size, vocab_ids=ids,
+            num_steps=k,
         )
         # The last token (the last draft, or the pending one) still needs its shallow layers (for verification)
         # and its adapter K/V; on a probe the adapter and head also guess the token after it.

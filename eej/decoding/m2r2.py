@@ -226,7 +226,8 @@ class M2R2Spec(SelfSpeculative):
         draft_key, verify_key = jax.random.split(s.key)
         cache, drafts = draft_loop(
             draft_fn, s.cache, s.pending, draft_key, s.sampling,
-            max_steps=max_k, exit_threshold=self.draft_threshold(full), vocab_size=cfg.vocab_size, vocab_ids=ids, num_steps=k,
+            max_steps=max_k, exit_threshold=self.draft_threshold(full), vocab_size=cfg.vocab_size, vocab_ids=ids,
+            num_steps=k,
         )
         # The slow stream over [pending, drafts] in one pass: its K/V overwrite the drafts' fast K/V.
         block_tokens = jnp.concatenate([s.pending[:, None], drafts.tokens], axis=1)
