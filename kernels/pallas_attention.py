@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from eej.model.attention import reference_attention, register_impl
+from eej.model.attention import reference_attention, register_impl, xla_attention
 from eej.parallel.sharding import per_shard
 
 from eej.kernels.layout import (
@@ -276,7 +276,7 @@ def attention(q, k_cache, v_cache, positions, *, sliding_window: int | None = No
         return decode_attention(q, k_cache, v_cache, positions, sliding_window=sliding_window)
     if t <= MAX_QUERIES:
         return verify_attention(q, k_cache, v_cache, positions, sliding_window=sliding_window)
-    return reference_attention(q, k_cache, v_cache, positions, sliding_window=sliding_window)
+    return xla_attention(q, k_cache, v_cache, positions, sliding_window=sliding_window)
 
 
 # Under a (data, model) mesh the kernel runs per shard (XLA cannot partition it).

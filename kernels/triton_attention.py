@@ -39,7 +39,7 @@ from eej.kernels.layout import (
     split_count,
     unpack_rows,
 )
-from eej.model.attention import reference_attention, register_impl
+from eej.model.attention import reference_attention, register_impl, xla_attention
 from eej.parallel.sharding import per_shard
 
 DEFAULT_BLOCK_K = 64
@@ -183,10 +183,10 @@ def triton_attention(
 
 
 def attention(q, k_cache, v_cache, positions, *, sliding_window: int | None = None) -> jax.Array:
-    """The `triton` implementation of the attention op; blocks longer than 16 queries (prefill) use the reference."""
+    """The `triton` implementation of the attention op; blocks longer than 16 queries (prefill) use the `xla` one."""
     if q.shape[1] <= MAX_QUERIES:
         return triton_attention(q, k_cache, v_cache, positions, sliding_window=sliding_window)
-    return reference_attention(q, k_cache, v_cache, positions, sliding_window=sliding_window)
+    return xla_attention(q, k_cache, v_cache, positions, sliding_window=sliding_window)
 
 
 # Under a (data, model) mesh the kernel runs per shard (XLA cannot partition it).

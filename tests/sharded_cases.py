@@ -141,3 +141,14 @@ def test_mesh_engine_holds_one_copy_of_the_params_per_device():
     del out
     gc.collect()
     assert _resident_bytes() - before <= 8 * params_bytes + 64 * 1024  # + the prompts' and state's small arrays
+
+
+def test_chunked_prefill_sharded_matches_single_device(monkeypatch):
+    import eej.model.attention as attention
+
+    monkeypatch.setattr(attention, "CPU_SCORE_BYTES", 1)  # every prefill one query at a time
+    model = tiny_model("tiny-gqa", seed=4, vocab_size=264)
+    prompts = prompts_for(model, lengths=[20, 13, 31, 7, 19, 2, 25, 18])
+    want = Engine(model).generate(prompts, max_new_tokens=8, eos_ids=()).tokens
+    got = Engine(model, mesh=make_mesh(data=4, model=2)).generate(prompts, max_new_tokens=8, eos_ids=()).tokens
+    assert got == want

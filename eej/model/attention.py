@@ -1,6 +1,7 @@
 """Grouped-query attention of a block of queries over the static KV cache.
 
-One op, several implementations: "xla" (the jnp reference here, the CPU default) and the kernels
+One op, several implementations: "xla" (the jnp reference here, the CPU default; on CPU a long block
+runs as a loop over query chunks, `xla_attention`) and the kernels
 registered by `kernels/` (Pallas / Triton) under other names. A kernel module is imported the first
 time its implementation is selected, so optional GPU dependencies (jax-triton) are needed only then.
 """
@@ -31,7 +32,7 @@ def available_impls() -> tuple[str, ...]:
 def get_impl(name: str) -> Callable[..., jax.Array]:
     """The implementation registered as `name` (importing its module if needed); ValueError if unknown or unusable."""
     if name == "xla":
-        return reference_attention
+        return xla_attention
     if name not in _IMPLS and name in _LAZY_IMPLS:
         import importlib
 
@@ -82,6 +83,54 @@ def reference_attention(
     probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, v_cache.astype(jnp.float32))
     return out.reshape(b, hkv, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, dh).astype(q.dtype)
+
+
+# Largest attention-score array [B, Hq, T, S] (float32 bytes) that the "xla" implementation builds at once on CPU;
+# a longer block (a prefill) runs as a loop over query chunks. Chosen by scripts/prefill_chunks.py
+# (benchmarks/results/prefill_chunks.md): built whole, the scores of a 4 x 900-token prefill (117 MB per layer)
+# outgrow the CPU's caches.
+CPU_SCORE_BYTES = 8 << 20
+# Blocks of at most this many queries (a decode or verification step) always run whole.
+MAX_WHOLE_QUERIES = 16
+
+
+def score_budget() -> int | None:
+    """Score bytes `xla_attention` builds at once on this backend (None: no limit — accelerators take big ops)."""
+    return CPU_SCORE_BYTES if jax.default_backend() == "cpu" else None
+
+
+def xla_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    positions: jax.Array,
+    *,
+    sliding_window: int | None = None,
+    max_score_bytes: int | None | str = "auto",
+) -> jax.Array:
+    """`reference_attention`, run over chunks of queries when a block of more than `MAX_WHOLE_QUERIES` queries (a
+    prefill) would build more than `max_score_bytes` of scores.
+
+    Each query's softmax is independent of the others, so chunking the queries changes no value beyond float
+    rounding. Shapes as in `reference_attention`; `max_score_bytes="auto"` takes `score_budget()`.
+    """
+    budget = score_budget() if max_score_bytes == "auto" else max_score_bytes
+    b, t, hq, dh = q.shape
+    per_query = b * hq * k_cache.shape[2] * 4
+    if budget is None or t <= MAX_WHOLE_QUERIES or t * per_query <= budget:
+        return reference_attention(q, k_cache, v_cache, positions, sliding_window=sliding_window)
+    chunk = max(1, budget // per_query)
+    n = -(-t // chunk)
+    pad = n * chunk - t  # padded queries sit at position 0 (slot 0 is always readable) and are dropped
+    q_chunks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, hq, dh).swapaxes(0, 1)
+    pos_chunks = jnp.pad(positions, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+
+    def one_chunk(operand: tuple[jax.Array, jax.Array]) -> jax.Array:
+        qc, pc = operand
+        return reference_attention(qc, k_cache, v_cache, pc, sliding_window=sliding_window)
+
+    out = jax.lax.map(one_chunk, (q_chunks, pos_chunks))  # [n, B, chunk, Hq, Dh]
+    return out.swapaxes(0, 1).reshape(b, n * chunk, hq, dh)[:, :t]
 
 
 def attention(
