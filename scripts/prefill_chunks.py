@@ -11,7 +11,6 @@ one forward over the largest shape are compared with the unchunked ones. Run it 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,9 +21,9 @@ import numpy as np
 
 import eej.model.attention as attention
 from eej.bench.machine import load_average, machine_info
+from eej.bench.report import write_result
 from eej.config import SamplingConfig
 from eej.decoding.engine import Engine
-from eej.files import write_atomic
 from eej.model.cache import init_cache
 from eej.model.transformer import forward
 from eej.weights.registry import load_model
@@ -93,8 +92,7 @@ def main(argv=None) -> int:
              "|---" * (len(cols) + 2) + "|"]
     lines += [f"| {r['budget_mib']} | " + " | ".join(f"{r[c]:.3f}" for c in cols)
               + f" | {r['max_abs_logit_diff_vs_first']:.2e} |" for r in rows]
-    write_atomic(args.out + ".md", "\n".join(lines) + "\n")
-    write_atomic(args.out + ".json", json.dumps(doc, indent=2) + "\n")
+    write_result(doc, "\n".join(lines) + "\n", args.out)
     print("\n".join(lines))
     return 0
 
