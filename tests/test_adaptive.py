@@ -195,6 +195,33 @@ def test_verification_is_as_wide_as_the_drafts_made(monkeypatch, module, build):
         assert set(widths) == drafted and len(widths) == out.steps
 
 
+@pytest.mark.parametrize("module,build", [(kangaroo, random_kangaroo), (m2r2, m2r2.random_spec)])
+def test_a_finished_row_drafts_nothing(monkeypatch, module, build):
+    """Fixed K = 3 with no confidence stop: a row drafts 3 every step until it has its 14 tokens (the prefill's
+    one and those its steps committed), then none while the batch's other row finishes — the output unchanged."""
+    steps: list[tuple[list[int], list[int]]] = []
+    real = module.judged
+
+    def recording(drafted, counts):
+        jax.debug.callback(lambda d, c: steps.append((np.asarray(d).tolist(), np.asarray(c).tolist())), drafted, counts)
+        return real(drafted, counts)
+
+    monkeypatch.setattr(module, "judged", recording)
+    model = agreeable_model("tiny-gqa", 1)
+    strategy, method_params = build(model, 1, exit_threshold=0.0, max_draft_steps=3, adaptive=False)
+    prompts = random_prompts(np.random.default_rng(7), [5, 11, 8], model.cfg.vocab_size)
+    out = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=14, eos_ids=())
+    assert out.tokens == plain_tokens(model, prompts, 14)
+    made = np.ones(len(prompts), int)  # the prefill's token
+    finished_rows_seen = 0
+    for drafted, counts in steps[-out.steps:]:
+        for row, (d, c) in enumerate(zip(drafted, counts)):
+            assert d == (3 if made[row] < 14 else 0), (row, made[row], d)
+            finished_rows_seen += made[row] >= 14
+            made[row] += c
+    assert finished_rows_seen > 0  # the case happened
+
+
 def test_calibration_times_full_drafts_whatever_the_threshold(monkeypatch):
     """c(k) is the cost of k drafts and k + 1 verified: a step forced to draft k does not stop at a low-confidence
     draft (here every draft is), while the steps that decode afterwards do."""

@@ -58,7 +58,8 @@ from eej.decoding.strategy import StepInputs, StepResult, Strategy, full_prefill
 from eej.model.control import switch_in_place
 from eej.settings import setting
 
-DECAY = 0.9  # per judged draft: the estimate follows the last ~10 drafts
+DECAY = 0.95  # per judged draft: follows the last ~20 drafts (0.9 lost 1.2%: scripts/controller_replay.py)
+EXIT_DECAY = 0.9  # per observed decision of an early-exit method (not replayed; unchanged)
 PRIOR_HITS, PRIOR_TRIALS = 1.0, 2.0
 MAX_BACKOFF = 3  # probes that change nothing space out to at most 2**3 x probe_every steps
 # Step costs (k = 0, 1, ...: relative) that random test instances carry instead of measuring: drafting pays from an
@@ -104,7 +105,7 @@ class ExitEconomics:
                 acting: jax.Array | bool = False) -> "ExitEconomics":
         """After a step: `hits` of `trials` [n] observed; `tried` (bool scalar): whether the method tried at all;
         `probed`: the step was a probe; `acting`: the rule itself chose to try (resets the backoff)."""
-        new_hits, new_trials = discounted(self.hits, self.trials, hits, trials, trials > 0)
+        new_hits, new_trials = discounted(self.hits, self.trials, hits, trials, trials > 0, EXIT_DECAY)
         return self.replace(hits=new_hits, trials=new_trials, idle=jnp.where(tried, 0, self.idle + 1),
                             backoff=next_backoff(self.backoff, probed, acting))
 
@@ -141,9 +142,10 @@ def next_backoff(backoff: jax.Array, probed: jax.Array, acting: jax.Array) -> ja
     return jnp.where(acting, 0, jnp.where(probed, jnp.minimum(backoff + 1, MAX_BACKOFF), backoff)).astype(jnp.int32)
 
 
-def discounted(hits: jax.Array, trials: jax.Array, new_hits: jax.Array, new_trials: jax.Array, where: jax.Array):
-    """(hits, trials) after observing new_hits of new_trials where `where` (old ones decayed by DECAY per new trial)."""
-    decay = DECAY ** new_trials
+def discounted(hits: jax.Array, trials: jax.Array, new_hits: jax.Array, new_trials: jax.Array, where: jax.Array,
+               decay: float = DECAY):
+    """(hits, trials) after observing new_hits of new_trials where `where` (old ones decayed by `decay` per new trial)."""
+    decay = decay ** new_trials
     return jnp.where(where, decay * hits + new_hits, hits), jnp.where(where, decay * trials + new_trials, trials)
 
 
@@ -190,10 +192,10 @@ class SelfSpeculative(Strategy):
     """Base of the self-speculative strategies: the adaptive draft length, written once.
 
     A subclass declares `max_draft_steps` and `exit_threshold` and implements `speculate(inputs, k, probe, full)`:
-    one step drafting up to k tokens (traced, or a Python int; `full`: all k, no confidence stop — how calibration
-    times c(k)) and verifying what it drafted, that returns (StepResult, hits [B], trials [B]) — the drafts
-    verification judged and accepted (plus, when `probe` and the drafter reads a plain step, its scored guess) —
-    and, if it needs more than the full prefill, `prefill_drafter` returning its own state.
+    one step drafting up to k [B] tokens per row (0 for a finished row; `full`: all k, no confidence stop — how
+    calibration times c(k)) and verifying what it drafted, that returns (StepResult, hits [B], trials [B]) — the
+    drafts verification judged and accepted (plus, when `probe` and the drafter reads a plain step, its scored
+    guess) — and, if it needs more than the full prefill, `prefill_drafter` returning its own state.
 
     adaptive: choose k each step (module docstring); False: always max_draft_steps.
     step_costs: what a step drafting k = 0..K tokens costs (ms, or relative) at the batch and cache size in use;
@@ -225,7 +227,7 @@ class SelfSpeculative(Strategy):
         controller = Controller.start(tokens.shape[0], self.max_draft_steps, self.step_costs)
         return logits, cache, {"drafter": drafter, "controller": controller}
 
-    def speculate(self, inputs: StepInputs, k: jax.Array | int, probe: jax.Array | bool,
+    def speculate(self, inputs: StepInputs, k: jax.Array, probe: jax.Array | bool,
                   full: jax.Array | bool) -> tuple[StepResult, jax.Array, jax.Array]:
         raise NotImplementedError
 
@@ -245,7 +247,9 @@ class SelfSpeculative(Strategy):
             backoff = next_backoff(ctl.backoff, due, wanted > 0)
         else:
             k, probe, backoff, forced = self.max_draft_steps, False, ctl.backoff, False
-        result, hits, trials = self.speculate(s.replace(method_state=s.method_state["drafter"]), k, probe, forced)
+        # Finished rows draft nothing: their drafts would only widen the verification.
+        result, hits, trials = self.speculate(s.replace(method_state=s.method_state["drafter"]), jnp.where(s.active, k, 0),
+                                              probe, forced)
         hits, trials = discounted(ctl.hits, ctl.trials, hits, trials, s.active)
         ctl = ctl.replace(hits=hits, trials=trials, idle=jnp.where((jnp.asarray(k) > 0) | probe, 0, ctl.idle + 1),
                           backoff=backoff, chosen=ctl.chosen.at[k].add(1))

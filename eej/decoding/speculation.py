@@ -87,7 +87,7 @@ def draft_loop(
     vocab_ids: jax.Array | None = None,
     num_steps: jax.Array | int | None = None,
 ) -> tuple[Any, DraftResult]:
-    """Draft up to `num_steps` (<= max_steps; default max_steps) tokens per row after `pending` [B].
+    """Draft up to `num_steps` (<= max_steps; default max_steps; one for all rows or [B]) tokens per row after `pending` [B].
 
     Row b stops after `num_steps` drafts, or after a draft whose top-1 draft probability (softmax of
     the draft logits at temperature 1, over the draft vocabulary) is below `exit_threshold` — that

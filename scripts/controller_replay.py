@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Replay the adaptive draft-length controller on recorded drafting traces: what each policy would commit per step
+and what it would cost, without re-running the model.
+
+A method runs with a fixed K (`adaptive: false`, no confidence stop changed) at batch 1 on prompts from the
+*training* sets in ../shared/data/train (never the evaluation sets), and every decode step records the drafts each
+row made (d) and the tokens it committed (a + 1, a accepted). Asking for k <= K drafts on that step would have made
+min(d, k) drafts, committed min(a, k) + 1 tokens and cost c(min(d, k)) — the method's measured step-cost table (the
+adaptive engine's own calibration on this machine). Under greedy decoding every policy commits the same text, so
+the replay of a policy is exact in tokens per step; under sampling it is an approximation (a shorter draft would
+have sampled differently). The controller's parts (`best_draft_length`, `discounted`, `judged`, probes and their
+backoff) are eej.decoding.adaptive's own; a free probe (Kangaroo) is scored by whether the trace's first draft was
+accepted, and costs nothing extra here; any other probe is a real one-draft step.
+
+    flock /tmp/eej-benchmark.lock .venv/bin/python scripts/controller_replay.py [--out benchmarks/results/controller_replay]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eej.bench.machine import load_average, machine_info
+from eej.bench.report import write_result
+from eej.config import SamplingConfig
+from eej.decoding import adaptive, kangaroo, m2r2
+from eej.decoding.engine import Engine
+from eej.decoding.methods import build_method
+from eej.weights.registry import load_model
+
+TRAIN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "train")
+MODULES = {"kangaroo": kangaroo, "m2r2-spec": m2r2}
+
+
+def training_prompts(per_set: int) -> dict[str, list[str]]:
+    """Prompt sets from the training data: grade-school maths questions, and code + role-play instructions."""
+    with open(os.path.join(TRAIN, "gsm8k_train.jsonl")) as f:
+        math = [json.loads(line)["question"] for line in f][100:100 + per_set]
+    chat = []
+    for name in ("codegen-instruct.json", "roleplay-simple-deduped-roleplay-instruct.json"):
+        with open(os.path.join(TRAIN, name)) as f:
+            chat += [row["instruction"] for row in json.load(f)[200:200 + per_set // 2]]
+    return {"math": math, "code+roleplay": chat}
+
+
+def record(model, method: str, prompts: list[str], temperature: float, max_new: int) -> tuple[list, list[float], int]:
+    """-> (one trace per prompt: [(drafted, committed)] per decode step, the step costs c(0..K) in ms, K)."""
+    module = MODULES[method]
+    strategy, method_params = build_method(model, method)
+    sampling = SamplingConfig(temperature=temperature)
+    encoded = [model.tokenizer.encode_chat(p) for p in prompts]
+    adaptive_out = Engine(model, strategy, method_params).generate(encoded[:1], max_new_tokens=max_new, sampling=sampling)
+    costs = np.asarray(adaptive_out.method_state["controller"].costs).tolist()  # calibrated on this machine
+    steps: list[tuple[int, int]] = []
+    real = module.judged
+
+    def recording(drafted, counts):
+        jax.debug.callback(lambda d, c: steps.append((int(d[0]), int(c[0]))), drafted, counts)
+        return real(drafted, counts)
+
+    module.judged = recording
+    try:
+        engine = Engine(model, dataclasses.replace(strategy, adaptive=False), method_params)
+        traces = []
+        for prompt in encoded:
+            steps.clear()
+            out = engine.generate([prompt], max_new_tokens=max_new, sampling=sampling, seed=1)
+            traces.append(list(steps[-out.steps:]))
+    finally:
+        module.judged = real
+    return traces, costs, strategy.max_draft_steps
+
+
+def replay(trace: list[tuple[int, int]], costs: list[float], max_new: int, policy: Any, decay: float,
+           probe_every: int, free_probe: bool) -> tuple[float, float, int, int]:
+    """One prompt under `policy` (an int: that k every step; "adaptive": the controller) -> (tokens, ms, steps,
+    drafting steps)."""
+    table = jnp.asarray(costs, jnp.float32)
+    hits, trials = jnp.full((1,), adaptive.PRIOR_HITS), jnp.full((1,), adaptive.PRIOR_TRIALS)
+    idle, backoff = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+    tokens = spent = drafting = 0
+    made = 1  # the prefill's token
+    for drafted, committed in trace:
+        probe = False
+        if policy == "adaptive":
+            wanted = adaptive.best_draft_length(hits / trials, jnp.asarray([True]), table, jnp.asarray([max_new - made]))
+            due = bool((wanted == 0) & adaptive.probe_due(idle, backoff, probe_every))
+            k = int(wanted) if free_probe or not due else 1
+            probe = k > 0 or due
+            backoff = adaptive.next_backoff(backoff, jnp.asarray(due), wanted > 0)
+            idle = jnp.where(probe, 0, idle + 1)
+        else:
+            k = policy
+        d = min(drafted, k)
+        a = min(committed - 1, d)
+        new_hits, new_trials = adaptive.judged(jnp.asarray([d]), jnp.asarray([a + 1]))
+        if free_probe and probe and d == k and a == d and drafted > k:  # the guess after the last committed token
+            new_hits, new_trials = new_hits + float(committed - 1 > k), new_trials + 1.0
+        hits, trials = adaptive.discounted(hits, trials, new_hits, new_trials, jnp.asarray([True]), decay)
+        tokens, spent, drafting = tokens + a + 1, spent + costs[d], drafting + (k > 0)
+        made += a + 1
+    return tokens, spent, len(trace), drafting
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", default="kangaroo,m2r2-spec")
+    ap.add_argument("--temperatures", default="0.0,0.7")
+    ap.add_argument("--decays", default="0.8,0.9,0.95,0.98", help="the controller's per-draft decay, comma-separated")
+    ap.add_argument("--per-set", type=int, default=8, help="prompts per set")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--out", default="benchmarks/results/controller_replay")
+    args = ap.parse_args(argv)
+    load_start = load_average()
+    model = load_model("smollm2-135m")
+    sets = training_prompts(args.per_set)
+    decays = [float(x) for x in args.decays.split(",")]
+    rows = []
+    for method in args.methods.split(","):
+        if method not in MODULES:
+            print(f"error: --methods takes {', '.join(MODULES)} (got {method!r})", file=sys.stderr)
+            return 2
+        strategy, _ = build_method(model, method)
+        for temperature in (float(t) for t in args.temperatures.split(",")):
+            for set_name, prompts in sets.items():
+                traces, costs, max_k = record(model, method, prompts, temperature, args.max_new_tokens)
+                policies = [(f"fixed k={k}", k, adaptive.DECAY) for k in range(max_k + 1)]
+                policies += [(f"adaptive, decay {d}", "adaptive", d) for d in decays]
+                for label, policy, decay in policies:
+                    got = [replay(t, costs, args.max_new_tokens, policy, decay, strategy.probe_every, strategy.free_probe)
+                           for t in traces]
+                    tokens, spent, steps, drafting = (sum(x) for x in zip(*got))
+                    rows.append({"method": method, "temperature": temperature, "prompts": set_name, "policy": label,
+                                 "speed_vs_plain_steps": tokens / spent * costs[0], "tokens_per_step": tokens / steps,
+                                 "drafting_fraction": drafting / steps, "steps": steps, "step_costs_ms": costs})
+                    print(method, temperature, set_name, label, f"{rows[-1]['speed_vs_plain_steps']:.3f}", flush=True)
+    doc = {"command": "scripts/controller_replay.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "machine": machine_info(), "load_average_start": load_start, "load_average_end": load_average(),
+           "model": "smollm2-135m", "max_new_tokens": args.max_new_tokens, "prompts_per_set": args.per_set,
+           "default_decay": adaptive.DECAY, "rows": rows}
+    lines = ["# Controller replay on recorded drafting traces (batch 1; training-set prompts)", "",
+             f"`{doc['command']}`; {doc['machine'].get('cpu', '')}; load average {load_start} -> {doc['load_average_end']}. "
+             "Speed: committed tokens per ms by the measured step costs, against plain steps of the same method "
+             "(c(0)); exact in tokens under greedy, approximate under sampling (see the script's docstring).", "",
+             "| method | temp | prompts | policy | speed vs plain steps | tokens/step | drafting |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['temperature']} | {r['prompts']} | {r['policy']} | {r['speed_vs_plain_steps']:.3f}x "
+              f"| {r['tokens_per_step']:.2f} | {r['drafting_fraction']:.2f} |" for r in rows]
+    write_result(doc, "\n".join(lines) + "\n", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
