@@ -2,7 +2,7 @@
 """Replay the adaptive draft-length controller on recorded drafting traces: what each policy would commit per step
 and what it would cost, without re-running the model.
 
-A method runs with a fixed K (`adaptive: false`, no confidence stop changed) at batch 1 on prompts from the
+A method runs with a fixed K (`adaptive: false`; its confidence stop as configured) at batch 1 on prompts from the
 *training* sets in ../shared/data/train (never the evaluation sets), and every decode step records the drafts each
 row made (d) and the tokens it committed (a + 1, a accepted). Asking for k <= K drafts on that step would have made
 min(d, k) drafts, committed min(a, k) + 1 tokens and cost c(min(d, k)) — the method's measured step-cost table (the
@@ -119,15 +119,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--out", default="benchmarks/results/controller_replay")
     args = ap.parse_args(argv)
+    unknown = [m for m in args.methods.split(",") if m not in MODULES]
+    if unknown:
+        print(f"error: --methods takes {', '.join(MODULES)} (got {', '.join(unknown)})", file=sys.stderr)
+        return 2
     load_start = load_average()
     model = load_model("smollm2-135m")
     sets = training_prompts(args.per_set)
     decays = [float(x) for x in args.decays.split(",")]
     rows = []
     for method in args.methods.split(","):
-        if method not in MODULES:
-            print(f"error: --methods takes {', '.join(MODULES)} (got {method!r})", file=sys.stderr)
-            return 2
         strategy, _ = build_method(model, method)
         for temperature in (float(t) for t in args.temperatures.split(",")):
             for set_name, prompts in sets.items():
