@@ -8,9 +8,9 @@ row made (d) and the tokens it committed (a + 1, a accepted). Asking for k <= K 
 min(d, k) drafts, committed min(a, k) + 1 tokens and cost c(min(d, k)) — the method's measured step-cost table (the
 adaptive engine's own calibration on this machine). Under greedy decoding every policy commits the same text, so
 the replay of a policy is exact in tokens per step; under sampling it is an approximation (a shorter draft would
-have sampled differently). The controller's parts (`best_draft_length`, `discounted`, `judged`, probes and their
-backoff) are eej.decoding.adaptive's own; a free probe (Kangaroo) is scored by whether the trace's first draft was
-accepted, and costs nothing extra here; any other probe is a real one-draft step.
+have sampled differently). The controller is eej.decoding.adaptive's own: `Controller.decide` and `Controller.after`,
+what every adaptive step calls, with `judged`; a free probe (Kangaroo) is scored by whether the trace's first draft
+was accepted, and costs nothing extra here; any other probe is a real one-draft step.
 
     flock /tmp/eej-benchmark.lock .venv/bin/python scripts/controller_replay.py [--out benchmarks/results/controller_replay]
 """
@@ -83,28 +83,24 @@ def replay(trace: list[tuple[int, int]], costs: list[float], max_new: int, polic
            probe_every: int, free_probe: bool) -> tuple[float, float, int, int]:
     """One prompt under `policy` (an int: that k every step; "adaptive": the controller) -> (tokens, ms, steps,
     drafting steps)."""
-    table = jnp.asarray(costs, jnp.float32)
-    hits, trials = jnp.full((1,), adaptive.PRIOR_HITS), jnp.full((1,), adaptive.PRIOR_TRIALS)
-    idle, backoff = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+    controller = adaptive.Controller.start(1, len(costs) - 1, tuple(costs))
+    row = jnp.asarray([True])
     tokens = spent = drafting = 0
     made = 1  # the prefill's token
     for drafted, committed in trace:
         probe = False
         if policy == "adaptive":
-            wanted = adaptive.best_draft_length(hits / trials, jnp.asarray([True]), table, jnp.asarray([max_new - made]))
-            due = bool((wanted == 0) & adaptive.probe_due(idle, backoff, probe_every))
-            k = int(wanted) if free_probe or not due else 1
-            probe = k > 0 or due
-            backoff = adaptive.next_backoff(backoff, jnp.asarray(due), wanted > 0)
-            idle = jnp.where(probe, 0, idle + 1)
+            k, probe, backoff = controller.decide(row, jnp.asarray([max_new - made]), probe_every, free_probe)
+            k, probe = int(k), bool(probe)
         else:
             k = policy
         d = min(drafted, k)
         a = min(committed - 1, d)
-        new_hits, new_trials = adaptive.judged(jnp.asarray([d]), jnp.asarray([a + 1]))
-        if free_probe and probe and d == k and a == d and drafted > k:  # the guess after the last committed token
-            new_hits, new_trials = new_hits + float(committed - 1 > k), new_trials + 1.0
-        hits, trials = adaptive.discounted(hits, trials, new_hits, new_trials, jnp.asarray([True]), decay)
+        if policy == "adaptive":
+            new_hits, new_trials = adaptive.judged(jnp.asarray([d]), jnp.asarray([a + 1]))
+            if free_probe and probe and d == k and a == d and drafted > k:  # the guess after the last committed token
+                new_hits, new_trials = new_hits + float(committed - 1 > k), new_trials + 1.0
+            controller = controller.after(k, probe, backoff, new_hits, new_trials, row, decay)
         tokens, spent, drafting = tokens + a + 1, spent + costs[d], drafting + (k > 0)
         made += a + 1
     return tokens, spent, len(trace), drafting

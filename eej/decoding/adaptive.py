@@ -130,6 +130,25 @@ class Controller(ExitEconomics):
         """[B] the estimated probability that a row's next draft is accepted."""
         return self.rate
 
+    def decide(self, active: jax.Array, remaining: jax.Array | None, probe_every: int,
+               free_probe: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """This step's (k, probe, backoff): the draft length the rule picks for the active rows [B] with `remaining`
+        [B] tokens of budget (`best_draft_length`), or — when that is 0 and a probe is due — a probe (free: scored
+        on the plain step; else one real draft), or the calibration's forced k; the backoff after the step."""
+        wanted = best_draft_length(self.acceptance, active, self.costs, remaining)
+        due = (wanted == 0) & probe_due(self.idle, self.backoff, probe_every)
+        k = wanted if free_probe else jnp.where(due, 1, wanted)
+        forced = self.force >= 0
+        k = jnp.where(forced, self.force, k)
+        return k, (k > 0) | (due & ~forced), next_backoff(self.backoff, due, wanted > 0)
+
+    def after(self, k: jax.Array | int, probe: jax.Array | bool, backoff: jax.Array, hits: jax.Array,
+              trials: jax.Array, active: jax.Array, decay: float = DECAY) -> "Controller":
+        """The state after a step that drafted k (probing or not) and observed `hits` of `trials` [B] drafts."""
+        hits, trials = discounted(self.hits, self.trials, hits, trials, active, decay)
+        return self.replace(hits=hits, trials=trials, idle=jnp.where((jnp.asarray(k) > 0) | probe, 0, self.idle + 1),
+                            backoff=backoff, chosen=self.chosen.at[k].add(1))
+
 
 def probe_due(idle: jax.Array, backoff: jax.Array, probe_every: int) -> jax.Array:
     """Whether a probe is due after `idle` steps without one: every probe_every * 2^backoff steps."""
@@ -238,21 +257,14 @@ class SelfSpeculative(Strategy):
     def step(self, s: StepInputs) -> StepResult:
         ctl: Controller = s.method_state["controller"]
         if self.adaptive:
-            wanted = best_draft_length(ctl.acceptance, s.active, ctl.costs, s.remaining)
-            due = (wanted == 0) & probe_due(ctl.idle, ctl.backoff, self.probe_every)
-            k = wanted if self.free_probe else jnp.where(due, 1, wanted)
+            k, probe, backoff = ctl.decide(s.active, s.remaining, self.probe_every, self.free_probe)
             forced = ctl.force >= 0
-            k = jnp.where(forced, ctl.force, k)
-            probe = (k > 0) | (due & ~forced)
-            backoff = next_backoff(ctl.backoff, due, wanted > 0)
         else:
             k, probe, backoff, forced = self.max_draft_steps, False, ctl.backoff, False
         # Finished rows draft nothing: their drafts would only widen the verification.
         result, hits, trials = self.speculate(s.replace(method_state=s.method_state["drafter"]), jnp.where(s.active, k, 0),
                                               probe, forced)
-        hits, trials = discounted(ctl.hits, ctl.trials, hits, trials, s.active)
-        ctl = ctl.replace(hits=hits, trials=trials, idle=jnp.where((jnp.asarray(k) > 0) | probe, 0, ctl.idle + 1),
-                          backoff=backoff, chosen=ctl.chosen.at[k].add(1))
+        ctl = ctl.after(k, probe, backoff, hits, trials, s.active)
         return result.replace(method_state={"drafter": result.method_state, "controller": ctl})
 
     def calibration_points(self) -> list[Callable[[Any], Any]] | None:
