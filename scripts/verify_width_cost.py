@@ -1,0 +1,138 @@
+"""What a verification of w tokens costs against a one-token step, and whether an XLA CPU flag changes it.
+
+Times SmolLM2-135M's full forward (all layers + the LM head, the work a plain step or a verification of w
+tokens does) and the LM head alone, over w = 1..--max-width tokens at batch 1, each as a compiled loop of
+--steps steps (the cache donated, as in decoding); the minimum over --rounds rounds. Each XLA flag set
+(--variants) runs in a process of its own, since XLA reads its flags once. Writes PREFIX.json and PREFIX.md.
+
+On a CPU a one-token step's matmuls are matrix-vector products, and from two tokens on they are small matrix
+products, run by another kernel (YNNPACK by default in JAX 0.10, Eigen or oneDNN with the flags below) that
+costs more per weight read: docs/adaptive.md, "What a verification costs on this CPU". Run it alone:
+
+    flock /tmp/eej-benchmark.lock .venv/bin/python scripts/verify_width_cost.py --out benchmarks/results/verify_width_cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+VARIANTS = {
+    "default": "",
+    "eigen": "--xla_cpu_use_xnnpack=false",
+    "onednn": "--xla_cpu_use_xnnpack=false --xla_cpu_use_onednn=true",
+    "xnn-graph": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+}
+
+
+def measure(model_name: str, max_width: int, steps: int, rounds: int) -> dict:
+    """{"forward": {w: ms}, "head": {w: ms}} in this process (its XLA flags)."""
+    import functools
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from eej.model.cache import init_cache
+    from eej.model.transformer import embed, logits_from_hidden, run_layers
+    from eej.weights.registry import load_model
+
+    model = load_model(model_name)
+    cfg, params = model.cfg, model.params
+    capacity = 64 + steps * max_width
+
+    @functools.partial(jax.jit, static_argnums=(2, 3), donate_argnums=(1,))
+    def loop(params, cache, width, head_only):
+        def body(i, carry):
+            cache, tokens, hidden = carry
+            if head_only:  # the argmax (every column) fed back, so the steps do not fold into one
+                top = jnp.argmax(logits_from_hidden(params, hidden, cfg), -1)
+                return cache, tokens, hidden + top[..., None].astype(hidden.dtype) * 1e-9
+            positions = 32 + i * width + jnp.arange(width, dtype=jnp.int32)[None]
+            x, cache = run_layers(params, embed(params, tokens, cfg), cache, positions, cfg)
+            return cache, jnp.argmax(logits_from_hidden(params, x, cfg), -1).astype(jnp.int32), hidden
+
+        start = (cache, jnp.ones((1, width), jnp.int32), jnp.ones((1, width, cfg.hidden_size), cfg.jnp_dtype))
+        cache, tokens, hidden = lax.fori_loop(0, steps, body, start)
+        return cache, tokens, hidden
+
+    out: dict = {"forward": {}, "head": {}}
+    for kind in out:
+        for width in range(1, max_width + 1):
+            best = float("inf")
+            for r in range(rounds + 1):  # round 0 compiles
+                cache = init_cache(cfg, 1, capacity)
+                t = time.perf_counter()
+                jax.block_until_ready(loop(params, cache, width, kind == "head"))
+                if r:
+                    best = min(best, (time.perf_counter() - t) / steps * 1e3)
+            out[kind][width] = round(best, 3)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--max-width", type=int, default=5)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--out", default="benchmarks/results/verify_width_cost")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.model, args.max_width, args.steps, args.rounds)))
+        return 0
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or args.max_width < 1 or args.steps < 1 or args.rounds < 1:
+        print(f"verify_width_cost: error: unknown variant {unknown[0]!r} (choose from {', '.join(VARIANTS)})" if unknown
+              else "verify_width_cost: error: --max-width, --steps and --rounds must be at least 1", file=sys.stderr)
+        return 2
+
+    from eej.bench.machine import machine_info
+    from eej.bench.report import markdown_table, write_result
+
+    machine = machine_info()
+    machine["load_average_start"] = list(os.getloadavg())
+    results = {}
+    for name in variants:
+        env = {**os.environ, "XLA_FLAGS": VARIANTS[name]}
+        child = [sys.executable, __file__, "--child", "--model", args.model, "--max-width", str(args.max_width),
+                 "--steps", str(args.steps), "--rounds", str(args.rounds)]
+        done = subprocess.run(child, env=env, capture_output=True, text=True, check=True)
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        results[name] = {kind: {int(w): ms for w, ms in by_width.items()} for kind, by_width in measured.items()}
+        print(name, results[name], flush=True)
+    machine["load_average_end"] = list(os.getloadavg())
+
+    widths = list(range(1, args.max_width + 1))
+    rows = []
+    for name in variants:
+        for kind in ("forward", "head"):
+            ms = results[name][kind]
+            rows.append([name, kind, f"`{VARIANTS[name]}`" if VARIANTS[name] else "(none)"]
+                        + [f"{ms[w]:.2f} ({ms[w] / ms[1]:.2f}x)" for w in widths])
+    command = "python scripts/verify_width_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    doc = {"command": command, "machine": machine, "model": args.model, "batch": 1, "steps": args.steps,
+           "rounds": args.rounds, "variants": {n: {"xla_flags": VARIANTS[n], **results[n]} for n in variants}}
+    markdown = "\n".join([
+        "# Verification width cost (full forward and LM head, batch 1)",
+        "",
+        f"`{command}` — {machine.get('cpu')} x{machine.get('cpu_count')}, JAX {machine.get('jax')}, load average "
+        f"{machine.get('load_average_start')} -> {machine['load_average_end']}. Milliseconds per step (minimum over "
+        f"{args.rounds} rounds of a {args.steps}-step compiled loop) and the ratio to one token.",
+        "",
+        markdown_table(["variant", "what", "XLA_FLAGS"] + [f"w={w}" for w in widths], rows),
+        "",
+    ])
+    write_result(doc, markdown, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""scripts/verify_width_cost.py: it times every width of both programs, and rejects bad arguments before measuring."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("verify_width_cost", os.path.join(ROOT, "scripts", "verify_width_cost.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_it_times_each_width_of_the_forward_and_the_head(script):
+    out = script.measure("tiny-llama", max_width=3, steps=2, rounds=1)
+    assert set(out) == {"forward", "head"}
+    for kind in out:
+        assert sorted(out[kind]) == [1, 2, 3] and all(ms > 0 for ms in out[kind].values())
+
+
+@pytest.mark.parametrize("argv", [["--variants", "default,nope"], ["--max-width", "0"], ["--rounds", "0"]])
+def test_bad_arguments_end_with_status_2_before_measuring(script, argv, capsys, tmp_path):
+    assert script.main(argv + ["--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.startswith("verify_width_cost: error: ")
+    assert not list(tmp_path.iterdir())
