@@ -7,7 +7,8 @@ tokens does) and the LM head alone, over w = 1..--max-width tokens at batch 1, e
 
 On a CPU a one-token step's matmuls are matrix-vector products, and from two tokens on they are small matrix
 products, run by another kernel (YNNPACK by default in JAX 0.10, Eigen or oneDNN with the flags below) that
-costs more per weight read: docs/adaptive.md, "What a verification costs on this CPU". Run it alone:
+costs more per weight read: docs/adaptive.md, section `adaptive_v10_*`, "Why a verification costs so much on this
+CPU". Run it alone:
 
     flock /tmp/eej-benchmark.lock .venv/bin/python scripts/verify_width_cost.py --out benchmarks/results/verify_width_cost
 """
