@@ -61,6 +61,8 @@ class ModelConfig:
       bos_id, eos_ids, pad_id: special token ids; generation stops at any of `eos_ids`.
       dtype: parameter / activation dtype name ("float32" or "bfloat16").
       attention_impl: which attention implementation runs ("xla" reference, or a registered kernel).
+      matmul_impl: how projections and heads multiply: "xla" (jnp.matmul), or "cpu" — a C++ kernel for the
+        few rows of a decode or verification step on a CPU, float32 (eej.kernels.cpu_matmul).
       layer_fn: None for the Llama decoder layer, or a layer of your own,
         `layer_fn(layer_params, x [B,T,D], positions [B,T], attend) -> x [B,T,D]`, where
         `attend(q [B,T,Hq,Dh], k [B,T,Hkv,Dh], v [B,T,Hkv,Dh]) -> [B,T,Hq,Dh]` is causal attention
@@ -93,6 +95,7 @@ class ModelConfig:
     pad_id: int = 0
     dtype: str = "float32"
     attention_impl: str = "xla"
+    matmul_impl: str = "xla"
     layer_fn: Callable[..., Any] | None = None
     num_experts: int = 0
     experts_per_token: int = 0
@@ -113,6 +116,8 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.matmul_impl not in ("xla", "cpu"):
+            raise ValueError(f"matmul_impl must be 'xla' or 'cpu', got {self.matmul_impl!r}")
         if self.num_experts < 0:
             raise ValueError(f"num_experts must be >= 0 (0 = dense MLP), got {self.num_experts}")
         if self.num_experts:

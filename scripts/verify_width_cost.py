@@ -1,14 +1,16 @@
-"""What a verification of w tokens costs against a one-token step, and whether an XLA CPU flag changes it.
+"""What a verification of w tokens costs against a one-token step, by XLA CPU flag and matmul implementation.
 
 Times SmolLM2-135M's full forward (all layers + the LM head, the work a plain step or a verification of w
 tokens does) and the LM head alone, over w = 1..--max-width tokens at batch 1, each as a compiled loop of
---steps steps (the cache donated, as in decoding); the minimum over --rounds rounds. Each XLA flag set
-(--variants) runs in a process of its own, since XLA reads its flags once. Writes PREFIX.json and PREFIX.md.
+--steps steps (the cache donated, as in decoding); the minimum over --rounds rounds. Each variant (an XLA flag
+set and `--matmul` implementation) runs in a process of its own, since XLA reads its flags once. Writes
+PREFIX.json and PREFIX.md.
 
 On a CPU a one-token step's matmuls are matrix-vector products, and from two tokens on they are small matrix
 products, run by another kernel (YNNPACK by default in JAX 0.10, Eigen or oneDNN with the flags below) that
 costs more per weight read: docs/adaptive.md, section `adaptive_v10_*`, "Why a verification costs so much on this
-CPU". Run it alone:
+CPU". The `cpu-kernel` variant runs eej's own kernel for those few rows (`--matmul cpu`, eej.kernels.cpu_matmul),
+which reads the weights once whatever the width. Run it alone:
 
     flock /tmp/eej-benchmark.lock .venv/bin/python scripts/verify_width_cost.py --out benchmarks/results/verify_width_cost
 """
@@ -21,16 +23,19 @@ import os
 import subprocess
 import sys
 
+# name: (XLA_FLAGS, ModelConfig.matmul_impl)
 VARIANTS = {
-    "default": "",
-    "eigen": "--xla_cpu_use_xnnpack=false",
-    "onednn": "--xla_cpu_use_xnnpack=false --xla_cpu_use_onednn=true",
-    "xnn-graph": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    "default": ("", "xla"),
+    "cpu-kernel": ("", "cpu"),
+    "eigen": ("--xla_cpu_use_xnnpack=false", "xla"),
+    "onednn": ("--xla_cpu_use_xnnpack=false --xla_cpu_use_onednn=true", "xla"),
+    "xnn-graph": ("--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY", "xla"),
+    "no-ynn": ("--xla_cpu_experimental_ynn_fusion_type=", "xla"),
 }
 
 
-def measure(model_name: str, max_width: int, steps: int, rounds: int) -> dict:
-    """{"forward": {w: ms}, "head": {w: ms}} in this process (its XLA flags)."""
+def measure(model_name: str, max_width: int, steps: int, rounds: int, matmul: str = "xla") -> dict:
+    """{"forward": {w: ms}, "head": {w: ms}} in this process (its XLA flags), projections multiplied by `matmul`."""
     import functools
     import time
 
@@ -43,7 +48,7 @@ def measure(model_name: str, max_width: int, steps: int, rounds: int) -> dict:
     from eej.weights.registry import load_model
 
     model = load_model(model_name)
-    cfg, params = model.cfg, model.params
+    cfg, params = model.cfg.replace(matmul_impl=matmul), model.params
     capacity = 64 + steps * max_width
 
     @functools.partial(jax.jit, static_argnums=(2, 3), donate_argnums=(1,))
@@ -84,9 +89,10 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--out", default="benchmarks/results/verify_width_cost")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-matmul", default="xla", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.model, args.max_width, args.steps, args.rounds)))
+        print(json.dumps(measure(args.model, args.max_width, args.steps, args.rounds, args.child_matmul)))
         return 0
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -102,9 +108,10 @@ def main(argv=None) -> int:
     machine["load_average_start"] = list(os.getloadavg())
     results = {}
     for name in variants:
-        env = {**os.environ, "XLA_FLAGS": VARIANTS[name]}
+        flags, matmul = VARIANTS[name]
+        env = {**os.environ, "XLA_FLAGS": flags}
         child = [sys.executable, __file__, "--child", "--model", args.model, "--max-width", str(args.max_width),
-                 "--steps", str(args.steps), "--rounds", str(args.rounds)]
+                 "--steps", str(args.steps), "--rounds", str(args.rounds), "--child-matmul", matmul]
         done = subprocess.run(child, env=env, capture_output=True, text=True, check=True)
         measured = json.loads(done.stdout.strip().splitlines()[-1])
         results[name] = {kind: {int(w): ms for w, ms in by_width.items()} for kind, by_width in measured.items()}
@@ -116,11 +123,12 @@ def main(argv=None) -> int:
     for name in variants:
         for kind in ("forward", "head"):
             ms = results[name][kind]
-            rows.append([name, kind, f"`{VARIANTS[name]}`" if VARIANTS[name] else "(none)"]
+            flags, matmul = VARIANTS[name]
+            rows.append([name, kind, f"`{flags}`" if flags else "(none)", matmul]
                         + [f"{ms[w]:.2f} ({ms[w] / ms[1]:.2f}x)" for w in widths])
     command = "python scripts/verify_width_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
     doc = {"command": command, "machine": machine, "model": args.model, "batch": 1, "steps": args.steps,
-           "rounds": args.rounds, "variants": {n: {"xla_flags": VARIANTS[n], **results[n]} for n in variants}}
+           "rounds": args.rounds, "variants": {n: {"xla_flags": VARIANTS[n][0], "matmul": VARIANTS[n][1], **results[n]} for n in variants}}
     markdown = "\n".join([
         "# Verification width cost (full forward and LM head, batch 1)",
         "",
@@ -128,7 +136,7 @@ def main(argv=None) -> int:
         f"{machine.get('load_average_start')} -> {machine['load_average_end']}. Milliseconds per step (minimum over "
         f"{args.rounds} rounds of a {args.steps}-step compiled loop) and the ratio to one token.",
         "",
-        markdown_table(["variant", "what", "XLA_FLAGS"] + [f"w={w}" for w in widths], rows),
+        markdown_table(["variant", "what", "XLA_FLAGS", "matmul"] + [f"w={w}" for w in widths], rows),
         "",
     ])
     write_result(doc, markdown, args.out)

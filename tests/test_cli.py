@@ -29,8 +29,8 @@ def test_json_output_schema_on_a_batch_file(tmp_path, capsys):
     )
     assert code == 0
     result = json.loads(out)
-    assert set(result) == {"model", "method", "outputs", "seconds", "tokens_per_second", "device", "attention", "mesh",
-                           "processes", "compile_seconds", "compile_cache_hits"}
+    assert set(result) == {"model", "method", "outputs", "seconds", "tokens_per_second", "device", "attention",
+                           "matmul", "mesh", "processes", "compile_seconds", "compile_cache_hits"}
     assert result["method"] == "plain" and result["model"] == "tiny-gqa"
     assert [o["prompt"] for o in result["outputs"]] == ["hello", "a longer prompt here", "x"]
     for o in result["outputs"]:
@@ -69,6 +69,8 @@ def test_text_output_and_stats_line(capsys):
          "--prompt: prompt of"),
         (["generate", "--model", "tiny-llama", "--prompt", "hi", "--method", "nope"], "unknown method"),
         (["generate", "--model", "tiny-llama", "--prompt", "hi", "--attention", "nope"], "attention"),
+        (["generate", "--model", "tiny-llama", "--prompt", "hi", "--matmul", "cpu", "--dtype", "bfloat16"],
+         "--matmul cpu runs float32 models"),
         (["generate", "--model", "tiny-llama", "--prompt", "hi", "--max-new-tokens", "abc"], "invalid int"),
         (["generate", "--model", "/no/such/model.gguf", "--prompt", "hi"], "not found"),
         (["generate", "--model", "tiny-llama", "--prompt", "hi", "--experts-per-token", "2"], "is dense"),

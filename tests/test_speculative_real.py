@@ -1,8 +1,11 @@
 """Lossless self-speculation on SmolLM2-135M with the shipped add-ons: token-identical to plain decoding,
 drafts accepted (Kangaroo's adapter, M2R2's fast stream) — drafting every step as the papers do, and with
-the draft length chosen each step from the measured costs (the default presets)."""
+the draft length chosen each step from the measured costs (the default presets); with XLA's matmuls and with the
+CPU kernel (`--matmul cpu`)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
@@ -19,12 +22,14 @@ def _prompts(model):
 
 
 @pytest.mark.real_model
+@pytest.mark.parametrize("matmul", ["xla", "cpu"])
 @pytest.mark.parametrize("method", ["kangaroo:fixed", "m2r2-spec:fixed"])
-def test_shipped_addons_are_lossless_and_accept_drafts(real_model, method):
-    strategy, method_params = build_method(real_model, method)  # a shipped preset, no set-up
-    prompts = _prompts(real_model)
-    plain = Engine(real_model).generate(prompts, max_new_tokens=40)
-    out = Engine(real_model, strategy, method_params).generate(prompts, max_new_tokens=40)
+def test_shipped_addons_are_lossless_and_accept_drafts(real_model, method, matmul):
+    model = dataclasses.replace(real_model, cfg=real_model.cfg.replace(matmul_impl=matmul))  # as `--matmul`
+    strategy, method_params = build_method(model, method)  # a shipped preset, no set-up
+    prompts = _prompts(model)
+    plain = Engine(model).generate(prompts, max_new_tokens=40)
+    out = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=40)
     assert out.tokens == plain.tokens
     # the trained drafts get accepted: fewer full-model forwards than tokens
     assert sum(out.new_tokens) / sum(out.forwards) > 1.2

@@ -30,3 +30,9 @@ def test_bad_arguments_end_with_status_2_before_measuring(script, argv, capsys, 
     assert script.main(argv + ["--out", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.startswith("verify_width_cost: error: ")
     assert not list(tmp_path.iterdir())
+
+
+def test_the_kernel_variant_times_the_cpu_matmul(script):
+    assert script.VARIANTS["cpu-kernel"] == ("", "cpu")
+    out = script.measure("tiny-llama", max_width=2, steps=2, rounds=1, matmul="cpu")
+    assert sorted(out["forward"]) == [1, 2] and all(ms > 0 for ms in out["head"].values())

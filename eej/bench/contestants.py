@@ -106,6 +106,7 @@ class MethodContestant:
             "strategy": repr(self.strategy),
             "lossless": bool(self.strategy.lossless),
             "attention": self.engine.cfg.attention_impl,
+            "matmul": self.engine.cfg.matmul_impl,
         }
 
 

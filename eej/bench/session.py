@@ -109,7 +109,7 @@ def bench_document(
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     model_info = {"name": model.name, "num_layers": model.cfg.num_layers, "dtype": model.cfg.dtype,
-                  "attention": model.cfg.attention_impl, "eos_ids": list(model.cfg.eos_ids)}
+                  "attention": model.cfg.attention_impl, "matmul": model.cfg.matmul_impl, "eos_ids": list(model.cfg.eos_ids)}
     return build_document(model_info, machine, run_settings, summary, infos, compile_seconds), records
 
 

@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # The options a checkpoint's answers depend on: resuming with any of them changed is refused.
-_RUN_KEYS = ("model", "dtype", "attention", "cache_size", "methods", "mt_bench_categories", "max_new_tokens", "batch_size",
+_RUN_KEYS = ("model", "dtype", "attention", "matmul", "cache_size", "methods", "mt_bench_categories", "max_new_tokens", "batch_size",
              "temperature", "top_k", "top_p", "seed", "peers", "early_exit_layer", "peer_threads", "ignore_eos", "rounds")
 
 
@@ -95,6 +95,8 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--dtype", args.dtype]
     if args.attention != "xla":
         parts += ["--attention", args.attention]
+    if args.matmul != "auto":
+        parts += ["--matmul", args.matmul]
     if args.cache_size is not None:
         parts += ["--cache-size", str(args.cache_size)]
     if args.moefy:

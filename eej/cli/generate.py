@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         texts, where = [t for _, t in lines], [f"{args.batch_file}:{n}" for n, _ in lines]
 
     mesh = mesh_from_args(args)
-    model = load_model_from_args(args)
+    model = load_model_from_args(args, mesh=mesh)
     capacity = check_lengths(model, args.max_new_tokens, args.cache_size)
     strategy, method_params = build_method(model, args.method)
     engine = Engine(model, strategy, method_params, cache_size=args.cache_size, mesh=mesh)
@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
                     "tokens_per_second": tps,
                     "device": device_description(),
                     "attention": model.cfg.attention_impl,
+                    "matmul": model.cfg.matmul_impl,
                     "mesh": None if mesh is None else dict(mesh.shape),
                     "processes": jax.process_count(),
                     "compile_seconds": compile_seconds,

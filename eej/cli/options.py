@@ -26,6 +26,12 @@ def add_model_arguments(p: argparse.ArgumentParser, attention_list: bool = False
         "triton (jax-triton, GPU only: pip install 'eej[gpu]')"
         + ("; a comma-separated list runs every method once per implementation" if attention_list else ""),
     )
+    p.add_argument(
+        "--matmul", default="auto", choices=["auto", "xla", "cpu"],
+        help="how projections and heads multiply: cpu (a C++ kernel for the few rows of a decode or verification "
+        "step, compiled on first use; float32 on the CPU backend), xla (jnp.matmul), auto (default: cpu where it "
+        "applies — CPU backend, float32, no mesh — else xla)",
+    )
     p.add_argument("--cache-size", type=int, default=None, help="KV cache positions per row (default: fitted)")
     p.add_argument("--moefy", metavar="ARTIFACT",
                    help="run the dense model as the mixture of experts an `eej train moefy` artifact describes "
@@ -89,18 +95,40 @@ def mesh_from_args(args: argparse.Namespace):
     return make_mesh(**parse_mesh_spec(args.mesh))
 
 
-def load_model_from_args(args: argparse.Namespace, attention: str | None = None):
-    """The model of --model/--dtype/--moefy/--experts-per-token, with --attention (or `attention`, if given)."""
+def load_model_from_args(args: argparse.Namespace, attention: str | None = None, mesh=None):
+    """The model of --model/--dtype/--moefy/--experts-per-token, with --attention (or `attention`, if given) and
+    --matmul (resolved for `mesh`, the --mesh the model will run on)."""
     attention = attention or args.attention
     try:
         get_impl(attention)
     except ValueError as e:
         raise CliError(str(e)) from None
+    matmul = resolve_matmul(args.matmul, args.dtype, mesh)
     model = load_model(args.model, dtype=args.dtype)
     model = _as_mixture(model, getattr(args, "moefy", None), getattr(args, "experts_per_token", None))
-    if attention != model.cfg.attention_impl:
-        model = dataclasses.replace(model, cfg=model.cfg.replace(attention_impl=attention))
+    if attention != model.cfg.attention_impl or matmul != model.cfg.matmul_impl:
+        model = dataclasses.replace(model, cfg=model.cfg.replace(attention_impl=attention, matmul_impl=matmul))
     return model
+
+
+def resolve_matmul(choice: str, dtype: str, mesh=None) -> str:
+    """--matmul as `ModelConfig.matmul_impl`: "auto" is "cpu" on the CPU backend for a float32 model off a mesh,
+    else "xla"; an explicit "cpu" that cannot run here is a CliError, and so is a kernel that does not compile."""
+    fits = jax.default_backend() == "cpu" and dtype == "float32" and (mesh is None or mesh.size == 1)
+    if choice == "auto":
+        choice = "cpu" if fits else "xla"
+    elif choice == "cpu" and not fits:
+        raise CliError(f"--matmul cpu runs float32 models on the CPU backend, off a mesh (here: backend "
+                       f"{jax.default_backend()}, --dtype {dtype}, mesh {'none' if mesh is None else dict(mesh.shape)});"
+                       " use --matmul xla")
+    if choice == "cpu":
+        from eej.kernels import cpu_matmul
+
+        try:
+            cpu_matmul.register()
+        except cpu_matmul.KernelBuildError as e:
+            raise CliError(str(e).splitlines()[0]) from None
+    return choice
 
 
 def _as_mixture(model, moefy: str | None, experts_per_token: int | None):

@@ -41,7 +41,7 @@ def step_times_key(cfg, strategy: Any, sampling: Any, batch: int, capacity: int)
     device = jax.devices()[0]
     return {"measures": MEASURES_VERSION, "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
             "jax": jax.__version__, "model": model_fingerprint(cfg), "dtype": cfg.dtype,
-            "attention": cfg.attention_impl, "strategy": repr(strategy), "sampling": repr(sampling), "batch": batch,
+            "attention": cfg.attention_impl, "matmul": cfg.matmul_impl, "strategy": repr(strategy), "sampling": repr(sampling), "batch": batch,
             "capacity": capacity}
 
 

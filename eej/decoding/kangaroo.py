@@ -106,7 +106,7 @@ class Kangaroo(SelfSpeculative):
             h, cache = self._shallow(s, cache, token, positions)
             drafted, adapter_cache = adapter_forward(adapter, h, adapter_cache, positions, cfg)
             hidden = lax.dynamic_update_slice(hidden, h, (0, i, 0))
-            return (cache, adapter_cache, hidden), linear(drafted[:, 0], head)
+            return (cache, adapter_cache, hidden), linear(drafted[:, 0], head, impl=cfg.matmul_impl)
 
         draft_key, verify_key = jax.random.split(s.key)
         (cache, adapter_cache, hidden), drafts = draft_loop(
@@ -122,7 +122,7 @@ class Kangaroo(SelfSpeculative):
 
         def guess(adapter_cache):
             drafted, adapter_cache = adapter_forward(adapter, h, adapter_cache, positions, cfg)
-            return adapter_cache, linear(drafted[:, 0], head).astype(jnp.float32)
+            return adapter_cache, linear(drafted[:, 0], head, impl=cfg.matmul_impl).astype(jnp.float32)
 
         def kv_only(adapter_cache):
             _, new_k, new_v = qkv(adapter, h, positions, cfg)

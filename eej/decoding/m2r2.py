@@ -96,7 +96,7 @@ def fast_params(params: Params, method_params: dict) -> Params:
 
 def fast_head_logits(method_params: dict, x: jax.Array, head: jax.Array, cfg: ModelConfig) -> jax.Array:
     """The fast stream's prediction: its RMSNorm then `head` [D, V']: x [..., D] -> float32 logits [..., V']."""
-    return linear(rms_norm(x, method_params["norm"], cfg.rms_eps), head).astype(jnp.float32)
+    return linear(rms_norm(x, method_params["norm"], cfg.rms_eps), head, impl=cfg.matmul_impl).astype(jnp.float32)
 
 
 def run_fast(

@@ -141,7 +141,7 @@ class KangarooDrafter:
     def propose(self, params, drafter_params, state, hidden, positions, k, cfg):
         drafted, state = adapter_forward(drafter_params["adapter"], hidden, state, positions, cfg)
         head, ids = draft_head(params, drafter_params)
-        _, top = lax.top_k(linear(drafted, head).astype(jnp.float32), k)
+        _, top = lax.top_k(linear(drafted, head, impl=cfg.matmul_impl).astype(jnp.float32), k)
         top = top if ids is None else jnp.take(ids, top)
         return top.astype(jnp.int32), state.with_lengths(positions[:, -1] + 1)
 

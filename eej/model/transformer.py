@@ -89,9 +89,24 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """x [..., in] @ w [in, out] (+ b [out]) -> [..., out]."""
-    y = jnp.matmul(x, w.astype(x.dtype))
+MATMUL_IMPLS = ("xla", "cpu")
+
+
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, impl: str = "xla") -> jax.Array:
+    """x [..., in] @ w [in, out] (+ b [out]) -> [..., out].
+
+    impl: "xla" (jnp.matmul), or "cpu" — the CPU kernel `eej.kernels.cpu_matmul` for float32 products of at
+    most its MAX_ROWS rows (decode and verification steps), XLA's for the rest (`ModelConfig.matmul_impl`).
+    """
+    w = w.astype(x.dtype)
+    if impl == "cpu":
+        from eej.kernels import cpu_matmul
+
+        y = cpu_matmul.matmul(x, w) if cpu_matmul.applies(x, w) else jnp.matmul(x, w)
+    elif impl == "xla":
+        y = jnp.matmul(x, w)
+    else:
+        raise ValueError(f"unknown matmul implementation {impl!r}; one of {', '.join(MATMUL_IMPLS)}")
     return y if b is None else y + b.astype(y.dtype)
 
 
@@ -106,16 +121,16 @@ def final_norm(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 def logits_from_hidden(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Final norm + LM head: hidden [..., D] -> float32 logits [..., V]."""
-    return linear(final_norm(params, x, cfg), params["lm_head"]).astype(jnp.float32)
+    return linear(final_norm(params, x, cfg), params["lm_head"], impl=cfg.matmul_impl).astype(jnp.float32)
 
 
 def qkv(layer: dict[str, jax.Array], x: jax.Array, positions: jax.Array, cfg: ModelConfig):
     """Normed, projected, rotated q [B,T,Hq,Dh], k [B,T,Hkv,Dh], v [B,T,Hkv,Dh] of residual x [B,T,D]."""
     b, t, _ = x.shape
     h = rms_norm(x, layer["attn_norm"], cfg.rms_eps)
-    q = linear(h, layer["wq"], layer.get("bq")).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = linear(h, layer["wk"], layer.get("bk")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = linear(h, layer["wv"], layer.get("bv")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q = linear(h, layer["wq"], layer.get("bq"), cfg.matmul_impl).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = linear(h, layer["wk"], layer.get("bk"), cfg.matmul_impl).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = linear(h, layer["wv"], layer.get("bv"), cfg.matmul_impl).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     return apply_rope(q, positions, cfg.rope), apply_rope(k, positions, cfg.rope), v
 
 
@@ -127,7 +142,9 @@ def mlp(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig) -> jax.Arra
     h = rms_norm(x, layer["mlp_norm"], cfg.rms_eps)
     if "router" in layer:
         return x + moe.moe_ffn(layer, h, cfg)[0]
-    return x + linear(jax.nn.silu(linear(h, layer["w_gate"])) * linear(h, layer["w_up"]), layer["w_down"])
+    impl = cfg.matmul_impl
+    gated = jax.nn.silu(linear(h, layer["w_gate"], impl=impl)) * linear(h, layer["w_up"], impl=impl)
+    return x + linear(gated, layer["w_down"], impl=impl)
 
 
 def cached_attention(
@@ -210,7 +227,7 @@ def attention_block(
     b, t, _ = x.shape
     q, k, v = qkv(layer, x, positions, cfg)
     out, k_cache, v_cache = cached_attention(q, k, v, k_cache, v_cache, positions, cfg, kv_limit, slots)
-    return x + linear(out.reshape(b, t, cfg.num_heads * cfg.head_dim), layer["wo"]), k_cache, v_cache
+    return x + linear(out.reshape(b, t, cfg.num_heads * cfg.head_dim), layer["wo"], impl=cfg.matmul_impl), k_cache, v_cache
 
 
 def block(
