@@ -250,6 +250,17 @@ def test_fixed_length_rounds_and_attention_implementations(tmp_path, capsys):
     assert o["new_tokens"] == 18 and o["identical_rate"] == 1.0  # the Pallas kernel decodes plain's tokens
 
 
+def test_matmul_implementations_run_side_by_side(tmp_path):
+    """`--matmul cpu,xla`: every method once with the CPU kernel (the reference) and once with XLA's matmuls."""
+    out = tmp_path / "r.json"
+    assert main([*_bench_argv(tmp_path, "--methods", "plain", "--matmul", "cpu,xla"), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert list(doc["methods"]) == ["plain", "plain@matmul-xla"]
+    assert [c["info"]["matmul"] for c in doc["methods"].values()] == ["cpu", "xla"]
+    assert doc["settings"]["matmul"] == ["cpu", "xla"] and doc["model"]["matmul"] == "cpu"
+    assert "--matmul cpu,xla" in doc["settings"]["command"]
+
+
 def test_a_labelled_second_plain_is_an_a_a_control(tmp_path, monkeypatch):
     """`again=plain` runs plain decoding a second time on its own engine, under its own name: same tokens as
     the baseline, a speedup that reads the run's noise; a label keeps its spec's method and preset."""
@@ -271,6 +282,8 @@ def test_a_labelled_second_plain_is_an_a_a_control(tmp_path, monkeypatch):
     (["--rounds", "0"], "--rounds must be >= 1, got 0"),
     (["--attention", "xla,xla"], "'xla' is listed twice in --attention"),
     (["--attention", "xla,nope"], "unknown attention implementation 'nope'"),
+    (["--matmul", "cpu,nope"], "--matmul: unknown implementation 'nope'"),
+    (["--matmul", "auto,cpu"], "'cpu' is listed twice in --matmul"),
     (["--methods", "a=plain,a=plain"], "'a=plain' is listed twice in --methods"),
     (["--methods", "a=plain,a=plain:x"], "contestant 'a' is named twice in --methods"),
     (["--methods", "plain=test-shallow"], "the name 'plain' is the baseline's; give 'test-shallow' another name"),

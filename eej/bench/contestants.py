@@ -131,13 +131,16 @@ def first_repeat(items: Sequence[str]) -> str | None:
 
 
 def method_contestants(
-    model: Model, specs: Sequence[str], cache_size: int | None = None, attention: Sequence[str] = ()
+    model: Model, specs: Sequence[str], cache_size: int | None = None, attention: Sequence[str] = (),
+    matmul: Sequence[str] = (),
 ) -> list[MethodContestant]:
-    """One contestant per method spec and attention implementation; `plain` (the baseline) first, added if missing.
+    """One contestant per method spec, attention implementation and matmul implementation; `plain` (the
+    baseline) first, added if missing.
 
     specs: `SPEC` or `LABEL=SPEC` entries (`labelled_spec`); a contestant is named by its label, else its spec.
-    attention: implementations to run every method with (default: the model's). The first is the
-    reference: its contestants are named as above, the others' `NAME@IMPL`.
+    attention, matmul: implementations to run every method with (default: the model's). The first of each is
+    the reference: its contestants are named as above, the others' `NAME@IMPL` (attention) and
+    `NAME@matmul-IMPL`.
     """
     pairs = [labelled_spec(s) for s in unique(specs, "--methods")]
     twice = first_repeat([name for name, _ in pairs])
@@ -148,9 +151,15 @@ def method_contestants(
         raise ValueError(f"the name 'plain' is the baseline's; give {labelled['plain']!r} another name in --methods")
     labelled = {"plain": "plain", **{k: v for k, v in labelled.items() if k != "plain"}}
     impls = unique(attention, "--attention") or [model.cfg.attention_impl]
-    models = [with_attention(model, impl) for impl in impls]
-    return [MethodContestant(m, spec, cache_size, name=label if i == 0 else f"{label}@{impl}")
-            for i, (impl, m) in enumerate(zip(impls, models)) for label, spec in labelled.items()]
+    matmuls = unique(matmul, "--matmul") or [model.cfg.matmul_impl]
+    out = []
+    for i, impl in enumerate(impls):
+        for j, mm in enumerate(matmuls):
+            m = with_attention(model, impl)
+            m = m if mm == m.cfg.matmul_impl else dataclasses.replace(m, cfg=m.cfg.replace(matmul_impl=mm))
+            suffix = (f"@{impl}" if i else "") + (f"@matmul-{mm}" if j else "")
+            out += [MethodContestant(m, spec, cache_size, name=label + suffix) for label, spec in labelled.items()]
+    return out
 
 
 _LABEL = re.compile(r"[A-Za-z0-9_.-]+")

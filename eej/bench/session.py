@@ -96,6 +96,7 @@ def bench_document(
         "ignore_eos": settings.ignore_eos,
         "rounds": settings.rounds,
         "attention": list(dict.fromkeys(i["attention"] for i in infos.values() if "attention" in i)),
+        "matmul": list(dict.fromkeys(i["matmul"] for i in infos.values() if "matmul" in i)),
         "methods": [c.name for c in contestants if c.kind == "method"],
         "peers": [c.name for c in contestants if c.kind == "peer"],
         "token_agreement": agreement,

@@ -21,7 +21,14 @@ from eej.bench.questions import CATEGORY_MODES, load_questions, select_questions
 from eej.bench.report import markdown_report, write_json, write_markdown, write_plot, write_text
 from eej.bench.runner import RunSettings, check_prompts_fit
 from eej.bench.session import bench_document, git_commit
-from eej.cli.options import add_model_arguments, check_lengths, load_model_from_args, sampling_from_args, seed_arg
+from eej.cli.options import (
+    add_model_arguments,
+    check_lengths,
+    load_model_from_args,
+    resolve_matmul,
+    sampling_from_args,
+    seed_arg,
+)
 from eej.cli.parser import CliError
 from eej.files import check_writable, exclusive
 
@@ -72,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # The options a checkpoint's answers depend on: resuming with any of them changed is refused.
-_RUN_KEYS = ("model", "dtype", "attention", "matmul", "cache_size", "methods", "mt_bench_categories", "max_new_tokens", "batch_size",
+_RUN_KEYS = ("model", "dtype", "attention", "matmul", "cache_size", "methods", "mt_bench_categories", "max_new_tokens",
+             "batch_size",
              "temperature", "top_k", "top_p", "seed", "peers", "early_exit_layer", "peer_threads", "ignore_eos", "rounds")
 
 
@@ -142,6 +150,9 @@ def _run(args: argparse.Namespace) -> int:
     attention = unique(args.attention.split(","), "--attention")
     if not attention:
         raise CliError("--attention names no implementation")
+    matmul = unique([resolve_matmul(m.strip(), args.dtype) for m in args.matmul.split(",") if m.strip()], "--matmul")
+    if not matmul:
+        raise CliError("--matmul names no implementation")
     peer_names = parse_peers(args.peers)
     if "hf-early-exit" in peer_names and args.batch_size > 1:
         raise CliError("the hf-early-exit peer (transformers' assisted generation) runs batch size 1 only")
@@ -151,10 +162,10 @@ def _run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     load_start = load_average()
 
-    model = load_model_from_args(args, attention=attention[0])
+    model = load_model_from_args(args, attention=attention[0], matmul=matmul[0])
     capacity = check_lengths(model, args.max_new_tokens, args.cache_size)
     check_prompts_fit(chosen, model.tokenizer, args.max_new_tokens, capacity)
-    contestants: list[Any] = method_contestants(model, args.methods.split(","), args.cache_size, attention)
+    contestants: list[Any] = method_contestants(model, args.methods.split(","), args.cache_size, attention, matmul)
     contestants += load_peers(peer_names, args.model, model, args.early_exit_layer, args.peer_threads)
 
     described = {

@@ -27,10 +27,11 @@ def add_model_arguments(p: argparse.ArgumentParser, attention_list: bool = False
         + ("; a comma-separated list runs every method once per implementation" if attention_list else ""),
     )
     p.add_argument(
-        "--matmul", default="auto", choices=["auto", "xla", "cpu"],
+        "--matmul", default="auto", **({} if attention_list else {"choices": ["auto", "xla", "cpu"]}),
         help="how projections and heads multiply: cpu (a C++ kernel for the few rows of a decode or verification "
         "step, compiled on first use; float32 on the CPU backend), xla (jnp.matmul), auto (default: cpu where it "
-        "applies — CPU backend, float32, no mesh — else xla)",
+        "applies — CPU backend, float32, no mesh — else xla)"
+        + ("; a comma-separated list runs every method once per implementation" if attention_list else ""),
     )
     p.add_argument("--cache-size", type=int, default=None, help="KV cache positions per row (default: fitted)")
     p.add_argument("--moefy", metavar="ARTIFACT",
@@ -95,15 +96,15 @@ def mesh_from_args(args: argparse.Namespace):
     return make_mesh(**parse_mesh_spec(args.mesh))
 
 
-def load_model_from_args(args: argparse.Namespace, attention: str | None = None, mesh=None):
+def load_model_from_args(args: argparse.Namespace, attention: str | None = None, mesh=None, matmul: str | None = None):
     """The model of --model/--dtype/--moefy/--experts-per-token, with --attention (or `attention`, if given) and
-    --matmul (resolved for `mesh`, the --mesh the model will run on)."""
+    --matmul (or `matmul`; resolved for `mesh`, the --mesh the model will run on)."""
     attention = attention or args.attention
     try:
         get_impl(attention)
     except ValueError as e:
         raise CliError(str(e)) from None
-    matmul = resolve_matmul(args.matmul, args.dtype, mesh)
+    matmul = resolve_matmul(matmul or args.matmul, args.dtype, mesh)
     model = load_model(args.model, dtype=args.dtype)
     model = _as_mixture(model, getattr(args, "moefy", None), getattr(args, "experts_per_token", None))
     if attention != model.cfg.attention_impl or matmul != model.cfg.matmul_impl:
@@ -115,6 +116,8 @@ def resolve_matmul(choice: str, dtype: str, mesh=None) -> str:
     """--matmul as `ModelConfig.matmul_impl`: "auto" is "cpu" on the CPU backend for a float32 model off a mesh,
     else "xla"; an explicit "cpu" that cannot run here is a CliError, and so is a kernel that does not compile."""
     fits = jax.default_backend() == "cpu" and dtype == "float32" and (mesh is None or mesh.size == 1)
+    if choice not in ("auto", "xla", "cpu"):
+        raise CliError(f"--matmul: unknown implementation {choice!r}; one of auto, xla, cpu")
     if choice == "auto":
         choice = "cpu" if fits else "xla"
     elif choice == "cpu" and not fits:
