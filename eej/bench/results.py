@@ -84,7 +84,8 @@ def render_specbench(path: str, doc: dict[str, Any], root: str) -> str:
         f"on {os.path.basename(s['questions'])}",
         "",
         f"Measured on **{device_note(m)}**, {s['date']}.{load}",
-        f"Model {model['name']} ({model['dtype']}, attention {model['attention']}); questions per category: {per_cat}; "
+        f"Model {model['name']} ({model['dtype']}, attention {model['attention']}"
+        + (f", matmul {model['matmul']}" if "matmul" in model else "") + f"); questions per category: {per_cat}; "
         f"{s['answers_per_contestant']} answers per contestant; at most {s['max_new_tokens']} new tokens; "
         f"batch {s['batch_size']}; {'greedy' if s['greedy'] else 'sampling'}"
         + ("; EOS ignored" if s.get("ignore_eos") else "") + (f"; {s['rounds']} rounds" if s.get("rounds", 1) > 1 else "")
