@@ -23,19 +23,22 @@ import os
 import subprocess
 import sys
 
-# name: (XLA_FLAGS, ModelConfig.matmul_impl)
+# name: (XLA_FLAGS, ModelConfig.matmul_impl, ModelConfig.attention_impl)
 VARIANTS = {
-    "default": ("", "xla"),
-    "cpu-kernel": ("", "cpu"),
-    "eigen": ("--xla_cpu_use_xnnpack=false", "xla"),
-    "onednn": ("--xla_cpu_use_xnnpack=false --xla_cpu_use_onednn=true", "xla"),
-    "xnn-graph": ("--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY", "xla"),
-    "no-ynn": ("--xla_cpu_experimental_ynn_fusion_type=", "xla"),
+    "default": ("", "xla", "xla"),
+    "cpu-kernel": ("", "cpu", "xla"),
+    "cpu-kernels": ("", "cpu", "cpu"),
+    "eigen": ("--xla_cpu_use_xnnpack=false", "xla", "xla"),
+    "onednn": ("--xla_cpu_use_xnnpack=false --xla_cpu_use_onednn=true", "xla", "xla"),
+    "xnn-graph": ("--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY", "xla", "xla"),
+    "no-ynn": ("--xla_cpu_experimental_ynn_fusion_type=", "xla", "xla"),
 }
 
 
-def measure(model_name: str, max_width: int, steps: int, rounds: int, matmul: str = "xla") -> dict:
-    """{"forward": {w: ms}, "head": {w: ms}} in this process (its XLA flags), projections multiplied by `matmul`."""
+def measure(model_name: str, max_width: int, steps: int, rounds: int, matmul: str = "xla", attention: str = "xla",
+            capacity: int | None = None) -> dict:
+    """{"forward": {w: ms}, "head": {w: ms}} in this process (its XLA flags), with `matmul` and `attention`
+    implementations and a cache of `capacity` slots (default: just what the steps fill)."""
     import functools
     import time
 
@@ -48,8 +51,8 @@ def measure(model_name: str, max_width: int, steps: int, rounds: int, matmul: st
     from eej.weights.registry import load_model
 
     model = load_model(model_name)
-    cfg, params = model.cfg.replace(matmul_impl=matmul), model.params
-    capacity = 64 + steps * max_width
+    cfg, params = model.cfg.replace(matmul_impl=matmul, attention_impl=attention), model.params
+    capacity = capacity or 64 + steps * max_width
 
     @functools.partial(jax.jit, static_argnums=(2, 3), donate_argnums=(1,))
     def loop(params, cache, width, head_only):
@@ -89,16 +92,24 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--out", default="benchmarks/results/verify_width_cost")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--capacity", type=int, default=None,
+                   help="cache slots (default: what the steps fill; decoding sizes it to prompt + new tokens)")
     p.add_argument("--child-matmul", default="xla", help=argparse.SUPPRESS)
+    p.add_argument("--child-attention", default="xla", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.model, args.max_width, args.steps, args.rounds, args.child_matmul)))
+        print(json.dumps(measure(args.model, args.max_width, args.steps, args.rounds, args.child_matmul,
+                                 args.child_attention, args.capacity)))
         return 0
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or args.max_width < 1 or args.steps < 1 or args.rounds < 1:
         print(f"verify_width_cost: error: unknown variant {unknown[0]!r} (choose from {', '.join(VARIANTS)})" if unknown
               else "verify_width_cost: error: --max-width, --steps and --rounds must be at least 1", file=sys.stderr)
+        return 2
+    if args.capacity is not None and args.capacity < 32 + args.steps * args.max_width:
+        print(f"verify_width_cost: error: --capacity must hold the {32 + args.steps * args.max_width} positions the "
+              "steps reach", file=sys.stderr)
         return 2
 
     from eej.bench.machine import machine_info
@@ -108,10 +119,11 @@ def main(argv=None) -> int:
     machine["load_average_start"] = list(os.getloadavg())
     results = {}
     for name in variants:
-        flags, matmul = VARIANTS[name]
+        flags, matmul, attention = VARIANTS[name]
         env = {**os.environ, "XLA_FLAGS": flags}
         child = [sys.executable, __file__, "--child", "--model", args.model, "--max-width", str(args.max_width),
-                 "--steps", str(args.steps), "--rounds", str(args.rounds), "--child-matmul", matmul]
+                 "--steps", str(args.steps), "--rounds", str(args.rounds), "--child-matmul", matmul,
+                 "--child-attention", attention] + (["--capacity", str(args.capacity)] if args.capacity else [])
         done = subprocess.run(child, env=env, capture_output=True, text=True, check=True)
         measured = json.loads(done.stdout.strip().splitlines()[-1])
         results[name] = {kind: {int(w): ms for w, ms in by_width.items()} for kind, by_width in measured.items()}
@@ -123,12 +135,14 @@ def main(argv=None) -> int:
     for name in variants:
         for kind in ("forward", "head"):
             ms = results[name][kind]
-            flags, matmul = VARIANTS[name]
-            rows.append([name, kind, f"`{flags}`" if flags else "(none)", matmul]
+            flags, matmul, attention = VARIANTS[name]
+            rows.append([name, kind, f"`{flags}`" if flags else "(none)", matmul, attention]
                         + [f"{ms[w]:.2f} ({ms[w] / ms[1]:.2f}x)" for w in widths])
     command = "python scripts/verify_width_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
     doc = {"command": command, "machine": machine, "model": args.model, "batch": 1, "steps": args.steps,
-           "rounds": args.rounds, "variants": {n: {"xla_flags": VARIANTS[n][0], "matmul": VARIANTS[n][1], **results[n]} for n in variants}}
+           "rounds": args.rounds, "capacity": args.capacity,
+           "variants": {n: {"xla_flags": VARIANTS[n][0], "matmul": VARIANTS[n][1], "attention": VARIANTS[n][2],
+                            **results[n]} for n in variants}}
     markdown = "\n".join([
         "# Verification width cost (full forward and LM head, batch 1)",
         "",
@@ -136,7 +150,7 @@ def main(argv=None) -> int:
         f"{machine.get('load_average_start')} -> {machine['load_average_end']}. Milliseconds per step (minimum over "
         f"{args.rounds} rounds of a {args.steps}-step compiled loop) and the ratio to one token.",
         "",
-        markdown_table(["variant", "what", "XLA_FLAGS", "matmul"] + [f"w={w}" for w in widths], rows),
+        markdown_table(["variant", "what", "XLA_FLAGS", "matmul", "attention"] + [f"w={w}" for w in widths], rows),
         "",
     ])
     write_result(doc, markdown, args.out)

@@ -100,12 +100,12 @@ def test_resolving_the_cli_choice():
 def test_no_compiler_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("EEJ_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler")
-    with pytest.raises(cpu_matmul.KernelBuildError, match="needs a C\\+\\+ compiler.*--matmul xla"):
-        cpu_matmul.build()
+    with pytest.raises(cpu_matmul.KernelBuildError, match="need a C\\+\\+ compiler.*--matmul xla"):
+        cpu_matmul.build_library()
 
 
 def test_the_build_is_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("EEJ_CACHE_DIR", str(tmp_path))
-    first = cpu_matmul.build()
+    first = cpu_matmul.build_library()
     assert first.parent == tmp_path / "kernels" and first.exists()
-    assert cpu_matmul.build() == first and [p.name for p in first.parent.iterdir()] == [first.name]
+    assert cpu_matmul.build_library() == first and [p.name for p in first.parent.iterdir()] == [first.name]

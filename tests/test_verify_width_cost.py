@@ -25,7 +25,8 @@ def test_it_times_each_width_of_the_forward_and_the_head(script):
         assert sorted(out[kind]) == [1, 2, 3] and all(ms > 0 for ms in out[kind].values())
 
 
-@pytest.mark.parametrize("argv", [["--variants", "default,nope"], ["--max-width", "0"], ["--rounds", "0"]])
+@pytest.mark.parametrize("argv", [["--variants", "default,nope"], ["--max-width", "0"], ["--rounds", "0"],
+                                  ["--capacity", "100"]])
 def test_bad_arguments_end_with_status_2_before_measuring(script, argv, capsys, tmp_path):
     assert script.main(argv + ["--out", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.startswith("verify_width_cost: error: ")
@@ -33,6 +34,6 @@ def test_bad_arguments_end_with_status_2_before_measuring(script, argv, capsys, 
 
 
 def test_the_kernel_variant_times_the_cpu_matmul(script):
-    assert script.VARIANTS["cpu-kernel"] == ("", "cpu")
-    out = script.measure("tiny-llama", max_width=2, steps=2, rounds=1, matmul="cpu")
+    assert script.VARIANTS["cpu-kernel"] == ("", "cpu", "xla") and script.VARIANTS["cpu-kernels"] == ("", "cpu", "cpu")
+    out = script.measure("tiny-llama", max_width=2, steps=2, rounds=1, matmul="cpu", attention="cpu", capacity=200)
     assert sorted(out["forward"]) == [1, 2] and all(ms > 0 for ms in out["head"].values())

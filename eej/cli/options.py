@@ -22,7 +22,8 @@ def add_model_arguments(p: argparse.ArgumentParser, attention_list: bool = False
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     p.add_argument(
         "--attention", default="xla",
-        help="attention implementation: xla (default), pallas (Pallas kernels; interpreted on CPU), "
+        help="attention implementation: xla (default), cpu (a C++ kernel for decode steps on a CPU, float32), "
+        "pallas (Pallas kernels; interpreted on CPU), "
         "triton (jax-triton, GPU only: pip install 'eej[gpu]')"
         + ("; a comma-separated list runs every method once per implementation" if attention_list else ""),
     )
@@ -104,6 +105,13 @@ def load_model_from_args(args: argparse.Namespace, attention: str | None = None,
         get_impl(attention)
     except ValueError as e:
         raise CliError(str(e)) from None
+    if attention == "cpu":
+        from eej.kernels import cpu_attention, cpu_build
+
+        try:
+            cpu_attention.register()
+        except cpu_build.KernelBuildError as e:
+            raise CliError(str(e).splitlines()[0]) from None
     matmul = resolve_matmul(matmul or args.matmul, args.dtype, mesh)
     model = load_model(args.model, dtype=args.dtype)
     model = _as_mixture(model, getattr(args, "moefy", None), getattr(args, "experts_per_token", None))

@@ -2,7 +2,7 @@
 
 One op, several implementations: "xla" (the jnp reference here, the CPU default; on CPU a long block
 runs as a loop over query chunks, `xla_attention`) and the kernels
-registered by `kernels/` (Pallas / Triton) under other names. A kernel module is imported the first
+registered by `kernels/` (Pallas / Triton, and "cpu": a C++ kernel for decode steps on a CPU) under other names. A kernel module is imported the first
 time its implementation is selected, so optional GPU dependencies (jax-triton) are needed only then.
 """
 
@@ -17,7 +17,8 @@ from eej.config import ModelConfig
 
 _IMPLS: dict[str, Callable[..., jax.Array]] = {}
 # Implementations whose module registers them on import (see `kernels/`).
-_LAZY_IMPLS = {"pallas": "eej.kernels.pallas_attention", "triton": "eej.kernels.triton_attention"}
+_LAZY_IMPLS = {"pallas": "eej.kernels.pallas_attention", "triton": "eej.kernels.triton_attention",
+               "cpu": "eej.kernels.cpu_attention"}
 
 
 def register_impl(name: str, fn: Callable[..., jax.Array]) -> None:

@@ -1,0 +1,193 @@
+// Grouped-query attention of a few queries (a decode or verification step) over the KV cache, float32, on a CPU.
+//
+// out [B, T, Hq, Dh] from q [B, T, Hq, Dh], k, v [B, Hkv, S, Dh] and positions [B, T]: the query of token t
+// reads cache slots s with s <= positions[b, t] (and s > positions[b, t] - window when window > 0).
+//
+// Why: XLA's reference builds the scores of every cache slot, masks them and runs two small batched products,
+// all over the whole capacity S; this kernel reads each (row, KV head)'s keys and values once for all the
+// queries of that head, stops at the last slot any of them reads, and runs an online softmax over blocks of
+// kBlock slots. The blocks sit at multiples of kBlock and a query skips the blocks it cannot read, so a query's
+// result does not depend on the other queries of the step (a verification reads what a one-token step reads).
+//
+// Threads: one task per (batch row, KV head), claimed from a shared counter by the calling thread and XLA's
+// intra-op pool; the caller never waits on a task nobody has claimed.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kBlock = 16;  // cache slots per online-softmax block
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
+
+// e^x for x <= 0, lane by lane: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 7
+// (relative error below 1e-8 there), times 2^n built in the exponent bits. Lanes below -87 give e^-87.
+inline v16 exp_nonpositive(v16 x) {
+  x = x < -87.f ? (v16){} - 87.f : x;
+  const vi16 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi16);  // round half away (x <= 0)
+  const v16 nf = __builtin_convertvector(n, v16);
+  const v16 r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;
+  v16 p = (v16){} + (1.f / 5040.f);
+  p = p * r + (1.f / 720.f);
+  p = p * r + (1.f / 120.f);
+  p = p * r + (1.f / 24.f);
+  p = p * r + (1.f / 6.f);
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const vi16 scale = (n + 127) << 23;
+  v16 two_n;
+  std::memcpy(&two_n, &scale, 64);
+  return p * two_n;
+}
+
+struct Problem {
+  const float* q;
+  const float* k;
+  const float* v;
+  const int32_t* positions;
+  float* out;
+  int64_t B, T, Hq, Hkv, S, Dh;
+  int64_t window;
+};
+
+// Every query of batch row b that KV head h serves.
+void head(const Problem& P, int64_t b, int64_t h) {
+  const int64_t G = P.Hq / P.Hkv, T = P.T, Dh = P.Dh, R = G * T;
+  const float scale = 1.f / std::sqrt(static_cast<float>(Dh));
+  const float* kh = P.k + (b * P.Hkv + h) * P.S * Dh;
+  const float* vh = P.v + (b * P.Hkv + h) * P.S * Dh;
+  std::vector<float> qs(R * Dh), acc(R * Dh, 0.f), m(R, -std::numeric_limits<float>::infinity()), l(R, 0.f);
+  std::vector<int64_t> first(R), last(R);
+  int64_t lo = P.S, hi = -1;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t pos = P.positions[b * T + t];
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = t * G + g;
+      std::memcpy(&qs[r * Dh], P.q + ((b * T + t) * P.Hq + h * G + g) * Dh, sizeof(float) * Dh);
+      last[r] = std::min(pos, P.S - 1);
+      first[r] = P.window > 0 ? std::max<int64_t>(0, pos - P.window + 1) : 0;
+      if (first[r] <= last[r]) {
+        lo = std::min(lo, first[r]);
+        hi = std::max(hi, last[r]);
+      }
+    }
+  }
+  std::vector<float> kt(Dh * kBlock);  // the block's keys, transposed: kt[d * kBlock + j] = k[s0 + j][d]
+  for (int64_t s0 = lo / kBlock * kBlock; s0 <= hi; s0 += kBlock) {
+    const int64_t n = std::min(kBlock, P.S - s0);
+    for (int64_t j = 0; j < kBlock; ++j)
+      for (int64_t d = 0; d < Dh; ++d) kt[d * kBlock + j] = j < n ? kh[(s0 + j) * Dh + d] : 0.f;
+    for (int64_t r = 0; r < R; ++r) {
+      if (last[r] < s0 || first[r] >= s0 + kBlock || first[r] > last[r]) continue;
+      v16 sc = (v16){};
+      const float* qr = &qs[r * Dh];
+      for (int64_t d = 0; d < Dh; ++d) {
+        v16 kd;
+        std::memcpy(&kd, &kt[d * kBlock], 64);
+        sc += qr[d] * kd;
+      }
+      sc *= scale;
+      float valid[kBlock];
+      float block_max = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const int64_t s = s0 + j;
+        valid[j] = (s >= first[r] && s <= last[r]) ? 1.f : 0.f;
+        if (valid[j] != 0.f) block_max = std::max(block_max, sc[j]);
+      }
+      const float m_new = std::max(m[r], block_max);
+      v16 arg = sc - m_new;
+      for (int64_t j = 0; j < kBlock; ++j) arg[j] = valid[j] != 0.f ? arg[j] : 0.f;
+      v16 p = exp_nonpositive(arg);
+      float sum = 0.f;
+      for (int64_t j = 0; j < kBlock; ++j) {
+        p[j] = valid[j] != 0.f ? p[j] : 0.f;
+        sum += p[j];
+      }
+      v16 corr_arg = (v16){} + (m[r] - m_new);
+      const float corr = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : exp_nonpositive(corr_arg)[0];
+      l[r] = l[r] * corr + sum;
+      m[r] = m_new;
+      float* ar = &acc[r * Dh];
+      for (int64_t d = 0; d < Dh; ++d) ar[d] *= corr;
+      for (int64_t j = 0; j < n; ++j) {
+        if (p[j] == 0.f) continue;
+        const float pj = p[j];
+        const float* vs = vh + (s0 + j) * Dh;
+        for (int64_t d = 0; d < Dh; ++d) ar[d] += pj * vs[d];
+      }
+    }
+  }
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = t * G + g;
+      float* o = P.out + ((b * T + t) * P.Hq + h * G + g) * Dh;
+      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      for (int64_t d = 0; d < Dh; ++d) o[d] = acc[r * Dh + d] * inv;
+    }
+}
+
+struct Work {
+  Problem problem;
+  int64_t tasks;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void run() {
+    for (int64_t i; (i = next.fetch_add(1)) < tasks;) {
+      head(problem, i / problem.Hkv, i % problem.Hkv);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                     ffi::Buffer<ffi::S32> positions, int64_t window, ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  const auto pd = positions.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || pd.size() != 2 || v.dimensions().size() != 4 || qd[0] != kd[0] ||
+      qd[3] != kd[3] || qd[2] % kd[1] != 0 || pd[0] != qd[0] || pd[1] != qd[1])
+    return ffi::Error::InvalidArgument(
+        "eej_cpu_attention: expected q [B, T, Hq, Dh], k and v [B, Hkv, S, Dh], positions [B, T]");
+  auto work = std::make_shared<Work>();
+  work->problem = {q.typed_data(), k.typed_data(), v.typed_data(), positions.typed_data(), out->typed_data(),
+                   qd[0], qd[1], qd[2], kd[1], kd[2], kd[3], window};
+  work->tasks = qd[0] * kd[1];
+  if (work->tasks == 0 || qd[1] == 0) return ffi::Error::Success();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  for (int64_t t = 1; t < std::min(threads, work->tasks); ++t) pool.Schedule([work] { work->run(); });
+  work->run();
+  while (work->done.load(std::memory_order_acquire) < work->tasks) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EejCpuAttention, Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("window")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
