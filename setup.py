@@ -10,4 +10,5 @@ setup(
     packages=[*find_packages(include=["eej", "eej.*"]), "eej.kernels",
               *(f"eej.kernels.{p}" for p in find_packages("kernels"))],
     package_dir={"eej.kernels": "kernels"},
+    package_data={"eej.kernels": ["*.cc", "*.h"]},  # the CPU kernels' C++ sources, compiled on first use
 )

@@ -9,19 +9,16 @@
 // kBlock slots. The blocks sit at multiples of kBlock and a query skips the blocks it cannot read, so a query's
 // result does not depend on the other queries of the step (a verification reads what a one-token step reads).
 //
-// Threads: one task per (batch row, KV head), claimed from a shared counter by the calling thread and XLA's
-// intra-op pool; the caller never waits on a task nobody has claimed.
+// Threads: one task per (batch row, KV head) on XLA's intra-op pool (cpu_parallel.h).
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -140,19 +137,6 @@ void head(const Problem& P, int64_t b, int64_t h) {
     }
 }
 
-struct Work {
-  Problem problem;
-  int64_t tasks;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void run() {
-    for (int64_t i; (i = next.fetch_add(1)) < tasks;) {
-      head(problem, i / problem.Hkv, i % problem.Hkv);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                      ffi::Buffer<ffi::S32> positions, int64_t window, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions();
@@ -162,21 +146,10 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
       qd[3] != kd[3] || qd[2] % kd[1] != 0 || pd[0] != qd[0] || pd[1] != qd[1])
     return ffi::Error::InvalidArgument(
         "eej_cpu_attention: expected q [B, T, Hq, Dh], k and v [B, Hkv, S, Dh], positions [B, T]");
-  auto work = std::make_shared<Work>();
-  work->problem = {q.typed_data(), k.typed_data(), v.typed_data(), positions.typed_data(), out->typed_data(),
-                   qd[0], qd[1], qd[2], kd[1], kd[2], kd[3], window};
-  work->tasks = qd[0] * kd[1];
-  if (work->tasks == 0 || qd[1] == 0) return ffi::Error::Success();
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  for (int64_t t = 1; t < std::min(threads, work->tasks); ++t) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < work->tasks) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#else
-    std::this_thread::yield();
-#endif
-  }
+  const Problem problem{q.typed_data(), k.typed_data(), v.typed_data(), positions.typed_data(), out->typed_data(),
+                        qd[0], qd[1], qd[2], kd[1], kd[2], kd[3], window};
+  if (qd[0] * kd[1] == 0 || qd[1] == 0) return ffi::Error::Success();
+  eej::parallel_tasks(pool, qd[0] * kd[1], [problem](int64_t i) { head(problem, i / problem.Hkv, i % problem.Hkv); });
   return ffi::Error::Success();
 }
 

@@ -2,7 +2,8 @@
 
 A kernel is compiled with the machine's C++ compiler (`$CXX`, else g++) for this CPU (`-march=native`) the
 first time it is used, into `eej.local_cache.cache_dir()/kernels` (a temporary directory when that cache is
-off), keyed by its source, the compiler and its flags, JAX's FFI headers and the CPU; later processes load it.
+off), keyed by its source and the headers beside it (`cpu_parallel.h`), the compiler and its flags, JAX's FFI
+headers and the CPU; later processes load it.
 No compiler, or a failed compile, is a `KernelBuildError` that names the XLA alternative.
 """
 
@@ -54,7 +55,7 @@ def build(source: Path) -> Path:
     """Compile `source` for this machine (once; later calls find it) and return the shared library's path."""
     cxx = _compiler()
     include = jax.ffi.include_dir()
-    headers = sorted(Path(include, "xla", "ffi", "api").glob("*.h"))
+    headers = sorted(Path(include, "xla", "ffi", "api").glob("*.h")) + sorted(source.parent.glob("*.h"))
     digest = hashlib.sha256()
     for part in (source.read_bytes(), " ".join(FLAGS).encode(), cxx.encode(), _cpu_signature().encode(),
                  *(h.read_bytes() for h in headers)):
@@ -70,7 +71,8 @@ def build(source: Path) -> Path:
     fd, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *FLAGS, f"-I{include}", str(source), "-o", partial], capture_output=True, text=True)
+        done = subprocess.run([cxx, *FLAGS, f"-I{include}", f"-I{source.parent}", str(source), "-o", partial],
+                              capture_output=True, text=True)
         if done.returncode:
             raise KernelBuildError(f"compiling {source.name} with {cxx} failed (--matmul xla and --attention xla run "
                                    f"without it):\n{done.stderr[-2000:]}")

@@ -11,17 +11,15 @@
 // order whatever M is, so one row's result does not depend on the rows beside it (a verification's logits are
 // bit-identical to a one-token step's).
 //
-// Threads: the columns are split into chunks of a multiple of 64 that the calling thread and XLA's intra-op pool
-// claim from a shared counter; the caller never waits on a chunk nobody has claimed, so a busy or one-thread
-// pool cannot deadlock it.
+// Threads: the rows of w are split into one contiguous slab per thread of XLA's intra-op pool (cpu_parallel.h);
+// the slabs' partial sums are added in slab order.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -102,62 +100,35 @@ void partial(const float* x, const float* w, int64_t M, int64_t K, int64_t N, fl
   }
 }
 
-// The rows of w are cut into `parts` contiguous slabs, one per task: each task streams one block of memory.
+// The rows of w are cut into `parts` contiguous slabs, one task each: each task streams one block of memory.
 // Part 0 sums into y, the others into scratch, added to y in part order at the end, so the order of every
 // sum depends on K and the part count only, never on M.
-struct Work {
-  const float* x;
-  const float* w;
-  float* y;
-  int64_t M, K, N, parts, slab;
-  std::unique_ptr<float[]> scratch;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void run() {
-    for (int64_t p; (p = next.fetch_add(1)) < parts;) {
-      float* out = p == 0 ? y : scratch.get() + (p - 1) * M * N;
-      partial(x, w, M, K, N, out, p * slab, std::min(K, (p + 1) * slab));
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
     return ffi::Error::InvalidArgument("eej_cpu_matmul: expected x [M, K] and w [K, N]");
-  auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->w = w.typed_data();
-  work->y = y->typed_data();
-  work->M = xd[0];
-  work->K = xd[1];
-  work->N = wd[1];
-  if (work->M == 0 || work->N == 0) return ffi::Error::Success();
-  if (work->K == 0) {
-    std::memset(work->y, 0, sizeof(float) * work->M * work->N);
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t M = xd[0], K = xd[1], N = wd[1];
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::memset(yp, 0, sizeof(float) * M * N);
     return ffi::Error::Success();
   }
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  work->parts = std::max<int64_t>(1, std::min(threads, work->K / kMinSlab));
-  work->slab = (work->K + work->parts - 1) / work->parts;
-  work->parts = (work->K + work->slab - 1) / work->slab;
-  if (work->parts > 1) work->scratch.reset(new float[(work->parts - 1) * work->M * work->N]);
-  for (int64_t t = 1; t < work->parts; ++t) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < work->parts) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#else
-    std::this_thread::yield();
-#endif
-  }
-  const int64_t size = work->M * work->N;
-  for (int64_t p = 1; p < work->parts; ++p) {
-    const float* part = work->scratch.get() + (p - 1) * size;
-    for (int64_t i = 0; i < size; ++i) work->y[i] += part[i];
+  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), K / kMinSlab));
+  const int64_t slab = (K + parts - 1) / parts;
+  parts = (K + slab - 1) / slab;
+  std::unique_ptr<float[]> scratch(parts > 1 ? new float[(parts - 1) * M * N] : nullptr);
+  float* sp = scratch.get();
+  eej::parallel_tasks(pool, parts, [=](int64_t p) {
+    partial(xp, wp, M, K, N, p == 0 ? yp : sp + (p - 1) * M * N, p * slab, std::min(K, (p + 1) * slab));
+  });
+  for (int64_t p = 1; p < parts; ++p) {
+    const float* part = sp + (p - 1) * M * N;
+    for (int64_t i = 0; i < M * N; ++i) yp[i] += part[i];
   }
   return ffi::Error::Success();
 }
