@@ -34,6 +34,8 @@ def implementations(names: Sequence[str] | None = None) -> dict[str, Callable | 
         raise ValueError(f"unknown attention implementation {unknown[0]!r}; known: {', '.join(known)}")
     impls: dict[str, Callable | str] = {}
     for name in known:
+        if name == "cpu" and names is None:  # the CPU decode kernel is not a GPU kernel: only when named
+            continue
         if name == "xla" or names is None or name in names:
             try:
                 impls[name] = get_impl(name)

@@ -10,6 +10,7 @@ import jax
 from eej.cli.parser import CliError
 from eej.config import SamplingConfig
 from eej.experts.moefy import MoefyError, load_moefied
+from eej.kernels import cpu_attention, cpu_build, cpu_matmul
 from eej.model.attention import get_impl
 from eej.parallel.distributed import initialize
 from eej.parallel.mesh import make_mesh, parse_mesh_spec
@@ -106,8 +107,6 @@ def load_model_from_args(args: argparse.Namespace, attention: str | None = None,
     except ValueError as e:
         raise CliError(str(e)) from None
     if attention == "cpu":
-        from eej.kernels import cpu_attention, cpu_build
-
         try:
             cpu_attention.register()
         except cpu_build.KernelBuildError as e:
@@ -133,8 +132,6 @@ def resolve_matmul(choice: str, dtype: str, mesh=None) -> str:
                        f"{jax.default_backend()}, --dtype {dtype}, mesh {'none' if mesh is None else dict(mesh.shape)});"
                        " use --matmul xla")
     if choice == "cpu":
-        from eej.kernels import cpu_matmul
-
         try:
             cpu_matmul.register()
         except cpu_matmul.KernelBuildError as e:

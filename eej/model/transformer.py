@@ -27,6 +27,7 @@ benchmarks/results/scan_vs_unrolled.md). Every function here accepts either form
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable
 
 import jax
@@ -90,6 +91,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 MATMUL_IMPLS = ("xla", "cpu")
+_CPU_MATMUL = "eej.kernels.cpu_matmul"
 
 
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, impl: str = "xla") -> jax.Array:
@@ -100,9 +102,8 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, impl: str = "
     """
     w = w.astype(x.dtype)
     if impl == "cpu":
-        from eej.kernels import cpu_matmul
-
-        y = cpu_matmul.matmul(x, w) if cpu_matmul.applies(x, w) else jnp.matmul(x, w)
+        kernel = importlib.import_module(_CPU_MATMUL)  # a kernel module (layer 2), imported when first selected
+        y = kernel.matmul(x, w) if kernel.applies(x, w) else jnp.matmul(x, w)
     elif impl == "xla":
         y = jnp.matmul(x, w)
     else:
