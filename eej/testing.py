@@ -23,6 +23,7 @@ import numpy as np
 
 from eej.config import SamplingConfig
 from eej.decoding.engine import Engine
+from eej.decoding.methods import random_method
 from eej.decoding.sampling import probabilities
 from eej.model.cache import init_cache
 from eej.model.transformer import forward
@@ -59,6 +60,17 @@ def random_prompts(rng: np.random.Generator, lengths: Sequence[int], vocab: int)
 def plain_tokens(model: Model, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
     """Plain decoding's tokens for `prompts` (EOS ignored): what a lossless method must reproduce."""
     return Engine(model).generate(prompts, max_new_tokens=max_new_tokens, eos_ids=(), **kwargs).tokens
+
+
+def method_and_plain_greedy(model: Model, method: str) -> tuple[list[list[int]], list[list[int]]] | None:
+    """(method's tokens, plain's tokens) for three ragged random prompts, 24 new tokens, greedy; None if `method`
+    is lossy. The random (untrained) instance of `method` from eej.decoding.methods."""
+    strategy, method_params = random_method(model, method, seed=2)
+    if not strategy.lossless:
+        return None
+    prompts = random_prompts(np.random.default_rng(7), [3, 11, 6], model.cfg.vocab_size)
+    want = Engine(model).generate(prompts, max_new_tokens=24, eos_ids=()).tokens
+    return Engine(model, strategy, method_params).generate(prompts, max_new_tokens=24, eos_ids=()).tokens, want
 
 
 def cost_profile(adaptive: bool | float, max_drafts: int) -> dict:

@@ -13,11 +13,10 @@ import pytest
 
 from eej.cli.options import resolve_matmul
 from eej.cli.parser import CliError
-from eej.decoding.engine import Engine
-from eej.decoding.methods import known_methods, random_method
+from eej.decoding.methods import known_methods
 from eej.kernels import cpu_matmul
 from eej.model.transformer import linear
-from eej.testing import agreeable_model, random_prompts
+from eej.testing import agreeable_model, method_and_plain_greedy
 
 # (rows, K, N): decode and verification shapes, widths that are not a multiple of a 64- or 16-column tile,
 # more rows than one 8-row sweep, and K not a multiple of the 8-row pass.
@@ -80,13 +79,10 @@ def test_linear_uses_the_kernel_only_where_it_applies():
 def test_lossless_methods_match_plain_greedy_with_the_kernel(method):
     model = agreeable_model("tiny-gqa", seed=6)
     model = dataclasses.replace(model, cfg=model.cfg.replace(matmul_impl="cpu"))
-    strategy, method_params = random_method(model, method, seed=2)
-    if not strategy.lossless:
+    pair = method_and_plain_greedy(model, method)
+    if pair is None:
         pytest.skip(f"{method} is lossy")
-    prompts = random_prompts(np.random.default_rng(7), [3, 11, 6], model.cfg.vocab_size)
-    want = Engine(model).generate(prompts, max_new_tokens=24, eos_ids=()).tokens
-    got = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=24, eos_ids=()).tokens
-    assert got == want
+    assert pair[0] == pair[1]
 
 
 def test_resolving_the_cli_choice():
