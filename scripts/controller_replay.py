@@ -100,7 +100,7 @@ def replay(trace: list[tuple[int, int]], costs: list[float], max_new: int, polic
             new_hits, new_trials = adaptive.judged(jnp.asarray([d]), jnp.asarray([a + 1]))
             if free_probe and probe and d == k and a == d and drafted > k:  # the guess after the last committed token
                 new_hits, new_trials = new_hits + float(committed - 1 > k), new_trials + 1.0
-            controller = controller.after(k, probe, backoff, new_hits, new_trials, row, decay)
+            controller = controller.after(k, probe, backoff, new_hits, new_trials, row, jnp.asarray([d]), decay)
         tokens, spent, drafting = tokens + a + 1, spent + costs[d], drafting + (k > 0)
         made += a + 1
     return tokens, spent, len(trace), drafting

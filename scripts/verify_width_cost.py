@@ -1,7 +1,7 @@
 """What a verification of w tokens costs against a one-token step, by XLA CPU flag and matmul implementation.
 
 Times SmolLM2-135M's full forward (all layers + the LM head, the work a plain step or a verification of w
-tokens does) and the LM head alone, over w = 1..--max-width tokens at batch 1, each as a compiled loop of
+tokens does) and the LM head alone, over w = 1..--max-width tokens per row at --batch rows (default 1), each as a compiled loop of
 --steps steps (the cache donated, as in decoding); the minimum over --rounds rounds. Each variant (an XLA flag
 set and `--matmul` implementation) runs in a process of its own, since XLA reads its flags once. Writes
 PREFIX.json and PREFIX.md.
@@ -36,9 +36,9 @@ VARIANTS = {
 
 
 def measure(model_name: str, max_width: int, steps: int, rounds: int, matmul: str = "xla", attention: str = "xla",
-            capacity: int | None = None) -> dict:
+            capacity: int | None = None, batch: int = 1) -> dict:
     """{"forward": {w: ms}, "head": {w: ms}} in this process (its XLA flags), with `matmul` and `attention`
-    implementations and a cache of `capacity` slots (default: just what the steps fill)."""
+    implementations, `batch` rows and a cache of `capacity` slots (default: just what the steps fill)."""
     import functools
     import time
 
@@ -61,11 +61,11 @@ def measure(model_name: str, max_width: int, steps: int, rounds: int, matmul: st
             if head_only:  # the argmax (every column) fed back, so the steps do not fold into one
                 top = jnp.argmax(logits_from_hidden(params, hidden, cfg), -1)
                 return cache, tokens, hidden + top[..., None].astype(hidden.dtype) * 1e-9
-            positions = 32 + i * width + jnp.arange(width, dtype=jnp.int32)[None]
+            positions = jnp.broadcast_to(32 + i * width + jnp.arange(width, dtype=jnp.int32)[None], (batch, width))
             x, cache = run_layers(params, embed(params, tokens, cfg), cache, positions, cfg)
             return cache, jnp.argmax(logits_from_hidden(params, x, cfg), -1).astype(jnp.int32), hidden
 
-        start = (cache, jnp.ones((1, width), jnp.int32), jnp.ones((1, width, cfg.hidden_size), cfg.jnp_dtype))
+        start = (cache, jnp.ones((batch, width), jnp.int32), jnp.ones((batch, width, cfg.hidden_size), cfg.jnp_dtype))
         cache, tokens, hidden = lax.fori_loop(0, steps, body, start)
         return cache, tokens, hidden
 
@@ -74,7 +74,7 @@ def measure(model_name: str, max_width: int, steps: int, rounds: int, matmul: st
         for width in range(1, max_width + 1):
             best = float("inf")
             for r in range(rounds + 1):  # round 0 compiles
-                cache = init_cache(cfg, 1, capacity)
+                cache = init_cache(cfg, batch, capacity)
                 t = time.perf_counter()
                 jax.block_until_ready(loop(params, cache, width, kind == "head"))
                 if r:
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--out", default="benchmarks/results/verify_width_cost")
+    p.add_argument("--batch", type=int, default=1, help="rows per step (a verification of w tokens is batch * w rows)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--capacity", type=int, default=None,
                    help="cache slots (default: what the steps fill; decoding sizes it to prompt + new tokens)")
@@ -99,13 +100,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args.model, args.max_width, args.steps, args.rounds, args.child_matmul,
-                                 args.child_attention, args.capacity)))
+                                 args.child_attention, args.capacity, args.batch)))
         return 0
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or args.max_width < 1 or args.steps < 1 or args.rounds < 1:
+    if unknown or args.max_width < 1 or args.steps < 1 or args.rounds < 1 or args.batch < 1:
         print(f"verify_width_cost: error: unknown variant {unknown[0]!r} (choose from {', '.join(VARIANTS)})" if unknown
-              else "verify_width_cost: error: --max-width, --steps and --rounds must be at least 1", file=sys.stderr)
+              else "verify_width_cost: error: --max-width, --steps, --rounds and --batch must be at least 1", file=sys.stderr)
         return 2
     if args.capacity is not None and args.capacity < 32 + args.steps * args.max_width:
         print(f"verify_width_cost: error: --capacity must hold the {32 + args.steps * args.max_width} positions the "
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
         env = {**os.environ, "XLA_FLAGS": flags}
         child = [sys.executable, __file__, "--child", "--model", args.model, "--max-width", str(args.max_width),
                  "--steps", str(args.steps), "--rounds", str(args.rounds), "--child-matmul", matmul,
-                 "--child-attention", attention] + (["--capacity", str(args.capacity)] if args.capacity else [])
+                 "--child-attention", attention, "--batch", str(args.batch)] + (["--capacity", str(args.capacity)] if args.capacity else [])
         done = subprocess.run(child, env=env, capture_output=True, text=True, check=True)
         measured = json.loads(done.stdout.strip().splitlines()[-1])
         results[name] = {kind: {int(w): ms for w, ms in by_width.items()} for kind, by_width in measured.items()}
@@ -139,12 +140,12 @@ def main(argv=None) -> int:
             rows.append([name, kind, f"`{flags}`" if flags else "(none)", matmul, attention]
                         + [f"{ms[w]:.2f} ({ms[w] / ms[1]:.2f}x)" for w in widths])
     command = "python scripts/verify_width_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    doc = {"command": command, "machine": machine, "model": args.model, "batch": 1, "steps": args.steps,
+    doc = {"command": command, "machine": machine, "model": args.model, "batch": args.batch, "steps": args.steps,
            "rounds": args.rounds, "capacity": args.capacity,
            "variants": {n: {"xla_flags": VARIANTS[n][0], "matmul": VARIANTS[n][1], "attention": VARIANTS[n][2],
                             **results[n]} for n in variants}}
     markdown = "\n".join([
-        "# Verification width cost (full forward and LM head, batch 1)",
+        f"# Verification width cost (full forward and LM head, batch {args.batch})",
         "",
         f"`{command}` — {machine.get('cpu')} x{machine.get('cpu_count')}, JAX {machine.get('jax')}, load average "
         f"{machine.get('load_average_start')} -> {machine['load_average_end']}. Milliseconds per step (minimum over "

@@ -13,7 +13,17 @@ import pytest
 
 from eej.config import SamplingConfig
 from eej.decoding import calibration, kangaroo, m2r2
-from eej.decoding.adaptive import best_draft_length, expected_tokens, next_backoff, probe_due, probe_overlap
+from eej.decoding.adaptive import (
+    Controller,
+    best_draft_length,
+    drafted_onward,
+    expected_step_costs,
+    expected_tokens,
+    monotone_costs,
+    next_backoff,
+    probe_due,
+    probe_overlap,
+)
 from eej.decoding.engine import Engine
 from eej.decoding.kangaroo import Kangaroo, random_kangaroo
 from eej.decoding.speculation import init_adapter, random_adapter
@@ -25,6 +35,41 @@ COSTS = jnp.asarray([1.0, 1.3, 1.45, 1.6, 1.75])
 def test_expected_tokens_are_the_geometric_prefix_sums():
     np.testing.assert_allclose(expected_tokens(jnp.asarray([0.0, 0.5, 1.0]), 3),
                                [[1, 1, 1, 1], [1, 1.5, 1.75, 1.875], [1, 2, 3, 4]])
+
+
+def test_early_stops_shorten_both_the_expected_gain_and_the_expected_cost():
+    # a row that drafts on with β = 0.5 reaches draft i with probability 0.5^(i-1): E = 1 + .5 + .5 * .25 + .25 * .125
+    np.testing.assert_allclose(expected_tokens(jnp.asarray([0.5]), 3, jnp.asarray([0.5])), [[1, 1.5, 1.625, 1.65625]])
+    np.testing.assert_allclose(expected_tokens(jnp.asarray([0.5]), 3, jnp.asarray([1.0])), expected_tokens(jnp.asarray([0.5]), 3))
+    one = jnp.asarray([True, False])
+    # C(k) = c(0) + sum_i P(longest draft >= i) (c(i) - c(i-1)): 1 + .3 + .5 * .15 + .25 * .15 + .125 * .15
+    np.testing.assert_allclose(expected_step_costs(COSTS, one, jnp.asarray([0.5, 1.0])), [1, 1.3, 1.375, 1.4125, 1.43125])
+    # two rows at β = 0.5: the longest reaches draft 2 with 1 - .5^2, draft 3 with 1 - .75^2, draft 4 with 1 - .875^2
+    both = expected_step_costs(COSTS, jnp.asarray([True, True]), jnp.asarray([0.5, 0.5]))
+    np.testing.assert_allclose(both, [1, 1.3, 1.4125, 1.478125, 1.513281], rtol=1e-6)
+    np.testing.assert_allclose(expected_step_costs(COSTS, one, None), COSTS)
+
+
+def test_knowing_that_rows_stop_early_changes_the_pick():
+    costs = jnp.asarray([1.0, 1.29, 1.42, 1.51, 1.68])  # this CPU's Kangaroo costs at batch 1, relative
+    alpha, row = jnp.asarray([0.7]), jnp.asarray([True])
+    # every draft asked for made: E / c = 1, 1.318, 1.542, 1.678, 1.651 -> k = 3
+    assert int(best_draft_length(alpha, row, costs)) == 3
+    # a row that drafts on after 1 in 5 drafts rarely pays for a 4th draft it asks for: E / C = 1, 1.318, 1.366,
+    # 1.3729, 1.3730 -> k = 4
+    assert int(best_draft_length(alpha, row, costs, continuation=jnp.asarray([0.2]))) == 4
+
+
+def test_the_continuation_is_learnt_from_the_drafts_rows_made():
+    went_on, could = drafted_onward(jnp.asarray([4, 2, 1, 0, 3]), 4)
+    assert went_on.tolist() == [3, 1, 0, 0, 2] and could.tolist() == [3, 2, 1, 0, 3]  # stopped early: one more trial
+    ctl = Controller.start(2, 4)
+    for _ in range(60):  # row 0 always drafts the 4 asked, row 1 stops after its first draft
+        ctl = ctl.after(4, False, ctl.backoff, jnp.zeros(2), jnp.ones(2), jnp.asarray([True, True]), jnp.asarray([4, 1]))
+    assert float(ctl.continuation[0]) > 0.95 and float(ctl.continuation[1]) < 0.05
+    forced = ctl.replace(force=jnp.full((), 2, jnp.int32))  # calibration steps draft all k whatever the drafter says
+    assert forced.after(2, False, ctl.backoff, jnp.zeros(2), jnp.ones(2), jnp.asarray([True, True]),
+                        jnp.asarray([2, 2])).continuation.tolist() == ctl.continuation.tolist()
 
 
 @pytest.mark.parametrize("acceptance,active,want", [
@@ -123,14 +168,16 @@ def test_step_times_are_measured_once_per_shape_and_kept_on_disk(tmp_path, monke
     stored = json.loads((tmp_path / calibration.STEP_TIMES_FILE).read_text())
     (entry,) = stored.values()
     assert entry["key"]["batch"] == 1 and len(entry["ms"]) == 4 and all(m > 0 for m in entry["ms"])
-    np.testing.assert_allclose(np.asarray(first.method_state["controller"].costs), entry["ms"], rtol=1e-3)
+    # the raw times are stored; the controller gets them made non-decreasing
+    np.testing.assert_allclose(np.asarray(first.method_state["controller"].costs), np.maximum.accumulate(entry["ms"]),
+                               rtol=1e-3)
 
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured again")
 
     monkeypatch.setattr("eej.decoding.engine.time_loop", no_measuring)
     again = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=20, eos_ids=())  # a new process, in effect
-    np.testing.assert_allclose(np.asarray(again.method_state["controller"].costs), entry["ms"], rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(again.method_state["controller"].costs), np.maximum.accumulate(entry["ms"]), rtol=1e-3)
     assert again.tokens == first.tokens == plain_tokens(model, prompts, 20)
 
     # A corrupt file, or a foreign entry, means measuring again, never an error or other tokens.
@@ -220,6 +267,14 @@ def test_a_finished_row_drafts_nothing(monkeypatch, module, build):
             finished_rows_seen += made[row] >= 14
             made[row] += c
     assert finished_rows_seen > 0  # the case happened
+
+
+def test_calibrated_costs_never_fall_with_more_drafts():
+    """A noisy measurement where drafting 2 read cheaper than drafting 1 must not make 2 look like a bargain."""
+    assert np.asarray(monotone_costs([30.0, 41.0, 39.5, 44.0, 43.0])).tolist() == [30.0, 41.0, 41.0, 44.0, 44.0]
+    strategy = Kangaroo(exit_layer=1, max_draft_steps=2)
+    state = {"drafter": (), "controller": Controller.start(1, 2)}
+    assert np.asarray(strategy.calibrate(state, [10.0, 9.0, 12.0])["controller"].costs).tolist() == [10.0, 10.0, 12.0]
 
 
 def test_calibration_times_full_drafts_whatever_the_threshold(monkeypatch):

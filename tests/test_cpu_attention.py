@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from eej.cli.options import resolve_attention
+from eej.cli.parser import CliError
 from eej.decoding.methods import known_methods
 from eej.kernels import cpu_attention
 from eej.model.attention import get_impl, reference_attention
@@ -75,3 +77,14 @@ def test_lossless_methods_match_plain_greedy_with_the_cpu_kernels(method):
     if pair is None:
         pytest.skip(f"{method} is lossy")
     assert pair[0] == pair[1]
+
+
+def test_resolving_the_cli_choice():
+    assert resolve_attention("auto", "float32") == "cpu"  # this suite runs on the CPU backend
+    assert resolve_attention("auto", "bfloat16") == "xla"
+    assert resolve_attention("pallas", "float32") == "pallas"
+    with pytest.raises(CliError, match="--attention cpu runs float32 models"):
+        resolve_attention("cpu", "bfloat16")
+    with pytest.raises(CliError, match="unknown attention implementation 'nope'"):
+        resolve_attention("nope", "float32")
+

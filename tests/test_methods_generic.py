@@ -12,7 +12,7 @@ from eej.config import SamplingConfig
 from eej.decoding.engine import Engine
 from eej.decoding.methods import known_methods, random_method
 
-from eej.testing import random_prompts, tiny_model
+from eej.testing import method_and_plain_greedy, random_prompts, tiny_model
 
 METHODS = known_methods()
 MODELS = ["tiny-llama", "tiny-gqa", "tiny-moe"]
@@ -35,13 +35,10 @@ def test_batched_equals_one_by_one(method, model_name):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("model_name", MODELS)
 def test_lossless_methods_match_plain_greedy(method, model_name):
-    model = tiny_model(model_name, seed=6)
-    strategy, method_params = random_method(model, method, seed=2)
-    if not strategy.lossless:
+    pair = method_and_plain_greedy(tiny_model(model_name, seed=6), method)
+    if pair is None:
         pytest.skip(f"{method} is lossy")
-    prompts = random_prompts(np.random.default_rng(7), [3, 11, 6], model.cfg.vocab_size)
-    want = Engine(model).generate(prompts, max_new_tokens=24, eos_ids=()).tokens
-    got = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=24, eos_ids=()).tokens
+    got, want = pair
     assert got == want
 
 

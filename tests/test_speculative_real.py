@@ -1,7 +1,7 @@
 """Lossless self-speculation on SmolLM2-135M with the shipped add-ons: token-identical to plain decoding,
 drafts accepted (Kangaroo's adapter, M2R2's fast stream) — drafting every step as the papers do, and with
-the draft length chosen each step from the measured costs (the default presets); with XLA's matmuls and with the
-CPU kernel (`--matmul cpu`)."""
+the draft length chosen each step from the measured costs (the default presets); with XLA's matmuls and attention,
+and with the CPU kernels (`--matmul cpu`, `--attention cpu`)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ def _prompts(model):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("matmul", ["xla", "cpu"])
+@pytest.mark.parametrize("matmul, attention", [("xla", "xla"), ("cpu", "xla"), ("cpu", "cpu")])
 @pytest.mark.parametrize("method", ["kangaroo:fixed", "m2r2-spec:fixed"])
-def test_shipped_addons_are_lossless_and_accept_drafts(real_model, method, matmul):
-    model = dataclasses.replace(real_model, cfg=real_model.cfg.replace(matmul_impl=matmul))  # as `--matmul`
+def test_shipped_addons_are_lossless_and_accept_drafts(real_model, method, matmul, attention):
+    # as `--matmul` and `--attention`
+    model = dataclasses.replace(real_model, cfg=real_model.cfg.replace(matmul_impl=matmul, attention_impl=attention))
     strategy, method_params = build_method(model, method)  # a shipped preset, no set-up
     prompts = _prompts(model)
     plain = Engine(model).generate(prompts, max_new_tokens=40)

@@ -25,6 +25,7 @@ from eej.cli.options import (
     add_model_arguments,
     check_lengths,
     load_model_from_args,
+    resolve_attention,
     resolve_matmul,
     sampling_from_args,
     seed_arg,
@@ -101,7 +102,7 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--top-k", str(args.top_k), "--top-p", str(args.top_p)]
     if args.dtype != "float32":
         parts += ["--dtype", args.dtype]
-    if args.attention != "xla":
+    if args.attention != "auto":
         parts += ["--attention", args.attention]
     if args.matmul != "auto":
         parts += ["--matmul", args.matmul]
@@ -147,7 +148,8 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.rounds < 1:
         raise CliError(f"--rounds must be >= 1, got {args.rounds}")
-    attention = unique(args.attention.split(","), "--attention")
+    attention = unique([resolve_attention(a.strip(), args.dtype) for a in args.attention.split(",") if a.strip()],
+                       "--attention")
     if not attention:
         raise CliError("--attention names no implementation")
     matmul = unique([resolve_matmul(m.strip(), args.dtype) for m in args.matmul.split(",") if m.strip()], "--matmul")

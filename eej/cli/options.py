@@ -22,9 +22,10 @@ def add_model_arguments(p: argparse.ArgumentParser, attention_list: bool = False
     p.add_argument("--model", default="smollm2-135m", help="registry name, .gguf file or HF checkpoint directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     p.add_argument(
-        "--attention", default="xla",
-        help="attention implementation: xla (default), cpu (a C++ kernel for decode steps on a CPU, float32), "
-        "pallas (Pallas kernels; interpreted on CPU), "
+        "--attention", default="auto",
+        help="attention implementation: cpu (a C++ kernel for decode and verification steps: float32 on the CPU "
+        "backend, compiled on first use), xla (jnp), auto (default: cpu where it applies — CPU backend, float32, "
+        "no mesh — else xla), pallas (Pallas kernels; interpreted on CPU), "
         "triton (jax-triton, GPU only: pip install 'eej[gpu]')"
         + ("; a comma-separated list runs every method once per implementation" if attention_list else ""),
     )
@@ -101,16 +102,7 @@ def mesh_from_args(args: argparse.Namespace):
 def load_model_from_args(args: argparse.Namespace, attention: str | None = None, mesh=None, matmul: str | None = None):
     """The model of --model/--dtype/--moefy/--experts-per-token, with --attention (or `attention`, if given) and
     --matmul (or `matmul`; resolved for `mesh`, the --mesh the model will run on)."""
-    attention = attention or args.attention
-    try:
-        get_impl(attention)
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    if attention == "cpu":
-        try:
-            cpu_attention.register()
-        except cpu_build.KernelBuildError as e:
-            raise CliError(str(e).splitlines()[0]) from None
+    attention = resolve_attention(attention or args.attention, args.dtype, mesh)
     matmul = resolve_matmul(matmul or args.matmul, args.dtype, mesh)
     model = load_model(args.model, dtype=args.dtype)
     model = _as_mixture(model, getattr(args, "moefy", None), getattr(args, "experts_per_token", None))
@@ -122,19 +114,37 @@ def load_model_from_args(args: argparse.Namespace, attention: str | None = None,
 def resolve_matmul(choice: str, dtype: str, mesh=None) -> str:
     """--matmul as `ModelConfig.matmul_impl`: "auto" is "cpu" on the CPU backend for a float32 model off a mesh,
     else "xla"; an explicit "cpu" that cannot run here is a CliError, and so is a kernel that does not compile."""
-    fits = jax.default_backend() == "cpu" and dtype == "float32" and (mesh is None or mesh.size == 1)
     if choice not in ("auto", "xla", "cpu"):
         raise CliError(f"--matmul: unknown implementation {choice!r}; one of auto, xla, cpu")
+    return _resolve_cpu_kernel("--matmul", choice, dtype, mesh, cpu_matmul.register)
+
+
+def resolve_attention(choice: str, dtype: str, mesh=None) -> str:
+    """--attention as `ModelConfig.attention_impl`: "auto" is "cpu" (eej.kernels.cpu_attention) on the CPU backend
+    for a float32 model off a mesh, else "xla"; an unknown name, or an explicit "cpu" that cannot run here, is a
+    CliError."""
+    if choice != "auto":
+        try:
+            get_impl(choice)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    return _resolve_cpu_kernel("--attention", choice, dtype, mesh, cpu_attention.register)
+
+
+def _resolve_cpu_kernel(flag: str, choice: str, dtype: str, mesh, register) -> str:
+    """`choice` of a flag whose "cpu" is one of eej's CPU kernels: "auto" -> "cpu" where it runs (CPU backend,
+    float32, off a mesh), else "xla"; "cpu" is built and registered (`register`), or a one-line CliError."""
+    fits = jax.default_backend() == "cpu" and dtype == "float32" and (mesh is None or mesh.size == 1)
     if choice == "auto":
         choice = "cpu" if fits else "xla"
     elif choice == "cpu" and not fits:
-        raise CliError(f"--matmul cpu runs float32 models on the CPU backend, off a mesh (here: backend "
+        raise CliError(f"{flag} cpu runs float32 models on the CPU backend, off a mesh (here: backend "
                        f"{jax.default_backend()}, --dtype {dtype}, mesh {'none' if mesh is None else dict(mesh.shape)});"
-                       " use --matmul xla")
+                       f" use {flag} xla")
     if choice == "cpu":
         try:
-            cpu_matmul.register()
-        except cpu_matmul.KernelBuildError as e:
+            register()
+        except cpu_build.KernelBuildError as e:
             raise CliError(str(e).splitlines()[0]) from None
     return choice
 

@@ -1,27 +1,36 @@
 """Cost-aware, self-tuning speculation and exits: each step does what pays on this machine.
 
-A self-speculative step that drafts k tokens commits in expectation E_b(k) = 1 + α_b + ... + α_b^k
-tokens for a row b whose drafts are each accepted with probability α_b (the accepted prefix ends at the
-first rejection), and costs c(k) milliseconds. A batch runs until its last row ends, so what a user waits
-for is the row that finishes last: at the pace of a step drafting k, row b, with R_b tokens of its budget
-left, needs R_b c(k) / E_b(k) more milliseconds. Each step the controller drafts
+A self-speculative step asked for up to k drafts makes d ≤ k of them: a row stops early after a draft its
+drafter is not confident of (the method's `exit_threshold`), which it does with probability 1 - β_b after
+each draft, so it makes at least i drafts with probability β_b^(i-1). The step commits in expectation
+E_b(k) = 1 + Σ_{i≤k} β_b^(i-1) α_b^i tokens for a row b whose drafts are each accepted with probability α_b
+(the accepted prefix ends at the first rejection, or at the last draft), and costs what its longest row
+drafted costs: C(k) = c(0) + Σ_{i≤k} P(some row drafts ≥ i) (c(i) - c(i-1)), c(d) the milliseconds of a step
+that drafts d and verifies d + 1. (With no early stop, β = 1: E_b(k) = 1 + α_b + ... + α_b^k and C(k) = c(k).)
+A batch runs until its last row ends, so what a user waits for is the row that finishes last: at the pace of
+a step drafting k, row b, with R_b tokens of its budget left, needs R_b C(k) / E_b(k) more milliseconds.
+Each step the controller drafts
 
-    k* = argmin_k  max_b R_b c(k) / E_b(k)        over the active rows, k = 0 (a plain step) included,
+    k* = argmin_k  max_b R_b C(k) / E_b(k)        over the active rows, k = 0 (a plain step) included,
 
 one k for the whole batch, the one that brings its last row in soonest: a row whose drafts are rarely
 accepted keeps the batch on plain steps (drafting would slow that row, and the batch waits for it), while
 a row close to the end of its budget counts for little. Not what the batch's most optimistic row would
 want, nor the batch's total tokens per second, which rows that finish early and then idle inflate. At
-batch 1 it is k* = argmax_k E(k) / c(k). (Rows still stop drafting on their own when their draft's
-confidence drops.)
+batch 1 it is k* = argmax_k E(k) / C(k).
 
 - c(k) is measured on the running machine: the engine times its compiled decode loop forced to draft k
   tokens every step, for every k, at the batch size and cache size it is about to run
   (`SelfSpeculative.calibration_points`), and keeps the table on disk per machine
-  (eej.decoding.calibration). On a CPU verifying a few tokens costs well over one step; on a GPU about
-  one step — the same rule then drafts far more.
+  (eej.decoding.calibration), made non-decreasing in k (`monotone_costs`: timing noise must not make a longer
+  draft look cheaper). On a CPU verifying a few tokens costs well over one step; on a GPU about one step —
+  the same rule then drafts far more.
 - α_b is an exponential moving average (decay `DECAY` per judged draft, prior 1/2 worth two drafts)
-  of what verification observed: accepted drafts, and the first rejected one. While the controller is
+  of what verification observed: accepted drafts, and the first rejected one. β_b likewise, of what the
+  drafting loop did: after each draft but its last a row went on, and after its last one it stopped if
+  that came before the k asked for. (Without β the rule charged c(k) and credited k drafts for a k that rows
+  stopping early rarely reach; at batch 1 that changes which k > 0 it picks, not whether it drafts: E(1) and
+  C(1) do not depend on β.) While the controller is
   not speculating the estimate is kept fresh by a probe every `probe_every` plain steps: a drafter that
   reads the residual stream of a plain step (Kangaroo: layer l) scores its guess for the next token
   against the plain step's own output for the price of its adapter and draft head (`free_probe`); any
@@ -52,6 +61,7 @@ from typing import Any, Callable, ClassVar
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax import lax
 
 from eej.decoding.sampling import probabilities
 from eej.decoding.strategy import StepInputs, StepResult, Strategy, full_prefill
@@ -117,25 +127,37 @@ class Controller(ExitEconomics):
     a step drafting k tokens costs, plus
 
     chosen: [K + 1] int32, how many steps drafted k tokens.
+    onward_hits, onward_trials: [B] float32, discounted drafts after which a row drafted on, and drafts after which
+      it could have (it went on, or stopped before the k asked for); β = onward_hits / onward_trials.
     """
 
     chosen: jax.Array
+    onward_hits: jax.Array
+    onward_trials: jax.Array
 
     @classmethod
     def start(cls, batch: int, max_drafts: int, costs: tuple[float, ...] | None = None) -> "Controller":
-        return super().start(batch, costs or (1.0,) * (max_drafts + 1), chosen=jnp.zeros((max_drafts + 1,), jnp.int32))
+        return super().start(batch, costs or (1.0,) * (max_drafts + 1), chosen=jnp.zeros((max_drafts + 1,), jnp.int32),
+                             onward_hits=jnp.full((batch,), PRIOR_HITS, jnp.float32),
+                             onward_trials=jnp.full((batch,), PRIOR_TRIALS, jnp.float32))
 
     @property
     def acceptance(self) -> jax.Array:
         """[B] the estimated probability that a row's next draft is accepted."""
         return self.rate
 
+    @property
+    def continuation(self) -> jax.Array:
+        """[B] the estimated probability that a row drafts on after a draft (its confidence stays above the
+        threshold), where it was asked for more."""
+        return self.onward_hits / self.onward_trials
+
     def decide(self, active: jax.Array, remaining: jax.Array | None, probe_every: int,
                free_probe: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
         """This step's (k, probe, backoff): the draft length the rule picks for the active rows [B] with `remaining`
         [B] tokens of budget (`best_draft_length`), or — when that is 0 and a probe is due — a probe (free: scored
         on the plain step; else one real draft), or the calibration's forced k; the backoff after the step."""
-        wanted = best_draft_length(self.acceptance, active, self.costs, remaining)
+        wanted = best_draft_length(self.acceptance, active, self.costs, remaining, self.continuation)
         due = (wanted == 0) & probe_due(self.idle, self.backoff, probe_every)
         k = wanted if free_probe else jnp.where(due, 1, wanted)
         forced = self.force >= 0
@@ -143,11 +165,19 @@ class Controller(ExitEconomics):
         return k, (k > 0) | (due & ~forced), next_backoff(self.backoff, due, wanted > 0)
 
     def after(self, k: jax.Array | int, probe: jax.Array | bool, backoff: jax.Array, hits: jax.Array,
-              trials: jax.Array, active: jax.Array, decay: float = DECAY) -> "Controller":
-        """The state after a step that drafted k (probing or not) and observed `hits` of `trials` [B] drafts."""
+              trials: jax.Array, active: jax.Array, drafted: jax.Array | None = None,
+              decay: float = DECAY) -> "Controller":
+        """The state after a step that asked for k drafts (probing or not), in which the rows made `drafted` [B]
+        (None: not observed) and verification judged `hits` of `trials` [B] drafts."""
         hits, trials = discounted(self.hits, self.trials, hits, trials, active, decay)
+        onward_hits, onward_trials = self.onward_hits, self.onward_trials
+        if drafted is not None:
+            went_on, could = drafted_onward(drafted, k)
+            onward_hits, onward_trials = discounted(onward_hits, onward_trials, went_on, could,
+                                                    active & (could > 0) & (self.force < 0), decay)
         return self.replace(hits=hits, trials=trials, idle=jnp.where((jnp.asarray(k) > 0) | probe, 0, self.idle + 1),
-                            backoff=backoff, chosen=self.chosen.at[k].add(1))
+                            backoff=backoff, chosen=self.chosen.at[k].add(1), onward_hits=onward_hits,
+                            onward_trials=onward_trials)
 
 
 def probe_due(idle: jax.Array, backoff: jax.Array, probe_every: int) -> jax.Array:
@@ -168,17 +198,43 @@ def discounted(hits: jax.Array, trials: jax.Array, new_hits: jax.Array, new_tria
     return jnp.where(where, decay * hits + new_hits, hits), jnp.where(where, decay * trials + new_trials, trials)
 
 
-def expected_tokens(acceptance: jax.Array, max_drafts: int) -> jax.Array:
-    """E(k) = 1 + α + ... + α^k for k = 0..K: acceptance [...] -> [..., K + 1]."""
-    return jnp.cumsum(acceptance[..., None] ** jnp.arange(max_drafts + 1), axis=-1)
+def drafted_onward(drafted: jax.Array, k: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+    """What a step asked for k drafts tells of each row's continuation, from the drafts it made (drafted [B]):
+    (drafts after which it drafted on [B], drafts after which it could have [B]) — every draft but the last,
+    and the last one too when the row stopped before k."""
+    made = drafted.astype(jnp.float32)
+    went_on = jnp.maximum(made - 1.0, 0.0)
+    return went_on, went_on + ((made >= 1) & (made < jnp.asarray(k, jnp.float32))).astype(jnp.float32)
+
+
+def expected_tokens(acceptance: jax.Array, max_drafts: int, continuation: jax.Array | None = None) -> jax.Array:
+    """E(k) = 1 + Σ_{i≤k} β^(i-1) α^i for k = 0..K (β = 1, no early stop: 1 + α + ... + α^k): acceptance α and
+    continuation β [...] -> [..., K + 1]."""
+    i = jnp.arange(1, max_drafts + 1)
+    gains = acceptance[..., None] ** i
+    if continuation is not None:
+        gains = gains * continuation[..., None] ** (i - 1)
+    return 1.0 + jnp.concatenate([jnp.zeros_like(gains[..., :1]), jnp.cumsum(gains, axis=-1)], axis=-1)
+
+
+def expected_step_costs(costs: jax.Array, active: jax.Array, continuation: jax.Array | None = None) -> jax.Array:
+    """C(k) = c(0) + Σ_{i≤k} P(some active row drafts ≥ i) (c(i) - c(i-1)) for k = 0..K: a step costs what its
+    longest draft costs. costs [K + 1]; active, continuation β [B] (None: no row stops early: C = c)."""
+    if continuation is None:
+        return costs
+    reach = continuation[:, None] ** jnp.arange(costs.shape[0] - 1)  # [B, K]: P(row drafts >= i), i = 1..K
+    longest = 1.0 - jnp.prod(jnp.where(active[:, None], 1.0 - reach, 1.0), axis=0)  # [K]
+    return costs[0] + jnp.concatenate([jnp.zeros((1,), costs.dtype), jnp.cumsum(longest * jnp.diff(costs))])
 
 
 def best_draft_length(acceptance: jax.Array, active: jax.Array, costs: jax.Array,
-                      remaining: jax.Array | None = None) -> jax.Array:
-    """argmin_k max_b remaining_b costs[k] / E_b(k) over the active rows (module docstring): acceptance, active,
-    remaining [B] (None: equal budgets); costs [K + 1] -> int32 k (0 when no row is active; ties: the shorter)."""
+                      remaining: jax.Array | None = None, continuation: jax.Array | None = None) -> jax.Array:
+    """argmin_k max_b remaining_b C(k) / E_b(k) over the active rows (module docstring): acceptance, active,
+    remaining (None: equal budgets), continuation (None: rows never stop early) [B]; costs c [K + 1] -> int32 k
+    (0 when no row is active; ties: the shorter)."""
     remaining = jnp.ones(acceptance.shape, jnp.float32) if remaining is None else remaining.astype(jnp.float32)
-    finish = remaining[:, None] * costs[None, :] / expected_tokens(acceptance, costs.shape[0] - 1)  # [B, K + 1]
+    step_costs = expected_step_costs(costs, active, continuation)
+    finish = remaining[:, None] * step_costs[None, :] / expected_tokens(acceptance, costs.shape[0] - 1, continuation)
     return jnp.argmin(jnp.max(jnp.where(active[:, None], finish, 0.0), axis=0)).astype(jnp.int32)
 
 
@@ -264,7 +320,7 @@ class SelfSpeculative(Strategy):
         # Finished rows draft nothing: their drafts would only widen the verification.
         result, hits, trials = self.speculate(s.replace(method_state=s.method_state["drafter"]), jnp.where(s.active, k, 0),
                                               probe, forced)
-        ctl = ctl.after(k, probe, backoff, hits, trials, s.active)
+        ctl = ctl.after(k, probe, backoff, hits, trials, s.active, result.drafted)
         return result.replace(method_state={"drafter": result.method_state, "controller": ctl})
 
     def calibration_points(self) -> list[Callable[[Any], Any]] | None:
@@ -280,7 +336,15 @@ class SelfSpeculative(Strategy):
         return [forcing(k) for k in range(self.max_draft_steps + 1)]
 
     def calibrate(self, method_state: Any, milliseconds: list[float]) -> Any:
-        return {**method_state, "controller": method_state["controller"].replace(costs=jnp.asarray(milliseconds, jnp.float32))}
+        """The controller's costs from the measured c(0..K), made non-decreasing: drafting more never costs less, and a
+        noisy c(k) below c(k - 1) (timing noise: seen at 10-25% on a 2-core VM) would make the rule prefer the
+        longer draft for its cost alone."""
+        return {**method_state, "controller": method_state["controller"].replace(costs=monotone_costs(milliseconds))}
+
+
+def monotone_costs(milliseconds: Any) -> jax.Array:
+    """[K + 1] step costs c(0..K) -> float32 costs with each c(k) raised to the largest c(j), j <= k."""
+    return lax.cummax(jnp.asarray(milliseconds, jnp.float32), axis=0)
 
 
 def judged(drafted: jax.Array, counts: jax.Array) -> tuple[jax.Array, jax.Array]:
