@@ -31,9 +31,9 @@ def test_a_fixed_k_makes_what_the_trace_allows(replay):
 def test_the_replayed_controller_follows_the_evidence(replay):
     always = [(4, 5)] * 40
     tokens, spent, steps, drafting = replay(always, COSTS, 1000, "adaptive", 0.95, 8, True)
-    # the first step asks for 2 (prior α = 1/2: E(k)/c(k) = .100, .115, .125, .125, .121, a tie to the shorter),
-    # then, every draft accepted, K = 4 every step
-    assert drafting == steps and tokens == 3 + 5 * (steps - 1)
+    # the first step asks for 3 (priors α = β = 1/2: E(k) = 1, 1.5, 1.625, 1.656, 1.664 over C(k) = 10, 13, 13.5,
+    # 13.75, 13.875 is .100, .1154, .12037, .12045, .1199), then, every draft accepted, K = 4 every step
+    assert drafting == steps and tokens == 4 + 5 * (steps - 1)
     never = [(4, 1)] * 60
     tokens, spent, steps, drafting = replay(never, COSTS, 1000, "adaptive", 0.95, 8, False)
     assert tokens == steps and drafting <= 2 + 60 // 8  # the prior fades in a draft or two; then only probes draft
