@@ -69,8 +69,8 @@ def method_and_plain_greedy(model: Model, method: str) -> tuple[list[list[int]],
     if not strategy.lossless:
         return None
     prompts = random_prompts(np.random.default_rng(7), [3, 11, 6], model.cfg.vocab_size)
-    want = Engine(model).generate(prompts, max_new_tokens=24, eos_ids=()).tokens
-    return Engine(model, strategy, method_params).generate(prompts, max_new_tokens=24, eos_ids=()).tokens, want
+    got = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=24, eos_ids=()).tokens
+    return got, plain_tokens(model, prompts, 24)
 
 
 def cost_profile(adaptive: bool | float, max_drafts: int) -> dict:
