@@ -22,7 +22,8 @@ import jax
 
 from eej.local_cache import cache_dir
 
-# -ffp-contract=off: no fused multiply-adds, so vector and scalar paths round alike
+# -ffp-contract=off: the compiler fuses no multiply-adds of its own; a kernel fuses where it says so, and its vector
+# and scalar paths round alike
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
 
 _registered: set[str] = set()
@@ -51,14 +52,22 @@ def _compiler() -> str:
     return cxx
 
 
+def source_digest(source: Path) -> str:
+    """A digest of what a kernel computes and how fast: its source, the headers beside it and the flags (a changed
+    kernel gets a new library here and new step-time measurements in eej.decoding.calibration)."""
+    digest = hashlib.sha256()
+    for part in (source.read_bytes(), " ".join(FLAGS).encode(), *(h.read_bytes() for h in sorted(source.parent.glob("*.h")))):
+        digest.update(part)
+    return digest.hexdigest()[:16]
+
+
 def build(source: Path) -> Path:
     """Compile `source` for this machine (once; later calls find it) and return the shared library's path."""
     cxx = _compiler()
     include = jax.ffi.include_dir()
-    headers = sorted(Path(include, "xla", "ffi", "api").glob("*.h")) + sorted(source.parent.glob("*.h"))
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(FLAGS).encode(), cxx.encode(), _cpu_signature().encode(),
-                 *(h.read_bytes() for h in headers)):
+    for part in (source_digest(source).encode(), cxx.encode(), _cpu_signature().encode(),
+                 *(h.read_bytes() for h in sorted(Path(include, "xla", "ffi", "api").glob("*.h")))):
         digest.update(part)
     root = cache_dir()
     directory = Path(root, "kernels") if root else Path(tempfile.gettempdir(), f"eej-kernels-{os.getuid()}")

@@ -3,13 +3,19 @@
 // Why: XLA:CPU runs a one-row product as a matrix-vector kernel and from two rows on switches to a matrix-product
 // kernel that packs the weights first; on a 2-core AMD EPYC that made a 2..5-token verification of SmolLM2-135M
 // cost 1.3-1.5x a one-token step (LM head: 4 ms at 1 row, 7 ms at 2..5). Decoding is bound by reading the
-// weights, so this kernel reads w once, in place, for up to 8 rows at a time (docs/engine.md, "The CPU matmul").
+// weights, so this kernel reads w once, in place, for up to kGroupRows rows (docs/engine.md, "The CPU matmul").
 //
 // Order of work: columns are cut into chunks of kChunk (the chunk's outputs stay in cache); a chunk is swept by
-// passes over kRows rows of w, each pass walking register tiles of 16 * R columns x MB rows of x, so the
-// accumulators go through memory once every kRows rows of w. Every output element is summed over k in the same
-// order whatever M is, so one row's result does not depend on the rows beside it (a verification's logits are
-// bit-identical to a one-token step's).
+// passes over a few rows of w (pass_rows), each pass walking register tiles of 64 columns: for each tile, every
+// block of up to kBlockRows rows of x takes its turn while the tile's rows of w sit in L1, so w comes from memory
+// once for all of them. Accumulators go through memory once per pass. Each tile prefetches the next tile's
+// columns: the hardware prefetcher alone did not keep the FMA units fed from 12 rows on (LM head at 12 rows:
+// 12-14 ms without, 7-7.5 ms with, in a throwaway C++ harness on this machine).
+//
+// Arithmetic: every output element is one chain of fused multiply-adds over k in increasing order, starting from
+// zero, whatever M, the tiling or the path (vector or the scalar tail), so one row's result does not depend on the
+// rows beside it (a verification's logits are bit-identical to a one-token step's). FMA rather than a multiply
+// and an add: with broadcasts of x in the loop, separate multiplies and adds issued at two thirds of the rate.
 //
 // Threads: the rows of w are split into one contiguous slab per thread of XLA's intra-op pool (cpu_parallel.h);
 // the slabs' partial sums are added in slab order.
@@ -18,6 +24,13 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <utility>
+
+#if defined(__AVX512F__) || defined(__FMA__)
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 
 #include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -28,76 +41,113 @@ namespace {
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
-constexpr int64_t kRows = 8;       // rows of w per pass over a register tile
-constexpr int64_t kChunk = 4096;   // columns per cache chunk
-constexpr int kMaxRowBlock = 8;    // rows of x per sweep of w
-constexpr int64_t kMinSlab = 128;  // fewest rows of w a thread takes
+constexpr int R = 4;                 // vectors of 16 columns per register tile: 64 columns
+constexpr int64_t kTile = 16 * R;
+constexpr int kBlockRows = 6;        // rows of x per register tile: 6 x 4 accumulators + 4 vectors of w
+constexpr int kGroupRows = 24;       // rows of x per sweep of w (more rows: another sweep)
+constexpr int64_t kChunk = 4096;     // columns per cache chunk
+constexpr int64_t kMinSlab = 128;    // fewest rows of w a thread takes
 
-// y [MB, c0:c1] = x [MB, k0:k1] @ w [k0:k1, c0:c1]; x has row stride ldx, w and y row stride N.
-template <int MB, int R>
-void sweep(const float* x, int64_t ldx, const float* w, int64_t N, float* y, int64_t k0, int64_t k1,
-           int64_t c0, int64_t c1) {
-  constexpr int64_t T = 16 * R;
-  for (int64_t p0 = k0; p0 < k1; p0 += kRows) {
-    const int64_t p1 = std::min(k1, p0 + kRows);
-    int64_t n = c0;
-    for (; n + T <= c1; n += T) {
-      v16 acc[MB][R];
-      for (int m = 0; m < MB; ++m)
-        for (int r = 0; r < R; ++r) {
-          if (p0 == k0) acc[m][r] = (v16){};
-          else std::memcpy(&acc[m][r], y + m * N + n + 16 * r, 64);
-        }
-      const float* wk = w + p0 * N + n;
-      for (int64_t k = p0; k < p1; ++k, wk += N) {
-        v16 wv[R];
-        for (int r = 0; r < R; ++r) std::memcpy(&wv[r], wk + 16 * r, 64);
-        for (int m = 0; m < MB; ++m) {
-          const float xv = x[m * ldx + k];
-          for (int r = 0; r < R; ++r) acc[m][r] += xv * wv[r];
-        }
-      }
-      for (int m = 0; m < MB; ++m)
-        for (int r = 0; r < R; ++r) std::memcpy(y + m * N + n + 16 * r, &acc[m][r], 64);
+// Rows of w per pass: few while one register tile holds every row (a pass streams kPassRows rows of w at once),
+// more when several blocks share the tile and the accumulators' trips through memory add up.
+constexpr int64_t pass_rows(int m) { return m <= kBlockRows ? 8 : 32; }
+
+// a * b + c, rounded once, lane by lane
+inline v16 fma16(v16 a, v16 b, v16 c) {
+#if defined(__AVX512F__)
+  return (v16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  typedef float v8 __attribute__((vector_size(32), aligned(4)));
+  v8 a2[2], b2[2], c2[2];
+  std::memcpy(a2, &a, 64), std::memcpy(b2, &b, 64), std::memcpy(c2, &c, 64);
+  for (int h = 0; h < 2; ++h) c2[h] = (v8)_mm256_fmadd_ps((__m256)a2[h], (__m256)b2[h], (__m256)c2[h]);
+  std::memcpy(&c, c2, 64);
+  return c;
+#elif defined(__aarch64__)
+  float32x4_t a4[4], b4[4], c4[4];
+  std::memcpy(a4, &a, 64), std::memcpy(b4, &b, 64), std::memcpy(c4, &c, 64);
+  for (int q = 0; q < 4; ++q) c4[q] = vfmaq_f32(c4[q], a4[q], b4[q]);
+  std::memcpy(&c, c4, 64);
+  return c;
+#else
+  for (int i = 0; i < 16; ++i) c[i] = __builtin_fmaf(a[i], b[i], c[i]);
+  return c;
+#endif
+}
+
+// y [MB, n:n+64] (+)= x [MB, p0:p1] @ w [p0:p1, n:n+64]: one register tile. `first` starts the sums at zero.
+template <int MB, bool Prefetch>
+__attribute__((always_inline)) inline void tile(const float* x, int64_t ldx, const float* w, int64_t N, float* y,
+                                                bool first, int64_t p0, int64_t p1, int64_t n) {
+  v16 acc[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) {
+      if (first) acc[m][r] = (v16){};
+      else std::memcpy(&acc[m][r], y + m * N + n + 16 * r, 64);
     }
-    for (; n < c1; ++n)  // the last columns of a width that is not a multiple of the tile, same order over k
-      for (int m = 0; m < MB; ++m) {
-        float s = p0 == k0 ? 0.f : y[m * N + n];
-        for (int64_t k = p0; k < p1; ++k) s += x[m * ldx + k] * w[k * N + n];
+  const float* wk = w + p0 * N + n;
+  for (int64_t k = p0; k < p1; ++k, wk += N) {
+    v16 wv[R];
+    for (int r = 0; r < R; ++r) std::memcpy(&wv[r], wk + 16 * r, 64);
+    if (Prefetch)
+      for (int r = 0; r < R; ++r) __builtin_prefetch(wk + kTile + 16 * r);
+    for (int m = 0; m < MB; ++m) {
+      const v16 xv = (v16){} + x[m * ldx + k];
+      for (int r = 0; r < R; ++r) acc[m][r] = fma16(xv, wv[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) std::memcpy(y + m * N + n + 16 * r, &acc[m][r], 64);
+}
+
+// One register tile's columns for all M rows: block b is rows [M*b/B, M*(b+1)/B); block 0 prefetches.
+template <int M, int B, int... b>
+__attribute__((always_inline)) inline void blocks(const float* x, int64_t ldx, const float* w, int64_t N, float* y,
+                                                  bool first, int64_t p0, int64_t p1, int64_t n,
+                                                  std::integer_sequence<int, b...>) {
+  (tile<M * (b + 1) / B - M * b / B, b == 0>(x + M * b / B * ldx, ldx, w, N, y + M * b / B * N, first, p0, p1, n),
+   ...);
+}
+
+// y [M, c0:c1] = x [M, k0:k1] @ w [k0:k1, c0:c1] for M <= kGroupRows rows, in B near-equal blocks of at most
+// kBlockRows; x has row stride ldx, w and y row stride N.
+template <int M>
+void sweep(const float* x, int64_t ldx, const float* w, int64_t N, float* y, int64_t k0, int64_t k1, int64_t c0,
+           int64_t c1) {
+  constexpr int B = (M + kBlockRows - 1) / kBlockRows;
+  constexpr int64_t kPass = pass_rows(M);
+  const int64_t wide = c0 + (c1 - c0) / kTile * kTile;
+  for (int64_t p0 = k0; p0 < k1; p0 += kPass) {
+    const int64_t p1 = std::min(k1, p0 + kPass);
+    const bool first = p0 == k0;
+    for (int64_t n = c0; n < wide; n += kTile)
+      blocks<M, B>(x, ldx, w, N, y, first, p0, p1, n, std::make_integer_sequence<int, B>{});
+    for (int64_t n = wide; n < c1; ++n)  // the last columns of a width that is not a multiple of the tile
+      for (int m = 0; m < M; ++m) {
+        float s = first ? 0.f : y[m * N + n];
+        for (int64_t k = p0; k < p1; ++k) s = __builtin_fmaf(x[m * ldx + k], w[k * N + n], s);
         y[m * N + n] = s;
       }
   }
 }
 
-template <int MB>
-void row_block(const float* x, int64_t ldx, const float* w, int64_t N, float* y, int64_t k0, int64_t k1) {
-  for (int64_t c = 0; c < N; c += kChunk) {
-    const int64_t c1 = std::min(N, c + kChunk);
-    // accumulators + a row of w in AVX-512's 32 registers: 2 rows x 8 vectors, 6 x 4, 8 x 2; the columns
-    // left over go one vector at a time, then one by one (the same sums in the same order on every path)
-    constexpr int R = MB <= 2 ? 8 : MB <= 6 ? 4 : 2;
-    const int64_t wide = c + (c1 - c) / (16 * R) * (16 * R);
-    sweep<MB, R>(x, ldx, w, N, y, k0, k1, c, wide);
-    sweep<MB, 1>(x, ldx, w, N, y, k0, k1, wide, c1);
-  }
+template <int M>
+void group(const float* x, int64_t ldx, const float* w, int64_t N, float* y, int64_t k0, int64_t k1) {
+  for (int64_t c = 0; c < N; c += kChunk) sweep<M>(x, ldx, w, N, y, k0, k1, c, std::min(N, c + kChunk));
 }
 
-// y [M, N] = x [M, k0:k1] @ w [k0:k1, :] (x's row stride K).
+// group<rows> for a run-time rows in 1..kGroupRows
+template <int... g>
+void any_group(int64_t rows, const float* x, int64_t ldx, const float* w, int64_t N, float* y, int64_t k0, int64_t k1,
+               std::integer_sequence<int, g...>) {
+  ((rows == g + 1 ? group<g + 1>(x, ldx, w, N, y, k0, k1) : void()), ...);
+}
+
+// y [M, N] = x [M, k0:k1] @ w [k0:k1, :] (x's row stride K), kGroupRows rows of x per sweep of w.
 void partial(const float* x, const float* w, int64_t M, int64_t K, int64_t N, float* y, int64_t k0, int64_t k1) {
-  for (int64_t m = 0; m < M; m += kMaxRowBlock) {
-    const float* xm = x + m * K;
-    float* ym = y + m * N;
-    switch (std::min<int64_t>(kMaxRowBlock, M - m)) {
-      case 1: row_block<1>(xm, K, w, N, ym, k0, k1); break;
-      case 2: row_block<2>(xm, K, w, N, ym, k0, k1); break;
-      case 3: row_block<3>(xm, K, w, N, ym, k0, k1); break;
-      case 4: row_block<4>(xm, K, w, N, ym, k0, k1); break;
-      case 5: row_block<5>(xm, K, w, N, ym, k0, k1); break;
-      case 6: row_block<6>(xm, K, w, N, ym, k0, k1); break;
-      case 7: row_block<7>(xm, K, w, N, ym, k0, k1); break;
-      default: row_block<8>(xm, K, w, N, ym, k0, k1); break;
-    }
-  }
+  for (int64_t m0 = 0; m0 < M; m0 += kGroupRows)
+    any_group(std::min<int64_t>(kGroupRows, M - m0), x + m0 * K, K, w, N, y + m0 * N, k0, k1,
+              std::make_integer_sequence<int, kGroupRows>{});
 }
 
 // The rows of w are cut into `parts` contiguous slabs, one task each: each task streams one block of memory.

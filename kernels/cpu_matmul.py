@@ -2,7 +2,7 @@
 
 `matmul(x [..., K], w [K, N]) -> [..., N]` calls the C++ kernel in `cpu_matmul.cc` through XLA's FFI (why
 and how it works: that file's header and docs/engine.md, "The CPU matmul"). It reads the weights once for up
-to 8 rows and sums every output in the same order whatever the number of rows, so a row's result is
+to 24 rows and sums every output in the same order whatever the number of rows, so a row's result is
 bit-identical whether it is computed alone (a plain step) or beside others (a verification).
 
 The kernel is compiled on first use by `eej.kernels.cpu_build` (the machine's C++ compiler, for this CPU); no
@@ -24,8 +24,9 @@ from eej.kernels.cpu_build import KernelBuildError, build, register_target  # no
 SOURCE = Path(__file__).with_name("cpu_matmul.cc")
 TARGET = "eej_cpu_matmul"
 # Rows (the product of x's leading dimensions) the kernel takes; more — a prefill — go to XLA's matrix product,
-# which packs the weights once and then wins.
-MAX_ROWS = 16
+# which packs the weights once and then wins (SmolLM2-135M's products on the 2-core EPYC: the kernel 1.1-1.2x
+# faster than XLA's from 8 to 32 rows, 0.95x at 48).
+MAX_ROWS = 32
 
 
 def register() -> None:

@@ -27,6 +27,7 @@ from eej.decoding.adaptive import (
 from eej.decoding.engine import Engine
 from eej.decoding.kangaroo import Kangaroo, random_kangaroo
 from eej.decoding.speculation import init_adapter, random_adapter
+from eej.kernels import cpu_attention, cpu_matmul
 from eej.testing import agreeable_model, plain_tokens, random_prompts, tiny_model
 
 COSTS = jnp.asarray([1.0, 1.3, 1.45, 1.6, 1.75])
@@ -192,6 +193,26 @@ def test_step_times_are_measured_once_per_shape_and_kept_on_disk(tmp_path, monke
     (tmp_path / calibration.STEP_TIMES_FILE).write_text(json.dumps(data))
     assert Engine(model, strategy, method_params).generate(prompts, max_new_tokens=20, eos_ids=()).tokens == first.tokens
     assert all(m > 0 for m in json.loads((tmp_path / calibration.STEP_TIMES_FILE).read_text())[digest]["ms"])
+
+
+def test_step_times_of_a_changed_cpu_kernel_are_not_reused(tmp_path, monkeypatch):
+    cfg = tiny_model("tiny-llama", 0).cfg.replace(matmul_impl="cpu", attention_impl="cpu")
+    strategy = Kangaroo(exit_layer=1, exit_threshold=0.0, max_draft_steps=3)
+
+    def key():
+        return calibration.step_times_key(cfg, strategy, None, 1, 64)
+
+    before = key()
+    assert before["matmul"].startswith("cpu:") and before["attention"].startswith("cpu:")
+    assert calibration.step_times_key(cfg.replace(matmul_impl="xla"), strategy, None, 1, 64)["matmul"] == "xla"
+    for module in (cpu_matmul, cpu_attention):  # a kernel edited (a new eej version): its key changes, the other's not
+        edited = tmp_path / module.SOURCE.name
+        edited.write_text(module.SOURCE.read_text() + "\n// edited\n")
+        monkeypatch.setattr(module, "SOURCE", edited)
+        changed = key()
+        name = "matmul" if module is cpu_matmul else "attention"
+        assert changed[name] != before[name] and changed == {**before, name: changed[name]}
+        monkeypatch.undo()
 
 
 def test_an_empty_cache_dir_keeps_nothing(tmp_path, monkeypatch):

@@ -18,9 +18,11 @@ from eej.kernels import cpu_matmul
 from eej.model.transformer import linear
 from eej.testing import agreeable_model, method_and_plain_greedy
 
-# (rows, K, N): decode and verification shapes, widths that are not a multiple of a 64- or 16-column tile,
-# more rows than one 8-row sweep, and K not a multiple of the 8-row pass.
-SHAPES = [(1, 64, 64), (2, 48, 200), (5, 37, 130), (8, 16, 4096 + 80), (9, 100, 70), (16, 21, 5), (3, 1, 1)]
+# (rows, K, N): decode and verification shapes, widths that are not a multiple of the 64-column tile or span two
+# 4096-column chunks, rows in several register blocks (> 6) and in several sweeps (> 24), K not a multiple of the
+# 8- or 32-row pass, and K split between threads (>= 256).
+SHAPES = [(1, 64, 64), (2, 48, 200), (5, 37, 130), (8, 16, 4096 + 80), (9, 100, 70), (13, 300, 130),
+          (16, 21, 5), (20, 70, 4096 + 64), (27, 45, 90), (3, 1, 1)]
 
 
 def _data(rows, k, n, seed=0):

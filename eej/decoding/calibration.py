@@ -4,8 +4,8 @@ A strategy that adapts to what its steps cost (eej.decoding.adaptive) names the 
 (`Strategy.calibration_points`); the engine times its compiled decode loop under each, a few steps
 from the prefilled state, at the batch and cache size it is about to run — once per shape — and
 remembers the milliseconds per step in `step_times.json` in eej's cache directory —
-keyed by the device, JAX's version, the model's shape, dtype and attention implementation, the
-strategy's settings and the shape — so that the next process on the same machine skips the
+keyed by the device, JAX's version, the model's shape and dtype, its matmul and attention implementations (eej's
+CPU kernels by their source digest), the strategy's settings and the shape — so that the next process on the same machine skips the
 measurement. A missing, corrupt or foreign entry only means measuring again.
 
 The cache directory is eej's (eej.local_cache: `$EEJ_CACHE_DIR`, else `$XDG_CACHE_HOME/eej`, else
@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from eej.files import write_atomic
+from eej.kernels import cpu_attention, cpu_matmul
+from eej.kernels.cpu_build import source_digest
 from eej.local_cache import cache_dir
 from eej.weights.artifacts import model_fingerprint
 
@@ -41,8 +43,14 @@ def step_times_key(cfg, strategy: Any, sampling: Any, batch: int, capacity: int)
     device = jax.devices()[0]
     return {"measures": MEASURES_VERSION, "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
             "jax": jax.__version__, "model": model_fingerprint(cfg), "dtype": cfg.dtype,
-            "attention": cfg.attention_impl, "matmul": cfg.matmul_impl, "strategy": repr(strategy), "sampling": repr(sampling), "batch": batch,
-            "capacity": capacity}
+            "attention": _implementation(cfg.attention_impl, cpu_attention.SOURCE),
+            "matmul": _implementation(cfg.matmul_impl, cpu_matmul.SOURCE),
+            "strategy": repr(strategy), "sampling": repr(sampling), "batch": batch, "capacity": capacity}
+
+
+def _implementation(name: str, cpu_source) -> str:
+    """`name`, and for eej's own CPU kernel its source digest: a changed kernel is measured again."""
+    return f"cpu:{source_digest(cpu_source)}" if name == "cpu" else name
 
 
 def _digest(key: dict[str, Any]) -> str:
