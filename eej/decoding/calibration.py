@@ -48,7 +48,7 @@ def step_times_key(cfg, strategy: Any, sampling: Any, batch: int, capacity: int)
             "strategy": repr(strategy), "sampling": repr(sampling), "batch": batch, "capacity": capacity}
 
 
-def _implementation(name: str, cpu_source) -> str:
+def _implementation(name: str, cpu_source: os.PathLike) -> str:
     """`name`, and for eej's own CPU kernel its source digest: a changed kernel is measured again."""
     return f"cpu:{source_digest(cpu_source)}" if name == "cpu" else name
 
