@@ -48,7 +48,7 @@ constexpr int kGroupRows = 24;       // rows of x per sweep of w (more rows: ano
 constexpr int64_t kChunk = 4096;     // columns per cache chunk
 constexpr int64_t kMinSlab = 128;    // fewest rows of w a thread takes
 
-// Rows of w per pass: few while one register tile holds every row (a pass streams kPassRows rows of w at once),
+// Rows of w per pass: few while one register tile holds every row (a pass streams that many rows of w at once),
 // more when several blocks share the tile and the accumulators' trips through memory add up.
 constexpr int64_t pass_rows(int m) { return m <= kBlockRows ? 8 : 32; }
 
