@@ -56,7 +56,8 @@ def source_digest(source: Path) -> str:
     """A digest of what a kernel computes and how fast: its source, the headers beside it and the flags (a changed
     kernel gets a new library here and new step-time measurements in eej.decoding.calibration)."""
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(FLAGS).encode(), *(h.read_bytes() for h in sorted(source.parent.glob("*.h")))):
+    headers = sorted(source.parent.glob("*.h"))
+    for part in (source.read_bytes(), " ".join(FLAGS).encode(), *(h.read_bytes() for h in headers)):
         digest.update(part)
     return digest.hexdigest()[:16]
 

@@ -4,9 +4,10 @@ A strategy that adapts to what its steps cost (eej.decoding.adaptive) names the 
 (`Strategy.calibration_points`); the engine times its compiled decode loop under each, a few steps
 from the prefilled state, at the batch and cache size it is about to run — once per shape — and
 remembers the milliseconds per step in `step_times.json` in eej's cache directory —
-keyed by the device, JAX's version, the model's shape and dtype, its matmul and attention implementations (eej's
-CPU kernels by their source digest), the strategy's settings and the shape — so that the next process on the same machine skips the
-measurement. A missing, corrupt or foreign entry only means measuring again.
+keyed by the device, JAX's version, the model's shape and dtype, its matmul and attention
+implementations (eej's CPU kernels by their source digest), the strategy's settings and the shape —
+so that the next process on the same machine skips the measurement. A missing, corrupt or foreign
+entry only means measuring again.
 
 The cache directory is eej's (eej.local_cache: `$EEJ_CACHE_DIR`, else `$XDG_CACHE_HOME/eej`, else
 `~/.cache/eej`; `EEJ_CACHE_DIR=` (empty) keeps nothing on disk).
