@@ -6,7 +6,7 @@
 // weights, so this kernel reads w once, in place, for up to kGroupRows rows (docs/engine.md, "The CPU matmul").
 //
 // Order of work: columns are cut into chunks of kChunk (the chunk's outputs stay in cache); a chunk is swept by
-// passes over a few rows of w (pass_rows), each pass walking register tiles of 64 columns: for each tile, every
+// passes over kPassRows rows of w, each pass walking register tiles of 64 columns: for each tile, every
 // block of up to kBlockRows rows of x takes its turn while the tile's rows of w sit in L1, so w comes from memory
 // once for all of them. Accumulators go through memory once per pass. Each tile prefetches the next tile's
 // columns: the hardware prefetcher alone did not keep the FMA units fed from 12 rows on (LM head at 12 rows:
@@ -48,9 +48,11 @@ constexpr int kGroupRows = 24;       // rows of x per sweep of w (more rows: ano
 constexpr int64_t kChunk = 4096;     // columns per cache chunk
 constexpr int64_t kMinSlab = 128;    // fewest rows of w a thread takes
 
-// Rows of w per pass: few while one register tile holds every row (a pass streams that many rows of w at once),
-// more when several blocks share the tile and the accumulators' trips through memory add up.
-constexpr int64_t pass_rows(int m) { return m <= kBlockRows ? 8 : 32; }
+// Rows of w per pass, whatever M: a pass reads that many rows of w side by side, one memory stream each, and
+// more streams than the hardware prefetcher follows starve the FMAs. 32 rows for more than 6 rows of x looked
+// better in a C++ harness but measured worse inside XLA (SmolLM2-135M's forward at batch 4, both CPU kernels:
+// 8 rows of x 41-44 -> 32-34 ms, 12 rows 54-59 -> 36-45 ms; at 20 rows level).
+constexpr int64_t kPassRows = 8;
 
 // a * b + c, rounded once, lane by lane
 inline v16 fma16(v16 a, v16 b, v16 c) {
@@ -115,10 +117,9 @@ template <int M>
 void sweep(const float* x, int64_t ldx, const float* w, int64_t N, float* y, int64_t k0, int64_t k1, int64_t c0,
            int64_t c1) {
   constexpr int B = (M + kBlockRows - 1) / kBlockRows;
-  constexpr int64_t kPass = pass_rows(M);
   const int64_t wide = c0 + (c1 - c0) / kTile * kTile;
-  for (int64_t p0 = k0; p0 < k1; p0 += kPass) {
-    const int64_t p1 = std::min(k1, p0 + kPass);
+  for (int64_t p0 = k0; p0 < k1; p0 += kPassRows) {
+    const int64_t p1 = std::min(k1, p0 + kPassRows);
     const bool first = p0 == k0;
     for (int64_t n = c0; n < wide; n += kTile)
       blocks<M, B>(x, ldx, w, N, y, first, p0, p1, n, std::make_integer_sequence<int, B>{});
