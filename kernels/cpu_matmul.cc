@@ -48,10 +48,10 @@ constexpr int kGroupRows = 24;       // rows of x per sweep of w (more rows: ano
 constexpr int64_t kChunk = 4096;     // columns per cache chunk
 constexpr int64_t kMinSlab = 128;    // fewest rows of w a thread takes
 
-// Rows of w per pass, whatever M: a pass reads that many rows of w side by side, one memory stream each, and
-// more streams than the hardware prefetcher follows starve the FMAs. 32 rows for more than 6 rows of x looked
-// better in a C++ harness but measured worse inside XLA (SmolLM2-135M's forward at batch 4, both CPU kernels:
-// 8 rows of x 41-44 -> 32-34 ms, 12 rows 54-59 -> 36-45 ms; at 20 rows level).
+// Rows of w per pass, whatever M: a pass reads that many rows of w side by side, one memory stream each (more
+// streams, presumably, than the hardware prefetcher follows). 32 rows for more than 6 rows of x looked better in a
+// C++ harness but measured worse inside XLA (SmolLM2-135M's forward at batch 4, both CPU kernels, back-to-back
+// probes: 8 rows of x 41-44 -> 32-36 ms per step, 12 rows 46-59 -> 36-45 ms).
 constexpr int64_t kPassRows = 8;
 
 // a * b + c, rounded once, lane by lane
