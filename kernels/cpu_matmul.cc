@@ -1,29 +1,30 @@
-// y [M, N] = x [M, K] @ w [K, N] in float32 on a CPU, for the few rows of a decode or verification step.
+// y [M, N] = x [M, K] @ w [K, N] in float32 on a CPU, for the few rows of a decode or verification step, with w
+// given in column tiles: tiles [N / T, K, T] (T = kTile = 32 columns, N padded with zero columns to a multiple of
+// T; eej.model.packed lays them out once, when an engine is built).
 //
-// Why: XLA:CPU runs a one-row product as a matrix-vector kernel and from two rows on switches to a matrix-product
-// kernel that packs the weights first; on a 2-core AMD EPYC that made a 2..5-token verification of SmolLM2-135M
-// cost 1.3-1.5x a one-token step (LM head: 4 ms at 1 row, 7 ms at 2..5). Decoding is bound by reading the
-// weights, so this kernel reads w once, in place, for up to kGroupRows rows (docs/engine.md, "The CPU matmul").
+// Why: decoding is bound by reading the weights. XLA:CPU runs a one-row product as a matrix-vector kernel and from
+// two rows on switches to a matrix-product kernel that packs the weights first, so a 2..5-token verification of
+// SmolLM2-135M cost 1.3-1.5x a one-token step. This kernel reads w once, in place, for all the rows of x
+// (docs/engine.md, "The CPU matmul"). In column tiles a tile's K rows are one contiguous block: each thread reads
+// one sequential stream, and a register tile keeps its sums in registers over the whole of K. (In w's own [K, N]
+// layout the sums went through memory every few rows of w, and each pass read several rows of w side by side: the
+// full set of SmolLM2-135M's products at 1 / 4 / 8 / 12 rows took 18.3 / 21.0 / 27.4 / 35.0 ms that way and 12.1 /
+// 13.3 / 15.8 / 20.5 ms in tiles, in a throwaway C++ harness on this machine, 2 threads, the minimum of 15
+// interleaved rounds.)
 //
-// Order of work: columns are cut into chunks of kChunk (the chunk's outputs stay in cache); a chunk is swept by
-// passes over kPassRows rows of w, each pass walking register tiles of 64 columns: for each tile, every
-// block of up to kBlockRows rows of x takes its turn while the tile's rows of w sit in L1, so w comes from memory
-// once for all of them. Accumulators go through memory once per pass. Each tile prefetches the next tile's
-// columns: the hardware prefetcher alone did not keep the FMA units fed from 12 rows on (LM head at 12 rows:
-// 12-14 ms without, 7-7.5 ms with, in a throwaway C++ harness on this machine).
+// Order of work: a thread takes a contiguous run of tiles; for each tile, each block of up to kBlockRows rows of x
+// takes its turn (one block for up to 12 rows: 12 rows x 2 vectors = 24 accumulators), reading the tile's block
+// of w while the next is prefetched; a second block re-reads the tile from cache.
 //
 // Arithmetic: every output element is one chain of fused multiply-adds over k in increasing order, starting from
-// zero, whatever M, the tiling or the path (vector or the scalar tail), so one row's result does not depend on the
-// rows beside it (a verification's logits are bit-identical to a one-token step's). FMA rather than a multiply
-// and an add: with broadcasts of x in the loop, separate multiplies and adds issued at two thirds of the rate.
-//
-// Threads: the rows of w are split into one contiguous slab per thread of XLA's intra-op pool (cpu_parallel.h);
-// the slabs' partial sums are added in slab order.
+// zero, whatever M, the blocking, the thread count or the path (vector or scalar), so one row's result does not
+// depend on the rows beside it (a verification's logits are bit-identical to a one-token step's). FMA rather than
+// a multiply and an add: with broadcasts of x in the loop, separate multiplies and adds issued at two thirds of the
+// rate.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <utility>
 
 #if defined(__AVX512F__) || defined(__FMA__)
@@ -41,18 +42,12 @@ namespace {
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
-constexpr int R = 4;                 // vectors of 16 columns per register tile: 64 columns
-constexpr int64_t kTile = 16 * R;
-constexpr int kBlockRows = 6;        // rows of x per register tile: 6 x 4 accumulators + 4 vectors of w
-constexpr int kGroupRows = 24;       // rows of x per sweep of w (more rows: another sweep)
-constexpr int64_t kChunk = 4096;     // columns per cache chunk
-constexpr int64_t kMinSlab = 128;    // fewest rows of w a thread takes
-
-// Rows of w per pass, whatever M: a pass reads that many rows of w side by side, one memory stream each (more
-// streams, presumably, than the hardware prefetcher follows). 32 rows for more than 6 rows of x looked better in a
-// C++ harness but measured worse inside XLA (SmolLM2-135M's forward at batch 4, both CPU kernels, back-to-back
-// probes: 8 rows of x 41-44 -> 32-36 ms per step, 12 rows 46-59 -> 36-45 ms).
-constexpr int64_t kPassRows = 8;
+constexpr int R = 2;               // vectors of 16 columns per register tile
+constexpr int64_t kTile = 16 * R;  // columns per tile (eej.model.packed.TILE)
+constexpr int kBlockRows = 12;     // rows of x per register block: 12 x 2 accumulators + 2 vectors of w
+// How far ahead of the FMAs block 0 prefetches w, in floats: 8 KB, 64 of a tile's rows (2048 beat 512, 1024 and
+// 4096 in the harness above).
+constexpr int64_t kPrefetch = 2048;
 
 // a * b + c, rounded once, lane by lane
 inline v16 fma16(v16 a, v16 b, v16 c) {
@@ -77,116 +72,89 @@ inline v16 fma16(v16 a, v16 b, v16 c) {
 #endif
 }
 
-// y [MB, n:n+64] (+)= x [MB, p0:p1] @ w [p0:p1, n:n+64]: one register tile. `first` starts the sums at zero.
+// v16 of x in every lane
+inline v16 broadcast16(float x) {
+#if defined(__AVX512F__)
+  return (v16)_mm512_set1_ps(x);
+#else
+  return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#endif
+}
+
+// y [MB, 0:kTile] = x [MB, 0:K] @ tile [K, kTile]: one register tile (y's row stride ldy).
 template <int MB, bool Prefetch>
-__attribute__((always_inline)) inline void tile(const float* x, int64_t ldx, const float* w, int64_t N, float* y,
-                                                bool first, int64_t p0, int64_t p1, int64_t n) {
+__attribute__((always_inline)) inline void block(const float* x, int64_t K, const float* tile, float* y, int64_t ldy) {
   v16 acc[MB][R];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) {
-      if (first) acc[m][r] = (v16){};
-      else std::memcpy(&acc[m][r], y + m * N + n + 16 * r, 64);
-    }
-  const float* wk = w + p0 * N + n;
-  for (int64_t k = p0; k < p1; ++k, wk += N) {
+    for (int r = 0; r < R; ++r) acc[m][r] = (v16){};
+  const float* wk = tile;
+  for (int64_t k = 0; k < K; ++k, wk += kTile) {
     v16 wv[R];
     for (int r = 0; r < R; ++r) std::memcpy(&wv[r], wk + 16 * r, 64);
     if (Prefetch)
-      for (int r = 0; r < R; ++r) __builtin_prefetch(wk + kTile + 16 * r);
+      for (int r = 0; r < R; ++r) __builtin_prefetch(wk + kPrefetch + 16 * r);
     for (int m = 0; m < MB; ++m) {
-      const v16 xv = (v16){} + x[m * ldx + k];
+      const v16 xv = broadcast16(x[m * K + k]);
       for (int r = 0; r < R; ++r) acc[m][r] = fma16(xv, wv[r], acc[m][r]);
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) std::memcpy(y + m * N + n + 16 * r, &acc[m][r], 64);
+    for (int r = 0; r < R; ++r) std::memcpy(y + m * ldy + 16 * r, &acc[m][r], 64);
 }
 
-// One register tile's columns for all M rows: block b is rows [M*b/B, M*(b+1)/B); block 0 prefetches.
+// One tile's columns for all M rows: block b is rows [M*b/B, M*(b+1)/B); block 0 prefetches.
 template <int M, int B, int... b>
-__attribute__((always_inline)) inline void blocks(const float* x, int64_t ldx, const float* w, int64_t N, float* y,
-                                                  bool first, int64_t p0, int64_t p1, int64_t n,
+__attribute__((always_inline)) inline void blocks(const float* x, int64_t K, const float* tile, float* y, int64_t ldy,
                                                   std::integer_sequence<int, b...>) {
-  (tile<M * (b + 1) / B - M * b / B, b == 0>(x + M * b / B * ldx, ldx, w, N, y + M * b / B * N, first, p0, p1, n),
-   ...);
+  (block<M * (b + 1) / B - M * b / B, b == 0>(x + M * b / B * K, K, tile, y + M * b / B * ldy, ldy), ...);
 }
 
-// y [M, c0:c1] = x [M, k0:k1] @ w [k0:k1, c0:c1] for M <= kGroupRows rows, in B near-equal blocks of at most
-// kBlockRows; x has row stride ldx, w and y row stride N.
+// y [M, t0*T : t1*T] = x [M, K] @ tiles [t0:t1] for M rows of x, in B near-equal blocks of at most kBlockRows.
 template <int M>
-void sweep(const float* x, int64_t ldx, const float* w, int64_t N, float* y, int64_t k0, int64_t k1, int64_t c0,
-           int64_t c1) {
+void columns(const float* x, const float* tiles, int64_t K, float* y, int64_t ldy, int64_t t0, int64_t t1) {
   constexpr int B = (M + kBlockRows - 1) / kBlockRows;
-  const int64_t wide = c0 + (c1 - c0) / kTile * kTile;
-  for (int64_t p0 = k0; p0 < k1; p0 += kPassRows) {
-    const int64_t p1 = std::min(k1, p0 + kPassRows);
-    const bool first = p0 == k0;
-    for (int64_t n = c0; n < wide; n += kTile)
-      blocks<M, B>(x, ldx, w, N, y, first, p0, p1, n, std::make_integer_sequence<int, B>{});
-    for (int64_t n = wide; n < c1; ++n)  // the last columns of a width that is not a multiple of the tile
-      for (int m = 0; m < M; ++m) {
-        float s = first ? 0.f : y[m * N + n];
-        for (int64_t k = p0; k < p1; ++k) s = __builtin_fmaf(x[m * ldx + k], w[k * N + n], s);
-        y[m * N + n] = s;
-      }
-  }
+  for (int64_t t = t0; t < t1; ++t)
+    blocks<M, B>(x, K, tiles + t * K * kTile, y + t * kTile, ldy, std::make_integer_sequence<int, B>{});
 }
 
-template <int M>
-void group(const float* x, int64_t ldx, const float* w, int64_t N, float* y, int64_t k0, int64_t k1) {
-  for (int64_t c = 0; c < N; c += kChunk) sweep<M>(x, ldx, w, N, y, k0, k1, c, std::min(N, c + kChunk));
-}
+constexpr int kMaxRows = 36;  // the most rows one call takes (eej.kernels.cpu_matmul.MAX_ROWS is at most this)
 
-// group<rows> for a run-time rows in 1..kGroupRows
+// columns<rows> for a run-time rows in 1..kMaxRows
 template <int... g>
-void any_group(int64_t rows, const float* x, int64_t ldx, const float* w, int64_t N, float* y, int64_t k0, int64_t k1,
-               std::integer_sequence<int, g...>) {
-  ((rows == g + 1 ? group<g + 1>(x, ldx, w, N, y, k0, k1) : void()), ...);
+void any_columns(int64_t rows, const float* x, const float* tiles, int64_t K, float* y, int64_t ldy, int64_t t0,
+                 int64_t t1, std::integer_sequence<int, g...>) {
+  ((rows == g + 1 ? columns<g + 1>(x, tiles, K, y, ldy, t0, t1) : void()), ...);
 }
 
-// y [M, N] = x [M, k0:k1] @ w [k0:k1, :] (x's row stride K), kGroupRows rows of x per sweep of w.
-void partial(const float* x, const float* w, int64_t M, int64_t K, int64_t N, float* y, int64_t k0, int64_t k1) {
-  for (int64_t m0 = 0; m0 < M; m0 += kGroupRows)
-    any_group(std::min<int64_t>(kGroupRows, M - m0), x + m0 * K, K, w, N, y + m0 * N, k0, k1,
-              std::make_integer_sequence<int, kGroupRows>{});
-}
-
-// The rows of w are cut into `parts` contiguous slabs, one task each: each task streams one block of memory.
-// Part 0 sums into y, the others into scratch, added to y in part order at the end, so the order of every
-// sum depends on K and the part count only, never on M.
-ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+// The tiles are cut into one contiguous run per thread of XLA's intra-op pool (cpu_parallel.h); each output
+// element is computed by one thread, so its sum does not depend on the thread count.
+ffi::Error TiledMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> tiles,
                        ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
-    return ffi::Error::InvalidArgument("eej_cpu_matmul: expected x [M, K] and w [K, N]");
+  const auto td = tiles.dimensions();
+  if (xd.size() != 2 || td.size() != 3 || td[2] != kTile || xd[1] != td[1])
+    return ffi::Error::InvalidArgument("eej_cpu_matmul: expected x [M, K] and tiles [N / 32, K, 32]");
+  const int64_t M = xd[0], K = xd[1], count = td[0], ldy = count * kTile;
+  if (M > kMaxRows) return ffi::Error::InvalidArgument("eej_cpu_matmul: more rows of x than the kernel takes");
   const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
+  const float* tp = tiles.typed_data();
   float* yp = y->typed_data();
-  const int64_t M = xd[0], K = xd[1], N = wd[1];
-  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (M == 0 || count == 0) return ffi::Error::Success();
   if (K == 0) {
-    std::memset(yp, 0, sizeof(float) * M * N);
+    std::memset(yp, 0, sizeof(float) * M * ldy);
     return ffi::Error::Success();
   }
-  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), K / kMinSlab));
-  const int64_t slab = (K + parts - 1) / parts;
-  parts = (K + slab - 1) / slab;
-  std::unique_ptr<float[]> scratch(parts > 1 ? new float[(parts - 1) * M * N] : nullptr);
-  float* sp = scratch.get();
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), count));
   eej::parallel_tasks(pool, parts, [=](int64_t p) {
-    partial(xp, wp, M, K, N, p == 0 ? yp : sp + (p - 1) * M * N, p * slab, std::min(K, (p + 1) * slab));
+    any_columns(M, xp, tp, K, yp, ldy, count * p / parts, count * (p + 1) / parts,
+                std::make_integer_sequence<int, kMaxRows>{});
   });
-  for (int64_t p = 1; p < parts; ++p) {
-    const float* part = sp + (p - 1) * M * N;
-    for (int64_t i = 0; i < M * N; ++i) yp[i] += part[i];
-  }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EejCpuMatmul, SmallMatmul,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EejCpuMatmul, TiledMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -47,11 +47,14 @@ def measure(model_name: str, max_width: int, steps: int, rounds: int, matmul: st
     from jax import lax
 
     from eej.model.cache import init_cache
+    from eej.model.packed import pack_projections
     from eej.model.transformer import embed, logits_from_hidden, run_layers
     from eej.weights.registry import load_model
 
     model = load_model(model_name)
     cfg, params = model.cfg.replace(matmul_impl=matmul, attention_impl=attention), model.params
+    if matmul == "cpu":  # column tiles, as an engine packs them
+        params = pack_projections(params)
     capacity = capacity or 64 + steps * max_width
 
     @functools.partial(jax.jit, static_argnums=(2, 3), donate_argnums=(1,))

@@ -15,14 +15,15 @@ from eej.cli.options import resolve_matmul
 from eej.cli.parser import CliError
 from eej.decoding.methods import known_methods
 from eej.kernels import cpu_matmul
+from eej.model.packed import pack
 from eej.model.transformer import linear
 from eej.testing import agreeable_model, method_and_plain_greedy
 
-# (rows, K, N): decode and verification shapes, widths that are not a multiple of the 64-column tile or span two
-# 4096-column chunks, rows in several register blocks (> 6) and in several sweeps (> 24), K not a multiple of the
-# 8- or 32-row pass, and K split between threads (>= 256).
+# (rows, K, N): decode and verification shapes, widths that are not a multiple of the 32-column tile, rows in
+# several register blocks (> 12), more rows than one call takes (> CALL_ROWS: calls in a loop, the last padded),
+# a K of one row, and fewer tiles than threads.
 SHAPES = [(1, 64, 64), (2, 48, 200), (5, 37, 130), (8, 16, 4096 + 80), (9, 100, 70), (13, 300, 130),
-          (16, 21, 5), (20, 70, 4096 + 64), (27, 45, 90), (3, 1, 1)]
+          (16, 21, 5), (20, 70, 4096 + 64), (27, 45, 90), (3, 1, 1), (70, 33, 100)]
 
 
 def _data(rows, k, n, seed=0):
@@ -49,6 +50,12 @@ def test_a_row_does_not_depend_on_its_neighbours(rows, k, n):
         np.testing.assert_array_equal(alone[0], together[i])
 
 
+def test_packed_and_unpacked_weights_give_the_same_bits():
+    """An engine packs its weights once (eej.model.packed); a weight given unpacked is packed in the call."""
+    x, w = _data(6, 40, 70, seed=4)
+    np.testing.assert_array_equal(cpu_matmul.matmul(x, pack(w)), cpu_matmul.matmul(x, w))
+
+
 def test_leading_axes_vmap_and_gradients():
     x, w = _data(6, 24, 40, seed=2)
     x3 = x.reshape(2, 3, 24)
@@ -63,6 +70,8 @@ def test_leading_axes_vmap_and_gradients():
     want = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x3, w)
     for g, r in zip(got, want):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+    got_tiles = jax.grad(lambda x, t: jnp.sum(jnp.sin(cpu_matmul.matmul(x, t))), argnums=1)(x3, pack(w))
+    np.testing.assert_allclose(got_tiles.unpacked(), want[1], rtol=1e-4, atol=1e-4)
 
 
 def test_linear_uses_the_kernel_only_where_it_applies():

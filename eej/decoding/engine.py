@@ -36,6 +36,7 @@ from eej.decoding.sampling import sample
 from eej.decoding.strategy import StepInputs, StepResult, Strategy
 from eej.local_cache import compile_cache_hits, use_compilation_cache
 from eej.model.cache import KVCache, init_cache
+from eej.model.packed import pack_projections
 from eej.model.transformer import Params
 from eej.parallel.sharding import DecodeSharding, to_host
 from eej.weights.registry import Model
@@ -400,6 +401,9 @@ class Engine:
             self._sharding = sharding = DecodeSharding(mesh, model.cfg)
             model = dataclasses.replace(model, params=sharding.place(model.params, sharding.params(model.params)))
             method_params = sharding.place(method_params, sharding.params(method_params))
+        if model.cfg.matmul_impl == "cpu":  # the CPU matmul kernel reads projections in column tiles, packed once here
+            model = dataclasses.replace(model, params=pack_projections(model.params))
+            method_params = pack_projections(method_params)
         self.model = model
         self.method_params = method_params
 

@@ -65,6 +65,7 @@ from eej.decoding.speculation import (
 from eej.decoding.strategy import StepInputs, StepResult, Strategy
 from eej.model.cache import KVCache, init_cache, write_block
 from eej.model.control import cond_in_place
+from eej.model.packed import take_columns
 from eej.model.transformer import (
     Params,
     embed,
@@ -418,7 +419,7 @@ class SpecEE(Strategy):
         params, cfg, positions = s.params, s.cfg, s.positions
         n, l = cfg.num_layers, self.first_layer
         econ: ExitEconomics = s.method_state["economics"]
-        columns = jnp.moveaxis(jnp.take(params["lm_head"], candidates, axis=1), 0, 1)  # [B, D, k]
+        columns = jnp.moveaxis(take_columns(params["lm_head"], candidates), 0, 1)  # [B, D, k]
         predictors = s.method_params["predictors"]
         fire_logit = _logit(self.threshold)
         never = self.threshold >= 1.0

@@ -39,6 +39,7 @@ from eej.decoding.sampling import probabilities, sample, sample_from_probs
 from eej.decoding.strategy import last_token_logits, prompt_positions
 from eej.decoding.verify import verify_greedy, verify_sampling
 from eej.model.cache import KVCache
+from eej.model.packed import take_columns
 from eej.model.transformer import Params, attention_block, embed, rms_norm, run_layers
 from eej.settings import resolve_path
 from eej.weights.artifacts import load_artifact
@@ -177,7 +178,7 @@ def check_draft_head(method: str, cfg: ModelConfig, method_params: dict) -> None
 def reduced_head(params: Params, token_ids: Any) -> dict[str, jax.Array]:
     """method_params entries for a draft head restricted to `token_ids` [V'] (a column slice of the LM head)."""
     ids = jnp.asarray(np.asarray(token_ids, np.int32))
-    return {"draft_head": jnp.take(params["lm_head"], ids, axis=1), "draft_ids": ids}
+    return {"draft_head": take_columns(params["lm_head"], ids), "draft_ids": ids}
 
 
 def head_from_ranking(params: Params, ranking: Any, size: int, where: str) -> dict[str, jax.Array]:

@@ -38,6 +38,7 @@ from eej.config import ModelConfig
 from eej.model import attention as attn_lib
 from eej.model import moe
 from eej.model.cache import KVCache, write_block
+from eej.model.packed import PackedWeight, product as packed_product
 from eej.model.control import cond_in_place, run_if, switch_in_place
 from eej.model.rope import apply_rope
 
@@ -94,20 +95,21 @@ MATMUL_IMPLS = ("xla", "cpu")
 _CPU_MATMUL = "eej.kernels.cpu_matmul"
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, impl: str = "xla") -> jax.Array:
-    """x [..., in] @ w [in, out] (+ b [out]) -> [..., out].
+def linear(x: jax.Array, w: jax.Array | PackedWeight, b: jax.Array | None = None, impl: str = "xla") -> jax.Array:
+    """x [..., in] @ w [in, out] (+ b [out]) -> [..., out]; w may be packed in column tiles (eej.model.packed).
 
     impl: "xla" (jnp.matmul), or "cpu" — the CPU kernel `eej.kernels.cpu_matmul` for float32 products of at
     most its MAX_ROWS rows (decode and verification steps), XLA's for the rest (`ModelConfig.matmul_impl`).
     """
-    w = w.astype(x.dtype)
-    if impl == "cpu":
-        kernel = importlib.import_module(_CPU_MATMUL)  # a kernel module (layer 2), imported when first selected
-        y = kernel.matmul(x, w) if kernel.applies(x, w) else jnp.matmul(x, w)
-    elif impl == "xla":
-        y = jnp.matmul(x, w)
-    else:
+    if impl not in MATMUL_IMPLS:
         raise ValueError(f"unknown matmul implementation {impl!r}; one of {', '.join(MATMUL_IMPLS)}")
+    kernel = importlib.import_module(_CPU_MATMUL) if impl == "cpu" else None  # a kernel module (layer 2), imported when first selected
+    if kernel is not None and kernel.applies(x, w):
+        y = kernel.matmul(x, w)
+    elif isinstance(w, PackedWeight):
+        y = packed_product(x, w)
+    else:
+        y = jnp.matmul(x, w.astype(x.dtype))
     return y if b is None else y + b.astype(y.dtype)
 
 
