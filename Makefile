@@ -29,8 +29,11 @@ $(VENV)/.test: $(VENV)/.runtime
 demo: $(VENV)/.runtime
 	$(VENV)/bin/eej generate --model smollm2-135m --chat --max-new-tokens 128 --prompt "$(PROMPT)"
 
+# PYTHONSAFEPATH: the repository root stays off sys.path, so this repo's top-level kernels/ folder does not hide the
+# PyPI package `kernels` that transformers (>= 5.25) imports (the HF parity tests failed with "cannot import name
+# 'CUDAProperties' from 'kernels'").
 test: $(VENV)/.test
-	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	PYTHONSAFEPATH=1 $(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 bench-plain: $(VENV)/.test
 	$(PY) scripts/bench_plain.py
