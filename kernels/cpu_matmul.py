@@ -8,8 +8,8 @@ row's result is bit-identical whether it is computed alone (a plain step) or bes
 The kernel is compiled on first use by `eej.kernels.cpu_build` (the machine's C++ compiler, for this CPU); no
 compiler is an error that says so (`--matmul xla` runs without one), never a silent fallback.
 
-Gradients: the backward pass is two ordinary XLA matmuls (`custom_vjp`), so a model running with this kernel
-can still be differentiated. Under `vmap` the call runs once per batch element.
+Gradients: the backward pass is two ordinary XLA products on the tiles (`custom_vjp`), so a model running
+with this kernel can still be differentiated. Under `vmap` the call runs once per batch element.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def build_library() -> Path:
 
 
 def applies(x: jax.Array, w: jax.Array | PackedWeight) -> bool:
-    """Whether `matmul` takes this product (float32, a 2-D weight, at most MAX_ROWS rows); else use XLA's."""
+    """Whether `matmul` takes this product (float32, a 2-D weight, packed or not, at most MAX_ROWS rows); else
+    use XLA's."""
     rows = 1
     for d in x.shape[:-1]:
         rows *= d

@@ -38,8 +38,8 @@ from eej.config import ModelConfig
 from eej.model import attention as attn_lib
 from eej.model import moe
 from eej.model.cache import KVCache, write_block
-from eej.model.packed import PackedWeight, product as packed_product
 from eej.model.control import cond_in_place, run_if, switch_in_place
+from eej.model.packed import PackedWeight, product as packed_product
 from eej.model.rope import apply_rope
 
 Params = dict[str, Any]
@@ -99,11 +99,13 @@ def linear(x: jax.Array, w: jax.Array | PackedWeight, b: jax.Array | None = None
     """x [..., in] @ w [in, out] (+ b [out]) -> [..., out]; w may be packed in column tiles (eej.model.packed).
 
     impl: "xla" (jnp.matmul), or "cpu" — the CPU kernel `eej.kernels.cpu_matmul` for float32 products of at
-    most its MAX_ROWS rows (decode and verification steps), XLA's for the rest (`ModelConfig.matmul_impl`).
+    most its MAX_ROWS rows (decode and verification steps, short prefills), XLA's for the rest
+    (`ModelConfig.matmul_impl`).
     """
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"unknown matmul implementation {impl!r}; one of {', '.join(MATMUL_IMPLS)}")
-    kernel = importlib.import_module(_CPU_MATMUL) if impl == "cpu" else None  # a kernel module (layer 2), imported when first selected
+    # the kernel module (layer 2) is imported when first selected
+    kernel = importlib.import_module(_CPU_MATMUL) if impl == "cpu" else None
     if kernel is not None and kernel.applies(x, w):
         y = kernel.matmul(x, w)
     elif isinstance(w, PackedWeight):
