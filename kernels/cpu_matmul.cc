@@ -17,7 +17,7 @@
 // of w while the next is prefetched; a second block re-reads the tile from cache.
 //
 // Arithmetic: every output element is one chain of fused multiply-adds over k in increasing order, starting from
-// zero, whatever M, the blocking, the thread count or the path (vector or scalar), so one row's result does not
+// zero, whatever M, the blocking or the thread count, so one row's result does not
 // depend on the rows beside it (a verification's logits are bit-identical to a one-token step's). FMA rather than
 // a multiply and an add: with broadcasts of x in the loop, separate multiplies and adds issued at two thirds of the
 // rate.
@@ -117,7 +117,7 @@ void columns(const float* x, const float* tiles, int64_t K, float* y, int64_t ld
     blocks<M, B>(x, K, tiles + t * K * kTile, y + t * kTile, ldy, std::make_integer_sequence<int, B>{});
 }
 
-constexpr int kMaxRows = 36;  // the most rows one call takes (eej.kernels.cpu_matmul.MAX_ROWS is at most this)
+constexpr int kMaxRows = 36;  // the most rows one call takes (eej.kernels.cpu_matmul.CALL_ROWS is at most this)
 
 // columns<rows> for a run-time rows in 1..kMaxRows
 template <int... g>

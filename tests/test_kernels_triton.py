@@ -67,7 +67,9 @@ def _interpreter_runs_tensor_loop_bounds() -> bool:
 def test_triton_kernel_matches_reference_in_interpreter():
     pytest.importorskip("triton", reason="Triton is not installed (pip install triton, or the gpu extra)")
     pytest.importorskip("torch")
-    probe = subprocess.run([sys.executable, "-c", "import sys, test_kernels_triton as t; sys.exit(0 if t._interpreter_runs_tensor_loop_bounds() else 3)"],
+    # the tests folder on sys.path explicitly: `make test` runs with PYTHONSAFEPATH, so `-c` does not add the cwd
+    probe = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import test_kernels_triton as t; "
+                            "sys.exit(0 if t._interpreter_runs_tensor_loop_bounds() else 3)"],
                            env={**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu"}, cwd=HERE, capture_output=True, text=True)
     if probe.returncode == 3:
         pytest.skip("this Triton's interpreter cannot run tensor loop bounds with this NumPy (the compile test covers the kernel)")
