@@ -10,7 +10,10 @@
 // layout the sums went through memory every few rows of w, and each pass read several rows of w side by side: the
 // full set of SmolLM2-135M's products at 1 / 4 / 8 / 12 rows took 18.3 / 21.0 / 27.4 / 35.0 ms that way and 12.1 /
 // 13.3 / 15.8 / 20.5 ms in tiles, in a throwaway C++ harness on this machine, 2 threads, the minimum of 15
-// interleaved rounds.)
+// interleaved rounds.) Loading w with one 512-bit load per vector (`load16`) and prefetching it into L2 rather than
+// L1 then took the same set, on a day this VM read memory at ~22 GB/s, from 26.3 / 31.3 / 38.1 ms to 18.8 / 21.8 /
+// 24.0 ms at 4 / 8 / 12 rows (medians of 15 interleaved rounds; with the weights in cache, 18.4 -> 7.6 ms at 4 rows:
+// the loop had been bound by its own instructions, not by memory).
 //
 // Order of work: a thread takes a contiguous run of tiles; for each tile, each block of up to kBlockRows rows of x
 // takes its turn (one block for up to 12 rows: 12 rows x 2 vectors = 24 accumulators), reading the tile's block
@@ -46,7 +49,8 @@ constexpr int R = 2;               // vectors of 16 columns per register tile
 constexpr int64_t kTile = 16 * R;  // columns per tile (eej.model.packed.TILE)
 constexpr int kBlockRows = 12;     // rows of x per register block: 12 x 2 accumulators + 2 vectors of w
 // How far ahead of the FMAs block 0 prefetches w, in floats: 8 KB, 64 of a tile's rows (2048 beat 512, 1024 and
-// 4096 in the harness above).
+// 4096 in the harness above; with prefetches into L2, 1024 to 8192 were all within 2%). Into L2 (`_MM_HINT_T1`):
+// 4-14% faster than into L1; a non-temporal hint was 30% slower.
 constexpr int64_t kPrefetch = 2048;
 
 // a * b + c, rounded once, lane by lane
@@ -72,6 +76,18 @@ inline v16 fma16(v16 a, v16 b, v16 c) {
 #endif
 }
 
+// 16 floats from memory (unaligned): one 512-bit load (a 64-byte memcpy compiled to two 256-bit loads and stores
+// and a 512-bit reload from the stack, which stalled every step of the loop on store forwarding)
+inline v16 load16(const float* p) {
+#if defined(__AVX512F__)
+  return (v16)_mm512_loadu_ps(p);
+#else
+  v16 v;
+  std::memcpy(&v, p, 64);
+  return v;
+#endif
+}
+
 // v16 of x in every lane
 inline v16 broadcast16(float x) {
 #if defined(__AVX512F__)
@@ -90,9 +106,9 @@ __attribute__((always_inline)) inline void block(const float* x, int64_t K, cons
   const float* wk = tile;
   for (int64_t k = 0; k < K; ++k, wk += kTile) {
     v16 wv[R];
-    for (int r = 0; r < R; ++r) std::memcpy(&wv[r], wk + 16 * r, 64);
+    for (int r = 0; r < R; ++r) wv[r] = load16(wk + 16 * r);
     if (Prefetch)
-      for (int r = 0; r < R; ++r) __builtin_prefetch(wk + kPrefetch + 16 * r);
+      for (int r = 0; r < R; ++r) __builtin_prefetch(wk + kPrefetch + 16 * r, 0, 2);
     for (int m = 0; m < MB; ++m) {
       const v16 xv = broadcast16(x[m * K + k]);
       for (int r = 0; r < R; ++r) acc[m][r] = fma16(xv, wv[r], acc[m][r]);

@@ -6,12 +6,16 @@ loop of plain decoding and of each method forced to each of its calibration mode
 step: no drafts / no attempt / no predictor), interleaved round by round so that drift hits all alike,
 at a batch size (`--batch`, default 1) and the cache sizes of a short and a long prompt. Run it alone (`flock /tmp/eej-benchmark.lock`).
 
-    python scripts/plain_mode_overhead.py [--batch 4] [--out benchmarks/results/plain_mode_overhead_b4]
+    python scripts/plain_mode_overhead.py [--batch 4] [--kernels cpu] [--out benchmarks/results/plain_mode_overhead_b4]
+
+`--kernels cpu` runs eej's CPU matmul and attention kernels (what `eej generate` and `eej bench` pick on a CPU);
+the default, `xla`, runs XLA's (the default of the library's `load_model`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -57,10 +61,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--kernels", choices=("xla", "cpu"), default="xla",
+                        help="matmul and attention implementation (ModelConfig.matmul_impl / attention_impl)")
     args = parser.parse_args()
     sampling = SamplingConfig(temperature=args.temperature)
     methods = tuple(m for m in args.methods.split(",") if m)
     model = eej.load_model("smollm2-135m")
+    model = dataclasses.replace(model, cfg=model.cfg.replace(matmul_impl=args.kernels, attention_impl=args.kernels))
     rows = []
     for prompt_len in [int(n) for n in args.prompt_lengths.split(",")]:
         runs = _contestants(model, prompt_len, args.batch, sampling, methods)
@@ -74,7 +81,7 @@ def main() -> None:
         for name, ms in times.items():
             rows.append({"prompt_tokens": prompt_len, "contestant": name, "ms_per_step": float(np.median(ms)),
                          "vs_plain": float(np.median(ms)) / plain})
-    doc = {"model": "smollm2-135m", "batch": args.batch, "temperature": args.temperature, "steps_per_run": STEPS, "rounds": ROUNDS,
+    doc = {"model": "smollm2-135m", "kernels": args.kernels, "batch": args.batch, "temperature": args.temperature, "steps_per_run": STEPS, "rounds": ROUNDS,
            "machine": {"platform": platform.platform(), "device": str(jax.devices()[0]), "cpus": os.cpu_count(),
                        "load_average": os.getloadavg(), "jax": jax.__version__},
            "rows": rows}
@@ -82,7 +89,7 @@ def main() -> None:
     with open(args.out + ".json", "w") as f:
         json.dump(doc, f, indent=1)
     lines = [f"# Each method's step modes against plain decoding (ms per decode step, batch {args.batch}, "
-             f"{'greedy' if sampling.greedy else f'temperature {args.temperature}'})", "",
+             f"{'greedy' if sampling.greedy else f'temperature {args.temperature}'}, {args.kernels} kernels)", "",
              f"`python scripts/plain_mode_overhead.py {' '.join(sys.argv[1:])}`; {doc['machine']['device']}, {doc['machine']['cpus']} CPUs, "
              f"load average {', '.join(f'{x:.2f}' for x in doc['machine']['load_average'])}; median of {ROUNDS} interleaved "
              f"rounds of {STEPS} steps. Mode 0 is the step an adaptive method takes when it does nothing special.", "",

@@ -32,6 +32,7 @@ def _case(b, t, hq, hkv, s, dh, seed=0):
 
 @pytest.mark.parametrize("b,t,hq,hkv,s,dh", [
     (1, 1, 9, 3, 40, 64), (2, 5, 4, 2, 37, 16), (3, 16, 6, 6, 100, 8), (1, 2, 8, 1, 16, 32), (2, 1, 2, 1, 1, 8),
+    (1, 3, 4, 2, 53, 48), (2, 2, 4, 1, 35, 128),  # the vector path's head sizes: 3 and 8 vectors of 16
 ])
 @pytest.mark.parametrize("window", [None, 1, 7])
 def test_matches_the_reference(b, t, hq, hkv, s, dh, window):
