@@ -11,9 +11,9 @@
 // full set of SmolLM2-135M's products at 1 / 4 / 8 / 12 rows took 18.3 / 21.0 / 27.4 / 35.0 ms that way and 12.1 /
 // 13.3 / 15.8 / 20.5 ms in tiles, in a throwaway C++ harness on this machine, 2 threads, the minimum of 15
 // interleaved rounds.) Loading w with one 512-bit load per vector (`load16`) and prefetching it into L2 rather than
-// L1 then took the same set, on a day this VM read memory at ~22 GB/s, from 26.3 / 31.3 / 38.1 ms to 18.8 / 21.8 /
-// 24.0 ms at 4 / 8 / 12 rows (medians of 15 interleaved rounds; with the weights in cache, 18.4 -> 7.6 ms at 4 rows:
-// the loop had been bound by its own instructions, not by memory).
+// L1 then took the same set, on an Intel Xeon VM streaming ~22 GB/s (the numbers before: AMD EPYC), from 26.3 /
+// 31.3 / 38.1 ms to 18.8 / 21.8 / 24.0 ms at 4 / 8 / 12 rows (medians of 15 interleaved rounds; with the weights in
+// cache, 18.4 -> 7.6 ms at 4 rows: the loop had been bound by its own instructions, not by memory).
 //
 // Order of work: a thread takes a contiguous run of tiles; for each tile, each block of up to kBlockRows rows of x
 // takes its turn (one block for up to 12 rows: 12 rows x 2 vectors = 24 accumulators), reading the tile's block
