@@ -9,15 +9,17 @@
 // kBlock slots. The blocks sit at multiples of kBlock and a query skips the blocks it cannot read, so a query's
 // result does not depend on the other queries of the step (a verification reads what a one-token step reads).
 //
-// Two paths: for Dh a multiple of 16 (`head_vector`) a score is a dot product over Dh in 16-lane vectors, summed
-// by a fixed tree (`sum16`), the softmax runs on the block's 16 scores as one vector, and the next block's keys
-// and values are prefetched; any other Dh takes `head_generic` (scalar keys transposed per block). The vector
-// path made a batch-4 decode step's attention 2.3x faster at 580 cached tokens, and a 2-token verification's
-// 2.9x (C++ harness, SmolLM2-135M's shapes; docs/engine.md, "The CPU kernels").
+// Two paths: with AVX-512 and Dh a multiple of 16 (`head_vector`) a score is a dot product over Dh in 16-lane
+// vectors, summed by a fixed tree (`sum16`), the softmax runs on the block's 16 scores as one vector, and the next
+// block's keys and values are prefetched; anything else takes `head_generic` (keys transposed per block, lane by
+// lane). The vector path made a batch-4 decode step's attention 2.3x faster at 580 cached tokens, and a 2-token
+// verification's 2.9x (C++ harness, SmolLM2-135M's shapes; docs/engine.md, "One 512-bit load per vector").
 //
 // Threads: one task per (batch row, KV head) on XLA's intra-op pool (cpu_parallel.h).
 
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -146,7 +148,7 @@ void head_generic(const Problem& P, int64_t b, int64_t h) {
     }
 }
 
-
+#if defined(__AVX512F__)
 // The sum of each of 16 vectors t[0..15], as lane j of the result: a fixed tree of adds (the same for every query).
 inline __m512 sum16(__m512 t[16]) {
   __m512 u[8], w[4];
@@ -225,7 +227,8 @@ void head_vector(const Problem& P, int64_t b, int64_t h) {
         const float corr = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : exp_nonpositive(corr_arg)[0];
         l[r] *= corr;
         float* ar = &acc[r * Dh];
-        for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(ar + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(ar + 16 * c), _mm512_set1_ps(corr)));
+        for (int64_t c = 0; c < C; ++c)
+          _mm512_storeu_ps(ar + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(ar + 16 * c), _mm512_set1_ps(corr)));
       }
       l[r] += sum;
       m[r] = m_new;
@@ -241,7 +244,8 @@ void head_vector(const Problem& P, int64_t b, int64_t h) {
           const float pj = p[r * kBlock + j];
           if (pj == 0.f) continue;
           const float* vs = vb + j * Dh + 16 * c0;
-          for (int64_t c = 0; c < cn; ++c) a[c] = _mm512_fmadd_ps(_mm512_set1_ps(pj), _mm512_loadu_ps(vs + 16 * c), a[c]);
+          for (int64_t c = 0; c < cn; ++c)
+            a[c] = _mm512_fmadd_ps(_mm512_set1_ps(pj), _mm512_loadu_ps(vs + 16 * c), a[c]);
         }
         for (int64_t c = 0; c < cn; ++c) _mm512_storeu_ps(ar + 16 * (c0 + c), a[c]);
       }
@@ -256,9 +260,13 @@ void head_vector(const Problem& P, int64_t b, int64_t h) {
     }
 }
 
+#endif  // __AVX512F__
+
 void head(const Problem& P, int64_t b, int64_t h) {
-  if (P.Dh % 16 == 0 && P.Dh <= 16 * 16) head_vector(P, b, h);
-  else head_generic(P, b, h);
+#if defined(__AVX512F__)
+  if (P.Dh % 16 == 0) return head_vector(P, b, h);
+#endif
+  head_generic(P, b, h);
 }
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
