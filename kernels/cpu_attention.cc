@@ -72,28 +72,58 @@ struct Problem {
   int64_t window;
 };
 
-// Every query of batch row b that KV head h serves, any head size (the vector path below needs Dh % 16 == 0).
-void head_generic(const Problem& P, int64_t b, int64_t h) {
-  const int64_t G = P.Hq / P.Hkv, T = P.T, Dh = P.Dh, R = G * T;
-  const float scale = 1.f / std::sqrt(static_cast<float>(Dh));
-  const float* kh = P.k + (b * P.Hkv + h) * P.S * Dh;
-  const float* vh = P.v + (b * P.Hkv + h) * P.S * Dh;
-  std::vector<float> qs(R * Dh), acc(R * Dh, 0.f), m(R, -std::numeric_limits<float>::infinity()), l(R, 0.f);
-  std::vector<int64_t> first(R), last(R);
-  int64_t lo = P.S, hi = -1;
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t pos = P.positions[b * T + t];
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t r = t * G + g;
-      std::memcpy(&qs[r * Dh], P.q + ((b * T + t) * P.Hq + h * G + g) * Dh, sizeof(float) * Dh);
-      last[r] = std::min(pos, P.S - 1);
-      first[r] = P.window > 0 ? std::max<int64_t>(0, pos - P.window + 1) : 0;
-      if (first[r] <= last[r]) {
-        lo = std::min(lo, first[r]);
-        hi = std::max(hi, last[r]);
+// The queries of batch row b that KV head h serves (R = G * T of them, r = t * G + g) and their online-softmax state;
+// each reads cache slots [first[r], last[r]], all of them together [lo, hi].
+struct Head {
+  int64_t b, h, G, R;
+  const float* kh;
+  const float* vh;
+  std::vector<float> qs, acc, m, l;  // queries [R, Dh]; sums over V [R, Dh]; running max and total [R]
+  std::vector<int64_t> first, last;
+  int64_t lo, hi;
+
+  Head(const Problem& P, int64_t b, int64_t h)
+      : b(b), h(h), G(P.Hq / P.Hkv), R(G * P.T), kh(P.k + (b * P.Hkv + h) * P.S * P.Dh),
+        vh(P.v + (b * P.Hkv + h) * P.S * P.Dh), qs(R * P.Dh), acc(R * P.Dh, 0.f),
+        m(R, -std::numeric_limits<float>::infinity()), l(R, 0.f), first(R), last(R), lo(P.S), hi(-1) {
+    const int64_t T = P.T, Dh = P.Dh;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t pos = P.positions[b * T + t];
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = t * G + g;
+        std::memcpy(&qs[r * Dh], P.q + ((b * T + t) * P.Hq + h * G + g) * Dh, sizeof(float) * Dh);
+        last[r] = std::min(pos, P.S - 1);
+        first[r] = P.window > 0 ? std::max<int64_t>(0, pos - P.window + 1) : 0;
+        if (first[r] <= last[r]) {
+          lo = std::min(lo, first[r]);
+          hi = std::max(hi, last[r]);
+        }
       }
     }
   }
+
+  // out = acc / l for every query (0 where a query read nothing).
+  void write(const Problem& P) const {
+    const int64_t Dh = P.Dh;
+    for (int64_t t = 0; t < P.T; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = t * G + g;
+        float* o = P.out + ((b * P.T + t) * P.Hq + h * G + g) * Dh;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        for (int64_t d = 0; d < Dh; ++d) o[d] = acc[r * Dh + d] * inv;
+      }
+  }
+};
+
+// Every query of batch row b that KV head h serves, any head size (the vector path below needs Dh % 16 == 0).
+void head_generic(const Problem& P, int64_t b, int64_t h) {
+  Head H(P, b, h);
+  const int64_t Dh = P.Dh, R = H.R;
+  const float scale = 1.f / std::sqrt(static_cast<float>(Dh));
+  const float *kh = H.kh, *vh = H.vh;
+  std::vector<float>&qs = H.qs, &acc = H.acc, &m = H.m, &l = H.l;
+  const std::vector<int64_t>&first = H.first, &last = H.last;
+  const int64_t lo = H.lo, hi = H.hi;
   std::vector<float> kt(Dh * kBlock);  // the block's keys, transposed: kt[d * kBlock + j] = k[s0 + j][d]
   for (int64_t s0 = lo / kBlock * kBlock; s0 <= hi; s0 += kBlock) {
     const int64_t n = std::min(kBlock, P.S - s0);
@@ -139,13 +169,7 @@ void head_generic(const Problem& P, int64_t b, int64_t h) {
       }
     }
   }
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t r = t * G + g;
-      float* o = P.out + ((b * T + t) * P.Hq + h * G + g) * Dh;
-      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-      for (int64_t d = 0; d < Dh; ++d) o[d] = acc[r * Dh + d] * inv;
-    }
+  H.write(P);
 }
 
 #if defined(__AVX512F__)
@@ -169,28 +193,15 @@ inline __m512 sum16(__m512 t[16]) {
 // `head` for Dh a multiple of 16: per block, each slot's key and value are loaded once for all the queries, a
 // score is a dot product summed by `sum16`, and the softmax runs on vectors of the block's 16 slots.
 void head_vector(const Problem& P, int64_t b, int64_t h) {
-  const int64_t G = P.Hq / P.Hkv, T = P.T, Dh = P.Dh, R = G * T, C = Dh / 16;
+  Head H(P, b, h);
+  const int64_t Dh = P.Dh, R = H.R, C = Dh / 16;
   const float scale = 1.f / std::sqrt(static_cast<float>(Dh));
-  const float* kh = P.k + (b * P.Hkv + h) * P.S * Dh;
-  const float* vh = P.v + (b * P.Hkv + h) * P.S * Dh;
-  std::vector<float> qs(R * Dh), acc(R * Dh, 0.f), m(R, -std::numeric_limits<float>::infinity()), l(R, 0.f);
+  const float *kh = H.kh, *vh = H.vh;
+  std::vector<float>&qs = H.qs, &acc = H.acc, &m = H.m, &l = H.l;
+  const std::vector<int64_t>&first = H.first, &last = H.last;
+  const int64_t lo = H.lo, hi = H.hi;
   std::vector<float> p(R * kBlock);
-  std::vector<int64_t> first(R), last(R);
   std::vector<char> reads(R);
-  int64_t lo = P.S, hi = -1;
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t pos = P.positions[b * T + t];
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t r = t * G + g;
-      std::memcpy(&qs[r * Dh], P.q + ((b * T + t) * P.Hq + h * G + g) * Dh, sizeof(float) * Dh);
-      last[r] = std::min(pos, P.S - 1);
-      first[r] = P.window > 0 ? std::max<int64_t>(0, pos - P.window + 1) : 0;
-      if (first[r] <= last[r]) {
-        lo = std::min(lo, first[r]);
-        hi = std::max(hi, last[r]);
-      }
-    }
-  }
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t s0 = lo / kBlock * kBlock; s0 <= hi; s0 += kBlock) {
     const int64_t n = std::min(kBlock, P.S - s0);
@@ -251,13 +262,7 @@ void head_vector(const Problem& P, int64_t b, int64_t h) {
       }
     }
   }
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t r = t * G + g;
-      float* o = P.out + ((b * T + t) * P.Hq + h * G + g) * Dh;
-      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-      for (int64_t d = 0; d < Dh; ++d) o[d] = acc[r * Dh + d] * inv;
-    }
+  H.write(P);
 }
 
 #endif  // __AVX512F__
