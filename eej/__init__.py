@@ -1,7 +1,7 @@
 """eej: early exit and self-speculative decoding for LLMs, in JAX.
 
     import eej
-    model = eej.load_model("smollm2-135m")
+    model = eej.load_model("smollm2-135m")          # eej's CPU kernels on a CPU (kernels="auto"; "xla" for XLA's)
     engine = eej.Engine(model)                       # plain decoding; pass a strategy for a method
     out = engine.generate([model.tokenizer.encode_chat("Hi!")], max_new_tokens=64)
     print(model.tokenizer.decode(out.tokens[0]))
@@ -28,7 +28,7 @@ from eej.decoding.methods import build_method, known_methods  # noqa: E402
 from eej.decoding.plain import Plain  # noqa: E402
 from eej.decoding.strategy import StepInputs, StepResult, Strategy  # noqa: E402
 from eej.weights.custom import custom_model  # noqa: E402
-from eej.weights.registry import Model, load_model  # noqa: E402
+from eej.weights.registry import Model, load_model, with_kernels  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -53,4 +53,5 @@ __all__ = [
     "known_methods",
     "load_model",
     "load_results",
+    "with_kernels",
 ]

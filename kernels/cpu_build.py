@@ -5,6 +5,8 @@ first time it is used, into `eej.local_cache.cache_dir()/kernels` (a temporary d
 off), keyed by its source and the headers beside it (`cpu_parallel.h`), the compiler and its flags, JAX's FFI
 headers and the CPU; later processes load it.
 No compiler, or a failed compile, is a `KernelBuildError` that names the XLA alternative.
+`runs_here` is where the kernels apply at all: what "auto" (`eej.load_model(kernels=...)`, the CLI's --matmul and
+--attention) resolves by.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ _registered: set[str] = set()
 
 class KernelBuildError(RuntimeError):
     """A CPU kernel could not be compiled or loaded on this machine."""
+
+
+def runs_here(dtype: str, mesh: jax.sharding.Mesh | None = None) -> bool:
+    """Whether eej's CPU kernels apply: the CPU backend, a float32 model, no mesh of more than one device."""
+    return jax.default_backend() == "cpu" and dtype == "float32" and (mesh is None or mesh.size == 1)
+
+
+def here(dtype: str, mesh: jax.sharding.Mesh | None = None) -> str:
+    """This setting in words, for errors saying why the CPU kernels do not apply."""
+    return (f"backend {jax.default_backend()}, dtype {dtype}, mesh "
+            f"{'none' if mesh is None else dict(mesh.shape)}")
 
 
 def _cpu_signature() -> str:

@@ -43,7 +43,7 @@ def main() -> None:
 
     bandwidth = measure_bandwidth()  # first, on a quiet process
     questions = mt_bench_questions(args.questions, args.prompts)
-    model = load_model(args.model)
+    model = load_model(args.model, kernels="xla")
     contestants = [*method_contestants(model, ["plain"]), *load_peers([] if args.no_hf else ["hf"], args.model, model)]
     records = {}
     for batch in (int(b) for b in args.batch_sizes.split(",")):

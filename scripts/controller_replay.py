@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         print(f"error: --methods takes {', '.join(MODULES)} (got {', '.join(unknown)})", file=sys.stderr)
         return 2
     load_start = load_average()
-    model = load_model("smollm2-135m")
+    model = load_model("smollm2-135m", kernels="xla")
     sets = training_prompts(args.per_set)
     decays = [float(x) for x in args.decays.split(",")]
     rows = []

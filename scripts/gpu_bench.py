@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"gpu_{safe}")
     try:
         questions = mt_bench_questions(args.questions, max(settings.batch_sizes))
-        model = load_model(name, dtype=dtype)
-        float32 = model if dtype == "float32" or "identity" not in settings.phases else load_model(name, dtype="float32")
+        model = load_model(name, dtype=dtype, kernels="xla")
+        float32 = model if dtype == "float32" or "identity" not in settings.phases else load_model(name, dtype="float32", kernels="xla")
         report = gpu_report(model, [q.turns[0] for q in questions], settings, float32,
                             on_update=lambda r: write_result(r, gpu_markdown(r), out))
     except ValueError as e:

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from eej.model.transformer import embed, linear, logits_from_hidden, run_layers
     from eej.weights.registry import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, kernels="xla")
     cfg, params = model.cfg, model.params
     adapter = jax.tree.map(jnp.asarray, init_adapter(cfg, 0))
     layers = [int(x) for x in args.exit_layers.split(",")]

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
     args = p.parse_args(argv)
 
-    model = load_model(args.model)
+    model = load_model(args.model, kernels="xla")
     contestants = [MethodContestant(model, "plain")]
     for adapter, thr, steps, vocab in itertools.product(
         args.adapters, args.thresholds.split(","), args.draft_steps.split(","), args.draft_vocab.split(",")

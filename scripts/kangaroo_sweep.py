@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     from eej.train.teacher import data_fingerprint, teacher_cache
     from eej.weights.registry import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, kernels="xla")
     cfg, params = model.cfg, model.params
     data_options = DataOptions(args.data, args.seq_len, args.max_examples)
     data, _, eval_rows, _ = prepare_data(model, data_options, args.eval_fraction, args.seed)

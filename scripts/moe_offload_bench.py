@@ -100,7 +100,7 @@ def main() -> int:
     ap.add_argument("--note", default="")
     args = ap.parse_args()
 
-    dense = load_model("smollm2-135m")
+    dense = load_model("smollm2-135m", kernels="xla")
     moe = load_moefied(dense, args.moefy, args.top_k)
     cfg = moe.cfg
     num_fast, fast = load_fast_stream(dense, args.m2r2)

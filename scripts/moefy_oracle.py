@@ -59,7 +59,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "moefy_oracle"))
     args = ap.parse_args()
-    dense = load_model("smollm2-135m")
+    dense = load_model("smollm2-135m", kernels="xla")
     data = load_training_data(args.data, dense.tokenizer, 128, 200, args.seed)
     tokens = jnp.asarray(data.tokens[: args.sequences])
     mask = np.arange(tokens.shape[1])[None] < data.lengths[: args.sequences, None]

@@ -15,10 +15,8 @@ the default, `xla`, runs XLA's (the default of the library's `load_model`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 
@@ -28,6 +26,7 @@ import numpy as np
 
 import eej
 import eej.api
+from eej.bench.machine import machine_info
 from eej.config import SamplingConfig
 from eej.decoding.engine import _decode_loop
 
@@ -62,12 +61,11 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--kernels", choices=("xla", "cpu"), default="xla",
-                        help="matmul and attention implementation (ModelConfig.matmul_impl / attention_impl)")
+                        help="matmul and attention implementation (eej.load_model's kernels)")
     args = parser.parse_args()
     sampling = SamplingConfig(temperature=args.temperature)
     methods = tuple(m for m in args.methods.split(",") if m)
-    model = eej.load_model("smollm2-135m")
-    model = dataclasses.replace(model, cfg=model.cfg.replace(matmul_impl=args.kernels, attention_impl=args.kernels))
+    model = eej.load_model("smollm2-135m", kernels=args.kernels)
     rows = []
     for prompt_len in [int(n) for n in args.prompt_lengths.split(",")]:
         runs = _contestants(model, prompt_len, args.batch, sampling, methods)
@@ -82,15 +80,14 @@ def main() -> None:
             rows.append({"prompt_tokens": prompt_len, "contestant": name, "ms_per_step": float(np.median(ms)),
                          "vs_plain": float(np.median(ms)) / plain})
     doc = {"model": "smollm2-135m", "kernels": args.kernels, "batch": args.batch, "temperature": args.temperature, "steps_per_run": STEPS, "rounds": ROUNDS,
-           "machine": {"platform": platform.platform(), "device": str(jax.devices()[0]), "cpus": os.cpu_count(),
-                       "load_average": os.getloadavg(), "jax": jax.__version__},
+           "machine": {**machine_info(), "load_average": os.getloadavg()},
            "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(doc, f, indent=1)
     lines = [f"# Each method's step modes against plain decoding (ms per decode step, batch {args.batch}, "
              f"{'greedy' if sampling.greedy else f'temperature {args.temperature}'}, {args.kernels} kernels)", "",
-             f"`python scripts/plain_mode_overhead.py {' '.join(sys.argv[1:])}`; {doc['machine']['device']}, {doc['machine']['cpus']} CPUs, "
+             f"`python scripts/plain_mode_overhead.py {' '.join(sys.argv[1:])}`; {doc['machine']['cpu']}, {doc['machine']['cpu_count']} CPUs, "
              f"load average {', '.join(f'{x:.2f}' for x in doc['machine']['load_average'])}; median of {ROUNDS} interleaved "
              f"rounds of {STEPS} steps. Mode 0 is the step an adaptive method takes when it does nothing special.", "",
              "| prompt tokens | contestant | ms/step | vs plain |", "|---|---|---|---|"]

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/prefill_chunks")
     args = ap.parse_args(argv)
     load_start = load_average()
-    model = load_model("smollm2-135m")
+    model = load_model("smollm2-135m", kernels="xla")
     rng = np.random.default_rng(0)
     prompts = {shape: [rng.integers(100, 20000, shape[1]).tolist() for _ in range(shape[0])] for shape in SHAPES}
     big = jnp.asarray(prompts[SHAPES[0]], jnp.int32)

@@ -33,7 +33,7 @@ def prefill_seconds(engine, prompts: list[list[int]]) -> float:
 
 
 def main() -> None:
-    model = eej.load_model("smollm2-135m")
+    model = eej.load_model("smollm2-135m", kernels="xla")
     rng = np.random.default_rng(0)
     for batch, length in SHAPES:
         prompts = [rng.integers(100, 20000, length).tolist() for _ in range(batch)]

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     load_start = load_average()
     samplers = [("jax.random.categorical", gumbel_sample), ("inverse CDF (eej)", sampling_module.sample)]
     draws = {name: draw_ms(fn, args.batch) for name, fn in samplers}
-    model = load_model("smollm2-135m")
+    model = load_model("smollm2-135m", kernels="xla")
     prompts, sampling, new = [[1, 2, 3, 4, 5] * 20] * args.batch, SamplingConfig(temperature=0.7), 128
     engines = {}
     for name, fn in samplers:

@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--step-repeats", type=int, default=20)
     ap.add_argument("--out", default="benchmarks/results/scan_vs_unrolled")
     args = ap.parse_args(argv)
-    model = load_model("smollm2-135m")
+    model = load_model("smollm2-135m", kernels="xla")
     load_start = load_average()
     results = [measure(model, int(b), args) for b in args.batches.split(",")]
     doc = {"machine": machine_info(), "load_average": {"start": load_start, "end": load_average()},

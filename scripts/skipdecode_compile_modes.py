@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "skipdecode_compile_modes"))
     args = ap.parse_args()
 
-    model = load_model(args.model)
+    model = load_model(args.model, kernels="xla")
     questions = mt_bench_questions(args.questions, args.prompts)
     strategy, method_params = build_method(model, f"skipdecode:{args.preset}")
     n = args.max_new_tokens

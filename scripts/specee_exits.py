@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output path without extension (.json and .png)")
     args = p.parse_args(argv)
 
-    model = load_model(args.model)
+    model = load_model(args.model, kernels="xla")
     questions = select_questions(load_questions(args.questions), limit=args.limit)
     batches = plan_batches(questions, args.batch_size, model.tokenizer)
     result = {"command": "python scripts/specee_exits.py " + " ".join(sys.argv[1:]), "questions": len(questions),

@@ -44,7 +44,7 @@ def old_width_engine(model, prompts):
 def main() -> None:
     with open(QUESTIONS) as f:
         questions = [json.loads(line) for line in f][:6]
-    model = eej.load_model("smollm2-135m")
+    model = eej.load_model("smollm2-135m", kernels="xla")
     prompts = [model.tokenizer.encode_chat(q["turns"][0]) for q in questions]
     engines = {"plain": eej.api.engine(model, "plain"), "new": eej.api.engine(model, "kangaroo:fixed")}
     for engine in engines.values():

@@ -51,7 +51,7 @@ def measure(model_name: str, max_width: int, steps: int, rounds: int, matmul: st
     from eej.model.transformer import embed, logits_from_hidden, run_layers
     from eej.weights.registry import load_model
 
-    model = load_model(model_name)
+    model = load_model(model_name, kernels="xla")
     cfg, params = model.cfg.replace(matmul_impl=matmul, attention_impl=attention), model.params
     if matmul == "cpu":  # column tiles, as an engine packs them
         params = pack_projections(params)

@@ -15,11 +15,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from eej.config import SamplingConfig
-from eej.decoding.engine import Engine
+from eej.decoding.engine import Engine, GenerationError
 from eej.decoding.methods import known_methods, random_method
 from eej.parallel import make_mesh
 
 from eej.testing import random_prompts, tiny_model
+from eej.weights.registry import with_kernels
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (run through test_parallel.py)")
 
@@ -65,6 +66,13 @@ def test_every_method_sharded_matches_single_device(method):
     mesh = make_mesh(data=4, model=2)
     got = Engine(model, strategy, method_params, mesh=mesh).generate(prompts, max_new_tokens=16, eos_ids=()).tokens
     assert got == want
+
+
+def test_the_cpu_kernels_on_a_mesh_are_a_clear_error():
+    model = with_kernels(tiny_model("tiny-gqa"), "cpu")  # what load_model("...") gives on a CPU
+    with pytest.raises(GenerationError, match="kernels='xla'"):
+        Engine(model, mesh=make_mesh(data=8))
+    Engine(model, mesh=make_mesh(data=1))  # a mesh of one device shards nothing: the kernels run
 
 
 def test_params_and_state_are_actually_sharded():

@@ -18,6 +18,7 @@ from eej.kernels import cpu_matmul
 from eej.model.packed import pack
 from eej.model.transformer import linear
 from eej.testing import agreeable_model, method_and_plain_greedy
+from eej.weights.registry import load_model, with_kernels
 
 # (rows, K, N): decode and verification shapes, widths that are not a multiple of the 32-column tile, rows in
 # several register blocks (> 12), more rows than one call takes (> CALL_ROWS: calls in a loop, the last padded),
@@ -102,6 +103,19 @@ def test_resolving_the_cli_choice():
     assert resolve_matmul("xla", "float32") == "xla"
     with pytest.raises(CliError, match="--matmul cpu runs float32 models"):
         resolve_matmul("cpu", "bfloat16")
+
+
+def test_load_model_runs_the_cpu_kernels_where_they_apply():
+    model = load_model("tiny-llama")  # kernels="auto", on this suite's CPU backend
+    assert (model.cfg.attention_impl, model.cfg.matmul_impl) == ("cpu", "cpu")
+    assert (load_model("tiny-llama", dtype="bfloat16").cfg.matmul_impl) == "xla"
+    xla = load_model("tiny-llama", kernels="xla")
+    assert (xla.cfg.attention_impl, xla.cfg.matmul_impl) == ("xla", "xla")
+    assert with_kernels(xla, "auto").cfg == model.cfg and with_kernels(model, "xla").cfg == xla.cfg
+    with pytest.raises(ValueError, match="kernels='cpu' runs float32 models.*use kernels='xla'"):
+        load_model("tiny-llama", dtype="bfloat16", kernels="cpu")
+    with pytest.raises(ValueError, match="kernels must be one of auto, xla, cpu"):
+        load_model("tiny-llama", kernels="fast")
 
 
 def test_no_compiler_is_a_clear_error(monkeypatch, tmp_path):

@@ -104,7 +104,7 @@ def load_model_from_args(args: argparse.Namespace, attention: str | None = None,
     --matmul (or `matmul`; resolved for `mesh`, the --mesh the model will run on)."""
     attention = resolve_attention(attention or args.attention, args.dtype, mesh)
     matmul = resolve_matmul(matmul or args.matmul, args.dtype, mesh)
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, kernels="xla")  # the flags choose them, below
     model = _as_mixture(model, getattr(args, "moefy", None), getattr(args, "experts_per_token", None))
     if attention != model.cfg.attention_impl or matmul != model.cfg.matmul_impl:
         model = dataclasses.replace(model, cfg=model.cfg.replace(attention_impl=attention, matmul_impl=matmul))
@@ -132,15 +132,14 @@ def resolve_attention(choice: str, dtype: str, mesh=None) -> str:
 
 
 def _resolve_cpu_kernel(flag: str, choice: str, dtype: str, mesh, register) -> str:
-    """`choice` of a flag whose "cpu" is one of eej's CPU kernels: "auto" -> "cpu" where it runs (CPU backend,
-    float32, off a mesh), else "xla"; "cpu" is built and registered (`register`), or a one-line CliError."""
-    fits = jax.default_backend() == "cpu" and dtype == "float32" and (mesh is None or mesh.size == 1)
+    """`choice` of a flag whose "cpu" is one of eej's CPU kernels: "auto" -> "cpu" where it runs
+    (`cpu_build.runs_here`), else "xla"; "cpu" is built and registered (`register`), or a one-line CliError."""
+    fits = cpu_build.runs_here(dtype, mesh)
     if choice == "auto":
         choice = "cpu" if fits else "xla"
     elif choice == "cpu" and not fits:
-        raise CliError(f"{flag} cpu runs float32 models on the CPU backend, off a mesh (here: backend "
-                       f"{jax.default_backend()}, --dtype {dtype}, mesh {'none' if mesh is None else dict(mesh.shape)});"
-                       f" use {flag} xla")
+        raise CliError(f"{flag} cpu runs float32 models on the CPU backend, off a mesh (here: "
+                       f"{cpu_build.here(dtype, mesh)}); use {flag} xla")
     if choice == "cpu":
         try:
             register()

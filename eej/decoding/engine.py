@@ -397,6 +397,9 @@ class Engine:
         self._step_times: dict[tuple, list[float] | None] = {}
         self.mesh = mesh
         self._sharding = None
+        if mesh is not None and mesh.size > 1 and "cpu" in (model.cfg.attention_impl, model.cfg.matmul_impl):
+            raise GenerationError(f"eej's CPU kernels run off a mesh; to decode on a mesh of {mesh.size} devices load "
+                                  "the model with eej.load_model(..., kernels='xla')")
         if mesh is not None:
             self._sharding = sharding = DecodeSharding(mesh, model.cfg)
             model = dataclasses.replace(model, params=sharding.place(model.params, sharding.params(model.params)))

@@ -101,7 +101,9 @@ def distill(model: Model, options: DistillOptions, out_dir: str, progress: bool 
 def _distill(model: Model, options: DistillOptions, out_dir: str, progress: bool) -> list[str]:
     from tqdm.auto import tqdm
 
-    manifest = {"model": model.name, "options": dataclasses.asdict(options)}
+    # The kernels too: their sums round differently, and greedy answers can differ where two tokens nearly tie.
+    manifest = {"model": model.name, "options": dataclasses.asdict(options),
+                "kernels": {"attention": model.cfg.attention_impl, "matmul": model.cfg.matmul_impl}}
     path = os.path.join(out_dir, MANIFEST)
     if os.path.exists(path):
         with open(path) as f:

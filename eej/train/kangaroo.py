@@ -36,7 +36,7 @@ from eej.train.data import DataOptions, batch_indices, predicting_positions, pre
 from eej.train.loop import TrainConfig, check_resume, evaluate, run_settings, train
 from eej.train.teacher import data_fingerprint, distillation_head, teacher_batch, teacher_cache
 from eej.train.trainers import Trained, TrainError, check_options, option, parse_numbers, register_trainer, save_trained
-from eej.weights.registry import Model
+from eej.weights.registry import Model, with_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +93,7 @@ def distill_loss(adapter, frozen, batch, *, cfg, exit_layer: int):
 def train_kangaroo(model: Model, data: DataOptions, out_dir: str, options: KangarooTraining, run: TrainConfig,
                    progress: bool = True) -> Trained:
     """Train a Kangaroo adapter for `model` on `data`; checkpoints and logs in `out_dir`; writes the artifact."""
+    model = with_kernels(model, "xla")  # gradients and teacher states through XLA's kernels, whatever it was loaded with
     cfg = model.cfg
     layers = [options.exit_layer, *parse_numbers(options.teacher_depths, int, "kangaroo teacher_depths")]
     if any(not 0 <= d < cfg.num_layers for d in layers):

@@ -35,7 +35,7 @@ from eej.train.data import DataOptions, batch_indices, predicting_positions, pre
 from eej.train.loop import TrainConfig, check_resume, evaluate, run_settings, train
 from eej.train.teacher import data_fingerprint, distillation_head, teacher_batch, teacher_cache
 from eej.train.trainers import Trained, TrainError, check_options, option, register_trainer, save_trained
-from eej.weights.registry import Model
+from eej.weights.registry import Model, with_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +161,7 @@ def m2r2_loss(trainable, frozen, batch, *, cfg, num_fast: int, targets, lora_sca
 def train_m2r2(model: Model, data: DataOptions, out_dir: str, options: M2R2Training, run: TrainConfig,
                progress: bool = True) -> Trained:
     """Train M2R2's fast stream (accelerator LoRA, its norm, ARLA) for `model` on `data`; writes the artifact."""
+    model = with_kernels(model, "xla")  # gradients and teacher states through XLA's kernels, whatever it was loaded with
     cfg = model.cfg
     num_fast, lora_scale = options.fast_layers, 1.0
     if num_fast > cfg.num_layers:

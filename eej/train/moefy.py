@@ -26,7 +26,7 @@ from eej.train.data import DataOptions, TokenizedData, load_training_data, split
 from eej.train.loop import TrainConfig, check_resume, run_settings, train
 from eej.train.teacher import teacher_argmax
 from eej.train.trainers import Trained, TrainError, check_options, option, parse_numbers, register_trainer, save_trained
-from eej.weights.registry import Model
+from eej.weights.registry import Model, with_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,7 @@ def agreement_sweep(dense: Model, moe_model: Model, data: TokenizedData, ks: lis
 def train_moefy(model: Model, data: DataOptions, out_dir: str, options: MoefyTraining, run: TrainConfig,
                 progress: bool = True) -> Trained:
     """Split `model`'s FFNs into experts, train a router per layer and report held-out agreement; writes the artifact."""
+    model = with_kernels(model, "xla")  # gradients and teacher states through XLA's kernels, whatever it was loaded with
     cfg = model.cfg
     width = check_split(cfg, options.experts, options.top_k)
     sweep = sorted(set(parse_numbers(options.sweep, int, "moefy sweep")) | {options.top_k})

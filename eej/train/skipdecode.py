@@ -41,7 +41,7 @@ from eej.train.data import DataOptions, batch_at, load_training_data
 from eej.train.loop import TrainConfig, check_resume, masked_mean, read_log, run_settings, train
 from eej.train.teacher import hidden_states
 from eej.train.trainers import Trained, TrainError, check_options, option, register_trainer, save_trained
-from eej.weights.registry import Model
+from eej.weights.registry import Model, with_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +199,7 @@ def distillation_loss(
 def train_skipdecode(model: Model, data: DataOptions, out_dir: str, options: SkipDecodeTraining, run: TrainConfig,
                      progress: bool = True) -> Trained:
     """Fine-tune `model` (LoRA or all weights) under the skip schedule of `options.budget`; writes the artifact."""
+    model = with_kernels(model, "xla")  # gradients and teacher states through XLA's kernels, whatever it was loaded with
     cfg = model.cfg
     try:
         targets = parse_targets(cfg, options.targets)

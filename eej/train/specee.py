@@ -41,7 +41,7 @@ from eej.train.loop import TrainConfig, check_resume, run_settings, train
 from eej.train.teacher import data_fingerprint, hidden_states
 from eej.train.trainers import Trained, TrainError, check_options, option, parse_numbers, register_trainer, save_trained
 from eej.weights.artifacts import load_artifact
-from eej.weights.registry import Model
+from eej.weights.registry import Model, with_kernels
 
 LABELS_FORMAT = 1
 
@@ -206,6 +206,7 @@ def offline_layers(histogram: list[int], num_layers: int, coverage: float) -> li
 def train_specee(model: Model, data: DataOptions, out_dir: str, options: SpecEETraining, run: TrainConfig,
                  progress: bool = True) -> Trained:
     """Label, train and calibrate SpecEE's predictors for `model` with `options.drafter`; writes the artifact."""
+    model = with_kernels(model, "xla")  # gradients and teacher states through XLA's kernels, whatever it was loaded with
     cfg = model.cfg
     _, header = load_artifact(resolve_path(options.drafter), "kangaroo", cfg)
     exit_layer = int(header["settings"]["exit_layer"])

@@ -7,6 +7,12 @@ Names:
                       picks random seed 7.
   PATH.gguf           any Llama/Mistral/Qwen2 GGUF file with a byte-level BPE tokenizer.
   DIRECTORY           a Hugging Face checkpoint (config.json + *.safetensors + tokenizer.json).
+
+Kernels (`kernels=`): "auto" (the default) runs eej's C++ CPU kernels for the matmuls and attention of decode
+and verification steps where they apply — the CPU backend, a float32 model, no mesh (on a 2-core CPU a
+SmolLM2-135M step at batch 4 takes 2.5x as long with XLA's: docs/engine.md) — and XLA's everywhere else;
+"xla" always XLA's (training differentiates through them; an engine on a mesh of several devices needs them);
+"cpu" the CPU kernels or an error. `with_kernels` switches a loaded model.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from eej.config import ModelConfig
+from eej.kernels import cpu_attention, cpu_build, cpu_matmul
 from eej.model.transformer import Params
 from eej.weights.byte_tokenizer import byte_tokenizer
 from eej.weights.gguf_file import read_gguf
@@ -85,8 +92,32 @@ def to_device(params: Params, cfg: ModelConfig, layout: str = "decoding") -> Par
     return jax.block_until_ready(out)
 
 
-def load_model(name_or_path: str, dtype: str = "float32", layout: str = "decoding") -> Model:
-    """Load a model by registry name, `.gguf` path or checkpoint directory (see module docstring)."""
+KERNELS = ("auto", "xla", "cpu")
+
+
+def with_kernels(model: Model, kernels: str) -> Model:
+    """`model` running `kernels` ("auto", "xla" or "cpu"; module docstring) for its matmuls and attention. "cpu"
+    where the kernels do not apply is a ValueError; a kernel that does not compile, a `KernelBuildError`."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    fits = cpu_build.runs_here(model.cfg.dtype)
+    if kernels == "auto":
+        kernels = "cpu" if fits else "xla"
+    elif kernels == "cpu" and not fits:
+        raise ValueError(f"kernels='cpu' runs float32 models on the CPU backend (here: {cpu_build.here(model.cfg.dtype)});"
+                         " use kernels='xla'")
+    if kernels == "cpu":
+        cpu_matmul.register()
+        cpu_attention.register()
+    if (model.cfg.attention_impl, model.cfg.matmul_impl) == (kernels, kernels):
+        return model
+    return dataclasses.replace(model, cfg=model.cfg.replace(attention_impl=kernels, matmul_impl=kernels))
+
+
+def load_model(name_or_path: str, dtype: str = "float32", layout: str = "decoding", kernels: str = "auto") -> Model:
+    """Load a model by registry name, `.gguf` path or checkpoint directory, running `kernels` (module docstring)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     base, _, seed = name_or_path.partition("@")
     if base in TINY_MODELS:
         cfg = tiny_config(base, dtype=dtype)
@@ -112,4 +143,4 @@ def load_model(name_or_path: str, dtype: str = "float32", layout: str = "decodin
     # The name says where the model came from (the path or `name@seed` as given): reproduce lines repeat it.
     name = name_or_path if (seed or os.sep in name_or_path or name_or_path.endswith(".gguf")) else cfg.name
     cfg = cfg.replace(name=name, eos_ids=tuple(dict.fromkeys(cfg.eos_ids + tokenizer.eos_ids)))
-    return Model(cfg=cfg, params=to_device(host_params, cfg, layout), tokenizer=tokenizer)
+    return with_kernels(Model(cfg=cfg, params=to_device(host_params, cfg, layout), tokenizer=tokenizer), kernels)
