@@ -130,7 +130,7 @@ def test_cli_mesh_of_one_device_generates(capsys):
 
 def test_sharded_decoding_on_8_devices():
     """tests/sharded_cases.py in a fresh interpreter with 8 fake CPU devices (see that file)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(HERE, "sharded_cases.py")],
         cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True, timeout=1200,
