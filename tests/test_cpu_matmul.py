@@ -108,7 +108,7 @@ def test_resolving_the_cli_choice():
 def test_load_model_runs_the_cpu_kernels_where_they_apply():
     model = load_model("tiny-llama")  # kernels="auto", on this suite's CPU backend
     assert (model.cfg.attention_impl, model.cfg.matmul_impl) == ("cpu", "cpu")
-    assert (load_model("tiny-llama", dtype="bfloat16").cfg.matmul_impl) == "xla"
+    assert load_model("tiny-llama", dtype="bfloat16").cfg.matmul_impl == "xla"
     xla = load_model("tiny-llama", kernels="xla")
     assert (xla.cfg.attention_impl, xla.cfg.matmul_impl) == ("xla", "xla")
     assert with_kernels(xla, "auto").cfg == model.cfg and with_kernels(model, "xla").cfg == xla.cfg

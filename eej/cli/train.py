@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     spec = trainers()[args.method]
     data, config, options = (options_from_args(cls, args) for cls in (DataOptions, TrainConfig, spec.options))
     with run_lock(args.out):  # the whole run: teacher caches and labels in OUT too, not only the checkpoints
-        trained = spec.train(load_model(args.model, kernels="xla"), data, args.out, options, config, progress=not args.no_progress)
+        model = load_model(args.model, kernels="xla")  # what the trainers run (they switch to it themselves)
+        trained = spec.train(model, data, args.out, options, config, progress=not args.no_progress)
     print(f"wrote {trained.artifact}", file=sys.stderr)
     return 0
