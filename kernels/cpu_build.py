@@ -5,8 +5,8 @@ first time it is used, into `eej.local_cache.cache_dir()/kernels` (a temporary d
 off), keyed by its source and the headers beside it (`cpu_parallel.h`), the compiler and its flags, JAX's FFI
 headers and the CPU; later processes load it.
 No compiler, or a failed compile, is a `KernelBuildError` that names the XLA alternative.
-`runs_here` is where the kernels apply at all: what "auto" (`eej.load_model(kernels=...)`, the CLI's --matmul and
---attention) resolves by.
+`runs_here` is where the kernels apply at all, and `choose` resolves "auto" by it (`eej.load_model(kernels=...)`, the
+CLI's --matmul and --attention).
 """
 
 from __future__ import annotations
@@ -40,10 +40,18 @@ def runs_here(dtype: str, mesh: jax.sharding.Mesh | None = None) -> bool:
     return jax.default_backend() == "cpu" and dtype == "float32" and (mesh is None or mesh.size == 1)
 
 
-def here(dtype: str, mesh: jax.sharding.Mesh | None = None) -> str:
-    """This setting in words, for errors saying why the CPU kernels do not apply."""
-    return (f"backend {jax.default_backend()}, dtype {dtype}, mesh "
-            f"{'none' if mesh is None else dict(mesh.shape)}")
+def choose(choice: str, dtype: str, mesh: jax.sharding.Mesh | None = None, *, asked: str, instead: str) -> str:
+    """"auto" -> "cpu" where the kernels apply (`runs_here`), else "xla"; "cpu" where they do not is a one-line
+    ValueError that names the request (`asked`, e.g. "--matmul cpu") and what to use (`instead`); any other choice
+    is returned as given. Building the kernel is the caller's."""
+    fits = runs_here(dtype, mesh)
+    if choice == "auto":
+        return "cpu" if fits else "xla"
+    if choice == "cpu" and not fits:
+        raise ValueError(f"{asked} runs float32 models on the CPU backend, off a mesh (here: backend "
+                         f"{jax.default_backend()}, dtype {dtype}, mesh {'none' if mesh is None else dict(mesh.shape)});"
+                         f" use {instead}")
+    return choice
 
 
 def _cpu_signature() -> str:

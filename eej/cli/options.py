@@ -132,19 +132,14 @@ def resolve_attention(choice: str, dtype: str, mesh=None) -> str:
 
 
 def _resolve_cpu_kernel(flag: str, choice: str, dtype: str, mesh, register) -> str:
-    """`choice` of a flag whose "cpu" is one of eej's CPU kernels: "auto" -> "cpu" where it runs
-    (`cpu_build.runs_here`), else "xla"; "cpu" is built and registered (`register`), or a one-line CliError."""
-    fits = cpu_build.runs_here(dtype, mesh)
-    if choice == "auto":
-        choice = "cpu" if fits else "xla"
-    elif choice == "cpu" and not fits:
-        raise CliError(f"{flag} cpu runs float32 models on the CPU backend, off a mesh (here: "
-                       f"{cpu_build.here(dtype, mesh)}); use {flag} xla")
-    if choice == "cpu":
-        try:
+    """`choice` of a flag whose "cpu" is one of eej's CPU kernels, resolved by `cpu_build.choose`; "cpu" is built and
+    registered (`register`); what cannot run is a one-line CliError."""
+    try:
+        choice = cpu_build.choose(choice, dtype, mesh, asked=f"{flag} cpu", instead=f"{flag} xla")
+        if choice == "cpu":
             register()
-        except cpu_build.KernelBuildError as e:
-            raise CliError(str(e).splitlines()[0]) from None
+    except (ValueError, cpu_build.KernelBuildError) as e:
+        raise CliError(str(e).splitlines()[0]) from None
     return choice
 
 

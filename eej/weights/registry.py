@@ -95,17 +95,16 @@ def to_device(params: Params, cfg: ModelConfig, layout: str = "decoding") -> Par
 KERNELS = ("auto", "xla", "cpu")
 
 
+def _check_kernels(kernels: str) -> None:
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+
+
 def with_kernels(model: Model, kernels: str) -> Model:
     """`model` running `kernels` ("auto", "xla" or "cpu"; module docstring) for its matmuls and attention. "cpu"
     where the kernels do not apply is a ValueError; a kernel that does not compile, a `KernelBuildError`."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
-    fits = cpu_build.runs_here(model.cfg.dtype)
-    if kernels == "auto":
-        kernels = "cpu" if fits else "xla"
-    elif kernels == "cpu" and not fits:
-        raise ValueError(f"kernels='cpu' runs float32 models on the CPU backend (here: {cpu_build.here(model.cfg.dtype)});"
-                         " use kernels='xla'")
+    _check_kernels(kernels)
+    kernels = cpu_build.choose(kernels, model.cfg.dtype, asked="kernels='cpu'", instead="kernels='xla'")
     if kernels == "cpu":
         cpu_matmul.register()
         cpu_attention.register()
@@ -116,8 +115,7 @@ def with_kernels(model: Model, kernels: str) -> Model:
 
 def load_model(name_or_path: str, dtype: str = "float32", layout: str = "decoding", kernels: str = "auto") -> Model:
     """Load a model by registry name, `.gguf` path or checkpoint directory, running `kernels` (module docstring)."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    _check_kernels(kernels)  # before reading the weights
     base, _, seed = name_or_path.partition("@")
     if base in TINY_MODELS:
         cfg = tiny_config(base, dtype=dtype)
