@@ -29,6 +29,7 @@ from eej.decoding.kangaroo import Kangaroo, random_kangaroo
 from eej.decoding.speculation import init_adapter, random_adapter
 from eej.kernels import cpu_attention, cpu_matmul
 from eej.testing import agreeable_model, plain_tokens, random_prompts, tiny_model
+from eej.weights.registry import with_kernels
 
 COSTS = jnp.asarray([1.0, 1.3, 1.45, 1.6, 1.75])
 
@@ -313,22 +314,43 @@ def test_calibration_times_full_drafts_whatever_the_threshold(monkeypatch):
     assert set(decoding) <= {0, 1} and {0, 1, 2, 3} <= set(widths[:-out.steps])
 
 
+def _drafting_steps_while_the_prior_fades(costs: jax.Array, max_drafts: int) -> int:
+    """How many steps the controller drafts, from its prior, when every draft is rejected and no row stops drafting
+    early: its own rule and update replayed on the cost table `costs` [K + 1] (one row, batch 1)."""
+    ctl, active, steps = Controller.start(1, max_drafts, tuple(np.asarray(costs).tolist())), jnp.asarray([True]), 0
+    while (k := int(best_draft_length(ctl.acceptance, active, ctl.costs, None, ctl.continuation))) > 0:
+        ctl = ctl.after(k, False, ctl.backoff, jnp.zeros(1), jnp.ones(1), active, jnp.asarray([k]))
+        steps += 1
+        assert steps < 100, "the prior never fades"
+    return steps
+
+
+def test_the_prior_fades_sooner_when_drafting_costs_more():
+    assert _drafting_steps_while_the_prior_fades(COSTS, 4) < _drafting_steps_while_the_prior_fades(COSTS * 0.1 + 0.9, 4)
+    assert _drafting_steps_while_the_prior_fades(jnp.asarray([1.0, 3.0, 4.0]), 2) == 0  # never pays, even at 1/2
+
+
 @pytest.mark.real_model
-def test_an_untrained_adapter_on_the_real_model_costs_only_the_probes(real_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernels", ["xla", "cpu"])
+def test_an_untrained_adapter_on_the_real_model_costs_only_the_probes(real_model, kernels, tmp_path, monkeypatch):
     """Acceptance ~0: after the prior fades the controller takes plain steps, with a probe every 8 plain steps and
-    more rarely as the probes keep finding nothing (measured costs)."""
+    more rarely as the probes keep finding nothing (costs measured here, with XLA's kernels and with eej's: their
+    ratios differ, and so does how long the prior takes to fade)."""
     monkeypatch.setenv("EEJ_CACHE_DIR", str(tmp_path))
+    model = with_kernels(real_model, kernels)
     strategy = Kangaroo(exit_layer=2, exit_threshold=0.0, max_draft_steps=4)
-    adapter = init_adapter(real_model.cfg, 0, norm=np.asarray(real_model.params["final_norm"]))
+    adapter = init_adapter(model.cfg, 0, norm=np.asarray(model.params["final_norm"]))
     method_params = {"adapter": {k: jnp.asarray(v) for k, v in adapter.items()}}
-    prompts = [real_model.tokenizer.encode_chat("Name three rivers in Europe.")]
-    out = Engine(real_model, strategy, method_params).generate(prompts, max_new_tokens=64, eos_ids=())
-    assert out.tokens == Engine(real_model).generate(prompts, max_new_tokens=64, eos_ids=()).tokens
-    chosen = np.asarray(out.method_state["controller"].chosen)
-    assert chosen[1:].sum() <= 6 and sum(out.speculated_steps) <= 6  # drafting only while the prior (1/2) fades
-    assert out.steps >= 63 - 6  # about one token per step: nothing lost to speculation that never pays
+    prompts = [model.tokenizer.encode_chat("Name three rivers in Europe.")]
+    out = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=64, eos_ids=())
+    assert out.tokens == Engine(model).generate(prompts, max_new_tokens=64, eos_ids=()).tokens
     controller = out.method_state["controller"]
-    costs = np.asarray(controller.costs)
+    costs, chosen = np.asarray(controller.costs), np.asarray(controller.chosen)
+    # Drafting only while the prior (1/2) fades, as long as the measured costs make that last; one more step for a
+    # chance agreement of the untrained drafter with a probe.
+    fading = _drafting_steps_while_the_prior_fades(controller.costs, 4)
+    assert chosen[1:].sum() <= fading + 1 and sum(out.speculated_steps) <= fading + 1
+    assert out.steps >= 63 - (fading + 1)  # about one token per step: nothing lost to speculation that never pays
     assert np.all(costs > 0) and costs[4] > costs[0]  # measured on this machine: drafting 4 costs more than none
     assert int(best_draft_length(controller.acceptance, jnp.asarray([True]), controller.costs)) == 0  # learnt: no draft pays
     assert int(controller.backoff) > 0  # and the probes that kept finding so have spaced out
