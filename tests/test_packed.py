@@ -1,9 +1,12 @@
 """Weights in column tiles (eej.model.packed): the layout's round trip, products and column gathers that agree
-with the unpacked weight, which params get packed, and an engine on the CPU matmul packing its own."""
+with the unpacked weight, which params get packed, an engine on the CPU matmul packing its own, and engines on one
+model sharing one packed copy."""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,7 @@ import numpy as np
 import pytest
 
 from eej.decoding.engine import Engine
-from eej.model.packed import TILE, PackedWeight, pack, pack_projections, product, take_columns
+from eej.model.packed import TILE, PackedWeight, pack, pack_projections, pack_shared, product, take_columns
 from eej.model.transformer import get_layer, linear, stack_layers
 from eej.testing import agreeable_model
 
@@ -64,3 +67,32 @@ def test_an_engine_on_the_cpu_matmul_packs_its_weights_once():
     assert not isinstance(model.params["lm_head"], PackedWeight)  # the caller's model is left alone
     prompts = [[1, 2, 3], [4, 5]]
     assert on_cpu.generate(prompts, 6).tokens == Engine(model).generate(prompts, 6).tokens
+
+
+def test_engines_on_one_model_share_one_packed_copy_while_one_holds_it():
+    model = agreeable_model("tiny-gqa", seed=2)
+    on_cpu = dataclasses.replace(model, cfg=model.cfg.replace(matmul_impl="cpu"))
+    first, second = Engine(on_cpu), Engine(on_cpu)
+    assert second.model.params["lm_head"] is first.model.params["lm_head"]
+    assert second.model.params["layers"][0]["wq"] is first.model.params["layers"][0]["wq"]
+    other = agreeable_model("tiny-gqa", seed=3)
+    other_engine = Engine(dataclasses.replace(other, cfg=other.cfg.replace(matmul_impl="cpu")))
+    assert other_engine.model.params["lm_head"] is not first.model.params["lm_head"]
+    np.testing.assert_array_equal(other_engine.model.params["lm_head"].unpacked(), other.params["lm_head"])
+
+    copy = weakref.ref(first.model.params["lm_head"])
+    del first, second
+    gc.collect()
+    assert copy() is None  # the packed copy leaves with the engines that held it; the model keeps only its own weights
+    again = Engine(on_cpu)  # and a new engine packs afresh
+    np.testing.assert_array_equal(again.model.params["lm_head"].unpacked(), model.params["lm_head"])
+    prompts = [[1, 2, 3], [4, 5]]
+    assert again.generate(prompts, 6).tokens == Engine(model).generate(prompts, 6).tokens
+
+
+def test_traced_weights_are_packed_afresh():
+    w = jnp.arange(2 * 40, dtype=jnp.float32).reshape(2, 40)
+    tiles = jax.jit(lambda w: pack_shared(w).tiles)(w)
+    np.testing.assert_array_equal(tiles, pack(w).tiles)
+    assert pack_shared(w) is pack_shared(w)
+

@@ -6,7 +6,8 @@ A weight w [..., K, N] (y = x @ w) becomes `PackedWeight(tiles, columns=N)` with
 
 so the K rows of TILE columns are one contiguous block: the kernel streams each block once and keeps its sums
 in registers over the whole of K (why: kernels/cpu_matmul.cc). An engine whose model runs `matmul_impl="cpu"`
-packs the projection weights of its params and method params once, when it is built (`pack_projections`);
+packs the projection weights of its params and method params when it is built (`pack_projections`), and engines
+on the same weights share one packed copy (`pack_shared`);
 `eej.model.transformer.linear` takes either form, so every function of the model accepts both, and
 `take_columns` gathers columns of either (a draft head's vocabulary, a SpecEE check's candidates).
 
@@ -17,6 +18,7 @@ weight, `jax.jit` and `jax.tree.map` work on it as on an array; `shape` is the l
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import jax
@@ -87,12 +89,34 @@ def take_columns(w: jax.Array | PackedWeight, ids: jax.Array) -> jax.Array:
     return jnp.moveaxis(picked, -1, 0)
 
 
+# id(weight) -> its packed copy, held weakly: engines built on the same weights share one copy, which lives as
+# long as some engine holds it (an entry leaves with its weight; a dead copy is packed again on demand).
+_PACKED: dict[int, weakref.ref] = {}
+
+
+def pack_shared(w: Any) -> PackedWeight:
+    """`pack(w)`, shared: while a packed copy of this very array is alive, the same copy again (several engines on
+    one model hold one packed copy of its weights, not one each). Only a concrete jax.Array (immutable) is shared;
+    a traced value or a numpy array is packed afresh."""
+    if isinstance(w, PackedWeight) or isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array):
+        return pack(w)
+    key = id(w)
+    ref = _PACKED.get(key)
+    packed = ref() if ref is not None else None
+    if packed is None:
+        packed = pack(w)
+        if ref is None:
+            weakref.finalize(w, _PACKED.pop, key, None)
+        _PACKED[key] = weakref.ref(packed)
+    return packed
+
+
 def pack_projections(tree: Any) -> Any:
     """`tree` (params or method params: nested dicts, tuples and lists) with every float32 projection weight
-    (a `PROJECTION_KEYS` entry of at least 2 dimensions, outside mixture-of-experts layers) packed."""
+    (a `PROJECTION_KEYS` entry of at least 2 dimensions, outside mixture-of-experts layers) packed (`pack_shared`)."""
     if isinstance(tree, dict):
         dense = "router" not in tree
-        return {key: (pack(value) if dense and key in PROJECTION_KEYS and _packable(value) else pack_projections(value))
+        return {key: (pack_shared(value) if dense and key in PROJECTION_KEYS and _packable(value) else pack_projections(value))
                 for key, value in tree.items()}
     if isinstance(tree, (tuple, list)):
         return type(tree)(pack_projections(value) for value in tree)
