@@ -32,7 +32,7 @@ import numpy as np
 
 from eej.bench.contestants import MethodContestant
 from eej.bench.peers import load_peers, parse_peers
-from eej.bench.questions import Question, load_questions, select_questions
+from eej.bench.questions import Question, load_questions, select_questions, with_draws
 from eej.bench.report import BenchReport
 from eej.bench.runner import RunSettings
 from eej.bench.session import bench_document
@@ -333,6 +333,7 @@ def benchmark(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    draws: int = 1,
     agreement: bool = True,
     progress: bool = True,
     mt_bench_categories: str = "auto",
@@ -340,8 +341,11 @@ def benchmark(
     cache_size: int | None = None,
 ) -> BenchReport:
     """`eej bench` from Python: a Spec-Bench-schema questions file, methods and optional transformers peers
-    (`peers=["hf", "hf-early-exit"]`, with `early_exit_layer` and `peer_threads` as in docs/bench.md)."""
-    chosen = select_questions(load_questions(questions, mt_bench_categories), categories, limit)
+    (`peers=["hf", "hf-early-exit"]`, with `early_exit_layer` and `peer_threads` as in docs/bench.md); `draws`
+    answers each question that many times under sampling (eej.bench.questions.with_draws)."""
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    chosen = with_draws(select_questions(load_questions(questions, mt_bench_categories), categories, limit), draws,
+                        sampling.greedy)
     peer_names = parse_peers(",".join(peers)) if peers else []
     contestants = _contestants(model, methods, cache_size)
     contestants += load_peers(peer_names, model.name, model, early_exit_layer, peer_threads)
@@ -350,9 +354,9 @@ def benchmark(
     described = {
         "command": _call("benchmark", model, questions=questions, methods=[c.name for c in contestants if c.kind == "method"],
                          categories=list(categories) if categories else None, limit=limit, peers=list(peers) or None,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed),
-        "note": note, "questions": questions, "questions_sha256": digest, "limit": limit,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed,
+                         **({"draws": draws} if draws != 1 else {})),
+        "note": note, "questions": questions, "questions_sha256": digest, "limit": limit, "draws": draws,
         "mt_bench_categories": mt_bench_categories,
     }
-    return _run_bench(model, contestants, chosen, described, max_new_tokens, batch_size,
-                      SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), seed, agreement, progress)
+    return _run_bench(model, contestants, chosen, described, max_new_tokens, batch_size, sampling, seed, agreement, progress)

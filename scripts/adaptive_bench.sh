@@ -12,6 +12,8 @@
 #   MT_LIMIT=16 scripts/adaptive_bench.sh        (MT-Bench questions: 16 gives batch 4 the 8 generate calls that
 #                                                 a speedup interval needs, eej.bench.metrics.MIN_CI_UNITS)
 #   EXTRA="--no-perplexity" scripts/adaptive_bench.sh                   (more `eej bench` options)
+#   TEMPS=0.7 EXTRA="--draws 2" scripts/adaptive_bench.sh               (sampling: each question answered twice,
+#                                                 two draws of every answer's length: docs/bench.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/adaptive}"

@@ -21,6 +21,7 @@ from eej.bench.questions import (
     mt_bench_questions,
     references_by_answer,
     select_questions,
+    with_draws,
 )
 from eej.bench.runner import RunSettings, combine_rounds, plan_batches, run_bench
 from eej.cli import main
@@ -135,10 +136,26 @@ def test_bad_selection_errors(tmp_path):
         load_questions(str(tmp_path / "missing.jsonl"))
 
 
+def test_draws_repeat_each_question_under_its_own_name_with_its_references():
+    qs = [Question(81, "mt_bench", ("a",), references=("ref",)), Question("x", "qa", ("b", "c"))]
+    drawn = with_draws(qs, 3, greedy=False)
+    assert [q.question_id for q in drawn] == [81, "81#2", "81#3", "x", "x#2", "x#3"]
+    assert all(q.turns == qs[0].turns and q.references == ("ref",) for q in drawn[:3])
+    assert references_by_answer(drawn)[("81#3", 1)] == "ref"
+    assert with_draws(qs, 1, greedy=True) == qs
+    with pytest.raises(QuestionsError, match="--draws 2 repeats greedy answers exactly"):
+        with_draws(qs, 2, greedy=True)
+    with pytest.raises(QuestionsError, match="--draws must be >= 1"):
+        with_draws(qs, 0, greedy=False)
+    with pytest.raises(QuestionsError, match="question_id '81#2' is taken"):
+        with_draws([*qs, Question("81#2", "qa", ("d",))], 2, greedy=False)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--questions", "{missing}"], "questions file not found"),
+        (["--questions", "{good}", "--draws", "2"], "--draws 2 repeats greedy answers exactly"),
         (["--questions", "{bad}"], "not valid JSON"),
         (["--questions", "{good}", "--categories", "poetry"], "unknown category poetry"),
         (["--questions", "{good}", "--limit", "0"], "--limit must be >= 1"),

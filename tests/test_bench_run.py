@@ -214,6 +214,25 @@ def test_sampling_run_reports_no_identical_rate(tmp_path, capsys):
     assert "| `plain` | method |" in capsys.readouterr().out
 
 
+def test_draws_answer_each_question_again_with_draws_of_its_own(tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps(QUESTIONS[1]) + "\n" + json.dumps(QUESTIONS[2]) + "\n")
+    out, answers = tmp_path / "r.json", tmp_path / "a.jsonl"
+    argv = ["bench", "--model", "tiny-llama", "--questions", str(questions), "--max-new-tokens", "12", "--cache-size", "128",
+            "--temperature", "1.0", "--draws", "3", "--batch-size", "2", "--no-progress", "--no-agreement",
+            "--out", str(out), "--answers", str(answers)]
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["draws"] == 3 and doc["settings"]["questions_per_category"] == {"qa": 6}
+    assert "--draws 3" in doc["settings"]["command"]
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    by_id = {r["question_id"]: r["tokens"] for r in rows if r["contestant"] == "plain"}
+    assert sorted(map(str, by_id)) == ["8", "8#2", "8#3", "9", "9#2", "9#3"]
+    # Each copy of a question is sampled anew (a byte-level random model at temperature 1: 12 equal tokens by chance
+    # is out of the question).
+    assert len({tuple(by_id[q]) for q in (9, "9#2", "9#3")}) == 3
+
+
 def test_ignore_eos_makes_every_answer_full_length():
     model = load_model("tiny-llama")
     prompt = model.tokenizer.encode_chat("Why?")

@@ -4,6 +4,7 @@ turn has none). eej.bench.quality scores answers against them.
 
     questions = load_questions("../shared/data/eval/spec_bench.jsonl")
     chosen = select_questions(questions, categories=["qa", "rag"], limit=10)
+    drawn = with_draws(chosen, 3, greedy=False)  # sampling: each question answered three times (ids 81, 81#2, 81#3)
 
 Category names. Spec-Bench stores its MT-Bench part (question ids 81-160) under MT-Bench's eight
 category names; Spec-Bench reports them as one subtask, `mt_bench`. The rule (`mt_bench_categories`):
@@ -152,6 +153,27 @@ def select_questions(
         group = sorted((q for q in questions if q.category == category), key=_id_key)
         chosen.extend(_first(group, limit) if limit is not None else group)
     return chosen
+
+
+def with_draws(questions: Sequence[Question], draws: int, greedy: bool) -> list[Question]:
+    """Each question `draws` times in a row, copy d > 1 named `<question_id>#<d>` (its references kept): under
+    sampling every copy is answered with draws of its own, so a method's speed is measured over several draws of
+    each answer's length instead of one (at batch > 1 a batch runs as long as its longest row). Greedy decoding
+    would repeat its answers: more than one draw of it is an error."""
+    if draws < 1:
+        raise QuestionsError(f"--draws must be >= 1, got {draws}")
+    if draws > 1 and greedy:
+        raise QuestionsError(f"--draws {draws} repeats greedy answers exactly; draws need sampling (--temperature > 0)")
+    ids = {q.question_id for q in questions}
+    out: list[Question] = []
+    for q in questions:
+        out.append(q)
+        for d in range(2, draws + 1):
+            copy_id = f"{q.question_id}#{d}"
+            if copy_id in ids:
+                raise QuestionsError(f"question_id {copy_id!r} is taken; a draw of question {q.question_id!r} needs it")
+            out.append(dataclasses.replace(q, question_id=copy_id))
+    return out
 
 
 def mt_bench_questions(path: str, n: int) -> list[Question]:

@@ -72,7 +72,9 @@ def _rel(path: str, root: str) -> str:
 
 def render_specbench(path: str, doc: dict[str, Any], root: str) -> str:
     s, m, model = doc["settings"], doc["machine"], doc["model"]
-    per_cat = ", ".join(f"{c} {n}" for c, n in s["questions_per_category"].items())
+    draws = s.get("draws", 1)
+    per_cat = ", ".join(f"{c} {n // draws if draws > 1 else n}" for c, n in s["questions_per_category"].items()) \
+        + (f", each answered {draws} times (draws)" if draws > 1 else "")
     load = ""
     if m.get("load_average_start") and m.get("load_average_end"):
         load = f" Load average (1 min) {m['load_average_start'][0]:.1f} at the start, {m['load_average_end'][0]:.1f} at the end."

@@ -17,7 +17,7 @@ from eej.bench.checkpoint import BenchCheckpoint, CheckpointError
 from eej.bench.contestants import method_contestants, unique
 from eej.bench.machine import load_average
 from eej.bench.peers import PEERS, load_peers, parse_peers
-from eej.bench.questions import CATEGORY_MODES, load_questions, select_questions
+from eej.bench.questions import CATEGORY_MODES, load_questions, select_questions, with_draws
 from eej.bench.report import markdown_report, write_json, write_markdown, write_plot, write_text
 from eej.bench.runner import RunSettings, check_prompts_fit
 from eej.bench.session import bench_document, git_commit
@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="every answer is exactly --max-new-tokens long (EOS ends nothing): equal work, for speed only")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the whole interleaved run N times; each answer's time is the mean of its rounds")
+    p.add_argument("--draws", type=int, default=1,
+                   help="answer each question N times, each with its own random draws (sampling only): N draws of "
+                        "every answer's length instead of one")
     p.add_argument("--batch-size", type=int, default=1, help="questions decoded together (same category)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the Spec-Bench protocol)")
     p.add_argument("--top-k", type=int, default=0, help="0 = no limit (sampling only)")
@@ -82,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # The options a checkpoint's answers depend on: resuming with any of them changed is refused.
 _RUN_KEYS = ("model", "dtype", "attention", "matmul", "cache_size", "methods", "mt_bench_categories", "max_new_tokens",
              "batch_size",
-             "temperature", "top_k", "top_p", "seed", "peers", "early_exit_layer", "peer_threads", "ignore_eos", "rounds")
+             "temperature", "top_k", "top_p", "seed", "peers", "early_exit_layer", "peer_threads", "ignore_eos", "rounds", "draws")
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -98,6 +101,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append("--ignore-eos")
     if args.rounds != 1:
         parts += ["--rounds", str(args.rounds)]
+    if args.draws != 1:
+        parts += ["--draws", str(args.draws)]
     if args.temperature > 0:
         parts += ["--top-k", str(args.top_k), "--top-p", str(args.top_p)]
     if args.dtype != "float32":
@@ -160,8 +165,8 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError("the hf-early-exit peer (transformers' assisted generation) runs batch size 1 only")
     questions = load_questions(args.questions, args.mt_bench_categories)
     categories = args.categories.split(",") if args.categories else None
-    chosen = select_questions(questions, categories, args.limit)
     sampling = sampling_from_args(args)
+    chosen = with_draws(select_questions(questions, categories, args.limit), args.draws, sampling.greedy)
     load_start = load_average()
 
     model = load_model_from_args(args, attention=attention[0], matmul=matmul[0])
@@ -176,6 +181,7 @@ def _run(args: argparse.Namespace) -> int:
         "questions": args.questions,
         "questions_sha256": _sha256(args.questions),
         "limit": args.limit,
+        "draws": args.draws,
         "mt_bench_categories": args.mt_bench_categories,
     }
     settings = RunSettings(args.max_new_tokens, args.batch_size, sampling, args.seed, ignore_eos=args.ignore_eos,
