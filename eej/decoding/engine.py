@@ -395,6 +395,7 @@ class Engine:
         self.strategy.validate(model.cfg, method_params)
         self._compiled: dict[tuple, Callable] = {}
         self._step_times: dict[tuple, list[float] | None] = {}
+        self._learned: dict[SamplingConfig, Any] = {}  # what the last generation per sampling learned (Strategy.learned)
         self.mesh = mesh
         self._sharding = None
         if mesh is not None and mesh.size > 1 and "cpu" in (model.cfg.attention_impl, model.cfg.matmul_impl):
@@ -521,6 +522,26 @@ class Engine:
         state = state if ms is None else state.replace(method_state=strategy.calibrate(state.method_state, ms))
         return state, time.perf_counter() - start
 
+    def _start_from_learned(self, state: DecodeState, sampling: SamplingConfig) -> DecodeState:
+        """`state` (after the prefill and calibration) told what this engine's last generation with `sampling` learned
+        (`Strategy.start_from`; e.g. the adaptive speculative methods' acceptance), each array where it was placed."""
+        learned = self._learned.get(sampling)
+        if learned is None:
+            return state
+        told = self.strategy.start_from(state.method_state, learned)
+        told = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), told, state.method_state)
+        return state.replace(method_state=told)
+
+    def _learn(self, state: DecodeState, sampling: SamplingConfig) -> None:
+        learned = self.strategy.learned(state.method_state)
+        if learned is not None:
+            self._learned[sampling] = learned
+
+    def forget(self) -> None:
+        """Drop what earlier generations learned: the next one starts from the method's uninformed prior (as a fresh
+        engine's first does; e.g. for a sampled generation whose draws must not depend on the engine's history)."""
+        self._learned.clear()
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -531,15 +552,18 @@ class Engine:
     ) -> GenerationOutput:
         """Generate for a batch of token-id prompts inside one compiled loop.
 
-        eos_ids: token ids that end a row (default: the model's); `()` never stops early.
+        eos_ids: token ids that end a row (default: the model's); `()` never stops early. An adaptive method starts
+        from what the engine's last generation with the same sampling learned (`forget` drops it).
         """
         state, static, prefill_s, compile_s = self._prefill(prompts, max_new_tokens, sampling, seed, eos_ids)
         args = (self.model.params, self.method_params, state)
         fn, loop_compile_s = self._get("loop", _decode_loop, static, args, donate=(2,), batch=len(prompts))
         state, calibration_s = self._calibrated(state, static, fn, len(prompts))
+        state = self._start_from_learned(state, sampling)
         start = time.perf_counter()
         state = jax.block_until_ready(fn(self.model.params, self.method_params, state))
         decode_s = time.perf_counter() - start
+        self._learn(state, sampling)
         return self._output(state, prompts, prefill_s, decode_s, compile_s + loop_compile_s + calibration_s)
 
     def score(
@@ -645,7 +669,8 @@ class Engine:
             loop, loop_compile_s = self._get("loop", _decode_loop, static, args, donate=(2,), batch=len(prompts))
             state, calibration_s = self._calibrated(state, static, loop, len(prompts))
             step_compile_s += loop_compile_s + calibration_s
-        return TokenStream(self, step, state, prompts, prefill_s, compile_s + step_compile_s)
+        state = self._start_from_learned(state, sampling)
+        return TokenStream(self, step, state, prompts, prefill_s, compile_s + step_compile_s, sampling)
 
     def _output(self, state: DecodeState, prompts, prefill_s: float, decode_s: float, compile_s: float) -> GenerationOutput:
         output = to_host(state.output)
@@ -669,9 +694,10 @@ class Engine:
 class TokenStream:
     """Per-step new tokens of a streamed generation (see `Engine.stream`)."""
 
-    def __init__(self, engine: Engine, step: Callable, state: DecodeState, prompts, prefill_s: float, compile_s: float):
+    def __init__(self, engine: Engine, step: Callable, state: DecodeState, prompts, prefill_s: float, compile_s: float,
+                 sampling: SamplingConfig):
         self._engine, self._step, self._state, self._prompts = engine, step, state, prompts
-        self._prefill_s, self._compile_s = prefill_s, compile_s
+        self._prefill_s, self._compile_s, self._sampling = prefill_s, compile_s, sampling
         self.output: GenerationOutput | None = None
 
     def __iter__(self) -> Iterator[list[list[int]]]:
@@ -686,4 +712,5 @@ class TokenStream:
             output = to_host(state.output)
             yield [output[b, num_new[b] : new_num[b]].tolist() for b in range(len(self._prompts))]
             num_new = new_num
+        engine._learn(state, self._sampling)
         self.output = engine._output(state, self._prompts, self._prefill_s, time.perf_counter() - start, self._compile_s)

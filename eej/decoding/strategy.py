@@ -177,6 +177,16 @@ class Strategy:
         """The method state (after the prefill) told the measured milliseconds per step, one per calibration point."""
         return method_state
 
+    def learned(self, method_state: Any) -> Any:
+        """What a finished generation (its final method state) learned that the engine's next generation with the same
+        sampling may start from; None (the default): nothing carries over."""
+        return None
+
+    def start_from(self, method_state: Any, learned: Any) -> Any:
+        """The method state (after the prefill and calibration) of a generation that starts from what an earlier one
+        `learned`."""
+        return method_state
+
     def prefill(
         self,
         params: Params,
