@@ -29,7 +29,7 @@ batch 1 it is k* = argmax_k E(k) / C(k).
   of what verification observed: accepted drafts, and the first rejected one. An engine's later generations
   (same sampling) start from the pooled α and β its last one ended with, still worth two drafts, instead of 1/2:
   a generation no longer pays, at its start, for drafts the prior promised and the text it has been decoding
-  withholds (on chat at batch 4, ~6 drafting steps of a 128-token answer before the prior faded). Greedy tokens
+  withholds (on chat at batch 4, part of the 4-5% of steps `adaptive_v19` drafted on). Greedy tokens
   never depend on it; under sampling the draws consumed do, so the sample of a given seed depends on the
   engine's earlier generations, its distribution never (`Engine.forget` starts afresh). β_b likewise, of what the
   drafting loop did: after each draft but its last a row went on, and after its last one it stopped if
