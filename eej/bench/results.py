@@ -73,7 +73,7 @@ def _rel(path: str, root: str) -> str:
 def render_specbench(path: str, doc: dict[str, Any], root: str) -> str:
     s, m, model = doc["settings"], doc["machine"], doc["model"]
     draws = s.get("draws", 1)
-    per_cat = ", ".join(f"{c} {n // draws if draws > 1 else n}" for c, n in s["questions_per_category"].items()) \
+    per_cat = ", ".join(f"{c} {n // draws}" for c, n in s["questions_per_category"].items()) \
         + (f", each answered {draws} times (draws)" if draws > 1 else "")
     load = ""
     if m.get("load_average_start") and m.get("load_average_end"):
