@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +30,16 @@ import eej.api
 from eej.bench.machine import machine_info
 from eej.config import SamplingConfig
 from eej.decoding.engine import _decode_loop
+from eej.model import control
 
 METHODS = ("kangaroo", "m2r2-spec", "specee", "m2r2-exit")
 STEPS, ROUNDS, MAX_NEW = 24, 9, 128
 
 
-def _contestants(model, prompt_len: int, batch: int, sampling: SamplingConfig, methods: tuple[str, ...]) -> list[tuple[str, float]]:
+def _contestants(model, prompt_len: int, batch: int, sampling: SamplingConfig, methods: tuple[str, ...],
+                 modes: set[int] | None) -> list[tuple[str, Callable[[], float], Any]]:
+    """(name, run, compiled loop) per contestant: plain, then each method at each of its modes (or those in `modes`);
+    run() times one run of STEPS decode steps and returns milliseconds per step."""
     runs = []
     for name in ("plain", *methods):
         engine = eej.api.engine(model, name)
@@ -42,6 +47,9 @@ def _contestants(model, prompt_len: int, batch: int, sampling: SamplingConfig, m
         loop, _ = engine._get("loop", _decode_loop, static, (engine.model.params, engine.method_params, state), donate=(2,), batch=batch)
         points = engine.strategy.calibration_points() or [lambda ms: ms]
         for mode, edit in enumerate(points):
+            if modes is not None and mode not in modes and name != "plain":
+                continue
+
             def run(engine=engine, loop=loop, state=state, edit=edit) -> float:
                 s = jax.tree.map(jnp.copy, state)
                 s = s.replace(method_state=edit(s.method_state), steps=jnp.full((), MAX_NEW - STEPS, jnp.int32))
@@ -49,7 +57,7 @@ def _contestants(model, prompt_len: int, batch: int, sampling: SamplingConfig, m
                 jax.block_until_ready(loop(engine.model.params, engine.method_params, s))
                 return 1e3 * (time.perf_counter() - start) / STEPS
 
-            runs.append((name if name == "plain" else f"{name} mode {mode}", run))
+            runs.append((name if name == "plain" else f"{name} mode {mode}", run, loop))
     return runs
 
 
@@ -69,34 +77,39 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--kernels", choices=("xla", "cpu"), default="xla",
                         help="matmul and attention implementation (eej.load_model's kernels)")
+    parser.add_argument("--modes", default="", help="comma-separated modes to time (default: every mode)")
     args = parser.parse_args()
+    modes = {int(m) for m in args.modes.split(",") if m} or None
     sampling = SamplingConfig(temperature=args.temperature)
     methods = tuple(m for m in args.methods.split(",") if m)
     model = eej.load_model("smollm2-135m", kernels=args.kernels)
     rows = []
     for prompt_len in [int(n) for n in args.prompt_lengths.split(",")]:
-        runs = _contestants(model, prompt_len, args.batch, sampling, methods)
-        for _, run in runs:
+        runs = _contestants(model, prompt_len, args.batch, sampling, methods, modes)
+        for _, run, _ in runs:
             run()  # first call of each program
-        times = {name: [] for name, _ in runs}
+        times = {name: [] for name, _, _ in runs}
         for _ in range(ROUNDS):
-            for name, run in runs:
+            for name, run, _ in runs:
                 times[name].append(run())
         plain = float(np.median(times["plain"]))
         for name, ms in times.items():
             rows.append({"prompt_tokens": prompt_len, "contestant": name, "ms_per_step": float(np.median(ms)),
                          "vs_plain": float(np.median(ms)) / plain})
-    doc = {"model": "smollm2-135m", "kernels": args.kernels, "batch": args.batch, "temperature": args.temperature, "steps_per_run": STEPS, "rounds": ROUNDS,
+    doc = {"model": "smollm2-135m", "kernels": args.kernels, "conditionals": control.implementation(),
+           "branch_whole_step": control.branch_whole_step(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": args.batch, "temperature": args.temperature, "steps_per_run": STEPS, "rounds": ROUNDS,
            "machine": {**machine_info(), "load_average": os.getloadavg()},
            "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(doc, f, indent=1)
     lines = [f"# Each method's step modes against plain decoding (ms per decode step, batch {args.batch}, "
-             f"{'greedy' if sampling.greedy else f'temperature {args.temperature}'}, {args.kernels} kernels)", "",
+             f"{'greedy' if sampling.greedy else f'temperature {args.temperature}'}, {args.kernels} kernels, "
+             f"conditionals as {doc['conditionals']}{', the adaptive step one branch' if doc['branch_whole_step'] else ''})", "",
              f"`python scripts/plain_mode_overhead.py {' '.join(sys.argv[1:])}`; {_device(doc['machine'])}{doc['machine']['cpu']}, {doc['machine']['cpu_count']} CPUs, "
              f"load average {', '.join(f'{x:.2f}' for x in doc['machine']['load_average'])}; median of {ROUNDS} interleaved "
-             f"rounds of {STEPS} steps. Mode 0 is the step an adaptive method takes when it does nothing special.", "",
+             f"rounds of {STEPS} steps. Mode 0 is the step an adaptive method takes when it does nothing special."
+             + (f" XLA_FLAGS={doc['xla_flags']}." if doc["xla_flags"] else ""), "",
              "| prompt tokens | contestant | ms/step | vs plain |", "|---|---|---|---|"]
     lines += [f"| {r['prompt_tokens']} | {r['contestant']} | {r['ms_per_step']:.2f} | {r['vs_plain']:.3f}x |" for r in rows]
     with open(args.out + ".md", "w") as f:

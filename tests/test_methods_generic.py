@@ -42,6 +42,23 @@ def test_lossless_methods_match_plain_greedy(method, model_name):
     assert got == want
 
 
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "plain"])
+def test_conditionals_compiled_either_way_decode_alike(method, monkeypatch):
+    """eej.model.control's two implementations (in-place loops, lax.cond/switch), the second with an adaptive step
+    branching once between speculating and a step with nothing to draft (as on a GPU), give the same tokens.
+    Sampled: the draws go through the same conditionals as greedy decoding; a mismatch in any branch changes them."""
+    model = tiny_model("tiny-gqa", seed=10)
+    strategy, method_params = random_method(model, method, seed=2)
+    prompts = random_prompts(np.random.default_rng(11), [6, 3], model.cfg.vocab_size)
+    runs = {}
+    for way, whole_step in (("loops", "0"), ("lax", "1")):  # this CPU's defaults; those of a GPU
+        monkeypatch.setenv("EEJ_CONDITIONALS", way)
+        monkeypatch.setenv("EEJ_BRANCH_STEP", whole_step)
+        engine = Engine(model, strategy, method_params)
+        runs[way] = engine.generate(prompts, max_new_tokens=16, eos_ids=(), sampling=SamplingConfig(temperature=0.8), seed=3).tokens
+    assert runs["lax"] == runs["loops"]
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_outputs_respect_budget_and_eos(method):
     model = tiny_model("tiny-gqa", seed=8)

@@ -70,7 +70,7 @@ from jax import lax
 
 from eej.decoding.sampling import probabilities
 from eej.decoding.strategy import StepInputs, StepResult, Strategy, full_prefill
-from eej.model.control import switch_in_place
+from eej.model.control import branch_whole_step, cond_in_place, switch_in_place
 from eej.settings import setting
 
 DECAY = 0.95  # per judged draft: follows the last ~20 drafts (0.9 lost 1.2%: scripts/controller_replay.py)
@@ -311,6 +311,26 @@ class SelfSpeculative(Strategy):
                   full: jax.Array | bool) -> tuple[StepResult, jax.Array, jax.Array]:
         raise NotImplementedError
 
+    def speculate_or_plain(self, s: StepInputs, k: jax.Array, probe: jax.Array,
+                           full: jax.Array) -> tuple[StepResult, jax.Array, jax.Array]:
+        """`speculate(s, k, probe, full)`; where no row drafts and no probe is due, the same method traced for the
+        int k = 0 instead: no drafting loop, one verification width, no probe. That is the step an adaptive method
+        takes while speculation does not pay, and it then tests one predicate where the traced k = 0 step tests
+        one per conditional it passes (the drafting loop's, the K + 1 verification widths', the probe's): free on
+        a CPU, but XLA:GPU reads each back to the host (11 reads per Kangaroo step on an H200, docs/adaptive.md).
+        Where `eej.model.control.branch_whole_step()` holds: not on a CPU, where the branch itself cost more."""
+
+        def run(k: jax.Array | int, probe: jax.Array | bool, full: jax.Array | bool):
+            def branch(state):
+                result, hits, trials = self.speculate(s.replace(cache=state[0], method_state=state[1]), k, probe, full)
+                return (result.cache, result.method_state), (result.replace(cache=None, method_state=None), hits, trials)
+
+            return branch
+
+        (cache, drafter), (result, hits, trials) = cond_in_place(
+            jnp.any(k > 0) | probe, run(k, probe, full), run(0, False, False), (s.cache, s.method_state))
+        return result.replace(cache=cache, method_state=drafter), hits, trials
+
     def draft_threshold(self, full: jax.Array | bool) -> jax.Array | float:
         """The confidence below which a row stops drafting: the method's `exit_threshold`, none when `full`."""
         return self.exit_threshold if full is False else jnp.where(full, 0.0, self.exit_threshold)
@@ -323,8 +343,11 @@ class SelfSpeculative(Strategy):
         else:
             k, probe, backoff, forced = self.max_draft_steps, False, ctl.backoff, False
         # Finished rows draft nothing: their drafts would only widen the verification.
-        result, hits, trials = self.speculate(s.replace(method_state=s.method_state["drafter"]), jnp.where(s.active, k, 0),
-                                              probe, forced)
+        drafter_inputs, k_rows = s.replace(method_state=s.method_state["drafter"]), jnp.where(s.active, k, 0)
+        if self.adaptive and branch_whole_step():
+            result, hits, trials = self.speculate_or_plain(drafter_inputs, k_rows, probe, forced)
+        else:
+            result, hits, trials = self.speculate(drafter_inputs, k_rows, probe, forced)
         ctl = ctl.after(k, probe, backoff, hits, trials, s.active, result.drafted)
         return result.replace(method_state={"drafter": result.method_state, "controller": ctl})
 

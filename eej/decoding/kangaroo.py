@@ -147,7 +147,7 @@ class Kangaroo(SelfSpeculative):
             hits = hits + jnp.where(scored, overlap, 0.0)
             trials = trials + scored.astype(jnp.float32)
         cache, adapter_cache = rollback((cache, adapter_cache), start + counts)
-        shallow_passes = (drafts.steps + 1).astype(jnp.float32)
+        shallow_passes = jnp.asarray(drafts.steps + 1, jnp.float32)
         result = StepResult(
             tokens=tokens,
             counts=counts,

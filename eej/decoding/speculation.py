@@ -55,7 +55,7 @@ class DraftResult:
     tokens: [B, K] int32 drafts; only the first `num_drafted[b]` of row b are real.
     num_drafted: [B] int32 in [0, K] (0 only when the loop was asked for no drafts).
     probs: [B, K, V] float32 distributions the drafts were drawn from (None when greedy).
-    steps: int32 scalar: loop iterations run (= max of num_drafted).
+    steps: int32 scalar: loop iterations run (= max of num_drafted); the int 0 where no loop was traced.
     """
 
     tokens: jax.Array
@@ -107,6 +107,8 @@ def draft_loop(
     greedy = sampling.greedy
     tokens0 = jnp.zeros((batch, max_steps), jnp.int32)
     probs0 = None if greedy else jnp.zeros((batch, max_steps, vocab_size), jnp.float32)
+    if isinstance(num_steps, int) and num_steps <= 0:  # nothing to draft, and no loop traced: `steps` is the int 0
+        return carry, DraftResult(tokens=tokens0, num_drafted=jnp.zeros((batch,), jnp.int32), probs=probs0, steps=0)
 
     def to_full(q: jax.Array) -> jax.Array:
         if vocab_ids is None:

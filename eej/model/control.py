@@ -12,10 +12,20 @@ Each branch maps (state, *operands) -> (state, out): `state` holds what may be u
 `operands` what is only read, `out` what the branch computes (every branch the same structure). Branches
 not taken cost one predicate test each. Not reverse-differentiable (while loops): for decoding; training
 code uses `lax.cond`.
+
+A predicate test is free on a CPU, not on a GPU: XLA:GPU reads each while loop's predicate back to the host
+(as it does a `lax.cond`'s branch index), so a switch over K + 1 branches as loops waits on K + 1 round
+trips where `lax.switch` waits on one. `implementation()` picks how these conditionals compile: "loops"
+(above) or "lax" (`lax.switch` / `lax.cond`: one predicate read, state copied); the environment variable
+`EEJ_CONDITIONALS` chooses (default "loops"). For the same reason an adaptive speculative step can be
+one conditional between speculating and a step traced with nothing to draft (`branch_whole_step`), so that
+its fallback tests one predicate instead of one per conditional inside. Both are read when a program is
+traced: set them before the first decode.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -23,10 +33,39 @@ import jax.numpy as jnp
 from jax import lax
 
 Branch = Callable[..., tuple[Any, Any]]
+IMPLEMENTATIONS = ("loops", "lax")
+
+
+def implementation() -> str:
+    """"loops" or "lax": `EEJ_CONDITIONALS` where set, else "loops" on every backend (on an H200 "lax" made the
+    step of a method with many conditionals cheaper, 1.12x plain's against 1.17x, one measurement each; with the
+    step branched once, `branch_whole_step`, it is not measured there yet)."""
+    chosen = os.environ.get("EEJ_CONDITIONALS", "")
+    if chosen:
+        if chosen not in IMPLEMENTATIONS:
+            raise ValueError(f"EEJ_CONDITIONALS must be one of {', '.join(IMPLEMENTATIONS)}, got {chosen!r}: unset it for the default")
+        return chosen
+    return "loops"
+
+
+def branch_whole_step() -> bool:
+    """Whether an adaptive speculative step branches once, between speculating and a step with nothing to draft
+    (eej.decoding.adaptive), rather than passing its conditionals with nothing to do: `EEJ_BRANCH_STEP` (1 or 0)
+    where set, else on every backend but the CPU. On a 2-core AMD EPYC VM the whole-step branch made the fallback
+    step 5% slower (Kangaroo, SmolLM2-135M, batch 1: 1.05x plain's against 0.99x); on an H200 the fallback step that passes
+    its conditionals cost 1.16x plain's, 11 predicates read back to the host a step (docs/adaptive.md)."""
+    chosen = os.environ.get("EEJ_BRANCH_STEP", "")
+    if chosen:
+        if chosen not in ("0", "1"):
+            raise ValueError(f"EEJ_BRANCH_STEP must be 1 or 0, got {chosen!r}: unset it for the backend's default")
+        return chosen == "1"
+    return jax.default_backend() != "cpu"
 
 
 def run_if(pred: jax.Array | bool, fn: Callable[..., Any], state: Any, *operands: Any) -> Any:
     """`fn(state, *operands)` -> new state where `pred` (a bool scalar, traced is fine) holds, else `state`."""
+    if implementation() == "lax":
+        return lax.cond(pred, fn, lambda st, *_: st, state, *operands)
     # XLA hoists loop-invariant work out of a while loop (it would then run even when the branch is not
     # taken): everything `fn` reads besides the state — its operands and the float arrays it closes over —
     # enters the loop through an optimization barrier tied to the trip counter.
@@ -47,6 +86,8 @@ def switch_in_place(index: jax.Array | int, branches: Sequence[Branch], state: A
     A Python int index runs that branch only (nothing traced)."""
     if isinstance(index, int):
         return branches[min(max(index, 0), len(branches) - 1)](state, *operands)
+    if implementation() == "lax":
+        return lax.switch(index, list(branches), state, *operands)
     index = jnp.clip(index, 0, len(branches) - 1)
     out_shapes = jax.eval_shape(lambda st: branches[0](st, *operands)[1], state)
     out = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out_shapes)
