@@ -354,9 +354,17 @@ class M2R2Exit(Strategy):
             h, cache = run_layers(params, x0, cache, positions, cfg)
             return cache, logits_from_hidden(params, h[:, 0], cfg)
 
-        cache, (x, exited, exit_layer) = cond_in_place(
-            attempt, fast_stream, lambda c: (c, (x0, jnp.asarray(False), jnp.asarray(0, jnp.int32))), s.cache)
-        cache, logits = cond_in_place(exited, exit_path, slow_path, cache, x, exit_layer)
+        def attempted(cache):
+            cache, (x, exited, exit_layer) = fast_stream(cache)
+            cache, logits = cond_in_place(exited, exit_path, slow_path, cache, x, exit_layer)
+            return cache, (logits, exited, exit_layer)
+
+        def plain(cache):
+            cache, logits = slow_path(cache, x0, 0)
+            return cache, (logits, jnp.asarray(False), jnp.asarray(0, jnp.int32))
+
+        # A step that does not attempt branches once (XLA:GPU reads every predicate back to the host).
+        cache, (logits, exited, exit_layer) = cond_in_place(attempt, attempted, plain, s.cache)
         econ = econ.observe(jnp.stack([exited, exit_layer / num_fast]).astype(jnp.float32),
                             jnp.stack([attempt, exited]).astype(jnp.float32), attempt, probe, pays)
         layers = jnp.where(exited, exit_layer, jnp.where(attempt, num_fast, 0) + cfg.num_layers)

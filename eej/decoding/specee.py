@@ -361,30 +361,30 @@ class SpecEE(Strategy):
         checking = jnp.any(scheduled) & (self.threshold < 1.0)
         x, cache = run_layers(params, embed(params, s.pending[:, None], cfg), s.cache, positions, cfg, 0, l)
 
-        def propose(state):
-            candidates, state = self.drafter.propose(params, s.method_params["drafter"], state, x, positions, self.num_candidates, cfg)
-            return state, candidates[:, 0]
-
-        def keep(state):
-            state = self.drafter.keep(params, s.method_params["drafter"], state, x, positions, cfg)
-            return state, jnp.zeros((s.batch, self.num_candidates), jnp.int32)
-
-        drafter_state, candidates = cond_in_place(checking, propose, keep, method_state["drafter"])  # [B, k]
         layer_lengths = method_state.get("layer_lengths")
         no_exit = (jnp.asarray(True), jnp.zeros((s.batch,), jnp.int32), jnp.asarray(n - 1, jnp.int32),
                    jnp.zeros((n,), bool), jnp.zeros((n,), bool))
 
-        def whole_stack(cache):  # nothing to check: the layers of a plain step, no per-layer conditionals
-            h, cache = run_layers(params, x, cache, positions, cfg, l, n)
-            return cache, (h, *no_exit)
+        def checking_step(state):  # the drafter's candidates [B, k], then the layers, each checking where scheduled
+            drafter, cache = state
+            candidates, drafter = self.drafter.propose(params, s.method_params["drafter"], drafter, x, positions, self.num_candidates, cfg)
+            cache, out = self._layer_by_layer(s, x, cache, scheduled, candidates[:, 0], layer_lengths)
+            return (drafter, cache), out
 
-        def layer_by_layer(cache):
-            return self._layer_by_layer(s, x, cache, scheduled, candidates, layer_lengths)
+        def plain_step(state):  # nothing to check: the drafter keeps up; the layers of a plain step, no per-layer conditionals
+            drafter, cache = state
+            drafter = self.drafter.keep(params, s.method_params["drafter"], drafter, x, positions, cfg)
+            if self.kv == "drop":  # the packed cache needs per-layer slots, which only the layer-by-layer path writes
+                none = jnp.zeros((s.batch, self.num_candidates), jnp.int32)
+                cache, out = self._layer_by_layer(s, x, cache, scheduled, none, layer_lengths)
+            else:
+                h, cache = run_layers(params, x, cache, positions, cfg, l, n)
+                out = (h, *no_exit)
+            return (drafter, cache), out
 
-        if self.kv == "drop":  # the packed cache needs per-layer slots, which only the layer-by-layer path writes
-            cache, (x, running, token, exit_layer, checked, fired) = layer_by_layer(cache)
-        else:
-            cache, (x, running, token, exit_layer, checked, fired) = cond_in_place(checking, layer_by_layer, whole_stack, cache)
+        # One conditional (XLA:GPU reads every predicate back to the host).
+        (drafter_state, cache), (x, running, token, exit_layer, checked, fired) = cond_in_place(
+            checking, checking_step, plain_step, (method_state["drafter"], cache))
         # x is the exit layer's state (skipped layers pass it through); an exit already drew its token from it. The
         # full LM head on x is the distribution the step decides by (an exit's token is its argmax; the predictors
         # only read the k speculative tokens' logits to decide *whether* to exit): scoring returns it.
