@@ -37,6 +37,19 @@ def test_shipped_addons_are_lossless_and_accept_drafts(real_model, method, matmu
 
 
 @pytest.mark.real_model
+def test_a_step_branched_once_is_lossless_on_the_real_model(real_model, monkeypatch):
+    """A GPU's default on this CPU (`EEJ_BRANCH_STEP=1`: each step one conditional between speculating and a step with
+    nothing to draft), with step costs given (no calibration) under which Kangaroo both drafts and falls back."""
+    monkeypatch.setenv("EEJ_BRANCH_STEP", "1")
+    strategy, method_params = build_method(real_model, "kangaroo")
+    strategy = dataclasses.replace(strategy, step_costs=(1.0, 1.5, 2.0, 2.5, 3.0)[: strategy.max_draft_steps + 1])
+    prompts = _prompts(real_model)
+    out = Engine(real_model, strategy, method_params).generate(prompts, max_new_tokens=40)
+    assert out.tokens == Engine(real_model).generate(prompts, max_new_tokens=40).tokens
+    assert 0 < sum(out.speculated_steps) < sum(out.row_steps), (out.speculated_steps, out.row_steps)
+
+
+@pytest.mark.real_model
 @pytest.mark.parametrize("method", ["kangaroo", "m2r2-spec"])
 def test_adaptive_defaults_are_lossless_on_the_real_model(real_model, method, tmp_path, monkeypatch):
     monkeypatch.setenv("EEJ_CACHE_DIR", str(tmp_path))  # the step costs are measured here, on this machine
