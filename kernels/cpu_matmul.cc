@@ -16,8 +16,8 @@
 // cache, 18.4 -> 7.6 ms at 4 rows: the loop had been bound by its own instructions, not by memory).
 //
 // Order of work: a thread takes a contiguous run of tiles; for each tile, each block of up to kBlockRows rows of x
-// takes its turn (one block for up to 12 rows: 12 rows x 2 vectors = 24 accumulators), reading the tile's block
-// of w while the next is prefetched; a second block re-reads the tile from cache.
+// takes its turn (one block for up to kBlockRows rows: 12 with AVX-512, 5 with AVX2), reading the tile's block of w
+// while the next is prefetched; a second block re-reads the tile from cache.
 //
 // Arithmetic: every output element is one chain of fused multiply-adds over k in increasing order, starting from
 // zero, whatever M, the blocking or the thread count, so one row's result does not
@@ -30,7 +30,7 @@
 #include <cstring>
 #include <utility>
 
-#if defined(__AVX512F__) || defined(__FMA__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #elif defined(__aarch64__)
 #include <arm_neon.h>
@@ -43,79 +43,87 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+// The vector the register tiles are made of, by instruction set: kLanes floats, with a fused multiply-add, an
+// unaligned load and store, and a broadcast. AVX-512 has 32 registers of 16 floats: blocks of up to 12 rows x 2
+// vectors = 24 accumulators. AVX2 has 16 registers of 8, a tile row is 4 of them, and blocks of up to 5 rows (20
+// accumulators, a few of them kept in L1) measured faster than 2, 3, 4 or 6 on an AVX2-only AMD EPYC VM: a
+// verification of up to 5 tokens at batch 1 reads w once. Before, AVX2 ran the 16-float vectors as pairs through
+// memory in blocks of 12 rows (48 accumulators for 16 registers), and the kernel was slower than XLA's product from
+// one row on (docs/engine.md, "The CPU matmul on AVX2").
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kBlockRows = 12;
+typedef __m512 vec;
+inline vec fma_v(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec load_v(const float* p) { return _mm512_loadu_ps(p); }
+inline void store_v(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline vec broadcast_v(float x) { return _mm512_set1_ps(x); }
+inline vec zero_v() { return _mm512_setzero_ps(); }
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int kLanes = 8;
+constexpr int kBlockRows = 5;
+typedef __m256 vec;
+inline vec fma_v(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec load_v(const float* p) { return _mm256_loadu_ps(p); }
+inline void store_v(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec broadcast_v(float x) { return _mm256_set1_ps(x); }
+inline vec zero_v() { return _mm256_setzero_ps(); }
+#else  // portable vectors of 16 floats (what the compiler makes of them: NEON, SSE, scalar)
+constexpr int kLanes = 16;
+constexpr int kBlockRows = 12;
+typedef float vec __attribute__((vector_size(64), aligned(4)));
+inline vec fma_v(vec a, vec b, vec c) {
+#if defined(__aarch64__)
+  float32x4_t a4[4], b4[4], c4[4];
+  std::memcpy(a4, &a, 64), std::memcpy(b4, &b, 64), std::memcpy(c4, &c, 64);
+  for (int q = 0; q < 4; ++q) c4[q] = vfmaq_f32(c4[q], a4[q], b4[q]);
+  std::memcpy(&c, c4, 64);
+#else
+  for (int i = 0; i < 16; ++i) c[i] = __builtin_fmaf(a[i], b[i], c[i]);
+#endif
+  return c;
+}
+inline vec load_v(const float* p) {
+  vec v;
+  std::memcpy(&v, p, 64);
+  return v;
+}
+inline void store_v(float* p, vec v) { std::memcpy(p, &v, 64); }
+inline vec broadcast_v(float x) {
+  vec v;
+  for (int i = 0; i < 16; ++i) v[i] = x;
+  return v;
+}
+inline vec zero_v() { return (vec){}; }
+#endif
 
-constexpr int R = 2;               // vectors of 16 columns per register tile
-constexpr int64_t kTile = 16 * R;  // columns per tile (eej.model.packed.TILE)
-constexpr int kBlockRows = 12;     // rows of x per register block: 12 x 2 accumulators + 2 vectors of w
+constexpr int64_t kTile = 32;        // columns per tile (eej.model.packed.TILE)
+constexpr int R = kTile / kLanes;    // vectors per tile row
+constexpr int kLineFloats = 16;      // floats per 64-byte cache line
 // How far ahead of the FMAs block 0 prefetches w, in floats: 8 KB, 64 of a tile's rows (2048 beat 512, 1024 and
 // 4096 in the harness above; with prefetches into L2, 1024 to 8192 were all within 2%). Into L2 (`_MM_HINT_T1`):
 // 4-14% faster than into L1; a non-temporal hint was 30% slower.
 constexpr int64_t kPrefetch = 2048;
 
-// a * b + c, rounded once, lane by lane
-inline v16 fma16(v16 a, v16 b, v16 c) {
-#if defined(__AVX512F__)
-  return (v16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif defined(__FMA__)
-  typedef float v8 __attribute__((vector_size(32), aligned(4)));
-  v8 a2[2], b2[2], c2[2];
-  std::memcpy(a2, &a, 64), std::memcpy(b2, &b, 64), std::memcpy(c2, &c, 64);
-  for (int h = 0; h < 2; ++h) c2[h] = (v8)_mm256_fmadd_ps((__m256)a2[h], (__m256)b2[h], (__m256)c2[h]);
-  std::memcpy(&c, c2, 64);
-  return c;
-#elif defined(__aarch64__)
-  float32x4_t a4[4], b4[4], c4[4];
-  std::memcpy(a4, &a, 64), std::memcpy(b4, &b, 64), std::memcpy(c4, &c, 64);
-  for (int q = 0; q < 4; ++q) c4[q] = vfmaq_f32(c4[q], a4[q], b4[q]);
-  std::memcpy(&c, c4, 64);
-  return c;
-#else
-  for (int i = 0; i < 16; ++i) c[i] = __builtin_fmaf(a[i], b[i], c[i]);
-  return c;
-#endif
-}
-
-// 16 floats from memory (unaligned): one 512-bit load (a 64-byte memcpy compiled to two 256-bit loads and stores
-// and a 512-bit reload from the stack, which stalled every step of the loop on store forwarding)
-inline v16 load16(const float* p) {
-#if defined(__AVX512F__)
-  return (v16)_mm512_loadu_ps(p);
-#else
-  v16 v;
-  std::memcpy(&v, p, 64);
-  return v;
-#endif
-}
-
-// v16 of x in every lane
-inline v16 broadcast16(float x) {
-#if defined(__AVX512F__)
-  return (v16)_mm512_set1_ps(x);
-#else
-  return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
-#endif
-}
-
 // y [MB, 0:kTile] = x [MB, 0:K] @ tile [K, kTile]: one register tile (y's row stride ldy).
 template <int MB, bool Prefetch>
 __attribute__((always_inline)) inline void block(const float* x, int64_t K, const float* tile, float* y, int64_t ldy) {
-  v16 acc[MB][R];
+  vec acc[MB][R];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = (v16){};
+    for (int r = 0; r < R; ++r) acc[m][r] = zero_v();
   const float* wk = tile;
   for (int64_t k = 0; k < K; ++k, wk += kTile) {
-    v16 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = load16(wk + 16 * r);
+    vec wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load_v(wk + kLanes * r);
     if (Prefetch)
-      for (int r = 0; r < R; ++r) __builtin_prefetch(wk + kPrefetch + 16 * r, 0, 2);
+      for (int c = 0; c < kTile; c += kLineFloats) __builtin_prefetch(wk + kPrefetch + c, 0, 2);
     for (int m = 0; m < MB; ++m) {
-      const v16 xv = broadcast16(x[m * K + k]);
-      for (int r = 0; r < R; ++r) acc[m][r] = fma16(xv, wv[r], acc[m][r]);
+      const vec xv = broadcast_v(x[m * K + k]);
+      for (int r = 0; r < R; ++r) acc[m][r] = fma_v(xv, wv[r], acc[m][r]);
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) std::memcpy(y + m * ldy + 16 * r, &acc[m][r], 64);
+    for (int r = 0; r < R; ++r) store_v(y + m * ldy + kLanes * r, acc[m][r]);
 }
 
 // One tile's columns for all M rows: block b is rows [M*b/B, M*(b+1)/B); block 0 prefetches.
