@@ -40,12 +40,7 @@ def implementation() -> str:
     """"loops" or "lax": `EEJ_CONDITIONALS` where set, else "loops" on every backend (on an H200 "lax" made the
     step of a method with many conditionals cheaper, 1.12x plain's against 1.17x, one measurement each; with the
     step branched once, `branch_whole_step`, it is not measured there yet)."""
-    chosen = os.environ.get("EEJ_CONDITIONALS", "")
-    if chosen:
-        if chosen not in IMPLEMENTATIONS:
-            raise ValueError(f"EEJ_CONDITIONALS must be one of {', '.join(IMPLEMENTATIONS)}, got {chosen!r}: unset it for the default")
-        return chosen
-    return "loops"
+    return _from_environment("EEJ_CONDITIONALS", IMPLEMENTATIONS, f"one of {', '.join(IMPLEMENTATIONS)}", "the default") or "loops"
 
 
 def branch_whole_step() -> bool:
@@ -54,12 +49,17 @@ def branch_whole_step() -> bool:
     where set, else on every backend but the CPU. On a 2-core AMD EPYC VM the whole-step branch made the fallback
     step 5% slower (Kangaroo, SmolLM2-135M, batch 1: 1.05x plain's against 0.99x); on an H200 the fallback step that passes
     its conditionals cost 1.16x plain's, 11 predicates read back to the host a step (docs/adaptive.md)."""
-    chosen = os.environ.get("EEJ_BRANCH_STEP", "")
-    if chosen:
-        if chosen not in ("0", "1"):
-            raise ValueError(f"EEJ_BRANCH_STEP must be 1 or 0, got {chosen!r}: unset it for the backend's default")
-        return chosen == "1"
-    return jax.default_backend() != "cpu"
+    chosen = _from_environment("EEJ_BRANCH_STEP", ("0", "1"), "1 or 0", "the backend's default")
+    return chosen == "1" if chosen else jax.default_backend() != "cpu"
+
+
+def _from_environment(name: str, allowed: Sequence[str], expected: str, unset: str) -> str:
+    """The environment variable `name` ("" where unset or empty); any other value than `allowed` is a one-line
+    ValueError saying what it must be (`expected`) and what unsetting it gives (`unset`)."""
+    chosen = os.environ.get(name, "")
+    if chosen and chosen not in allowed:
+        raise ValueError(f"{name} must be {expected}, got {chosen!r}: unset it for {unset}")
+    return chosen
 
 
 def run_if(pred: jax.Array | bool, fn: Callable[..., Any], state: Any, *operands: Any) -> Any:
