@@ -5,50 +5,55 @@
 //
 // Why: XLA's reference builds the scores of every cache slot, masks them and runs two small batched products,
 // all over the whole capacity S; this kernel reads each (row, KV head)'s keys and values once for all the
-// queries of that head, stops at the last slot any of them reads, and runs an online softmax over blocks of
-// kBlock slots. The blocks sit at multiples of kBlock and a query skips the blocks it cannot read, so a query's
-// result does not depend on the other queries of the step (a verification reads what a one-token step reads).
+// queries of that head and stops at the last slot any of them reads.
 //
-// Two paths: with AVX-512 and Dh a multiple of 16 (`head_vector`) a score is a dot product over Dh in 16-lane
-// vectors, summed by a fixed tree (`sum16`), the softmax runs on the block's 16 scores as one vector, and the next
-// block's keys and values are prefetched; anything else takes `head_generic` (keys transposed per block, lane by
-// lane). The vector path made a batch-4 decode step's attention 2.3x faster at 580 cached tokens, and a 2-token
-// verification's 2.9x (C++ harness, SmolLM2-135M's shapes; docs/engine.md, "One 512-bit load per vector").
+// Two paths. With AVX-512, or AVX2 and FMA, and Dh a multiple of the vector's kLanes floats (`head_vector`), slots
+// go in groups of kLanes at multiples of kLanes, in three passes: every query's scores (lane j of a group's
+// scores a dot product over Dh, summed by a fixed tree, `sum_each`), each query's softmax over its own scores
+// (one max, one sum), then the sums over the values; the next keys and values are prefetched. Anything else takes
+// `head_generic`: an online softmax over blocks of kBlock slots at multiples of kBlock, keys transposed per block,
+// lane by lane. Either way a query reads exactly the groups or blocks that overlap its own slots, so its result
+// does not depend on the other queries of the step (a verification reads what a one-token step reads).
+// Measured (docs/engine.md, "One 512-bit load per vector" and "The CPU attention in three passes"): on an AVX2
+// EPYC, SmolLM2-135M's shapes, 30 layers at 800 cached tokens, batch 4, one query per row 29.9 -> 2.6 ms and five
+// 140 -> 11 ms against the generic path (`scripts/cpu_attention_probe.py`).
 //
 // Threads: one task per (batch row, KV head) on XLA's intra-op pool (cpu_parallel.h).
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
 
 #include "cpu_parallel.h"
+#include "cpu_vector.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kBlock = 16;  // cache slots per online-softmax block
-constexpr int64_t kAhead = 1;  // blocks ahead whose keys and values the vector path prefetches
+using namespace eej;  // the vector (cpu_vector.h)
+
+constexpr int64_t kBlock = 16;  // cache slots per online-softmax block of the generic path
+constexpr int64_t kAhead = 16;  // slots ahead whose keys and values the vector path prefetches
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
 
-// e^x for x <= 0, lane by lane: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 7
-// (relative error below 1e-8 there), times 2^n built in the exponent bits. Lanes below -87 give e^-87.
-inline v16 exp_nonpositive(v16 x) {
-  x = x < -87.f ? (v16){} - 87.f : x;
-  const vi16 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi16);  // round half away (x <= 0)
-  const v16 nf = __builtin_convertvector(n, v16);
-  const v16 r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;
-  v16 p = (v16){} + (1.f / 5040.f);
+// e^x for x <= 0, lane by lane, for a float vector V with int32 lanes VI: x = n ln2 + r with |r| <= ln2 / 2, e^r by
+// its Taylor polynomial to degree 7 (relative error below 1e-8 there), times 2^n built in the exponent bits. Lanes
+// below -87 give e^-87.
+template <class V, class VI>
+inline V exp_nonpositive(V x) {
+  x = x < -87.f ? (V){} - 87.f : x;
+  const VI n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, VI);  // round half away (x <= 0)
+  const V nf = __builtin_convertvector(n, V);
+  const V r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;
+  V p = (V){} + (1.f / 5040.f);
   p = p * r + (1.f / 720.f);
   p = p * r + (1.f / 120.f);
   p = p * r + (1.f / 24.f);
@@ -56,11 +61,25 @@ inline v16 exp_nonpositive(v16 x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const vi16 scale = (n + 127) << 23;
-  v16 two_n;
-  std::memcpy(&two_n, &scale, 64);
+  const VI scale = (n + 127) << 23;
+  V two_n;
+  std::memcpy(&two_n, &scale, sizeof(V));
   return p * two_n;
 }
+
+// Float buffers on 64-byte boundaries, so a vector load of a query, score or sum never straddles two cache lines.
+template <class T>
+struct Aligned64 {
+  typedef T value_type;
+  Aligned64() = default;
+  template <class U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64)); }
+  void deallocate(T* p, size_t) { std::free(p); }
+  bool operator==(const Aligned64&) const { return true; }
+  bool operator!=(const Aligned64&) const { return false; }
+};
+typedef std::vector<float, Aligned64<float>> floats;
 
 struct Problem {
   const float* q;
@@ -78,7 +97,8 @@ struct Head {
   int64_t b, h, G, R;
   const float* kh;
   const float* vh;
-  std::vector<float> qs, acc, m, l;  // queries [R, Dh]; sums over V [R, Dh]; running max and total [R]
+  floats qs, acc;  // queries [R, Dh]; sums over V [R, Dh]
+  std::vector<float> m, l;  // running max and total [R]
   std::vector<int64_t> first, last;
   int64_t lo, hi;
 
@@ -121,7 +141,8 @@ void head_generic(const Problem& P, int64_t b, int64_t h) {
   const int64_t Dh = P.Dh, R = H.R;
   const float scale = 1.f / std::sqrt(static_cast<float>(Dh));
   const float *kh = H.kh, *vh = H.vh;
-  std::vector<float>&qs = H.qs, &acc = H.acc, &m = H.m, &l = H.l;
+  floats &qs = H.qs, &acc = H.acc;
+  std::vector<float> &m = H.m, &l = H.l;
   const std::vector<int64_t>&first = H.first, &last = H.last;
   const int64_t lo = H.lo, hi = H.hi;
   std::vector<float> kt(Dh * kBlock);  // the block's keys, transposed: kt[d * kBlock + j] = k[s0 + j][d]
@@ -149,14 +170,14 @@ void head_generic(const Problem& P, int64_t b, int64_t h) {
       const float m_new = std::max(m[r], block_max);
       v16 arg = sc - m_new;
       for (int64_t j = 0; j < kBlock; ++j) arg[j] = valid[j] != 0.f ? arg[j] : 0.f;
-      v16 p = exp_nonpositive(arg);
+      v16 p = exp_nonpositive<v16, vi16>(arg);
       float sum = 0.f;
       for (int64_t j = 0; j < kBlock; ++j) {
         p[j] = valid[j] != 0.f ? p[j] : 0.f;
         sum += p[j];
       }
       v16 corr_arg = (v16){} + (m[r] - m_new);
-      const float corr = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : exp_nonpositive(corr_arg)[0];
+      const float corr = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : exp_nonpositive<v16, vi16>(corr_arg)[0];
       l[r] = l[r] * corr + sum;
       m[r] = m_new;
       float* ar = &acc[r * Dh];
@@ -172,14 +193,18 @@ void head_generic(const Problem& P, int64_t b, int64_t h) {
   H.write(P);
 }
 
-#if defined(__AVX512F__)
-// The sum of each of 16 vectors t[0..15], as lane j of the result: a fixed tree of adds (the same for every query).
-inline __m512 sum16(__m512 t[16]) {
+// The vector path runs on the native vectors of cpu_vector.h (AVX-512's 16 floats, AVX2's 8), with `sum_lanes`,
+// `max_lanes` and `sum_each`, lane j of which is the sum of d[j]'s lanes (a fixed tree of adds, the same for every
+// query). Other CPUs take `head_generic` for every head size.
+#if defined(EEJ_NATIVE_VECTOR) && defined(__AVX512F__)
+inline float sum_lanes(vec x) { return _mm512_reduce_add_ps(x); }
+inline float max_lanes(vec x) { return _mm512_reduce_max_ps(x); }
+inline vec sum_each(const vec d[16]) {
   __m512 u[8], w[4];
-  for (int j = 0; j < 8; ++j)  // 256-bit halves: u[j] = [t_j's two halves summed | t_{j+8}'s]
-    u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(t[j], t[j + 8], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_f32x4(t[j], t[j + 8], _MM_SHUFFLE(3, 2, 3, 2)));
-  for (int j = 0; j < 4; ++j)  // 128-bit groups: w[j] = [t_j | t_{j+8} | t_{j+4} | t_{j+12}], 4 partial sums each
+  for (int j = 0; j < 8; ++j)  // 256-bit halves: u[j] = [d_j's two halves summed | d_{j+8}'s]
+    u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(d[j], d[j + 8], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(d[j], d[j + 8], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int j = 0; j < 4; ++j)  // 128-bit groups: w[j] = [d_j | d_{j+8} | d_{j+4} | d_{j+12}], 4 partial sums each
     w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u[j], u[j + 4], _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(u[j], u[j + 4], _MM_SHUFFLE(3, 1, 3, 1)));
   const __m512 x01 = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
@@ -189,87 +214,137 @@ inline __m512 sum16(__m512 t[16]) {
       _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(x01), _mm512_castps_pd(x23))));
   return _mm512_shuffle_f32x4(z, z, _MM_SHUFFLE(3, 1, 2, 0));  // groups held slots 0-3, 8-11, 4-7, 12-15
 }
+#elif defined(EEJ_NATIVE_VECTOR)
+inline float sum_lanes(vec x) {
+  __m128 z = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  z = _mm_add_ps(z, _mm_movehl_ps(z, z));
+  return _mm_cvtss_f32(_mm_add_ss(z, _mm_movehdup_ps(z)));
+}
 
-// `head` for Dh a multiple of 16: per block, each slot's key and value are loaded once for all the queries, a
-// score is a dot product summed by `sum16`, and the softmax runs on vectors of the block's 16 slots.
+inline float max_lanes(vec x) {
+  __m128 z = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  z = _mm_max_ps(z, _mm_movehl_ps(z, z));
+  return _mm_cvtss_f32(_mm_max_ss(z, _mm_movehdup_ps(z)));
+}
+
+inline vec sum_each(const vec d[8]) {
+  const __m256 a01 = _mm256_hadd_ps(d[0], d[1]);  // [d0 01, 23, d1 01, 23 | d0 45, 67, d1 45, 67]
+  const __m256 a23 = _mm256_hadd_ps(d[2], d[3]);
+  const __m256 a45 = _mm256_hadd_ps(d[4], d[5]);
+  const __m256 a67 = _mm256_hadd_ps(d[6], d[7]);
+  const __m256 b03 = _mm256_hadd_ps(a01, a23);  // [d0..d3 lanes 0-3 | d0..d3 lanes 4-7]
+  const __m256 b47 = _mm256_hadd_ps(a45, a67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(b03, b47, 0x20), _mm256_permute2f128_ps(b03, b47, 0x31));
+}
+#endif
+
+#if defined(EEJ_NATIVE_VECTOR)
+// Lane j: the dot product of q with key row j of k (rows Dh = C * kLanes floats apart), kLanes independent chains.
+inline vec dots(const float* q, const float* k, int64_t Dh, int64_t C) {
+  vec d[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) d[j] = zero_v();
+  for (int64_t c = 0; c < C; ++c) {
+    const vec qc = load_v(q + kLanes * c);
+    for (int64_t j = 0; j < kLanes; ++j) d[j] = fma_v(qc, load_v(k + j * Dh + kLanes * c), d[j]);
+  }
+  return sum_each(d);
+}
+
+// acc[0, N * kLanes) += sum over slots j < n of p[j] * v[j * Dh + (0, N * kLanes)], the sums held in N registers
+// (N a constant, so the compiler keeps them there).
+template <int64_t N>
+inline void accumulate_values(const float* p, int64_t n, const float* v, int64_t Dh, float* acc) {
+  vec a[N];
+  for (int64_t c = 0; c < N; ++c) a[c] = load_v(acc + kLanes * c);
+  for (int64_t j = 0; j < n; ++j) {
+    if (p[j] == 0.f) continue;
+    const vec pj = broadcast_v(p[j]);
+    for (int64_t c = 0; c < N; ++c) a[c] = fma_v(pj, load_v(v + j * Dh + kLanes * c), a[c]);
+  }
+  for (int64_t c = 0; c < N; ++c) store_v(acc + kLanes * c, a[c]);
+}
+
+// `head` for Dh a multiple of kLanes, over groups of kLanes slots at multiples of kLanes, in three passes: every
+// query's scores (each group's keys loaded once for all the queries, lane j a dot product), each query's softmax
+// over its own scores (one max, one sum), then the sums over the values (each group's values loaded once for all).
+// A query reads the groups that overlap its slots, whichever other queries the step holds.
 void head_vector(const Problem& P, int64_t b, int64_t h) {
   Head H(P, b, h);
-  const int64_t Dh = P.Dh, R = H.R, C = Dh / 16;
-  const float scale = 1.f / std::sqrt(static_cast<float>(Dh));
-  const float *kh = H.kh, *vh = H.vh;
-  std::vector<float>&qs = H.qs, &acc = H.acc, &m = H.m, &l = H.l;
+  const int64_t Dh = P.Dh, R = H.R, C = Dh / kLanes;
+  constexpr int64_t kHeld = 64 / kLanes;  // vectors of V sums held in registers: 64 floats
   const std::vector<int64_t>&first = H.first, &last = H.last;
-  const int64_t lo = H.lo, hi = H.hi;
-  std::vector<float> p(R * kBlock);
-  std::vector<char> reads(R);
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t s0 = lo / kBlock * kBlock; s0 <= hi; s0 += kBlock) {
-    const int64_t n = std::min(kBlock, P.S - s0);
-    const float* kb = kh + s0 * Dh;
-    const float* vb = vh + s0 * Dh;
-    if (s0 + kAhead * kBlock <= hi)  // ~10% faster at batch 4 than the hardware prefetcher alone
-      for (int64_t x = 0; x < kBlock * Dh; x += 16) {
-        __builtin_prefetch(kb + kAhead * kBlock * Dh + x);
-        __builtin_prefetch(vb + kAhead * kBlock * Dh + x);
-      }
-    for (int64_t r = 0; r < R; ++r) {
-      reads[r] = !(last[r] < s0 || first[r] >= s0 + kBlock || first[r] > last[r]);
-      if (!reads[r]) continue;
-      const float* qr = &qs[r * Dh];
-      __m512 t[16];
-      for (int64_t j = 0; j < kBlock; ++j) {
-        __m512 dot = _mm512_setzero_ps();
-        if (j < n)
-          for (int64_t c = 0; c < C; ++c)
-            dot = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * c), _mm512_loadu_ps(kb + j * Dh + 16 * c), dot);
-        t[j] = dot;
-      }
-      const __m512 sc = _mm512_mul_ps(sum16(t), _mm512_set1_ps(scale));
-      const __m512i slot = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(s0)));
-      const __mmask16 valid = _mm512_cmpge_epi32_mask(slot, _mm512_set1_epi32(static_cast<int32_t>(first[r]))) &
-                              _mm512_cmple_epi32_mask(slot, _mm512_set1_epi32(static_cast<int32_t>(last[r])));
-      const float m_new = std::max(m[r], _mm512_mask_reduce_max_ps(valid, sc));
-      const v16 arg = (v16)_mm512_maskz_sub_ps(valid, sc, _mm512_set1_ps(m_new));
-      const __m512 e = _mm512_maskz_mov_ps(valid, (__m512)exp_nonpositive(arg));
-      _mm512_storeu_ps(&p[r * kBlock], e);
-      const float sum = _mm512_reduce_add_ps(e);
-      if (m_new != m[r]) {  // else the correction is e^0 = 1 exactly
-        v16 corr_arg = (v16){} + (m[r] - m_new);
-        const float corr = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : exp_nonpositive(corr_arg)[0];
-        l[r] *= corr;
-        float* ar = &acc[r * Dh];
-        for (int64_t c = 0; c < C; ++c)
-          _mm512_storeu_ps(ar + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(ar + 16 * c), _mm512_set1_ps(corr)));
-      }
-      l[r] += sum;
-      m[r] = m_new;
+  if (H.hi < 0) return H.write(P);
+  const int64_t g0 = H.lo / kLanes * kLanes, span = (H.hi / kLanes + 1) * kLanes - g0;
+  floats w(R * span);  // w[r * span + s - g0]: query r's score of slot s, then its softmax weight
+  const auto reads = [&](int64_t r, int64_t s0) { return first[r] <= last[r] && last[r] >= s0 && first[r] < s0 + kLanes; };
+  const auto inside = [&](int64_t r, int64_t s0) { return first[r] <= s0 && s0 + kLanes - 1 <= last[r]; };
+  veci lane;
+  for (int64_t j = 0; j < kLanes; ++j) lane[j] = static_cast<int32_t>(j);
+  const auto valid = [&](int64_t r, int64_t s0) {  // -1 in the lanes of slots query r reads
+    const veci slot = lane + static_cast<int32_t>(s0);
+    return (slot >= static_cast<int32_t>(first[r])) & (slot <= static_cast<int32_t>(last[r]));
+  };
+  const vec scale = broadcast_v(1.f / std::sqrt(static_cast<float>(Dh))), minus_inf = broadcast_v(-INFINITY);
+  floats top(R * kLanes, -INFINITY);  // each query's largest score, by lane
+  floats tail(kLanes * Dh);  // the last group's keys where the cache ends inside it, zero past the end
+  const auto prefetch_next = [&](const float* group, int64_t s0) {
+    if (s0 + kAhead <= H.hi)  // ~10% faster at batch 4 than the hardware prefetcher alone (AVX-512 Xeon)
+      for (int64_t x = 0; x < kLanes * Dh; x += 16) __builtin_prefetch(group + kAhead * Dh + x);
+  };
+
+  for (int64_t s0 = g0; s0 <= H.hi; s0 += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, P.S - s0);
+    const float* kg = H.kh + s0 * Dh;
+    prefetch_next(kg, s0);
+    if (n < kLanes) {
+      std::memcpy(tail.data(), kg, sizeof(float) * n * Dh);
+      std::fill(tail.begin() + n * Dh, tail.end(), 0.f);
+      kg = tail.data();
     }
     for (int64_t r = 0; r < R; ++r) {
-      if (!reads[r]) continue;
-      float* ar = &acc[r * Dh];
-      for (int64_t c0 = 0; c0 < C; c0 += 4) {  // up to 4 vectors of the sums held in registers over the block's slots
-        const int64_t cn = std::min<int64_t>(4, C - c0);
-        __m512 a[4];
-        for (int64_t c = 0; c < cn; ++c) a[c] = _mm512_loadu_ps(ar + 16 * (c0 + c));
-        for (int64_t j = 0; j < n; ++j) {
-          const float pj = p[r * kBlock + j];
-          if (pj == 0.f) continue;
-          const float* vs = vb + j * Dh + 16 * c0;
-          for (int64_t c = 0; c < cn; ++c)
-            a[c] = _mm512_fmadd_ps(_mm512_set1_ps(pj), _mm512_loadu_ps(vs + 16 * c), a[c]);
-        }
-        for (int64_t c = 0; c < cn; ++c) _mm512_storeu_ps(ar + 16 * (c0 + c), a[c]);
-      }
+      if (!reads(r, s0)) continue;
+      vec sc = dots(&H.qs[r * Dh], kg, Dh, C) * scale;
+      if (!inside(r, s0)) sc = valid(r, s0) ? sc : minus_inf;
+      const vec t = load_v(&top[r * kLanes]);
+      store_v(&top[r * kLanes], t > sc ? t : sc);
+      store_v(&w[r * span + s0 - g0], sc);
+    }
+  }
+
+  for (int64_t r = 0; r < R; ++r) {
+    if (first[r] > last[r]) continue;
+    const float m = max_lanes(load_v(&top[r * kLanes]));
+    vec total = zero_v();
+    for (int64_t s0 = first[r] / kLanes * kLanes; s0 <= last[r]; s0 += kLanes) {
+      float* wg = &w[r * span + s0 - g0];
+      vec e = exp_nonpositive<vec, veci>(load_v(wg) - m);
+      if (!inside(r, s0)) e = valid(r, s0) ? e : zero_v();
+      total += e;
+      store_v(wg, e);
+    }
+    H.l[r] = sum_lanes(total);
+  }
+
+  for (int64_t s0 = g0; s0 <= H.hi; s0 += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, P.S - s0);
+    const float* vg = H.vh + s0 * Dh;
+    prefetch_next(vg, s0);
+    for (int64_t r = 0; r < R; ++r) {
+      if (!reads(r, s0)) continue;
+      const float* pr = &w[r * span + s0 - g0];
+      float* ar = &H.acc[r * Dh];
+      int64_t c = 0;
+      for (; c + kHeld <= C; c += kHeld) accumulate_values<kHeld>(pr, n, vg + kLanes * c, Dh, ar + kLanes * c);
+      for (; c < C; ++c) accumulate_values<1>(pr, n, vg + kLanes * c, Dh, ar + kLanes * c);
     }
   }
   H.write(P);
 }
-
-#endif  // __AVX512F__
+#endif  // EEJ_NATIVE_VECTOR
 
 void head(const Problem& P, int64_t b, int64_t h) {
-#if defined(__AVX512F__)
-  if (P.Dh % 16 == 0) return head_vector(P, b, h);
+#if defined(EEJ_NATIVE_VECTOR)
+  if (P.Dh % kLanes == 0) return head_vector(P, b, h);
 #endif
   head_generic(P, b, h);
 }

@@ -2,9 +2,8 @@
 
 `attention(q, k_cache, v_cache, positions, *, sliding_window)` (shapes as `eej.model.attention.reference_attention`)
 calls the C++ kernel in `cpu_attention.cc` through XLA's FFI: it reads each KV head's cache once for all its
-queries, only up to the last slot a query reads, with an online softmax over blocks of 16 slots (why and how:
-that file's header and docs/engine.md, "The CPU kernels"). A query's result does not depend on the other
-queries of its step. A block of more than `MAX_QUERIES` queries (a prefill) runs `xla_attention`, as the Pallas
+queries, only up to the last slot a query reads (why and how: that file's header and docs/engine.md, "The CPU
+attention"). A query's result does not depend on the other queries of its step. A block of more than `MAX_QUERIES` queries (a prefill) runs `xla_attention`, as the Pallas
 kernels' long blocks do. The kernel is compiled on first use by `eej.kernels.cpu_build`.
 
 Not differentiable (decoding only): training runs `--attention xla`.

@@ -15,9 +15,12 @@
 // 31.3 / 38.1 ms to 18.8 / 21.8 / 24.0 ms at 4 / 8 / 12 rows (medians of 15 interleaved rounds; with the weights in
 // cache, 18.4 -> 7.6 ms at 4 rows: the loop had been bound by its own instructions, not by memory).
 //
-// Order of work: a thread takes a contiguous run of tiles; for each tile, each block of up to kBlockRows rows of x
-// takes its turn (one block for up to kBlockRows rows: 12 with AVX-512, 5 with AVX2), reading the tile's block of w
-// while the next is prefetched; a second block re-reads the tile from cache.
+// Order of work: a thread takes a contiguous run of tiles; for each tile, each block of rows of x takes its turn
+// (one block for up to kOneBlockRows rows: 12 with AVX-512, 5 with AVX2; more rows in blocks of kBlockRows: 12 and
+// 2), reading the tile's block of w; a second block re-reads the tile from cache. With one block, it prefetches the
+// tile's rows ahead of its FMAs; with several, each prefetches its share of the next tile's, so memory streams
+// while every block computes (prefetching in block 0 alone left it idle through the others: on an AVX2 EPYC, 8
+// rows in blocks of 4 took 27 ms for SmolLM2-135M's products, 20 ms in blocks of 2 with the shares; docs/engine.md).
 //
 // Arithmetic: every output element is one chain of fused multiply-adds over k in increasing order, starting from
 // zero, whatever M, the blocking or the thread count, so one row's result does not
@@ -30,84 +33,45 @@
 #include <cstring>
 #include <utility>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#elif defined(__aarch64__)
-#include <arm_neon.h>
-#endif
-
 #include "cpu_parallel.h"
+#include "cpu_vector.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// The vector the register tiles are made of, by instruction set: kLanes floats, with a fused multiply-add, an
-// unaligned load and store, and a broadcast. AVX-512 has 32 registers of 16 floats: blocks of up to 12 rows x 2
-// vectors = 24 accumulators. AVX2 has 16 registers of 8, a tile row is 4 of them, and blocks of up to 5 rows (20
-// accumulators, a few of them kept in L1) measured faster than 2, 3, 4 or 6 on an AVX2-only AMD EPYC VM: a
-// verification of up to 5 tokens at batch 1 reads w once. Before, AVX2 ran the 16-float vectors as pairs through
-// memory in blocks of 12 rows (48 accumulators for 16 registers), and the kernel was slower than XLA's product from
-// one row on (docs/engine.md, "The CPU matmul on AVX2").
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-constexpr int kBlockRows = 12;
-typedef __m512 vec;
-inline vec fma_v(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline vec load_v(const float* p) { return _mm512_loadu_ps(p); }
-inline void store_v(float* p, vec v) { _mm512_storeu_ps(p, v); }
-inline vec broadcast_v(float x) { return _mm512_set1_ps(x); }
-inline vec zero_v() { return _mm512_setzero_ps(); }
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int kLanes = 8;
-constexpr int kBlockRows = 5;
-typedef __m256 vec;
-inline vec fma_v(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline vec load_v(const float* p) { return _mm256_loadu_ps(p); }
-inline void store_v(float* p, vec v) { _mm256_storeu_ps(p, v); }
-inline vec broadcast_v(float x) { return _mm256_set1_ps(x); }
-inline vec zero_v() { return _mm256_setzero_ps(); }
-#else  // portable vectors of 16 floats (what the compiler makes of them: NEON, SSE, scalar)
-constexpr int kLanes = 16;
-constexpr int kBlockRows = 12;
-typedef float vec __attribute__((vector_size(64), aligned(4)));
-inline vec fma_v(vec a, vec b, vec c) {
-#if defined(__aarch64__)
-  float32x4_t a4[4], b4[4], c4[4];
-  std::memcpy(a4, &a, 64), std::memcpy(b4, &b, 64), std::memcpy(c4, &c, 64);
-  for (int q = 0; q < 4; ++q) c4[q] = vfmaq_f32(c4[q], a4[q], b4[q]);
-  std::memcpy(&c, c4, 64);
+using namespace eej;  // the vector (cpu_vector.h)
+
+// Rows per register block, by the vector (cpu_vector.h): kLanes floats, a tile row kTile / kLanes of them. AVX-512
+// has 32 registers of 16 floats: blocks of up to 12 rows x 2 vectors = 24 accumulators. AVX2 has 16 registers of
+// 8 and a tile row is 4 of them: up to 5 rows in one block (20 accumulators, a few of them kept in L1; faster than
+// 2, 3, 4 or 6 there on an AVX2-only AMD EPYC VM, so a verification of up to 5 tokens at batch 1 reads w once),
+// more in blocks of 2 (8 accumulators, none spilled, each block re-reading the tile from L2). Before, AVX2 ran
+// 16-float vectors as pairs through memory in blocks of 12 rows (48 accumulators for 16 registers), and the kernel
+// was slower than XLA's product from one row on (docs/engine.md, "The CPU matmul on AVX2").
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr int kOneBlockRows = 5;
+constexpr int kBlockRows = 2;
 #else
-  for (int i = 0; i < 16; ++i) c[i] = __builtin_fmaf(a[i], b[i], c[i]);
-#endif
-  return c;
-}
-inline vec load_v(const float* p) {
-  vec v;
-  std::memcpy(&v, p, 64);
-  return v;
-}
-inline void store_v(float* p, vec v) { std::memcpy(p, &v, 64); }
-inline vec broadcast_v(float x) {
-  vec v;
-  for (int i = 0; i < 16; ++i) v[i] = x;
-  return v;
-}
-inline vec zero_v() { return (vec){}; }
+constexpr int kOneBlockRows = 12;
+constexpr int kBlockRows = 12;
 #endif
 
 constexpr int64_t kTile = 32;        // columns per tile (eej.model.packed.TILE)
 constexpr int R = kTile / kLanes;    // vectors per tile row
 constexpr int kLineFloats = 16;      // floats per 64-byte cache line
-// How far ahead of the FMAs block 0 prefetches w, in floats: 8 KB, 64 of a tile's rows (2048 beat 512, 1024 and
+// How far ahead of the FMAs a tile's only block prefetches w, in floats: 8 KB, 64 of a tile's rows (2048 beat 512, 1024 and
 // 4096 in the harness above; with prefetches into L2, 1024 to 8192 were all within 2%). Into L2 (`_MM_HINT_T1`):
 // 4-14% faster than into L1; a non-temporal hint was 30% slower.
 constexpr int64_t kPrefetch = 2048;
 
-// y [MB, 0:kTile] = x [MB, 0:K] @ tile [K, kTile]: one register tile (y's row stride ldy).
-template <int MB, bool Prefetch>
-__attribute__((always_inline)) inline void block(const float* x, int64_t K, const float* tile, float* y, int64_t ldy) {
+// y [MB, 0:kTile] = x [MB, 0:K] @ tile [K, kTile]: one register tile (y's row stride ldy). Shares > 0: this block
+// is one of that many and prefetches its share of the next tile, one row of it every `Shares` rows of this one
+// (`next` is where its share starts); 0: it is the tile's only block and prefetches the tile itself, ahead.
+template <int MB, int Shares>
+__attribute__((always_inline)) inline void block(const float* x, int64_t K, const float* tile, float* y, int64_t ldy,
+                                                 const float* next) {
   vec acc[MB][R];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = zero_v();
@@ -115,8 +79,10 @@ __attribute__((always_inline)) inline void block(const float* x, int64_t K, cons
   for (int64_t k = 0; k < K; ++k, wk += kTile) {
     vec wv[R];
     for (int r = 0; r < R; ++r) wv[r] = load_v(wk + kLanes * r);
-    if (Prefetch)
+    if (Shares == 0)
       for (int c = 0; c < kTile; c += kLineFloats) __builtin_prefetch(wk + kPrefetch + c, 0, 2);
+    else if (k % Shares == 0)
+      for (int c = 0; c < kTile; c += kLineFloats) __builtin_prefetch(next + k / Shares * kTile + c, 0, 2);
     for (int m = 0; m < MB; ++m) {
       const vec xv = broadcast_v(x[m * K + k]);
       for (int r = 0; r < R; ++r) acc[m][r] = fma_v(xv, wv[r], acc[m][r]);
@@ -126,17 +92,21 @@ __attribute__((always_inline)) inline void block(const float* x, int64_t K, cons
     for (int r = 0; r < R; ++r) store_v(y + m * ldy + kLanes * r, acc[m][r]);
 }
 
-// One tile's columns for all M rows: block b is rows [M*b/B, M*(b+1)/B); block 0 prefetches.
+// One tile's columns for all M rows: block b is rows [M*b/B, M*(b+1)/B) and, when B > 1, prefetches rows
+// [K*b/B, ...) of the next tile.
 template <int M, int B, int... b>
 __attribute__((always_inline)) inline void blocks(const float* x, int64_t K, const float* tile, float* y, int64_t ldy,
                                                   std::integer_sequence<int, b...>) {
-  (block<M * (b + 1) / B - M * b / B, b == 0>(x + M * b / B * K, K, tile, y + M * b / B * ldy, ldy), ...);
+  (block<M * (b + 1) / B - M * b / B, B == 1 ? 0 : B>(x + M * b / B * K, K, tile, y + M * b / B * ldy, ldy,
+                                                      tile + K * kTile + K * b / B * kTile),
+   ...);
 }
 
-// y [M, t0*T : t1*T] = x [M, K] @ tiles [t0:t1] for M rows of x, in B near-equal blocks of at most kBlockRows.
+// y [M, t0*T : t1*T] = x [M, K] @ tiles [t0:t1] for M rows of x: one block up to kOneBlockRows, else B near-equal
+// blocks of at most kBlockRows.
 template <int M>
 void columns(const float* x, const float* tiles, int64_t K, float* y, int64_t ldy, int64_t t0, int64_t t1) {
-  constexpr int B = (M + kBlockRows - 1) / kBlockRows;
+  constexpr int B = M <= kOneBlockRows ? 1 : (M + kBlockRows - 1) / kBlockRows;
   for (int64_t t = t0; t < t1; ++t)
     blocks<M, B>(x, K, tiles + t * K * kTile, y + t * kTile, ldy, std::make_integer_sequence<int, B>{});
 }
