@@ -177,7 +177,8 @@ void head_generic(const Problem& P, int64_t b, int64_t h) {
         sum += p[j];
       }
       v16 corr_arg = (v16){} + (m[r] - m_new);
-      const float corr = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : exp_nonpositive<v16, vi16>(corr_arg)[0];
+      const float corr =
+          m[r] == -std::numeric_limits<float>::infinity() ? 0.f : exp_nonpositive<v16, vi16>(corr_arg)[0];
       l[r] = l[r] * corr + sum;
       m[r] = m_new;
       float* ar = &acc[r * Dh];
@@ -276,7 +277,9 @@ void head_vector(const Problem& P, int64_t b, int64_t h) {
   if (H.hi < 0) return H.write(P);
   const int64_t g0 = H.lo / kLanes * kLanes, span = (H.hi / kLanes + 1) * kLanes - g0;
   floats w(R * span);  // w[r * span + s - g0]: query r's score of slot s, then its softmax weight
-  const auto reads = [&](int64_t r, int64_t s0) { return first[r] <= last[r] && last[r] >= s0 && first[r] < s0 + kLanes; };
+  const auto reads = [&](int64_t r, int64_t s0) {
+    return first[r] <= last[r] && last[r] >= s0 && first[r] < s0 + kLanes;
+  };
   const auto inside = [&](int64_t r, int64_t s0) { return first[r] <= s0 && s0 + kLanes - 1 <= last[r]; };
   veci lane;
   for (int64_t j = 0; j < kLanes; ++j) lane[j] = static_cast<int32_t>(j);

@@ -61,9 +61,9 @@ constexpr int kBlockRows = 12;
 constexpr int64_t kTile = 32;        // columns per tile (eej.model.packed.TILE)
 constexpr int R = kTile / kLanes;    // vectors per tile row
 constexpr int kLineFloats = 16;      // floats per 64-byte cache line
-// How far ahead of the FMAs a tile's only block prefetches w, in floats: 8 KB, 64 of a tile's rows (2048 beat 512, 1024 and
-// 4096 in the harness above; with prefetches into L2, 1024 to 8192 were all within 2%). Into L2 (`_MM_HINT_T1`):
-// 4-14% faster than into L1; a non-temporal hint was 30% slower.
+// How far ahead of the FMAs a tile's only block prefetches w, in floats: 8 KB, 64 of a tile's rows (2048 beat 512,
+// 1024 and 4096 in the harness above; with prefetches into L2, 1024 to 8192 were all within 2%). Into L2
+// (`_MM_HINT_T1`): 4-14% faster than into L1; a non-temporal hint was 30% slower.
 constexpr int64_t kPrefetch = 2048;
 
 // y [MB, 0:kTile] = x [MB, 0:K] @ tile [K, kTile]: one register tile (y's row stride ldy). Shares > 0: this block
