@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -22,11 +21,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eej.bench.machine import machine_info
+from eej.bench.report import markdown_table
 from eej.kernels import cpu_attention
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+def _counts(text: str) -> list[int]:
+    """"1,4" -> [1, 4]; anything but comma-separated integers of at least 1 is an argparse error (exit 2)."""
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers of at least 1, got {text!r}")
+    return values
 
 
 def time_case(b: int, t: int, pos: int, *, capacity: int, layers: int, repeats: int, hq: int = 9, hkv: int = 3,
@@ -52,16 +60,21 @@ def time_case(b: int, t: int, pos: int, *, capacity: int, layers: int, repeats: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=_ints, default=[1, 4])
-    parser.add_argument("--queries", type=_ints, default=[1, 2, 5])
-    parser.add_argument("--positions", type=_ints, default=[100, 800])
+    parser.add_argument("--batches", type=_counts, default=[1, 4])
+    parser.add_argument("--queries", type=_counts, default=[1, 2, 5])
+    parser.add_argument("--positions", type=_counts, default=[100, 800])
     parser.add_argument("--capacity", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.md")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
-    load_start = os.getloadavg()
+    if min(args.capacity, args.layers, args.repeats) < 1:
+        parser.error("--capacity, --layers and --repeats must be at least 1")
+    if max(args.positions) + max(args.queries) > args.capacity:
+        parser.error(f"--positions plus --queries must fit the --capacity of {args.capacity} slots")
+    machine = machine_info()
+    machine["load_average_start"] = list(os.getloadavg())
     rows = []
     for b in args.batches:
         for t in args.queries:
@@ -70,26 +83,23 @@ def main() -> None:
                 rows.append(row)
                 print(f"b={b} T={t} pos={pos}: min {row['min_ms']:.3f} ms, median {row['median_ms']:.3f} ms",
                       flush=True)
+    machine["load_average_end"] = list(os.getloadavg())
     if args.out:
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                   platform.processor())
-        machine = {"cpu": cpu, "cpu_count": os.cpu_count(), "jax": jax.__version__, "jax_backend": "cpu",
-                   "load_average_start": load_start, "load_average_end": os.getloadavg()}
         result = {"machine": machine, "command": " ".join(["python"] + sys.argv), "capacity": args.capacity,
                   "layers": args.layers, "repeats": args.repeats, "rows": rows}
         with open(f"{args.out}.json", "w") as f:
             json.dump(result, f, indent=1)
+        table = markdown_table(
+            ("batch", "queries per row", "position", "min ms", "median ms"),
+            [(str(r["batch"]), str(r["queries"]), str(r["position"]), f"{r['min_ms']:.3f}", f"{r['median_ms']:.3f}")
+             for r in rows])
         lines = [f"# The CPU attention kernel alone ({args.layers} layers of SmolLM2-135M's attention, "
-                 f"{args.capacity}-slot cache)", "", args.note, "",
-                 f"`{result['command']}`; {cpu}, {os.cpu_count()} CPUs, load average {load_start[0]:.2f} -> "
-                 f"{machine['load_average_end'][0]:.2f}; ms per call of all {args.layers} layers, over "
-                 f"{args.repeats} calls.", "", "| batch | queries per row | position | min ms | median ms |",
-                 "|---|---|---|---|---|"]
-        lines += [f"| {r['batch']} | {r['queries']} | {r['position']} | {r['min_ms']:.3f} | {r['median_ms']:.3f} |"
-                  for r in rows]
+                 f"{args.capacity}-slot cache)", "", *([args.note, ""] if args.note else []),
+                 f"`{result['command']}`; {machine['cpu']}, {machine['cpu_count']} CPUs, load average "
+                 f"{machine['load_average_start'][0]:.2f} -> {machine['load_average_end'][0]:.2f}; ms per call of all "
+                 f"{args.layers} layers, over {args.repeats} calls.", "", table]
         with open(f"{args.out}.md", "w") as f:
             f.write("\n".join(lines) + "\n")
-
 
 if __name__ == "__main__":
     main()
