@@ -58,7 +58,7 @@ def time_case(b: int, t: int, pos: int, *, capacity: int, layers: int, repeats: 
     return {"batch": b, "queries": t, "position": pos, "min_ms": min(times), "median_ms": float(np.median(times))}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=_counts, default=[1, 4])
     parser.add_argument("--queries", type=_counts, default=[1, 2, 5])
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.md")
     parser.add_argument("--note", default="")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if min(args.capacity, args.layers, args.repeats) < 1:
         parser.error("--capacity, --layers and --repeats must be at least 1")
     if max(args.positions) + max(args.queries) > args.capacity:
@@ -85,7 +85,8 @@ def main() -> None:
                       flush=True)
     machine["load_average_end"] = list(os.getloadavg())
     if args.out:
-        result = {"machine": machine, "command": " ".join(["python"] + sys.argv), "capacity": args.capacity,
+        command = " ".join(["python", "scripts/cpu_attention_probe.py", *(sys.argv[1:] if argv is None else argv)])
+        result = {"machine": machine, "command": command, "capacity": args.capacity,
                   "layers": args.layers, "repeats": args.repeats, "rows": rows}
         with open(f"{args.out}.json", "w") as f:
             json.dump(result, f, indent=1)
