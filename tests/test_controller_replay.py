@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from eej.testing import load_script
+
 COSTS = [10.0, 13.0, 14.0, 15.0, 16.0]
 
 
 @pytest.fixture(scope="module")
 def replay():
-    spec = importlib.util.spec_from_file_location("controller_replay", os.path.join(ROOT, "scripts", "controller_replay.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.replay
+    return load_script("controller_replay").replay
 
 
 def test_a_fixed_k_makes_what_the_trace_allows(replay):

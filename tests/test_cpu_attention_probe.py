@@ -3,22 +3,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from eej.testing import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    path = os.path.join(ROOT, "scripts", "cpu_attention_probe.py")
-    spec = importlib.util.spec_from_file_location("cpu_attention_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("cpu_attention_probe")
 
 
 def test_it_times_each_case_and_writes_json_and_markdown(script, tmp_path):

@@ -4,24 +4,19 @@ eej.bench.results) says what the files say."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
 from eej.bench.results import ResultsError
+from eej.testing import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _renderer():
-    spec = importlib.util.spec_from_file_location("render_readme_tables", os.path.join(ROOT, "scripts", "render_readme_tables.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("render_readme_tables")
 
 
 @pytest.fixture(scope="module")

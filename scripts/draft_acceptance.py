@@ -1,0 +1,235 @@
+"""How often Kangaroo's first draft would be accepted, without timing: teacher-forced on the model's own answers to
+held-out training prompts, by draft temperature and by draft vocabulary.
+
+    flock /tmp/eej-benchmark.lock .venv/bin/python scripts/draft_acceptance.py --temperature 0.7 \
+        --draft-temperatures 1,0.7,0.55,0.4,0 --draft-vocab 4096 --out benchmarks/results/draft_acceptance_t0.7
+
+Prompts: the training files' prompts in `eej distill`'s order (its seeded shuffle), from --skip on. The shipped
+add-ons were trained on the model's answers to the first 1600 of that order (configs/smollm2-135m/*.yaml), so the
+default --skip 1600 measures on prompts they never saw; the evaluation sets (Spec-Bench, MT-Bench) are never read.
+Plain decoding answers each prompt at --temperature (the answers a speculative decoder drafts against); then the
+whole model runs once over prompt + answer, and so does the drafter (layers [0, l), the adapter, the draft head)
+on the residual entering layer l. At each position that predicts an answer token, with p the target's
+distribution at --temperature (over the full vocabulary) and q the draft's at a draft temperature τ (over the V'
+tokens of its head):
+
+- the chance a draft drawn from q is accepted by speculative sampling: Σ_v min(p_v, q_v);
+- τ = 0 (a greedy draft, the argmax of the draft logits): p(argmax q) — under a greedy target, whether the two
+  argmaxes agree;
+- the ceiling any q over those V' tokens could reach: Σ_{v in V'} p_v.
+
+Lossless speculative sampling holds for any q the draft was drawn from (eej.decoding.verify), so τ and V' are free
+choices of the drafter; this measures what they are worth, per draft, at the first draft of a step (later drafts
+follow a drafted, not a committed, token). Reported: the mean over positions, and a 95% interval over prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import glob
+import os
+import sys
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eej.bench.machine import load_average, machine_info
+from eej.bench.report import markdown_table, write_result
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "..", "shared", "data", "train")
+
+
+def acceptance(target_logits: np.ndarray, draft_logits: np.ndarray, draft_ids: np.ndarray | None, temperature: float,
+               draft_temperature: float) -> np.ndarray:
+    """Per position, the chance the first draft is accepted (module docstring).
+
+    target_logits [T, V]; draft_logits [T, V'] over the tokens `draft_ids` [V'] (None: V' = V, the full head);
+    temperature: the target's (0 = greedy); draft_temperature τ (0 = the draft's argmax). -> [T] float64.
+    """
+    target_logits = np.asarray(target_logits, np.float64)
+    draft_logits = np.asarray(draft_logits, np.float64)
+    ids = np.arange(target_logits.shape[-1]) if draft_ids is None else np.asarray(draft_ids)
+    if temperature == 0:
+        p = np.zeros_like(target_logits)
+        p[np.arange(len(p)), np.argmax(target_logits, axis=-1)] = 1.0
+    else:
+        p = _softmax(target_logits / temperature)
+    p_head = p[:, ids]  # [T, V']: the target's probabilities of the tokens the draft can propose
+    if draft_temperature == 0:
+        return np.take_along_axis(p_head, np.argmax(draft_logits, axis=-1)[:, None], axis=-1)[:, 0]
+    return np.minimum(p_head, _softmax(draft_logits / draft_temperature)).sum(axis=-1)
+
+
+def ceiling(target_logits: np.ndarray, draft_ids: np.ndarray | None, temperature: float) -> np.ndarray:
+    """[T]: the target's probability mass on the draft head's tokens (1 for a greedy target whose argmax it holds)."""
+    if draft_ids is None:
+        return np.ones(len(target_logits))
+    if temperature == 0:
+        return np.isin(np.argmax(target_logits, axis=-1), np.asarray(draft_ids)).astype(np.float64)
+    return _softmax(np.asarray(target_logits, np.float64) / temperature)[:, np.asarray(draft_ids)].sum(axis=-1)
+
+
+def interval_over_prompts(sums: Sequence[float], counts: Sequence[int], resamples: int = 2000,
+                          seed: int = 0) -> tuple[float, float]:
+    """A 95% percentile-bootstrap interval of Σ sums / Σ counts, resampling prompts (a prompt's positions are not
+    independent of each other)."""
+    table = np.array([sums, counts], np.float64).T
+    draws = np.random.default_rng(seed).integers(0, len(table), size=(resamples, len(table)))
+    totals = table[draws].sum(axis=1)
+    low, high = np.quantile(totals[:, 0] / np.maximum(totals[:, 1], 1), [0.025, 0.975])
+    return float(low), float(high)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def held_out_prompts(model: Any, count: int, skip: int) -> list[list[int]]:
+    """Chat-formatted prompts [skip, skip + count) of `eej distill`'s order over every training file."""
+    from eej.train.distill import DistillOptions, distill_prompts
+
+    files = sorted(glob.glob(os.path.join(TRAIN, "*.json*")))
+    prompts = distill_prompts(model, DistillOptions(files=tuple(files), max_prompts=skip + count))[skip:]
+    if len(prompts) < count:
+        raise SystemExit(f"error: only {len(prompts)} training prompts after --skip {skip}; ask for fewer")
+    return [ids for _, ids in prompts]
+
+
+def teacher_forced(model: Any, method_params: dict, exit_layer: int, sequence: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(target logits [T, V], draft logits [T, V']) after every token of `sequence` (length T)."""
+    padded = -(-len(sequence) // 64) * 64  # a few compiled shapes, not one per length
+    tokens = jnp.asarray(np.pad(np.asarray(sequence, np.int32), (0, padded - len(sequence))))[None]
+    target, draft = _forward(model.params, method_params, tokens, model.cfg, exit_layer)
+    return np.asarray(target[: len(sequence)]), np.asarray(draft[: len(sequence)])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "exit_layer"))
+def _forward(params: Any, method_params: dict, tokens: jax.Array, cfg: Any, exit_layer: int) -> tuple[jax.Array, jax.Array]:
+    """tokens [1, P] -> (the model's logits [P, V], the draft's [P, V']) after each token."""
+    from eej.decoding.speculation import adapter_forward, draft_head
+    from eej.decoding.strategy import prompt_positions
+    from eej.model.cache import init_cache
+    from eej.model.transformer import embed, linear, logits_from_hidden, run_layers
+
+    padded = tokens.shape[1]
+    positions = prompt_positions(tokens)
+    cache = init_cache(cfg, 1, padded)
+    tapped, cache = run_layers(params, embed(params, tokens, cfg), cache, positions, cfg, 0, exit_layer, kv_limit=padded)
+    hidden, _ = run_layers(params, tapped, cache, positions, cfg, exit_layer, kv_limit=padded)
+    head, _ = draft_head(params, method_params)
+    drafted, _ = adapter_forward(method_params["adapter"], tapped, init_cache(cfg, 1, padded, num_layers=1), positions,
+                                 cfg, kv_limit=padded)
+    return logits_from_hidden(params, hidden, cfg)[0], linear(drafted[0], head)
+
+
+def _numbers(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="kangaroo", help="a Kangaroo spec, NAME[:PRESET] (default: the shipped one)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="the target's sampling temperature (0 = greedy)")
+    parser.add_argument("--draft-temperatures", type=_numbers, default=[1.0, 0.7, 0.55, 0.4, 0.0],
+                        help="the draft's temperatures τ, comma-separated (0 = the draft's argmax)")
+    parser.add_argument("--draft-vocab", type=_numbers, default=[4096],
+                        help="draft head sizes V' from the adapter's ranking, comma-separated (0 = the full head)")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--skip", type=int, default=1600, help="prompts of the distillation order to leave out")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.md")
+    args = parser.parse_args(argv)
+    if args.temperature < 0 or args.prompts < 1 or args.skip < 0 or args.max_new_tokens < 1:
+        parser.error("--temperature and --skip must be >= 0, --prompts and --max-new-tokens >= 1")
+    if any(v != int(v) for v in args.draft_vocab):
+        parser.error("--draft-vocab takes whole numbers of tokens")
+
+    from eej.config import SamplingConfig
+    from eej.decoding.engine import Engine
+    from eej.decoding.kangaroo import Kangaroo
+    from eej.decoding.methods import MethodError, build_method, method_settings_for, parse_method
+    from eej.decoding.speculation import load_adapter
+    from eej.weights.registry import load_model
+
+    try:
+        name, preset = parse_method(args.method)
+    except MethodError as e:
+        parser.error(str(e))
+    if name != "kangaroo":
+        parser.error(f"--method takes a Kangaroo spec (kangaroo[:PRESET]), got {args.method!r}")
+    load_start = load_average()
+    model = load_model("smollm2-135m", kernels="xla")  # the reference products: what is measured is not speed
+    try:
+        strategy, _ = build_method(model, args.method)
+    except MethodError as e:
+        parser.error(str(e))
+    assert isinstance(strategy, Kangaroo)
+    adapter_path = method_settings_for(model, "kangaroo", preset).adapter
+    heads = {}
+    for size in (int(v) for v in args.draft_vocab):
+        try:
+            heads[size] = load_adapter(model, adapter_path, strategy.exit_layer, size)
+        except MethodError as e:
+            parser.error(str(e))
+
+    prompts = held_out_prompts(model, args.prompts, args.skip)
+    sampling = SamplingConfig(temperature=args.temperature)
+    answers = Engine(model).generate(prompts, args.max_new_tokens, sampling, seed=args.seed).tokens
+    per_prompt: dict[tuple[int, float], list[np.ndarray]] = {}
+    ceilings: dict[int, list[np.ndarray]] = {}
+    for prompt, answer in zip(prompts, answers):
+        if not answer:
+            continue
+        sequence = list(prompt) + list(answer)
+        for size, method_params in heads.items():
+            target, draft = teacher_forced(model, method_params, strategy.exit_layer, sequence)
+            predicting = slice(len(prompt) - 1, len(sequence) - 1)  # the positions whose next token is an answer's
+            ids = None if "draft_ids" not in method_params else np.asarray(method_params["draft_ids"])
+            ceilings.setdefault(size, []).append(ceiling(target[predicting], ids, args.temperature))
+            for tau in args.draft_temperatures:
+                per_prompt.setdefault((size, tau), []).append(
+                    acceptance(target[predicting], draft[predicting], ids, args.temperature, tau))
+    rows = []
+    for (size, tau), values in per_prompt.items():
+        low, high = interval_over_prompts([v.sum() for v in values], [len(v) for v in values])
+        rows.append({"draft_vocab": size, "draft_temperature": tau, "acceptance": float(np.concatenate(values).mean()),
+                     "interval": [low, high], "ceiling": float(np.concatenate(ceilings[size]).mean()),
+                     "positions": int(sum(len(v) for v in values)), "prompts": len(values)})
+        print(f"V'={size} tau={tau}: acceptance {rows[-1]['acceptance']:.3f} ({low:.3f}-{high:.3f}); "
+              f"ceiling {rows[-1]['ceiling']:.3f}", flush=True)
+    if args.out:
+        machine = machine_info()
+        machine["load_average_start"], machine["load_average_end"] = load_start, load_average()
+        command = " ".join(["python", "scripts/draft_acceptance.py", *(sys.argv[1:] if argv is None else argv)])
+        doc = {"command": command, "machine": machine, "model": "smollm2-135m", "method": args.method,
+               "strategy": repr(strategy), "temperature": args.temperature, "prompts": args.prompts, "skip": args.skip,
+               "max_new_tokens": args.max_new_tokens, "seed": args.seed, "rows": rows}
+        table = markdown_table(
+            ("draft vocab V'", "draft temperature", "acceptance (95% interval)", "ceiling (mass on V')", "positions"),
+            [(str(r["draft_vocab"] or "full"), "argmax" if r["draft_temperature"] == 0 else f"{r['draft_temperature']:g}",
+              f"{r['acceptance']:.3f} ({r['interval'][0]:.3f}-{r['interval'][1]:.3f})", f"{r['ceiling']:.3f}",
+              str(r["positions"])) for r in rows])
+        target = "a greedy target" if args.temperature == 0 else f"a target at temperature {args.temperature:g}"
+        lines = [f"# Kangaroo's first draft, teacher-forced: acceptance against {target}", "",
+                 f"`{command}`; {machine['cpu']}, {machine['cpu_count']} CPUs, load average {load_start} -> "
+                 f"{machine['load_average_end']}. {args.prompts} held-out training prompts (from {args.skip} on in "
+                 f"`eej distill`'s order), answered by plain decoding; acceptance per answer position, mean over "
+                 "positions, 95% interval over prompts (scripts/draft_acceptance.py explains each column).", "", table]
+        write_result(doc, "\n".join(lines) + "\n", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

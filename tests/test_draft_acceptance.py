@@ -1,0 +1,56 @@
+"""scripts/draft_acceptance.py: its acceptance arithmetic against hand calculations, and bad arguments end with
+status 2 before any model loads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from eej.testing import load_script
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script("draft_acceptance")
+
+
+def test_a_draft_with_the_targets_distribution_is_always_accepted(script):
+    logits = np.random.default_rng(0).normal(size=(5, 11))
+    np.testing.assert_allclose(script.acceptance(logits, logits, None, 0.7, 0.7), 1.0)
+    np.testing.assert_allclose(script.ceiling(logits, None, 0.7), 1.0)
+
+
+def test_overlap_and_greedy_drafts_by_hand(script):
+    target = np.log(np.array([[0.5, 0.3, 0.2]]))
+    draft = np.log(np.array([[0.2, 0.8]]))  # a head over tokens 1 and 2 only
+    ids = np.array([1, 2])
+    # Σ min(p, q) over the head's tokens: min(0.3, 0.2) + min(0.2, 0.8)
+    np.testing.assert_allclose(script.acceptance(target, draft, ids, 1.0, 1.0), [0.4])
+    np.testing.assert_allclose(script.acceptance(target, draft, ids, 1.0, 0.0), [0.2])  # p(argmax q = token 2)
+    np.testing.assert_allclose(script.ceiling(target, ids, 1.0), [0.5])
+    # A greedy target accepts a draft only where it is the target's argmax (token 0: outside this head).
+    np.testing.assert_allclose(script.acceptance(target, draft, ids, 0.0, 0.0), [0.0])
+    np.testing.assert_allclose(script.ceiling(target, ids, 0.0), [0.0])
+    # A sharper draft moves its mass onto token 2, where the target has less: lower acceptance here.
+    assert script.acceptance(target, draft, ids, 1.0, 0.5)[0] < 0.4
+
+
+def test_the_interval_brackets_the_pooled_rate(script):
+    sums, counts = [3.0, 5.0, 1.0, 4.0], [10, 10, 5, 8]
+    low, high = script.interval_over_prompts(sums, counts)
+    assert low <= sum(sums) / sum(counts) <= high
+
+
+@pytest.mark.parametrize("argv", [["--method", "plain"], ["--method", ":x"], ["--draft-temperatures", "-1"],
+                                  ["--draft-temperatures", "a"], ["--draft-vocab", "1.5"], ["--prompts", "0"],
+                                  ["--temperature", "-0.1"]])
+def test_bad_arguments_end_with_status_2_before_loading_a_model(script, argv, monkeypatch):
+    import eej.weights.registry
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(eej.weights.registry, "load_model", refuse)
+    with pytest.raises(SystemExit) as ended:
+        script.main(argv)
+    assert ended.value.code == 2
