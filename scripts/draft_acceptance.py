@@ -111,16 +111,12 @@ def teacher_forced(model: Any, method_params: dict, exit_layer: int, sequence: S
 @functools.partial(jax.jit, static_argnames=("cfg", "exit_layer"))
 def _forward(params: Any, method_params: dict, tokens: jax.Array, cfg: Any, exit_layer: int) -> tuple[jax.Array, jax.Array]:
     """tokens [1, P] -> (the model's logits [P, V], the draft's [P, V']) after each token."""
-    from eej.decoding.speculation import adapter_forward, draft_head
-    from eej.decoding.strategy import prompt_positions
+    from eej.decoding.speculation import adapter_forward, draft_head, run_tapped
     from eej.model.cache import init_cache
-    from eej.model.transformer import embed, linear, logits_from_hidden, run_layers
+    from eej.model.transformer import linear, logits_from_hidden
 
     padded = tokens.shape[1]
-    positions = prompt_positions(tokens)
-    cache = init_cache(cfg, 1, padded)
-    tapped, cache = run_layers(params, embed(params, tokens, cfg), cache, positions, cfg, 0, exit_layer, kv_limit=padded)
-    hidden, _ = run_layers(params, tapped, cache, positions, cfg, exit_layer, kv_limit=padded)
+    hidden, _, tapped, positions = run_tapped(params, tokens, init_cache(cfg, 1, padded), cfg, exit_layer)
     head, _ = draft_head(params, method_params)
     drafted, _ = adapter_forward(method_params["adapter"], tapped, init_cache(cfg, 1, padded, num_layers=1), positions,
                                  cfg, kv_limit=padded)

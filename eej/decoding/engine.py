@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 import chex
@@ -31,6 +32,7 @@ from jax import lax
 
 from eej.config import ModelConfig, SamplingConfig
 from eej.decoding.calibration import CALIBRATION_STEPS, cached_step_times, step_times_key, store_step_times, time_loop
+from eej.decoding.compiled_programs import PROGRAMS
 from eej.decoding.plain import Plain
 from eej.decoding.sampling import sample
 from eej.decoding.strategy import StepInputs, StepResult, Strategy
@@ -377,7 +379,8 @@ def _decode_loop(params: Params, method_params: Any, state: DecodeState, **stati
 
 
 class Engine:
-    """Generates with `strategy` on `model`; compiled functions are cached per shape and setting."""
+    """Generates with `strategy` on `model`; compiled functions are cached per shape and setting (in the
+    process-wide eej.decoding.compiled_programs.PROGRAMS, which releases old ones near the memory-map limit)."""
 
     def __init__(
         self,
@@ -393,7 +396,8 @@ class Engine:
         self.strategy = strategy or Plain()
         self.cache_size = cache_size
         self.strategy.validate(model.cfg, method_params)
-        self._compiled: dict[tuple, Callable] = {}
+        self._owner = PROGRAMS.new_owner()  # its compiled programs live in eej.decoding.compiled_programs
+        weakref.finalize(self, PROGRAMS.forget, self._owner)
         self._step_times: dict[tuple, list[float] | None] = {}
         self._learned: dict[SamplingConfig, Any] = {}  # what the last generation per sampling learned (Strategy.learned)
         self.mesh = mesh
@@ -459,9 +463,11 @@ class Engine:
         """The compiled `fn` for these args' shapes and `static` (`batch` rows); second value: compile seconds (0 if cached)."""
         shapes = tuple(jax.tree.map(lambda a: (a.shape, a.dtype), a) for a in args[2:])
         key = (name, tuple(sorted(static.items(), key=lambda kv: kv[0])), jax.tree.structure(args[2:]), str(shapes))
-        if key in self._compiled:
-            return self._compiled[key], 0.0
+        cached = PROGRAMS.get(self._owner, key)
+        if cached is not None:
+            return cached, 0.0
         start, hits = time.perf_counter(), compile_cache_hits()
+        PROGRAMS.make_room()
         fn = functools.partial(fn, **static)
         if self._sharding is None:
             compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
@@ -469,7 +475,7 @@ class Engine:
             with jax.set_mesh(self.mesh):
                 out = self._sharding.state(jax.eval_shape(fn, *args), batch)
                 compiled = jax.jit(fn, donate_argnums=donate, out_shardings=out).lower(*args).compile()
-        self._compiled[key] = compiled
+        PROGRAMS.put(self._owner, key, compiled)
         self.compile_cache_hits += compile_cache_hits() - hits
         return compiled, time.perf_counter() - start
 

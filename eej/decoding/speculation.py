@@ -285,8 +285,17 @@ def prefill_tapped(
     [0, tap_layer), prompt positions [B, P]) — a drafter that reads layer l runs over the residual with
     `kv_limit=P`.
     """
+    hidden, cache, tapped, positions = run_tapped(params, tokens, cache, cfg, tap_layer)
+    return last_token_logits(params, hidden, prompt_lens, cfg), cache.with_lengths(prompt_lens), tapped, positions
+
+
+def run_tapped(
+    params: Params, tokens: jax.Array, cache: KVCache, cfg: ModelConfig, tap_layer: int
+) -> tuple[jax.Array, KVCache, jax.Array, jax.Array]:
+    """Every layer over tokens [B, P] from position 0 -> (final residual [B, P, D], cache, residual [B, P, D] entering
+    layer `tap_layer`, positions [B, P]): `prefill_tapped`'s pass, every position's output kept."""
     padded = tokens.shape[1]
     positions = prompt_positions(tokens)
     tapped, cache = run_layers(params, embed(params, tokens, cfg), cache, positions, cfg, 0, tap_layer, kv_limit=padded)
     hidden, cache = run_layers(params, tapped, cache, positions, cfg, tap_layer, kv_limit=padded)
-    return last_token_logits(params, hidden, prompt_lens, cfg), cache.with_lengths(prompt_lens), tapped, positions
+    return hidden, cache, tapped, positions
