@@ -41,7 +41,14 @@ def test_the_interval_brackets_the_pooled_rate(script):
     assert low <= sum(sums) / sum(counts) <= high
 
 
-@pytest.mark.parametrize("argv", [["--method", "plain"], ["--method", ":x"], ["--draft-temperatures", "-1"],
+def test_a_paired_difference_interval_brackets_its_pooled_difference(script):
+    mine, base, counts = np.array([3.0, 6.0, 1.0, 5.0]), np.array([2.0, 5.5, 1.5, 4.0]), [10, 10, 5, 8]
+    low, high = script.interval_over_prompts(mine - base, counts)
+    assert low <= (mine - base).sum() / sum(counts) <= high
+
+
+@pytest.mark.parametrize("argv", [["--method", "plain"], ["--method", ":x"], ["--method", "kangaroo", "--method", "plain"],
+                                  ["--method", "kangaroo", "--method", "kangaroo"], ["--draft-temperatures", "-1"],
                                   ["--draft-temperatures", "a"], ["--draft-vocab", "1.5"], ["--prompts", "0"],
                                   ["--temperature", "-0.1"]])
 def test_bad_arguments_end_with_status_2_before_loading_a_model(script, argv, monkeypatch):
