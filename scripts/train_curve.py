@@ -20,17 +20,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from eej.bench.report import markdown_table, write_result
-from eej.train.loop import LOG_FILE, RUN_FILE
+from eej.train.loop import LOG_FILE, RUN_FILE, read_log
 
 
 def read_records(run_dir: str) -> list[dict[str, Any]]:
-    """The run's log lines in step order (a resumed run may have logged a step twice: the last one counts)."""
-    by_step: dict[int, dict[str, Any]] = {}
-    with open(os.path.join(run_dir, LOG_FILE)) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                by_step[int(record["step"])] = record
+    """The run's log lines (eej.train.loop.read_log) in step order; a resumed run may have logged a step twice: the
+    last one counts."""
+    by_step = {int(r["step"]): r for r in read_log(run_dir)}
     return [by_step[s] for s in sorted(by_step)]
 
 
