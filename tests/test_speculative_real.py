@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from eej.decoding.engine import Engine
 from eej.decoding.methods import build_method
+from eej.decoding.speculation import init_adapter
 
 
 def _prompts(model):
@@ -39,14 +42,28 @@ def test_shipped_addons_are_lossless_and_accept_drafts(real_model, method, matmu
 @pytest.mark.real_model
 def test_a_step_branched_once_is_lossless_on_the_real_model(real_model, monkeypatch):
     """A GPU's default on this CPU (`EEJ_BRANCH_STEP=1`: each step one conditional between speculating and a step with
-    nothing to draft), with step costs given (no calibration) under which Kangaroo both drafts and falls back."""
+    nothing to draft), with step costs given (no calibration) under which drafting pays at the controller's prior
+    acceptance (1/2) and stops paying once a draft is rejected: every generation's first step drafts, whatever the
+    weights. With the shipped adapter, drafts are accepted through the branch; with an untrained one (same shapes,
+    so the same compiled programs), every draft is rejected, so the controller falls back to plain steps."""
     monkeypatch.setenv("EEJ_BRANCH_STEP", "1")
     strategy, method_params = build_method(real_model, "kangaroo")
-    strategy = dataclasses.replace(strategy, step_costs=(1.0, 1.5, 2.0, 2.5, 3.0)[: strategy.max_draft_steps + 1])
+    # one draft: 1.5 expected tokens at the prior for 1.45 of a plain step; after a rejection 1.33 (module docstring)
+    strategy = dataclasses.replace(strategy, step_costs=tuple(1.0 + 0.45 * k for k in range(strategy.max_draft_steps + 1)))
     prompts = _prompts(real_model)
-    out = Engine(real_model, strategy, method_params).generate(prompts, max_new_tokens=40)
-    assert out.tokens == Engine(real_model).generate(prompts, max_new_tokens=40).tokens
-    assert 0 < sum(out.speculated_steps) < sum(out.row_steps), (out.speculated_steps, out.row_steps)
+    plain = Engine(real_model).generate(prompts, max_new_tokens=40).tokens
+    untrained = {**method_params, "adapter": {
+        name: jnp.asarray(value) for name, value in
+        init_adapter(real_model.cfg, 0, norm=np.asarray(real_model.params["final_norm"])).items()}}
+    for params in (method_params, untrained):
+        out = Engine(real_model, strategy, params).generate(prompts, max_new_tokens=40)
+        assert out.tokens == plain
+        assert all(s > 0 for s in out.speculated_steps), out.speculated_steps
+        if params is untrained:
+            assert sum(out.speculated_steps) < sum(out.row_steps), (out.speculated_steps, out.row_steps)
+            assert sum(out.new_tokens) < 1.1 * sum(out.forwards)  # nothing accepted but chance agreements
+        else:
+            assert sum(out.new_tokens) > sum(out.forwards)  # drafts accepted through the branch
 
 
 @pytest.mark.real_model
