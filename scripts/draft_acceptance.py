@@ -4,7 +4,7 @@ held-out training prompts, by draft temperature and by draft vocabulary.
     flock /tmp/eej-benchmark.lock .venv/bin/python scripts/draft_acceptance.py --temperature 0.7 \
         --draft-temperatures 1,0.7,0.55,0.4,0 --draft-vocab 4096 --out benchmarks/results/draft_acceptance_t0.7
 
-Prompts: the training files' prompts in `eej distill`'s order (its seeded shuffle), from --skip on. The shipped
+Prompts: the training files' prompts in `eej distill`'s order (its seeded shuffle of DISTILLED_FILES), from --skip on. The shipped
 add-ons were trained on the model's answers to the first 1600 of that order (configs/smollm2-135m/*.yaml), so the
 default --skip 1600 measures on prompts they never saw; the evaluation sets (Spec-Bench, MT-Bench) are never read.
 Plain decoding answers each prompt at --temperature (the answers a speculative decoder drafts against); then the
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import glob
 import os
 import sys
 from typing import Any, Sequence
@@ -42,39 +41,42 @@ import numpy as np
 
 from eej.bench.machine import load_average, machine_info
 from eej.bench.report import markdown_table, write_result
+from eej.config import SamplingConfig
+from eej.decoding.sampling import probabilities
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "..", "shared", "data", "train")
+# The training files in the order the shipped Kangaroo adapters' `eej distill --data` named them (docs/kangaroo.md):
+# the seeded shuffle permutes their concatenation, so another order is another sequence of prompts, whose first 1600
+# are not those the adapters were trained on (in sorted order about 7% of prompts from 1600 on were among them).
+DISTILLED_FILES = ("roleplay-simple-deduped-roleplay-instruct.json", "toolformer-dedupe-only-dataset.json",
+                   "codegen-instruct.json", "gsm8k_train.jsonl")
 
 
 def acceptance(target_logits: np.ndarray, draft_logits: np.ndarray, draft_ids: np.ndarray | None, temperature: float,
                draft_temperature: float) -> np.ndarray:
-    """Per position, the chance the first draft is accepted (module docstring).
+    """Per position, the chance the first draft is accepted (module docstring): Σ min(p, q) over the draft head's
+    tokens, p and q as decoding samples them (eej.decoding.sampling.probabilities; one-hot where greedy).
 
     target_logits [T, V]; draft_logits [T, V'] over the tokens `draft_ids` [V'] (None: V' = V, the full head);
     temperature: the target's (0 = greedy); draft_temperature τ (0 = the draft's argmax). -> [T] float64.
     """
-    target_logits = np.asarray(target_logits, np.float64)
-    draft_logits = np.asarray(draft_logits, np.float64)
-    ids = np.arange(target_logits.shape[-1]) if draft_ids is None else np.asarray(draft_ids)
-    if temperature == 0:
-        p = np.zeros_like(target_logits)
-        p[np.arange(len(p)), np.argmax(target_logits, axis=-1)] = 1.0
-    else:
-        p = _softmax(target_logits / temperature)
-    p_head = p[:, ids]  # [T, V']: the target's probabilities of the tokens the draft can propose
-    if draft_temperature == 0:
-        return np.take_along_axis(p_head, np.argmax(draft_logits, axis=-1)[:, None], axis=-1)[:, 0]
-    return np.minimum(p_head, _softmax(draft_logits / draft_temperature)).sum(axis=-1)
+    ids = np.arange(np.shape(target_logits)[-1]) if draft_ids is None else np.asarray(draft_ids)
+    p_head = _probabilities(target_logits, temperature)[:, ids]  # [T, V']: the target's on the draft's tokens
+    return np.minimum(p_head, _probabilities(draft_logits, draft_temperature)).sum(axis=-1)
 
 
 def ceiling(target_logits: np.ndarray, draft_ids: np.ndarray | None, temperature: float) -> np.ndarray:
     """[T]: the target's probability mass on the draft head's tokens (1 for a greedy target whose argmax it holds)."""
     if draft_ids is None:
         return np.ones(len(target_logits))
-    if temperature == 0:
-        return np.isin(np.argmax(target_logits, axis=-1), np.asarray(draft_ids)).astype(np.float64)
-    return _softmax(np.asarray(target_logits, np.float64) / temperature)[:, np.asarray(draft_ids)].sum(axis=-1)
+    return _probabilities(target_logits, temperature)[:, np.asarray(draft_ids)].sum(axis=-1)
+
+
+def _probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """[T, V] logits -> what decoding at `temperature` draws from (float32 as there, returned as float64)."""
+    probs = probabilities(jnp.asarray(logits, jnp.float32), SamplingConfig(temperature=temperature))
+    return np.asarray(probs, np.float64)
 
 
 def interval_over_prompts(sums: Sequence[float], counts: Sequence[int], resamples: int = 2000,
@@ -88,16 +90,11 @@ def interval_over_prompts(sums: Sequence[float], counts: Sequence[int], resample
     return float(low), float(high)
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def held_out_prompts(model: Any, count: int, skip: int) -> list[list[int]]:
-    """Chat-formatted prompts [skip, skip + count) of `eej distill`'s order over every training file."""
+    """Chat-formatted prompts [skip, skip + count) of `eej distill`'s order over the shipped adapters' training files."""
     from eej.train.distill import DistillOptions, distill_prompts
 
-    files = sorted(glob.glob(os.path.join(TRAIN, "*.json*")))
+    files = [os.path.join(TRAIN, name) for name in DISTILLED_FILES]
     prompts = distill_prompts(model, DistillOptions(files=tuple(files), max_prompts=skip + count))[skip:]
     if len(prompts) < count:
         raise SystemExit(f"error: only {len(prompts)} training prompts after --skip {skip}; ask for fewer")

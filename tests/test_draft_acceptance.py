@@ -3,6 +3,8 @@ status 2 before any model loads."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -14,10 +16,15 @@ def script():
     return load_script("draft_acceptance")
 
 
+def close(actual, expected):
+    """Equal up to float32 rounding: the script's probabilities are decoding's (eej.decoding.sampling), in float32."""
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
+
+
 def test_a_draft_with_the_targets_distribution_is_always_accepted(script):
     logits = np.random.default_rng(0).normal(size=(5, 11))
-    np.testing.assert_allclose(script.acceptance(logits, logits, None, 0.7, 0.7), 1.0)
-    np.testing.assert_allclose(script.ceiling(logits, None, 0.7), 1.0)
+    close(script.acceptance(logits, logits, None, 0.7, 0.7), 1.0)
+    close(script.ceiling(logits, None, 0.7), 1.0)
 
 
 def test_overlap_and_greedy_drafts_by_hand(script):
@@ -25,12 +32,12 @@ def test_overlap_and_greedy_drafts_by_hand(script):
     draft = np.log(np.array([[0.2, 0.8]]))  # a head over tokens 1 and 2 only
     ids = np.array([1, 2])
     # Σ min(p, q) over the head's tokens: min(0.3, 0.2) + min(0.2, 0.8)
-    np.testing.assert_allclose(script.acceptance(target, draft, ids, 1.0, 1.0), [0.4])
-    np.testing.assert_allclose(script.acceptance(target, draft, ids, 1.0, 0.0), [0.2])  # p(argmax q = token 2)
-    np.testing.assert_allclose(script.ceiling(target, ids, 1.0), [0.5])
+    close(script.acceptance(target, draft, ids, 1.0, 1.0), [0.4])
+    close(script.acceptance(target, draft, ids, 1.0, 0.0), [0.2])  # p(argmax q = token 2)
+    close(script.ceiling(target, ids, 1.0), [0.5])
     # A greedy target accepts a draft only where it is the target's argmax (token 0: outside this head).
-    np.testing.assert_allclose(script.acceptance(target, draft, ids, 0.0, 0.0), [0.0])
-    np.testing.assert_allclose(script.ceiling(target, ids, 0.0), [0.0])
+    close(script.acceptance(target, draft, ids, 0.0, 0.0), [0.0])
+    close(script.ceiling(target, ids, 0.0), [0.0])
     # A sharper draft moves its mass onto token 2, where the target has less: lower acceptance here.
     assert script.acceptance(target, draft, ids, 1.0, 0.5)[0] < 0.4
 
@@ -61,3 +68,12 @@ def test_bad_arguments_end_with_status_2_before_loading_a_model(script, argv, mo
     with pytest.raises(SystemExit) as ended:
         script.main(argv)
     assert ended.value.code == 2
+
+
+def test_held_out_prompts_follow_the_shipped_distillations_file_order(script):
+    """The shuffle permutes the files' concatenation: the held-out prompts are those after the training ones only in
+    the order docs/kangaroo.md's `eej distill --data` gave the files."""
+    docs = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "kangaroo.md"), encoding="utf-8").read()
+    command = docs[docs.index("eej distill --model smollm2-135m"):].split("--out")[0]
+    named = [os.path.basename(word) for word in command.replace("\\", " ").split() if word.startswith("../shared/data/train/")]
+    assert tuple(named) == script.DISTILLED_FILES
