@@ -9,7 +9,7 @@ import pytest
 
 from eej.cli import main
 from eej.decoding.engine import Engine
-from eej.testing import tiny_model
+from eej.testing import load_script, tiny_model
 from eej.train.distill import DistillOptions, distill
 from eej.train.trainers import TrainError
 
@@ -74,3 +74,25 @@ def test_distill_command(tmp_path, capsys):
     assert len(_answers(out)) == 2 and "wrote 1 shard(s)" in capsys.readouterr().err
     assert main([*argv[:-1], "--samples", "0"]) == 2
     assert capsys.readouterr().err.count("\n") == 1  # one line
+
+
+def test_distill_command_keeps_one_choice_of_kernels_per_directory(tmp_path, capsys):
+    data, out = _data(tmp_path), tmp_path / "cpu"
+    argv = ["distill", "--model", "tiny-gqa", "--data", data, "--out", str(out), "--max-new-tokens", "3",
+            "--max-prompts", "2", "--no-progress"]
+    assert main([*argv, "--kernels", "cpu"]) == 0
+    assert json.loads((out / "distill.json").read_text())["kernels"] == {"attention": "cpu", "matmul": "cpu"}
+    capsys.readouterr()
+    assert main([*argv, "--kernels", "xla"]) == 2  # XLA's kernels into a directory answered with eej's: refused
+    assert "resume it with --kernels cpu" in capsys.readouterr().err
+    assert main(argv) == 0  # the default (auto: eej's kernels on a CPU) resumes it
+    assert main([*argv, "--kernels", "gpu"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_distill_kernels_script_refuses_bad_arguments_before_loading_the_model(capsys):
+    script = load_script("distill_kernels")
+    for bad in (["--prompts", "0"], ["--skip", "-1"], ["--batch", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            script.main(bad)
+        assert exit_.value.code == 2 and "must be" in capsys.readouterr().err

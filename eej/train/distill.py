@@ -108,7 +108,12 @@ def _distill(model: Model, options: DistillOptions, out_dir: str, progress: bool
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
-        if before != json.loads(json.dumps(manifest)):
+        now = json.loads(json.dumps(manifest))
+        if before != now and {**before, "kernels": now["kernels"]} == now:
+            kernels = before.get("kernels", {}).get("matmul")
+            raise TrainError(f"{out_dir} was answered with {kernels} kernels ({path}); resume it with --kernels {kernels}, "
+                             "or use another --out")
+        if before != now:
             raise TrainError(f"{out_dir} holds a distillation with other settings ({path}); use another --out")
     else:
         with open(path, "w") as f:
