@@ -13,6 +13,7 @@ what every adaptive step calls, with `judged`; a free probe (Kangaroo) is scored
 was accepted, and costs nothing extra here; any other probe is a real one-draft step.
 
     flock /tmp/eej-benchmark.lock .venv/bin/python scripts/controller_replay.py [--out benchmarks/results/controller_replay]
+        [--kernels cpu] [--probe-every 1,8] [--carry]
 """
 
 from __future__ import annotations
@@ -80,10 +81,13 @@ def record(model, method: str, prompts: list[str], temperature: float, max_new: 
 
 
 def replay(trace: list[tuple[int, int]], costs: list[float], max_new: int, policy: Any, decay: float,
-           probe_every: int, free_probe: bool) -> tuple[float, float, int, int]:
+           probe_every: int, free_probe: bool, learned: tuple | None = None) -> tuple[float, float, int, int, tuple]:
     """One prompt under `policy` (an int: that k every step; "adaptive": the controller) -> (tokens, ms, steps,
-    drafting steps)."""
+    drafting steps, what the controller learned: the next prompt's start under --carry). `learned`: start from an
+    earlier prompt's pooled acceptance and continuation, as an engine's later generations do (else from the prior)."""
     controller = adaptive.Controller.start(1, len(costs) - 1, tuple(costs))
+    if learned is not None:
+        controller = adaptive.SelfSpeculative.start_from(None, {"controller": controller}, learned)["controller"]
     row = jnp.asarray([True])
     tokens = spent = drafting = 0
     made = 1  # the prefill's token
@@ -103,7 +107,9 @@ def replay(trace: list[tuple[int, int]], costs: list[float], max_new: int, polic
             controller = controller.after(k, probe, backoff, new_hits, new_trials, row, jnp.asarray([d]), decay)
         tokens, spent, drafting = tokens + a + 1, spent + costs[d], drafting + (k > 0)
         made += a + 1
-    return tokens, spent, len(trace), drafting
+    pooled = (float(jnp.sum(controller.hits) / jnp.sum(controller.trials)),
+              float(jnp.sum(controller.onward_hits) / jnp.sum(controller.onward_trials)))
+    return tokens, spent, len(trace), drafting, pooled
 
 
 def main(argv=None) -> int:
@@ -113,6 +119,12 @@ def main(argv=None) -> int:
     ap.add_argument("--decays", default="0.8,0.9,0.95,0.98", help="the controller's per-draft decay, comma-separated")
     ap.add_argument("--per-set", type=int, default=8, help="prompts per set")
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--probe-every", default="", help="adaptive policies' probe intervals, comma-separated (default: "
+                    "the method's own)")
+    ap.add_argument("--carry", action="store_true", help="also replay each set's prompts in order on one controller, "
+                    "each starting from what the last one learnt (an engine's later generations do)")
+    ap.add_argument("--kernels", choices=("xla", "cpu"), default="xla", help="the model's kernels (their step costs "
+                    "differ: eej generate and eej bench use cpu on a CPU)")
     ap.add_argument("--out", default="benchmarks/results/controller_replay")
     args = ap.parse_args(argv)
     unknown = [m for m in args.methods.split(",") if m not in MODULES]
@@ -120,21 +132,32 @@ def main(argv=None) -> int:
         print(f"error: --methods takes {', '.join(MODULES)} (got {', '.join(unknown)})", file=sys.stderr)
         return 2
     load_start = load_average()
-    model = load_model("smollm2-135m", kernels="xla")
+    model = load_model("smollm2-135m", kernels=args.kernels)
     sets = training_prompts(args.per_set)
     decays = [float(x) for x in args.decays.split(",")]
     rows = []
     for method in args.methods.split(","):
         strategy, _ = build_method(model, method)
         for temperature in (float(t) for t in args.temperatures.split(",")):
-            for set_name, prompts in sets.items():
-                traces, costs, max_k = record(model, method, prompts, temperature, args.max_new_tokens)
-                policies = [(f"fixed k={k}", k, adaptive.DECAY) for k in range(max_k + 1)]
-                policies += [(f"adaptive, decay {d}", "adaptive", d) for d in decays]
-                for label, policy, decay in policies:
-                    got = [replay(t, costs, args.max_new_tokens, policy, decay, strategy.probe_every, strategy.free_probe)
-                           for t in traces]
-                    tokens, spent, steps, drafting = (sum(x) for x in zip(*got))
+            recorded = {name: record(model, method, prompts, temperature, args.max_new_tokens) for name, prompts in sets.items()}
+            if args.carry:  # the sets' prompts alternating: what carrying an estimate across unlike prompts does
+                (math, costs, max_k), (chat, _, _) = recorded.values()
+                recorded["alternating"] = ([t for pair in zip(math, chat) for t in pair], costs, max_k)
+            for set_name, (traces, costs, max_k) in recorded.items():
+                probes = [int(x) for x in args.probe_every.split(",") if x] or [strategy.probe_every]
+                policies = [(f"fixed k={k}", k, adaptive.DECAY, strategy.probe_every, False) for k in range(max_k + 1)]
+                policies += [(f"adaptive, decay {d}" + (f", probe every {n}" if args.probe_every else ""), "adaptive", d, n, False)
+                             for d in decays for n in probes]
+                if args.carry:
+                    policies += [(label + ", carried", "adaptive", d, n, True)
+                                 for label, policy, d, n, _ in list(policies) if policy == "adaptive"]
+                for label, policy, decay, probe_every, carry in policies:
+                    got, learned = [], None
+                    for t in traces:
+                        got.append(replay(t, costs, args.max_new_tokens, policy, decay, probe_every, strategy.free_probe,
+                                          learned))
+                        learned = got[-1][4] if carry else None
+                    tokens, spent, steps, drafting = (sum(x) for x in list(zip(*got))[:4])
                     rows.append({"method": method, "temperature": temperature, "prompts": set_name, "policy": label,
                                  "speed_vs_plain_steps": tokens / spent * costs[0], "tokens_per_step": tokens / steps,
                                  "drafting_fraction": drafting / steps, "steps": steps, "step_costs_ms": costs})

@@ -17,18 +17,30 @@ def replay():
 def test_a_fixed_k_makes_what_the_trace_allows(replay):
     trace = [(4, 5), (2, 1), (4, 3)]  # (drafts made with K = 4, tokens committed)
     # k = 2: min(d, 2) drafts, min(a, 2) + 1 tokens: 3, 1, 3 tokens at c(2) each
-    assert replay(trace, COSTS, 100, 2, 0.9, 8, True) == (7, 42.0, 3, 3)
+    assert replay(trace, COSTS, 100, 2, 0.9, 8, True)[:4] == (7, 42.0, 3, 3)
     # k = 4: 5, 1, 3 tokens at c(4), c(2), c(4)
-    assert replay(trace, COSTS, 100, 4, 0.9, 8, True) == (9, 46.0, 3, 3)
-    assert replay(trace, COSTS, 100, 0, 0.9, 8, True) == (3, 30.0, 3, 0)
+    assert replay(trace, COSTS, 100, 4, 0.9, 8, True)[:4] == (9, 46.0, 3, 3)
+    assert replay(trace, COSTS, 100, 0, 0.9, 8, True)[:4] == (3, 30.0, 3, 0)
 
 
 def test_the_replayed_controller_follows_the_evidence(replay):
     always = [(4, 5)] * 40
-    tokens, spent, steps, drafting = replay(always, COSTS, 1000, "adaptive", 0.95, 8, True)
+    tokens, spent, steps, drafting, learned = replay(always, COSTS, 1000, "adaptive", 0.95, 8, True)
     # the first step asks for 3 (priors α = β = 1/2: E(k) = 1, 1.5, 1.625, 1.656, 1.664 over C(k) = 10, 13, 13.5,
     # 13.75, 13.875 is .100, .1154, .12037, .12045, .1199), then, every draft accepted, K = 4 every step
     assert drafting == steps and tokens == 4 + 5 * (steps - 1)
     never = [(4, 1)] * 60
-    tokens, spent, steps, drafting = replay(never, COSTS, 1000, "adaptive", 0.95, 8, False)
+    tokens, spent, steps, drafting, _ = replay(never, COSTS, 1000, "adaptive", 0.95, 8, False)
     assert tokens == steps and drafting <= 2 + 60 // 8  # the prior fades in a draft or two; then only probes draft
+    # what the first prompt taught carries to the next (--carry): after `always`, K = 4 from its first step
+    assert learned[0] > 0.9
+    tokens, _, steps, drafting, _ = replay(always[:5], COSTS, 1000, "adaptive", 0.95, 8, True, learned)
+    assert tokens == 5 * steps and drafting == steps
+
+
+def test_the_free_probe_cost_script_refuses_bad_arguments_before_loading_the_model(capsys):
+    script = load_script("free_probe_cost")
+    for bad in (["--batch", "0"], ["--rounds", "0"], ["--temperature", "-1"]):
+        with pytest.raises(SystemExit) as exit_:
+            script.main(bad)
+        assert exit_.value.code == 2 and "must be" in capsys.readouterr().err
