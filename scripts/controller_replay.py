@@ -13,7 +13,7 @@ what every adaptive step calls, with `judged`; a free probe (Kangaroo) is scored
 was accepted, and costs nothing extra here; any other probe is a real one-draft step.
 
     flock /tmp/eej-benchmark.lock .venv/bin/python scripts/controller_replay.py [--out benchmarks/results/controller_replay]
-        [--kernels cpu] [--probe-every 1,8] [--carry]
+        [--kernels cpu] [--probe-every 1,8] [--carry] [--whether-then-k]
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from eej.weights.registry import load_model
 
 TRAIN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "train")
 MODULES = {"kangaroo": kangaroo, "m2r2-spec": m2r2}
+ADAPTIVE = ("adaptive", "whether")  # the replayed controller's policies (`replay`)
 
 
 def training_prompts(per_set: int) -> dict[str, list[str]]:
@@ -82,34 +83,34 @@ def record(model, method: str, prompts: list[str], temperature: float, max_new: 
 
 def replay(trace: list[tuple[int, int]], costs: list[float], max_new: int, policy: Any, decay: float,
            probe_every: int, free_probe: bool, learned: tuple | None = None) -> tuple[float, float, int, int, tuple]:
-    """One prompt under `policy` (an int: that k every step; "adaptive": the controller) -> (tokens, ms, steps,
+    """One prompt under `policy` (an int: that k every step; "adaptive": the controller; "whether": the controller
+    deciding only whether to draft, then asking for K, the confidence stop choosing the length) -> (tokens, ms, steps,
     drafting steps, what the controller learned: the next prompt's start under --carry). `learned`: start from an
     earlier prompt's pooled acceptance and continuation, as an engine's later generations do (else from the prior)."""
     controller = adaptive.Controller.start(1, len(costs) - 1, tuple(costs))
     if learned is not None:
-        controller = adaptive.SelfSpeculative.start_from(None, {"controller": controller}, learned)["controller"]
+        controller = controller.started_from(learned)
     row = jnp.asarray([True])
     tokens = spent = drafting = 0
     made = 1  # the prefill's token
     for drafted, committed in trace:
         probe = False
-        if policy == "adaptive":
+        if policy in ADAPTIVE:
             k, probe, backoff = controller.decide(row, jnp.asarray([max_new - made]), probe_every, free_probe)
             k, probe = int(k), bool(probe)
+            k = len(costs) - 1 if policy == "whether" and k > 0 else k
         else:
             k = policy
         d = min(drafted, k)
         a = min(committed - 1, d)
-        if policy == "adaptive":
+        if policy in ADAPTIVE:
             new_hits, new_trials = adaptive.judged(jnp.asarray([d]), jnp.asarray([a + 1]))
             if free_probe and probe and d == k and a == d and drafted > k:  # the guess after the last committed token
                 new_hits, new_trials = new_hits + float(committed - 1 > k), new_trials + 1.0
             controller = controller.after(k, probe, backoff, new_hits, new_trials, row, jnp.asarray([d]), decay)
         tokens, spent, drafting = tokens + a + 1, spent + costs[d], drafting + (k > 0)
         made += a + 1
-    pooled = (float(jnp.sum(controller.hits) / jnp.sum(controller.trials)),
-              float(jnp.sum(controller.onward_hits) / jnp.sum(controller.onward_trials)))
-    return tokens, spent, len(trace), drafting, pooled
+    return tokens, spent, len(trace), drafting, tuple(float(x) for x in controller.pooled)
 
 
 def main(argv=None) -> int:
@@ -123,6 +124,8 @@ def main(argv=None) -> int:
                     "the method's own)")
     ap.add_argument("--carry", action="store_true", help="also replay each set's prompts in order on one controller, "
                     "each starting from what the last one learnt (an engine's later generations do)")
+    ap.add_argument("--whether-then-k", action="store_true", help="also replay each adaptive policy deciding only "
+                    "whether to draft, then asking for K (the confidence stop choosing the length)")
     ap.add_argument("--kernels", choices=("xla", "cpu"), default="xla", help="the model's kernels (their step costs "
                     "differ: eej generate and eej bench use cpu on a CPU)")
     ap.add_argument("--out", default="benchmarks/results/controller_replay")
@@ -148,9 +151,12 @@ def main(argv=None) -> int:
                 policies = [(f"fixed k={k}", k, adaptive.DECAY, strategy.probe_every, False) for k in range(max_k + 1)]
                 policies += [(f"adaptive, decay {d}" + (f", probe every {n}" if args.probe_every else ""), "adaptive", d, n, False)
                              for d in decays for n in probes]
-                if args.carry:
-                    policies += [(label + ", carried", "adaptive", d, n, True)
+                if args.whether_then_k:
+                    policies += [(label + ", whether then K", "whether", d, n, False)
                                  for label, policy, d, n, _ in list(policies) if policy == "adaptive"]
+                if args.carry:
+                    policies += [(label + ", carried", policy, d, n, True)
+                                 for label, policy, d, n, _ in list(policies) if policy in ADAPTIVE]
                 for label, policy, decay, probe_every, carry in policies:
                     got, learned = [], None
                     for t in traces:

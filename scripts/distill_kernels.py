@@ -19,12 +19,10 @@ import time
 from eej.bench.machine import load_average, machine_info
 from eej.bench.report import markdown_table, write_result
 from eej.decoding.engine import Engine
-from eej.train.distill import DistillOptions, distill_prompts
+from eej.train.distill import SHIPPED_FILES, DistillOptions, distill_prompts
 from eej.weights.registry import load_model, with_kernels
 
 TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "train")
-FILES = ("roleplay-simple-deduped-roleplay-instruct.json", "toolformer-dedupe-only-dataset.json",
-         "codegen-instruct.json", "gsm8k_train.jsonl")  # the shipped distillation's (docs/kangaroo.md)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--prompts, --batch and --max-new-tokens must be >= 1, --skip >= 0")
     load_start = load_average()
     base = load_model("smollm2-135m", kernels="xla")
-    files = tuple(os.path.join(TRAIN, name) for name in FILES)
+    files = tuple(os.path.join(TRAIN, name) for name in SHIPPED_FILES)
     prompts = [ids for _, ids in distill_prompts(base, DistillOptions(files=files, max_prompts=args.skip + args.prompts))[args.skip:]]
     batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
     rows, answers = [], {}

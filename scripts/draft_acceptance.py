@@ -4,7 +4,7 @@ held-out training prompts, by draft temperature and by draft vocabulary.
     flock /tmp/eej-benchmark.lock .venv/bin/python scripts/draft_acceptance.py --temperature 0.7 \
         --draft-temperatures 1,0.7,0.55,0.4,0 --draft-vocab 4096 --out benchmarks/results/draft_acceptance_t0.7
 
-Prompts: the training files' prompts in `eej distill`'s order (its seeded shuffle of DISTILLED_FILES), from --skip on. The shipped
+Prompts: the training files' prompts in `eej distill`'s order (its seeded shuffle of eej.train.distill.SHIPPED_FILES), from --skip on. The shipped
 add-ons were trained on the model's answers to the first 1600 of that order (configs/smollm2-135m/*.yaml), so the
 default --skip 1600 measures on prompts they never saw; the evaluation sets (Spec-Bench, MT-Bench) are never read.
 Plain decoding answers each prompt at --temperature (the answers a speculative decoder drafts against); then the
@@ -46,11 +46,6 @@ from eej.decoding.sampling import probabilities
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "..", "shared", "data", "train")
-# The training files in the order the shipped Kangaroo adapters' `eej distill --data` named them (docs/kangaroo.md):
-# the seeded shuffle permutes their concatenation, so another order is another sequence of prompts, whose first 1600
-# are not those the adapters were trained on (in sorted order about 7% of prompts from 1600 on were among them).
-DISTILLED_FILES = ("roleplay-simple-deduped-roleplay-instruct.json", "toolformer-dedupe-only-dataset.json",
-                   "codegen-instruct.json", "gsm8k_train.jsonl")
 
 
 def acceptance(target_logits: np.ndarray, draft_logits: np.ndarray, draft_ids: np.ndarray | None, temperature: float,
@@ -92,9 +87,9 @@ def interval_over_prompts(sums: Sequence[float], counts: Sequence[int], resample
 
 def held_out_prompts(model: Any, count: int, skip: int) -> list[list[int]]:
     """Chat-formatted prompts [skip, skip + count) of `eej distill`'s order over the shipped adapters' training files."""
-    from eej.train.distill import DistillOptions, distill_prompts
+    from eej.train.distill import SHIPPED_FILES, DistillOptions, distill_prompts
 
-    files = [os.path.join(TRAIN, name) for name in DISTILLED_FILES]
+    files = [os.path.join(TRAIN, name) for name in SHIPPED_FILES]
     prompts = distill_prompts(model, DistillOptions(files=tuple(files), max_prompts=skip + count))[skip:]
     if len(prompts) < count:
         raise SystemExit(f"error: only {len(prompts)} training prompts after --skip {skip}; ask for fewer")

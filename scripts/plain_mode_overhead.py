@@ -18,18 +18,15 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 import eej
 import eej.api
+from eej.bench.loop_timer import decode_loop_timer
 from eej.bench.machine import machine_info
 from eej.config import SamplingConfig
-from eej.decoding.engine import _decode_loop
 from eej.model import control
 
 METHODS = ("kangaroo", "m2r2-spec", "specee", "m2r2-exit")
@@ -41,22 +38,14 @@ def _contestants(model, prompt_len: int, batch: int, sampling: SamplingConfig, m
     """(name, run, compiled loop) per contestant: plain, then each method at each of its modes (or those in `modes`);
     run() times one run of STEPS decode steps and returns milliseconds per step."""
     runs = []
+    prompts = [list(range(100 + b, 100 + b + prompt_len)) for b in range(batch)]
     for name in ("plain", *methods):
         engine = eej.api.engine(model, name)
-        state, static, _, _ = engine._prefill([list(range(100 + b, 100 + b + prompt_len)) for b in range(batch)], MAX_NEW, sampling, 0, ())
-        loop, _ = engine._get("loop", _decode_loop, static, (engine.model.params, engine.method_params, state), donate=(2,), batch=batch)
-        points = engine.strategy.calibration_points() or [lambda ms: ms]
+        points = engine.strategy.calibration_points() or [None]
         for mode, edit in enumerate(points):
             if modes is not None and mode not in modes and name != "plain":
                 continue
-
-            def run(engine=engine, loop=loop, state=state, edit=edit) -> float:
-                s = jax.tree.map(jnp.copy, state)
-                s = s.replace(method_state=edit(s.method_state), steps=jnp.full((), MAX_NEW - STEPS, jnp.int32))
-                start = time.perf_counter()
-                jax.block_until_ready(loop(engine.model.params, engine.method_params, s))
-                return 1e3 * (time.perf_counter() - start) / STEPS
-
+            run, loop = decode_loop_timer(engine, prompts, MAX_NEW, STEPS, sampling, edit)
             runs.append((name if name == "plain" else f"{name} mode {mode}", run, loop))
     return runs
 

@@ -38,9 +38,16 @@ def test_the_replayed_controller_follows_the_evidence(replay):
     assert tokens == 5 * steps and drafting == steps
 
 
-def test_the_free_probe_cost_script_refuses_bad_arguments_before_loading_the_model(capsys):
-    script = load_script("free_probe_cost")
+def test_the_kangaroo_step_overhead_script_refuses_bad_arguments_before_loading_the_model(capsys):
+    script = load_script("kangaroo_step_overhead")
     for bad in (["--batch", "0"], ["--rounds", "0"], ["--temperature", "-1"]):
         with pytest.raises(SystemExit) as exit_:
             script.main(bad)
         assert exit_.value.code == 2 and "must be" in capsys.readouterr().err
+
+
+def test_whether_then_k_asks_for_k_whenever_the_controller_drafts(replay):
+    # drafts always accepted: the controller's first step asks for 3 (above); deciding only whether, it asks for 4
+    always = [(4, 5)] * 10
+    tokens, _, steps, drafting, _ = replay(always, COSTS, 1000, "whether", 0.95, 8, True)
+    assert drafting == steps and tokens == 5 * steps

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from eej.testing import load_script
+from eej.train.distill import SHIPPED_FILES
 
 
 @pytest.fixture(scope="module")
@@ -76,4 +77,4 @@ def test_held_out_prompts_follow_the_shipped_distillations_file_order(script):
     docs = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "kangaroo.md"), encoding="utf-8").read()
     command = docs[docs.index("eej distill --model smollm2-135m"):].split("--out")[0]
     named = [os.path.basename(word) for word in command.replace("\\", " ").split() if word.startswith("../shared/data/train/")]
-    assert tuple(named) == script.DISTILLED_FILES
+    assert tuple(named) == SHIPPED_FILES

@@ -169,6 +169,20 @@ class Controller(ExitEconomics):
         k = jnp.where(forced, self.force, k)
         return k, (k > 0) | (due & ~forced), next_backoff(self.backoff, due, wanted > 0)
 
+    @property
+    def pooled(self) -> tuple[jax.Array, jax.Array]:
+        """(α, β) pooled over the rows (float32 scalars): what a generation learnt (`SelfSpeculative.learned`)."""
+        return jnp.sum(self.hits) / jnp.sum(self.trials), jnp.sum(self.onward_hits) / jnp.sum(self.onward_trials)
+
+    def started_from(self, learned: tuple[jax.Array | float, jax.Array | float]) -> "Controller":
+        """This state with its prior moved to an earlier generation's pooled (α, β), still worth `PRIOR_TRIALS`
+        judged drafts (`SelfSpeculative.start_from`)."""
+        alpha, beta = learned
+        return self.replace(
+            hits=jnp.full(self.hits.shape, alpha * PRIOR_TRIALS, jnp.float32), trials=jnp.full(self.trials.shape, PRIOR_TRIALS, jnp.float32),
+            onward_hits=jnp.full(self.onward_hits.shape, beta * PRIOR_TRIALS, jnp.float32),
+            onward_trials=jnp.full(self.onward_trials.shape, PRIOR_TRIALS, jnp.float32))
+
     def after(self, k: jax.Array | int, probe: jax.Array | bool, backoff: jax.Array, hits: jax.Array,
               trials: jax.Array, active: jax.Array, drafted: jax.Array | None = None,
               decay: float = DECAY) -> "Controller":
@@ -374,18 +388,12 @@ class SelfSpeculative(Strategy):
         scalars): the next generation on the engine starts from them (`start_from`). None when not adaptive."""
         if not self.adaptive:
             return None
-        ctl: Controller = method_state["controller"]
-        return jnp.sum(ctl.hits) / jnp.sum(ctl.trials), jnp.sum(ctl.onward_hits) / jnp.sum(ctl.onward_trials)
+        return method_state["controller"].pooled
 
     def start_from(self, method_state: Any, learned: tuple[jax.Array, jax.Array]) -> Any:
         """The controller's prior moved to an earlier generation's pooled α and β, still worth `PRIOR_TRIALS` judged
         drafts (the probes and drafts of this generation take over as fast as from the uninformed 1/2)."""
-        ctl: Controller = method_state["controller"]
-        alpha, beta = learned
-        return {**method_state, "controller": ctl.replace(
-            hits=jnp.full(ctl.hits.shape, alpha * PRIOR_TRIALS, jnp.float32), trials=jnp.full(ctl.trials.shape, PRIOR_TRIALS, jnp.float32),
-            onward_hits=jnp.full(ctl.onward_hits.shape, beta * PRIOR_TRIALS, jnp.float32),
-            onward_trials=jnp.full(ctl.onward_trials.shape, PRIOR_TRIALS, jnp.float32))}
+        return {**method_state, "controller": method_state["controller"].started_from(learned)}
 
 
 def monotone_costs(milliseconds: Any) -> jax.Array:

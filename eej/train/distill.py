@@ -30,6 +30,11 @@ from eej.train.trainers import TrainError, check_options, option
 from eej.weights.registry import Model
 
 MANIFEST = "distill.json"
+# The training files (under ../shared/data/train) whose prompts the shipped add-ons' answers came from, in the order
+# their `eej distill --data` named them (docs/kangaroo.md): the shuffle permutes the files' concatenation, so another
+# order is another sequence of prompts.
+SHIPPED_FILES = ("roleplay-simple-deduped-roleplay-instruct.json", "toolformer-dedupe-only-dataset.json",
+                 "codegen-instruct.json", "gsm8k_train.jsonl")
 
 
 @dataclasses.dataclass(frozen=True)

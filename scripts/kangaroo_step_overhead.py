@@ -1,13 +1,20 @@
-"""What Kangaroo's "free" probe costs: its plain step (k = 0) with and without the probe, against plain decoding.
+"""What adaptive Kangaroo's step costs beyond the fixed one's: its plain step with and without the "free" probe, and
+four drafts chosen by the controller against four drafts every step, each against plain decoding.
 
 While the adaptive controller takes plain steps it keeps its acceptance estimate fresh with a probe every
 `probe_every` steps (eej.decoding.adaptive): Kangaroo's adapter and draft head guess the next token from the
-residual stream the plain step computes anyway, and the guess is scored against the step's own token. This times
-the compiled decode loop with every step a plain step, once without a probe and once with a probe on every step
-(the controller's choice replaced for the measurement), interleaved round by round with plain decoding. Run it
-alone:
+residual stream the plain step computes anyway, and the guess is scored against the step's own token. When it drafts,
+its step carries the controller's bookkeeping and a traced draft length. This times the compiled decode loops of:
 
-    flock /tmp/eej-benchmark.lock .venv/bin/python scripts/free_probe_cost.py --batch 1 --out benchmarks/results/free_probe_cost_b1
+- plain decoding;
+- adaptive Kangaroo, every step a plain step, without a probe and with a probe on every step (the controller's
+  choice replaced for the measurement);
+- Kangaroo with `adaptive: false` and no confidence stop (four drafts every step), and adaptive Kangaroo forced to
+  four drafts (the calibration's forcing, which has no confidence stop either): the same drafts and verification;
+
+interleaved round by round. Run it alone:
+
+    flock /tmp/eej-benchmark.lock .venv/bin/python scripts/kangaroo_step_overhead.py --batch 1 --out benchmarks/results/kangaroo_step_overhead_b1
 """
 
 from __future__ import annotations
@@ -15,17 +22,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eej.bench.loop_timer import decode_loop_timer
 from eej.bench.machine import load_average, machine_info
 from eej.bench.report import markdown_table, write_result
 from eej.config import SamplingConfig
 from eej.decoding import adaptive
-from eej.decoding.engine import Engine, _decode_loop
+from eej.decoding.engine import Engine
 from eej.decoding.methods import build_method
 from eej.weights.registry import load_model
 
@@ -43,37 +49,42 @@ def plain_steps(probe: bool):
     return plain
 
 
+def forced(k: int):
+    """The calibration's edit of the method state that makes every step draft k, with no confidence stop."""
+    return lambda state: {**state, "controller": state["controller"].replace(force=jnp.full((), k, jnp.int32))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--out", default="benchmarks/results/free_probe_cost")
+    parser.add_argument("--out", default="benchmarks/results/kangaroo_step_overhead")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.rounds < 1 or args.temperature < 0:
         parser.error("--batch and --rounds must be >= 1, --temperature >= 0")
     load_start = load_average()
     model = load_model("smollm2-135m", kernels="auto")
     strategy, method_params = build_method(model, "kangaroo")
-    strategy = dataclasses.replace(strategy, step_costs=(1.0,) * (strategy.max_draft_steps + 1))  # no calibration
+    K = strategy.max_draft_steps
+    adaptive_strategy = dataclasses.replace(strategy, step_costs=(1.0,) * (K + 1))  # given: no calibration run
+    fixed = dataclasses.replace(strategy, adaptive=False, exit_threshold=0.0)
     sampling = SamplingConfig(temperature=args.temperature)
     prompts = [list(range(100 + b, 100 + b + PROMPT)) for b in range(args.batch)]
+    contestants = [  # name, strategy (None: plain decoding), Controller.decide while tracing, method-state edit
+        ("plain decoding", None, None, None),
+        ("kangaroo, plain step", adaptive_strategy, plain_steps(False), None),
+        ("kangaroo, plain step + probe", adaptive_strategy, plain_steps(True), None),
+        (f"kangaroo fixed, {K} drafts", fixed, None, None),
+        (f"kangaroo adaptive, forced to {K} drafts", adaptive_strategy, None, forced(K)),
+    ]
     runs, decide = {}, adaptive.Controller.decide
     try:
-        for name, probe in (("plain decoding", None), ("kangaroo, plain step", False), ("kangaroo, plain step + probe", True)):
-            adaptive.Controller.decide = decide if probe is None else plain_steps(probe)  # read when the loop is traced
-            engine = Engine(model) if probe is None else Engine(model, strategy, method_params)
-            state, static, _, _ = engine._prefill(prompts, MAX_NEW, sampling, 0, ())
-            loop, _ = engine._get("loop", _decode_loop, static, (engine.model.params, engine.method_params, state),
-                                  donate=(2,), batch=args.batch)
-
-            def run(engine=engine, loop=loop, state=state) -> float:
-                s = jax.tree.map(jnp.copy, state).replace(steps=jnp.full((), MAX_NEW - STEPS, jnp.int32))
-                start = time.perf_counter()
-                jax.block_until_ready(loop(engine.model.params, engine.method_params, s))
-                return 1e3 * (time.perf_counter() - start) / STEPS
-
-            run()  # compiles
+        for name, strat, replaced, edit in contestants:
+            adaptive.Controller.decide = replaced or decide  # read when the loop is traced, below
+            engine = Engine(model) if strat is None else Engine(model, strat, method_params)
+            run, _ = decode_loop_timer(engine, prompts, MAX_NEW, STEPS, sampling, edit)
+            run()  # the first call of a compiled program is not representative
             runs[name] = run
     finally:
         adaptive.Controller.decide = decide
@@ -85,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{"contestant": name, "ms_per_step": float(np.median(ms)), "min_ms": float(np.min(ms)),
              "vs_plain": float(np.median(ms)) / plain} for name, ms in times.items()]
     machine = {**machine_info(), "load_average_start": load_start, "load_average_end": load_average()}
-    doc = {"command": "scripts/free_probe_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    doc = {"command": "scripts/kangaroo_step_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": machine, "model": "smollm2-135m", "batch": args.batch, "temperature": args.temperature,
            "prompt_tokens": PROMPT, "steps_per_run": STEPS, "rounds": args.rounds, "rows": rows}
-    lines = [f"# Kangaroo's plain step with and without a free probe (batch {args.batch}, "
+    lines = [f"# Adaptive Kangaroo's step against the fixed one's and plain decoding's (batch {args.batch}, "
              f"{'greedy' if sampling.greedy else f'temperature {args.temperature}'})", "",
              f"`{doc['command']}`; {machine['cpu']}, {machine['cpu_count']} CPUs, load average {load_start} -> "
              f"{machine['load_average_end']}; median (and minimum) of {args.rounds} interleaved rounds of {STEPS} steps "
