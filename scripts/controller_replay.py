@@ -43,14 +43,31 @@ ADAPTIVE = ("adaptive", "whether")  # the replayed controller's policies (`repla
 
 
 def training_prompts(per_set: int) -> dict[str, list[str]]:
-    """Prompt sets from the training data: grade-school maths questions, and code + role-play instructions."""
+    """Prompt sets from the training data: grade-school maths questions, code + role-play instructions, and requests
+    to summarize a passage of Shakespeare (a long input the answer does not copy: drafts are rarely accepted)."""
     with open(os.path.join(TRAIN, "gsm8k_train.jsonl")) as f:
         math = [json.loads(line)["question"] for line in f][100:100 + per_set]
     chat = []
     for name in ("codegen-instruct.json", "roleplay-simple-deduped-roleplay-instruct.json"):
         with open(os.path.join(TRAIN, name)) as f:
             chat += [row["instruction"] for row in json.load(f)[200:200 + per_set // 2]]
-    return {"math": math, "code+roleplay": chat}
+    with open(os.path.join(TRAIN, "tinyshakespeare.txt")) as f:
+        lines = f.read().split("\n")
+    passages = ["Summarize the following passage in a few sentences.\n\n" + "\n".join(lines[1000 + 500 * i:1030 + 500 * i])
+                for i in range(per_set)]
+    return {"math": math, "code+roleplay": chat, "passages": passages}
+
+
+def trace_rates(traces: list[list[tuple[int, int]]], max_k: int) -> dict[str, float]:
+    """What traces recorded at K drafts say of each kind of draft: the first draft's acceptance, a draft's chance of
+    being made and accepted after an accepted one (before the K-th: the controller's γ), and of being made at all
+    after a draft (β)."""
+    first = [c > 1 for t in traces for d, c in t if d >= 1]
+    follow = [(c - 1 - 1, min(c - 1, max_k - 1)) for t in traces for d, c in t if c > 1]
+    onward = [(d - 1, d - 1 + (d < max_k)) for t in traces for d, c in t if d >= 1]
+    return {"first_draft_acceptance": sum(first) / max(len(first), 1),
+            "following_acceptance": sum(h for h, _ in follow) / max(sum(n for _, n in follow), 1),
+            "continuation": sum(h for h, _ in onward) / max(sum(n for _, n in onward), 1)}
 
 
 def record(model, method: str, prompts: list[str], temperature: float, max_new: int) -> tuple[list, list[float], int]:
@@ -86,7 +103,7 @@ def replay(trace: list[tuple[int, int]], costs: list[float], max_new: int, polic
     """One prompt under `policy` (an int: that k every step; "adaptive": the controller; "whether": the controller
     deciding only whether to draft, then asking for K, the confidence stop choosing the length) -> (tokens, ms, steps,
     drafting steps, what the controller learned: the next prompt's start under --carry). `learned`: start from an
-    earlier prompt's pooled acceptance and continuation, as an engine's later generations do (else from the prior)."""
+    earlier prompt's pooled α, β and γ, as an engine's later generations do (else from the prior)."""
     controller = adaptive.Controller.start(1, len(costs) - 1, tuple(costs))
     if learned is not None:
         controller = controller.started_from(learned)
@@ -143,10 +160,13 @@ def main(argv=None) -> int:
         strategy, _ = build_method(model, method)
         for temperature in (float(t) for t in args.temperatures.split(",")):
             recorded = {name: record(model, method, prompts, temperature, args.max_new_tokens) for name, prompts in sets.items()}
-            if args.carry:  # the sets' prompts alternating: what carrying an estimate across unlike prompts does
-                (math, costs, max_k), (chat, _, _) = recorded.values()
-                recorded["alternating"] = ([t for pair in zip(math, chat) for t in pair], costs, max_k)
+            if args.carry:  # the sets' prompts in turn: what carrying an estimate across unlike prompts does
+                traces_by_set = [traces for traces, _, _ in recorded.values()]
+                _, costs, max_k = next(iter(recorded.values()))
+                recorded["alternating"] = ([t for turn in zip(*traces_by_set) for t in turn], costs, max_k)
             for set_name, (traces, costs, max_k) in recorded.items():
+                rates = trace_rates(traces, max_k)
+                print(method, temperature, set_name, {k: round(v, 3) for k, v in rates.items()}, flush=True)
                 probes = [int(x) for x in args.probe_every.split(",") if x] or [strategy.probe_every]
                 policies = [(f"fixed k={k}", k, adaptive.DECAY, strategy.probe_every, False) for k in range(max_k + 1)]
                 policies += [(f"adaptive, decay {d}" + (f", probe every {n}" if args.probe_every else ""), "adaptive", d, n, False)
@@ -166,7 +186,8 @@ def main(argv=None) -> int:
                     tokens, spent, steps, drafting = (sum(x) for x in list(zip(*got))[:4])
                     rows.append({"method": method, "temperature": temperature, "prompts": set_name, "policy": label,
                                  "speed_vs_plain_steps": tokens / spent * costs[0], "tokens_per_step": tokens / steps,
-                                 "drafting_fraction": drafting / steps, "steps": steps, "step_costs_ms": costs})
+                                 "drafting_fraction": drafting / steps, "steps": steps, "step_costs_ms": costs,
+                                 "trace_rates": rates})
                     print(method, temperature, set_name, label, f"{rows[-1]['speed_vs_plain_steps']:.3f}", flush=True)
     doc = {"command": "scripts/controller_replay.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": machine_info(), "load_average_start": load_start, "load_average_end": load_average(),
@@ -176,6 +197,15 @@ def main(argv=None) -> int:
              f"`{doc['command']}`; {doc['machine'].get('cpu', '')}; load average {load_start} -> {doc['load_average_end']}. "
              "Speed: committed tokens per ms by the measured step costs, against plain steps of the same method "
              "(c(0)); exact in tokens under greedy, approximate under sampling (see the script's docstring).", "",
+             "Each set's drafts as the fixed-K traces recorded them (first: the first draft's acceptance; following: "
+             "made and accepted after an accepted draft, the controller's γ; onward: made after a draft, β):", "",
+             "| method | temp | prompts | first | following | onward |", "|---|---|---|---|---|---|"]
+    seen = {}
+    for r in rows:
+        seen.setdefault((r["method"], r["temperature"], r["prompts"]), r["trace_rates"])
+    lines += [f"| {m} | {t} | {p} | {v['first_draft_acceptance']:.3f} | {v['following_acceptance']:.3f} | "
+              f"{v['continuation']:.3f} |" for (m, t, p), v in seen.items()]
+    lines += ["",
              "| method | temp | prompts | policy | speed vs plain steps | tokens/step | drafting |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['temperature']} | {r['prompts']} | {r['policy']} | {r['speed_vs_plain_steps']:.3f}x "
               f"| {r['tokens_per_step']:.2f} | {r['drafting_fraction']:.2f} |" for r in rows]

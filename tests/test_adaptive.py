@@ -24,6 +24,7 @@ from eej.decoding.adaptive import (
     next_backoff,
     probe_due,
     probe_overlap,
+    split_judged,
 )
 from eej.decoding.engine import Engine
 from eej.decoding.engine import _step as engine_step
@@ -62,6 +63,63 @@ def test_knowing_that_rows_stop_early_changes_the_pick():
     # a row that drafts on after 1 in 5 drafts rarely pays for a 4th draft it asks for: E / C = 1, 1.318, 1.366,
     # 1.3729, 1.3730 -> k = 4
     assert int(best_draft_length(alpha, row, costs, continuation=jnp.asarray([0.2]))) == 4
+
+
+def test_a_step_tells_of_its_first_draft_and_of_the_drafts_after_an_accepted_one():
+    # asked for 4: 3 of 4 accepted; the first rejected; all 4 accepted; 2 made (the row stopped) and both accepted
+    (first_hits, first_trials), (follow_hits, follow_trials) = split_judged(
+        jnp.asarray([3.0, 0.0, 4.0, 2.0]), jnp.asarray([4.0, 1.0, 4.0, 2.0]), 4)
+    assert first_hits.tolist() == [1, 0, 1, 1] and first_trials.tolist() == [1, 1, 1, 1]
+    # each accepted draft before the 4th asks whether the next was made and accepted: 2 of 3, -, 3 of 3, 1 of 2
+    assert follow_hits.tolist() == [2, 0, 3, 1] and follow_trials.tolist() == [3, 0, 3, 2]
+    (first_hits, first_trials), (follow_hits, follow_trials) = split_judged(jnp.asarray([0.3]), jnp.asarray([1.0]), 0)
+    assert np.allclose(first_hits, 0.3) and first_trials.tolist() == [1] and follow_trials.tolist() == [0]  # a probe
+
+
+def test_expected_tokens_with_drafts_that_follow_an_accepted_one_more_often():
+    # α = .5 for the first draft, γ = .8 after an accepted one: E = 1, 1.5, 1.5 + .4, 1.9 + .32
+    np.testing.assert_allclose(expected_tokens(jnp.asarray([0.5]), 3, following=jnp.asarray([0.8])), [[1, 1.5, 1.9, 2.22]])
+    np.testing.assert_allclose(expected_tokens(jnp.asarray([0.5]), 3, jnp.asarray([0.5]), jnp.asarray([0.25])),
+                               expected_tokens(jnp.asarray([0.5]), 3, jnp.asarray([0.5])))  # γ = α β: as if alike
+
+
+def test_drafts_that_follow_an_accepted_one_change_the_pick():
+    costs = jnp.asarray([1.0, 1.29, 1.42, 1.51, 1.68])  # this CPU's Kangaroo costs at batch 1, relative
+    alpha, row, beta = jnp.asarray([0.5]), jnp.asarray([True]), jnp.asarray([0.8])
+    # C(k) = 1, 1.29, 1.394, 1.4516, 1.5386; γ = α β = .4: E = 1, 1.5, 1.7, 1.78, 1.812 -> E / C peaks at k = 3 (1.226)
+    assert int(best_draft_length(alpha, row, costs, None, beta)) == 3
+    # γ = .8: E = 1, 1.5, 1.9, 2.22, 2.476 -> E / C = 1, 1.163, 1.363, 1.529, 1.609: k = 4
+    assert int(best_draft_length(alpha, row, costs, None, beta, jnp.asarray([0.8]))) == 4
+    # a first draft accepted 28 times in 100 does not pay for itself (1.28 / 1.3, 1.3584 / 1.45, ...) but does when the
+    # drafts after it are accepted 9 times in 10: E(3) / c(3) = (1 + .28 * 2.71) / 1.6 = 1.099, E(4) / c(4) = 1.122
+    assert int(best_draft_length(jnp.asarray([0.28]), row, COSTS)) == 0
+    assert int(best_draft_length(jnp.asarray([0.28]), row, COSTS, None, None, jnp.asarray([0.9]))) == 4
+
+
+def test_the_controller_learns_the_first_and_the_following_acceptance_apart():
+    ctl, rows = Controller.start(2, 4), jnp.asarray([True, True])
+    for step in range(80):  # row 0: every draft accepted; row 1: its first draft every other step, never a second
+        hit = float(step % 2)
+        ctl = ctl.after(4, False, ctl.backoff, jnp.asarray([4.0, hit]), jnp.asarray([4.0, 1.0 + hit]), rows,
+                        jnp.asarray([4, 1 + int(hit)]))
+    assert float(ctl.acceptance[0]) > 0.95 and float(ctl.following[0]) > 0.95
+    assert 0.35 < float(ctl.acceptance[1]) < 0.65 and float(ctl.following[1]) < 0.05
+    # a free probe (a plain step scoring the drafter's guess) tells of the first draft only ...
+    probed = ctl.after(0, True, ctl.backoff, jnp.asarray([0.0, 1.0]), jnp.ones(2), rows, jnp.zeros(2, jnp.int32))
+    assert float(probed.acceptance[0]) < float(ctl.acceptance[0]) and float(probed.acceptance[1]) > float(ctl.acceptance[1])
+    other = ctl.after(0, True, ctl.backoff, jnp.asarray([1.0, 0.0]), jnp.ones(2), rows, jnp.zeros(2, jnp.int32))
+    assert other.following.tolist() == probed.following.tolist()
+    # ... and a step of at most one draft cannot see a second: there γ and β drift a step back towards the prior 1/2
+    assert 0.5 < float(probed.following[0]) < float(ctl.following[0]) and float(ctl.following[1]) < float(probed.following[1]) < 0.5
+    one = ctl.after(1, False, ctl.backoff, jnp.asarray([1.0, 1.0]), jnp.ones(2), rows, jnp.ones(2, jnp.int32))
+    assert one.following.tolist() == probed.following.tolist() and one.continuation.tolist() == probed.continuation.tolist()
+    assert float(one.continuation[0]) < float(ctl.continuation[0])
+    # a step that drafts is not a probe (free: nothing more to score); a plain step that is due one is
+    k, probe, _ = ctl.decide(rows.at[1].set(False), None, 8, True)
+    assert int(k) == 4 and not bool(probe)
+    never = Controller.start(1, 4, tuple(COSTS.tolist())).replace(hits=jnp.zeros(1), idle=jnp.full((), 7, jnp.int32))
+    k, probe, _ = never.decide(jnp.asarray([True]), None, 8, True)
+    assert int(k) == 0 and bool(probe)
 
 
 def test_the_continuation_is_learnt_from_the_drafts_rows_made():
@@ -344,7 +402,7 @@ def _drafting_steps_while_the_prior_fades(costs: jax.Array, max_drafts: int) -> 
     """How many steps the controller drafts, from its prior, when every draft is rejected and no row stops drafting
     early: its own rule and update replayed on the cost table `costs` [K + 1] (one row, batch 1)."""
     ctl, active, steps = Controller.start(1, max_drafts, tuple(np.asarray(costs).tolist())), jnp.asarray([True]), 0
-    while (k := int(best_draft_length(ctl.acceptance, active, ctl.costs, None, ctl.continuation))) > 0:
+    while (k := int(best_draft_length(ctl.acceptance, active, ctl.costs, None, ctl.continuation, ctl.following))) > 0:
         ctl = ctl.after(k, False, ctl.backoff, jnp.zeros(1), jnp.ones(1), active, jnp.asarray([k]))
         steps += 1
         assert steps < 100, "the prior never fades"
@@ -359,8 +417,8 @@ def test_the_prior_fades_sooner_when_drafting_costs_more():
 @pytest.mark.real_model
 @pytest.mark.parametrize("kernels", ["xla", "cpu"])
 def test_an_untrained_adapter_on_the_real_model_costs_only_the_probes(real_model, kernels, tmp_path, monkeypatch):
-    """Acceptance ~0: after the prior fades the controller takes plain steps, with a probe every 8 plain steps and
-    more rarely as the probes keep finding nothing (costs measured here, with XLA's kernels and with eej's: their
+    """Acceptance ~0: after the prior fades the controller takes plain steps, with a probe on every plain step at
+    first and more rarely (every 8th) as the probes keep finding nothing (costs measured here, with XLA's kernels and with eej's: their
     ratios differ, and so does how long the prior takes to fade)."""
     monkeypatch.setenv("EEJ_CACHE_DIR", str(tmp_path))
     model = with_kernels(real_model, kernels)

@@ -26,9 +26,9 @@ def test_a_fixed_k_makes_what_the_trace_allows(replay):
 def test_the_replayed_controller_follows_the_evidence(replay):
     always = [(4, 5)] * 40
     tokens, spent, steps, drafting, learned = replay(always, COSTS, 1000, "adaptive", 0.95, 8, True)
-    # the first step asks for 3 (priors α = β = 1/2: E(k) = 1, 1.5, 1.625, 1.656, 1.664 over C(k) = 10, 13, 13.5,
-    # 13.75, 13.875 is .100, .1154, .12037, .12045, .1199), then, every draft accepted, K = 4 every step
-    assert drafting == steps and tokens == 4 + 5 * (steps - 1)
+    # the first step asks for 4 (priors α = β = γ = 1/2: E(k) = 1, 1.5, 1.75, 1.875, 1.9375 over C(k) = 10, 13, 13.5,
+    # 13.75, 13.875 is .100, .1154, .1296, .1364, .1396), and, every draft accepted, K = 4 every step
+    assert drafting == steps and tokens == 5 * steps
     never = [(4, 1)] * 60
     tokens, spent, steps, drafting, _ = replay(never, COSTS, 1000, "adaptive", 0.95, 8, False)
     assert tokens == steps and drafting <= 2 + 60 // 8  # the prior fades in a draft or two; then only probes draft
@@ -47,7 +47,11 @@ def test_the_kangaroo_step_overhead_script_refuses_bad_arguments_before_loading_
 
 
 def test_whether_then_k_asks_for_k_whenever_the_controller_drafts(replay):
-    # drafts always accepted: the controller's first step asks for 3 (above); deciding only whether, it asks for 4
+    # a 4th draft dear enough that the controller asks for 3 (from the priors: E(3) / C(3) = 1.875 / 13.75 = .136 >
+    # E(4) / C(4) = 1.9375 / 15.625 = .124; every draft accepted: 4 / 15 > 5 / 30); deciding only whether, it asks for 4
+    costs = COSTS[:4] + [30.0]
     always = [(4, 5)] * 10
-    tokens, _, steps, drafting, _ = replay(always, COSTS, 1000, "whether", 0.95, 8, True)
+    tokens, _, steps, drafting, _ = replay(always, costs, 1000, "adaptive", 0.95, 8, True)
+    assert drafting == steps and tokens == 4 * steps
+    tokens, _, steps, drafting, _ = replay(always, costs, 1000, "whether", 0.95, 8, True)
     assert drafting == steps and tokens == 5 * steps

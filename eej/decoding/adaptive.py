@@ -2,11 +2,17 @@
 
 A self-speculative step asked for up to k drafts makes d ≤ k of them: a row stops early after a draft its
 drafter is not confident of (the method's `exit_threshold`), which it does with probability 1 - β_b after
-each draft, so it makes at least i drafts with probability β_b^(i-1). The step commits in expectation
-E_b(k) = 1 + Σ_{i≤k} β_b^(i-1) α_b^i tokens for a row b whose drafts are each accepted with probability α_b
-(the accepted prefix ends at the first rejection, or at the last draft), and costs what its longest row
-drafted costs: C(k) = c(0) + Σ_{i≤k} P(some row drafts ≥ i) (c(i) - c(i-1)), c(d) the milliseconds of a step
-that drafts d and verifies d + 1. (With no early stop, β = 1: E_b(k) = 1 + α_b + ... + α_b^k and C(k) = c(k).)
+each draft, so it makes at least i drafts with probability β_b^(i-1). Its accepted prefix ends at the first
+rejection, or at the last draft. The first draft is accepted with probability α_b; after an accepted draft
+(k not reached) the next one is made *and* accepted with probability γ_b. Taking every draft as accepted alike,
+independently of whether the row drafts on (γ = α β), under-asks: a draft is made only after a confident one,
+and is then accepted more often than a first guess (Kangaroo's adapter on training prompts, greedy, four drafts:
+first drafts accepted 0.49 of the time on maths and 0.37 on code and role-play; a draft made after an accepted
+one, 0.57 and 0.56; so γ = 0.47 and 0.45 where α β reads 0.30 and 0.19: scripts/controller_replay.py). The step commits in
+expectation E_b(k) = 1 + α_b (1 + γ_b + ... + γ_b^(k-1)) tokens, and costs what its longest row drafted
+costs: C(k) = c(0) + Σ_{i≤k} P(some row drafts ≥ i) (c(i) - c(i-1)), c(d) the milliseconds of a step that
+drafts d and verifies d + 1. (With no early stop and drafts accepted independently, β = 1 and γ = α:
+E_b(k) = 1 + α_b + ... + α_b^k and C(k) = c(k).)
 A batch runs until its last row ends, so what a user waits for is the row that finishes last: at the pace of
 a step drafting k, row b, with R_b tokens of its budget left, needs R_b C(k) / E_b(k) more milliseconds.
 Each step the controller drafts
@@ -25,20 +31,21 @@ batch 1 it is k* = argmax_k E(k) / C(k).
   (eej.decoding.calibration), made non-decreasing in k (`monotone_costs`: timing noise must not make a longer
   draft look cheaper). On a CPU verifying a few tokens costs well over one step; on a GPU about one step —
   the same rule then drafts far more.
-- α_b is an exponential moving average (decay `DECAY` per judged draft, prior 1/2 worth two drafts)
-  of what verification observed: accepted drafts, and the first rejected one. An engine's later generations
-  (same sampling) start from the pooled α and β its last one ended with, still worth two drafts, instead of 1/2:
+- α_b and γ_b are exponential moving averages (decay `DECAY` per judged draft, prior 1/2 worth two drafts)
+  of what verification observed (`split_judged`): α_b of first drafts (accepted or not), γ_b of each accepted
+  draft before the k-th (whether the next one was made and accepted). An engine's later generations
+  (same sampling) start from the pooled α, β and γ its last one ended with, still worth two drafts, instead of 1/2:
   a generation no longer pays, at its start, for drafts the prior promised and the text it has been decoding
   withholds (on chat at batch 4, part of the 4-5% of steps `adaptive_v19` drafted on). Greedy tokens
   never depend on it; under sampling the draws consumed do, so the sample of a given seed depends on the
   engine's earlier generations, its distribution never (`Engine.forget` starts afresh). β_b likewise, of what the
   drafting loop did: after each draft but its last a row went on, and after its last one it stopped if
   that came before the k asked for. (Without β the rule charged c(k) and credited k drafts for a k that rows
-  stopping early rarely reach; at batch 1 that changes which k > 0 it picks, not whether it drafts: E(1) and
-  C(1) do not depend on β.) While the controller is
+  stopping early rarely reach.) While the controller is
   not speculating the estimate is kept fresh by a probe every `probe_every` plain steps: a drafter that
   reads the residual stream of a plain step (Kangaroo: layer l) scores its guess for the next token
-  against the plain step's own output for the price of its adapter and draft head (`free_probe`); any
+  against the plain step's own output for the price of its adapter and draft head (`free_probe`: a first
+  draft, it informs α); any
   other drafter takes one real speculative step of one draft instead. A probe after which speculation
   still does not pay doubles the wait for the next one, up to 2^MAX_BACKOFF times `probe_every`, and
   any step the rule chooses to speculate brings it back to `probe_every`: on text where the drafter never
@@ -128,28 +135,40 @@ class ExitEconomics:
 @struct.dataclass
 class Controller(ExitEconomics):
     """The adaptive draft-length controller's carried state (B rows, drafts up to K): `ExitEconomics` over the B
-    rows' drafts (hits, trials: discounted accepted and judged drafts; α = hits / trials), with costs [K + 1] what
-    a step drafting k tokens costs, plus
+    rows' first drafts (hits, trials: discounted accepted and judged first drafts; α = hits / trials), with costs
+    [K + 1] what a step drafting k tokens costs, plus
 
     chosen: [K + 1] int32, how many steps drafted k tokens.
     onward_hits, onward_trials: [B] float32, discounted drafts after which a row drafted on, and drafts after which
       it could have (it went on, or stopped before the k asked for); β = onward_hits / onward_trials.
+    follow_hits, follow_trials: [B] float32, discounted accepted drafts before the k-th after which the next draft
+      was made and accepted, and all accepted drafts before the k-th; γ = follow_hits / follow_trials.
     """
 
     chosen: jax.Array
     onward_hits: jax.Array
     onward_trials: jax.Array
+    follow_hits: jax.Array
+    follow_trials: jax.Array
 
     @classmethod
     def start(cls, batch: int, max_drafts: int, costs: tuple[float, ...] | None = None) -> "Controller":
         return super().start(batch, costs or (1.0,) * (max_drafts + 1), chosen=jnp.zeros((max_drafts + 1,), jnp.int32),
                              onward_hits=jnp.full((batch,), PRIOR_HITS, jnp.float32),
-                             onward_trials=jnp.full((batch,), PRIOR_TRIALS, jnp.float32))
+                             onward_trials=jnp.full((batch,), PRIOR_TRIALS, jnp.float32),
+                             follow_hits=jnp.full((batch,), PRIOR_HITS, jnp.float32),
+                             follow_trials=jnp.full((batch,), PRIOR_TRIALS, jnp.float32))
 
     @property
     def acceptance(self) -> jax.Array:
-        """[B] the estimated probability that a row's next draft is accepted."""
+        """[B] α: the estimated probability that a row's first draft of a step is accepted."""
         return self.rate
+
+    @property
+    def following(self) -> jax.Array:
+        """[B] γ: the estimated probability that, after an accepted draft (k not reached), a row makes another draft
+        and it is accepted too."""
+        return self.follow_hits / self.follow_trials
 
     @property
     def continuation(self) -> jax.Array:
@@ -160,43 +179,57 @@ class Controller(ExitEconomics):
     def decide(self, active: jax.Array, remaining: jax.Array | None, probe_every: int,
                free_probe: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
         """This step's (k, probe, backoff): the draft length the rule picks for the active rows [B] with `remaining`
-        [B] tokens of budget (`best_draft_length`), or — when that is 0 and a probe is due — a probe (free: scored
-        on the plain step; else one real draft), or the calibration's forced k; the backoff after the step."""
-        wanted = best_draft_length(self.acceptance, active, self.costs, remaining, self.continuation)
+        [B] tokens of budget (`best_draft_length`), or — when that is 0 and a probe is due — a probe (free: a plain
+        step that scores the drafter's guess; else one real draft), or the calibration's forced k; the backoff after
+        the step."""
+        wanted = best_draft_length(self.acceptance, active, self.costs, remaining, self.continuation, self.following)
         due = (wanted == 0) & probe_due(self.idle, self.backoff, probe_every)
         k = wanted if free_probe else jnp.where(due, 1, wanted)
         forced = self.force >= 0
         k = jnp.where(forced, self.force, k)
-        return k, (k > 0) | (due & ~forced), next_backoff(self.backoff, due, wanted > 0)
+        return k, due & ~forced, next_backoff(self.backoff, due, wanted > 0)
 
     @property
-    def pooled(self) -> tuple[jax.Array, jax.Array]:
-        """(α, β) pooled over the rows (float32 scalars): what a generation learnt (`SelfSpeculative.learned`)."""
-        return jnp.sum(self.hits) / jnp.sum(self.trials), jnp.sum(self.onward_hits) / jnp.sum(self.onward_trials)
+    def pooled(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(α, β, γ) pooled over the rows (float32 scalars): what a generation learnt (`SelfSpeculative.learned`)."""
+        return (jnp.sum(self.hits) / jnp.sum(self.trials), jnp.sum(self.onward_hits) / jnp.sum(self.onward_trials),
+                jnp.sum(self.follow_hits) / jnp.sum(self.follow_trials))
 
-    def started_from(self, learned: tuple[jax.Array | float, jax.Array | float]) -> "Controller":
-        """This state with its prior moved to an earlier generation's pooled (α, β), still worth `PRIOR_TRIALS`
-        judged drafts (`SelfSpeculative.start_from`)."""
-        alpha, beta = learned
-        return self.replace(
-            hits=jnp.full(self.hits.shape, alpha * PRIOR_TRIALS, jnp.float32), trials=jnp.full(self.trials.shape, PRIOR_TRIALS, jnp.float32),
-            onward_hits=jnp.full(self.onward_hits.shape, beta * PRIOR_TRIALS, jnp.float32),
-            onward_trials=jnp.full(self.onward_trials.shape, PRIOR_TRIALS, jnp.float32))
+    def started_from(self, learned: tuple[jax.Array | float, ...]) -> "Controller":
+        """This state with its prior moved to an earlier generation's pooled (α, β, γ), each still worth
+        `PRIOR_TRIALS` judged drafts (`SelfSpeculative.start_from`)."""
+
+        def prior(rate, like):
+            return jnp.full(like.shape, rate * PRIOR_TRIALS, jnp.float32), jnp.full(like.shape, PRIOR_TRIALS, jnp.float32)
+
+        alpha, beta, gamma = learned
+        (hits, trials), (onward_hits, onward_trials), (follow_hits, follow_trials) = (
+            prior(alpha, self.hits), prior(beta, self.onward_hits), prior(gamma, self.follow_hits))
+        return self.replace(hits=hits, trials=trials, onward_hits=onward_hits, onward_trials=onward_trials,
+                            follow_hits=follow_hits, follow_trials=follow_trials)
 
     def after(self, k: jax.Array | int, probe: jax.Array | bool, backoff: jax.Array, hits: jax.Array,
               trials: jax.Array, active: jax.Array, drafted: jax.Array | None = None,
               decay: float = DECAY) -> "Controller":
         """The state after a step that asked for k drafts (probing or not), in which the rows made `drafted` [B]
-        (None: not observed) and verification judged `hits` of `trials` [B] drafts."""
-        hits, trials = discounted(self.hits, self.trials, hits, trials, active, decay)
-        onward_hits, onward_trials = self.onward_hits, self.onward_trials
+        (None: not observed) and verification judged `hits` of `trials` [B] drafts (`judged`; a probe: the scored
+        guess, hits in [0, 1] of one trial)."""
+        (first_hits, first_trials), (follow_hits, follow_trials) = split_judged(hits, trials, k)
+        hits, trials = discounted(self.hits, self.trials, first_hits, first_trials, active, decay)
+        deciding = active & (self.force < 0)
+        # A step asked for at most one draft cannot tell whether a second would have been made or accepted: there
+        # γ and β drift back towards the prior, or a low estimate would keep the rule at one draft for good.
+        blind = deciding & (jnp.asarray(k) <= 1)
+        follow_hits, follow_trials = discounted(*towards_prior(self.follow_hits, self.follow_trials, blind, decay),
+                                                follow_hits, follow_trials, deciding & (follow_trials > 0), decay)
+        onward_hits, onward_trials = towards_prior(self.onward_hits, self.onward_trials, blind, decay)
         if drafted is not None:
             went_on, could = drafted_onward(drafted, k)
-            onward_hits, onward_trials = discounted(onward_hits, onward_trials, went_on, could,
-                                                    active & (could > 0) & (self.force < 0), decay)
+            onward_hits, onward_trials = discounted(onward_hits, onward_trials, went_on, could, deciding & (could > 0),
+                                                    decay)
         return self.replace(hits=hits, trials=trials, idle=jnp.where((jnp.asarray(k) > 0) | probe, 0, self.idle + 1),
                             backoff=backoff, chosen=self.chosen.at[k].add(1), onward_hits=onward_hits,
-                            onward_trials=onward_trials)
+                            onward_trials=onward_trials, follow_hits=follow_hits, follow_trials=follow_trials)
 
 
 def probe_due(idle: jax.Array, backoff: jax.Array, probe_every: int) -> jax.Array:
@@ -217,6 +250,13 @@ def discounted(hits: jax.Array, trials: jax.Array, new_hits: jax.Array, new_tria
     return jnp.where(where, decay * hits + new_hits, hits), jnp.where(where, decay * trials + new_trials, trials)
 
 
+def towards_prior(hits: jax.Array, trials: jax.Array, where: jax.Array, decay: float = DECAY):
+    """(hits, trials) [B] moved a step back towards the prior (1/2 worth two) where `where`: what a judged trial's
+    decay does to old evidence, with the prior in the new trial's place."""
+    blend = lambda old, prior: jnp.where(where, decay * old + (1.0 - decay) * prior, old)
+    return blend(hits, PRIOR_HITS), blend(trials, PRIOR_TRIALS)
+
+
 def drafted_onward(drafted: jax.Array, k: jax.Array | int) -> tuple[jax.Array, jax.Array]:
     """What a step asked for k drafts tells of each row's continuation, from the drafts it made (drafted [B]):
     (drafts after which it drafted on [B], drafts after which it could have [B]) — every draft but the last,
@@ -226,13 +266,23 @@ def drafted_onward(drafted: jax.Array, k: jax.Array | int) -> tuple[jax.Array, j
     return went_on, went_on + ((made >= 1) & (made < jnp.asarray(k, jnp.float32))).astype(jnp.float32)
 
 
-def expected_tokens(acceptance: jax.Array, max_drafts: int, continuation: jax.Array | None = None) -> jax.Array:
-    """E(k) = 1 + Σ_{i≤k} β^(i-1) α^i for k = 0..K (β = 1, no early stop: 1 + α + ... + α^k): acceptance α and
-    continuation β [...] -> [..., K + 1]."""
-    i = jnp.arange(1, max_drafts + 1)
-    gains = acceptance[..., None] ** i
-    if continuation is not None:
-        gains = gains * continuation[..., None] ** (i - 1)
+def split_judged(hits: jax.Array, trials: jax.Array, k: jax.Array | int) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """What a step asked for k drafts tells of the first draft and of the drafts after an accepted one, from the
+    accepted `hits` of judged `trials` [B] (`judged`; a free probe: hits in [0, 1] of one trial, k = 0):
+    ((first hits, first trials), (follow hits, follow trials)) [B] each. Of a accepted drafts, each one before the
+    k-th is a follow trial, a success where the next draft was accepted too: a - 1 of min(a, k - 1)."""
+    follow_trials = jnp.maximum(jnp.minimum(hits, jnp.asarray(k, jnp.float32) - 1.0), 0.0)
+    return (jnp.minimum(hits, 1.0), jnp.minimum(trials, 1.0)), (jnp.maximum(hits - 1.0, 0.0), follow_trials)
+
+
+def expected_tokens(acceptance: jax.Array, max_drafts: int, continuation: jax.Array | None = None,
+                    following: jax.Array | None = None) -> jax.Array:
+    """E(k) = 1 + α (1 + γ + ... + γ^(k-1)) for k = 0..K: first-draft acceptance α, and γ the chance that a draft after
+    an accepted one is made and accepted [...] -> [..., K + 1]. Without γ, drafts are taken as accepted alike and
+    independently of a row drafting on with probability β: γ = α β (β = 1, no early stop: E = 1 + α + ... + α^k)."""
+    if following is None:
+        following = acceptance if continuation is None else acceptance * continuation
+    gains = acceptance[..., None] * following[..., None] ** jnp.arange(max_drafts)
     return 1.0 + jnp.concatenate([jnp.zeros_like(gains[..., :1]), jnp.cumsum(gains, axis=-1)], axis=-1)
 
 
@@ -247,13 +297,15 @@ def expected_step_costs(costs: jax.Array, active: jax.Array, continuation: jax.A
 
 
 def best_draft_length(acceptance: jax.Array, active: jax.Array, costs: jax.Array,
-                      remaining: jax.Array | None = None, continuation: jax.Array | None = None) -> jax.Array:
-    """argmin_k max_b remaining_b C(k) / E_b(k) over the active rows (module docstring): acceptance, active,
-    remaining (None: equal budgets), continuation (None: rows never stop early) [B]; costs c [K + 1] -> int32 k
-    (0 when no row is active; ties: the shorter)."""
+                      remaining: jax.Array | None = None, continuation: jax.Array | None = None,
+                      following: jax.Array | None = None) -> jax.Array:
+    """argmin_k max_b remaining_b C(k) / E_b(k) over the active rows (module docstring): acceptance α, active,
+    remaining (None: equal budgets), continuation β (None: rows never stop early), following γ (None: α β) [B];
+    costs c [K + 1] -> int32 k (0 when no row is active; ties: the shorter)."""
     remaining = jnp.ones(acceptance.shape, jnp.float32) if remaining is None else remaining.astype(jnp.float32)
     step_costs = expected_step_costs(costs, active, continuation)
-    finish = remaining[:, None] * step_costs[None, :] / expected_tokens(acceptance, costs.shape[0] - 1, continuation)
+    gains = expected_tokens(acceptance, costs.shape[0] - 1, continuation, following)
+    finish = remaining[:, None] * step_costs[None, :] / gains
     return jnp.argmin(jnp.max(jnp.where(active[:, None], finish, 0.0), axis=0)).astype(jnp.int32)
 
 
@@ -383,15 +435,15 @@ class SelfSpeculative(Strategy):
         longer draft for its cost alone."""
         return {**method_state, "controller": method_state["controller"].replace(costs=monotone_costs(milliseconds))}
 
-    def learned(self, method_state: Any) -> tuple[jax.Array, jax.Array] | None:
-        """The batch's acceptance α and continuation β at the end of a generation, pooled over its rows (float32
-        scalars): the next generation on the engine starts from them (`start_from`). None when not adaptive."""
+    def learned(self, method_state: Any) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+        """The batch's acceptance α, continuation β and following γ at the end of a generation, pooled over its rows
+        (float32 scalars): the next generation on the engine starts from them (`start_from`). None when not adaptive."""
         if not self.adaptive:
             return None
         return method_state["controller"].pooled
 
-    def start_from(self, method_state: Any, learned: tuple[jax.Array, jax.Array]) -> Any:
-        """The controller's prior moved to an earlier generation's pooled α and β, still worth `PRIOR_TRIALS` judged
+    def start_from(self, method_state: Any, learned: tuple[jax.Array, ...]) -> Any:
+        """The controller's prior moved to an earlier generation's pooled α, β and γ, still worth `PRIOR_TRIALS` judged
         drafts (the probes and drafts of this generation take over as fast as from the uninformed 1/2)."""
         return {**method_state, "controller": method_state["controller"].started_from(learned)}
 

@@ -67,7 +67,9 @@ class Kangaroo(SelfSpeculative):
     max_draft_steps: the most drafts per step (K); a step commits at most K + 1 tokens.
     adaptive, step_costs, probe_every: the draft length chosen each step (eej.decoding.adaptive); the
       probe is free here: a plain step runs layers [0, l) anyway, so the adapter and draft head score
-      their guess against the step's own token.
+      their guess against the step's own token. So it comes on every plain step (backing off to every 8th
+      while the rule keeps choosing plain steps): the estimate recovers from a run of rejections within a
+      few steps, not the 8-64 a sparser schedule takes (scripts/controller_replay.py, docs/adaptive.md).
     """
 
     name: ClassVar[str] = "kangaroo"
@@ -78,6 +80,7 @@ class Kangaroo(SelfSpeculative):
     exit_layer: int = setting(2, at_least=0, integer=True)
     exit_threshold: float = setting(0.6, at_least=0.0, at_most=1.0)
     max_draft_steps: int = setting(6, at_least=1, integer=True)
+    probe_every: int = setting(1, at_least=1, integer=True, kw_only=True)
 
     def validate(self, cfg: ModelConfig, method_params: Any) -> None:
         check_adapter("kangaroo", cfg, self.exit_layer, method_params)
@@ -178,7 +181,7 @@ class KangarooSettings:
     max_draft_steps: int = setting(6, at_least=1, integer=True)
     draft_vocab_size: int = setting(0, at_least=0, integer=True)
     adaptive: bool = setting(True, choices=(True, False))
-    probe_every: int = setting(8, at_least=1, integer=True)
+    probe_every: int = setting(1, at_least=1, integer=True)
 
 
 def load_kangaroo(model: Model, settings: KangarooSettings) -> tuple[Kangaroo, dict]:
