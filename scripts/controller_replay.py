@@ -61,13 +61,16 @@ def training_prompts(per_set: int) -> dict[str, list[str]]:
 def trace_rates(traces: list[list[tuple[int, int]]], max_k: int) -> dict[str, float]:
     """What traces recorded at K drafts say of each kind of draft: the first draft's acceptance, a draft's chance of
     being made and accepted after an accepted one (before the K-th: the controller's γ), and of being made at all
-    after a draft (β)."""
-    first = [c > 1 for t in traces for d, c in t if d >= 1]
-    follow = [(c - 1 - 1, min(c - 1, max_k - 1)) for t in traces for d, c in t if c > 1]
-    onward = [(d - 1, d - 1 + (d < max_k)) for t in traces for d, c in t if d >= 1]
-    return {"first_draft_acceptance": sum(first) / max(len(first), 1),
-            "following_acceptance": sum(h for h, _ in follow) / max(sum(n for _, n in follow), 1),
-            "continuation": sum(h for h, _ in onward) / max(sum(n for _, n in onward), 1)}
+    after a draft (β) — counted as the controller counts them (`judged`, `split_judged`, `drafted_onward`)."""
+    drafted, committed = (jnp.asarray([step[i] for t in traces for step in t]) for i in (0, 1))
+    (first_hits, first_trials), (follow_hits, follow_trials) = adaptive.split_judged(*adaptive.judged(drafted, committed), max_k)
+    went_on, could = adaptive.drafted_onward(drafted, max_k)
+
+    def rate(hits, trials) -> float:
+        return float(jnp.sum(hits) / jnp.maximum(jnp.sum(trials), 1.0))
+
+    return {"first_draft_acceptance": rate(first_hits, first_trials),
+            "following_acceptance": rate(follow_hits, follow_trials), "continuation": rate(went_on, could)}
 
 
 def record(model, method: str, prompts: list[str], temperature: float, max_new: int) -> tuple[list, list[float], int]:

@@ -55,3 +55,12 @@ def test_whether_then_k_asks_for_k_whenever_the_controller_drafts(replay):
     assert drafting == steps and tokens == 4 * steps
     tokens, _, steps, drafting, _ = replay(always, costs, 1000, "whether", 0.95, 8, True)
     assert drafting == steps and tokens == 5 * steps
+
+
+def test_trace_rates_count_drafts_as_the_controller_does():
+    script = load_script("controller_replay")
+    trace = [(4, 5), (2, 1), (4, 3)]  # (drafts made with K = 4, tokens committed)
+    rates = script.trace_rates([trace], 4)
+    # first drafts accepted 2 of 3; after an accepted one the next made and accepted 3 of 3, then 1 of 2 (a = 2 of 4
+    # drafts: the 3rd rejected); drafted on after 3 of 3, 1 of 2 (stopped after 2 of the 4 asked) and 3 of 3
+    assert rates == pytest.approx({"first_draft_acceptance": 2 / 3, "following_acceptance": 4 / 5, "continuation": 7 / 8})

@@ -253,7 +253,9 @@ def discounted(hits: jax.Array, trials: jax.Array, new_hits: jax.Array, new_tria
 def towards_prior(hits: jax.Array, trials: jax.Array, where: jax.Array, decay: float = DECAY):
     """(hits, trials) [B] moved a step back towards the prior (1/2 worth two) where `where`: what a judged trial's
     decay does to old evidence, with the prior in the new trial's place."""
-    blend = lambda old, prior: jnp.where(where, decay * old + (1.0 - decay) * prior, old)
+    def blend(old: jax.Array, prior: float) -> jax.Array:
+        return jnp.where(where, decay * old + (1.0 - decay) * prior, old)
+
     return blend(hits, PRIOR_HITS), blend(trials, PRIOR_TRIALS)
 
 
