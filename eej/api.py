@@ -222,17 +222,19 @@ def generate(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    coupled: bool = True,
     seed: int = 0,
     cache_size: int | None = None,
 ) -> Completions:
     """Generate for one prompt or a batch (texts, or token-id lists used as they are) with `method`.
 
-    chat: wrap text prompts in the model's chat template. temperature 0 = greedy.
+    chat: wrap text prompts in the model's chat template. temperature 0 = greedy. coupled: see
+    eej.config.SamplingConfig (False: residual speculative sampling).
     """
     items = _as_prompt_list(prompts)
     tok = model.tokenizer
     ids = [(tok.encode_chat(p) if chat else tok.encode(p)) if isinstance(p, str) else p for p in items]
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, coupled=coupled)
     out = engine(model, method, cache_size=cache_size).generate(ids, max_new_tokens, sampling, seed=seed)
     return Completions(method_label(method), items, [tok.decode(t) for t in out.tokens], out.tokens, out)
 
@@ -287,6 +289,7 @@ def compare(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    coupled: bool = True,
     seed: int = 0,
     agreement: bool = True,
     progress: bool = False,
@@ -314,7 +317,7 @@ def compare(
         "mt_bench_categories": "keep",
     }
     return _run_bench(model, contestants, questions, described, max_new_tokens, batch_size,
-                      SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), seed, agreement, progress)
+                      SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, coupled=coupled), seed, agreement, progress)
 
 
 def benchmark(
@@ -332,6 +335,7 @@ def benchmark(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    coupled: bool = True,
     seed: int = 0,
     draws: int = 1,
     agreement: bool = True,
@@ -343,7 +347,7 @@ def benchmark(
     """`eej bench` from Python: a Spec-Bench-schema questions file, methods and optional transformers peers
     (`peers=["hf", "hf-early-exit"]`, with `early_exit_layer` and `peer_threads` as in docs/bench.md); `draws`
     answers each question that many times under sampling (eej.bench.questions.with_draws)."""
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, coupled=coupled)
     chosen = with_draws(select_questions(load_questions(questions, mt_bench_categories), categories, limit), draws,
                         sampling.greedy)
     peer_names = parse_peers(",".join(peers)) if peers else []

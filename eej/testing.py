@@ -74,15 +74,17 @@ def plain_tokens(model: Model, prompts: list[list[int]], max_new_tokens: int, **
     return Engine(model).generate(prompts, max_new_tokens=max_new_tokens, eos_ids=(), **kwargs).tokens
 
 
-def method_and_plain_greedy(model: Model, method: str) -> tuple[list[list[int]], list[list[int]]] | None:
-    """(method's tokens, plain's tokens) for three ragged random prompts, 24 new tokens, greedy; None if `method`
-    is lossy. The random (untrained) instance of `method` from eej.decoding.methods."""
+def method_and_plain(model: Model, method: str, sampling: SamplingConfig = SamplingConfig()
+                     ) -> tuple[list[list[int]], list[list[int]]] | None:
+    """(method's tokens, plain's tokens) for three ragged random prompts, 24 new tokens, greedy or `sampling` (seed 5);
+    None if `method` is lossy. The random (untrained) instance of `method` from eej.decoding.methods."""
     strategy, method_params = random_method(model, method, seed=2)
     if not strategy.lossless:
         return None
     prompts = random_prompts(np.random.default_rng(7), [3, 11, 6], model.cfg.vocab_size)
-    got = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=24, eos_ids=()).tokens
-    return got, plain_tokens(model, prompts, 24)
+    got = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=24, eos_ids=(), sampling=sampling,
+                                                           seed=5).tokens
+    return got, plain_tokens(model, prompts, 24, sampling=sampling, seed=5)
 
 
 def cost_profile(adaptive: bool | float, max_drafts: int) -> dict:

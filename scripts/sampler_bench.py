@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""What drawing the token costs plain decoding: eej's inverse-CDF sampler against `jax.random.categorical`.
+"""What drawing the token costs plain decoding: eej's two samplers (the coupled exponential race, the default, and
+the residual rule's inverse CDF) against `jax.random.categorical`.
 
 First the draw alone: a jitted loop of 200 draws from 4 x 49,152 random logits, best of 5 (ms per draw). Then
 plain decoding of SmolLM2-135M, 4 rows of a 100-token prompt, 128 new tokens at temperature 0.7, once with each
-sampler (the Gumbel one patched in for the comparison), interleaved round by round; median decode ms per step.
+sampler (patched in for the comparison), interleaved round by round; median decode ms per step.
 Run it alone (`flock /tmp/eej-benchmark.lock`).
 
     python scripts/sampler_bench.py [--rounds 5] [--out benchmarks/results/sampler_b4_t0.7]
@@ -20,9 +21,11 @@ import time
 import jax
 import jax.numpy as jnp
 
+import dataclasses
+
 import eej.decoding.engine as engine_module
-import eej.decoding.plain as plain_module
 import eej.decoding.sampling as sampling_module
+import eej.decoding.strategy as strategy_module
 from eej.bench.machine import load_average, machine_info
 from eej.config import SamplingConfig
 from eej.decoding.engine import Engine
@@ -30,22 +33,28 @@ from eej.files import write_atomic
 from eej.weights.registry import load_model
 
 
-def gumbel_sample(logits, key, sampling):
-    """The sampler eej used before: Gumbel-max noise over every logit."""
+def gumbel_sample(logits, key, sampling, keys):
+    """The sampler eej used first: Gumbel-max noise over every logit."""
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, sampling_module.warped_log_probs(logits, sampling), axis=-1).astype(jnp.int32)
 
 
+def inverse_cdf_sample(logits, key, sampling, keys):
+    """The residual rule's sampler (`SamplingConfig(coupled=False)`): one uniform per row."""
+    return sampling_module.sample(logits, key, dataclasses.replace(sampling, coupled=False), None)
+
+
 def draw_ms(fn, batch: int, vocab: int = 49_152, draws: int = 200) -> float:
-    """ms per draw of `fn(logits [batch, vocab], key, sampling)`, in one jitted loop (best of 5)."""
+    """ms per draw of `fn(logits [batch, vocab], key, sampling, keys)`, in one jitted loop (best of 5)."""
     sampling = SamplingConfig(temperature=0.7)
     logits = jax.random.normal(jax.random.PRNGKey(0), (batch, vocab)) * 3
 
     @jax.jit
     def loop(logits, key):
         def body(i, total):  # the logits move a little each draw, so nothing is hoisted out of the loop
-            return total + fn(logits + total[:, None].astype(jnp.float32) * 1e-6, jax.random.fold_in(key, i), sampling)
+            keys = sampling_module.token_keys(jnp.arange(batch, dtype=jnp.uint32), jnp.full((batch,), i))
+            return total + fn(logits + total[:, None].astype(jnp.float32) * 1e-6, jax.random.fold_in(key, i), sampling, keys)
         return jax.lax.fori_loop(0, draws, body, jnp.zeros((batch,), jnp.int32))
 
     loop(logits, jax.random.PRNGKey(1)).block_until_ready()
@@ -64,13 +73,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/sampler_b4_t0.7")
     args = ap.parse_args(argv)
     load_start = load_average()
-    samplers = [("jax.random.categorical", gumbel_sample), ("inverse CDF (eej)", sampling_module.sample)]
+    samplers = [("jax.random.categorical", gumbel_sample), ("inverse CDF (residual)", inverse_cdf_sample),
+                ("exponential race (coupled, the default)", sampling_module.sample)]
     draws = {name: draw_ms(fn, args.batch) for name, fn in samplers}
     model = load_model("smollm2-135m", kernels="xla")
     prompts, sampling, new = [[1, 2, 3, 4, 5] * 20] * args.batch, SamplingConfig(temperature=0.7), 128
     engines = {}
     for name, fn in samplers:
-        plain_module.sample = engine_module.sample = fn  # traced into this engine's programs when it compiles
+        strategy_module.sample = engine_module.sample = fn  # traced into this engine's programs when it compiles
         engines[name] = Engine(model)
         engines[name].generate(prompts, max_new_tokens=new, sampling=sampling, seed=0, eos_ids=())
     ms = {name: [] for name in engines}

@@ -26,6 +26,7 @@ from eej.decoding.adaptive import (
     probe_overlap,
     split_judged,
 )
+from eej.decoding.sampling import race_sample, token_keys
 from eej.decoding.engine import Engine
 from eej.decoding.engine import _step as engine_step
 from eej.decoding.kangaroo import Kangaroo, random_kangaroo
@@ -186,11 +187,26 @@ def test_probe_overlap_is_the_acceptance_probability():
     target = jnp.log(jnp.asarray([[0.5, 0.3, 0.2, 0.0 + 1e-30]]))
     draft = jnp.log(jnp.asarray([[0.1, 0.6, 0.3]]))  # over token ids [0, 1, 3]
     ids = jnp.asarray([0, 1, 3])
-    sampling = SamplingConfig(temperature=1.0)
+    residual = SamplingConfig(temperature=1.0, coupled=False)
     # sum_v min(p_v, q_v): min(.5,.1) + min(.3,.6) + min(.2,0) + min(0,.3) = 0.4
-    np.testing.assert_allclose(probe_overlap(target, draft, ids, sampling), [0.4], atol=1e-6)
-    assert float(probe_overlap(target, draft, ids, SamplingConfig())[0]) == 0.0  # greedy: argmax 0 vs draft's 1
-    assert float(probe_overlap(target, jnp.log(jnp.asarray([[0.9, 0.05, 0.05]])), ids, SamplingConfig())[0]) == 1.0
+    np.testing.assert_allclose(probe_overlap(target, jnp.asarray([1]), draft, ids, residual, None), [0.4], atol=1e-6)
+    greedy = SamplingConfig()
+    assert float(probe_overlap(target, jnp.asarray([0]), draft, ids, greedy, None)[0]) == 0.0  # argmax 0 vs draft's 1
+    confident = jnp.log(jnp.asarray([[0.9, 0.05, 0.05]]))
+    assert float(probe_overlap(target, jnp.asarray([0]), confident, ids, greedy, None)[0]) == 1.0
+
+
+def test_a_coupled_probe_scores_whether_the_drafts_own_draw_is_the_targets():
+    sampling = SamplingConfig(temperature=1.0)
+    target = jnp.log(jnp.asarray([[0.5, 0.3, 0.2, 1e-30]] * 64))
+    keys = token_keys(jnp.arange(64, dtype=jnp.uint32), jnp.full((64, 1), 9))[:, 0]
+    drawn = race_sample(target, keys, sampling)
+    ids = jnp.asarray([0, 1, 2])
+    same = probe_overlap(target, drawn, target[:, :3], ids, sampling, keys)  # the target's distribution: always agrees
+    np.testing.assert_array_equal(same, np.ones(64))
+    elsewhere = jnp.log(jnp.asarray([[1e-30, 1e-30, 1.0]] * 64))  # all on token 2: agrees exactly where 2 was drawn
+    np.testing.assert_array_equal(probe_overlap(target, drawn, elsewhere, ids, sampling, keys), np.asarray(drawn == 2))
+    assert 0 < int(jnp.sum(drawn == 2)) < 64
 
 
 def test_an_unrewarding_drafter_settles_on_plain_steps_and_stays_lossless():

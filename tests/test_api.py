@@ -15,7 +15,6 @@ from eej.api import engine
 from eej.bench.report import BenchReport
 from eej.bench.report import check_schema
 from eej.decoding.engine import Engine
-from eej.decoding.sampling import sample
 from eej.decoding.strategy import StepInputs, StepResult, Strategy
 from eej.model.transformer import embed, logits_from_hidden, run_layers
 
@@ -31,7 +30,7 @@ class FirstLayerExit(Strategy):
 
     def step(self, s: StepInputs) -> StepResult:
         x, cache = run_layers(s.params, embed(s.params, s.pending[:, None], s.cfg), s.cache, s.positions, s.cfg, 0, 1)
-        return StepResult.one_token(sample(logits_from_hidden(s.params, x[:, 0], s.cfg), s.key, s.sampling), cache,
+        return StepResult.one_token(s.sample(logits_from_hidden(s.params, x[:, 0], s.cfg)), cache,
                                     s.method_state, forwards=0, layers=1)
 
 

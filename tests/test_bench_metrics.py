@@ -63,7 +63,7 @@ def test_agreement_count_reads_the_position_before_each_token():
 def test_identical_answers_give_one():
     plain = [rec("plain", q, [q, 2, 3], forwards=3, layers=60.0, agreement=3) for q in range(4)]
     other = [rec("m", q, [q, 2, 3], forwards=2, layers=30.0, agreement=3) for q in range(4)]
-    out = summarize(plain + other, ["plain", "m"], ["qa"], greedy=True)
+    out = summarize(plain + other, ["plain", "m"], ["qa"], reproducible=True)
     for name in ("plain", "m"):
         o = out[name]["overall"]
         assert o["identical_rate"] == 1.0 and o["rouge_l"] == 1.0 and o["token_agreement"] == 1.0
@@ -76,7 +76,7 @@ def test_identical_answers_give_one():
 def test_known_mismatch_gives_the_exact_fraction():
     plain = [rec("plain", q, [1, 2, 3, 4], agreement=4) for q in range(5)]
     other = [rec("m", q, [1, 2, 3, 4], agreement=4) for q in range(4)] + [rec("m", 4, [1, 2, 9, 9], agreement=3)]
-    o = summarize(plain + other, ["plain", "m"], ["qa"], greedy=True)["m"]["overall"]
+    o = summarize(plain + other, ["plain", "m"], ["qa"], reproducible=True)["m"]["overall"]
     assert o["identical_rate"] == pytest.approx(4 / 5)
     assert o["token_agreement"] == pytest.approx(19 / 20)
     assert o["rouge_l"] == pytest.approx((4 * 1.0 + 0.5) / 5)  # LCS 2 of 4 and 4: F1 = 0.5
@@ -89,7 +89,7 @@ def test_speed_and_speedup_per_category():
         rec("m", 1, [1] * 10, category="a", seconds=0.5),
         rec("m", 2, [1] * 30, category="b", seconds=2.0),
     ]
-    out = summarize(records, ["plain", "m"], ["a", "b"], greedy=True)
+    out = summarize(records, ["plain", "m"], ["a", "b"], reproducible=True)
     assert out["plain"]["overall"]["tokens_per_second"] == pytest.approx(20.0)
     assert out["m"]["per_category"]["a"]["speedup"] == pytest.approx(2.0)
     assert out["m"]["per_category"]["b"]["speedup"] == pytest.approx(0.5)
@@ -108,24 +108,24 @@ def test_row_speedup_charges_a_row_only_while_it_generates():
         dataclasses.replace(rec("m", 1, [1] * 11, seconds=0.5), row_decode_seconds=0.5),
         dataclasses.replace(rec("m", 2, [1] * 3, seconds=0.5), row_decode_seconds=0.1),
     ]
-    out = summarize(records, ["plain", "m"], ["qa"], greedy=False)
+    out = summarize(records, ["plain", "m"], ["qa"], reproducible=False)
     assert out["m"]["overall"]["speedup"] == pytest.approx((14 / 1.0) / (22 / 2.0))
     assert out["m"]["overall"]["row_speedup"] == pytest.approx((12 / 0.6) / (20 / 2.0))
     assert out["m"]["per_category"]["qa"]["row_speedup"] == pytest.approx(2.0)
     assert out["plain"]["overall"]["row_speedup"] == 1.0
     # A contestant without row times (a peer) has none; nor does anyone when plain has none.
     peer = [dataclasses.replace(r, contestant="peer", row_decode_seconds=None) for r in records[:2]]
-    assert summarize(records + peer, ["plain", "m", "peer"], ["qa"], greedy=False)["peer"]["overall"]["row_speedup"] is None
+    assert summarize(records + peer, ["plain", "m", "peer"], ["qa"], reproducible=False)["peer"]["overall"]["row_speedup"] is None
     bare = [dataclasses.replace(r, row_decode_seconds=None) if r.contestant == "plain" else r for r in records]
-    assert summarize(bare, ["plain", "m"], ["qa"], greedy=False)["m"]["overall"]["row_speedup"] is None
+    assert summarize(bare, ["plain", "m"], ["qa"], reproducible=False)["m"]["overall"]["row_speedup"] is None
 
 
 def test_sampling_reports_no_identical_rate_and_multi_turn_keys_match_by_turn():
     plain = [rec("plain", 1, [1, 2], turn=1), rec("plain", 1, [3, 4], turn=2)]
     other = [rec("m", 1, [1, 2], turn=1), rec("m", 1, [3, 5], turn=2)]
-    greedy = summarize(plain + other, ["plain", "m"], ["qa"], greedy=True)["m"]["overall"]
+    greedy = summarize(plain + other, ["plain", "m"], ["qa"], reproducible=True)["m"]["overall"]
     assert greedy["identical_rate"] == 0.5
-    sampled = summarize(plain + other, ["plain", "m"], ["qa"], greedy=False)["m"]["overall"]
+    sampled = summarize(plain + other, ["plain", "m"], ["qa"], reproducible=False)["m"]["overall"]
     assert sampled["identical_rate"] is None
     assert sampled["rouge_l"] == pytest.approx((1.0 + 0.5) / 2)
 
@@ -134,7 +134,7 @@ def test_aggregate_of_nothing_and_missing_baseline():
     empty = aggregate([], None, None, True)
     assert empty["answers"] == 0 and empty["tokens_per_second"] is None and empty["speedup"] is None
     with pytest.raises(ValueError, match="plain"):
-        summarize([rec("m", 1, [1])], ["m"], ["qa"], greedy=True)
+        summarize([rec("m", 1, [1])], ["m"], ["qa"], reproducible=True)
 
 
 # ----------------------------------------------------------------------------- task quality against references
@@ -200,7 +200,7 @@ def quality_records():
 
 
 def test_reference_metrics_per_category_and_overall():
-    out = summarize(quality_records(), ["plain", "m"], CATEGORIES, greedy=True, references=REFERENCES)
+    out = summarize(quality_records(), ["plain", "m"], CATEGORIES, reproducible=True, references=REFERENCES)
     m, plain = out["m"]["overall"], out["plain"]["overall"]
     assert (m["reference_rouge_l_count"], m["reference_skipped"]) == (3, 1)  # qa has no reference
     assert (m["reference_bleu_count"], m["reference_exact_match_count"]) == (1, 1)
@@ -216,12 +216,12 @@ def test_reference_metrics_per_category_and_overall():
     assert (rag["reference_bleu_count"], rag["reference_exact_match_count"], rag["reference_skipped"]) == (0, 0, 0)
     assert qa["reference_rouge_l"] is None and (qa["reference_rouge_l_count"], qa["reference_skipped"]) == (0, 1)
     # Without references every reference_* key is None (not measured), and METRIC_KEYS holds them all.
-    bare = summarize(quality_records(), ["plain", "m"], CATEGORIES, greedy=True)["m"]["overall"]
+    bare = summarize(quality_records(), ["plain", "m"], CATEGORIES, reproducible=True)["m"]["overall"]
     assert set(REFERENCE_KEYS) <= set(METRIC_KEYS) and all(bare[k] is None for k in REFERENCE_KEYS)
 
 
 def document(references):
-    summary = summarize(quality_records(), ["plain", "m"], CATEGORIES, greedy=True, references=references)
+    summary = summarize(quality_records(), ["plain", "m"], CATEGORIES, reproducible=True, references=references)
     infos = {"plain": {"kind": "method"}, "m": {"kind": "method"}}
     settings = {"questions": "q.jsonl", "command": "eej bench", "categories": CATEGORIES}
     return build_document({"name": "tiny"}, {}, settings, summary, infos, {})
@@ -266,7 +266,7 @@ def test_speedup_interval_spans_the_calls_ratios_and_holds_the_point_estimate():
     ratios = [0.8, 1.3, 0.9, 1.1, 1.0, 1.4, 0.7, 1.2]
     m = timed_calls("m", [1 / r for r in ratios], rows=3)
     low, high = speedup_interval(m, plain)
-    point = summarize(plain + m, ["plain", "m"], ["qa"], greedy=False)["m"]["overall"]
+    point = summarize(plain + m, ["plain", "m"], ["qa"], reproducible=False)["m"]["overall"]
     assert min(ratios) < low < point["speedup"] < high < max(ratios)
     assert (point["speedup_ci_low"], point["speedup_ci_high"]) == (low, high)
     # Rows of one call share its timing: the unit is the call, so more rows per call change nothing.
@@ -284,9 +284,9 @@ def test_speedup_interval_needs_enough_calls_and_their_timings():
     assert speedup_interval(m, plain) is not None
     assert speedup_interval([dataclasses.replace(r, batch=None) for r in m], plain) is None  # calls not recorded
     assert speedup_interval([dataclasses.replace(r, row_decode_seconds=None) for r in m], plain, row=True) is None
-    out = summarize(plain + m, ["plain", "m"], ["qa"], greedy=False)["m"]["overall"]
+    out = summarize(plain + m, ["plain", "m"], ["qa"], reproducible=False)["m"]["overall"]
     assert out["speedup_ci_low"] == pytest.approx(2.0) and out["row_speedup_ci_high"] == pytest.approx(2.0)
-    few = summarize(plain[:5] + m[:5], ["plain", "m"], ["qa"], greedy=False)["m"]["overall"]
+    few = summarize(plain[:5] + m[:5], ["plain", "m"], ["qa"], reproducible=False)["m"]["overall"]
     assert few["speedup"] == pytest.approx(2.0) and few["speedup_ci_low"] is None
 
 
@@ -322,7 +322,7 @@ def test_reference_perplexity_is_a_ratio_of_sums_over_the_scored_answers_with_a_
     for r in records:
         if nll[r.key] is not None:
             r.reference_nll, r.reference_tokens = nll[r.key]
-    out = summarize(records, ["plain", "m"], CATEGORIES, greedy=True, references=REFERENCES)["m"]
+    out = summarize(records, ["plain", "m"], CATEGORIES, reproducible=True, references=REFERENCES)["m"]
     o = out["overall"]
     assert o["reference_perplexity"] == pytest.approx(math.exp(8.0 / 4)) and o["reference_perplexity_count"] == 2
     assert o["reference_skipped"] == 1  # the question without a reference, whatever its nll says

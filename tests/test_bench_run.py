@@ -26,7 +26,6 @@ from eej.bench.runner import RunSettings, run_bench
 from eej.cli import main
 from eej.decoding import methods
 from eej.decoding.engine import Engine
-from eej.decoding.sampling import sample
 from eej.decoding.strategy import StepInputs, StepResult, Strategy
 from eej.model.cache import init_cache
 from eej.model.transformer import embed, forward, logits_from_hidden, run_layers
@@ -52,7 +51,7 @@ class ShallowExit(Strategy):
     def step(self, s: StepInputs) -> StepResult:
         x, cache = run_layers(s.params, embed(s.params, s.pending[:, None], s.cfg), s.cache, s.positions, s.cfg, 0, EXIT_LAYER)
         logits = logits_from_hidden(s.params, x[:, 0], s.cfg)
-        return StepResult.one_token(sample(logits, s.key, s.sampling), cache, s.method_state, forwards=0, layers=EXIT_LAYER,
+        return StepResult.one_token(s.sample(logits), cache, s.method_state, forwards=0, layers=EXIT_LAYER,
                                     logits=logits)
 
 
@@ -200,17 +199,21 @@ def test_report_and_plot_are_written(bench_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_sampling_run_reports_no_identical_rate(tmp_path, capsys):
+@pytest.mark.parametrize("residual", [False, True])
+def test_sampling_reports_an_identical_rate_only_where_the_draws_are_coupled(tmp_path, capsys, residual):
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps(QUESTIONS[1]) + "\n")
     out = tmp_path / "r.json"
     argv = ["bench", "--model", "tiny-llama", "--questions", str(questions), "--max-new-tokens", "8", "--cache-size", "128",
-            "--temperature", "0.8", "--no-progress", "--no-agreement", "--out", str(out)]
-    assert main(argv) == 0
+            "--temperature", "0.8", "--no-progress", "--no-agreement", "--out", str(out), "--methods", "plain,again=plain"]
+    assert main(argv + ["--residual-sampling"] * residual) == 0
     doc = json.loads(out.read_text())
     o = doc["methods"]["plain"]["overall"]
-    assert o["identical_rate"] is None and o["token_agreement"] is None and o["rouge_l"] == 1.0
-    assert doc["settings"]["greedy"] is False
+    assert o["token_agreement"] is None and o["rouge_l"] == 1.0
+    assert doc["settings"]["greedy"] is False and doc["settings"]["coupled"] is not residual
+    assert ("--residual-sampling" in doc["settings"]["command"]) is residual
+    again = doc["methods"]["again"]["overall"]["identical_rate"]
+    assert (o["identical_rate"], again) == ((None, None) if residual else (1.0, 1.0))
     assert "| `plain` | method |" in capsys.readouterr().out
 
 

@@ -17,7 +17,7 @@ from eej.cli.parser import CliError
 from eej.decoding.methods import known_methods
 from eej.kernels import cpu_attention
 from eej.model.attention import get_impl, reference_attention
-from eej.testing import agreeable_model, method_and_plain_greedy
+from eej.testing import agreeable_model, method_and_plain
 
 
 def _case(b, t, hq, hkv, s, dh, seed=0):
@@ -76,7 +76,7 @@ def test_long_blocks_run_xla_and_other_dtypes_are_refused():
 def test_lossless_methods_match_plain_greedy_with_the_cpu_kernels(method):
     model = agreeable_model("tiny-gqa", seed=6)
     model = dataclasses.replace(model, cfg=model.cfg.replace(attention_impl="cpu", matmul_impl="cpu"))
-    pair = method_and_plain_greedy(model, method)
+    pair = method_and_plain(model, method)
     if pair is None:
         pytest.skip(f"{method} is lossy")
     assert pair[0] == pair[1]

@@ -17,7 +17,7 @@ from eej.decoding.methods import known_methods
 from eej.kernels import cpu_matmul
 from eej.model.packed import pack
 from eej.model.transformer import linear
-from eej.testing import agreeable_model, method_and_plain_greedy
+from eej.testing import agreeable_model, method_and_plain
 from eej.weights.registry import load_model, with_kernels
 
 # (rows, K, N): decode and verification shapes, widths that are not a multiple of the 32-column tile, rows in
@@ -91,7 +91,7 @@ def test_linear_uses_the_kernel_only_where_it_applies():
 def test_lossless_methods_match_plain_greedy_with_the_kernel(method):
     model = agreeable_model("tiny-gqa", seed=6)
     model = dataclasses.replace(model, cfg=model.cfg.replace(matmul_impl="cpu"))
-    pair = method_and_plain_greedy(model, method)
+    pair = method_and_plain(model, method)
     if pair is None:
         pytest.skip(f"{method} is lossy")
     assert pair[0] == pair[1]

@@ -18,6 +18,7 @@ from eej.decoding.engine import Engine
 from eej.decoding.strategy import StepInputs
 from eej.decoding.kangaroo import Kangaroo, KangarooSettings, load_kangaroo, random_kangaroo
 from eej.decoding.methods import MethodError, build_method
+from eej.decoding.sampling import token_keys
 from eej.decoding.speculation import adapter_forward, draft_loop, init_adapter
 from eej.model.cache import init_cache
 from eej.model.transformer import embed, forward, run_layers
@@ -55,8 +56,10 @@ def kangaroo_for(model: Model, seed: int, reduced: bool = True, adapter_scale: f
     reduced=st.booleans(),
     seed=st.integers(0, 1000),
     adaptive=st.sampled_from([False, 0.0, 0.3, 3.0]),  # fixed K, or step costs 1 + slope k: draft K, some k, mostly 0
+    temperature=st.sampled_from([0.0, 0.9]),
 )
-def test_greedy_is_token_identical_to_plain(name, agreeable, exit_layer, threshold, steps, lengths, reduced, seed, adaptive):
+def test_greedy_and_coupled_sampling_are_token_identical_to_plain(name, agreeable, exit_layer, threshold, steps, lengths,
+                                                                   reduced, seed, adaptive, temperature):
     model = (agreeable_model if agreeable else tiny_model)(name, seed % 7)
     exit_layer = exit_layer % model.cfg.num_layers
     strategy, method_params = kangaroo_for(
@@ -64,8 +67,10 @@ def test_greedy_is_token_identical_to_plain(name, agreeable, exit_layer, thresho
         **cost_profile(adaptive, steps),
     )
     prompts = random_prompts(np.random.default_rng(seed), lengths, model.cfg.vocab_size)
-    want = Engine(model).generate(prompts, max_new_tokens=21, eos_ids=()).tokens
-    got = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=21, eos_ids=()).tokens
+    sampling = SamplingConfig(temperature=temperature)  # sampled: coupled draws, the default
+    want = Engine(model).generate(prompts, max_new_tokens=21, eos_ids=(), sampling=sampling, seed=seed).tokens
+    got = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=21, eos_ids=(), sampling=sampling,
+                                                          seed=seed).tokens
     assert got == want
 
 
@@ -118,12 +123,18 @@ def test_reduced_vocabulary_drafts_map_to_token_ids():
     _, greedy = draft_loop(draft_fn, (), jnp.zeros((1,), jnp.int32), jax.random.PRNGKey(0), SamplingConfig(),
                            max_steps=2, exit_threshold=0.0, vocab_size=12, vocab_ids=ids)
     assert greedy.tokens.tolist() == [[3, 3]]
-    _, sampled = draft_loop(draft_fn, (), jnp.zeros((1,), jnp.int32), jax.random.PRNGKey(0), SamplingConfig(temperature=1.0),
-                            max_steps=2, exit_threshold=0.0, vocab_size=12, vocab_ids=ids)
+    _, sampled = draft_loop(draft_fn, (), jnp.zeros((1,), jnp.int32), jax.random.PRNGKey(0),
+                            SamplingConfig(temperature=1.0, coupled=False), max_steps=2, exit_threshold=0.0, vocab_size=12,
+                            vocab_ids=ids)
     probs = np.asarray(sampled.probs[0, 0])
     assert probs.shape == (12,) and abs(probs.sum() - 1) < 1e-5
     assert set(np.nonzero(probs)[0]) == {3, 7, 11}
     assert set(np.asarray(sampled.tokens).ravel()) <= {3, 7, 11}
+    keys = token_keys(jnp.arange(64, dtype=jnp.uint32), jnp.zeros((64, 2), jnp.int32))  # 64 rows' keys
+    _, coupled = draft_loop(lambda c, t, i: (c, jnp.zeros((64, 3))), (),  # uniform over the three ids
+                            jnp.zeros((64,), jnp.int32), jax.random.PRNGKey(0), SamplingConfig(temperature=1.0),
+                            max_steps=2, exit_threshold=0.0, vocab_size=12, vocab_ids=ids, keys=keys)
+    assert coupled.probs is None and set(np.asarray(coupled.tokens).ravel()) == {3, 7, 11}
 
 
 # ----------------------------------------------------------------------------- lossless sampling
@@ -131,12 +142,15 @@ def test_reduced_vocabulary_drafts_map_to_token_ids():
 
 @pytest.mark.parametrize(
     "sampling,agreeable",
-    [(SamplingConfig(temperature=1.0), False), (SamplingConfig(temperature=0.7, top_k=4, top_p=0.9), True)],
+    [(SamplingConfig(temperature=1.0), False), (SamplingConfig(temperature=0.7, top_k=4, top_p=0.9), True),
+     (SamplingConfig(temperature=1.0, coupled=False), False),
+     (SamplingConfig(temperature=0.7, top_k=4, top_p=0.9, coupled=False), True)],
 )
 def test_sampling_is_lossless(sampling, agreeable):
     """The first three new tokens under Kangaroo sampling follow plain sampling's exact distribution.
 
-    Tokens 2 and 3 come from one speculative step (drafts accepted with min(1, p/q) or resampled).
+    Tokens 2 and 3 come from one speculative step (coupled: drafts accepted where they equal the target's own draw;
+    residual: accepted with min(1, p/q) or resampled).
     The model's head is scaled down so that the distribution spreads over many sequences. Pearson's
     test at p > 1e-4 with 4000 samples and a fixed seed (deterministic); the same test rejects plain
     sampling at a slightly different temperature, so it has the power to catch a wrong rule.

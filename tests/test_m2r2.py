@@ -91,7 +91,8 @@ def test_spec_drafts_get_accepted_on_an_agreeable_model():
 
 @pytest.mark.parametrize(
     "sampling,agreeable",
-    [(SamplingConfig(temperature=1.0), False), (SamplingConfig(temperature=0.7, top_k=4, top_p=0.9), True)],
+    [(SamplingConfig(temperature=1.0), False), (SamplingConfig(temperature=0.7, top_k=4, top_p=0.9), True),
+     (SamplingConfig(temperature=0.7, top_k=4, top_p=0.9, coupled=False), True)],
 )
 def test_spec_sampling_is_lossless(sampling, agreeable):
     """The first three new tokens under M2R2 self-speculative sampling follow plain sampling's exact

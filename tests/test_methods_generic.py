@@ -12,7 +12,7 @@ from eej.config import SamplingConfig
 from eej.decoding.engine import Engine
 from eej.decoding.methods import known_methods, random_method
 
-from eej.testing import method_and_plain_greedy, random_prompts, tiny_model
+from eej.testing import agreeable_model, method_and_plain, random_prompts, tiny_model
 
 METHODS = known_methods()
 MODELS = ["tiny-llama", "tiny-gqa", "tiny-moe"]
@@ -35,11 +35,24 @@ def test_batched_equals_one_by_one(method, model_name):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("model_name", MODELS)
 def test_lossless_methods_match_plain_greedy(method, model_name):
-    pair = method_and_plain_greedy(tiny_model(model_name, seed=6), method)
+    pair = method_and_plain(tiny_model(model_name, seed=6), method)
     if pair is None:
         pytest.skip(f"{method} is lossy")
     got, want = pair
     assert got == want
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lossless_methods_match_plain_coupled_sampling(method):
+    """Coupled sampling (the default) draws every token with its position's key, drafts included: a lossless method's
+    sampled text is plain decoding's for the same seed, token for token (on a model whose drafts get accepted)."""
+    sampling = SamplingConfig(temperature=0.8, top_k=40)
+    pair = method_and_plain(agreeable_model("tiny-gqa", 6), method, sampling)
+    if pair is None:
+        pytest.skip(f"{method} is lossy")
+    got, want = pair
+    assert got == want
+    assert want != method_and_plain(agreeable_model("tiny-gqa", 6), "plain")[1]  # sampled, not the greedy text
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "plain"])

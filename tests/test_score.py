@@ -13,7 +13,6 @@ import pytest
 from eej.decoding.engine import Engine, ScoringError
 from eej.decoding.kangaroo import random_kangaroo
 from eej.decoding.m2r2 import random_exit
-from eej.decoding.sampling import sample
 from eej.decoding.skipdecode import SkipDecode, SkipSchedule
 from eej.decoding.specee import random_specee
 from eej.decoding.strategy import StepInputs, StepResult, Strategy
@@ -112,7 +111,7 @@ class NoLogits(Strategy):
 
     def step(self, s: StepInputs) -> StepResult:
         x, cache = run_layers(s.params, embed(s.params, s.pending[:, None], s.cfg), s.cache, s.positions, s.cfg, 0, 1)
-        return StepResult.one_token(sample(logits_from_hidden(s.params, x[:, 0], s.cfg), s.key, s.sampling), cache,
+        return StepResult.one_token(s.sample(logits_from_hidden(s.params, x[:, 0], s.cfg)), cache,
                                     s.method_state, forwards=0, layers=1)
 
 

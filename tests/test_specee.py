@@ -10,7 +10,7 @@ import pytest
 from eej.config import SamplingConfig
 from eej.decoding.adaptive import ExitEconomics
 from eej.decoding.engine import Engine
-from eej.decoding.sampling import sample
+from eej.decoding.sampling import sample, token_keys
 from eej.decoding.strategy import StepInputs
 from eej.train.specee import offline_layers, simulate_exits
 from eej.decoding.specee import random_specee, speculative_features, speculative_logits
@@ -138,16 +138,16 @@ def test_early_exits_emit_a_speculative_token_that_is_the_exit_layers_argmax(kv)
 
 
 def test_sampled_tokens_are_drawn_from_the_exit_layers_distribution():
-    """Under sampling an exit draws its token from the exit layer's logits with the step's key, and a step that
-    reaches the last layer from the last layer's."""
+    """Under sampling an exit draws its token from the exit layer's logits with the key of the token's position, and a
+    step that reaches the last layer from the last layer's."""
     model = tiny_model("tiny-gqa", seed=5)
     cfg, params = model.cfg, model.params
     strategy, method_params = random_specee(model, 6, kv="propagate", threshold=0.05)
-    sampling, key = SamplingConfig(temperature=1.0), jax.random.PRNGKey(3)
+    sampling, key, noise = SamplingConfig(temperature=1.0), jax.random.PRNGKey(3), jnp.asarray([5, 6], jnp.uint32)
     pending, cache, state = _prefilled(strategy, method_params, model, random_prompts(np.random.default_rng(7), [6, 9], cfg.vocab_size))
     step = jax.jit(lambda cache, st, pending: strategy.step(StepInputs(
         params=params, method_params=method_params, cache=cache, method_state=st, pending=pending, key=key,
-        active=jnp.ones(pending.shape, bool), sampling=sampling, cfg=cfg)))
+        active=jnp.ones(pending.shape, bool), sampling=sampling, cfg=cfg, noise=noise)))
     depths = set()
     for _ in range(60):  # until both an exit and a full-depth step have been checked
         if depths == {True, False}:
@@ -156,7 +156,7 @@ def test_sampled_tokens_are_drawn_from_the_exit_layers_distribution():
         exit_layer = int(result.method_state["recent_exits"][-1])
         depths.add(exit_layer == cfg.num_layers - 1)
         x, _ = run_layers(params, embed(params, pending[:, None], cfg), cache, cache.lengths[:, None], cfg, 0, exit_layer + 1)
-        want = sample(logits_from_hidden(params, x[:, 0], cfg), key, sampling)
+        want = sample(logits_from_hidden(params, x[:, 0], cfg), key, sampling, token_keys(noise, cache.lengths + 1))
         np.testing.assert_array_equal(np.asarray(result.tokens[:, 0]), np.asarray(want))
         pending, cache, state = result.tokens[:, 0], result.cache, result.method_state
     assert depths == {True, False}  # exits and full-depth steps both happened

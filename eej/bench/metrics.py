@@ -13,7 +13,8 @@ over answers:
                         first token comes from the full-depth prefill and is left out of both), so plain
                         decoding gives exactly num_layers.
   identical_rate        fraction of answers token-identical to plain's answer to the same question and
-                        turn (greedy only; None when sampling, where it means nothing).
+                        turn (greedy, or coupled sampling where a lossless method draws plain's tokens;
+                        None under residual sampling, where it means nothing).
   token_agreement       fraction of generated tokens equal to the full model's argmax given the
                         answer's own prefix (one teacher-forced forward over prompt + answer).
   rouge_l               mean ROUGE-L F1 (LCS on token ids) of the answer against plain's answer.
@@ -284,7 +285,7 @@ def aggregate(
     records: Sequence[AnswerRecord],
     baseline: dict[tuple[Any, int], AnswerRecord] | None,
     baseline_tokens_per_second: float | None,
-    greedy: bool,
+    reproducible: bool,
     references: Mapping[tuple[Any, int], Reference] | None = None,
     baseline_row_tokens_per_second: float | None = None,
 ) -> dict[str, Any]:
@@ -294,6 +295,8 @@ def aggregate(
       they are None).
     baseline_tokens_per_second: plain's tokens/s on the same questions, for speedup.
     baseline_row_tokens_per_second: plain's `row_tokens_per_second` on the same questions, for row_speedup.
+    reproducible: the answers of a lossless method must be plain's (greedy decoding, or coupled sampling), so
+      identical_rate is computed.
     references: the questions' references by (question_id, turn), for the reference_* keys (None: they are None).
     """
     tokens = sum(len(r.tokens) for r in records)
@@ -335,7 +338,7 @@ def aggregate(
     if baseline is not None and records:
         pairs = [(r, baseline[r.key]) for r in records if r.key in baseline]
         if pairs:
-            if greedy:
+            if reproducible:
                 out["identical_rate"] = sum(r.tokens == b.tokens for r, b in pairs) / len(pairs)
             out["rouge_l"] = sum(rouge_l(r.tokens, b.tokens) for r, b in pairs) / len(pairs)
     return out
@@ -345,7 +348,7 @@ def summarize(
     records: Iterable[AnswerRecord],
     contestants: Sequence[str],
     categories: Sequence[str],
-    greedy: bool,
+    reproducible: bool,
     references: Mapping[tuple[Any, int], Reference] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """{contestant: {"overall": metrics, "per_category": {category: metrics}}} (metrics as `aggregate`).
@@ -369,9 +372,9 @@ def summarize(
     for name in contestants:
         rows = by_contestant[name]
         out[name] = {
-            "overall": aggregate(rows, base_by_key, base_overall[0], greedy, references, base_overall[1]),
+            "overall": aggregate(rows, base_by_key, base_overall[0], reproducible, references, base_overall[1]),
             "per_category": {
-                c: aggregate([r for r in rows if r.category == c], base_by_key, base_per_cat[c][0], greedy, references,
+                c: aggregate([r for r in rows if r.category == c], base_by_key, base_per_cat[c][0], reproducible, references,
                              base_per_cat[c][1])
                 for c in categories
             },

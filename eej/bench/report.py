@@ -220,7 +220,7 @@ _DEFINITIONS = [
     "- mean accepted: generated tokens / full-model forwards (the prefill counts as one); plain = 1.00.",
     "- avg layers: transformer layers computed in decode steps / tokens those steps generated; plain = the "
     "model's layer count.",
-    "- identical: fraction of answers token-identical to eej `plain`'s answer (greedy runs only).",
+    "- identical: fraction of answers token-identical to eej `plain`'s answer (greedy and coupled-sampling runs).",
     "- token agreement: fraction of generated tokens equal to the full model's argmax given the answer's own "
     "prefix (one teacher-forced eej forward over prompt + answer).",
     "- ROUGE-L: mean LCS-based F1 on token ids against eej `plain`'s answer.",

@@ -89,7 +89,7 @@ def render_specbench(path: str, doc: dict[str, Any], root: str) -> str:
         f"Model {model['name']} ({model['dtype']}, attention {model['attention']}"
         + (f", matmul {model['matmul']}" if "matmul" in model else "") + f"); questions per category: {per_cat}; "
         f"{s['answers_per_contestant']} answers per contestant; at most {s['max_new_tokens']} new tokens; "
-        f"batch {s['batch_size']}; {'greedy' if s['greedy'] else 'sampling'}"
+        f"batch {s['batch_size']}; {'greedy' if s['greedy'] else 'coupled sampling' if s.get('coupled') else 'sampling'}"
         + ("; EOS ignored" if s.get("ignore_eos") else "") + (f"; {s['rounds']} rounds" if s.get("rounds", 1) > 1 else "")
         + f". From {_link(path, root)}{' (' + ', '.join(extra) + ')' if extra else ''}.",
     ]

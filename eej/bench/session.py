@@ -75,7 +75,7 @@ def bench_document(
     names = [c.name for c in contestants]
     infos = {c.name: c.describe() for c in contestants}
     sampling = settings.sampling
-    summary = summarize(records, names, order, sampling.greedy, references_by_answer(questions))
+    summary = summarize(records, names, order, sampling.greedy or sampling.coupled, references_by_answer(questions))
     machine = {**machine_info(), "load_average_start": load_start, "load_average_end": load_average(),
                "peak_rss_mib": peak_rss_mib()}  # read last: the whole run's peak
     run_settings = {
@@ -88,6 +88,7 @@ def bench_document(
         "temperature": sampling.temperature,
         "top_k": sampling.top_k,
         "top_p": sampling.top_p,
+        "coupled": sampling.coupled and not sampling.greedy,
         "seed": settings.seed,
         "greedy": sampling.greedy,
         "chat_template": True,

@@ -23,6 +23,7 @@ from eej.bench.runner import RunSettings, check_prompts_fit
 from eej.bench.session import bench_document, git_commit
 from eej.cli.options import (
     add_model_arguments,
+    add_residual_sampling_argument,
     check_lengths,
     load_model_from_args,
     resolve_attention,
@@ -60,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the Spec-Bench protocol)")
     p.add_argument("--top-k", type=int, default=0, help="0 = no limit (sampling only)")
     p.add_argument("--top-p", type=float, default=1.0, help="(sampling only)")
+    add_residual_sampling_argument(p)
     p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--peers", default=None, help=f"comma-separated transformers baselines: {', '.join(PEERS)} (need torch)")
     p.add_argument(
@@ -85,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # The options a checkpoint's answers depend on: resuming with any of them changed is refused.
 _RUN_KEYS = ("model", "dtype", "attention", "matmul", "cache_size", "methods", "mt_bench_categories", "max_new_tokens",
              "batch_size",
-             "temperature", "top_k", "top_p", "seed", "peers", "early_exit_layer", "peer_threads", "ignore_eos", "rounds", "draws")
+             "temperature", "top_k", "top_p", "residual_sampling", "seed", "peers", "early_exit_layer", "peer_threads", "ignore_eos", "rounds", "draws")
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -105,6 +107,8 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--draws", str(args.draws)]
     if args.temperature > 0:
         parts += ["--top-k", str(args.top_k), "--top-p", str(args.top_p)]
+        if args.residual_sampling:
+            parts.append("--residual-sampling")
     if args.dtype != "float32":
         parts += ["--dtype", args.dtype]
     if args.attention != "auto":

@@ -49,7 +49,15 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
     p.add_argument("--top-p", type=float, default=1.0)
+    add_residual_sampling_argument(p)
     p.add_argument("--seed", type=seed_arg, default=0)
+
+
+def add_residual_sampling_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--residual-sampling", action="store_true",
+                   help="(sampling only) draw with one uniform per row and step and verify drafts by speculative "
+                        "sampling's residual rule: a few more drafts accepted, and a lossless method's text is plain "
+                        "decoding's in distribution only (default: coupled draws, the same text for the same seed)")
 
 
 def seed_arg(text: str) -> int:
@@ -64,7 +72,8 @@ def seed_arg(text: str) -> int:
 
 
 def sampling_from_args(args: argparse.Namespace):
-    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          coupled=not args.residual_sampling)
 
 
 def check_lengths(model, max_new_tokens: int, cache_size: int | None) -> int:

@@ -75,7 +75,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from eej.decoding.sampling import probabilities
+from eej.decoding.sampling import probabilities, race_sample
 from eej.decoding.strategy import StepInputs, StepResult, Strategy, full_prefill
 from eej.model.control import branch_whole_step, cond_in_place, switch_in_place
 from eej.settings import setting
@@ -311,14 +311,19 @@ def best_draft_length(acceptance: jax.Array, active: jax.Array, costs: jax.Array
     return jnp.argmin(jnp.max(jnp.where(active[:, None], finish, 0.0), axis=0)).astype(jnp.int32)
 
 
-def probe_overlap(target_logits: jax.Array, draft_logits: jax.Array, draft_ids: jax.Array | None, sampling) -> jax.Array:
-    """Σ_v min(p_v, q_v): the probability that a draft from q (draft logits [B, V'], columns `draft_ids` [V']
-    or the full vocabulary) is accepted where the target says p (logits [B, V]) — under greedy decoding
-    whether the two argmaxes agree."""
-    if sampling.greedy:
-        guess = jnp.argmax(draft_logits, axis=-1)
-        guess = guess if draft_ids is None else draft_ids[guess]
-        return (guess == jnp.argmax(target_logits, axis=-1)).astype(jnp.float32)
+def probe_overlap(target_logits: jax.Array, target_tokens: jax.Array, draft_logits: jax.Array,
+                  draft_ids: jax.Array | None, sampling, keys: jax.Array | None) -> jax.Array:
+    """[B] the chance that a draft from q (draft logits [B, V'], columns `draft_ids` [V'] or the full vocabulary) is
+    accepted where the target's logits [B, V] say p and it drew `target_tokens` [B]: under greedy decoding whether
+    the draft's argmax is that token; under coupled sampling whether the draft's own draw with the position's `keys`
+    [B] is (eej.decoding.sampling.race_sample); under residual sampling Σ_v min(p_v, q_v)."""
+    if sampling.greedy or sampling.coupled:
+        if sampling.greedy:
+            guess = jnp.argmax(draft_logits, axis=-1)
+            guess = guess if draft_ids is None else draft_ids[guess]
+        else:
+            guess = race_sample(draft_logits, keys, sampling, draft_ids, target_logits.shape[-1])
+        return (guess == target_tokens).astype(jnp.float32)
     p = probabilities(target_logits, sampling)
     q = probabilities(draft_logits, sampling)
     if draft_ids is not None:

@@ -34,7 +34,7 @@ from eej.config import ModelConfig, SamplingConfig
 from eej.decoding.calibration import CALIBRATION_STEPS, cached_step_times, step_times_key, store_step_times, time_loop
 from eej.decoding.compiled_programs import PROGRAMS
 from eej.decoding.plain import Plain
-from eej.decoding.sampling import sample
+from eej.decoding.sampling import row_streams, sample, token_keys
 from eej.decoding.strategy import StepInputs, StepResult, Strategy
 from eej.local_cache import compile_cache_hits, use_compilation_cache
 from eej.model.cache import KVCache, init_cache
@@ -63,6 +63,7 @@ class DecodeState:
     num_new: [B] tokens committed so far.
     done: [B] the row hit EOS or its budget.
     key: PRNG key.
+    noise: [B] uint32 each row's stream of token keys for coupled draws (eej.decoding.sampling.row_streams).
     steps: loop iterations so far.
     forwards, layers: [B] full-model forwards and transformer layers spent on each row while active.
     row_steps, speculated, exited: [B] steps each row was active in, drafted tokens in, left the stack early in.
@@ -75,6 +76,7 @@ class DecodeState:
     num_new: jax.Array
     done: jax.Array
     key: jax.Array
+    noise: jax.Array
     steps: jax.Array
     forwards: jax.Array
     layers: jax.Array
@@ -214,16 +216,19 @@ def _prefill(
     batch = tokens.shape[0]
     cache = init_cache(cfg, batch, capacity)
     logits, cache, method_state = strategy.prefill(params, method_params, tokens, prompt_lens, cache, cfg)
+    noise = row_streams(key, batch)
     key, sub = jax.random.split(key)
-    first = sample(logits, sub, sampling)
+    first = sample(logits, sub, sampling, token_keys(noise, prompt_lens))
     done = jnp.isin(first, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros((batch,), bool)
-    return _first_state(cache, method_state, first, done | (max_new <= 1), key, max_new, cfg)
+    return _first_state(cache, method_state, first, done | (max_new <= 1), key, noise, max_new, cfg)
 
 
 def _first_state(
-    cache: KVCache, method_state: Any, first: jax.Array, done: jax.Array, key: jax.Array, max_new: int, cfg: ModelConfig
+    cache: KVCache, method_state: Any, first: jax.Array, done: jax.Array, key: jax.Array, noise: jax.Array,
+    max_new: int, cfg: ModelConfig
 ) -> DecodeState:
-    """The decode state after the prefill committed `first` [B] (rows `done` [B] already finished)."""
+    """The decode state after the prefill committed `first` [B] (rows `done` [B] already finished); `noise` [B]
+    the rows' streams of token keys."""
     batch = first.shape[0]
     output = jnp.full((batch, max_new), cfg.pad_id, jnp.int32).at[:, 0].set(first)
     return DecodeState(
@@ -234,6 +239,7 @@ def _first_state(
         num_new=jnp.ones((batch,), jnp.int32),
         done=done,
         key=key,
+        noise=noise,
         steps=jnp.zeros((), jnp.int32),
         forwards=jnp.ones((batch,), jnp.int32),
         layers=jnp.zeros((batch,), jnp.float32),
@@ -273,7 +279,7 @@ def _step(
     key, sub = jax.random.split(state.key)
     inputs = StepInputs(params=params, method_params=method_params, cache=state.cache, method_state=state.method_state,
                         pending=state.pending, key=sub, active=~state.done, sampling=sampling, cfg=cfg, scoring=scoring,
-                        remaining=state.output.shape[1] - state.num_new)
+                        remaining=state.output.shape[1] - state.num_new, noise=state.noise)
     result = strategy.step(inputs)
     batch = state.pending.shape[0]
     try:  # a strategy of your own gets told what it returned wrong, at trace time
@@ -323,7 +329,8 @@ def _score_prefill(
     logprobs = jnp.zeros(references.shape, jnp.float32).at[:, 0].set(
         jnp.where(reference_lens > 0, _token_logprobs(logits, first), 0.0))
     choices = jnp.zeros(references.shape, jnp.int32).at[:, 0].set(jnp.argmax(logits, axis=-1).astype(jnp.int32))
-    return _first_state(cache, method_state, first, reference_lens <= 1, key, max_new, cfg), (logprobs, choices)
+    state = _first_state(cache, method_state, first, reference_lens <= 1, key, row_streams(key, batch), max_new, cfg)
+    return state, (logprobs, choices)
 
 
 def _score_loop(

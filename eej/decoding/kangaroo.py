@@ -112,10 +112,11 @@ class Kangaroo(SelfSpeculative):
             return (cache, adapter_cache, hidden), linear(drafted[:, 0], head, impl=cfg.matmul_impl)
 
         draft_key, verify_key = jax.random.split(s.key)
+        keys = s.token_keys(max_k + 1)  # [B, K + 1]: the drafted and verified positions' (coupled sampling)
         (cache, adapter_cache, hidden), drafts = draft_loop(
             draft_fn, (s.cache, s.method_state, hidden0), s.pending, draft_key, s.sampling,
             max_steps=max_k, exit_threshold=self.draft_threshold(full), vocab_size=cfg.vocab_size, vocab_ids=ids,
-            num_steps=k,
+            num_steps=k, keys=keys,
         )
         # The last token (the last draft, or the pending one) still needs its shallow layers (for verification)
         # and its adapter K/V; on a probe the adapter and head also guess the token after it.
@@ -137,15 +138,19 @@ class Kangaroo(SelfSpeculative):
             positions = start[:, None] + jnp.arange(width, dtype=jnp.int32)[None]
             deep, cache = run_layers(s.params, hidden[:, :width], cache, positions, cfg, self.exit_layer)
             logits = logits_from_hidden(s.params, deep, cfg)
-            tokens, counts = accept(drafts.first(width - 1), logits, verify_key, s.sampling)
+            tokens, counts = accept(drafts.first(width - 1), logits, verify_key, s.sampling, keys)
             return cache, (jnp.pad(tokens, ((0, 0), (0, max_k + 1 - width))), counts, logits[:, width - 1])
 
         cache, (tokens, counts, last_logits) = verify_by_width(drafts.steps, max_k, verify, cache)
         hits, trials = judged(drafts.num_drafted, counts)
         if probe is not False:  # the guess counts where it was made after the right tokens: every draft accepted
             scored = probe & (drafts.num_drafted == drafts.steps) & (counts == drafts.steps + 1)
-            # Under sampling the overlap takes two full-vocabulary distributions: computed only on a step that scores.
-            overlap = lax.cond(jnp.any(scored), lambda: probe_overlap(last_logits, guessed, ids, s.sampling),
+            # Under residual sampling the overlap takes two full-vocabulary distributions: computed only on a step that
+            # scores. The guess is for the position after the last verified token, whose committed token it meets.
+            last = jnp.full((s.batch, 1), drafts.steps, jnp.int32)
+            committed = jnp.take_along_axis(tokens, last, axis=1)[:, 0]
+            at = None if keys is None else jnp.take_along_axis(keys, last, axis=1)[:, 0]
+            overlap = lax.cond(jnp.any(scored), lambda: probe_overlap(last_logits, committed, guessed, ids, s.sampling, at),
                                lambda: jnp.zeros(scored.shape, jnp.float32))
             hits = hits + jnp.where(scored, overlap, 0.0)
             trials = trials + scored.astype(jnp.float32)

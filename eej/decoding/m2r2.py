@@ -50,7 +50,6 @@ import numpy as np
 from eej.config import ModelConfig
 from eej.decoding.adaptive import TEST_STEP_COSTS, ExitEconomics, SelfSpeculative, forcing_modes, judged, verify_by_width
 from eej.decoding.methods import register_method
-from eej.decoding.sampling import sample
 from eej.decoding.speculation import accept, check_draft_head, draft_head, draft_loop, head_from_ranking, reduced_head, rollback
 from eej.decoding.strategy import StepInputs, StepResult, Strategy, full_prefill
 from eej.model.cache import KVCache
@@ -224,10 +223,11 @@ class M2R2Spec(SelfSpeculative):
             return cache, fast_head_logits(method_params, x[:, 0], head, cfg)
 
         draft_key, verify_key = jax.random.split(s.key)
+        keys = s.token_keys(max_k + 1)  # [B, K + 1]: the drafted and verified positions' (coupled sampling)
         cache, drafts = draft_loop(
             draft_fn, s.cache, s.pending, draft_key, s.sampling,
             max_steps=max_k, exit_threshold=self.draft_threshold(full), vocab_size=cfg.vocab_size, vocab_ids=ids,
-            num_steps=k,
+            num_steps=k, keys=keys,
         )
         # The slow stream over [pending, drafts] in one pass: its K/V overwrite the drafts' fast K/V.
         block_tokens = jnp.concatenate([s.pending[:, None], drafts.tokens], axis=1)
@@ -235,7 +235,7 @@ class M2R2Spec(SelfSpeculative):
         def verify(width: int, cache):
             positions = start[:, None] + jnp.arange(width, dtype=jnp.int32)[None]
             logits, cache = forward(params, block_tokens[:, :width], positions, cache, cfg)
-            tokens, counts = accept(drafts.first(width - 1), logits, verify_key, s.sampling)
+            tokens, counts = accept(drafts.first(width - 1), logits, verify_key, s.sampling, keys)
             return cache, (jnp.pad(tokens, ((0, 0), (0, max_k + 1 - width))), counts)
 
         cache, (tokens, counts) = verify_by_width(drafts.steps, max_k, verify, cache)
@@ -368,7 +368,7 @@ class M2R2Exit(Strategy):
         econ = econ.observe(jnp.stack([exited, exit_layer / num_fast]).astype(jnp.float32),
                             jnp.stack([attempt, exited]).astype(jnp.float32), attempt, probe, pays)
         layers = jnp.where(exited, exit_layer, jnp.where(attempt, num_fast, 0) + cfg.num_layers)
-        return StepResult.one_token(sample(logits, s.key, s.sampling), cache, {"economics": econ},
+        return StepResult.one_token(s.sample(logits), cache, {"economics": econ},
                                     forwards=jnp.where(exited, 0, 1), layers=layers, exited=exited, logits=logits)
 
 

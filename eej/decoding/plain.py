@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from eej.decoding.sampling import sample
 from eej.decoding.strategy import StepInputs, StepResult, Strategy
 from eej.model.transformer import forward
 
@@ -17,5 +16,5 @@ class Plain(Strategy):
     def step(self, s: StepInputs) -> StepResult:
         logits, cache = forward(s.params, s.pending[:, None], s.positions, s.cache, s.cfg)
         logits = logits[:, 0]
-        return StepResult.one_token(sample(logits, s.key, s.sampling), cache, s.method_state,
+        return StepResult.one_token(s.sample(logits), cache, s.method_state,
                                     forwards=1, layers=s.cfg.num_layers, logits=logits)

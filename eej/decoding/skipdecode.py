@@ -39,7 +39,6 @@ import numpy as np
 
 from eej.config import ModelConfig
 from eej.decoding.methods import register_method
-from eej.decoding.sampling import sample
 from eej.decoding.strategy import StepInputs, StepResult, Strategy, full_prefill
 from eej.model.cache import KVCache
 from eej.model.control import switch_in_place
@@ -236,7 +235,7 @@ class SkipDecode(Strategy):
     def step(self, s: StepInputs) -> StepResult:
         logits, cache, n = self.decode_logits(s.params, s.method_params, s.cache, s.method_state, s.pending, s.cfg)
         # one (partial-depth) pass counts as a forward; `layers` says how deep
-        return StepResult.one_token(sample(logits, s.key, s.sampling), cache, s.method_state + 1, forwards=1, layers=n,
+        return StepResult.one_token(s.sample(logits), cache, s.method_state + 1, forwards=1, layers=n,
                                     logits=logits)
 
 

@@ -53,7 +53,6 @@ from jax import lax
 from eej.config import ModelConfig
 from eej.decoding.adaptive import ExitEconomics, forcing_modes
 from eej.decoding.methods import MethodError, register_method
-from eej.decoding.sampling import sample
 from eej.decoding.speculation import (
     adapter_forward,
     check_adapter,
@@ -391,9 +390,9 @@ class SpecEE(Strategy):
         logits = None
         if s.scoring:
             logits = logits_from_hidden(params, x[:, 0], cfg)
-            token = jnp.where(running, sample(logits, s.key, s.sampling), token)
+            token = jnp.where(running, s.sample(logits), token)
         else:
-            token = lax.cond(running, lambda: sample(logits_from_hidden(params, x[:, 0], cfg), s.key, s.sampling), lambda: token)
+            token = lax.cond(running, lambda: s.sample(logits_from_hidden(params, x[:, 0], cfg)), lambda: token)
 
         state = dict(method_state)
         state["drafter"] = drafter_state
@@ -454,7 +453,7 @@ class SpecEE(Strategy):
                     full = logits_from_hidden(params, x[:, 0], cfg)
                     top = jnp.argmax(full, axis=-1).astype(jnp.int32)
                     speculative = jnp.any(top[:, None] == candidates, axis=-1) | ~s.active
-                    return jnp.all(speculative) & (econ.force != 2), top if s.sampling.greedy else sample(full, s.key, s.sampling)
+                    return jnp.all(speculative) & (econ.force != 2), top if s.sampling.greedy else s.sample(full)
 
                 leave, drawn = lax.cond(fire, verify, lambda _: (jnp.asarray(False), token), None)
                 return (~leave, jnp.where(leave, drawn, token), jnp.where(leave, i, exit_layer), probs,

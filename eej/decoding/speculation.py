@@ -35,9 +35,9 @@ from jax import lax
 
 from eej.config import ModelConfig, SamplingConfig
 from eej.decoding.methods import MethodError
-from eej.decoding.sampling import probabilities, sample, sample_from_probs
+from eej.decoding.sampling import probabilities, race_sample, sample, sample_from_probs
 from eej.decoding.strategy import last_token_logits, prompt_positions
-from eej.decoding.verify import verify_greedy, verify_sampling
+from eej.decoding.verify import verify_sampling, verify_tokens
 from eej.model.cache import KVCache
 from eej.model.packed import take_columns
 from eej.model.transformer import Params, attention_block, embed, rms_norm, run_layers
@@ -54,7 +54,7 @@ class DraftResult:
 
     tokens: [B, K] int32 drafts; only the first `num_drafted[b]` of row b are real.
     num_drafted: [B] int32 in [0, K] (0 only when the loop was asked for no drafts).
-    probs: [B, K, V] float32 distributions the drafts were drawn from (None when greedy).
+    probs: [B, K, V] float32 distributions the drafts were drawn from (None when greedy or coupled).
     steps: int32 scalar: loop iterations run (= max of num_drafted); the int 0 where no loop was traced.
     """
 
@@ -87,6 +87,7 @@ def draft_loop(
     vocab_size: int,
     vocab_ids: jax.Array | None = None,
     num_steps: jax.Array | int | None = None,
+    keys: jax.Array | None = None,
 ) -> tuple[Any, DraftResult]:
     """Draft up to `num_steps` (<= max_steps; default max_steps; one for all rows or [B]) tokens per row after `pending` [B].
 
@@ -100,13 +101,18 @@ def draft_loop(
       carry: the drafter's state (caches, buffers), threaded through every call.
       vocab_size: V, the full vocabulary (the size of the returned `probs`).
       vocab_ids: [V'] int32 token ids of the draft logits' columns; None when V' = V.
+      keys: [B, >= max_steps] uint32 the keys of the drafted positions (`StepInputs.token_keys`): coupled sampling
+        draws draft i with keys[:, i], as the target's draw for that position will be.
     Returns:
       (carry after the last call, DraftResult).
     """
     batch = pending.shape[0]
     greedy = sampling.greedy
+    coupled = sampling.coupled and not greedy
+    if coupled and keys is None:
+        raise ValueError("draft_loop under coupled sampling needs the drafted positions' keys")
     tokens0 = jnp.zeros((batch, max_steps), jnp.int32)
-    probs0 = None if greedy else jnp.zeros((batch, max_steps, vocab_size), jnp.float32)
+    probs0 = None if greedy or coupled else jnp.zeros((batch, max_steps, vocab_size), jnp.float32)
     if isinstance(num_steps, int) and num_steps <= 0:  # nothing to draft, and no loop traced: `steps` is the int 0
         return carry, DraftResult(tokens=tokens0, num_drafted=jnp.zeros((batch,), jnp.int32), probs=probs0, steps=0)
 
@@ -120,13 +126,17 @@ def draft_loop(
         carry, logits = draft_fn(carry, token, i)
         logits = logits.astype(jnp.float32)
         confidence = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
-        if greedy:
-            choice = jnp.argmax(logits, axis=-1)
+        if coupled:
+            draft = race_sample(logits, lax.dynamic_index_in_dim(keys, i, axis=1, keepdims=False), sampling, vocab_ids,
+                                vocab_size)
         else:
-            q = probabilities(logits, sampling)
-            choice = sample_from_probs(q, jax.random.fold_in(key, i))
-            probs = lax.dynamic_update_slice(probs, to_full(q)[:, None], (0, i, 0))
-        draft = (choice if vocab_ids is None else vocab_ids[choice]).astype(jnp.int32)
+            if greedy:
+                choice = jnp.argmax(logits, axis=-1)
+            else:
+                q = probabilities(logits, sampling)
+                choice = sample_from_probs(q, jax.random.fold_in(key, i))
+                probs = lax.dynamic_update_slice(probs, to_full(q)[:, None], (0, i, 0))
+            draft = (choice if vocab_ids is None else vocab_ids[choice]).astype(jnp.int32)
         tokens = lax.dynamic_update_slice(tokens, draft[:, None], (0, i))
         num = num + active.astype(jnp.int32)
         active = active & (confidence >= exit_threshold) & (i + 1 < limit)
@@ -139,14 +149,19 @@ def draft_loop(
     return carry, DraftResult(tokens=tokens, num_drafted=num, probs=probs, steps=steps)
 
 
-def accept(drafts: DraftResult, target_logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> tuple[jax.Array, jax.Array]:
-    """Verify drafts against target logits [B, K+1, V] -> (tokens [B, K+1], counts [B]) (see eej.decoding.verify).
+def accept(drafts: DraftResult, target_logits: jax.Array, key: jax.Array, sampling: SamplingConfig,
+           keys: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Verify drafts against target logits [B, K+1, V] -> (tokens [B, K+1], counts [B]) (see eej.decoding.verify);
+    keys [B, >= K+1] uint32: the verified positions' (`StepInputs.token_keys`), for coupled sampling.
 
     K = 0 (nothing drafted: a plain step) samples the one token from the target."""
+    width = target_logits.shape[1]
+    keys = None if keys is None else keys[:, :width]
     if drafts.tokens.shape[1] == 0:
-        return sample(target_logits[:, 0], key, sampling)[:, None], jnp.ones(target_logits.shape[:1], jnp.int32)
-    if sampling.greedy:
-        return verify_greedy(drafts.tokens, drafts.num_drafted, target_logits)
+        token = sample(target_logits[:, 0], key, sampling, None if keys is None else keys[:, 0])
+        return token[:, None], jnp.ones(target_logits.shape[:1], jnp.int32)
+    if sampling.greedy or sampling.coupled:
+        return verify_tokens(drafts.tokens, drafts.num_drafted, sample(target_logits, key, sampling, keys))
     return verify_sampling(drafts.tokens, drafts.num_drafted, drafts.probs, target_logits, key, sampling)
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from eej.config import ModelConfig, SamplingConfig
+from eej.decoding.sampling import sample, token_keys
 from eej.model.cache import KVCache
 from eej.model.transformer import Params, embed, logits_from_hidden, run_layers
 from eej.settings import check_settings
@@ -39,6 +40,8 @@ class StepInputs:
     method_state: the strategy's own carried state (what its `prefill` returned, then its last step's).
     pending: [B] int32, the newest committed token of each row (not yet in the cache).
     key: a PRNG key for this step.
+    noise: [B] uint32, the rows' streams of token keys (eej.decoding.sampling.row_streams): a coupled draw of the token
+      landing at position n of row b uses token_keys(noise, n) (`token_keys`); None where nothing samples coupled.
     active: [B] bool, rows still generating (finished rows keep computing throw-away tokens; a method
       that decides for the whole batch ignores them).
     remaining: [B] int32, tokens each row may still commit (its budget, max_new_tokens, less what it has committed;
@@ -60,6 +63,7 @@ class StepInputs:
     cfg: ModelConfig = struct.field(pytree_node=False)
     scoring: bool = struct.field(pytree_node=False, default=False)
     remaining: jax.Array | None = None
+    noise: jax.Array | None = None
 
     @property
     def batch(self) -> int:
@@ -69,6 +73,18 @@ class StepInputs:
     def positions(self) -> jax.Array:
         """[B, 1]: the position of each row's pending token."""
         return self.cache.lengths[:, None]
+
+    def token_keys(self, width: int = 1) -> jax.Array | None:
+        """[B, width] uint32: the keys of the next `width` tokens each row may commit (at its pending token's position
+        + 1, + 2, ...), for coupled draws (eej.decoding.sampling.sample); None without `noise`."""
+        if self.noise is None:
+            return None
+        return token_keys(self.noise, self.positions + 1 + jnp.arange(width, dtype=jnp.int32)[None])
+
+    def sample(self, logits: jax.Array) -> jax.Array:
+        """The token [B] each row draws from logits [B, V] for the position after its pending token."""
+        keys = self.token_keys()
+        return sample(logits, self.key, self.sampling, None if keys is None else keys[:, 0])
 
 
 @struct.dataclass

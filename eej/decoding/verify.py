@@ -2,7 +2,8 @@
 self-speculative method (Kangaroo, M2R2) uses.
 
 Greedy: accept the longest prefix of drafts equal to the target's argmax, then one more target
-token. Sampling (Leviathan et al. 2023, Chen et al. 2023): accept draft x_i with probability
+token. Coupled sampling (eej.decoding.sampling, the default): the same with the target's own coupled
+draw in place of the argmax (`verify_tokens`). Residual sampling (Leviathan et al. 2023, Chen et al. 2023): accept draft x_i with probability
 min(1, p_i(x_i) / q_i(x_i)); at the first rejection draw from normalise(max(p_i - q_i, 0)); if every
 draft is accepted draw a bonus token from p. p and q are the *warped* distributions of
 `eej.decoding.sampling` (temperature, top-k, top-p), so the committed tokens are distributed exactly
@@ -25,16 +26,21 @@ def _first_false(ok: jax.Array) -> jax.Array:
 
 
 def verify_greedy(drafts: jax.Array, num_drafted: jax.Array, target_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Greedy acceptance.
+    """Greedy acceptance: `verify_tokens` against the argmax of target logits [B, k+1, V]."""
+    return verify_tokens(drafts, num_drafted, jnp.argmax(target_logits, axis=-1).astype(jnp.int32))
+
+
+def verify_tokens(drafts: jax.Array, num_drafted: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Accept the longest prefix of drafts equal to the target's own tokens, then the target's next one.
 
     Args:
       drafts: [B, k] drafted tokens; only the first `num_drafted[b]` of row b are real.
       num_drafted: [B] int32 in [0, k].
-      target_logits: [B, k+1, V] target logits after the pending token and after each draft.
+      target: [B, k+1] int32 the target's token after the pending token and after each draft (its argmax, or its
+        coupled draw: eej.decoding.sampling.race_sample).
     Returns:
       (tokens [B, k+1], counts [B]): commit `tokens[b, :counts[b]]` (accepted drafts + one target token).
     """
-    target = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
     k = drafts.shape[1]
     ok = (drafts == target[:, :k]) & (jnp.arange(k)[None] < num_drafted[:, None])
     accepted = _first_false(ok)
