@@ -16,7 +16,11 @@ tokens of its head):
 - the chance a draft drawn from q is accepted by speculative sampling: Σ_v min(p_v, q_v);
 - τ = 0 (a greedy draft, the argmax of the draft logits): p(argmax q) — under a greedy target, whether the two
   argmaxes agree;
-- the ceiling any q over those V' tokens could reach: Σ_{v in V'} p_v.
+- the ceiling any q over those V' tokens could reach: Σ_{v in V'} p_v;
+- under coupled sampling (eej.decoding.sampling, the default), where a draft is accepted when the draft's own draw
+  and the target's draw with the same key agree: the chance of that, P(race(q) = race(p)), from the two-round race's
+  closed form (`coupled_agreement`; a lower bound, its omitted terms below 1e-3). No coupling agrees more often than
+  Σ min(p, q), the residual rule's acceptance.
 
 Lossless speculative sampling holds for any q the draft was drawn from (eej.decoding.verify), so τ and V' are free
 choices of the drafter; this measures what they are worth, per draft, at the first draft of a step (later drafts
@@ -59,6 +63,42 @@ def acceptance(target_logits: np.ndarray, draft_logits: np.ndarray, draft_ids: n
     ids = np.arange(np.shape(target_logits)[-1]) if draft_ids is None else np.asarray(draft_ids)
     p_head = _probabilities(target_logits, temperature)[:, ids]  # [T, V']: the target's on the draft's tokens
     return np.minimum(p_head, _probabilities(draft_logits, draft_temperature)).sum(axis=-1)
+
+
+def coupled_agreement(p: np.ndarray, q: np.ndarray, blocks: int = 16, per_block: int = 64) -> np.ndarray:
+    """[T] the chance that the coupled draws from p and q [T, V] (full-vocabulary distributions, q zero off the draft's
+    tokens) with one key agree: the race of eej.decoding.sampling.race_sample, blocks of `_BLOCK` ids on their summed
+    weights, then the ids of the winning block.
+
+    A race of exponential clocks picks the same entry s from weights a and b with probability
+    1 / Σ_u max(a_u / a_s, b_u / b_s) (every other clock must outlast both ratios), so with P, Q the block sums
+    P(agree) = Σ_S [1 / Σ_T max(P_T/P_S, Q_T/Q_S)] · Σ_{v in S} [1 / Σ_{u in S} max(p_u/p_v, q_u/q_v)]. Summed over the
+    `blocks` blocks and, inside each, the `per_block` ids with the most min(p, q): a lower bound; what it omits is
+    at most the min(p, q) mass off those ids.
+    """
+    from eej.decoding.sampling import _BLOCK
+
+    t, vocab = p.shape
+    pad = -vocab % _BLOCK
+    pb = np.pad(p, ((0, 0), (0, pad))).reshape(t, -1, _BLOCK)
+    qb = np.pad(q, ((0, 0), (0, pad))).reshape(t, -1, _BLOCK)
+    big_p, big_q = pb.sum(-1), qb.sum(-1)
+    out = np.zeros(t)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for i in range(t):
+            chosen = np.argsort(-np.minimum(big_p[i], big_q[i]))[:blocks]
+            chosen = chosen[np.minimum(big_p[i, chosen], big_q[i, chosen]) > 0]
+            if not len(chosen):
+                continue
+            block_term = 1.0 / np.maximum(big_p[i][None] / big_p[i, chosen, None],
+                                          big_q[i][None] / big_q[i, chosen, None]).sum(-1)  # [blocks]
+            ps, qs = pb[i, chosen], qb[i, chosen]  # [blocks, _BLOCK]
+            top = np.argsort(-np.minimum(ps, qs), axis=-1)[:, :per_block]
+            pv, qv = np.take_along_axis(ps, top, -1), np.take_along_axis(qs, top, -1)  # [blocks, per_block]
+            ratio = np.maximum(ps[:, None, :] / pv[..., None], qs[:, None, :] / qv[..., None]).sum(-1)
+            inner = np.where(np.minimum(pv, qv) > 0, 1.0 / ratio, 0.0).sum(-1)
+            out[i] = float((block_term * inner).sum())
+    return out
 
 
 def ceiling(target_logits: np.ndarray, draft_ids: np.ndarray | None, temperature: float) -> np.ndarray:
@@ -187,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = SamplingConfig(temperature=args.temperature)
     answers = Engine(model).generate(prompts, args.max_new_tokens, sampling, seed=args.seed).tokens
     per_prompt: dict[tuple[str, int, float], list[np.ndarray]] = {}
+    per_coupled: dict[tuple[str, int, float], list[np.ndarray]] = {}
     ceilings: dict[int, list[np.ndarray]] = {}
     for prompt, answer in zip(prompts, answers):
         if not answer:
@@ -201,15 +242,25 @@ def main(argv: list[str] | None = None) -> int:
             for tau in args.draft_temperatures:
                 per_prompt.setdefault((method, size, tau), []).append(
                     acceptance(target[predicting], draft[predicting], ids, args.temperature, tau))
+                if args.temperature > 0 and tau > 0:  # coupled draws: both sampled, with one key
+                    p = _probabilities(target[predicting], args.temperature)
+                    q = np.zeros_like(p)
+                    q[:, np.arange(p.shape[1]) if ids is None else ids] = _probabilities(draft[predicting], tau)
+                    per_coupled.setdefault((method, size, tau), []).append(coupled_agreement(p, q))
     rows, differences = [], []
     for (method, size, tau), values in per_prompt.items():
         low, high = interval_over_prompts([v.sum() for v in values], [len(v) for v in values])
         rows.append({"method": method, "draft_vocab": size, "draft_temperature": tau,
                      "acceptance": float(np.concatenate(values).mean()), "interval": [low, high],
                      "ceiling": float(np.concatenate(ceilings[size]).mean()),
-                     "positions": int(sum(len(v) for v in values)), "prompts": len(values)})
+                     "positions": int(sum(len(v) for v in values)), "prompts": len(values), "coupled": None,
+                     "coupled_interval": None})
+        coupled = per_coupled.get((method, size, tau))
+        if coupled:
+            rows[-1]["coupled"] = float(np.concatenate(coupled).mean())
+            rows[-1]["coupled_interval"] = list(interval_over_prompts([v.sum() for v in coupled], [len(v) for v in coupled]))
         print(f"{method} V'={size} tau={tau}: acceptance {rows[-1]['acceptance']:.3f} ({low:.3f}-{high:.3f}); "
-              f"ceiling {rows[-1]['ceiling']:.3f}", flush=True)
+              f"ceiling {rows[-1]['ceiling']:.3f}; coupled {rows[-1]['coupled']}", flush=True)
         if method != methods[0]:
             base = per_prompt[methods[0], size, tau]
             low, high = interval_over_prompts([v.sum() - b.sum() for v, b in zip(values, base)], [len(v) for v in values])
@@ -227,11 +278,13 @@ def main(argv: list[str] | None = None) -> int:
                "rows": rows, "differences": differences}
         tau_text = lambda r: "argmax" if r["draft_temperature"] == 0 else f"{r['draft_temperature']:g}"  # noqa: E731
         table = markdown_table(
-            ("method", "draft vocab V'", "draft temperature", "acceptance (95% interval)", "ceiling (mass on V')",
-             "positions"),
+            ("method", "draft vocab V'", "draft temperature", "acceptance (95% interval)",
+             "coupled draws agree (95% interval)", "ceiling (mass on V')", "positions"),
             [(f"`{r['method']}`", str(r["draft_vocab"] or "full"), tau_text(r),
-              f"{r['acceptance']:.3f} ({r['interval'][0]:.3f}-{r['interval'][1]:.3f})", f"{r['ceiling']:.3f}",
-              str(r["positions"])) for r in rows])
+              f"{r['acceptance']:.3f} ({r['interval'][0]:.3f}-{r['interval'][1]:.3f})",
+              "n/a" if r["coupled"] is None else
+              f"{r['coupled']:.3f} ({r['coupled_interval'][0]:.3f}-{r['coupled_interval'][1]:.3f})",
+              f"{r['ceiling']:.3f}", str(r["positions"])) for r in rows])
         if differences:
             table += "\n\nPaired differences (the same answers and positions; 95% interval over prompts):\n\n" + markdown_table(
                 ("method", "minus", "draft vocab V'", "draft temperature", "difference (95% interval)"),

@@ -176,7 +176,7 @@ def eej_cells(infos: list[MethodInfo]) -> dict[str, str]:
     return {
         "methods": methods,
         "batching": "ragged batches in one compiled loop; every registered method is tested batched (`tests/test_methods_generic.py`)",
-        "sampling": "temperature / top-k / top-p in the engine, for every method (lossless methods by speculative sampling)",
+        "sampling": "temperature / top-k / top-p in the engine, for every method; lossless methods draw plain decoding's text token for token for the same seed (coupled draws, docs/sampling.md), or by speculative sampling's residual rule",
         "lossless": "; ".join(parts),
         "training needed": training,
         "multi-device": "device mesh (rows over `data`, heads / FFN / vocabulary over `model`), multi-host with "

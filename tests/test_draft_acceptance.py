@@ -78,3 +78,32 @@ def test_held_out_prompts_follow_the_shipped_distillations_file_order(script):
     command = docs[docs.index("eej distill --model smollm2-135m"):].split("--out")[0]
     named = [os.path.basename(word) for word in command.replace("\\", " ").split() if word.startswith("../shared/data/train/")]
     assert tuple(named) == SHIPPED_FILES
+
+
+def test_coupled_agreement_by_hand_and_against_the_race_itself(script):
+    import jax
+    import jax.numpy as jnp
+
+    from eej.config import SamplingConfig
+    from eej.decoding.sampling import _BLOCK, race_sample, row_streams, token_keys
+
+    # One block, two tokens: s = 0 needs E_1 > E_0 max(0.4/0.6, 0.6/0.4), so 1 / (1 + 1.5) each: 0.8 in all.
+    close(script.coupled_agreement(np.array([[0.6, 0.4]]), np.array([[0.4, 0.6]])), [0.8])
+    p = np.random.default_rng(1).dirichlet(np.ones(11), size=3)
+    close(script.coupled_agreement(p, p), 1.0)
+    # Three blocks, q zero off a draft head: the closed form against the agreement of race_sample's own draws.
+    vocab, n = 2 * _BLOCK + 40, 20_000
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=vocab) * 2.5
+    head = rng.choice(vocab, 150, replace=False)
+    draft = logits[head] + rng.normal(size=150) * 0.8
+    sampling = SamplingConfig(temperature=1.0)
+    p = np.asarray(jax.nn.softmax(jnp.asarray(logits)), np.float64)
+    q = np.zeros(vocab)
+    q[head] = np.asarray(jax.nn.softmax(jnp.asarray(draft)), np.float64)
+    keys = token_keys(row_streams(jax.random.PRNGKey(0), 1), jnp.arange(n)[None])[0]
+    a = race_sample(jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, vocab)), keys, sampling)
+    b = race_sample(jnp.broadcast_to(jnp.asarray(draft, jnp.float32), (n, 150)), keys, sampling, jnp.asarray(head), vocab)
+    agree = float(jnp.mean(a == b))
+    closed = float(script.coupled_agreement(p[None], q[None])[0])
+    assert abs(closed - agree) < 0.015 and closed <= np.minimum(p, q).sum()

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from eej.config import SamplingConfig
 from eej.decoding.engine import Engine
 from eej.decoding.methods import build_method
 from eej.decoding.speculation import init_adapter
@@ -76,3 +77,17 @@ def test_adaptive_defaults_are_lossless_on_the_real_model(real_model, method, tm
     out = Engine(real_model, strategy, method_params).generate(prompts, max_new_tokens=40)
     assert out.tokens == Engine(real_model).generate(prompts, max_new_tokens=40).tokens
     assert sum(out.speculated_steps) <= sum(out.row_steps)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("method", ["kangaroo:fixed", "m2r2-spec:fixed"])
+def test_coupled_sampling_draws_plain_decodings_text_on_the_real_model(real_model, method):
+    """At temperature 0.7 (coupled draws, the default) the shipped add-ons' drafts are accepted and the sampled text is
+    plain decoding's for the same seed, token for token; another seed draws other text."""
+    strategy, method_params = build_method(real_model, method)
+    prompts, sampling = _prompts(real_model), SamplingConfig(temperature=0.7)
+    plain = Engine(real_model).generate(prompts, max_new_tokens=40, sampling=sampling, seed=4)
+    out = Engine(real_model, strategy, method_params).generate(prompts, max_new_tokens=40, sampling=sampling, seed=4)
+    assert out.tokens == plain.tokens
+    assert sum(out.new_tokens) / sum(out.forwards) > 1.1
+    assert Engine(real_model).generate(prompts, max_new_tokens=40, sampling=sampling, seed=5).tokens != plain.tokens

@@ -3,7 +3,8 @@ self-speculative method (Kangaroo, M2R2) uses.
 
 Greedy: accept the longest prefix of drafts equal to the target's argmax, then one more target
 token. Coupled sampling (eej.decoding.sampling, the default): the same with the target's own coupled
-draw in place of the argmax (`verify_tokens`). Residual sampling (Leviathan et al. 2023, Chen et al. 2023): accept draft x_i with probability
+draw in place of the argmax (`verify_tokens`): the committed tokens are plain sampling's own.
+Residual sampling (Leviathan et al. 2023, Chen et al. 2023): accept draft x_i with probability
 min(1, p_i(x_i) / q_i(x_i)); at the first rejection draw from normalise(max(p_i - q_i, 0)); if every
 draft is accepted draw a bonus token from p. p and q are the *warped* distributions of
 `eej.decoding.sampling` (temperature, top-k, top-p), so the committed tokens are distributed exactly
