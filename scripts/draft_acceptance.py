@@ -19,8 +19,8 @@ tokens of its head):
 - the ceiling any q over those V' tokens could reach: Σ_{v in V'} p_v;
 - under coupled sampling (eej.decoding.sampling, the default), where a draft is accepted when the draft's own draw
   and the target's draw with the same key agree: the chance of that, P(race(q) = race(p)), from the two-round race's
-  closed form (`coupled_agreement`; a lower bound, its omitted terms below 1e-3). No coupling agrees more often than
-  Σ min(p, q), the residual rule's acceptance.
+  closed form (`coupled_agreement`: a lower bound, short by at most the min(p, q) mass off the ids it sums). No
+  coupling agrees more often than Σ min(p, q), the residual rule's acceptance.
 
 Lossless speculative sampling holds for any q the draft was drawn from (eej.decoding.verify), so τ and V' are free
 choices of the drafter; this measures what they are worth, per draft, at the first draft of a step (later drafts
