@@ -89,11 +89,8 @@ def inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
     two levels — a block of `_BLOCK` ids, then the id inside it — because one cumulative sum over the whole
     vocabulary is itself slow on XLA:CPU. A zero-weight id is never returned, whatever the rounding.
     """
-    weights = weights.astype(jnp.float32)
-    vocab = weights.shape[-1]
-    block = min(_BLOCK, vocab)
-    padded = jnp.pad(weights, [(0, 0)] * (weights.ndim - 1) + [(0, -vocab % block)])
-    blocks = padded.reshape(*padded.shape[:-1], -1, block)  # [..., V / block, block]
+    blocks = _in_blocks(weights.astype(jnp.float32))
+    block = blocks.shape[-1]
     sums = jnp.sum(blocks, axis=-1)
     target = u * jnp.sum(sums, axis=-1)
     j = _interval(sums, target)
@@ -103,6 +100,15 @@ def inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
 
 
 _BLOCK = 256
+
+
+def _in_blocks(weights: jax.Array) -> jax.Array:
+    """Weights [..., V] as [..., ceil(V / block), block] blocks of `_BLOCK` ids (fewer for a smaller vocabulary), the
+    last padded with zeros: the two-level layout both samplers search."""
+    vocab = weights.shape[-1]
+    block = min(_BLOCK, vocab)
+    padded = jnp.pad(weights, [(0, 0)] * (weights.ndim - 1) + [(0, -vocab % block)])
+    return padded.reshape(*padded.shape[:-1], -1, block)
 
 
 def _interval(weights: jax.Array, target: jax.Array) -> jax.Array:
@@ -168,12 +174,10 @@ def race_sample(logits: jax.Array, keys: jax.Array, sampling: SamplingConfig, id
     vocab = weights.shape[-1] if ids is None else vocab_size
     if vocab is None:
         raise ValueError("race_sample over a subset of the vocabulary needs vocab_size")
-    block = min(_BLOCK, vocab)
-    num_blocks = -(-vocab // block)
     # The subset's weights in place in the whole vocabulary, so that its block sums round as the full draw's do.
     full = weights if ids is None else jnp.zeros(weights.shape[:-1] + (vocab,), jnp.float32).at[..., ids].set(weights)
-    padded = jnp.pad(full, [(0, 0)] * (full.ndim - 1) + [(0, num_blocks * block - vocab)])
-    blocks = padded.reshape(*padded.shape[:-1], num_blocks, block)
+    blocks = _in_blocks(full)
+    num_blocks, block = blocks.shape[-2:]
     sums = jnp.sum(blocks, axis=-1)
     keys = keys.astype(jnp.uint32)
     won = jnp.argmax(sums / _clocks(keys ^ jnp.uint32(_BLOCK_SALT), jnp.arange(num_blocks)), axis=-1)  # [...]
