@@ -85,10 +85,37 @@ def canonical_layout(params: Params) -> Params:
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis, computed in float32, returned in x's dtype."""
+    """RMSNorm over the last axis, computed in float32, returned in x's dtype; a row's result does not depend on
+    the rows beside it (`row_sum`)."""
     xf = x.astype(jnp.float32)
-    y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    mean_square = row_sum(xf * xf)[..., None] / x.shape[-1]
+    y = xf * lax.rsqrt(mean_square + eps)
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+_SUM_LANES = 64
+
+
+def row_sum(x: jax.Array) -> jax.Array:
+    """x [..., D] summed over its last axis -> [...], in one fixed order whatever the leading shape.
+
+    XLA's own reduction picks its order by shape: on a CPU a row of SmolLM2-135M's residual summed among 8 or more
+    rows rounds differently from the same row among 5, so a verification of several tokens per row, or a batch, got
+    other logits than a one-token step — and a near-tie between two tokens could go the other way. Here the sum is
+    elementwise adds only, which XLA does not reorder: lanes of `_SUM_LANES` columns added chunk after chunk, then
+    halved pairwise. (The CPU matmul and attention kernels hold the same property: kernels/cpu_matmul.cc.)
+    """
+    width = x.shape[-1]
+    lanes = min(_SUM_LANES, 1 << max(width - 1, 0).bit_length())  # a power of two
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -width % lanes)])
+    chunks = x.reshape(*x.shape[:-1], -1, lanes)
+    acc = chunks[..., 0, :]
+    for i in range(1, chunks.shape[-2]):
+        acc = acc + chunks[..., i, :]
+    while acc.shape[-1] > 1:
+        half = acc.shape[-1] // 2
+        acc = acc[..., :half] + acc[..., half:]
+    return acc[..., 0]
 
 
 MATMUL_IMPLS = ("xla", "cpu")
