@@ -6,9 +6,11 @@ A method runs with a fixed K (`adaptive: false`; its confidence stop as configur
 *training* sets in ../shared/data/train (never the evaluation sets), and every decode step records the drafts each
 row made (d) and the tokens it committed (a + 1, a accepted). Asking for k <= K drafts on that step would have made
 min(d, k) drafts, committed min(a, k) + 1 tokens and cost c(min(d, k)) — the method's measured step-cost table (the
-adaptive engine's own calibration on this machine). Under greedy decoding every policy commits the same text, so
-the replay of a policy is exact in tokens per step; under sampling it is an approximation (a shorter draft would
-have sampled differently). The controller is eej.decoding.adaptive's own: `Controller.decide` and `Controller.after`,
+adaptive engine's own calibration on this machine). Under greedy decoding and under coupled sampling (the default,
+docs/sampling.md) every policy commits the same text and a draft at a position is the same draw whatever k asked for
+it, so the replay of a policy is exact in tokens per step (up to the rare near-tie that rounds differently at another
+verification width); under `--residual-sampling` it is an approximation (a shorter draft would have sampled
+differently). The controller is eej.decoding.adaptive's own: `Controller.decide` and `Controller.after`,
 what every adaptive step calls, with `judged`; a free probe (Kangaroo) is scored by whether the trace's first draft
 was accepted, and costs nothing extra here; any other probe is a real one-draft step.
 
@@ -31,6 +33,7 @@ import numpy as np
 
 from eej.bench.machine import load_average, machine_info
 from eej.bench.report import write_result
+from eej.cli.options import add_residual_sampling_argument
 from eej.config import SamplingConfig
 from eej.decoding import adaptive, kangaroo, m2r2
 from eej.decoding.engine import Engine
@@ -73,11 +76,12 @@ def trace_rates(traces: list[list[tuple[int, int]]], max_k: int) -> dict[str, fl
             "following_acceptance": rate(follow_hits, follow_trials), "continuation": rate(went_on, could)}
 
 
-def record(model, method: str, prompts: list[str], temperature: float, max_new: int) -> tuple[list, list[float], int]:
+def record(model, method: str, prompts: list[str], temperature: float, max_new: int,
+           coupled: bool = True) -> tuple[list, list[float], int]:
     """-> (one trace per prompt: [(drafted, committed)] per decode step, the step costs c(0..K) in ms, K)."""
     module = MODULES[method]
     strategy, method_params = build_method(model, method)
-    sampling = SamplingConfig(temperature=temperature)
+    sampling = SamplingConfig(temperature=temperature, coupled=coupled)
     encoded = [model.tokenizer.encode_chat(p) for p in prompts]
     adaptive_out = Engine(model, strategy, method_params).generate(encoded[:1], max_new_tokens=max_new, sampling=sampling)
     costs = np.asarray(adaptive_out.method_state["controller"].costs).tolist()  # calibrated on this machine
@@ -148,6 +152,7 @@ def main(argv=None) -> int:
                     "whether to draft, then asking for K (the confidence stop choosing the length)")
     ap.add_argument("--kernels", choices=("xla", "cpu"), default="xla", help="the model's kernels (their step costs "
                     "differ: eej generate and eej bench use cpu on a CPU)")
+    add_residual_sampling_argument(ap)
     ap.add_argument("--out", default="benchmarks/results/controller_replay")
     args = ap.parse_args(argv)
     unknown = [m for m in args.methods.split(",") if m not in MODULES]
@@ -162,7 +167,8 @@ def main(argv=None) -> int:
     for method in args.methods.split(","):
         strategy, _ = build_method(model, method)
         for temperature in (float(t) for t in args.temperatures.split(",")):
-            recorded = {name: record(model, method, prompts, temperature, args.max_new_tokens) for name, prompts in sets.items()}
+            recorded = {name: record(model, method, prompts, temperature, args.max_new_tokens,
+                                      not args.residual_sampling) for name, prompts in sets.items()}
             if args.carry:  # the sets' prompts in turn: what carrying an estimate across unlike prompts does
                 traces_by_set = [traces for traces, _, _ in recorded.values()]
                 _, costs, max_k = next(iter(recorded.values()))
@@ -195,11 +201,12 @@ def main(argv=None) -> int:
     doc = {"command": "scripts/controller_replay.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": machine_info(), "load_average_start": load_start, "load_average_end": load_average(),
            "model": "smollm2-135m", "max_new_tokens": args.max_new_tokens, "prompts_per_set": args.per_set,
-           "default_decay": adaptive.DECAY, "rows": rows}
+           "default_decay": adaptive.DECAY, "coupled": not args.residual_sampling, "rows": rows}
     lines = ["# Controller replay on recorded drafting traces (batch 1; training-set prompts)", "",
              f"`{doc['command']}`; {doc['machine'].get('cpu', '')}; load average {load_start} -> {doc['load_average_end']}. "
              "Speed: committed tokens per ms by the measured step costs, against plain steps of the same method "
-             "(c(0)); exact in tokens under greedy, approximate under sampling (see the script's docstring).", "",
+             "(c(0)); exact in tokens under greedy and " + ("approximate under residual-rule sampling" if args.residual_sampling
+                                                     else "coupled sampling") + " (see the script's docstring).", "",
              "Each set's drafts as the fixed-K traces recorded them (first: the first draft's acceptance; following: "
              "made and accepted after an accepted draft, the controller's γ; onward: made after a draft, β):", "",
              "| method | temp | prompts | first | following | onward |", "|---|---|---|---|---|---|"]

@@ -1,0 +1,89 @@
+"""The model's arithmetic does not depend on how many rows share a step: RMSNorm's row sum in one fixed order, and
+(with the CPU kernels) a verification block's logits bit-identical to one-token steps' — what keeps a lossless
+method's tokens plain decoding's where two tokens nearly tie."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eej.model.cache import init_cache
+from eej.model.transformer import forward, rms_norm, row_sum
+from eej.testing import random_prompts, tiny_model
+from eej.weights.registry import with_kernels
+
+WIDTHS = [1, 7, 48, 64, 100, 576]  # one column, fewer than a lane group, exactly one, several and a padded tail
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_row_sum_is_the_sum(width):
+    x = np.random.default_rng(width).standard_normal((5, width)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(row_sum(jnp.asarray(x))), x.astype(np.float64).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_rows_norm_does_not_depend_on_the_rows_beside_it(width):
+    """XLA's own `jnp.mean` here rounded a row of width 576 differently among 8 or more rows than among 5 (a CPU,
+    jax 0.10.2): every row count from 1 to 40, and a [batch, tokens] block against each of its rows alone."""
+    rng = np.random.default_rng(width)
+    x = jnp.asarray(rng.standard_normal((40, width)).astype(np.float32) * 3)
+    weight = jnp.asarray(rng.standard_normal(width).astype(np.float32))
+    norm = jax.jit(lambda x: rms_norm(x, weight, 1e-5))
+    alone = np.asarray(norm(x[:1]))[0]
+    for rows in range(2, 41):
+        np.testing.assert_array_equal(np.asarray(norm(x[:rows]))[0], alone, err_msg=f"{rows} rows")
+    block = np.asarray(norm(x[:20].reshape(4, 5, width)))
+    for b in range(4):
+        for t in range(5):
+            np.testing.assert_array_equal(block[b, t], np.asarray(norm(x[5 * b + t][None, None]))[0, 0])
+    reference = np.asarray(x[:3], np.float64)
+    reference = reference / np.sqrt((reference ** 2).mean(-1, keepdims=True) + 1e-5) * np.asarray(weight)
+    np.testing.assert_allclose(np.asarray(norm(x[:3])), reference, rtol=1e-5, atol=1e-5)
+
+
+def _blocks_against_steps(model, prompts, steps):
+    """(logits of `steps` one-token steps [steps][B, V], logits of the same tokens fed as one block of each width
+    2..steps {width: [B, width, V]}) after a ragged batch's prefill, greedy continuations."""
+    cfg = model.cfg
+    lengths = np.array([len(p) for p in prompts])
+    tokens = np.zeros((len(prompts), lengths.max()), np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, : len(p)] = p
+    run = jax.jit(lambda t, pos, cache: forward(model.params, t, pos, cache, cfg))
+    logits, prefilled = run(jnp.asarray(tokens), jnp.tile(jnp.arange(tokens.shape[1]), (len(prompts), 1)),
+                            init_cache(cfg, len(prompts), 256))
+    fed = [np.asarray(jnp.argmax(logits[np.arange(len(prompts)), lengths - 1], -1))]
+    one_by_one, cache = [], prefilled
+    for j in range(steps):
+        step_logits, cache = run(jnp.asarray(fed[-1])[:, None], jnp.asarray(lengths + j)[:, None], cache)
+        one_by_one.append(np.asarray(step_logits[:, 0]))
+        fed.append(one_by_one[-1].argmax(-1))
+    block = np.stack(fed[:steps], 1)
+    return one_by_one, {w: np.asarray(run(jnp.asarray(block[:, :w]), jnp.asarray(lengths[:, None] + np.arange(w)),
+                                          prefilled)[0]) for w in range(2, steps + 1)}
+
+
+def _assert_bit_identical(one_by_one, blocks):
+    for width, logits in blocks.items():
+        for j in range(width):
+            np.testing.assert_array_equal(logits[:, j], one_by_one[j], err_msg=f"width {width}, token {j}")
+
+
+def test_a_verification_block_gives_one_token_steps_logits_with_the_cpu_kernels():
+    model = with_kernels(tiny_model("tiny-gqa"), "cpu")
+    prompts = random_prompts(np.random.default_rng(3), [5, 12, 8, 3], model.cfg.vocab_size)
+    _assert_bit_identical(*_blocks_against_steps(model, prompts, 5))
+
+
+@pytest.mark.real_model
+def test_a_batch_4_verification_block_gives_one_token_steps_logits_on_the_real_model(real_model):
+    """A batch of 4 feeding 2-5 tokens a row (8-20 rows of every product and norm) against 4-row one-token steps;
+    before `row_sum` the logits differed by up to 1e-4 here."""
+    model = with_kernels(real_model, "cpu")
+    tok = model.tokenizer
+    prompts = [tok.encode_chat(text) for text in (
+        "Write a short poem about the sea.", "List three prime numbers and say why each one is prime, briefly.",
+        "Explain how a bicycle gear works to a child in two sentences, with an example.", "Hi!")]
+    _assert_bit_identical(*_blocks_against_steps(model, prompts, 5))
