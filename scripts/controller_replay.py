@@ -8,9 +8,9 @@ row made (d) and the tokens it committed (a + 1, a accepted). Asking for k <= K 
 min(d, k) drafts, committed min(a, k) + 1 tokens and cost c(min(d, k)) — the method's measured step-cost table (the
 adaptive engine's own calibration on this machine). Under greedy decoding and under coupled sampling (the default,
 docs/sampling.md) every policy commits the same text and a draft at a position is the same draw whatever k asked for
-it, so the replay of a policy is exact in tokens per step (up to the rare near-tie that rounds differently at another
-verification width); under `--residual-sampling` it is an approximation (a shorter draft would have sampled
-differently). The controller is eej.decoding.adaptive's own: `Controller.decide` and `Controller.after`,
+it, so the replay of a policy is exact in tokens per step (with XLA's matmul, `--kernels xla`, up to a rare near-tie
+that rounds differently at another verification width); under `--residual-sampling` it is an approximation (a
+shorter draft would have sampled differently). The controller is eej.decoding.adaptive's own: `Controller.decide` and `Controller.after`,
 what every adaptive step calls, with `judged`; a free probe (Kangaroo) is scored by whether the trace's first draft
 was accepted, and costs nothing extra here; any other probe is a real one-draft step.
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from eej.model.cache import init_cache
+from eej.model.packed import pack_projections
 from eej.model.transformer import forward, rms_norm, row_sum
 from eej.testing import random_prompts, tiny_model
 from eej.weights.registry import with_kernels
@@ -51,7 +52,13 @@ def _blocks_against_steps(model, prompts, steps):
     tokens = np.zeros((len(prompts), lengths.max()), np.int32)
     for row, p in enumerate(prompts):
         tokens[row, : len(p)] = p
-    run = jax.jit(lambda t, pos, cache: forward(model.params, t, pos, cache, cfg))
+    # the weights as an argument (as constants every program would hold its own copy), packed once as an engine does
+    params = pack_projections(model.params) if cfg.matmul_impl == "cpu" else model.params
+    forward_fn = jax.jit(lambda params, t, pos, cache: forward(params, t, pos, cache, cfg))
+
+    def run(t, pos, cache):
+        return forward_fn(params, t, pos, cache)
+
     logits, prefilled = run(jnp.asarray(tokens), jnp.tile(jnp.arange(tokens.shape[1]), (len(prompts), 1)),
                             init_cache(cfg, len(prompts), 256))
     fed = [np.asarray(jnp.argmax(logits[np.arange(len(prompts)), lengths - 1], -1))]
