@@ -298,6 +298,53 @@ def test_token_ranking_orders_by_frequency_with_eos_first():
     assert token_ranking(tokens, mask, always=(2,)).tolist() == [2, 7, 5, 9, 1]
 
 
+def test_tempered_teacher_distribution():
+    """p_τ ∝ p^(1/τ): exactly softmax(log p / τ) when the draft vocabulary holds all of p's mass; with mass
+    outside it, that mass takes its share of the normaliser (p_τ sums to 1 minus the outside token's part);
+    τ = 1 leaves p as it is."""
+    from eej.train.kangaroo import tempered
+
+    logits = jax.random.normal(jax.random.PRNGKey(0), (3, 12)) * 3
+    whole = jax.nn.log_softmax(logits, axis=-1)
+    for tau in (0.5, 0.7, 1.5):
+        np.testing.assert_allclose(tempered(whole, tau), jax.nn.softmax(logits / tau, axis=-1), rtol=1e-5, atol=1e-6)
+    part = whole[:, :8]  # 4 of 12 tokens outside the draft vocabulary
+    outside = 1 - jnp.exp(part).sum(-1)
+    got = tempered(part, 0.7)
+    want = jnp.exp(part / 0.7) / (jnp.exp(part / 0.7).sum(-1) + outside ** (1 / 0.7))[:, None]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert np.all(np.asarray(got.sum(-1)) < 1)
+    np.testing.assert_array_equal(tempered(part, 1.0), jnp.exp(part))
+
+
+def test_train_objectives_and_loss_temperature(tmp_path, capsys):
+    """--objective tvd trains on the rejection probability (its held-out loss is 1 - its acceptance) and
+    --loss-temperature reaches the loss; a temperature of 0 is a one-line error."""
+    from eej.weights.artifacts import load_artifact
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"count to {i}", "response": " ".join(str(j) for j in range(i))})
+                              for i in range(2, 14)))
+    argv = ["train", "kangaroo", "--model", "tiny-gqa", "--data", str(data), "--exit-layer", "1", "--steps", "3",
+            "--warmup", "1", "--batch-size", "2", "--seq-len", "32", "--positions", "16", "--eval-fraction", "0.2",
+            "--no-progress", "--teacher-cache", str(tmp_path / "teacher")]
+    held = {}
+    for objective, tau in (("kl", "1.0"), ("kl", "0.7"), ("tvd", "0.7")):
+        out = tmp_path / f"{objective}{tau}"
+        assert cli_main([*argv, "--out", str(out), "--objective", objective, "--loss-temperature", tau]) == 0
+        _, header = load_artifact(str(out / "kangaroo.npz"), "kangaroo")
+        words = header["reproduce"].split()
+        assert words[words.index("--objective") + 1] == objective
+        assert float(words[words.index("--loss-temperature") + 1]) == float(tau)
+        held[objective, tau] = header["held_out"]
+    assert held["tvd", "0.7"]["loss"] == pytest.approx(1 - held["tvd", "0.7"]["accept"], abs=1e-5)
+    assert held["kl", "0.7"]["accept"] != held["kl", "1.0"]["accept"]
+    capsys.readouterr()
+    assert cli_main([*argv, "--out", str(tmp_path / "bad"), "--loss-temperature", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("eej: error: ") and "loss_temperature must be above 0" in err[-1]
+
+
 def test_train_command_end_to_end_stop_at_and_resume(tmp_path, capsys):
     """`eej train kangaroo` on a tiny registry model: a shortened run (--stop-at) writes an artifact that
     loads for decoding; continuing the same run to --steps changes it; the reproduce line starts with

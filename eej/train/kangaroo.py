@@ -15,6 +15,13 @@ uses at decoding time): q is a softmax over V', p is the model's full distributi
 those V' tokens (normalised over the full vocabulary with the cached log-normaliser). Then
 sum_v min(p_v, q_v) is exactly the probability that a draft sampled from q is accepted, shown in
 the progress bar as `accept`.
+
+Both distributions can be taken at a decoding temperature τ (`--loss-temperature`, default 1): p_τ ∝ p^(1/τ)
+and q_τ = softmax(logits / τ), the two a speculative step samples from at τ. The cached log-normaliser is
+τ = 1's, so p_τ's normaliser counts the mass p puts outside V' as one token (an upper bound on that
+part of the sum: p_τ is at most a little low). `--objective tvd` minimises 1 - sum_v min(p_τ, q_τ), the
+rejection probability itself (total variation, as DistillSpec, Zhou et al. 2023, compares), instead
+of the soft cross-entropy.
 """
 
 from __future__ import annotations
@@ -53,6 +60,9 @@ class KangarooTraining:
     eval_fraction: float = option(0.05, "held-out share of the data for the final report")
     init_scale: float = option(0.02, "std of the random adapter projections")
     init_from_layer: bool = option(False, "start the adapter's attention from the target's layer l attention instead of random weights")
+    loss_temperature: float = option(1.0, "τ: match the model's and the draft's distributions at this temperature", at_least=0.0)
+    objective: str = option("kl", "kl: soft cross-entropy p_τ -> q_τ; tvd: the rejection probability 1 - sum min(p_τ, q_τ)",
+                            choices=("kl", "tvd"))
     artifact: str | None = option(None, "artifact path (default OUT/kangaroo.npz)", result=False)
     data_command: str | None = option(None, "the command that made --data (e.g. the self-distillation script), recorded "
                                       "in the artifact's reproduce line", result=False)
@@ -61,29 +71,43 @@ class KangarooTraining:
         check_options(self, "kangaroo")
         if not 0 <= self.eval_fraction < 1:
             raise TrainError(f"kangaroo eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.loss_temperature <= 0:
+            raise TrainError(f"kangaroo loss_temperature must be above 0, got {self.loss_temperature}")
 
 
 # ----------------------------------------------------------------------------- loss
 
 
-def distill_loss(adapter, frozen, batch, *, cfg, exit_layer: int):
-    """Soft cross-entropy p -> q over the draft vocabulary (batch: `teacher_batch`); metrics: expected
-    acceptance, top-1 agreement."""
+def tempered(log_p: jax.Array, temperature: float) -> jax.Array:
+    """p_τ ∝ p^(1/τ) on the draft vocabulary, [M, V'], from the full distribution's log-probabilities there
+    (`log_p`, [M, V']); the mass p puts outside V' counts as one token of p_τ's normaliser."""
+    if temperature == 1.0:
+        return jnp.exp(log_p)
+    outside = jnp.maximum(1.0 - jnp.sum(jnp.exp(log_p), axis=-1, keepdims=True), 1e-30)  # [M, 1]
+    scaled = jnp.concatenate([log_p, jnp.log(outside)], axis=-1) / temperature
+    return jnp.exp(log_p / temperature - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))
+
+
+def distill_loss(adapter, frozen, batch, *, cfg, exit_layer: int, temperature: float = 1.0, objective: str = "kl"):
+    """The loss of the module docstring, p_τ -> q_τ over the draft vocabulary (batch: `teacher_batch`); metrics:
+    expected acceptance at τ, top-1 agreement."""
     h_exit = batch[f"h{exit_layer}"].astype(jnp.float32)
     b, t, _ = h_exit.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     drafted, _ = adapter_forward(adapter, h_exit, init_cache(cfg, b, t, num_layers=1, dtype=jnp.float32), positions, cfg)
     drafted = drafted[batch["b"], batch["t"]]  # [M, D]
     head = frozen["head"]
-    log_q = jax.nn.log_softmax(linear(drafted, head).astype(jnp.float32), axis=-1)
+    q_logits = linear(drafted, head).astype(jnp.float32)
+    log_q = jax.nn.log_softmax(q_logits / temperature, axis=-1)
     teacher = rms_norm(batch["h_final"].astype(jnp.float32), frozen["final_norm"], cfg.rms_eps)
     t_logits = linear(teacher, head).astype(jnp.float32)
-    p = jnp.exp(t_logits - batch["lse"][:, None])
+    p = tempered(t_logits - batch["lse"][:, None], temperature)
     w = batch["weight"]
     total = jnp.maximum(jnp.sum(w), 1.0)
-    loss = -jnp.sum(w * jnp.sum(p * log_q, axis=-1)) / total
-    accept = jnp.sum(w * jnp.sum(jnp.minimum(p, jnp.exp(log_q)), axis=-1)) / total
-    top1 = jnp.sum(w * (jnp.argmax(log_q, -1) == jnp.argmax(t_logits, -1))) / total
+    accepted = jnp.sum(jnp.minimum(p, jnp.exp(log_q)), axis=-1)  # [M]
+    accept = jnp.sum(w * accepted) / total
+    loss = 1.0 - accept if objective == "tvd" else -jnp.sum(w * jnp.sum(p * log_q, axis=-1)) / total
+    top1 = jnp.sum(w * (jnp.argmax(q_logits, -1) == jnp.argmax(t_logits, -1))) / total
     return loss, {"accept": accept, "top1": top1}
 
 
@@ -119,7 +143,8 @@ def train_kangaroo(model: Model, data: DataOptions, out_dir: str, options: Kanga
         rows = np.sort(train_rows[batch_indices(len(train_rows), step, run.batch_size, run.seed)])
         return batch_for(rows, options.positions, np.random.default_rng([run.seed, step]))
 
-    loss_fn = functools.partial(distill_loss, cfg=cfg, exit_layer=options.exit_layer)
+    loss_fn = functools.partial(distill_loss, cfg=cfg, exit_layer=options.exit_layer,
+                                temperature=options.loss_temperature, objective=options.objective)
     adapter = train(loss_fn, init, frozen, batch_fn, run, out_dir, description=f"kangaroo l={options.exit_layer}",
                     progress=progress, settings=settings)
     held_out = evaluate(loss_fn, adapter, frozen, batch_for, predicting, eval_rows, run.batch_size) if len(eval_rows) else {}
