@@ -18,8 +18,8 @@ the progress bar as `accept`.
 
 Both distributions can be taken at a decoding temperature τ (`--loss-temperature`, default 1): p_τ ∝ p^(1/τ)
 and q_τ = softmax(logits / τ), the two a speculative step samples from at τ. The cached log-normaliser is
-τ = 1's, so p_τ's normaliser counts the mass p puts outside V' as one token (an upper bound on that
-part of the sum: p_τ is at most a little low). `--objective tvd` minimises 1 - sum_v min(p_τ, q_τ), the
+τ = 1's, so p_τ's normaliser counts the mass p puts outside V' as one token (for τ < 1 an upper bound
+on that part of the sum, so p_τ is at most a little low; for τ > 1 a lower bound). `--objective tvd` minimises 1 - sum_v min(p_τ, q_τ), the
 rejection probability itself (total variation, as DistillSpec, Zhou et al. 2023, compares), instead
 of the soft cross-entropy.
 """
