@@ -298,6 +298,14 @@ def test_token_ranking_orders_by_frequency_with_eos_first():
     assert token_ranking(tokens, mask, always=(2,)).tolist() == [2, 7, 5, 9, 1]
 
 
+def _counting_chat(tmp_path):
+    """A chat JSONL of 12 "count to i" prompts and their answers, for the training tests."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"count to {i}", "response": " ".join(str(j) for j in range(i))})
+                              for i in range(2, 14)))
+    return data
+
+
 def test_tempered_teacher_distribution():
     """p_τ ∝ p^(1/τ): exactly softmax(log p / τ) when the draft vocabulary holds all of p's mass; with mass
     outside it, that mass takes its share of the normaliser (p_τ sums to 1 minus the outside token's part);
@@ -322,9 +330,7 @@ def test_train_objectives_and_loss_temperature(tmp_path, capsys):
     --loss-temperature reaches the loss; a temperature of 0 is a one-line error."""
     from eej.weights.artifacts import load_artifact
 
-    data = tmp_path / "chat.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"count to {i}", "response": " ".join(str(j) for j in range(i))})
-                              for i in range(2, 14)))
+    data = _counting_chat(tmp_path)
     argv = ["train", "kangaroo", "--model", "tiny-gqa", "--data", str(data), "--exit-layer", "1", "--steps", "3",
             "--warmup", "1", "--batch-size", "2", "--seq-len", "32", "--positions", "16", "--eval-fraction", "0.2",
             "--no-progress", "--teacher-cache", str(tmp_path / "teacher")]
@@ -351,9 +357,7 @@ def test_train_command_end_to_end_stop_at_and_resume(tmp_path, capsys):
     --data-command and does not repeat it."""
     from eej.weights.artifacts import load_artifact
 
-    data = tmp_path / "chat.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"count to {i}", "response": " ".join(str(j) for j in range(i))})
-                              for i in range(2, 14)))
+    data = _counting_chat(tmp_path)
     out, artifact = tmp_path / "run", tmp_path / "k.npz"
     argv = ["train", "kangaroo", "--model", "tiny-gqa", "--data", str(data), "--out", str(out), "--exit-layer", "1",
             "--steps", "6", "--warmup", "2", "--batch-size", "2", "--seq-len", "32", "--positions", "16",
