@@ -225,17 +225,20 @@ def generate(
     coupled: bool = True,
     seed: int = 0,
     cache_size: int | None = None,
+    batch_size: int | None = None,
 ) -> Completions:
     """Generate for one prompt or a batch (texts, or token-id lists used as they are) with `method`.
 
     chat: wrap text prompts in the model's chat template. temperature 0 = greedy. coupled: see
-    eej.config.SamplingConfig (False: residual speculative sampling).
+    eej.config.SamplingConfig (False: residual speculative sampling). batch_size: decode at most this many prompts
+    at once, the others queued for the first row to free up (None: all at once; eej.decoding.engine.Engine.generate).
     """
     items = _as_prompt_list(prompts)
     tok = model.tokenizer
     ids = [(tok.encode_chat(p) if chat else tok.encode(p)) if isinstance(p, str) else p for p in items]
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, coupled=coupled)
-    out = engine(model, method, cache_size=cache_size).generate(ids, max_new_tokens, sampling, seed=seed)
+    out = engine(model, method, cache_size=cache_size).generate(ids, max_new_tokens, sampling, seed=seed,
+                                                                batch_size=batch_size)
     return Completions(method_label(method), items, [tok.decode(t) for t in out.tokens], out.tokens, out)
 
 

@@ -175,7 +175,7 @@ def eej_cells(infos: list[MethodInfo]) -> dict[str, str]:
                 if trained else "no trained add-on shipped yet; one shared training loop (`eej.train.loop`, `eej train METHOD`) for every add-on")
     return {
         "methods": methods,
-        "batching": "ragged batches in one compiled loop; every registered method is tested batched (`tests/test_methods_generic.py`)",
+        "batching": "ragged batches in one compiled loop; every registered method is tested batched (`tests/test_methods_generic.py`); a queue of prompts keeps every row busy (continuous batching: `Engine.generate(..., batch_size=B)`, `eej generate --batch-file`)",
         "sampling": "temperature / top-k / top-p in the engine, for every method; lossless methods draw plain decoding's text token for token for the same seed (coupled draws, docs/sampling.md), or by speculative sampling's residual rule",
         "lossless": "; ".join(parts),
         "training needed": training,

@@ -107,6 +107,13 @@ def test_batch_that_does_not_divide_runs_replicated():
     assert Engine(model, mesh=make_mesh(data=4, model=2)).generate(prompts, max_new_tokens=10, eos_ids=()).tokens == want
 
 
+def test_a_queue_on_a_mesh_is_a_clear_error():
+    model = tiny_model("tiny-llama", seed=2)
+    engine = Engine(model, mesh=make_mesh(data=4, model=2))
+    with pytest.raises(GenerationError, match="off a mesh"):
+        engine.generate(prompts_for(model, lengths=[3, 8, 5]), max_new_tokens=6, batch_size=2)
+
+
 def test_stream_sharded_matches_generate():
     model = tiny_model("tiny-gqa", seed=3)
     prompts = prompts_for(model, lengths=[6, 2, 9, 4])

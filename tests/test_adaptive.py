@@ -162,6 +162,21 @@ def test_controller_weighs_rows_by_the_budget_they_have_left(remaining, want):
     assert int(k) == want
 
 
+@pytest.mark.parametrize("acceptance,active,want", [
+    ([0.9, 0.0], [True, True], 4),    # Σ E = 2, 2.9, 3.71, 4.439, 5.095 over c: 2, 2.23, 2.56, 2.77, 2.91 (waiting: 0)
+    ([0.35] * 4, [True] * 4, 1),      # four alike rows: one row's E / c, as without a queue
+    ([0.3, 0.0, 0.0, 0.0], [True] * 4, 0),  # Σ E = 4, 4.3, 4.39, ... over c: 4, 3.31, ...: one row's gain is too small
+    ([0.9, 0.0], [True, False], 4),   # a finished row counts for nothing
+    ([0.0, 1.0], [False, False], 0),  # nothing active: a plain step
+])
+def test_with_prompts_queued_the_controller_picks_the_batchs_throughput(acceptance, active, want):
+    """While prompts wait for a row (Engine.generate with a batch_size) no row idles after it ends, so the rule is the
+    batch's committed tokens per millisecond, argmax_k Σ_b E_b(k) / C(k), not its last row's finish time."""
+    acceptance, active = jnp.asarray(acceptance, jnp.float32), jnp.asarray(active)
+    assert int(best_draft_length(acceptance, active, COSTS, queued=jnp.asarray(True))) == want
+    assert int(best_draft_length(acceptance, active, COSTS, queued=False)) == int(best_draft_length(acceptance, active, COSTS))
+
+
 def test_on_a_gpu_like_cost_table_the_same_rule_drafts_more():
     flat = jnp.asarray([1.0, 1.02, 1.04, 1.06, 1.08])  # verification of a few tokens costs about one step
     assert int(best_draft_length(jnp.asarray([0.5]), jnp.asarray([True]), flat)) == 4  # 1.9375 / 1.08 = 1.79

@@ -10,6 +10,7 @@ import pytest
 
 from eej.cli import main
 from eej.decoding.engine import Engine
+from eej.weights.registry import load_model
 
 from eej.testing import has_real_model
 
@@ -37,6 +38,11 @@ def test_json_output_schema_on_a_batch_file(tmp_path, capsys):
         assert set(o) == {"prompt", "text", "token_ids", "new_tokens"}
         assert o["new_tokens"] == len(o["token_ids"]) <= 6
     assert result["tokens_per_second"] > 0
+    # three prompts queued for two rows decode what each decodes alone (greedy)
+    model = load_model("tiny-gqa")
+    for o in result["outputs"]:
+        alone = Engine(model).generate([model.tokenizer.encode_chat(o["prompt"])], max_new_tokens=6)
+        assert o["token_ids"] == alone.tokens[0]
 
 
 def test_text_output_and_stats_line(capsys):

@@ -106,6 +106,46 @@ def test_a_step_is_told_each_rows_remaining_budget():
         assert row[: len(tokens) - 1].tolist() == [6 - j for j in range(len(tokens) - 1)]
 
 
+def list_schedule(durations: list[int], rows: int) -> int:
+    """The steps `rows` rows take for jobs of `durations` steps, each job in order taking the first row to free up."""
+    free = [0] * rows
+    for d in durations:
+        free[free.index(min(free))] += d
+    return max(free)
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.9, top_k=40)], ids=["greedy", "sampled"])
+def test_a_queue_of_prompts_decodes_what_one_batch_of_them_decodes(sampling):
+    """Engine.generate(..., batch_size=3) for 7 ragged prompts whose answers end at different lengths: each prompt takes
+    the first row to free up (prefilled as it enters, with its own stream of coupled draws), so the tokens and every
+    row's counts are one batch's, and the loop runs the steps of a list schedule — no row idles while a prompt waits."""
+    model = tiny_model("tiny-gqa")
+    prompts = random_prompts(np.random.default_rng(8), [3, 17, 9, 1, 30, 6, 12], model.cfg.vocab_size)
+    engine = Engine(model)
+    free = engine.generate(prompts, 20, sampling, seed=3, eos_ids=()).tokens
+    eos = (free[0][4], free[3][9])
+    whole = engine.generate(prompts, 20, sampling, seed=3, eos_ids=eos)
+    queued = engine.generate(prompts, 20, sampling, seed=3, eos_ids=eos, batch_size=3)
+    assert len({len(t) for t in whole.tokens}) > 2  # the rows free up at different steps
+    assert queued.tokens == whole.tokens
+    assert (queued.row_steps, queued.forwards, queued.prompt_lengths) == (whole.row_steps, whole.forwards, whole.prompt_lengths)
+    assert queued.steps == list_schedule(whole.row_steps, 3) < sum(list_schedule(whole.row_steps[i : i + 3], 3)
+                                                                   for i in range(0, 7, 3))
+    assert engine.generate(prompts, 20, sampling, seed=3, eos_ids=eos, batch_size=7).tokens == whole.tokens
+
+
+def test_a_prompt_that_ends_in_its_prefill_frees_its_row_at_once():
+    model = tiny_model()
+    prompts = random_prompts(np.random.default_rng(4), [5, 8, 3, 6, 2], model.cfg.vocab_size)
+    engine = Engine(model)
+    firsts = [t[0] for t in engine.generate(prompts, 1, eos_ids=()).tokens]
+    eos = (firsts[2], firsts[3])  # prompts 2 and 3 end at their first token, while 0 or 1 still decode
+    whole = engine.generate(prompts, 10, eos_ids=eos)
+    queued = engine.generate(prompts, 10, eos_ids=eos, batch_size=2)
+    assert queued.tokens == whole.tokens and [len(whole.tokens[i]) for i in (2, 3)] == [1, 1]
+    assert queued.steps == list_schedule(whole.row_steps, 2)
+
+
 def test_bad_inputs_raise_clear_errors():
     model = tiny_model()
     engine = Engine(model, cache_size=32)
@@ -117,6 +157,10 @@ def test_bad_inputs_raise_clear_errors():
         engine.generate([[10_000]], max_new_tokens=8)
     with pytest.raises(GenerationError, match="context"):
         Engine(model).generate([[5] * 2000], max_new_tokens=100)
+    with pytest.raises(GenerationError, match="batch_size must be >= 1"):
+        engine.generate([[5, 6]], max_new_tokens=8, batch_size=0)
+    with pytest.raises(GenerationError, match="exceeds the cache"):  # every queued prompt is checked before any decodes
+        engine.generate([[5, 6], [7], [5] * 30], max_new_tokens=8, batch_size=1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(temperature=1.0, top_p=0.0)
 

@@ -55,6 +55,25 @@ def test_lossless_methods_match_plain_coupled_sampling(method):
     assert want != method_and_plain(agreeable_model("tiny-gqa", 6), "plain")[1]  # sampled, not the greedy text
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.8, top_k=40)], ids=["greedy", "sampled"])
+def test_a_queue_decodes_what_one_batch_decodes(method, sampling):
+    """Engine.generate with a batch_size below the number of prompts (a queue: each prompt takes the first row to free
+    up, and the adaptive rule weighs the batch's throughput): a lossless method's tokens are still plain decoding's,
+    greedy and under coupled sampling; a batch-invariant method's are its own in one batch; any other's fill every
+    prompt's budget."""
+    model = agreeable_model("tiny-gqa", 6)
+    strategy, method_params = random_method(model, method, seed=2)
+    prompts = random_prompts(np.random.default_rng(9), [3, 11, 6, 2, 9], model.cfg.vocab_size)
+    engine = Engine(model, strategy, method_params)
+    queued = engine.generate(prompts, 24, sampling, seed=5, eos_ids=(), batch_size=2)
+    if not (strategy.lossless or strategy.batch_invariant) or (not strategy.lossless and not sampling.greedy):
+        assert [len(t) for t in queued.tokens] == [24] * 5  # its tokens depend on its batch, or on its draws
+        return
+    want = Engine(model) if strategy.lossless else engine
+    assert queued.tokens == want.generate(prompts, 24, sampling, seed=5, eos_ids=()).tokens
+
+
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "plain"])
 def test_conditionals_compiled_either_way_decode_alike(method, monkeypatch):
     """eej.model.control's two implementations (in-place loops, lax.cond/switch), the second with an adaptive step

@@ -34,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="plain", help="decoding method, NAME[:CONFIG]")
     p.add_argument("--prompt", help="the prompt text")
     p.add_argument("--batch-file", help="JSONL file with one {\"prompt\": ...} object per line")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (with --batch-file)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows decoded together (with --batch-file): the other prompts wait in a queue and each takes "
+                        "the first row to free up (on a mesh: batches, one after another)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--no-stream", action="store_true", help="don't stream tokens to the terminal")
@@ -91,18 +93,21 @@ def run(args: argparse.Namespace) -> int:
 
     lead = jax.process_index() == 0  # every process computes; the first one reports
     stream = lead and not args.json and not args.no_stream and len(prompts) == 1 and sys.stdout.isatty()
-    # Batch prompts of similar length together (less padding); results go back in input order.
+    # Prompts of similar length decode side by side (less padding); results go back in input order. Off a mesh they
+    # form one queue (Engine.generate's batch_size: no row idles while a prompt waits); on one, batches in turn.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[dict[str, Any]] = [{} for _ in prompts]
     seconds = compile_seconds = decode_seconds = 0.0
     decode_tokens = 0
-    for start in range(0, len(order), args.batch_size):
-        rows = order[start : start + args.batch_size]
+    chunk_size = args.batch_size if mesh is not None or stream else len(order)
+    for start in range(0, len(order), chunk_size):
+        rows = order[start : start + chunk_size]
         chunk = [prompts[i] for i in rows]
         if stream:
             out = _stream_to_terminal(engine, chunk[0], args, sampling)
         else:
-            out = engine.generate(chunk, args.max_new_tokens, sampling, seed=args.seed)
+            out = engine.generate(chunk, args.max_new_tokens, sampling, seed=args.seed,
+                                  batch_size=None if mesh is not None else args.batch_size)
         seconds += out.seconds
         compile_seconds += out.compile_seconds
         decode_seconds += out.decode_seconds

@@ -23,7 +23,9 @@ one k for the whole batch, the one that brings its last row in soonest: a row wh
 accepted keeps the batch on plain steps (drafting would slow that row, and the batch waits for it), while
 a row close to the end of its budget counts for little. Not what the batch's most optimistic row would
 want, nor the batch's total tokens per second, which rows that finish early and then idle inflate. At
-batch 1 it is k* = argmax_k E(k) / C(k).
+batch 1 it is k* = argmax_k E(k) / C(k). While prompts wait in a queue for a row (`Engine.generate` with a
+`batch_size`; `StepInputs.queued`) a row that finishes takes the next prompt and nobody waits for the last row:
+then k* = argmax_k Σ_b E_b(k) / C(k), the batch's committed tokens per millisecond.
 
 - c(k) is measured on the running machine: the engine times its compiled decode loop forced to draft k
   tokens every step, for every k, at the batch size and cache size it is about to run
@@ -177,12 +179,13 @@ class Controller(ExitEconomics):
         return self.onward_hits / self.onward_trials
 
     def decide(self, active: jax.Array, remaining: jax.Array | None, probe_every: int,
-               free_probe: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+               free_probe: bool, queued: jax.Array | bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
         """This step's (k, probe, backoff): the draft length the rule picks for the active rows [B] with `remaining`
-        [B] tokens of budget (`best_draft_length`), or — when that is 0 and a probe is due — a probe (free: a plain
-        step that scores the drafter's guess; else one real draft), or the calibration's forced k; the backoff after
-        the step."""
-        wanted = best_draft_length(self.acceptance, active, self.costs, remaining, self.continuation, self.following)
+        [B] tokens of budget (`best_draft_length`; `queued`: prompts wait for a free row), or — when that is 0 and a
+        probe is due — a probe (free: a plain step that scores the drafter's guess; else one real draft), or the
+        calibration's forced k; the backoff after the step."""
+        wanted = best_draft_length(self.acceptance, active, self.costs, remaining, self.continuation, self.following,
+                                   queued)
         due = (wanted == 0) & probe_due(self.idle, self.backoff, probe_every)
         k = wanted if free_probe else jnp.where(due, 1, wanted)
         forced = self.force >= 0
@@ -300,15 +303,21 @@ def expected_step_costs(costs: jax.Array, active: jax.Array, continuation: jax.A
 
 def best_draft_length(acceptance: jax.Array, active: jax.Array, costs: jax.Array,
                       remaining: jax.Array | None = None, continuation: jax.Array | None = None,
-                      following: jax.Array | None = None) -> jax.Array:
+                      following: jax.Array | None = None, queued: jax.Array | bool = False) -> jax.Array:
     """argmin_k max_b remaining_b C(k) / E_b(k) over the active rows (module docstring): acceptance α, active,
     remaining (None: equal budgets), continuation β (None: rows never stop early), following γ (None: α β) [B];
-    costs c [K + 1] -> int32 k (0 when no row is active; ties: the shorter)."""
+    costs c [K + 1] -> int32 k (0 when no row is active; ties: the shorter).
+
+    queued (bool scalar): prompts wait for a row to free up (`Engine.generate` with a `batch_size`), so a row that
+    finishes early does not idle and the batch's last row is not what anyone waits for: then the k of most
+    committed tokens per millisecond over the batch, argmax_k Σ_b E_b(k) / C(k)."""
     remaining = jnp.ones(acceptance.shape, jnp.float32) if remaining is None else remaining.astype(jnp.float32)
     step_costs = expected_step_costs(costs, active, continuation)
     gains = expected_tokens(acceptance, costs.shape[0] - 1, continuation, following)
     finish = remaining[:, None] * step_costs[None, :] / gains
-    return jnp.argmin(jnp.max(jnp.where(active[:, None], finish, 0.0), axis=0)).astype(jnp.int32)
+    last_row = jnp.argmin(jnp.max(jnp.where(active[:, None], finish, 0.0), axis=0))
+    throughput = jnp.argmax(jnp.sum(jnp.where(active[:, None], gains, 0.0), axis=0) / step_costs)
+    return jnp.where(queued, throughput, last_row).astype(jnp.int32)
 
 
 def probe_overlap(target_logits: jax.Array, target_tokens: jax.Array, draft_logits: jax.Array,
@@ -411,7 +420,8 @@ class SelfSpeculative(Strategy):
     def step(self, s: StepInputs) -> StepResult:
         ctl: Controller = s.method_state["controller"]
         if self.adaptive:
-            k, probe, backoff = ctl.decide(s.active, s.remaining, self.probe_every, self.free_probe)
+            k, probe, backoff = ctl.decide(s.active, s.remaining, self.probe_every, self.free_probe,
+                                           False if s.queued is None else s.queued)
             forced = ctl.force >= 0
         else:
             k, probe, backoff, forced = self.max_draft_steps, False, ctl.backoff, False

@@ -67,6 +67,8 @@ class DecodeState:
     steps: loop iterations so far.
     forwards, layers: [B] full-model forwards and transformer layers spent on each row while active.
     row_steps, speculated, exited: [B] steps each row was active in, drafted tokens in, left the stack early in.
+    queued: bool scalar: prompts wait for a row to free up (`Engine.generate` with a `batch_size`); the decode loop
+      then returns as soon as a row finishes, for the engine to refill it.
     """
 
     cache: KVCache
@@ -83,6 +85,7 @@ class DecodeState:
     row_steps: jax.Array
     speculated: jax.Array
     exited: jax.Array
+    queued: jax.Array
 
 
 @dataclasses.dataclass
@@ -205,6 +208,8 @@ def _prefill(
     tokens: jax.Array,
     prompt_lens: jax.Array,
     key: jax.Array,
+    rows: jax.Array,
+    draws: jax.Array,
     *,
     cfg: ModelConfig,
     strategy: Strategy,
@@ -213,11 +218,15 @@ def _prefill(
     max_new: int,
     eos_ids: tuple[int, ...],
 ) -> DecodeState:
+    """Prompts [B, P] (right-padded, lengths [B]) -> the decode state holding each row's first token. key: the
+    generation's PRNG key, which with rows [B] int32 (the prompts' places in the generation) gives each row its stream
+    of coupled draws; draws: the PRNG key of the first tokens' other draws and of the decode loop's (a generation's
+    first prefill: `key`)."""
     batch = tokens.shape[0]
     cache = init_cache(cfg, batch, capacity)
     logits, cache, method_state = strategy.prefill(params, method_params, tokens, prompt_lens, cache, cfg)
-    noise = row_streams(key, batch)
-    key, sub = jax.random.split(key)
+    noise = row_streams(key, rows)
+    key, sub = jax.random.split(draws)
     first = sample(logits, sub, sampling, token_keys(noise, prompt_lens))
     done = jnp.isin(first, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros((batch,), bool)
     return _first_state(cache, method_state, first, done | (max_new <= 1), key, noise, max_new, cfg)
@@ -246,6 +255,7 @@ def _first_state(
         row_steps=jnp.zeros((batch,), jnp.int32),
         speculated=jnp.zeros((batch,), jnp.int32),
         exited=jnp.zeros((batch,), jnp.int32),
+        queued=jnp.zeros((), bool),
     )
 
 
@@ -279,7 +289,7 @@ def _step(
     key, sub = jax.random.split(state.key)
     inputs = StepInputs(params=params, method_params=method_params, cache=state.cache, method_state=state.method_state,
                         pending=state.pending, key=sub, active=~state.done, sampling=sampling, cfg=cfg, scoring=scoring,
-                        remaining=state.output.shape[1] - state.num_new, noise=state.noise)
+                        remaining=state.output.shape[1] - state.num_new, noise=state.noise, queued=state.queued)
     result = strategy.step(inputs)
     batch = state.pending.shape[0]
     try:  # a strategy of your own gets told what it returned wrong, at trace time
@@ -377,12 +387,28 @@ def _score_loop(
 
 
 def _decode_loop(params: Params, method_params: Any, state: DecodeState, **static: Any) -> DecodeState:
+    """Steps until every row is done (at most max_new steps), or, while `state.queued`, until a row that was generating
+    finishes (the engine refills it: `_refill`)."""
     max_new = static["max_new"]
-    return lax.while_loop(
-        lambda s: jnp.any(~s.done) & (s.steps < max_new),
-        lambda s: _advance(params, method_params, s, **static),
-        state,
-    )
+    idle = state.done  # rows done before this call: a queue's rows left without a prompt
+
+    def go_on(s: DecodeState) -> jax.Array:
+        return jnp.any(~s.done) & (s.steps < max_new) & ~(s.queued & jnp.any(s.done & ~idle))
+
+    return lax.while_loop(go_on, lambda s: _advance(params, method_params, s, **static), state)
+
+
+def _refill(params: Params, method_params: Any, state: DecodeState, fresh: DecodeState, slots: jax.Array,
+            picks: jax.Array, queued: jax.Array, *, rowwise: tuple[bool, ...]) -> DecodeState:
+    """(params and method_params unused: every engine program takes them first, `Engine._get` keys on the rest.)
+    `state` (B rows) with rows `slots` [R] replaced by rows `picks` [R] of `fresh` (newly prefilled rows): every leaf
+    that has a row axis (`rowwise`, one flag per leaf of a DecodeState) takes fresh's rows there; the rest (the PRNG
+    key, a method's measured costs and other batch-wide state) stay the state's. The step counter restarts (the loop's
+    bound of max_new steps holds per row); `queued`: whether prompts still wait after this refill."""
+    leaves, tree = jax.tree.flatten(state)
+    new = jax.tree.leaves(fresh)
+    merged = [old.at[slots].set(f[picks]) if per_row else old for old, f, per_row in zip(leaves, new, rowwise)]
+    return jax.tree.unflatten(tree, merged).replace(steps=jnp.zeros((), jnp.int32), queued=queued)
 
 
 class Engine:
@@ -406,6 +432,7 @@ class Engine:
         self._owner = PROGRAMS.new_owner()  # its compiled programs live in eej.decoding.compiled_programs
         weakref.finalize(self, PROGRAMS.forget, self._owner)
         self._step_times: dict[tuple, list[float] | None] = {}
+        self._rowwise_memo: dict[tuple, tuple[bool, ...]] = {}  # per layout: which DecodeState leaves have a row axis
         self._learned: dict[SamplingConfig, Any] = {}  # what the last generation per sampling learned (Strategy.learned)
         self.mesh = mesh
         self._sharding = None
@@ -495,17 +522,28 @@ class Engine:
         sampling: SamplingConfig,
         seed: int,
         eos_ids: tuple[int, ...] | None,
+        *,
+        rows: Sequence[int] | None = None,
+        layout: tuple[int, int] | None = None,
+        draws: jax.Array | None = None,
     ) -> tuple[DecodeState, dict, float, float]:
-        """Prefill -> (state holding the first token, loop settings, run seconds, compile seconds)."""
+        """Prefill -> (state holding the first token, loop settings, run seconds, compile seconds).
+
+        rows: the prompts' places in the generation (default 0..B-1: their coupled draws' streams); layout: (padded
+        prompt length, cache capacity) instead of the prompts' own (a queue lays its cache out for all its prompts);
+        draws: the PRNG key of the first tokens' uncoupled draws, instead of `seed`'s (a queue's refills)."""
         eos = self.cfg.eos_ids if eos_ids is None else tuple(eos_ids)
-        padded, capacity = self._layout(prompts, max_new_tokens)
+        padded, capacity = self._layout(prompts, max_new_tokens) if layout is None else layout
         tokens, lens = self._inputs(prompts, padded)
+        places = jnp.arange(len(prompts), dtype=jnp.int32) if rows is None else jnp.asarray(rows, jnp.int32)
         static = dict(cfg=self.cfg, strategy=self.strategy, sampling=sampling, max_new=max_new_tokens, eos_ids=eos)
-        args = (self.model.params, self.method_params, tokens, lens, jax.random.PRNGKey(seed))
-        if self._sharding is not None:  # rows over `data`; the key replicated
+        key = jax.random.PRNGKey(seed)
+        args = (self.model.params, self.method_params, tokens, lens, key, places, key if draws is None else draws)
+        if self._sharding is not None:  # rows over `data`; the keys replicated
             sharding = self._sharding
-            tokens, lens = sharding.place((tokens, lens), sharding.state((tokens, lens), len(prompts)))
-            args = (*args[:2], tokens, lens, sharding.place(args[4], sharding.named(jax.sharding.PartitionSpec())))
+            tokens, lens, places = sharding.place((tokens, lens, places), sharding.state((tokens, lens, places), len(prompts)))
+            key = sharding.place(key, sharding.named(jax.sharding.PartitionSpec()))
+            args = (*args[:2], tokens, lens, key, places, key)
         fn, compile_s = self._get("prefill", _prefill, {**static, "capacity": capacity}, args, donate=(), batch=len(prompts))
         start = time.perf_counter()
         state = jax.block_until_ready(fn(*args))
@@ -563,12 +601,23 @@ class Engine:
         sampling: SamplingConfig = SamplingConfig(),
         seed: int = 0,
         eos_ids: tuple[int, ...] | None = None,
+        batch_size: int | None = None,
     ) -> GenerationOutput:
         """Generate for a batch of token-id prompts inside one compiled loop.
 
         eos_ids: token ids that end a row (default: the model's); `()` never stops early. An adaptive method starts
         from what the engine's last generation with the same sampling learned (`forget` drops it).
+        batch_size: decode at most this many rows at once (None: every prompt in one batch). The other prompts wait
+        in a queue, in order, and each takes the row of the first to finish, prefilled as it enters (continuous
+        batching: no row idles while a prompt waits, and an adaptive method weighs the batch's throughput rather
+        than its last row). Each prompt keeps the stream of coupled draws of its place in `prompts`, so the queue
+        samples the tokens one batch of all of them would. `steps` then counts the decode loop's steps over the
+        whole queue; `prefill_seconds` every prefill, refills included.
         """
+        if batch_size is not None and batch_size < 1:
+            raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size is not None and len(prompts) > batch_size:
+            return self._generate_queued(prompts, max_new_tokens, sampling, seed, eos_ids, batch_size)
         state, static, prefill_s, compile_s = self._prefill(prompts, max_new_tokens, sampling, seed, eos_ids)
         args = (self.model.params, self.method_params, state)
         fn, loop_compile_s = self._get("loop", _decode_loop, static, args, donate=(2,), batch=len(prompts))
@@ -579,6 +628,114 @@ class Engine:
         decode_s = time.perf_counter() - start
         self._learn(state, sampling)
         return self._output(state, prompts, prefill_s, decode_s, compile_s + loop_compile_s + calibration_s)
+
+    def _generate_queued(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingConfig,
+                         seed: int, eos_ids: tuple[int, ...] | None, batch_size: int) -> GenerationOutput:
+        """`generate` for more prompts than `batch_size` rows: a queue (see there)."""
+        if self._sharding is not None:
+            raise GenerationError(f"a queue of {len(prompts)} prompts for {batch_size} rows decodes off a mesh for now; "
+                                  "on a mesh give batch_size=None (one batch) or call generate once per batch")
+        _, capacity = self._layout(prompts, max_new_tokens)  # checks every prompt; one cache layout for the queue
+
+        def prefill(places: list[int], key: jax.Array) -> tuple[DecodeState, dict, float, float]:
+            chunk = [prompts[i] for i in places]
+            layout = (min(length_bucket(max(len(p) for p in chunk)), capacity), capacity)
+            return self._prefill(chunk, max_new_tokens, sampling, seed, eos_ids, rows=places, layout=layout, draws=key)
+
+        n, rows = len(prompts), batch_size
+        state, static, prefill_s, compile_s = prefill(list(range(rows)), jax.random.PRNGKey(seed))
+        params, method_params = self.model.params, self.method_params
+        loop, loop_compile_s = self._get("loop", _decode_loop, static, (params, method_params, state), donate=(2,), batch=rows)
+        state, calibration_s = self._calibrated(state, static, loop, rows)
+        state = self._start_from_learned(state, sampling)
+        compile_s += loop_compile_s + calibration_s
+        step_ms = self._step_times.get((rows, capacity, sampling))
+        rowwise = self._rowwise(static, capacity)
+        state = state.replace(queued=jnp.asarray(True))
+        placed = list(range(rows))  # the prompt each row decodes (-1: none)
+        # The next prompts are prefilled `rows` at a time, ahead of need (a one-row prefill of a short prompt costs
+        # more per token than a batch's), and take rows as they free up: `ahead` holds the prompts `buffer` prefilled.
+        buffer, ahead, taken, refills = None, [], 0, 0
+        finished: dict[int, dict[str, Any]] = {}
+        steps, decode_s = 0, 0.0
+        while True:
+            start = time.perf_counter()  # the host's bookkeeping between loop calls counts as decoding time
+            view = {f: to_host(getattr(state, f)) for f in ("done", "num_new", "output", "forwards", "layers",
+                                                            "row_steps", "speculated", "exited")}
+            decode_s += time.perf_counter() - start
+            for b in range(rows):
+                if placed[b] >= 0 and view["done"][b]:
+                    finished[placed[b]] = {f: view[f][b] for f in view}
+                    placed[b] = -1
+            free = [b for b in range(rows) if placed[b] < 0]
+            unplaced = n - len(finished) - sum(p >= 0 for p in placed)
+            if unplaced and free:  # refill, then look again: a prompt may end in its own prefill (EOS first)
+                if taken == len(ahead):
+                    ahead, taken, refills = list(range(n - unplaced, min(n, n - unplaced + rows))), 0, refills + 1
+                    buffer, _, seconds, c = prefill(ahead, jax.random.fold_in(jax.random.PRNGKey(seed), refills))
+                    prefill_s, compile_s = prefill_s + seconds, compile_s + c
+                picks = list(range(taken, min(len(ahead), taken + len(free))))
+                slots, taken = free[: len(picks)], taken + len(picks)
+                start = time.perf_counter()
+                fresh = self._as_refill(buffer, state, step_ms)
+                args = (params, method_params, state, fresh, jnp.asarray(slots, jnp.int32), jnp.asarray(picks, jnp.int32),
+                        jnp.asarray(unplaced > len(picks)))
+                merge, merge_compile_s = self._get("refill", _refill, {"rowwise": rowwise}, args, donate=(2,), batch=rows)
+                state = jax.block_until_ready(merge(*args))
+                prefill_s, compile_s = prefill_s + time.perf_counter() - start, compile_s + merge_compile_s
+                for b, j in zip(slots, picks):
+                    placed[b] = ahead[j]
+                continue
+            if all(p < 0 for p in placed):
+                break
+            start = time.perf_counter()
+            state = jax.block_until_ready(loop(params, method_params, state))
+            decode_s += time.perf_counter() - start
+            steps += int(to_host(state.steps))
+            state = state.replace(steps=jnp.zeros((), jnp.int32))  # each call's bound of max_new steps is per row
+        self._learn(state, sampling)
+        rows_out = [finished[i] for i in range(n)]
+        return GenerationOutput(
+            tokens=[r["output"][: r["num_new"]].tolist() for r in rows_out],
+            prompt_lengths=[len(p) for p in prompts],
+            prefill_seconds=prefill_s,
+            decode_seconds=decode_s,
+            compile_seconds=compile_s,
+            forwards=[int(r["forwards"]) for r in rows_out],
+            layers=[float(r["layers"]) for r in rows_out],
+            steps=steps,
+            method_state=state.method_state,
+            row_steps=[int(r["row_steps"]) for r in rows_out],
+            speculated_steps=[int(r["speculated"]) for r in rows_out],
+            exited_steps=[int(r["exited"]) for r in rows_out],
+        )
+
+    def _as_refill(self, fresh: DecodeState, state: DecodeState, step_ms: list[float] | None) -> DecodeState:
+        """Newly prefilled rows told what the running batch knows: the measured step times, and what its rows have
+        learned so far (`Strategy.learned`: where an adaptive method's estimate starts)."""
+        method_state = fresh.method_state
+        if step_ms is not None:
+            method_state = self.strategy.calibrate(method_state, step_ms)
+        learned = self.strategy.learned(state.method_state)
+        if learned is not None:
+            method_state = self.strategy.start_from(method_state, learned)
+        return fresh.replace(method_state=method_state)
+
+    def _rowwise(self, static: dict, capacity: int) -> tuple[bool, ...]:
+        """For each leaf of this engine's DecodeState: whether it has a row axis (its shape follows the batch size)."""
+        memo = (capacity, *sorted(static.items(), key=lambda kv: kv[0]))
+        if memo in self._rowwise_memo:
+            return self._rowwise_memo[memo]
+
+        def shapes(batch: int) -> list[tuple[int, ...]]:
+            ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+            args = (self.model.params, self.method_params, ints(batch, min(16, capacity)), ints(batch),
+                    jax.random.PRNGKey(0), ints(batch), jax.random.PRNGKey(0))
+            out = jax.eval_shape(functools.partial(_prefill, **static, capacity=capacity), *args)
+            return [leaf.shape for leaf in jax.tree.leaves(out)]
+
+        self._rowwise_memo[memo] = tuple(a != b for a, b in zip(shapes(1), shapes(2)))
+        return self._rowwise_memo[memo]
 
     def score(
         self,
@@ -658,7 +815,8 @@ class Engine:
         padded, capacity = self._layout(prompts, max_new_tokens)
         tokens, lens = self._inputs(prompts, padded)
         static = dict(cfg=self.cfg, strategy=self.strategy, sampling=sampling, max_new=max_new_tokens, eos_ids=self.cfg.eos_ids)
-        args = (self.model.params, self.method_params, tokens, lens, jax.random.PRNGKey(0))
+        key = jax.random.PRNGKey(0)
+        args = (self.model.params, self.method_params, tokens, lens, key, jnp.arange(len(prompts)), key)
         state = jax.eval_shape(functools.partial(_prefill, **static, capacity=capacity), *args)
         loop = jax.jit(functools.partial(_decode_loop, **static))
         return loop.trace(self.model.params, self.method_params, state).lower(lowering_platforms=platforms)

@@ -136,10 +136,13 @@ def _mix(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def row_streams(key: jax.Array, batch: int) -> jax.Array:
-    """[B] uint32: each row's stream of token keys for a generation seeded with the PRNG `key`; row b's does not
-    depend on the batch size."""
-    return jax.vmap(lambda b: jax.random.bits(jax.random.fold_in(key, b), (), jnp.uint32))(jnp.arange(batch))
+def row_streams(key: jax.Array, rows: int | jax.Array) -> jax.Array:
+    """[B] uint32: each row's stream of token keys for a generation seeded with the PRNG `key`; `rows`: B, for rows
+    0..B-1, or their indices [B] (int32) in the generation — a prompt queued for a free row of a batch keeps the
+    stream of its place in the queue (`Engine.generate` with a `batch_size`). Row b's does not depend on the batch
+    size."""
+    rows = jnp.arange(rows) if isinstance(rows, int) else rows
+    return jax.vmap(lambda b: jax.random.bits(jax.random.fold_in(key, b), (), jnp.uint32))(rows)
 
 
 def token_keys(streams: jax.Array, positions: jax.Array) -> jax.Array:

@@ -47,6 +47,8 @@ class StepInputs:
     remaining: [B] int32, tokens each row may still commit (its budget, max_new_tokens, less what it has committed;
       EOS may end it sooner), or None where not known (taken as equal). A batch runs until its last row ends, so
       a method deciding for the whole batch weighs its rows by it (eej.decoding.adaptive.best_draft_length).
+    queued: bool scalar, True while prompts wait for a row to free up (`Engine.generate` with a `batch_size`): a row
+      that finishes is refilled at once, so the batch's throughput counts, not its last row; None where not known.
     sampling, cfg: static (part of the compiled program, not traced).
     scoring: static; True when the engine teacher-forces a reference (`Engine.score`): the step must return
       `StepResult.logits`, and a method that skips computing them in plain decoding computes them then.
@@ -64,6 +66,7 @@ class StepInputs:
     scoring: bool = struct.field(pytree_node=False, default=False)
     remaining: jax.Array | None = None
     noise: jax.Array | None = None
+    queued: jax.Array | None = None
 
     @property
     def batch(self) -> int:
