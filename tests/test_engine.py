@@ -117,7 +117,7 @@ def list_schedule(durations: list[int], rows: int) -> int:
 @pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.9, top_k=40)], ids=["greedy", "sampled"])
 def test_a_queue_of_prompts_decodes_what_one_batch_of_them_decodes(sampling):
     """Engine.generate(..., batch_size=3) for 7 ragged prompts whose answers end at different lengths: each prompt takes
-    the first row to free up (prefilled as it enters, with its own stream of coupled draws), so the tokens and every
+    the first row to free up (prefilled ahead of need, with its own stream of coupled draws), so the tokens and every
     row's counts are one batch's, and the loop runs the steps of a list schedule — no row idles while a prompt waits."""
     model = tiny_model("tiny-gqa")
     prompts = random_prompts(np.random.default_rng(8), [3, 17, 9, 1, 30, 6, 12], model.cfg.vocab_size)

@@ -608,9 +608,9 @@ class Engine:
         eos_ids: token ids that end a row (default: the model's); `()` never stops early. An adaptive method starts
         from what the engine's last generation with the same sampling learned (`forget` drops it).
         batch_size: decode at most this many rows at once (None: every prompt in one batch). The other prompts wait
-        in a queue, in order, and each takes the row of the first to finish, prefilled as it enters (continuous
-        batching: no row idles while a prompt waits, and an adaptive method weighs the batch's throughput rather
-        than its last row). Each prompt keeps the stream of coupled draws of its place in `prompts`, so the queue
+        in a queue, in order (prefilled batch_size at a time, ahead of need), and each takes the row of the first to
+        finish (continuous batching: no row idles while a prompt waits, and an adaptive method weighs the batch's
+        throughput rather than its last row). Each prompt keeps the stream of coupled draws of its place in `prompts`, so the queue
         samples the tokens one batch of all of them would. `steps` then counts the decode loop's steps over the
         whole queue; `prefill_seconds` every prefill, refills included.
         """
