@@ -91,3 +91,19 @@ def test_coupled_sampling_draws_plain_decodings_text_on_the_real_model(real_mode
     assert out.tokens == plain.tokens
     assert sum(out.new_tokens) / sum(out.forwards) > 1.1
     assert Engine(real_model).generate(prompts, max_new_tokens=40, sampling=sampling, seed=5).tokens != plain.tokens
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.7)], ids=["greedy", "sampled"])
+def test_a_queue_of_prompts_is_lossless_on_the_real_model(real_model, sampling, tmp_path, monkeypatch):
+    """Three prompts queued for two rows (Engine.generate's batch_size: the third takes the first row to free up, and
+    the adaptive rule weighs the batch's throughput while it waits): the shipped Kangaroo decodes plain decoding's
+    tokens, greedy and under coupled sampling, and its drafts get accepted."""
+    monkeypatch.setenv("EEJ_CACHE_DIR", str(tmp_path))  # the step costs are measured here, on this machine
+    strategy, method_params = build_method(real_model, "kangaroo")
+    prompts = _prompts(real_model) + [real_model.tokenizer.encode_chat("List three prime numbers, then explain why.")]
+    plain = Engine(real_model).generate(prompts, max_new_tokens=32, sampling=sampling, seed=4)
+    out = Engine(real_model, strategy, method_params).generate(prompts, max_new_tokens=32, sampling=sampling, seed=4,
+                                                                batch_size=2)
+    assert out.tokens == plain.tokens
+    assert sum(out.new_tokens) > sum(out.forwards)  # drafts accepted

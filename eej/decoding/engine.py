@@ -573,10 +573,11 @@ class Engine:
         state = state if ms is None else state.replace(method_state=strategy.calibrate(state.method_state, ms))
         return state, time.perf_counter() - start
 
-    def _start_from_learned(self, state: DecodeState, sampling: SamplingConfig) -> DecodeState:
+    def _start_from_learned(self, state: DecodeState, sampling: SamplingConfig, learned: Any = None) -> DecodeState:
         """`state` (after the prefill and calibration) told what this engine's last generation with `sampling` learned
-        (`Strategy.start_from`; e.g. the adaptive speculative methods' acceptance), each array where it was placed."""
-        learned = self._learned.get(sampling)
+        (`Strategy.start_from`; e.g. the adaptive speculative methods' acceptance), or `learned` (a queue's refilled rows:
+        what its running batch has learned), each array where it was placed."""
+        learned = self._learned.get(sampling) if learned is None else learned
         if learned is None:
             return state
         told = self.strategy.start_from(state.method_state, learned)
@@ -656,6 +657,7 @@ class Engine:
         # The next prompts are prefilled `rows` at a time, ahead of need (a one-row prefill of a short prompt costs
         # more per token than a batch's), and take rows as they free up: `ahead` holds the prompts `buffer` prefilled.
         buffer, ahead, taken, refills = None, [], 0, 0
+        merges: dict[tuple[int, int], Callable] = {}  # the refill program per (rows taken, rows prefilled)
         finished: dict[int, dict[str, Any]] = {}
         steps, decode_s = 0, 0.0
         while True:
@@ -673,16 +675,21 @@ class Engine:
                 if taken == len(ahead):
                     ahead, taken, refills = list(range(n - unplaced, min(n, n - unplaced + rows))), 0, refills + 1
                     buffer, _, seconds, c = prefill(ahead, jax.random.fold_in(jax.random.PRNGKey(seed), refills))
+                    if step_ms is not None:  # the rows will decode at the running batch's measured step times
+                        buffer = buffer.replace(method_state=self.strategy.calibrate(buffer.method_state, step_ms))
                     prefill_s, compile_s = prefill_s + seconds, compile_s + c
                 picks = list(range(taken, min(len(ahead), taken + len(free))))
                 slots, taken = free[: len(picks)], taken + len(picks)
+                where = (jnp.asarray(slots, jnp.int32), jnp.asarray(picks, jnp.int32), jnp.asarray(unplaced > len(picks)))
+                if (len(picks), len(ahead)) not in merges:
+                    merges[len(picks), len(ahead)], merge_compile_s = self._get(
+                        "refill", _refill, {"rowwise": rowwise}, (params, method_params, state, buffer, *where),
+                        donate=(2,), batch=rows)
+                    compile_s += merge_compile_s
                 start = time.perf_counter()
-                fresh = self._as_refill(buffer, state, step_ms)
-                args = (params, method_params, state, fresh, jnp.asarray(slots, jnp.int32), jnp.asarray(picks, jnp.int32),
-                        jnp.asarray(unplaced > len(picks)))
-                merge, merge_compile_s = self._get("refill", _refill, {"rowwise": rowwise}, args, donate=(2,), batch=rows)
-                state = jax.block_until_ready(merge(*args))
-                prefill_s, compile_s = prefill_s + time.perf_counter() - start, compile_s + merge_compile_s
+                fresh = self._start_from_learned(buffer, sampling, self.strategy.learned(state.method_state))
+                state = jax.block_until_ready(merges[len(picks), len(ahead)](params, method_params, state, fresh, *where))
+                prefill_s += time.perf_counter() - start
                 for b, j in zip(slots, picks):
                     placed[b] = ahead[j]
                 continue
@@ -709,17 +716,6 @@ class Engine:
             speculated_steps=[int(r["speculated"]) for r in rows_out],
             exited_steps=[int(r["exited"]) for r in rows_out],
         )
-
-    def _as_refill(self, fresh: DecodeState, state: DecodeState, step_ms: list[float] | None) -> DecodeState:
-        """Newly prefilled rows told what the running batch knows: the measured step times, and what its rows have
-        learned so far (`Strategy.learned`: where an adaptive method's estimate starts)."""
-        method_state = fresh.method_state
-        if step_ms is not None:
-            method_state = self.strategy.calibrate(method_state, step_ms)
-        learned = self.strategy.learned(state.method_state)
-        if learned is not None:
-            method_state = self.strategy.start_from(method_state, learned)
-        return fresh.replace(method_state=method_state)
 
     def _rowwise(self, static: dict, capacity: int) -> tuple[bool, ...]:
         """For each leaf of this engine's DecodeState: whether it has a row axis (its shape follows the batch size)."""
