@@ -115,17 +115,28 @@ def list_schedule(durations: list[int], rows: int) -> int:
 
 
 @pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.9, top_k=40)], ids=["greedy", "sampled"])
-def test_a_queue_of_prompts_decodes_what_one_batch_of_them_decodes(sampling):
+def test_a_queue_of_prompts_decodes_what_one_batch_of_them_decodes(sampling, monkeypatch):
     """Engine.generate(..., batch_size=3) for 7 ragged prompts whose answers end at different lengths: each prompt takes
-    the first row to free up (prefilled ahead of need, with its own stream of coupled draws), so the tokens and every
-    row's counts are one batch's, and the loop runs the steps of a list schedule — no row idles while a prompt waits."""
+    the first row to free up (prefilled ahead of need, with its own stream of coupled draws, into the first positions of
+    the row's cache when its prompts need fewer), so the tokens and every row's counts are one batch's, and the loop
+    runs the steps of a list schedule — no row idles while a prompt waits."""
     model = tiny_model("tiny-gqa")
     prompts = random_prompts(np.random.default_rng(8), [3, 17, 9, 1, 30, 6, 12], model.cfg.vocab_size)
     engine = Engine(model)
     free = engine.generate(prompts, 20, sampling, seed=3, eos_ids=()).tokens
     eos = (free[0][4], free[3][9])
     whole = engine.generate(prompts, 20, sampling, seed=3, eos_ids=eos)
+    capacities, prefill = [], engine._prefill  # each prefill's cache: a refill of shorter prompts gets a smaller one
+
+    def spy(*args, **kwargs):
+        out = prefill(*args, **kwargs)
+        capacities.append(out[0].cache.capacity)
+        return out
+
+    monkeypatch.setattr(engine, "_prefill", spy)
     queued = engine.generate(prompts, 20, sampling, seed=3, eos_ids=eos, batch_size=3)
+    monkeypatch.undo()
+    assert capacities == [64, 64, 32]  # the queue's cache (30 + 20 tokens), then prompts [1, 30, 6] and [12]
     assert len({len(t) for t in whole.tokens}) > 2  # the rows free up at different steps
     assert queued.tokens == whole.tokens
     assert (queued.row_steps, queued.forwards, queued.prompt_lengths) == (whole.row_steps, whole.forwards, whole.prompt_lengths)

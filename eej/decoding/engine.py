@@ -404,10 +404,21 @@ def _refill(params: Params, method_params: Any, state: DecodeState, fresh: Decod
     `state` (B rows) with rows `slots` [R] replaced by rows `picks` [R] of `fresh` (newly prefilled rows): every leaf
     that has a row axis (`rowwise`, one flag per leaf of a DecodeState) takes fresh's rows there; the rest (the PRNG
     key, a method's measured costs and other batch-wide state) stay the state's. The step counter restarts (the loop's
-    bound of max_new steps holds per row); `queued`: whether prompts still wait after this refill."""
+    bound of max_new steps holds per row); `queued`: whether prompts still wait after this refill.
+
+    `fresh` may have been prefilled with a smaller cache (its prompts' own capacity): its rows then fill the first
+    positions of the slots' caches, and the positions past them keep what the slot's last prompt left there. Nothing
+    reads them: attention reads a row's cache below its length only (rejected drafts are left the same way), and
+    the row's own steps write each position before its length passes it."""
     leaves, tree = jax.tree.flatten(state)
     new = jax.tree.leaves(fresh)
-    merged = [old.at[slots].set(f[picks]) if per_row else old for old, f, per_row in zip(leaves, new, rowwise)]
+
+    def merge(old: jax.Array, f: jax.Array) -> jax.Array:
+        if any(n > m for n, m in zip(f.shape[1:], old.shape[1:])):
+            raise ValueError(f"a refill's leaf {f.shape} exceeds the running state's {old.shape}")
+        return old.at[(slots, *(slice(0, n) for n in f.shape[1:]))].set(f[picks])
+
+    merged = [merge(old, f) if per_row else old for old, f, per_row in zip(leaves, new, rowwise)]
     return jax.tree.unflatten(tree, merged).replace(steps=jnp.zeros((), jnp.int32), queued=queued)
 
 
@@ -638,13 +649,15 @@ class Engine:
                                   "on a mesh give batch_size=None (one batch) or call generate once per batch")
         _, capacity = self._layout(prompts, max_new_tokens)  # checks every prompt; one cache layout for the queue
 
-        def prefill(places: list[int], key: jax.Array) -> tuple[DecodeState, dict, float, float]:
+        def prefill(places: list[int], key: jax.Array, first: bool = False) -> tuple[DecodeState, dict, float, float]:
+            """The prompts at `places` prefilled: the first batch with the queue's cache (the decode loop's shape), a
+            refill with its own prompts' (smaller when they are shorter; `_refill` writes it into the queue's)."""
             chunk = [prompts[i] for i in places]
-            layout = (min(length_bucket(max(len(p) for p in chunk)), capacity), capacity)
+            layout = (min(length_bucket(max(len(p) for p in chunk)), capacity), capacity) if first else None
             return self._prefill(chunk, max_new_tokens, sampling, seed, eos_ids, rows=places, layout=layout, draws=key)
 
         n, rows = len(prompts), batch_size
-        state, static, prefill_s, compile_s = prefill(list(range(rows)), jax.random.PRNGKey(seed))
+        state, static, prefill_s, compile_s = prefill(list(range(rows)), jax.random.PRNGKey(seed), first=True)
         params, method_params = self.model.params, self.method_params
         loop, loop_compile_s = self._get("loop", _decode_loop, static, (params, method_params, state), donate=(2,), batch=rows)
         state, calibration_s = self._calibrated(state, static, loop, rows)
@@ -657,7 +670,7 @@ class Engine:
         # The next prompts are prefilled `rows` at a time, ahead of need (a one-row prefill of a short prompt costs
         # more per token than a batch's), and take rows as they free up: `ahead` holds the prompts `buffer` prefilled.
         buffer, ahead, taken, refills = None, [], 0, 0
-        merges: dict[tuple[int, int], Callable] = {}  # the refill program per (rows taken, rows prefilled)
+        merges: dict[tuple[int, int, int], Callable] = {}  # the refill program per (rows taken, rows prefilled, capacity)
         finished: dict[int, dict[str, Any]] = {}
         steps, decode_s = 0, 0.0
         while True:
@@ -681,14 +694,15 @@ class Engine:
                 picks = list(range(taken, min(len(ahead), taken + len(free))))
                 slots, taken = free[: len(picks)], taken + len(picks)
                 where = (jnp.asarray(slots, jnp.int32), jnp.asarray(picks, jnp.int32), jnp.asarray(unplaced > len(picks)))
-                if (len(picks), len(ahead)) not in merges:
-                    merges[len(picks), len(ahead)], merge_compile_s = self._get(
+                shape = (len(picks), len(ahead), buffer.cache.capacity)
+                if shape not in merges:
+                    merges[shape], merge_compile_s = self._get(
                         "refill", _refill, {"rowwise": rowwise}, (params, method_params, state, buffer, *where),
                         donate=(2,), batch=rows)
                     compile_s += merge_compile_s
                 start = time.perf_counter()
                 fresh = self._start_from_learned(buffer, sampling, self.strategy.learned(state.method_state))
-                state = jax.block_until_ready(merges[len(picks), len(ahead)](params, method_params, state, fresh, *where))
+                state = jax.block_until_ready(merges[shape](params, method_params, state, fresh, *where))
                 prefill_s += time.perf_counter() - start
                 for b, j in zip(slots, picks):
                     placed[b] = ahead[j]
