@@ -1,23 +1,27 @@
 #!/usr/bin/env python
-"""Rewrite README.md's generated tables from the code and from benchmarks/results/*.json (never typed by hand).
+"""Rewrite the generated tables of README.md and benchmarks/RESULTS.md from the code and from
+benchmarks/results/*.json (never typed by hand).
 
-    python scripts/render_readme_tables.py            # rewrite README.md in place
-    python scripts/render_readme_tables.py --check    # exit 1 if README.md is out of date (a test runs this check)
+    python scripts/render_readme_tables.py            # rewrite both pages in place
+    python scripts/render_readme_tables.py --check    # exit 1 if either is out of date (a test runs this check)
 
-The README holds named sections between markers; each is replaced by what the code and the result
+Each page holds named sections between markers; each is replaced by what the code and the result
 files say:
 
+    README.md
     <!-- generated:methods -->    the registered methods: paper, lossless, batching, presets, add-ons, docs page
     <!-- generated:comparison --> eej against transformers / LayerSkip, EAGLE, Medusa and the papers' code;
                                   eej's column is read from the registered methods, so it claims only merged ones
-    <!-- generated:specbench -->  every `eej bench` JSON document in benchmarks/results/
+    <!-- generated:status -->     the latest whole matrix of `eej bench` runs (STATUS_SERIES_*.json) as one table
     <!-- generated:plain -->      scripts/bench_plain.py output
     <!-- generated:gpu -->        scripts/gpu_bench.py output
+    benchmarks/RESULTS.md
+    <!-- generated:specbench -->  every `eej bench` JSON document in benchmarks/results/
     <!-- generated:other -->      any other JSON there, listed with its device
 
 each closed by `<!-- /generated:NAME -->`. The result sections come from eej.bench.results (the
 library renders its own documents); this script adds what only the README says (the method registry
-as a table, the comparison with other projects) and edits the file.
+as a table, the comparison with other projects) and edits the files.
 """
 
 from __future__ import annotations
@@ -32,13 +36,16 @@ import sys
 import yaml
 
 from eej.bench.report import markdown_table
-from eej.bench.results import KINDS, results_markdown
+from eej.bench.results import results_markdown, status_markdown
 from eej.decoding.methods import METHOD_MODULES, known_methods, random_method
 from eej.testing import tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SECTIONS = ("methods", "comparison", *KINDS)
+README_SECTIONS = ("methods", "comparison", "status", "plain", "gpu")
+RESULTS_PAGE_SECTIONS = ("specbench", "other")
+SECTIONS = (*README_SECTIONS, *RESULTS_PAGE_SECTIONS)
+STATUS_SERIES = "adaptive_v30"  # the latest run of scripts/adaptive_bench.sh over every set, temperature and batch size
 _MARKER = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.S)
 
 
@@ -196,49 +203,73 @@ def _rel(path: str) -> str:
     return os.path.relpath(path, ROOT).replace(os.sep, "/")
 
 
-def render_sections(results_dir: str) -> dict[str, str]:
-    """Section name -> generated markdown: the methods tables, and every *.json in `results_dir` (by file name)."""
-    infos = method_infos()
-    return {"methods": render_methods(infos), "comparison": render_comparison(infos), **results_markdown(results_dir, ROOT)}
+def render_sections(results_dir: str, names: tuple[str, ...], root: str = ROOT) -> dict[str, str]:
+    """Section name -> generated markdown, for the sections `names`: the methods tables, the status table of the
+    STATUS_SERIES runs, and every *.json in `results_dir` (by file name); links relative to `root`, the page's folder."""
+    out: dict[str, str] = {}
+    if {"methods", "comparison"} & set(names):
+        infos = method_infos()
+        out.update(methods=render_methods(infos), comparison=render_comparison(infos))
+    if "status" in names:
+        out["status"] = status_markdown(results_dir, STATUS_SERIES, root)
+    if {"specbench", "plain", "gpu", "other"} & set(names):
+        out.update(results_markdown(results_dir, root))
+    return {k: out[k] for k in names}
+
+
+def render_page(text: str, results_dir: str, names: tuple[str, ...], page: str, root: str = ROOT) -> str:
+    """`text` (the page `page`, in the folder `root`) with its sections `names` regenerated; ReadmeError if a
+    section's markers are missing or the page marks a section it does not hold."""
+    found = {m.group(2) for m in _MARKER.finditer(text)}
+    unknown = found - set(names)
+    if unknown:
+        raise ReadmeError(f"unknown results section(s) in {page}: {', '.join(sorted(unknown))}")
+    missing = [k for k in names if k not in found]
+    if missing:
+        raise ReadmeError(f"{page} lacks the markers of section(s) {', '.join(missing)} "
+                          f"(<!-- generated:NAME --> ... <!-- /generated:NAME -->)")
+    sections = render_sections(results_dir, names, root)
+    return _MARKER.sub(lambda m: f"{m.group(1)}{sections[m.group(2)]}\n{m.group(4)}", text)
 
 
 def render_readme(text: str, results_dir: str) -> str:
-    """`text` (a README) with every results section regenerated; ReadmeError if a section's markers are missing."""
-    sections = render_sections(results_dir)
-    found = {m.group(2) for m in _MARKER.finditer(text)}
-    unknown = found - set(SECTIONS)
-    if unknown:
-        raise ReadmeError(f"unknown results section(s) in the README: {', '.join(sorted(unknown))}")
-    missing = [k for k in SECTIONS if k not in found]
-    if missing:
-        raise ReadmeError(f"the README lacks the markers of section(s) {', '.join(missing)} "
-                          f"(<!-- generated:NAME --> ... <!-- /generated:NAME -->)")
-    return _MARKER.sub(lambda m: f"{m.group(1)}{sections[m.group(2)]}\n{m.group(4)}", text)
+    """`text` (a README) with its generated sections regenerated."""
+    return render_page(text, results_dir, README_SECTIONS, "the README")
+
+
+def render_results_page(text: str, results_dir: str) -> str:
+    """`text` (benchmarks/RESULTS.md) with every run's table regenerated."""
+    return render_page(text, results_dir, RESULTS_PAGE_SECTIONS, "the results page", os.path.join(ROOT, "benchmarks"))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    ap.add_argument("--results-page", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
     ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
-    ap.add_argument("--check", action="store_true", help="don't write; exit 1 if the README is out of date")
+    ap.add_argument("--check", action="store_true", help="don't write; exit 1 if a page is out of date")
     args = ap.parse_args(argv)
-    with open(args.readme, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        new = render_readme(text, args.results)
-    except ValueError as e:
-        print(f"render_readme_tables: {e}", file=sys.stderr)
-        return 2
-    if args.check:
-        if new != text:
-            print(f"{args.readme} is out of date with {args.results}: run python scripts/render_readme_tables.py",
-                  file=sys.stderr)
-            return 1
-        return 0
-    if new != text:
-        with open(args.readme, "w", encoding="utf-8") as f:
-            f.write(new)
-        print(f"updated {args.readme}")
+    stale = []
+    for path, render in ((args.readme, render_readme), (args.results_page, render_results_page)):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            new = render(text, args.results)
+        except ValueError as e:
+            print(f"render_readme_tables: {e}", file=sys.stderr)
+            return 2
+        if new == text:
+            continue
+        if args.check:
+            stale.append(path)
+        else:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(new)
+            print(f"updated {path}")
+    if stale:
+        print(f"{', '.join(stale)} out of date with {args.results}: run python scripts/render_readme_tables.py",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -45,7 +45,7 @@ def test_every_docs_page_is_linked():
             assert f"({name})" in index, f"docs/index.md does not link {name}"
 
 
-@pytest.mark.parametrize("path", [os.path.join(ROOT, "README.md"), *PAGES], ids=lambda p: os.path.relpath(p, ROOT))
+@pytest.mark.parametrize("path", [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "benchmarks", "RESULTS.md"), *PAGES], ids=lambda p: os.path.relpath(p, ROOT))
 def test_relative_links_exist(path):
     with open(path) as f:
         text = re.sub(r"```.*?```", "", f.read(), flags=re.S)

@@ -1,6 +1,6 @@
-"""scripts/render_readme_tables.py: the README's generated sections match the committed results and the
-method registry (a forgotten regeneration fails here), and the renderer itself (the result sections:
-eej.bench.results) says what the files say."""
+"""scripts/render_readme_tables.py: the generated sections of the README and of benchmarks/RESULTS.md match the
+committed results and the method registry (a forgotten regeneration fails here), and the renderer itself (the
+result sections: eej.bench.results) says what the files say."""
 
 from __future__ import annotations
 
@@ -24,14 +24,16 @@ def render():
     return _renderer()
 
 
-def test_readme_is_up_to_date_with_committed_results(render):
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+@pytest.mark.parametrize("page", ["README.md", "benchmarks/RESULTS.md"])
+def test_pages_are_up_to_date_with_committed_results(render, page):
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
         text = f.read()
-    regenerated = render.render_readme(text, os.path.join(ROOT, "benchmarks", "results"))
-    assert regenerated == text, "README.md is out of date: run python scripts/render_readme_tables.py"
+    regenerate = render.render_readme if page == "README.md" else render.render_results_page
+    regenerated = regenerate(text, os.path.join(ROOT, "benchmarks", "results"))
+    assert regenerated == text, f"{page} is out of date: run python scripts/render_readme_tables.py"
 
 
-def _bench_doc(name: str, device: str, speedup: float) -> dict:
+def _bench_doc(name: str, device: str, speedup: float, batch: int = 1, questions: str = "q/spec_bench.jsonl") -> dict:
     metrics = {"answers": 4, "new_tokens": 100, "seconds": 2.0, "tokens_per_second": 50.0, "speedup": 1.0,
                "mean_accepted_tokens": 1.0, "avg_layers": 30.0, "identical_rate": 1.0, "token_agreement": 1.0,
                "rouge_l": 1.0}
@@ -40,9 +42,9 @@ def _bench_doc(name: str, device: str, speedup: float) -> dict:
         "schema_version": 1, "model": {"name": name, "num_layers": 30, "dtype": "float32", "attention": "xla", "eos_ids": [2]},
         "machine": {"cpu": "Test CPU 9000", "cpu_count": 2, "jax": "0.10.2", "jax_backend": device.split(":")[0],
                     "devices": [device], "load_average_start": [3.5, 3, 3], "load_average_end": [4.25, 3, 3]},
-        "settings": {"command": "eej bench --model x", "note": "machine shared", "questions": "q/spec_bench.jsonl",
+        "settings": {"command": "eej bench --model x", "note": "machine shared", "questions": questions,
                      "categories": ["qa"], "questions_per_category": {"qa": 4}, "answers_per_contestant": 4,
-                     "max_new_tokens": 64, "batch_size": 1, "greedy": True, "date": "2026-11-26 01:00:00 UTC"},
+                     "max_new_tokens": 64, "batch_size": batch, "greedy": True, "date": "2026-11-26 01:00:00 UTC"},
         "methods": {
             "plain": {"info": {"kind": "method"}, "compile_seconds": 1.0, "overall": metrics, "per_category": {"qa": metrics}},
             "kangaroo": {"info": {"kind": "method"}, "compile_seconds": 2.0, "overall": fast, "per_category": {"qa": fast}},
@@ -51,8 +53,8 @@ def _bench_doc(name: str, device: str, speedup: float) -> dict:
     }
 
 
-def _readme(render) -> str:
-    return "intro\n" + "".join(f"<!-- generated:{k} -->\nold {k}\n<!-- /generated:{k} -->\n" for k in render.SECTIONS)
+def _page(sections) -> str:
+    return "intro\n" + "".join(f"<!-- generated:{k} -->\nold {k}\n<!-- /generated:{k} -->\n" for k in sections)
 
 
 def test_rendered_tables_say_what_the_files_say(render, tmp_path):
@@ -61,38 +63,75 @@ def test_rendered_tables_say_what_the_files_say(render, tmp_path):
     (tmp_path / "tradeoff.json").write_text(json.dumps({"benchmark": "a method's own sweep", "machine": {"cpu": "Test CPU 9000", "cpu_count": 2, "jax_backend": "cpu"}}))
     (tmp_path / "tradeoff.md").write_text("# sweep\n")
     (tmp_path / "notes.txt").write_text("not json: ignored")
-    out = render.render_readme(_readme(render), str(tmp_path))
-    assert out.startswith("intro\n") and "old specbench" not in out and "old other" not in out
-    assert out.count("| `kangaroo` | method |") == 2
-    assert "1.68x" in out and "2.50x" in out and "2.50 |" in out  # speedup and mean accepted tokens
-    assert "CPU (Test CPU 9000, 2 cores)" in out and "gpu:NVIDIA H200 (host: Test CPU 9000, 2 cores)" in out
-    assert "Load average (1 min) 3.5 at the start, 4.2 at the end" in out and "Note: machine shared" in out
-    assert "a method's own sweep" in out and "tradeoff.md" in out and "notes.txt" not in out
-    assert "No plain-decoding results" in out and "No GPU results" in out
-    assert render.render_readme(out, str(tmp_path)) == out  # regenerating is stable
+    readme = render.render_readme(_page(render.README_SECTIONS), str(tmp_path))
+    page = render.render_results_page(_page(render.RESULTS_PAGE_SECTIONS), str(tmp_path))
+    assert page.startswith("intro\n") and "old specbench" not in page and "old other" not in page
+    assert page.count("| `kangaroo` | method |") == 2 and "| `kangaroo` | method |" not in readme
+    assert "1.68x" in page and "2.50x" in page and "2.50 |" in page  # speedup and mean accepted tokens
+    assert "CPU (Test CPU 9000, 2 cores)" in page and "gpu:NVIDIA H200 (host: Test CPU 9000, 2 cores)" in page
+    assert "Load average (1 min) 3.5 at the start, 4.2 at the end" in page and "Note: machine shared" in page
+    assert "a method's own sweep" in page and "tradeoff.md" in page and "notes.txt" not in page
+    page_folder = os.path.join(render.ROOT, "benchmarks")  # the page links from its own folder
+    assert f"]({os.path.relpath(tmp_path / 'tradeoff.json', page_folder)})" in page
+    assert "No plain-decoding results" in readme and "No GPU results" in readme
+    assert f"No `{render.STATUS_SERIES}_*.json` results" in readme
+    assert render.render_readme(readme, str(tmp_path)) == readme  # regenerating is stable
+    assert render.render_results_page(page, str(tmp_path)) == page
+
+
+def test_the_status_table_holds_one_column_per_run_of_the_series(render, tmp_path):
+    """Every SERIES_*.json `eej bench` run becomes a column (ordered by question set, greedy first, batch size), every
+    contestant a row, each cell its speedup with the run's interval where it has one (plain decoding's: its pace), each
+    column linked to the run's report where there is one; other files stay out."""
+    from eej.bench.results import status_markdown
+
+    runs = {"s_spec_bench_t0_b4": (4, "q/spec_bench.jsonl", 1.5), "s_spec_bench_t0_b1": (1, "q/spec_bench.jsonl", 1.2),
+            "s_mt_bench_t0_b1": (1, "q/mt_bench.jsonl", 0.9), "other_spec_bench_t0_b1": (1, "q/spec_bench.jsonl", 3.0)}
+    for name, (batch, questions, speedup) in runs.items():
+        doc = _bench_doc("m", "cpu:cpu", speedup, batch, questions)
+        if batch == 4:
+            doc["methods"]["kangaroo"]["overall"].update(speedup_ci_low=1.25, speedup_ci_high=1.75)
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    table = status_markdown(str(tmp_path), "s", str(tmp_path))
+    header = next(line for line in table.splitlines() if line.startswith("| contestant"))
+    assert header == ("| contestant | [mt-bench, greedy, batch 1](s_mt_bench_t0_b1.json) | [spec-bench, greedy, batch 1]"
+                      "(s_spec_bench_t0_b1.json) | [spec-bench, greedy, batch 4](s_spec_bench_t0_b4.json) |")
+    assert "| `plain` | 50.0 tokens/s | 50.0 tokens/s | 50.0 tokens/s |" in table
+    assert "| `kangaroo` | 0.90x | 1.20x | 1.50x (1.25–1.75) |" in table and "3.00x" not in table
+    (tmp_path / "s_mt_bench_t0_b1.md").write_text("the run's report")
+    assert "[mt-bench, greedy, batch 1](s_mt_bench_t0_b1.md)" in status_markdown(str(tmp_path), "s", str(tmp_path))
+    (tmp_path / "s_notes.json").write_text(json.dumps({"benchmark": "a sweep"}))
+    with pytest.raises(ResultsError, match="s_notes.json: not an `eej bench` result"):
+        status_markdown(str(tmp_path), "s", str(tmp_path))
 
 
 def test_renderer_errors(render, tmp_path):
     with pytest.raises(render.ReadmeError, match="lacks the markers of section"):
         render.render_readme("no markers here\n", str(tmp_path))
+    with pytest.raises(render.ReadmeError, match="unknown results section"):  # the runs' tables live on RESULTS.md
+        render.render_readme(_page(render.SECTIONS), str(tmp_path))
     broken = _bench_doc("m", "cpu:cpu", 1.0)
     del broken["settings"]["questions_per_category"]
     (tmp_path / "broken.json").write_text(json.dumps(broken))
     with pytest.raises(ResultsError, match="broken.json: cannot render it as a specbench result"):
-        render.render_readme(_readme(render), str(tmp_path))
+        render.render_results_page(_page(render.RESULTS_PAGE_SECTIONS), str(tmp_path))
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ResultsError, match="not valid JSON"):
-        render.render_readme(_readme(render), str(tmp_path))
+        render.render_results_page(_page(render.RESULTS_PAGE_SECTIONS), str(tmp_path))
 
 
 def test_check_mode_exit_status(render, tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(_readme(render))
+    readme, page = tmp_path / "README.md", tmp_path / "RESULTS.md"
+    readme.write_text(_page(render.README_SECTIONS))
+    page.write_text(_page(render.RESULTS_PAGE_SECTIONS))
     results = tmp_path / "results"
     results.mkdir()
-    assert render.main(["--readme", str(readme), "--results", str(results), "--check"]) == 1
-    assert render.main(["--readme", str(readme), "--results", str(results)]) == 0
-    assert render.main(["--readme", str(readme), "--results", str(results), "--check"]) == 0
+    paths = ["--readme", str(readme), "--results-page", str(page), "--results", str(results)]
+    assert render.main([*paths, "--check"]) == 1
+    assert render.main(paths) == 0
+    assert render.main([*paths, "--check"]) == 0
+    page.write_text(_page(render.RESULTS_PAGE_SECTIONS))
+    assert render.main([*paths, "--check"]) == 1  # either page out of date
 
 
 def test_method_tables_follow_the_registry(render, monkeypatch):

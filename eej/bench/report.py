@@ -88,7 +88,8 @@ def _fmt(value: Any, pattern: str) -> str:
     return "n/a" if value is None else pattern.format(value)
 
 
-def _contestants(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def result_contestants(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A result document's contestants, methods then peers: (name, its entry)."""
     return [*doc["methods"].items(), *doc["peers"].items()]
 
 
@@ -100,7 +101,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _columns(doc: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
     """_COLUMNS, less row speedup in documents written before it was measured."""
-    measured = any(c["overall"].get("row_speedup") is not None for _, c in _contestants(doc))
+    measured = any(c["overall"].get("row_speedup") is not None for _, c in result_contestants(doc))
     return _COLUMNS if measured else tuple(c for c in _COLUMNS if c[0] != "row_speedup")
 
 
@@ -109,7 +110,7 @@ _INTERVALS = (("speedup", "speedup 95% CI"), ("row_speedup", "row speedup 95% CI
 
 def _intervals(doc: dict[str, Any]) -> list[tuple[str, str]]:
     """The _INTERVALS some contestant of `doc` has overall (none in documents written before they were measured)."""
-    return [(k, label) for k, label in _INTERVALS if any(c["overall"].get(f"{k}_ci_low") is not None for _, c in _contestants(doc))]
+    return [(k, label) for k, label in _INTERVALS if any(c["overall"].get(f"{k}_ci_low") is not None for _, c in result_contestants(doc))]
 
 
 def _interval(metrics: dict[str, Any], key: str) -> str:
@@ -120,7 +121,7 @@ def _interval(metrics: dict[str, Any], key: str) -> str:
 def overall_table(doc: dict[str, Any]) -> str:
     """Markdown table: one row per contestant with its overall metrics, speedup intervals and compile time."""
     rows, columns, intervals = [], _columns(doc), _intervals(doc)
-    for name, c in _contestants(doc):
+    for name, c in result_contestants(doc):
         o = c["overall"]
         rows.append([f"`{name}`", c["info"]["kind"], *[_fmt(o.get(k), p) for k, _, p in columns],
                      *[_interval(o, k) for k, _ in intervals], f"{c['compile_seconds']:.1f}"])
@@ -135,7 +136,7 @@ def per_category_table(doc: dict[str, Any], columns: Sequence[tuple[str, str, st
     columns = _columns(doc) if columns is None else columns
     rows = []
     for category in doc["settings"]["categories"] if categories is None else categories:
-        for name, c in _contestants(doc):
+        for name, c in result_contestants(doc):
             o = c["per_category"].get(category)
             if o is not None:
                 rows.append([category, f"`{name}`", *[_fmt(o.get(k), p) for k, _, p in columns]])
@@ -162,7 +163,7 @@ def _scored(metrics: dict[str, Any]) -> bool:
 def quality_tables(doc: dict[str, Any]) -> str | None:
     """Markdown: task quality against the questions' references, overall and for the categories that have
     references (None when no answer of the run had one, or the document predates these metrics)."""
-    contestants = _contestants(doc)
+    contestants = result_contestants(doc)
     if not any(_scored(c["overall"]) for _, c in contestants):
         return None
     rows = [[f"`{name}`", c["info"]["kind"], *[_fmt(c["overall"].get(k), p) for k, _, p in _QUALITY_COLUMNS]]
@@ -197,7 +198,7 @@ def markdown_report(doc: dict[str, Any]) -> str:
     shown = {k: v for k, v in s.items() if k not in ("command", "note")}
     lines += [f"- {k}: `{json.dumps(v)}`" for k, v in shown.items()] + [""]
     lines += ["## Contestants", ""]
-    for name, c in _contestants(doc):
+    for name, c in result_contestants(doc):
         lines.append(f"- `{name}`: " + ", ".join(f"{k}={v}" for k, v in c["info"].items()))
     lines += ["", "## Machine", ""]
     lines += [f"- {k}: {v}" for k, v in m.items()] + [""]
@@ -271,7 +272,7 @@ def figure(doc: dict[str, Any]):
     from matplotlib import colormaps
 
     categories = list(doc["settings"]["categories"])
-    contestants = _contestants(doc)
+    contestants = result_contestants(doc)
     colors = {name: colormaps["tab10"](i % 10) for i, (name, _) in enumerate(contestants)}
     with_quality = any(_scored(c["overall"]) for _, c in contestants)
     with_perplexity = with_quality and any(c["overall"].get("reference_perplexity") is not None for _, c in contestants)

@@ -20,7 +20,7 @@ from typing import Any
 from eej.bench.gpu import gpu_markdown
 from eej.bench.plain import BENCHMARK as PLAIN_BENCHMARK
 from eej.bench.plain import plain_markdown
-from eej.bench.report import overall_table
+from eej.bench.report import markdown_table, overall_table, result_contestants
 
 KINDS = ("specbench", "plain", "gpu", "other")
 EMPTY = {
@@ -122,6 +122,58 @@ def render_other(path: str, doc: Any, root: str) -> str:
     return f"- {_link(path, root)}{': ' + title if title else ''}.{where}{report}"
 
 
+def _read(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"{path}: not valid JSON ({e.msg})") from None
+
+
+def status_markdown(results_dir: str, series: str, root: str | None = None) -> str:
+    """One table of a series of `eej bench` runs (files SERIES_*.json in `results_dir`, e.g. one per question set,
+    temperature and batch size): a row per contestant, a column per run (linked to its report, or its JSON without
+    one), each cell the contestant's overall speedup over plain decoding in that run, with its 95% interval where the
+    run measured one; plain decoding's own cells give its tokens per second."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(results_dir)))
+    names = sorted(f for f in os.listdir(results_dir) if f.startswith(series + "_") and f.endswith(".json")) \
+        if os.path.isdir(results_dir) else []
+    runs = []
+    for name in names:
+        path = os.path.join(results_dir, name)
+        doc = _read(path)
+        if kind_of(doc) != "specbench":
+            raise ResultsError(f"{path}: not an `eej bench` result, so not part of the series {series}")
+        s = doc["settings"]
+        questions = os.path.splitext(os.path.basename(s["questions"]))[0].replace("_", "-")
+        label = f"{questions}, {'greedy' if s['greedy'] else 'T ' + str(s.get('temperature', '?'))}, batch {s['batch_size']}"
+        runs.append((label, path, doc))
+    if not runs:
+        return f"_No `{series}_*.json` results are committed._"
+    runs.sort(key=lambda r: (r[2]["settings"]["questions"], not r[2]["settings"]["greedy"], r[2]["settings"]["batch_size"]))
+    contestants = list(dict.fromkeys(n for _, _, doc in runs for n, _ in result_contestants(doc)))
+
+    def cell(doc: dict[str, Any], name: str) -> str:
+        o = dict(result_contestants(doc)).get(name, {}).get("overall")
+        if not o or o.get("speedup") is None:
+            return "–"
+        if name == "plain":  # every speedup's reference: its pace says what the machine did
+            return f"{o['tokens_per_second']:.1f} tokens/s"
+        low, high = o.get("speedup_ci_low"), o.get("speedup_ci_high")
+        return f"{o['speedup']:.2f}x" + ("" if low is None or high is None else f" ({low:.2f}–{high:.2f})")
+
+    def link(path: str) -> str:  # the run's report where it has one, else its JSON
+        report = os.path.splitext(path)[0] + ".md"
+        return _rel(report if os.path.exists(report) else path, root)
+
+    header = ["contestant", *[f"[{label}]({link(path)})" for label, path, _ in runs]]
+    table = markdown_table(header, [[f"`{n}`", *[cell(doc, n) for _, _, doc in runs]] for n in contestants])
+    machines = sorted({device_note(doc["machine"]) for _, _, doc in runs})
+    dates = sorted(doc["settings"]["date"] for _, _, doc in runs)
+    return (f"Measured on **{'; '.join(machines)}**, {dates[0]} to {dates[-1]}; each column one `eej bench` run "
+            f"(linked: settings, every metric, the command that reproduces it).\n\n{table}")
+
+
 RENDERERS: dict[str, Callable[[str, Any, str], str]] = {
     "specbench": render_specbench, "plain": render_plain, "gpu": render_gpu, "other": render_other,
 }
@@ -137,11 +189,7 @@ def results_markdown(results_dir: str, root: str | None = None) -> dict[str, str
     names = sorted(f for f in os.listdir(results_dir) if f.endswith(".json")) if os.path.isdir(results_dir) else []
     for name in names:
         path = os.path.join(results_dir, name)
-        try:
-            with open(path) as f:
-                doc = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ResultsError(f"{path}: not valid JSON ({e.msg})") from None
+        doc = _read(path)
         kind = kind_of(doc)
         try:
             parts[kind].append(RENDERERS[kind](path, doc, root))
