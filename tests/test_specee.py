@@ -59,7 +59,7 @@ def test_never_firing_predictor_equals_plain(kv, how, model_name):
     overrides = {"kv": kv, "threshold": 1.0} if how == "threshold" else {"kv": kv}
     if how == "unpaying":  # a check costs more than the whole step; no probe within the run
         n = model.cfg.num_layers
-        overrides.update(step_costs=(float(n), 3.0 * n, 9.0 * n), probe_every=64)
+        overrides.update(step_costs=(float(n), 3.0 * n, 5.0 * n, 9.0 * n), probe_every=64)
     strategy, method_params = random_specee(model, 3, **overrides)
     method_params = _never_firing(method_params, how)
     prompts = random_prompts(np.random.default_rng(4), [5, 12, 1], model.cfg.vocab_size)
@@ -203,22 +203,60 @@ def test_propagation_fills_exactly_the_skipped_layers():
 
 
 
+def _economics(n, p, enter, check, head, fires, exits):
+    """ExitEconomics with one layer's compute = 1 (a plain step costs n), the given per-step costs and observed rates."""
+    costs = (float(n), n + enter + check, n + enter + check * p, n + enter + (check + head) * p)
+    econ = ExitEconomics.start(2 * n, costs)
+    return econ.replace(hits=jnp.concatenate([jnp.asarray(fires, jnp.float32), jnp.asarray(exits, jnp.float32)]),
+                        trials=jnp.ones(2 * n))
+
+
 def test_a_layer_is_checked_where_its_exits_save_more_than_its_wasted_heads_cost():
-    """The adaptive rule f (x (N - 1 - i) c_layer - (1 - x) c_head) > c_check against a hand calculation: with
-    c_layer = 1, c_check = 0.1, c_head = 3 and predictors that always fire, a layer that always exits pays below
-    the last layer but one; one that exits half the time pays where (N - 1 - i) / 2 - 1.5 > 0.1, i.e. i < N - 4.2."""
+    """The adaptive rule f (x (N - 1 - i) c_layer - (1 - x) c_head) - c_check > 0 against a hand calculation: with
+    c_layer = 1, c_check = 0.1, c_head = 3, nothing to enter the checking path and predictors that always fire, a layer
+    that always exits pays below the last layer but one; one that exits half the time pays where
+    (N - 1 - i) / 2 - 1.5 > 0.1, i.e. i < N - 4.2."""
+    model = tiny_model("tiny-gqa", seed=1)
+    n = model.cfg.num_layers
+    strategy, _ = random_specee(model, 0)
+    p, everywhere = len(strategy.predictor_layers(model.cfg)), jnp.ones((n,), bool)
+
+    def checked(exits):
+        econ = _economics(n, p, 0.0, 0.1, 3.0, np.ones(n), exits)
+        return np.asarray(strategy._checked_layers(econ, everywhere, model.cfg)).tolist()
+
+    assert checked(np.ones(n)) == [i < n - 1 for i in range(n)]
+    assert checked(np.full(n, 0.5)) == [i < n - 4.2 for i in range(n)]
+    assert not any(checked(np.zeros(n)))  # firings that never exit only cost
+    scheduled = jnp.arange(n) % 2 == 1
+    assert np.asarray(strategy._checked_layers(_economics(n, p, 0.0, 0.1, 3.0, np.ones(n), np.ones(n)), scheduled,
+                                               model.cfg)).tolist() == [i % 2 == 1 and i < n - 1 for i in range(n)]
+
+
+def test_checking_pays_only_when_the_chosen_layers_save_more_than_entering_the_checking_path_costs():
+    """tiny-gqa: N = 6 layers, predictors at layers 1..4 (p = 4), c_layer = 1, c_check = 0.1, c_head = 0.2,
+    predictors that always fire, exits half the time at layers 1 and 2 and never above. Layer 1's check gains
+    0.5 * 4 - 0.5 * 0.2 - 0.1 = 1.8, layer 2's 0.5 * 3 - 0.1 - 0.1 = 1.3 but is reached only when layer 1 did not
+    exit (1/2): together 2.45 (not 3.1), so the step checks layers 1 and 2 when entering the path costs 2.4 and
+    nothing when it costs 2.5."""
     model = tiny_model("tiny-gqa", seed=1)
     n = model.cfg.num_layers
     strategy, _ = random_specee(model, 0)
     p = len(strategy.predictor_layers(model.cfg))
-    costs = (float(n), n + 0.1 * p, n + 3.1 * p)  # none, every check never firing, every layer firing
-    econ = ExitEconomics.start(2 * n, costs)
-    always = econ.replace(hits=jnp.concatenate([jnp.ones(n), jnp.ones(n)]), trials=jnp.ones(2 * n))
-    half = econ.replace(hits=jnp.concatenate([jnp.ones(n), jnp.full((n,), 0.5)]), trials=jnp.ones(2 * n))
-    assert np.asarray(strategy._paying_layers(always, model.cfg)).tolist() == [i < n - 1 for i in range(n)]
-    assert np.asarray(strategy._paying_layers(half, model.cfg)).tolist() == [i < n - 4.2 for i in range(n)]
-    never = econ.replace(hits=jnp.concatenate([jnp.ones(n), jnp.zeros(n)]), trials=jnp.ones(2 * n))
-    assert not np.asarray(strategy._paying_layers(never, model.cfg)).any()  # firings that never exit only cost
+    assert (n, strategy.first_layer, p) == (6, 1, 4)
+    exits = [0.0, 0.5, 0.5, 0.0, 0.0, 0.0]
+
+    def checked(enter):
+        econ = _economics(n, p, enter, 0.1, 0.2, np.ones(n), exits)
+        return np.asarray(strategy._checked_layers(econ, jnp.ones((n,), bool), model.cfg)).tolist()
+
+    assert checked(2.4) == [False, True, True, False, False, False]
+    assert not any(checked(2.5))
+
+
+def test_step_costs_must_be_the_four_measured_points():
+    with pytest.raises(ValueError, match="specee step_costs must be 4 positive times"):
+        random_specee(tiny_model("tiny-gqa", seed=1), 0, step_costs=(6.0, 7.0, 30.0))
 
 
 def test_offline_layers_rule():

@@ -212,13 +212,16 @@ class SpecEE(Strategy):
     kv: "propagate" or "drop" (see the module docstring).
     adaptive: of the scheduled layers, check only those where it pays (eej.decoding.adaptive): with f_i the
       observed rate at which layer i's predictor fires and x_i the rate at which a firing leads to an exit,
-      f_i (x_i (N - 1 - i) c_layer - (1 - x_i) c_head) > c_check (an exit's argmax is the step's own head; a
-      firing without an exit wastes one); with no layer to check the drafter is skipped too and the step runs
-      the stack as a plain step does. Every `probe_every` steps (more rarely while the probes keep finding no
-      layer that pays) every scheduled layer is checked, so the rates stay fresh. False: the schedule as
-      described.
-    step_costs: (a step checking no layer, every predictor layer never firing, every layer firing but never
-      exiting), ms; None: the engine measures them.
+      layer i is worth its check where g_i = f_i (x_i (N - 1 - i) c_layer - (1 - x_i) c_head) - c_check > 0 (an
+      exit's argmax is the step's own head; a firing without an exit wastes one), and the step checks those
+      layers only if their expected saving, each g_i weighted by the chance that no lower chosen layer exited
+      first, exceeds c_enter: what checking at all costs over a plain step (the drafter's proposal and the
+      layer-by-layer loop's conditionals), however few layers are checked. Otherwise the drafter is skipped too
+      and the step runs the stack as a plain step does. Every `probe_every` steps (more rarely while the probes
+      keep finding nothing that pays) every scheduled layer is checked, so the rates stay fresh. False: the
+      schedule as described.
+    step_costs: (a step checking no layer, the first predictor layer only and never firing, every predictor layer
+      never firing, every layer firing but never exiting), ms; None: the engine measures them.
     """
 
     name: ClassVar[str] = "specee"
@@ -295,34 +298,52 @@ class SpecEE(Strategy):
         state["economics"] = ExitEconomics.start(2 * cfg.num_layers, self.step_costs or self._layer_costs(cfg))
         return state
 
-    def _layer_costs(self, cfg: ModelConfig) -> tuple[float, float, float]:
-        """The three step costs in layers (before measuring): a predictor ~1/20 of a layer, the full head V D
-        multiply-adds against a layer's weights."""
+    def _layer_costs(self, cfg: ModelConfig) -> tuple[float, float, float, float]:
+        """The four step costs in layers (before measuring): entering the checking path ~1/2 of a layer (SmolLM2-135M
+        on a CPU: 0.5 ms against 0.77 ms a layer), a predictor ~1/20, the full head V D multiply-adds against a
+        layer's weights."""
         n, p = cfg.num_layers, len(self.predictor_layers(cfg))
         d, f = cfg.hidden_size, cfg.ffn_size
         head = cfg.vocab_size * d / (2 * d * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim + 3 * d * f)
-        return float(n), n + 0.05 * p, n + (0.05 + head) * p
+        enter, check = 0.5, 0.05
+        return float(n), n + enter + check, n + enter + check * p, n + enter + (check + head) * p
+
+    def check(self) -> None:
+        if self.step_costs is not None and (len(self.step_costs) != 4 or min(self.step_costs) <= 0):
+            raise ValueError("specee step_costs must be 4 positive times: checking no layer, the first only, every "
+                             "predictor layer, every layer firing")
 
     def calibration_points(self) -> list[Callable[[Any], Any]] | None:
-        """Forced: 0 check no layer, 1 check every predictor layer never firing, 2 fire everywhere never exiting."""
-        return forcing_modes(3) if self.adaptive and self.step_costs is None else None
+        """Forced: 0 check no layer, 1 check the first predictor layer only, never firing, 2 check every predictor
+        layer never firing, 3 fire everywhere never exiting."""
+        return forcing_modes(4) if self.adaptive and self.step_costs is None else None
 
     def calibrate(self, method_state: Any, milliseconds: list[float]) -> Any:
         return {**method_state, "economics": method_state["economics"].replace(costs=jnp.asarray(milliseconds, jnp.float32))}
 
-    def _paying_layers(self, econ: ExitEconomics, cfg: ModelConfig) -> jax.Array:
-        """[N] bool: checking layer i saves more than it costs, by the observed rates and the step costs.
+    def _checked_layers(self, econ: ExitEconomics, scheduled: jax.Array, cfg: ModelConfig) -> jax.Array:
+        """[N] bool: the `scheduled` [N] layers this step checks by the observed rates and the step costs (see
+        `adaptive` in the class docstring): those whose exits save more than their checks and wasted heads cost,
+        and none when together they do not save what entering the checking path costs.
 
         A check costs its predictor; a firing predictor costs a full-vocabulary argmax, which is wasted when the
         argmax is not a speculative token (no exit) and is the step's own head when it is (the exit then saves
         the layers above i).
         """
         n, p = cfg.num_layers, len(self.predictor_layers(cfg))
-        none, pred, fire = econ.costs[0], econ.costs[1], econ.costs[2]
-        per_layer, check, head = none / n, jnp.maximum(pred - none, 0.0) / p, jnp.maximum(fire - pred, 0.0) / p
+        none, one, every, fire = (econ.costs[i] for i in range(4))
+        per_layer = none / n
+        check = jnp.maximum(every - one, 0.0) / max(p - 1, 1)
+        enter = jnp.maximum(one - none - check, 0.0)
+        head = jnp.maximum(fire - every, 0.0) / p
         fires, exits = econ.rate[:n], econ.rate[n:]
         saved = (n - 1 - jnp.arange(n)) * per_layer
-        return fires * (exits * saved - (1 - exits) * head) > check
+        gain = fires * (exits * saved - (1 - exits) * head) - check
+        chosen = scheduled & (gain > 0)
+        leave = jnp.where(chosen, fires * exits, 0.0)
+        reach = jnp.concatenate([jnp.ones((1,)), jnp.cumprod(1 - leave)[:-1]])  # no lower chosen layer let it leave
+        saving = jnp.sum(jnp.where(chosen, reach * gain, 0.0))
+        return chosen & (saving > enter)
 
     def schedule(self, recent_exits: jax.Array, cfg: ModelConfig) -> jax.Array:
         """[N] bool: the layers that run their predictor this step (offline set | online neighbourhoods)."""
@@ -352,11 +373,12 @@ class SpecEE(Strategy):
         econ: ExitEconomics = method_state["economics"]
         scheduled = self.schedule(method_state["recent_exits"], cfg)
         probe = econ.probe_due(self.probe_every)
-        paying = scheduled & self._paying_layers(econ, cfg)
+        paying = self._checked_layers(econ, scheduled, cfg)
         if self.adaptive:
             scheduled = jnp.where(probe, scheduled, paying)
         every = jnp.asarray(np.isin(np.arange(n), list(self.predictor_layers(cfg))))
-        scheduled = jnp.where(econ.force == 0, False, jnp.where(econ.force > 0, every, scheduled))
+        forced = jnp.where(econ.force == 1, jnp.arange(n) == l, every)
+        scheduled = jnp.where(econ.force == 0, False, jnp.where(econ.force > 0, forced, scheduled))
         checking = jnp.any(scheduled) & (self.threshold < 1.0)
         x, cache = run_layers(params, embed(params, s.pending[:, None], cfg), s.cache, positions, cfg, 0, l)
 
@@ -447,13 +469,13 @@ class SpecEE(Strategy):
                 features, probs = speculative_features(logits, last_probs)
                 # One decision for the batch, over the rows still generating (a finished row never blocks an exit).
                 fire = jnp.all((predictor_logit(predictors, i - l, features) > fire_logit) | ~s.active)
-                fire = jnp.where(econ.force == 1, False, jnp.where(econ.force == 2, True, fire))
+                fire = jnp.where((econ.force == 1) | (econ.force == 2), False, jnp.where(econ.force == 3, True, fire))
 
                 def verify(_):  # SpecEE's rule on the argmax; the token itself is drawn from this layer's logits
                     full = logits_from_hidden(params, x[:, 0], cfg)
                     top = jnp.argmax(full, axis=-1).astype(jnp.int32)
                     speculative = jnp.any(top[:, None] == candidates, axis=-1) | ~s.active
-                    return jnp.all(speculative) & (econ.force != 2), top if s.sampling.greedy else s.sample(full)
+                    return jnp.all(speculative) & (econ.force != 3), top if s.sampling.greedy else s.sample(full)
 
                 leave, drawn = lax.cond(fire, verify, lambda _: (jnp.asarray(False), token), None)
                 return (~leave, jnp.where(leave, drawn, token), jnp.where(leave, i, exit_layer), probs,
