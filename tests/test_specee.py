@@ -254,6 +254,30 @@ def test_checking_pays_only_when_the_chosen_layers_save_more_than_entering_the_c
     assert not any(checked(2.5))
 
 
+def test_a_generation_starts_from_the_predictors_held_out_precision():
+    """The artifact header's per-layer precision becomes the prior of each predictor layer's exit rate x_i (worth
+    the two observations every prior is worth); firing rates and the layers without a predictor start at 1/2."""
+    from eej.decoding.specee import _held_out_precision
+
+    model = tiny_model("tiny-gqa", seed=1)
+    n = model.cfg.num_layers
+    header = {"held_out": {"per_layer": [{"layer": i, "precision": 0.2 * i - 0.1} for i in range(1, n - 1)]}}
+    prior = _held_out_precision(header, 1, n)
+    np.testing.assert_allclose(prior, [0.1, 0.3, 0.5, 0.7])
+    assert _held_out_precision({"held_out": {"per_layer": header["held_out"]["per_layer"][:-1]}}, 1, n) is None
+    assert _held_out_precision({}, 1, n) is None
+    strategy, method_params = random_specee(model, 0, exit_prior=prior)
+    _, _, state = _prefilled(strategy, method_params, model, random_prompts(np.random.default_rng(0), [5], model.cfg.vocab_size))
+    econ = state["economics"]
+    np.testing.assert_allclose(np.asarray(econ.rate), [0.5] * n + [0.5, 0.1, 0.3, 0.5, 0.7, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(econ.trials), 2.0)
+    with pytest.raises(ValueError, match="exit_prior has 3 rates; the settings need one per predictor layer"):
+        strategy_, params_ = random_specee(model, 0, exit_prior=prior[:3])
+        strategy_.validate(model.cfg, params_)
+    with pytest.raises(ValueError, match="exit_prior must hold rates in"):
+        random_specee(model, 0, exit_prior=(1.5, 0.1, 0.1, 0.1))
+
+
 def test_step_costs_must_be_the_four_measured_points():
     with pytest.raises(ValueError, match="specee step_costs must be 4 positive times"):
         random_specee(tiny_model("tiny-gqa", seed=1), 0, step_costs=(6.0, 7.0, 30.0))

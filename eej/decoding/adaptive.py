@@ -112,8 +112,12 @@ class ExitEconomics:
     force: jax.Array
 
     @classmethod
-    def start(cls, decisions: int, costs: tuple[float, ...], **extra: Any) -> "ExitEconomics":
-        return cls(hits=jnp.full((decisions,), PRIOR_HITS, jnp.float32), trials=jnp.full((decisions,), PRIOR_TRIALS, jnp.float32),
+    def start(cls, decisions: int, costs: tuple[float, ...], prior: Any = None, **extra: Any) -> "ExitEconomics":
+        """The state before any observation; `prior`: [decisions] the rates to start from (default 1/2 each), each
+        worth `PRIOR_TRIALS` observations."""
+        hits = jnp.full((decisions,), PRIOR_HITS, jnp.float32) if prior is None else \
+            jnp.asarray(prior, jnp.float32) * PRIOR_TRIALS
+        return cls(hits=hits, trials=jnp.full((decisions,), PRIOR_TRIALS, jnp.float32),
                    costs=jnp.asarray(costs, jnp.float32), idle=jnp.zeros((), jnp.int32), backoff=jnp.zeros((), jnp.int32),
                    force=jnp.full((), -1, jnp.int32), **extra)
 

@@ -222,6 +222,10 @@ class SpecEE(Strategy):
       schedule as described.
     step_costs: (a step checking no layer, the first predictor layer only and never firing, every predictor layer
       never firing, every layer firing but never exiting), ms; None: the engine measures them.
+    exit_prior: per predictor layer l .. N-2, the x_i each generation starts from (worth two observations, as every
+      rate's prior): the predictors' held-out precision, which `eej train specee` stores with them (a firing that
+      was right — the layer's argmax is the last layer's and a speculative token — is an exit, so x_i is at least
+      that); None: 1/2 everywhere.
     """
 
     name: ClassVar[str] = "specee"
@@ -238,8 +242,11 @@ class SpecEE(Strategy):
     adaptive: bool = setting(True, choices=(True, False), kw_only=True)
     step_costs: tuple[float, ...] | None = dataclasses.field(default=None, kw_only=True)
     probe_every: int = setting(8, at_least=1, integer=True, kw_only=True)
+    exit_prior: tuple[float, ...] | None = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
+        if self.exit_prior is not None:
+            object.__setattr__(self, "exit_prior", tuple(float(x) for x in self.exit_prior))
         if self.offline_layers is not None:
             object.__setattr__(self, "offline_layers", tuple(sorted(set(int(i) for i in self.offline_layers))))
         object.__setattr__(self, "online_offsets", tuple(int(o) for o in self.online_offsets))
@@ -281,6 +288,9 @@ class SpecEE(Strategy):
             bad = [i for i in self.offline_layers if not l <= i < n - 1]
             if bad:
                 raise ValueError(f"specee offline_layers {bad} are outside the predictor layers {l}..{n - 2}")
+        if self.exit_prior is not None and len(self.exit_prior) != p:
+            raise ValueError(f"specee exit_prior has {len(self.exit_prior)} rates; the settings need one per predictor "
+                             f"layer ({p}: {l}..{n - 2})")
         if self.kv == "drop" and cfg.sliding_window is not None:
             raise ValueError("specee kv='drop' packs each layer's cache, which a sliding attention window can't use; use kv='propagate'")
 
@@ -295,8 +305,18 @@ class SpecEE(Strategy):
         }
         if self.kv == "drop":
             state["layer_lengths"] = jnp.broadcast_to(prompt_lens[:, None], (batch, cfg.num_layers)).astype(jnp.int32)
-        state["economics"] = ExitEconomics.start(2 * cfg.num_layers, self.step_costs or self._layer_costs(cfg))
+        state["economics"] = ExitEconomics.start(2 * cfg.num_layers, self.step_costs or self._layer_costs(cfg),
+                                                 self._prior(cfg))
         return state
+
+    def _prior(self, cfg: ModelConfig) -> np.ndarray | None:
+        """[2N] the rates (f_i, then x_i) a generation starts from; None: 1/2 each."""
+        if self.exit_prior is None:
+            return None
+        n = cfg.num_layers
+        prior = np.full((2 * n,), 0.5, np.float32)
+        prior[n + self.first_layer: 2 * n - 1] = self.exit_prior
+        return prior
 
     def _layer_costs(self, cfg: ModelConfig) -> tuple[float, float, float, float]:
         """The four step costs in layers (before measuring): entering the checking path ~1/2 of a layer (SmolLM2-135M
@@ -312,6 +332,8 @@ class SpecEE(Strategy):
         if self.step_costs is not None and (len(self.step_costs) != 4 or min(self.step_costs) <= 0):
             raise ValueError("specee step_costs must be 4 positive times: checking no layer, the first only, every "
                              "predictor layer, every layer firing")
+        if self.exit_prior is not None and not all(0.0 <= x <= 1.0 for x in self.exit_prior):
+            raise ValueError("specee exit_prior must hold rates in [0, 1], one per predictor layer")
 
     def calibration_points(self) -> list[Callable[[Any], Any]] | None:
         """Forced: 0 check no layer, 1 check the first predictor layer only, never firing, 2 check every predictor
@@ -542,9 +564,19 @@ def load_specee(model: Model, settings: SpecEESettings) -> tuple[SpecEE, dict]:
         kv=settings.kv,
         adaptive=settings.adaptive,
         probe_every=settings.probe_every,
+        exit_prior=_held_out_precision(header, exit_layer, model.cfg.num_layers),
     )
     predictors = {k: jnp.asarray(arrays["predictors"][k], jnp.float32) for k in PREDICTOR_KEYS}
     return strategy, {"drafter": drafter_params, "predictors": predictors}
+
+
+def _held_out_precision(header: dict, first_layer: int, num_layers: int) -> tuple[float, ...] | None:
+    """The predictors' held-out precision per layer first_layer .. num_layers - 2 from their artifact's header (what
+    `eej train specee` reports); None where the header lacks a layer's."""
+    per_layer = {row.get("layer"): row.get("precision") for row in header.get("held_out", {}).get("per_layer", [])
+                 if isinstance(row, dict)}
+    precision = [per_layer.get(i) for i in range(first_layer, num_layers - 1)]
+    return None if any(not isinstance(x, (int, float)) for x in precision) else tuple(float(x) for x in precision)
 
 
 def drafter_digest(drafter_params: dict) -> str:
