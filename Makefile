@@ -8,8 +8,7 @@ PIP := $(PY) -m pip
 PROMPT ?= Explain in three sentences why the sky is blue.
 PYTEST_ARGS ?=
 # Two pytest workers, one per core of the 2-core machines it runs on (most of a test's time is single-threaded XLA
-# compilation); a file's tests stay on one worker so they share its compiled programs, and files go out in collection
-# order, the slowest first (tests/conftest.py). TEST_WORKERS=0: one process.
+# compilation); a file's tests stay on one worker so they share its compiled programs. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 # The suite compiles hundreds of small programs and runs each briefly, so LLVM's optimisation of XLA's CPU code costs
 # it more than it saves; level 0 skips it. Cold compile caches, tests/test_kangaroo.py's slowest four: 82 -> 65 s;
@@ -41,7 +40,7 @@ demo: $(VENV)/.runtime
 # PyPI package `kernels` that transformers (>= 5.25) imports (the HF parity tests failed with "cannot import name
 # 'CUDAProperties' from 'kernels'").
 test: $(VENV)/.test
-	XLA_FLAGS="$(TEST_XLA_FLAGS) $$XLA_FLAGS" PYTHONSAFEPATH=1 $(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
+	XLA_FLAGS="$(TEST_XLA_FLAGS) $$XLA_FLAGS" PYTHONSAFEPATH=1 $(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 bench-plain: $(VENV)/.test
 	$(PY) scripts/bench_plain.py

@@ -8,18 +8,6 @@ from eej.model.control import IMPLEMENTATIONS
 from eej.testing import has_real_model
 from eej.weights.registry import Model, load_model
 
-# The files that take longest (`make test PYTEST_ARGS=--durations=60` on the 2-core machine: 520, 210, 185, 150,
-# 125 and 93 s of their slowest tests), collected first. `make test` hands whole files to whichever pytest worker
-# is free (--dist loadfile, in collection order: --no-loadscope-reorder), so a long file that starts last keeps one
-# worker busy while the other has nothing left to do.
-SLOWEST_FIRST = ("test_speculative_real.py", "test_m2r2.py", "test_kangaroo.py", "test_adaptive.py", "test_notebooks.py",
-                 "test_parallel.py")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every other file keeps its place
-
 
 @pytest.fixture(scope="session")
 def real_model() -> Model:
