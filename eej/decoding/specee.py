@@ -51,7 +51,7 @@ import numpy as np
 from jax import lax
 
 from eej.config import ModelConfig
-from eej.decoding.adaptive import ExitEconomics, forcing_modes
+from eej.decoding.adaptive import PRIOR_HITS, PRIOR_TRIALS, ExitEconomics, forcing_modes
 from eej.decoding.methods import MethodError, register_method
 from eej.decoding.speculation import (
     adapter_forward,
@@ -310,11 +310,11 @@ class SpecEE(Strategy):
         return state
 
     def _prior(self, cfg: ModelConfig) -> np.ndarray | None:
-        """[2N] the rates (f_i, then x_i) a generation starts from; None: 1/2 each."""
+        """[2N] the rates (f_i, then x_i) a generation starts from; None: ExitEconomics' default prior for each."""
         if self.exit_prior is None:
             return None
         n = cfg.num_layers
-        prior = np.full((2 * n,), 0.5, np.float32)
+        prior = np.full((2 * n,), PRIOR_HITS / PRIOR_TRIALS, np.float32)
         prior[n + self.first_layer: 2 * n - 1] = self.exit_prior
         return prior
 
