@@ -244,6 +244,29 @@ def test_exit_that_never_fires_is_plain_decoding_and_always_fires_at_min_exit_la
     assert later.tokens != always.tokens
 
 
+def test_a_later_exit_generation_starts_from_the_rates_the_last_one_learnt():
+    """Costs (plain 10, failed attempt 12, exit at layer K 4) under which an attempt pays at the prior's exit rate (1/2)
+    and stops paying below 0.22: with an ARLA that never fires, the first generation attempts until the prior fades,
+    the next one starts from the rate the first ended with and does not attempt (no probe is due within 24 tokens);
+    `forget` starts afresh."""
+    model = tiny_model("tiny-gqa", 2)
+    n, k = model.cfg.num_layers, 3
+    strategy, method_params = _exit_with_bias(model, -30.0, adaptive=True, step_costs=(10.0, 12.0, 4.0), probe_every=64)
+    prompts = random_prompts(np.random.default_rng(3), [4, 9], model.cfg.vocab_size)
+    engine = Engine(model, strategy, method_params)
+
+    def attempts(out) -> int:  # a failed attempt runs the K fast layers and then every layer
+        return (out.layers[0] - n * out.row_steps[0]) // k
+
+    first, second = (engine.generate(prompts, max_new_tokens=24, eos_ids=()) for _ in range(2))
+    assert first.tokens == second.tokens == plain_tokens(model, prompts, 24)
+    assert attempts(first) >= 3 and attempts(second) == 0
+    np.testing.assert_allclose(strategy.learned(strategy.start_from(second.method_state, strategy.learned(first.method_state))),
+                               strategy.learned(first.method_state), rtol=1e-6)
+    engine.forget()
+    assert attempts(engine.generate(prompts, max_new_tokens=24, eos_ids=())) == attempts(first)
+
+
 def test_exit_decisions_ignore_finished_rows():
     """A batch-level exit needs every *active* row's ARLA to agree: finished rows never block it."""
     model = tiny_model("tiny-gqa", 2)

@@ -271,6 +271,7 @@ def test_a_generation_starts_from_the_predictors_held_out_precision():
     econ = state["economics"]
     np.testing.assert_allclose(np.asarray(econ.rate), [0.5] * n + [0.5, 0.1, 0.3, 0.5, 0.7, 0.5], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(econ.trials), 2.0)
+    assert strategy.learned(state) is None  # every generation starts there, not from the last one's rates (exit_v33)
     with pytest.raises(ValueError, match="exit_prior has 3 rates; the settings need one per predictor layer"):
         strategy_, params_ = random_specee(model, 0, exit_prior=prior[:3])
         strategy_.validate(model.cfg, params_)

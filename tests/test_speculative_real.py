@@ -26,7 +26,7 @@ def _prompts(model):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("matmul, attention", [("xla", "xla"), ("cpu", "xla"), ("cpu", "cpu")])
+@pytest.mark.parametrize("matmul, attention", [("xla", "xla"), ("cpu", "cpu")])  # each kernel alone: tests/test_cpu_*.py
 @pytest.mark.parametrize("method", ["kangaroo:fixed", "m2r2-spec:fixed"])
 def test_shipped_addons_are_lossless_and_accept_drafts(real_model, method, matmul, attention):
     # as `--matmul` and `--attention`
@@ -68,10 +68,10 @@ def test_a_step_branched_once_is_lossless_on_the_real_model(real_model, monkeypa
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("method", ["kangaroo", "m2r2-spec"])
-def test_adaptive_defaults_are_lossless_on_the_real_model(real_model, method, tmp_path, monkeypatch):
+def test_adaptive_m2r2_is_lossless_on_the_real_model(real_model, tmp_path, monkeypatch):
+    """The default (adaptive) M2R2; the default Kangaroo's: the queue's test below."""
     monkeypatch.setenv("EEJ_CACHE_DIR", str(tmp_path))  # the step costs are measured here, on this machine
-    strategy, method_params = build_method(real_model, method)
+    strategy, method_params = build_method(real_model, "m2r2-spec")
     assert strategy.adaptive
     prompts = _prompts(real_model)
     out = Engine(real_model, strategy, method_params).generate(prompts, max_new_tokens=40)

@@ -63,7 +63,9 @@ each step M2R2's exit attempts the fast stream only when the measured costs and 
 say an attempt saves time on average (a failed attempt re-runs every layer), and SpecEE checks a layer's
 predictor only where the chance of exiting there, times the layers it would save, outweighs the check
 and the full-vocabulary argmax a firing predictor that does not lead to an exit wastes — with a probe of
-the other choice every `probe_every` steps (backing off the same way) so the estimates stay fresh.
+the other choice every `probe_every` steps (backing off the same way) so the estimates stay fresh. M2R2's
+exit starts an engine's later generations from the rates the last one ended with, as the controller does
+(`AdaptiveExit.carries_rates`); SpecEE does not (see `SpecEE.carries_rates`).
 """
 
 from __future__ import annotations
@@ -136,6 +138,11 @@ class ExitEconomics:
         new_hits, new_trials = discounted(self.hits, self.trials, hits, trials, trials > 0, EXIT_DECAY)
         return self.replace(hits=new_hits, trials=new_trials, idle=jnp.where(tried, 0, self.idle + 1),
                             backoff=next_backoff(self.backoff, probed, acting))
+
+    def started_from(self, rate: jax.Array) -> "ExitEconomics":
+        """This state with its prior moved to `rate` [n] (an earlier generation's), worth `PRIOR_TRIALS` each."""
+        return self.replace(hits=jnp.asarray(rate, jnp.float32) * PRIOR_TRIALS,
+                            trials=jnp.full(self.trials.shape, PRIOR_TRIALS, jnp.float32))
 
 
 @struct.dataclass
@@ -481,10 +488,39 @@ def judged(drafted: jax.Array, counts: jax.Array) -> tuple[jax.Array, jax.Array]
     return accepted, accepted + (counts - 1 < drafted).astype(jnp.float32)
 
 
-def forcing_modes(modes: int) -> list[Callable[[Any], Any]]:
-    """Calibration edits setting `force` of the ExitEconomics at method_state["economics"] to 0..modes-1."""
+@dataclasses.dataclass(frozen=True)
+class AdaptiveExit(Strategy):
+    """Base of the adaptive early-exit strategies: what they share of `ExitEconomics`, written once.
 
-    def forcing(mode: int) -> Callable[[Any], Any]:
-        return lambda state: {**state, "economics": state["economics"].replace(force=jnp.full((), mode, jnp.int32))}
+    A subclass keeps its `ExitEconomics` at method_state["economics"], declares the fields `adaptive` and
+    `step_costs` and `calibration_modes` (how many forced modes its step knows: `force` 0..modes-1), and
+    decides each step from the economics itself. Where `carries_rates`, an engine's later generations (same
+    sampling) start from the rates its last one ended with, each still worth `PRIOR_TRIALS` observations, as the
+    speculative controller does: a generation no longer spends its first steps learning again what the text it
+    decodes has shown.
+    """
 
-    return [forcing(m) for m in range(modes)]
+    calibration_modes: ClassVar[int] = 0
+    carries_rates: ClassVar[bool] = True
+
+    def calibration_points(self) -> list[Callable[[Any], Any]] | None:
+        """Edits of the method state setting the economics' `force` to 0..calibration_modes-1 (None: the costs are
+        known, or nothing adapts)."""
+        if not self.adaptive or self.step_costs is not None:
+            return None
+
+        def forcing(mode: int) -> Callable[[Any], Any]:
+            return lambda state: {**state, "economics": state["economics"].replace(force=jnp.full((), mode, jnp.int32))}
+
+        return [forcing(m) for m in range(self.calibration_modes)]
+
+    def calibrate(self, method_state: Any, milliseconds: list[float]) -> Any:
+        return {**method_state, "economics": method_state["economics"].replace(costs=jnp.asarray(milliseconds, jnp.float32))}
+
+    def learned(self, method_state: Any) -> jax.Array | None:
+        """[n] float32: the rates of the economics' n decisions at the end of a generation (None when not adaptive or
+        not `carries_rates`)."""
+        return method_state["economics"].rate if self.adaptive and self.carries_rates else None
+
+    def start_from(self, method_state: Any, learned: jax.Array) -> Any:
+        return {**method_state, "economics": method_state["economics"].started_from(learned)}

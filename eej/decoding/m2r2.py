@@ -41,17 +41,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from eej.config import ModelConfig
-from eej.decoding.adaptive import TEST_STEP_COSTS, ExitEconomics, SelfSpeculative, forcing_modes, judged, verify_by_width
+from eej.decoding.adaptive import TEST_STEP_COSTS, AdaptiveExit, ExitEconomics, SelfSpeculative, judged, verify_by_width
 from eej.decoding.methods import register_method
 from eej.decoding.speculation import accept, check_draft_head, draft_head, draft_loop, head_from_ranking, reduced_head, rollback
-from eej.decoding.strategy import StepInputs, StepResult, Strategy, full_prefill
+from eej.decoding.strategy import StepInputs, StepResult, full_prefill
 from eej.model.cache import KVCache
 from eej.model.control import cond_in_place
 from eej.model.lora import init_lora, merge_lora
@@ -256,7 +256,7 @@ class M2R2Spec(SelfSpeculative):
 
 
 @dataclasses.dataclass(frozen=True)
-class M2R2Exit(Strategy):
+class M2R2Exit(AdaptiveExit):
     """Lossy dynamic early exit from the fast stream, decided by ARLA for the whole batch.
 
     fast_layers: K; exits are possible after fast layers min_exit_layer..K.
@@ -274,6 +274,7 @@ class M2R2Exit(Strategy):
     name: ClassVar[str] = "m2r2-exit"
     lossless: ClassVar[bool] = False
     batch_invariant: ClassVar[bool] = False
+    calibration_modes: ClassVar[int] = 3  # forced: 0 a plain step, 1 an attempt that never exits, 2 an exit at layer K
 
     fast_layers: int = setting(6, at_least=1, integer=True)
     exit_threshold: float = setting(0.8, at_least=0.0, at_most=1.0)
@@ -302,13 +303,6 @@ class M2R2Exit(Strategy):
         logits, cache = full_prefill(params, tokens, prompt_lens, cache, cfg)
         n, k = cfg.num_layers, self.fast_layers  # before measuring: costs in layers (exit + propagation ~ 1 more)
         return logits, cache, {"economics": ExitEconomics.start(2, self.step_costs or (n, n + k, k + 1))}
-
-    def calibration_points(self) -> list[Callable[[Any], Any]] | None:
-        """Forced: 0 a plain step, 1 an attempt that never exits, 2 an attempt that exits at layer K."""
-        return forcing_modes(3) if self.adaptive and self.step_costs is None else None
-
-    def calibrate(self, method_state: Any, milliseconds: list[float]) -> Any:
-        return {"economics": method_state["economics"].replace(costs=jnp.asarray(milliseconds, jnp.float32))}
 
     def _attempts(self, econ: ExitEconomics) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(attempt the fast stream this step, whether it is a probe, whether the rule says it pays) from the

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,7 @@ import numpy as np
 from jax import lax
 
 from eej.config import ModelConfig
-from eej.decoding.adaptive import PRIOR_HITS, PRIOR_TRIALS, ExitEconomics, forcing_modes
+from eej.decoding.adaptive import PRIOR_HITS, PRIOR_TRIALS, AdaptiveExit, ExitEconomics
 from eej.decoding.methods import MethodError, register_method
 from eej.decoding.speculation import (
     adapter_forward,
@@ -61,7 +61,7 @@ from eej.decoding.speculation import (
     prefill_tapped,
     random_adapter,
 )
-from eej.decoding.strategy import StepInputs, StepResult, Strategy
+from eej.decoding.strategy import StepInputs, StepResult
 from eej.model.cache import KVCache, init_cache, write_block
 from eej.model.control import cond_in_place
 from eej.model.packed import take_columns
@@ -197,7 +197,7 @@ def _logit(p: float) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class SpecEE(Strategy):
+class SpecEE(AdaptiveExit):
     """SpecEE's static settings; the drafter's and predictors' weights travel in method_params.
 
     drafter: proposes the speculative tokens (see `Drafter`); its tap layer l is the first layer
@@ -231,6 +231,13 @@ class SpecEE(Strategy):
     name: ClassVar[str] = "specee"
     lossless: ClassVar[bool] = False
     batch_invariant: ClassVar[bool] = False
+    # forced: 0 check no layer, 1 check the first predictor layer only, never firing, 2 check every predictor layer
+    # never firing, 3 fire everywhere never exiting
+    calibration_modes: ClassVar[int] = 4
+    # Each generation starts from the predictors' held-out precision, not from the rates the last one ended with:
+    # carried, the rarely firing layers' rates (a firing every 10-50 checks) start near 0, those layers go unchecked,
+    # and SpecEE exited on 10% of Spec-Bench's steps instead of 21%, no faster (`exit_v33`, docs/adaptive.md).
+    carries_rates: ClassVar[bool] = False
 
     drafter: Any = KangarooDrafter(2)
     num_candidates: int = setting(4, at_least=1, integer=True)
@@ -334,14 +341,6 @@ class SpecEE(Strategy):
                              "predictor layer, every layer firing")
         if self.exit_prior is not None and not all(0.0 <= x <= 1.0 for x in self.exit_prior):
             raise ValueError("specee exit_prior must hold rates in [0, 1], one per predictor layer")
-
-    def calibration_points(self) -> list[Callable[[Any], Any]] | None:
-        """Forced: 0 check no layer, 1 check the first predictor layer only, never firing, 2 check every predictor
-        layer never firing, 3 fire everywhere never exiting."""
-        return forcing_modes(4) if self.adaptive and self.step_costs is None else None
-
-    def calibrate(self, method_state: Any, milliseconds: list[float]) -> Any:
-        return {**method_state, "economics": method_state["economics"].replace(costs=jnp.asarray(milliseconds, jnp.float32))}
 
     def _checked_layers(self, econ: ExitEconomics, scheduled: jax.Array, cfg: ModelConfig) -> jax.Array:
         """[N] bool: the `scheduled` [N] layers this step checks by the observed rates and the step costs (see
