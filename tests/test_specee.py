@@ -203,12 +203,29 @@ def test_propagation_fills_exactly_the_skipped_layers():
 
 
 
-def _economics(n, p, enter, check, head, fires, exits):
-    """ExitEconomics with one layer's compute = 1 (a plain step costs n), the given per-step costs and observed rates."""
+def _economics(n, p, enter, check, head, fires, exits, trials=1e6):
+    """ExitEconomics with one layer's compute = 1 (a plain step costs n), the given per-step costs and observed rates,
+    each from `trials` observations (by default so many that the rule's upper bound on a rate is the rate)."""
     costs = (float(n), n + enter + check, n + enter + check * p, n + enter + (check + head) * p)
     econ = ExitEconomics.start(2 * n, costs)
-    return econ.replace(hits=jnp.concatenate([jnp.asarray(fires, jnp.float32), jnp.asarray(exits, jnp.float32)]),
-                        trials=jnp.ones(2 * n))
+    rates = jnp.concatenate([jnp.asarray(fires, jnp.float32), jnp.asarray(exits, jnp.float32)])
+    return econ.replace(hits=rates * trials, trials=jnp.full(2 * n, trials, jnp.float32))
+
+
+def test_a_rarely_firing_layer_is_not_written_off_after_a_dry_run():
+    """A layer whose exits would pay when it fires, seen firing on none of its last few checks, is still checked (its
+    firing rate's upper bound after 9 dry checks: 1/10); after many it is not. With c_layer = 1, c_check = 0.1,
+    c_head = 3 and every firing exiting, layer 1 of 6 gains f * 4 - 0.1: 0.3 at f = 1/10."""
+    model = tiny_model("tiny-gqa", seed=1)
+    n = model.cfg.num_layers
+    strategy, _ = random_specee(model, 0)
+    p, layer_1 = len(strategy.predictor_layers(model.cfg)), jnp.arange(n) == 1
+
+    def checked(trials):
+        econ = _economics(n, p, 0.0, 0.1, 3.0, np.zeros(n), np.ones(n), trials)
+        return bool(np.asarray(strategy._checked_layers(econ, layer_1, model.cfg))[1])
+
+    assert checked(9.0) and not checked(1e4)
 
 
 def test_a_layer_is_checked_where_its_exits_save_more_than_its_wasted_heads_cost():

@@ -127,6 +127,14 @@ class ExitEconomics:
     def rate(self) -> jax.Array:
         return self.hits / self.trials
 
+    @property
+    def optimistic_rate(self) -> jax.Array:
+        """[n] (hits + 1) / (trials + 1): each rate as if the next observation were a success. An upper bound that
+        shrinks as observations accumulate (with EXIT_DECAY's window, to about 1/11 above the rate), so that a
+        rarely successful decision is not written off after a dry run it was likely to have (SpecEE's layers that
+        fire on a few percent of their checks)."""
+        return (self.hits + 1.0) / (self.trials + 1.0)
+
     def probe_due(self, probe_every: int) -> jax.Array:
         """Whether this step probes: `probe_every` << backoff steps since the last probe or action."""
         return probe_due(self.idle, self.backoff, probe_every)

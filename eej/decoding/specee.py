@@ -211,7 +211,9 @@ class SpecEE(AdaptiveExit):
       online_window 0 disables online scheduling.
     kv: "propagate" or "drop" (see the module docstring).
     adaptive: of the scheduled layers, check only those where it pays (eej.decoding.adaptive): with f_i the
-      observed rate at which layer i's predictor fires and x_i the rate at which a firing leads to an exit,
+      rate at which layer i's predictor fires and x_i the rate at which a firing leads to an exit (each the
+      observed rate's upper bound `ExitEconomics.optimistic_rate`: a layer firing on a few percent of its checks
+      would otherwise read 0 after a dry run and stop being checked, specee_v34),
       layer i is worth its check where g_i = f_i (x_i (N - 1 - i) c_layer - (1 - x_i) c_head) - c_check > 0 (an
       exit's argmax is the step's own head; a firing without an exit wastes one), and the step checks those
       layers only if their expected saving, each g_i weighted by the chance that no lower chosen layer exited
@@ -357,7 +359,7 @@ class SpecEE(AdaptiveExit):
         check = jnp.maximum(every - one, 0.0) / max(p - 1, 1)
         enter = jnp.maximum(one - none - check, 0.0)
         head = jnp.maximum(fire - every, 0.0) / p
-        fires, exits = econ.rate[:n], econ.rate[n:]
+        fires, exits = econ.optimistic_rate[:n], econ.optimistic_rate[n:]
         saved = (n - 1 - jnp.arange(n)) * per_layer
         gain = fires * (exits * saved - (1 - exits) * head) - check
         chosen = scheduled & (gain > 0)
