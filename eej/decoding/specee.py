@@ -238,7 +238,8 @@ class SpecEE(AdaptiveExit):
     calibration_modes: ClassVar[int] = 4
     # Each generation starts from the predictors' held-out precision, not from the rates the last one ended with:
     # carried, the rarely firing layers' rates (a firing every 10-50 checks) start near 0, those layers go unchecked,
-    # and SpecEE exited on 10% of Spec-Bench's steps instead of 21%, no faster (`exit_v33`, docs/adaptive.md).
+    # and SpecEE exited on 10% of Spec-Bench's steps instead of 21%, no faster (`exit_v33`, docs/adaptive.md; measured
+    # before the rule took each rate's upper bound, which keeps such layers checked: not measured since).
     carries_rates: ClassVar[bool] = False
 
     drafter: Any = KangarooDrafter(2)
