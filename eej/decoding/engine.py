@@ -603,7 +603,8 @@ class Engine:
     def forget(self) -> None:
         """Drop what earlier generations learned: the next one starts from the method's uninformed prior (as a fresh
         engine's first does; e.g. under residual sampling, for a generation whose draws must not depend on the
-        engine's history — coupled draws never do for a lossless method: eej.decoding.sampling)."""
+        engine's history — coupled draws never do for a lossless method: eej.decoding.sampling — or for an adaptive
+        exit method whose text, greedy too, must not depend on which steps earlier generations taught it to exit)."""
         self._learned.clear()
 
     def generate(
