@@ -94,3 +94,15 @@ def test_a_batch_4_verification_block_gives_one_token_steps_logits_on_the_real_m
         "Write a short poem about the sea.", "List three prime numbers and say why each one is prime, briefly.",
         "Explain how a bicycle gear works to a child in two sentences, with an example.", "Hi!")]
     _assert_bit_identical(*_blocks_against_steps(model, prompts, 5))
+
+
+def test_a_stack_of_equally_shaped_layers_is_traced_once():
+    """`run_layers` calls one nested program per layer shape (`traced_once`): an N-layer forward holds N calls that share
+    one jaxpr, so building an engine traces and lowers each layer shape once (docs/engine.md)."""
+    model = tiny_model("tiny-gqa", seed=1)
+    cache = init_cache(model.cfg, 2, 16)
+    tokens = jnp.zeros((2, 3), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda p, t, c: forward(p, t, t, c, model.cfg))(model.params, tokens, cache)
+    calls = [e.params["jaxpr"] for e in jaxpr.jaxpr.eqns if e.params.get("name") == "block"]
+    assert len(calls) == model.cfg.num_layers > 1
+    assert all(c is calls[0] for c in calls)

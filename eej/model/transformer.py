@@ -285,6 +285,11 @@ def block(
     return mlp(layer, x, cfg), k_cache, v_cache
 
 
+# `block` as one nested program per shape: a stack of N equally shaped layers is traced and lowered once, not N times
+# (XLA inlines the calls, so the compiled step is the same; the engine is built sooner).
+traced_once = jax.jit(block, static_argnames=("cfg", "kv_limit"))
+
+
 def run_layers(
     params: Params,
     x: jax.Array,
@@ -317,7 +322,7 @@ def run_layers(
     for i in range(start, end):
         if active is None:
             c = i - cache_offset
-            x, k, v = block(get_layer(layers, i), x, *cache.layer(c), positions, cfg, kv_limit)
+            x, k, v = traced_once(get_layer(layers, i), x, *cache.layer(c), positions, cfg, kv_limit)
             cache = cache.set_layer(c, k, v)
         else:
             x, cache = run_layer_if(active[i], get_layer(layers, i), i - cache_offset, x, cache, positions, cfg)
@@ -347,7 +352,7 @@ def run_layer_if(
     """
 
     def run_layer(operand):
-        return block(layer, *operand, positions, cfg, slots=slots)
+        return traced_once(layer, *operand, positions, cfg, slots=slots)
 
     if otherwise is None:
         x, k, v = run_if(run, run_layer, (x, *cache.layer(index)))
@@ -424,7 +429,7 @@ def run_layers_dynamic(
     def branch(i: int) -> Callable:
         def run(operand):
             x, cache = operand
-            x, k, v = block(layers[i], x, *cache.layer(i), positions, cfg)
+            x, k, v = traced_once(layers[i], x, *cache.layer(i), positions, cfg)
             return (x, cache.set_layer(i, k, v)), ()
 
         return run
