@@ -30,8 +30,8 @@ then k* = argmax_k Σ_b E_b(k) / C(k), the batch's committed tokens per millisec
 - c(k) is measured on the running machine: the engine times its compiled decode loop forced to draft k
   tokens every step, for every k, at the batch size and cache size it is about to run
   (`SelfSpeculative.calibration_points`), and keeps the table on disk per machine
-  (eej.decoding.calibration), made non-decreasing in k (`monotone_costs`: timing noise must not make a longer
-  draft look cheaper). On a CPU verifying a few tokens costs well over one step; on a GPU about one step —
+  (eej.decoding.calibration), made increasing in k (`monotone_costs`: timing noise must not make a longer
+  draft look cheaper, nor a draft free). On a CPU verifying a few tokens costs well over one step; on a GPU about one step —
   the same rule then drafts far more.
 - α_b and γ_b are exponential moving averages (decay `DECAY` per judged draft, prior 1/2 worth two drafts)
   of what verification observed (`split_judged`): α_b of first drafts (accepted or not), γ_b of each accepted
@@ -87,6 +87,9 @@ from eej.settings import setting
 DECAY = 0.95  # per judged draft: follows the last ~20 drafts (0.9 lost 1.2%: scripts/controller_replay.py)
 EXIT_DECAY = 0.9  # per observed decision of an early-exit method (not replayed; unchanged)
 PRIOR_HITS, PRIOR_TRIALS = 1.0, 2.0
+# The least a draft adds to a step, as a fraction of a plain step: below what any drafter costs (Kangaroo's adapter and
+# head, ~3% of SmolLM2-135M's step), so it only lifts measurements that noise made free (`monotone_costs`).
+MIN_DRAFT_COST = 0.01
 MAX_BACKOFF = 3  # probes that change nothing space out to at most 2**3 x probe_every steps
 # Step costs (k = 0, 1, ...: relative) that random test instances carry instead of measuring: drafting pays from an
 # acceptance of about 0.3, so an untrained drafter settles on plain steps and an agreeable one drafts.
@@ -217,7 +220,7 @@ class Controller(ExitEconomics):
         return (jnp.sum(self.hits) / jnp.sum(self.trials), jnp.sum(self.onward_hits) / jnp.sum(self.onward_trials),
                 jnp.sum(self.follow_hits) / jnp.sum(self.follow_trials))
 
-    def started_from(self, learned: tuple[jax.Array | float, ...]) -> "Controller":
+    def started_from_pooled(self, learned: tuple[jax.Array | float, ...]) -> "Controller":
         """This state with its prior moved to an earlier generation's pooled (α, β, γ), each still worth
         `PRIOR_TRIALS` judged drafts (`SelfSpeculative.start_from`)."""
 
@@ -466,8 +469,8 @@ class SelfSpeculative(Strategy):
         return [forcing(k) for k in range(self.max_draft_steps + 1)]
 
     def calibrate(self, method_state: Any, milliseconds: list[float]) -> Any:
-        """The controller's costs from the measured c(0..K), made non-decreasing: drafting more never costs less, and a
-        noisy c(k) below c(k - 1) (timing noise: seen at 10-25% on a 2-core VM) would make the rule prefer the
+        """The controller's costs from the measured c(0..K), made increasing (`monotone_costs`): drafting more never costs
+        less, and a noisy c(k) below c(k - 1) (timing noise: seen at 10-25% on a 2-core VM) would make the rule prefer the
         longer draft for its cost alone."""
         return {**method_state, "controller": method_state["controller"].replace(costs=monotone_costs(milliseconds))}
 
@@ -481,12 +484,17 @@ class SelfSpeculative(Strategy):
     def start_from(self, method_state: Any, learned: tuple[jax.Array, ...]) -> Any:
         """The controller's prior moved to an earlier generation's pooled α, β and γ, still worth `PRIOR_TRIALS` judged
         drafts (the probes and drafts of this generation take over as fast as from the uninformed 1/2)."""
-        return {**method_state, "controller": method_state["controller"].started_from(learned)}
+        return {**method_state, "controller": method_state["controller"].started_from_pooled(learned)}
 
 
 def monotone_costs(milliseconds: Any) -> jax.Array:
-    """[K + 1] step costs c(0..K) -> float32 costs with each c(k) raised to the largest c(j), j <= k."""
-    return lax.cummax(jnp.asarray(milliseconds, jnp.float32), axis=0)
+    """[K + 1] step costs c(0..K) -> float32 costs with each c(k) raised to the largest c(j), j <= k, and to at least
+    c(k - 1) + `MIN_DRAFT_COST` c(0): a draft is never free. Noise that reads c(1) <= c(0) (a 2-core VM under load) would
+    otherwise make one draft cost what a plain step costs, and with E(1) = 1 + α > E(0) for any α > 0 the rule would
+    draft forever on text where no draft is accepted."""
+    costs = jnp.asarray(milliseconds, jnp.float32)
+    floor = MIN_DRAFT_COST * costs[0] * jnp.arange(costs.shape[0], dtype=jnp.float32)
+    return lax.cummax(costs - floor, axis=0) + floor
 
 
 def judged(drafted: jax.Array, counts: jax.Array) -> tuple[jax.Array, jax.Array]:
