@@ -4,7 +4,9 @@
 In one process, for each method and batch size: an engine built each way (`traced_once` swapped for the plain `block`
 while the other engine is built), the seconds its first generation took (tracing, lowering and XLA's compile: the
 compile cache is off), then interleaved timed generations of both (the order alternating each round), and whether both
-decoded the same tokens. One process at a time (nothing else may run meanwhile).
+decoded the same tokens. The inline engine is built first, so the process's one-time costs (the first method's
+plain decoding, batch 1) fall on it: compare the later rows' first generations. One process at a time (nothing else
+may run meanwhile).
 
     python scripts/nested_layers_ab.py [--methods plain,kangaroo:fixed,m2r2-spec:fixed] [--batches 1,4] [--rounds 8]
         [--out benchmarks/results/nested_layers_ab]
