@@ -69,7 +69,7 @@ def engine(model: Model, method: MethodLike = "plain", *, cache_size: int | None
         engines = _ENGINES[id(model)] = {}
         weakref.finalize(model, _ENGINES.pop, id(model), None)
     hit = engines.get(key)
-    if hit is not None and hit[0] is method_params:
+    if hit is not None and (isinstance(method, str) or hit[0] is method_params):  # a spec: what it built last time
         return hit[1]
     if isinstance(method, str):
         strategy, method_params = build_method(model, method)

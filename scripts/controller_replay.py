@@ -36,6 +36,7 @@ from eej.bench.report import write_result
 from eej.cli.options import add_residual_sampling_argument
 from eej.config import SamplingConfig
 from eej.decoding import adaptive, kangaroo, m2r2
+from eej.decoding.compiled_programs import with_own_programs
 from eej.decoding.engine import Engine
 from eej.decoding.methods import build_method
 from eej.weights.registry import load_model
@@ -94,7 +95,7 @@ def record(model, method: str, prompts: list[str], temperature: float, max_new: 
 
     module.judged = recording
     try:
-        engine = Engine(model, dataclasses.replace(strategy, adaptive=False), method_params)
+        engine = with_own_programs(Engine(model, dataclasses.replace(strategy, adaptive=False), method_params))
         traces = []
         for prompt in encoded:
             steps.clear()

@@ -16,6 +16,9 @@ import time
 import eej
 import eej.api
 from eej.decoding import kangaroo
+from eej.decoding.compiled_programs import with_own_programs
+from eej.decoding.engine import Engine
+from eej.decoding.methods import build_method
 
 QUESTIONS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "eval", "mt_bench.jsonl")
 MAX_NEW, ROUNDS = 128, 2
@@ -33,7 +36,7 @@ def old_width_engine(model, prompts):
     kangaroo.draft_loop = draft_loop
     kangaroo.verify_by_width = lambda drafted, max_k, verify, cache: real_width(asked["k"], max_k, verify, cache)
     try:
-        engine = eej.api.engine(model, "kangaroo:fixed")
+        engine = with_own_programs(Engine(model, *build_method(model, "kangaroo:fixed")))
         for p in prompts:
             engine.generate([p], MAX_NEW)
     finally:

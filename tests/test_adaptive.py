@@ -364,7 +364,7 @@ def _recorded_widths(monkeypatch, module) -> list[int]:
 
 
 @pytest.mark.parametrize("module,build", [(kangaroo, random_kangaroo), (m2r2, m2r2.random_spec)])
-def test_verification_is_as_wide_as_the_drafts_made(monkeypatch, module, build):
+def test_verification_is_as_wide_as_the_drafts_made(monkeypatch, own_programs, module, build):
     """K = 4 asked every step (fixed); a threshold of 1 stops every row after its first draft (a draft's confidence
     is below 1), so each step verifies 2 tokens, not 5 — and the output stays plain decoding's."""
     widths = _recorded_widths(monkeypatch, module)
@@ -379,7 +379,7 @@ def test_verification_is_as_wide_as_the_drafts_made(monkeypatch, module, build):
 
 
 @pytest.mark.parametrize("module,build", [(kangaroo, random_kangaroo), (m2r2, m2r2.random_spec)])
-def test_a_finished_row_drafts_nothing(monkeypatch, module, build):
+def test_a_finished_row_drafts_nothing(monkeypatch, own_programs, module, build):
     """Fixed K = 3 with no confidence stop: a row drafts 3 every step until it has its 14 tokens (the prefill's
     one and those its steps committed), then none while the batch's other row finishes — the output unchanged."""
     steps: list[tuple[list[int], list[int]]] = []
@@ -423,7 +423,7 @@ def test_a_draft_measured_free_is_still_refused_once_drafts_are_rejected():
     assert 0 < _drafting_steps_while_the_prior_fades(costs, 4) < 60
 
 
-def test_calibration_times_full_drafts_whatever_the_threshold(monkeypatch):
+def test_calibration_times_full_drafts_whatever_the_threshold(monkeypatch, own_programs):
     """c(k) is the cost of k drafts and k + 1 verified: a step forced to draft k does not stop at a low-confidence
     draft (here every draft is), while the steps that decode afterwards do."""
     monkeypatch.setenv("EEJ_CACHE_DIR", "")

@@ -64,6 +64,13 @@ def test_engines_are_reused_per_model_and_method(model):
     assert again.output.compile_seconds == 0.0  # same shapes: the compiled code is reused
 
 
+@pytest.mark.real_model
+def test_a_method_by_name_is_built_once_per_model(real_model):
+    """A spec's engine, add-ons and all, is built on the first call only (each call built them anew before)."""
+    first = engine(real_model, "kangaroo")
+    assert first.method_params is not None and engine(real_model, "kangaroo") is first
+
+
 def test_generate_with_a_strategy_matches_the_engine(model):
     strategy = FirstLayerExit()
     got = eej.generate(model, ["ab", "cdef"], method=strategy, max_new_tokens=5)

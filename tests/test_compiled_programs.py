@@ -7,6 +7,7 @@ import pytest
 import eej.decoding.engine as engine_module
 from eej.decoding.compiled_programs import HEADROOM, CompiledPrograms, ProgramMemoryError, map_count, map_limit, reserve_for
 from eej.decoding.engine import Engine
+from eej.model import attention
 from eej.testing import plain_tokens, random_prompts, tiny_model
 
 
@@ -21,43 +22,55 @@ def test_least_recently_used_programs_go_first_until_under_the_line():
     assert reserve_for(limit) == 5000
     store = fake_store(base=30_000, per_program=1000, limit=limit)
     for k in range(8):
-        store.put(0, k, f"program {k}")
-    store.get(0, 0)  # used again: now the most recent
+        store.put(k, f"program {k}")
+    store.get(0)  # used again: now the most recent
     assert store.make_room() == 3  # 38000 maps -> 35000
     assert store.released == 3
-    assert [store.get(0, k) for k in range(8)] == ["program 0", None, None, None, "program 4", "program 5",
+    assert [store.get(k) for k in range(8)] == ["program 0", None, None, None, "program 4", "program 5",
                                                    "program 6", "program 7"]
     assert store.make_room() == 0  # at the line, not above it
 
 
 def test_nothing_is_released_below_the_line_or_where_maps_are_not_counted():
     store = fake_store(base=100, per_program=10, limit=65530)
-    store.put(0, "a", "program")
+    store.put("a", "program")
     assert store.make_room() == 0 and len(store) == 1
     blind = CompiledPrograms(count=lambda: None, limit=lambda: None)
-    blind.put(0, "a", "program")
+    blind.put("a", "program")
     assert blind.make_room() == 0 and len(blind) == 1
 
 
-def test_forget_drops_one_owners_programs_only():
-    store = CompiledPrograms()
-    a, b = store.new_owner(), store.new_owner()
-    assert a != b
-    store.put(a, "x", 1)
-    store.put(b, "x", 2)
-    store.forget(a)
-    assert store.get(a, "x") is None and store.get(b, "x") == 2
+def test_engines_of_the_same_model_method_and_shapes_share_their_programs(own_programs):
+    """A program is kept by what it is, not by the engine that compiled it: a second engine of the same model,
+    method and shapes compiles nothing (even once the first is gone); other settings, shapes or a changed trace
+    setting (the attention score budget) compile their own, and every engine decodes what it decoded before."""
+    model = tiny_model("tiny-llama", 0)
+    prompts = random_prompts(np.random.default_rng(3), [20, 9], model.cfg.vocab_size)
+    first = Engine(model).generate(prompts, max_new_tokens=8, eos_ids=())
+    held = len(own_programs)
+    assert first.compile_seconds > 0 and held == 2  # its prefill and decode loop
+    again = Engine(model).generate(prompts, max_new_tokens=8, eos_ids=())
+    assert again.compile_seconds == 0 and again.tokens == first.tokens and len(own_programs) == held
+    other_weights = tiny_model("tiny-llama", 1)  # same shapes, other values: the same programs, other tokens
+    assert Engine(other_weights).generate(prompts, max_new_tokens=8, eos_ids=()).compile_seconds == 0
+    longer = Engine(model).generate(prompts, max_new_tokens=20, eos_ids=())
+    assert longer.compile_seconds > 0 and longer.tokens[0][:8] == first.tokens[0][:8]
+    held = len(own_programs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention, "CPU_SCORE_BYTES", 1)  # read while tracing: its programs are not the others'
+        chunked = Engine(model).generate(prompts, max_new_tokens=8, eos_ids=())
+    assert chunked.compile_seconds > 0 and len(own_programs) > held and chunked.tokens == first.tokens
 
 
 def test_maps_held_by_others_give_a_clear_error():
     store = fake_store(base=64_000, per_program=10, limit=65530)
-    store.put(0, "a", "program")
+    store.put("a", "program")
     with pytest.raises(ProgramMemoryError, match=r"64000 memory maps of the kernel's limit of 65530 \(vm.max_map_count\).*sysctl"):
         store.make_room()
     assert len(store) == 0 and store.released == 1  # it let go of what it had before giving up
     assert isinstance(ProgramMemoryError("x"), OSError)  # the CLI's one-line error, exit status 2
     still_room = fake_store(base=65530 - HEADROOM, per_program=10, limit=65530)  # above the line, yet one compile fits
-    still_room.put(0, "a", "program")
+    still_room.put("a", "program")
     assert still_room.make_room() == 1
 
 

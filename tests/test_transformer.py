@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from eej.model import attention
 from eej.model.cache import init_cache
 from eej.model.packed import pack_projections
 from eej.model.transformer import forward, rms_norm, row_sum
@@ -103,6 +104,25 @@ def test_a_stack_of_equally_shaped_layers_is_traced_once():
     cache = init_cache(model.cfg, 2, 16)
     tokens = jnp.zeros((2, 3), jnp.int32)
     jaxpr = jax.make_jaxpr(lambda p, t, c: forward(p, t, t, c, model.cfg))(model.params, tokens, cache)
-    calls = [e.params["jaxpr"] for e in jaxpr.jaxpr.eqns if e.params.get("name") == "block"]
+    calls = [e.params["jaxpr"] for e in jaxpr.jaxpr.eqns if e.params.get("name") == "_keyed_block"]
     assert len(calls) == model.cfg.num_layers > 1
     assert all(c is calls[0] for c in calls)
+
+
+def test_a_layer_is_traced_again_under_other_trace_settings(monkeypatch):
+    """`traced_once` keeps a layer's trace per `trace_settings()` too: with a smaller attention score budget the same
+    prefill is traced again, chunked (a trace kept from before would silently ignore the new budget)."""
+    model = tiny_model("tiny-gqa", seed=1)
+    cache = init_cache(model.cfg, 2, 32)
+    tokens = jnp.zeros((2, 30), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(30), (2, 30))
+
+    def loops() -> int:
+        text = str(jax.make_jaxpr(lambda p, t, c: forward(p, t, positions, c, model.cfg))(model.params, tokens, cache))
+        return text.count("while[") + text.count("scan[")
+
+    assert loops() == 0
+    monkeypatch.setattr(attention, "CPU_SCORE_BYTES", 1)  # every prefill one query at a time
+    assert loops() == 1  # one nested program, now with its loop over query chunks
+    monkeypatch.undo()
+    assert loops() == 0

@@ -1,5 +1,12 @@
-"""Every Engine's compiled programs, in one least-recently-used store per process that keeps clear of the kernel's
-limit on memory maps.
+"""Every Engine's compiled programs, in one least-recently-used store per process, keyed by what a program is and
+kept clear of the kernel's limit on memory maps.
+
+A program's key is everything its compiled code depends on — the function, its static settings (model config,
+strategy, sampling, ...), every argument's shape, dtype and placement, and the process-wide settings read while it
+is traced (eej.model.transformer.trace_settings) — and never which Engine asked for it: a second Engine of the same
+model, method and shapes (the tests' plain references, a notebook that builds its engine again, a benchmark's A/A
+control) runs the first one's programs instead of tracing and compiling them again, as `jax.jit` itself does for one
+function. Programs stay when their engine goes, like `jax.jit`'s; `PROGRAMS.clear()` drops them all.
 
 XLA's CPU backend loads each compiled kernel as an object of its own, three memory maps apiece (code, read-only
 data, data): the prefill and decode loop of one batch of SmolLM2-135M add ~650 maps for plain decoding, ~1800 for
@@ -15,8 +22,7 @@ from __future__ import annotations
 
 import collections
 import gc
-import itertools
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 MAPS_PATH = "/proc/self/maps"
 LIMIT_PATH = "/proc/sys/vm/max_map_count"
@@ -63,35 +69,30 @@ def reserve_for(limit: int) -> int:
 
 
 class CompiledPrograms:
-    """Compiled programs by (owner, key), least recently used first (one process-wide instance: PROGRAMS).
+    """Compiled programs by key, least recently used first (one process-wide instance: PROGRAMS).
 
     `count` and `limit` read the process's map count and the kernel's cap (injectable for tests); `released`
     counts the programs let go to stay under `limit - reserve_for(limit)`.
     """
 
     def __init__(self, count: Callable[[], int | None] = map_count, limit: Callable[[], int | None] = map_limit):
-        self._programs: collections.OrderedDict[tuple[int, Hashable], Callable] = collections.OrderedDict()
-        self._owners = itertools.count()
+        self._programs: collections.OrderedDict[Hashable, Callable] = collections.OrderedDict()
         self._count, self._limit = count, limit
         self.released = 0
 
-    def new_owner(self) -> int:
-        """A fresh owner id (one per Engine; ids are never reused, unlike `id()`)."""
-        return next(self._owners)
-
-    def get(self, owner: int, key: Hashable) -> Callable | None:
-        program = self._programs.get((owner, key))
+    def get(self, key: Hashable) -> Callable | None:
+        program = self._programs.get(key)
         if program is not None:
-            self._programs.move_to_end((owner, key))
+            self._programs.move_to_end(key)
         return program
 
-    def put(self, owner: int, key: Hashable, program: Callable) -> None:
-        self._programs[(owner, key)] = program
+    def put(self, key: Hashable, program: Callable) -> None:
+        self._programs[key] = program
 
-    def forget(self, owner: int) -> None:
-        """Drop every program of `owner` (its Engine is gone)."""
-        for k in [k for k in self._programs if k[0] == owner]:
-            del self._programs[k]
+    def clear(self) -> None:
+        """Drop every program (their maps and memory go with their last reference)."""
+        self._programs.clear()
+        gc.collect()
 
     def __len__(self) -> int:
         return len(self._programs)
@@ -126,3 +127,10 @@ class CompiledPrograms:
 
 PROGRAMS = CompiledPrograms()
 """The process's store: every Engine compiles through it (Engine._get)."""
+
+
+def with_own_programs(engine: Any) -> Any:
+    """`engine` given a store of its own (then returned): for experiments that change traced code between engines
+    (a function swapped for another), whose programs must neither come from nor go to the process-wide store."""
+    engine.programs = CompiledPrograms()
+    return engine

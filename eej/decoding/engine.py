@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 import chex
@@ -39,7 +38,7 @@ from eej.decoding.strategy import StepInputs, StepResult, Strategy
 from eej.local_cache import compile_cache_hits, use_compilation_cache
 from eej.model.cache import KVCache, init_cache
 from eej.model.packed import pack_projections
-from eej.model.transformer import Params
+from eej.model.transformer import Params, trace_settings
 from eej.parallel.sharding import DecodeSharding, to_host
 from eej.weights.registry import Model
 
@@ -422,9 +421,16 @@ def _refill(params: Params, method_params: Any, state: DecodeState, fresh: Decod
     return jax.tree.unflatten(tree, merged).replace(steps=jnp.zeros((), jnp.int32), queued=queued)
 
 
+def _leaf_key(leaf: Any) -> tuple:
+    """What a compiled program depends on of one argument leaf: its abstract value (shape, dtype, weak type) and, for
+    an array already placed, its sharding."""
+    return jax.typeof(leaf), getattr(leaf, "sharding", None)
+
+
 class Engine:
     """Generates with `strategy` on `model`; compiled functions are cached per shape and setting (in the
-    process-wide eej.decoding.compiled_programs.PROGRAMS, which releases old ones near the memory-map limit)."""
+    process-wide eej.decoding.compiled_programs.PROGRAMS, shared by every engine, which releases old ones near the
+    memory-map limit)."""
 
     def __init__(
         self,
@@ -440,8 +446,9 @@ class Engine:
         self.strategy = strategy or Plain()
         self.cache_size = cache_size
         self.strategy.validate(model.cfg, method_params)
-        self._owner = PROGRAMS.new_owner()  # its compiled programs live in eej.decoding.compiled_programs
-        weakref.finalize(self, PROGRAMS.forget, self._owner)
+        # the process-wide store; code that changes what gets traced (a function swapped for an experiment) gives its
+        # engines a CompiledPrograms of their own, so that their programs neither come from nor go to the others'
+        self.programs = PROGRAMS
         self._step_times: dict[tuple, list[float] | None] = {}
         self._rowwise_memo: dict[tuple, tuple[bool, ...]] = {}  # per layout: which DecodeState leaves have a row axis
         self._learned: dict[SamplingConfig, Any] = {}  # what the last generation per sampling learned (Strategy.learned)
@@ -505,14 +512,17 @@ class Engine:
     def _get(
         self, name: str, fn: Callable, static: dict, args: tuple, donate: tuple[int, ...], batch: int
     ) -> tuple[Callable, float]:
-        """The compiled `fn` for these args' shapes and `static` (`batch` rows); second value: compile seconds (0 if cached)."""
-        shapes = tuple(jax.tree.map(lambda a: (a.shape, a.dtype), a) for a in args[2:])
-        key = (name, tuple(sorted(static.items(), key=lambda kv: kv[0])), jax.tree.structure(args[2:]), str(shapes))
-        cached = PROGRAMS.get(self._owner, key)
+        """The compiled `fn` for these args and `static` (`batch` rows); second value: compile seconds (0 if cached).
+
+        Cached in `self.programs` (the process-wide PROGRAMS) by what the program is (eej.decoding.compiled_programs),
+        so any engine with the same model config, strategy, settings and argument shapes runs it."""
+        key = (name, fn, tuple(sorted(static.items(), key=lambda kv: kv[0])), donate, self.mesh if self._sharding else None,
+               jax.tree.structure(args), tuple(_leaf_key(a) for a in jax.tree.leaves(args)), trace_settings())
+        cached = self.programs.get(key)
         if cached is not None:
             return cached, 0.0
         start, hits = time.perf_counter(), compile_cache_hits()
-        PROGRAMS.make_room()
+        self.programs.make_room()
         fn = functools.partial(fn, **static)
         if self._sharding is None:
             compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
@@ -520,7 +530,7 @@ class Engine:
             with jax.set_mesh(self.mesh):
                 out = self._sharding.state(jax.eval_shape(fn, *args), batch)
                 compiled = jax.jit(fn, donate_argnums=donate, out_shardings=out).lower(*args).compile()
-        PROGRAMS.put(self._owner, key, compiled)
+        self.programs.put(key, compiled)
         self.compile_cache_hits += compile_cache_hits() - hits
         return compiled, time.perf_counter() - start
 

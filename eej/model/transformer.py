@@ -38,7 +38,7 @@ from eej.config import ModelConfig
 from eej.model import attention as attn_lib
 from eej.model import moe
 from eej.model.cache import KVCache, write_block
-from eej.model.control import cond_in_place, run_if, switch_in_place
+from eej.model.control import branch_whole_step, cond_in_place, implementation, run_if, switch_in_place
 from eej.model.packed import PackedWeight, product as packed_product
 from eej.model.rope import apply_rope
 
@@ -285,9 +285,32 @@ def block(
     return mlp(layer, x, cfg), k_cache, v_cache
 
 
-# `block` as one nested program per shape: a stack of N equally shaped layers is traced and lowered once, not N times
-# (XLA inlines the calls, so the compiled step is the same; the engine is built sooner).
-traced_once = jax.jit(block, static_argnames=("cfg", "kv_limit"))
+def trace_settings() -> tuple[Any, ...]:
+    """The process-wide settings that model and decoding code read while it is traced, besides its arguments: the
+    attention score budget (`eej.model.attention.score_budget`: the backend and CPU_SCORE_BYTES) and how
+    conditionals compile (`EEJ_CONDITIONALS`, `EEJ_BRANCH_STEP`: eej.model.control). Anything that keeps a traced
+    or compiled program for later calls keys it on these too, so that a program traced under other settings is
+    never reused."""
+    return attn_lib.score_budget(), implementation(), branch_whole_step()
+
+
+def _keyed_block(*args: Any, settings: tuple[Any, ...], **kwargs: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    del settings  # only a key of the cache below: `block` reads the same settings while it is traced
+    return block(*args, **kwargs)
+
+
+_traced_blocks = jax.jit(_keyed_block, static_argnames=("cfg", "kv_limit", "settings"))
+
+
+def traced_once(
+    layer: Any, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array, cfg: ModelConfig,
+    kv_limit: int | None = None, slots: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`block` as one nested program per shape and `trace_settings()`: a stack of N equally shaped layers is traced
+    and lowered once, not N times (XLA inlines the calls, so the compiled step is the same; the engine is built
+    sooner)."""
+    return _traced_blocks(layer, x, k_cache, v_cache, positions, cfg=cfg, kv_limit=kv_limit, slots=slots,
+                          settings=trace_settings())
 
 
 def run_layers(
