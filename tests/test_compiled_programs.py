@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import eej.decoding.engine as engine_module
-from eej.decoding.compiled_programs import HEADROOM, CompiledPrograms, ProgramMemoryError, map_count, map_limit, reserve_for
+from eej.decoding.compiled_programs import (HEADROOM, CompiledPrograms, ProgramMemoryError, map_count, map_limit, new_owner,
+                                           reserve_for)
 from eej.decoding.engine import Engine
 from eej.model import attention
 from eej.testing import plain_tokens, random_prompts, tiny_model
@@ -22,22 +23,42 @@ def test_least_recently_used_programs_go_first_until_under_the_line():
     assert reserve_for(limit) == 5000
     store = fake_store(base=30_000, per_program=1000, limit=limit)
     for k in range(8):
-        store.put(k, f"program {k}")
-    store.get(0)  # used again: now the most recent
+        store.put(0, k, f"program {k}")
+    store.get(0, 0)  # used again: now the most recent
     assert store.make_room() == 3  # 38000 maps -> 35000
     assert store.released == 3
-    assert [store.get(k) for k in range(8)] == ["program 0", None, None, None, "program 4", "program 5",
+    assert [store.get(0, k) for k in range(8)] == ["program 0", None, None, None, "program 4", "program 5",
                                                    "program 6", "program 7"]
     assert store.make_room() == 0  # at the line, not above it
 
 
 def test_nothing_is_released_below_the_line_or_where_maps_are_not_counted():
     store = fake_store(base=100, per_program=10, limit=65530)
-    store.put("a", "program")
+    store.put(0, "a", "program")
     assert store.make_room() == 0 and len(store) == 1
     blind = CompiledPrograms(count=lambda: None, limit=lambda: None)
-    blind.put("a", "program")
+    blind.put(0, "a", "program")
     assert blind.make_room() == 0 and len(blind) == 1
+
+
+def test_programs_outlive_their_engines_a_while():
+    """A program stays while any owner uses it; once none does it is one of the `keep_unused` most recently unused,
+    and an owner that uses it again takes it back."""
+    store = CompiledPrograms(keep_unused=2)
+    a, b = new_owner(), new_owner()
+    assert a != b
+    for key in "xyz":
+        store.put(a, key, key.upper())
+    store.get(b, "x")
+    store.forget(a)  # y and z unused; x still b's
+    assert len(store) == 3
+    store.put(b, "w", "W")
+    store.forget(b)  # x and w join the unused: the oldest two of four go
+    assert [store.get(a, k) for k in "yzxw"] == [None, None, "X", "W"]
+    store.forget(a)
+    store.put(b, "v", "V")
+    store.forget(b)  # three unused: only two stay
+    assert len(store) == 2 and store.get(a, "v") == "V"
 
 
 def test_engines_of_the_same_model_method_and_shapes_share_their_programs(own_programs):
@@ -64,13 +85,13 @@ def test_engines_of_the_same_model_method_and_shapes_share_their_programs(own_pr
 
 def test_maps_held_by_others_give_a_clear_error():
     store = fake_store(base=64_000, per_program=10, limit=65530)
-    store.put("a", "program")
+    store.put(0, "a", "program")
     with pytest.raises(ProgramMemoryError, match=r"64000 memory maps of the kernel's limit of 65530 \(vm.max_map_count\).*sysctl"):
         store.make_room()
     assert len(store) == 0 and store.released == 1  # it let go of what it had before giving up
     assert isinstance(ProgramMemoryError("x"), OSError)  # the CLI's one-line error, exit status 2
     still_room = fake_store(base=65530 - HEADROOM, per_program=10, limit=65530)  # above the line, yet one compile fits
-    still_room.put("a", "program")
+    still_room.put(0, "a", "program")
     assert still_room.make_room() == 1
 
 

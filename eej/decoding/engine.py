@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 import chex
@@ -31,7 +32,7 @@ from jax import lax
 
 from eej.config import ModelConfig, SamplingConfig
 from eej.decoding.calibration import CALIBRATION_STEPS, cached_step_times, step_times_key, store_step_times, time_loop
-from eej.decoding.compiled_programs import PROGRAMS
+from eej.decoding.compiled_programs import PROGRAMS, new_owner
 from eej.decoding.plain import Plain
 from eej.decoding.sampling import row_streams, sample, token_keys
 from eej.decoding.strategy import StepInputs, StepResult, Strategy
@@ -449,6 +450,8 @@ class Engine:
         # the process-wide store; code that changes what gets traced (a function swapped for an experiment) gives its
         # engines a CompiledPrograms of their own, so that their programs neither come from nor go to the others'
         self.programs = PROGRAMS
+        self._owner = new_owner()
+        weakref.finalize(self, self.programs.forget, self._owner)  # its programs are kept a while for other engines
         self._step_times: dict[tuple, list[float] | None] = {}
         self._rowwise_memo: dict[tuple, tuple[bool, ...]] = {}  # per layout: which DecodeState leaves have a row axis
         self._learned: dict[SamplingConfig, Any] = {}  # what the last generation per sampling learned (Strategy.learned)
@@ -518,7 +521,7 @@ class Engine:
         so any engine with the same model config, strategy, settings and argument shapes runs it."""
         key = (name, fn, tuple(sorted(static.items(), key=lambda kv: kv[0])), donate, self.mesh if self._sharding else None,
                jax.tree.structure(args), tuple(_leaf_key(a) for a in jax.tree.leaves(args)), trace_settings())
-        cached = self.programs.get(key)
+        cached = self.programs.get(self._owner, key)
         if cached is not None:
             return cached, 0.0
         start, hits = time.perf_counter(), compile_cache_hits()
@@ -530,7 +533,7 @@ class Engine:
             with jax.set_mesh(self.mesh):
                 out = self._sharding.state(jax.eval_shape(fn, *args), batch)
                 compiled = jax.jit(fn, donate_argnums=donate, out_shardings=out).lower(*args).compile()
-        self.programs.put(key, compiled)
+        self.programs.put(self._owner, key, compiled)
         self.compile_cache_hits += compile_cache_hits() - hits
         return compiled, time.perf_counter() - start
 
