@@ -75,7 +75,7 @@ KEEP_UNUSED = 8
 """Programs that no live engine uses, kept (most recently unused first) for the next engine with the same program: the
 last few engines' worth (a plain engine has two, a prefill and a decode loop). Each holds its memory maps and, on a
 CPU, ~100-250 MB for SmolLM2-135M, so all of them are not kept: a test suite that kept every program it compiled held
-57,000 maps and 8 GB per process."""
+57,000 maps and 7-8 GB per process."""
 
 _OWNERS = itertools.count()
 
