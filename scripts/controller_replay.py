@@ -36,7 +36,6 @@ from eej.bench.report import write_result
 from eej.cli.options import add_residual_sampling_argument
 from eej.config import SamplingConfig
 from eej.decoding import adaptive, kangaroo, m2r2
-from eej.decoding.compiled_programs import with_own_programs
 from eej.decoding.engine import Engine
 from eej.decoding.methods import build_method
 from eej.weights.registry import load_model
@@ -95,7 +94,7 @@ def record(model, method: str, prompts: list[str], temperature: float, max_new: 
 
     module.judged = recording
     try:
-        engine = with_own_programs(Engine(model, dataclasses.replace(strategy, adaptive=False), method_params))
+        engine = Engine(model, dataclasses.replace(strategy, adaptive=False), method_params, share_programs=False)
         traces = []
         for prompt in encoded:
             steps.clear()

@@ -25,7 +25,6 @@ os.environ["EEJ_CACHE_DIR"] = ""  # no compile cache: the first generation compi
 import eej.model.transformer as transformer  # noqa: E402
 from eej.bench.machine import load_average, machine_info  # noqa: E402
 from eej.bench.report import markdown_table, write_result  # noqa: E402
-from eej.decoding.compiled_programs import with_own_programs  # noqa: E402
 from eej.decoding.engine import Engine  # noqa: E402
 from eej.decoding.methods import build_method  # noqa: E402
 from eej.weights.registry import load_model  # noqa: E402
@@ -44,7 +43,7 @@ def measure(model, method: str, batch: int, rounds: int, max_new_tokens: int) ->
     try:
         for variant, layer in VARIANTS.items():
             transformer.traced_once = layer
-            engines[variant] = with_own_programs(Engine(model, strategy, method_params))
+            engines[variant] = Engine(model, strategy, method_params, share_programs=False)
             start = time.perf_counter()
             tokens[variant] = engines[variant].generate(prompts, max_new_tokens=max_new_tokens, eos_ids=()).tokens
             first[variant] = time.perf_counter() - start

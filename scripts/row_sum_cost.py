@@ -18,7 +18,6 @@ from eej.bench.loop_timer import decode_loop_timer
 from eej.bench.machine import load_average, machine_info
 from eej.bench.report import markdown_table, write_result
 from eej.config import SamplingConfig
-from eej.decoding.compiled_programs import with_own_programs
 from eej.decoding.engine import Engine
 from eej.model import transformer
 from eej.weights.registry import load_model
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, norm in (("row_sum (now)", fixed_order), ("XLA reduction (before)", xla_reduction_norm)):
             transformer.rms_norm = norm  # what the engine's programs trace (compiled here, before the timing)
             try:
-                runs[name] = decode_loop_timer(with_own_programs(Engine(model)), prompts, MAX_NEW, STEPS, SamplingConfig())[0]
+                runs[name] = decode_loop_timer(Engine(model, share_programs=False), prompts, MAX_NEW, STEPS, SamplingConfig())[0]
             finally:
                 transformer.rms_norm = fixed_order
         times = {name: [] for name in runs}

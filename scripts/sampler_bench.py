@@ -28,7 +28,6 @@ import eej.decoding.sampling as sampling_module
 import eej.decoding.strategy as strategy_module
 from eej.bench.machine import load_average, machine_info
 from eej.config import SamplingConfig
-from eej.decoding.compiled_programs import with_own_programs
 from eej.decoding.engine import Engine
 from eej.files import write_atomic
 from eej.weights.registry import load_model
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
     engines = {}
     for name, fn in samplers:
         strategy_module.sample = engine_module.sample = fn  # traced into this engine's programs when it compiles
-        engines[name] = with_own_programs(Engine(model))
+        engines[name] = Engine(model, share_programs=False)
         engines[name].generate(prompts, max_new_tokens=new, sampling=sampling, seed=0, eos_ids=())
     ms = {name: [] for name in engines}
     for r in range(args.rounds):

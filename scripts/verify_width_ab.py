@@ -16,7 +16,6 @@ import time
 import eej
 import eej.api
 from eej.decoding import kangaroo
-from eej.decoding.compiled_programs import with_own_programs
 from eej.decoding.engine import Engine
 from eej.decoding.methods import build_method
 
@@ -36,7 +35,7 @@ def old_width_engine(model, prompts):
     kangaroo.draft_loop = draft_loop
     kangaroo.verify_by_width = lambda drafted, max_k, verify, cache: real_width(asked["k"], max_k, verify, cache)
     try:
-        engine = with_own_programs(Engine(model, *build_method(model, "kangaroo:fixed")))
+        engine = Engine(model, *build_method(model, "kangaroo:fixed"), share_programs=False)
         for p in prompts:
             engine.generate([p], MAX_NEW)
     finally:

@@ -1,6 +1,8 @@
 """The process-wide store of compiled programs keeps the process under the kernel's memory-map limit by releasing
 least recently used programs, and tells the user what to do when it cannot (eej.decoding.compiled_programs)."""
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -41,46 +43,51 @@ def test_nothing_is_released_below_the_line_or_where_maps_are_not_counted():
     assert blind.make_room() == 0 and len(blind) == 1
 
 
-def test_programs_outlive_their_engines_a_while():
-    """A program stays while any owner uses it; once none does it is one of the `keep_unused` most recently unused,
-    and an owner that uses it again takes it back."""
-    store = CompiledPrograms(keep_unused=2)
+def test_a_program_goes_with_the_last_owner_that_uses_it():
+    store = CompiledPrograms()
     a, b = new_owner(), new_owner()
     assert a != b
     for key in "xyz":
         store.put(a, key, key.upper())
-    store.get(b, "x")
-    store.forget(a)  # y and z unused; x still b's
-    assert len(store) == 3
-    store.put(b, "w", "W")
-    store.forget(b)  # x and w join the unused: the oldest two of four go
-    assert [store.get(a, k) for k in "yzxw"] == [None, None, "X", "W"]
-    store.forget(a)
-    store.put(b, "v", "V")
-    store.forget(b)  # three unused: only two stay
-    assert len(store) == 2 and store.get(a, "v") == "V"
+    assert store.get(b, "x") == "X" and store.get(b, "w") is None
+    store.forget(a)  # y and z go; x is still b's
+    assert len(store) == 1 and store.get(b, "x") == "X"
+    store.forget(b)
+    assert len(store) == 0 and store.get(a, "x") is None
 
 
 def test_engines_of_the_same_model_method_and_shapes_share_their_programs(own_programs):
     """A program is kept by what it is, not by the engine that compiled it: a second engine of the same model,
-    method and shapes compiles nothing (even once the first is gone); other settings, shapes or a changed trace
-    setting (the attention score budget) compile their own, and every engine decodes what it decoded before."""
+    method and shapes, built while the first lives, compiles nothing; other settings, shapes, a changed trace
+    setting (the attention score budget) or an engine built with share_programs=False compile their own, every
+    engine decodes what it decoded before, and the programs go with the last engine that used them."""
     model = tiny_model("tiny-llama", 0)
     prompts = random_prompts(np.random.default_rng(3), [20, 9], model.cfg.vocab_size)
-    first = Engine(model).generate(prompts, max_new_tokens=8, eos_ids=())
+    engine = Engine(model)
+    first = engine.generate(prompts, max_new_tokens=8, eos_ids=())
     held = len(own_programs)
     assert first.compile_seconds > 0 and held == 2  # its prefill and decode loop
     again = Engine(model).generate(prompts, max_new_tokens=8, eos_ids=())
     assert again.compile_seconds == 0 and again.tokens == first.tokens and len(own_programs) == held
     other_weights = tiny_model("tiny-llama", 1)  # same shapes, other values: the same programs, other tokens
     assert Engine(other_weights).generate(prompts, max_new_tokens=8, eos_ids=()).compile_seconds == 0
+    private = Engine(model, share_programs=False)
+    assert private.generate(prompts, max_new_tokens=8, eos_ids=()).compile_seconds > 0
+    assert len(own_programs) == 2 * held
+    del private
+    gc.collect()
+    assert len(own_programs) == held
     longer = Engine(model).generate(prompts, max_new_tokens=20, eos_ids=())
     assert longer.compile_seconds > 0 and longer.tokens[0][:8] == first.tokens[0][:8]
-    held = len(own_programs)
+    gc.collect()
+    assert len(own_programs) == held  # the longer engine's programs went with it
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention, "CPU_SCORE_BYTES", 1)  # read while tracing: its programs are not the others'
         chunked = Engine(model).generate(prompts, max_new_tokens=8, eos_ids=())
-    assert chunked.compile_seconds > 0 and len(own_programs) > held and chunked.tokens == first.tokens
+    assert chunked.compile_seconds > 0 and chunked.tokens == first.tokens
+    del engine
+    gc.collect()
+    assert len(own_programs) == 0
 
 
 def test_maps_held_by_others_give_a_clear_error():

@@ -65,7 +65,7 @@ class MethodContestant:
         if engine is None:
             self.method_name, self.config = parse_method(spec)
             strategy, method_params = build_method(model, spec)
-            engine = Engine(model, strategy, method_params, cache_size=cache_size)
+            engine = Engine(model, strategy, method_params, cache_size=cache_size, share_programs=False)
         else:
             name, config = parse_method(spec)
             self.method_name, self.config = (name, config) if name == engine.strategy.name else (engine.strategy.name, None)

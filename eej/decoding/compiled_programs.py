@@ -3,12 +3,14 @@ kept clear of the kernel's limit on memory maps.
 
 A program's key is everything its compiled code depends on — the function, its static settings (model config,
 strategy, sampling, ...), every argument's shape, dtype and placement, and the process-wide settings read while it
-is traced (eej.model.transformer.trace_settings) — and never which Engine asked for it: engines of the same model,
-method and shapes (the tests' plain references, a notebook that builds its engine again, a benchmark's A/A control)
-run one set of programs instead of tracing and compiling them again each. A program stays while an engine that used
-it lives; after that it is one of the KEEP_UNUSED most recently unused, kept for the next engine that needs it (a
-plain engine's first generation of 40 tokens for two prompts on SmolLM2-135M, compiled as the tests compile: 2.4 s
-instead of 9.4 s), and older ones go.
+is traced (eej.model.transformer.trace_settings) — and not which Engine asked for it: engines of the same model,
+method and shapes that live at the same time (the tests' plain references beside a module's engine, `eej.api`'s
+engines) run one set of programs instead of compiling their own. A program goes when the last engine that used it
+does. Keeping programs after that, for an engine yet to come, was tried and lost: the eight most recently unused,
+kept, made a test file 13% slower (tests/test_kangaroo.py 416 s against 369 s, one process, cold caches), whatever
+they saved in compiles. An engine built with `share_programs=False` (a benchmark's contestants, an experiment that
+swaps a traced function between engines) has programs of its own, in the same store, so that its compile, and
+where the compiled code landed in memory, are its own.
 
 XLA's CPU backend loads each compiled kernel as an object of its own, three memory maps apiece (code, read-only
 data, data): the prefill and decode loop of one batch of SmolLM2-135M add ~650 maps for plain decoding, ~1800 for
@@ -25,7 +27,7 @@ from __future__ import annotations
 import collections
 import gc
 import itertools
-from typing import Any, Callable, Hashable
+from typing import Callable, Hashable
 
 MAPS_PATH = "/proc/self/maps"
 LIMIT_PATH = "/proc/sys/vm/max_map_count"
@@ -71,12 +73,6 @@ def reserve_for(limit: int) -> int:
     return max(4096, limit // 8)
 
 
-KEEP_UNUSED = 8
-"""Programs that no live engine uses, kept (most recently unused first) for the next engine with the same program: the
-last few engines' worth (a plain engine has two, a prefill and a decode loop). Each holds its memory maps and, on a
-CPU, ~100-250 MB for SmolLM2-135M, so all of them are not kept: a test suite that kept every program it compiled held
-57,000 maps and 7-8 GB per process."""
-
 _OWNERS = itertools.count()
 
 
@@ -90,15 +86,13 @@ class CompiledPrograms:
     (engines) that use each.
 
     `count` and `limit` read the process's map count and the kernel's cap (injectable for tests); `released`
-    counts the programs let go to stay under `limit - reserve_for(limit)`; `keep_unused`: see KEEP_UNUSED.
+    counts the programs let go to stay under `limit - reserve_for(limit)`.
     """
 
-    def __init__(self, count: Callable[[], int | None] = map_count, limit: Callable[[], int | None] = map_limit,
-                 keep_unused: int = KEEP_UNUSED):
+    def __init__(self, count: Callable[[], int | None] = map_count, limit: Callable[[], int | None] = map_limit):
         self._programs: collections.OrderedDict[Hashable, Callable] = collections.OrderedDict()
         self._users: dict[Hashable, set[int]] = {}
-        self._unused: collections.OrderedDict[Hashable, None] = collections.OrderedDict()  # no user left, oldest first
-        self._count, self._limit, self.keep_unused = count, limit, keep_unused
+        self._count, self._limit = count, limit
         self.released = 0
 
     def get(self, owner: int, key: Hashable) -> Callable | None:
@@ -106,32 +100,23 @@ class CompiledPrograms:
         program = self._programs.get(key)
         if program is not None:
             self._programs.move_to_end(key)
-            self._use(owner, key)
+            self._users.setdefault(key, set()).add(owner)
         return program
 
     def put(self, owner: int, key: Hashable, program: Callable) -> None:
         self._programs[key] = program
-        self._use(owner, key)
-
-    def _use(self, owner: int, key: Hashable) -> None:
         self._users.setdefault(key, set()).add(owner)
-        self._unused.pop(key, None)
 
     def forget(self, owner: int) -> None:
-        """`owner` (an Engine) is gone: programs no other owner uses join the unused, of which the oldest beyond
-        `keep_unused` are dropped."""
+        """`owner` (an Engine) is gone: the programs no other owner uses go too."""
         for key in [k for k, users in self._users.items() if owner in users]:
             self._users[key].discard(owner)
             if not self._users[key]:
-                del self._users[key]
-                self._unused[key] = None
-        while len(self._unused) > self.keep_unused:
-            self._drop(next(iter(self._unused)))
+                self._drop(key)
 
     def _drop(self, key: Hashable) -> None:
         self._programs.pop(key, None)
         self._users.pop(key, None)
-        self._unused.pop(key, None)
 
     def clear(self) -> None:
         """Drop every program (their maps and memory go with their last reference)."""
@@ -172,10 +157,3 @@ class CompiledPrograms:
 
 PROGRAMS = CompiledPrograms()
 """The process's store: every Engine compiles through it (Engine._get)."""
-
-
-def with_own_programs(engine: Any) -> Any:
-    """`engine` given a store of its own (then returned): for experiments that change traced code between engines
-    (a function swapped for another), whose programs must neither come from nor go to the process-wide store."""
-    engine.programs = CompiledPrograms()
-    return engine

@@ -430,8 +430,12 @@ def _leaf_key(leaf: Any) -> tuple:
 
 class Engine:
     """Generates with `strategy` on `model`; compiled functions are cached per shape and setting (in the
-    process-wide eej.decoding.compiled_programs.PROGRAMS, shared by every engine, which releases old ones near the
-    memory-map limit)."""
+    process-wide eej.decoding.compiled_programs.PROGRAMS, which releases old ones near the memory-map limit).
+
+    share_programs: run the compiled programs of any other live engine with the same model config, strategy and
+    shapes, and let them run this one's (default); False compiles programs of its own: a benchmark's contestants,
+    whose compile and code placement should be their own (an A/A control measures them), or an experiment that
+    swaps a traced function between engines."""
 
     def __init__(
         self,
@@ -441,17 +445,17 @@ class Engine:
         *,
         cache_size: int | None = None,
         mesh: jax.sharding.Mesh | None = None,
+        share_programs: bool = True,
     ):
         use_compilation_cache()  # compiled programs persist on disk between processes (eej.local_cache)
         self.compile_cache_hits = 0  # programs this engine loaded from that cache instead of compiling
         self.strategy = strategy or Plain()
         self.cache_size = cache_size
         self.strategy.validate(model.cfg, method_params)
-        # the process-wide store; code that changes what gets traced (a function swapped for an experiment) gives its
-        # engines a CompiledPrograms of their own, so that their programs neither come from nor go to the others'
         self.programs = PROGRAMS
         self._owner = new_owner()
-        weakref.finalize(self, self.programs.forget, self._owner)  # its programs are kept a while for other engines
+        self._private = None if share_programs else self._owner  # part of every key of a private engine's programs
+        weakref.finalize(self, self.programs.forget, self._owner)  # its programs go with it unless others use them
         self._step_times: dict[tuple, list[float] | None] = {}
         self._rowwise_memo: dict[tuple, tuple[bool, ...]] = {}  # per layout: which DecodeState leaves have a row axis
         self._learned: dict[SamplingConfig, Any] = {}  # what the last generation per sampling learned (Strategy.learned)
@@ -518,9 +522,11 @@ class Engine:
         """The compiled `fn` for these args and `static` (`batch` rows); second value: compile seconds (0 if cached).
 
         Cached in `self.programs` (the process-wide PROGRAMS) by what the program is (eej.decoding.compiled_programs),
-        so any engine with the same model config, strategy, settings and argument shapes runs it."""
+        so any live engine with the same model config, strategy, settings and argument shapes runs it (unless either
+        was built with share_programs=False)."""
         key = (name, fn, tuple(sorted(static.items(), key=lambda kv: kv[0])), donate, self.mesh if self._sharding else None,
-               jax.tree.structure(args), tuple(_leaf_key(a) for a in jax.tree.leaves(args)), trace_settings())
+               jax.tree.structure(args), tuple(_leaf_key(a) for a in jax.tree.leaves(args)), trace_settings(),
+               self._private)
         cached = self.programs.get(self._owner, key)
         if cached is not None:
             return cached, 0.0
