@@ -6,6 +6,7 @@ import dataclasses
 import math
 from decimal import Decimal
 
+import numpy as np
 import pytest
 
 from eej.bench.metrics import (
@@ -14,8 +15,10 @@ from eej.bench.metrics import (
     AnswerRecord,
     agreement_count,
     aggregate,
+    between_run_sd,
     lcs_length,
     rouge_l,
+    run_interval,
     speedup_interval,
     summarize,
 )
@@ -287,7 +290,41 @@ def test_speedup_interval_needs_enough_calls_and_their_timings():
     out = summarize(plain + m, ["plain", "m"], ["qa"], reproducible=False)["m"]["overall"]
     assert out["speedup_ci_low"] == pytest.approx(2.0) and out["row_speedup_ci_high"] == pytest.approx(2.0)
     few = summarize(plain[:5] + m[:5], ["plain", "m"], ["qa"], reproducible=False)["m"]["overall"]
-    assert few["speedup"] == pytest.approx(2.0) and few["speedup_ci_low"] is None
+    assert few["speedup"] == pytest.approx(2.0) and few["speedup_ci_low"] is None and few["speedup_run_ci_low"] is None
+
+
+def test_the_run_interval_holds_the_bootstrap_interval_and_noise_between_runs():
+    plain = timed_calls("plain", [1.0] * 8)
+    m = timed_calls("m", [1 / r for r in [0.8, 1.3, 0.9, 1.1, 1.0, 1.4, 0.7, 1.2]])
+    o = summarize(plain + m, ["plain", "m"], ["qa"], reproducible=False)["m"]["overall"]
+    assert o["speedup_run_ci_low"] < o["speedup_ci_low"] < o["speedup"] < o["speedup_ci_high"] < o["speedup_run_ci_high"]
+    assert (o["speedup_run_ci_low"], o["speedup_run_ci_high"]) == run_interval(o["speedup"], o["speedup_ci_low"],
+                                                                               o["speedup_ci_high"])
+    # Each side's log half-width and z times the noise add in quadrature; no noise leaves the interval as it was.
+    low, high = run_interval(2.0, 2.0 * math.exp(-0.03), 2.0 * math.exp(0.04), run_sd=0.02)
+    z = 1.959963984540054
+    assert math.log(2.0 / low) == pytest.approx(math.hypot(0.03, z * 0.02))
+    assert math.log(high / 2.0) == pytest.approx(math.hypot(0.04, z * 0.02))
+    assert run_interval(2.0, 1.9, 2.2, run_sd=0.0) == pytest.approx((1.9, 2.2))
+    # A point interval (every call sped up alike) becomes the noise between runs alone.
+    low, high = run_interval(1.0, 1.0, 1.0, run_sd=0.05, level=0.5)
+    assert math.log(high) == pytest.approx(-math.log(low)) == pytest.approx(0.6744897501960817 * 0.05)
+
+
+def test_between_run_sd_finds_the_noise_the_intervals_leave_out():
+    """Simulated A/A controls (true speedup 1): each run's log speedup scatters with its interval's own spread and
+    noise between runs of 0.03 on top; the estimate finds the 0.03, and 0 where the intervals cover the scatter."""
+    rng = np.random.default_rng(0)
+    z = 1.959963984540054
+    se = rng.uniform(0.01, 0.04, 20_000)
+    noisy = rng.normal(0.0, np.sqrt(se**2 + 0.03**2))
+    covered = rng.normal(0.0, se)
+    as_controls = lambda logs: [(math.exp(x), math.exp(x - z * e), math.exp(x + z * e)) for x, e in zip(logs, se)]
+    assert between_run_sd(as_controls(noisy)) == pytest.approx(0.03, abs=0.002)
+    assert between_run_sd(as_controls(covered)) < 0.004
+    assert between_run_sd([(1.0, 0.9, 1.1)]) == 0.0
+    with pytest.raises(ValueError, match="no A/A controls"):
+        between_run_sd([])
 
 
 def test_report_shows_speedup_intervals_only_where_they_were_measured():
@@ -296,6 +333,10 @@ def test_report_shows_speedup_intervals_only_where_they_were_measured():
     doc["methods"]["m"]["overall"].update(speedup_ci_low=0.934, speedup_ci_high=1.061)
     report = markdown_report(doc)
     assert "| speedup 95% CI | compile s (excluded) |" in report and "| 0.93-1.06 |" in report
+    doc["methods"]["m"]["overall"].update(speedup_run_ci_low=0.9, speedup_run_ci_high=1.1)
+    report = markdown_report(doc)
+    assert "| speedup 95% CI | speedup 95% CI with run noise | compile s (excluded) |" in report
+    assert "| 0.93-1.06 | 0.90-1.10 |" in report
     assert "row speedup 95% CI" not in report.split("## Definitions")[0]
 
 

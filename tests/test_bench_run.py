@@ -255,7 +255,8 @@ def test_fixed_length_rounds_and_attention_implementations(tmp_path, capsys):
     questions.write_text(json.dumps(QUESTIONS[0]) + "\n" + json.dumps(QUESTIONS[1]) + "\n")
     out, answers = tmp_path / "r.json", tmp_path / "a.jsonl"
     argv = ["bench", "--model", "tiny-llama", "--questions", str(questions), "--max-new-tokens", "6", "--cache-size", "128",
-            "--ignore-eos", "--rounds", "2", "--attention", "xla,pallas", "--no-progress", "--out", str(out),
+            "--ignore-eos", "--rounds", "2", "--run-noise-sd", "0.05", "--attention", "xla,pallas", "--no-progress",
+            "--out", str(out),
             "--answers", str(answers)]
     assert main(argv) == 0
     doc = json.loads(out.read_text())
@@ -265,7 +266,8 @@ def test_fixed_length_rounds_and_attention_implementations(tmp_path, capsys):
     s = doc["settings"]
     assert s["ignore_eos"] is True and s["rounds"] == 2 and s["attention"] == ["xla", "pallas"]
     assert s["answers_per_contestant"] == 3 and doc["model"]["attention"] == "xla"
-    assert "--ignore-eos --rounds 2 --attention xla,pallas" in s["command"]
+    assert "--ignore-eos --rounds 2 --run-noise-sd 0.05 --attention xla,pallas" in s["command"]
+    assert s["run_noise_sd"] == 0.05
     records = [json.loads(line) for line in answers.read_text().splitlines()]
     assert len(records) == 6 and all(len(r["tokens"]) == 6 for r in records)  # one record per answer, not per round
     o = doc["methods"]["plain@pallas"]["overall"]
@@ -304,6 +306,8 @@ def test_a_labelled_second_plain_is_an_a_a_control(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flags,message", [
     (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+    (["--run-noise-sd", "-0.1"], "--run-noise-sd must be >= 0, got -0.1"),
+    (["--run-noise-sd", "nan"], "--run-noise-sd must be >= 0, got nan"),
     (["--attention", "xla,xla"], "'xla' is listed twice in --attention"),
     (["--attention", "xla,nope"], "unknown attention implementation 'nope'"),
     (["--matmul", "cpu,nope"], "--matmul: unknown implementation 'nope'"),

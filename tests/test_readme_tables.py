@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from eej.bench.metrics import RUN_NOISE_SD, run_interval
 from eej.bench.results import ResultsError
 from eej.testing import load_script
 
@@ -81,7 +82,8 @@ def test_rendered_tables_say_what_the_files_say(render, tmp_path):
 
 def test_the_status_table_holds_one_column_per_run_of_the_series(render, tmp_path):
     """Every SERIES_*.json `eej bench` run becomes a column (ordered by question set, greedy first, batch size), every
-    contestant a row, each cell its speedup with the run's interval where it has one (plain decoding's: its pace), each
+    contestant a row, each cell its speedup with the run's interval where it has one, widened by noise between runs where the run has that
+    (plain decoding's: its pace), each
     column linked to the run's report where there is one; other files stay out."""
     from eej.bench.results import status_markdown
 
@@ -91,13 +93,18 @@ def test_the_status_table_holds_one_column_per_run_of_the_series(render, tmp_pat
         doc = _bench_doc("m", "cpu:cpu", speedup, batch, questions)
         if batch == 4:
             doc["methods"]["kangaroo"]["overall"].update(speedup_ci_low=1.25, speedup_ci_high=1.75)
+        if questions == "q/mt_bench.jsonl":  # a run that allowed for no noise between runs
+            doc["methods"]["kangaroo"]["overall"].update(speedup_ci_low=0.85, speedup_ci_high=0.95)
+            doc["settings"]["run_noise_sd"] = 0.0
         (tmp_path / f"{name}.json").write_text(json.dumps(doc))
     table = status_markdown(str(tmp_path), "s", str(tmp_path))
     header = next(line for line in table.splitlines() if line.startswith("| contestant"))
     assert header == ("| contestant | [mt-bench, greedy, batch 1](s_mt_bench_t0_b1.json) | [spec-bench, greedy, batch 1]"
                       "(s_spec_bench_t0_b1.json) | [spec-bench, greedy, batch 4](s_spec_bench_t0_b4.json) |")
     assert "| `plain` | 50.0 tokens/s | 50.0 tokens/s | 50.0 tokens/s |" in table
-    assert "| `kangaroo` | 0.90x | 1.20x | 1.50x (1.25–1.75) |" in table and "3.00x" not in table
+    low, high = run_interval(1.5, 1.25, 1.75, RUN_NOISE_SD)  # runs from before run_noise_sd was recorded
+    assert f"| `kangaroo` | 0.90x (0.85–0.95) | 1.20x | 1.50x ({low:.2f}–{high:.2f}) |" in table and "3.00x" not in table
+    assert low < 1.25 and high > 1.75
     (tmp_path / "s_mt_bench_t0_b1.md").write_text("the run's report")
     assert "[mt-bench, greedy, batch 1](s_mt_bench_t0_b1.md)" in status_markdown(str(tmp_path), "s", str(tmp_path))
     (tmp_path / "s_notes.json").write_text(json.dumps({"benchmark": "a sweep"}))

@@ -21,6 +21,10 @@ over answers:
   speedup_ci_low/high   a 95% paired-bootstrap interval of `speedup` (row_speedup_ci_low/high: of `row_speedup`):
                         the run's generate calls (one batch, one turn) resampled with replacement, the same ones
                         for the contestant and plain (`speedup_interval`); None with fewer than MIN_CI_UNITS calls.
+  speedup_run_ci_low/high  that interval widened by what varies from run to run and no bootstrap within a run sees
+                        (where each engine's compiled code landed in memory, the machine's drift): RUN_NOISE_SD added
+                        in quadrature on the log scale (`run_interval`). It is the one to read "faster than plain"
+                        from: A/A controls' bootstrap intervals excluded 1.0 four times as often as a 95% interval may.
 
 Task quality against the references the questions carry (eej.bench.quality defines each score); answers
 without a reference are left out of them and counted in `reference_skipped`, and each has a `*_count` of
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -74,6 +79,8 @@ METRIC_KEYS = (
     "speedup_ci_high",
     "row_speedup_ci_low",
     "row_speedup_ci_high",
+    "speedup_run_ci_low",
+    "speedup_run_ci_high",
     *REFERENCE_KEYS,
 )
 # What every bench document has had since schema version 1 (the rest were added later, null when absent).
@@ -83,6 +90,12 @@ BASELINE = "plain"
 MIN_CI_UNITS = 6
 CI_LEVEL = 0.95
 CI_RESAMPLES = 4000
+RUN_NOISE_SD = 0.026
+"""Standard deviation of a log speedup from run to run beyond its bootstrap interval (`between_run_sd`), on this
+project's 2-core CPU VM: the 97 A/A controls (a second plain decoding against plain in the same run) committed under
+benchmarks/results up to 2026-12-06 (`python scripts/aa_calibration.py`, benchmarks/results/aa_calibration.md). Their
+log speedups spread with a standard deviation of 0.036 where their intervals implied 0.025, and 21 of their 97 95%
+intervals excluded 1.0."""
 
 
 @dataclasses.dataclass
@@ -251,6 +264,32 @@ def speedup_interval(
     return float(low), float(high)
 
 
+def _z(level: float) -> float:
+    """The standard normal quantile with `level` of the mass between -z and z."""
+    return float(statistics.NormalDist().inv_cdf((1 + level) / 2))
+
+
+def run_interval(speedup: float, low: float, high: float, run_sd: float = RUN_NOISE_SD,
+                 level: float = CI_LEVEL) -> tuple[float, float]:
+    """A speedup's interval (`low`, `high`: from `speedup_interval` at `level`) widened by noise between runs of
+    standard deviation `run_sd` on the log scale: each side's log half-width h becomes sqrt(h^2 + (z run_sd)^2)."""
+    extra = (_z(level) * run_sd) ** 2
+    below, above = abs(math.log(speedup / low)), abs(math.log(high / speedup))
+    return speedup * math.exp(-math.sqrt(below**2 + extra)), speedup * math.exp(math.sqrt(above**2 + extra))
+
+
+def between_run_sd(controls: Sequence[tuple[float, float, float]], level: float = CI_LEVEL) -> float:
+    """The standard deviation between runs that A/A `controls` (speedup, low, high of one run each, whose true
+    speedup is 1) show beyond their own intervals: the method-of-moments estimate of a random effect's variance,
+    mean(ln(speedup)^2) - mean(se^2), with se the interval's log half-width / z; 0 where the intervals cover it."""
+    if not controls:
+        raise ValueError("no A/A controls to estimate the noise between runs from")
+    z = _z(level)
+    spread = sum(math.log(s) ** 2 for s, _, _ in controls) / len(controls)
+    within = sum((math.log(high / low) / (2 * z)) ** 2 for _, low, high in controls) / len(controls)
+    return math.sqrt(max(spread - within, 0.0))
+
+
 def reference_metrics(
     records: Sequence[AnswerRecord], references: Mapping[tuple[Any, int], Reference] | None
 ) -> dict[str, Any]:
@@ -288,6 +327,7 @@ def aggregate(
     reproducible: bool,
     references: Mapping[tuple[Any, int], Reference] | None = None,
     baseline_row_tokens_per_second: float | None = None,
+    run_noise_sd: float = RUN_NOISE_SD,
 ) -> dict[str, Any]:
     """The METRIC_KEYS for `records` (one contestant, one category or all).
 
@@ -298,6 +338,7 @@ def aggregate(
     reproducible: the answers of a lossless method must be plain's (greedy decoding, or coupled sampling), so
       identical_rate is computed.
     references: the questions' references by (question_id, turn), for the reference_* keys (None: they are None).
+    run_noise_sd: the noise between runs that speedup_run_ci_* allows for (`run_interval`).
     """
     tokens = sum(len(r.tokens) for r in records)
     tps = tokens_per_second(records)
@@ -316,7 +357,8 @@ def aggregate(
         "speculated_fraction": None,
         "exited_fraction": None,
         "row_speedup": row_tps / baseline_row_tokens_per_second if row_tps and baseline_row_tokens_per_second else None,
-        **dict.fromkeys(("speedup_ci_low", "speedup_ci_high", "row_speedup_ci_low", "row_speedup_ci_high")),
+        **dict.fromkeys(("speedup_ci_low", "speedup_ci_high", "row_speedup_ci_low", "row_speedup_ci_high",
+                         "speedup_run_ci_low", "speedup_run_ci_high")),
         **reference_metrics(records, references),
     }
     if baseline is not None:
@@ -325,6 +367,9 @@ def aggregate(
             interval = speedup_interval(records, paired, row=row)
             if interval is not None:
                 out[f"{prefix}_ci_low"], out[f"{prefix}_ci_high"] = interval
+        if out["speedup_ci_low"] is not None and out["speedup"]:
+            out["speedup_run_ci_low"], out["speedup_run_ci_high"] = run_interval(
+                out["speedup"], out["speedup_ci_low"], out["speedup_ci_high"], run_noise_sd)
     if records and all(r.steps is not None for r in records):
         steps = sum(r.steps for r in records)
         out["speculated_fraction"] = _ratio(sum(r.speculated_steps for r in records), steps)
@@ -350,8 +395,10 @@ def summarize(
     categories: Sequence[str],
     reproducible: bool,
     references: Mapping[tuple[Any, int], Reference] | None = None,
+    run_noise_sd: float = RUN_NOISE_SD,
 ) -> dict[str, dict[str, Any]]:
-    """{contestant: {"overall": metrics, "per_category": {category: metrics}}} (metrics as `aggregate`).
+    """{contestant: {"overall": metrics, "per_category": {category: metrics}}} (metrics as `aggregate`, with
+    `run_noise_sd`).
 
     Fidelity and speedup are against the contestant named BASELINE ("plain"), which must be present;
     task quality against `references` (eej.bench.questions.references_by_answer; None: not scored).
@@ -372,10 +419,11 @@ def summarize(
     for name in contestants:
         rows = by_contestant[name]
         out[name] = {
-            "overall": aggregate(rows, base_by_key, base_overall[0], reproducible, references, base_overall[1]),
+            "overall": aggregate(rows, base_by_key, base_overall[0], reproducible, references, base_overall[1],
+                                 run_noise_sd),
             "per_category": {
                 c: aggregate([r for r in rows if r.category == c], base_by_key, base_per_cat[c][0], reproducible, references,
-                             base_per_cat[c][1])
+                             base_per_cat[c][1], run_noise_sd)
                 for c in categories
             },
         }

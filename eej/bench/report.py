@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any, Sequence
 
-from eej.bench.metrics import CI_RESAMPLES, MIN_CI_UNITS, REQUIRED_METRIC_KEYS
+from eej.bench.metrics import CI_RESAMPLES, MIN_CI_UNITS, REQUIRED_METRIC_KEYS, RUN_NOISE_SD
 from eej.files import write_atomic
 
 SCHEMA_VERSION = 1
@@ -105,7 +105,8 @@ def _columns(doc: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
     return _COLUMNS if measured else tuple(c for c in _COLUMNS if c[0] != "row_speedup")
 
 
-_INTERVALS = (("speedup", "speedup 95% CI"), ("row_speedup", "row speedup 95% CI"))
+_INTERVALS = (("speedup", "speedup 95% CI"), ("row_speedup", "row speedup 95% CI"),
+              ("speedup_run", "speedup 95% CI with run noise"))
 
 
 def _intervals(doc: dict[str, Any]) -> list[tuple[str, str]]:
@@ -218,6 +219,10 @@ _DEFINITIONS = [
     "run's generate calls (one batch, one turn: its rows share one timing), the same calls resampled for the contestant "
     "and eej `plain`. They cover timing noise from call to call and how the speedup varies over prompts, not an effect "
     f"lasting a whole process; n/a with fewer than {MIN_CI_UNITS} calls.",
+    "- speedup 95% CI with run noise: that interval widened by the noise between runs that no bootstrap within a run "
+    "sees (code placement, drift): a log-scale standard deviation (settings: run_noise_sd; by default "
+    f"{RUN_NOISE_SD}, estimated from this project's A/A controls on its CPU VM) added in quadrature. Read \"faster than "
+    "plain\" from this one.",
     "- mean accepted: generated tokens / full-model forwards (the prefill counts as one); plain = 1.00.",
     "- avg layers: transformer layers computed in decode steps / tokens those steps generated; plain = the "
     "model's layer count.",

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from eej.bench.gpu import gpu_markdown
+from eej.bench.metrics import RUN_NOISE_SD, run_interval
 from eej.bench.plain import BENCHMARK as PLAIN_BENCHMARK
 from eej.bench.plain import plain_markdown
 from eej.bench.report import markdown_table, overall_table, result_contestants
@@ -134,7 +135,9 @@ def status_markdown(results_dir: str, series: str, root: str | None = None) -> s
     """One table of a series of `eej bench` runs (files SERIES_*.json in `results_dir`, e.g. one per question set,
     temperature and batch size): a row per contestant, a column per run (linked to its report, or its JSON without
     one), each cell the contestant's overall speedup over plain decoding in that run, with its 95% interval where the
-    run measured one; plain decoding's own cells give its tokens per second."""
+    run measured one, widened by the noise between runs (eej.bench.metrics.run_interval with the run's
+    `run_noise_sd`; runs from before it was recorded: RUN_NOISE_SD, estimated from them); plain decoding's own cells
+    give its tokens per second."""
     root = root or os.path.dirname(os.path.dirname(os.path.abspath(results_dir)))
     names = sorted(f for f in os.listdir(results_dir) if f.startswith(series + "_") and f.endswith(".json")) \
         if os.path.isdir(results_dir) else []
@@ -159,8 +162,11 @@ def status_markdown(results_dir: str, series: str, root: str | None = None) -> s
             return "–"
         if name == "plain":  # every speedup's reference: its pace says what the machine did
             return f"{o['tokens_per_second']:.1f} tokens/s"
-        low, high = o.get("speedup_ci_low"), o.get("speedup_ci_high")
-        return f"{o['speedup']:.2f}x" + ("" if low is None or high is None else f" ({low:.2f}–{high:.2f})")
+        if o.get("speedup_ci_low") is None:
+            return f"{o['speedup']:.2f}x"
+        low, high = run_interval(o["speedup"], o["speedup_ci_low"], o["speedup_ci_high"],
+                                 doc["settings"].get("run_noise_sd", RUN_NOISE_SD))
+        return f"{o['speedup']:.2f}x ({low:.2f}–{high:.2f})"
 
     def link(path: str) -> str:  # the run's report where it has one, else its JSON
         report = os.path.splitext(path)[0] + ".md"

@@ -18,7 +18,7 @@ import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 from eej.bench.contestants import Contestant
-from eej.bench.metrics import AnswerRecord
+from eej.bench.metrics import RUN_NOISE_SD, AnswerRecord
 from eej.bench.questions import Question
 from eej.config import SamplingConfig
 from eej.weights.tokenizer import Tokenizer
@@ -33,6 +33,7 @@ class RunSettings:
     warmup: bool = True
     ignore_eos: bool = False
     rounds: int = 1
+    run_noise_sd: float = RUN_NOISE_SD  # allowed for in speedup_run_ci_* (eej.bench.metrics.run_interval)
 
 
 def plan_batches(questions: Sequence[Question], batch_size: int, tokenizer: Tokenizer) -> list[list[Question]]:

@@ -75,7 +75,8 @@ def bench_document(
     names = [c.name for c in contestants]
     infos = {c.name: c.describe() for c in contestants}
     sampling = settings.sampling
-    summary = summarize(records, names, order, sampling.greedy or sampling.coupled, references_by_answer(questions))
+    summary = summarize(records, names, order, sampling.greedy or sampling.coupled, references_by_answer(questions),
+                        run_noise_sd=settings.run_noise_sd)
     machine = {**machine_info(), "load_average_start": load_start, "load_average_end": load_average(),
                "peak_rss_mib": peak_rss_mib()}  # read last: the whole run's peak
     run_settings = {
@@ -96,6 +97,7 @@ def bench_document(
         "interleaving": "per batch, every contestant in turn; the order rotates by one each batch",
         "ignore_eos": settings.ignore_eos,
         "rounds": settings.rounds,
+        "run_noise_sd": settings.run_noise_sd,
         "attention": list(dict.fromkeys(i["attention"] for i in infos.values() if "attention" in i)),
         "matmul": list(dict.fromkeys(i["matmul"] for i in infos.values() if "matmul" in i)),
         "methods": [c.name for c in contestants if c.kind == "method"],

@@ -16,6 +16,7 @@ from typing import Any
 from eej.bench.checkpoint import BenchCheckpoint, CheckpointError
 from eej.bench.contestants import method_contestants, unique
 from eej.bench.machine import load_average
+from eej.bench.metrics import RUN_NOISE_SD
 from eej.bench.peers import PEERS, load_peers, parse_peers
 from eej.bench.questions import CATEGORY_MODES, load_questions, select_questions, with_draws
 from eej.bench.report import markdown_report, write_json, write_markdown, write_plot, write_text
@@ -54,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="every answer is exactly --max-new-tokens long (EOS ends nothing): equal work, for speed only")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the whole interleaved run N times; each answer's time is the mean of its rounds")
+    p.add_argument("--run-noise-sd", type=float, default=RUN_NOISE_SD,
+                   help="log-scale noise between runs that the speedup intervals also allow for (speedup_run_ci_*; "
+                        f"default {RUN_NOISE_SD}, this project's CPU VM: scripts/aa_calibration.py measures a machine's)")
     p.add_argument("--draws", type=int, default=1,
                    help="answer each question N times, each with its own random draws (sampling only): N draws of "
                         "every answer's length instead of one")
@@ -105,6 +109,8 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--rounds", str(args.rounds)]
     if args.draws != 1:
         parts += ["--draws", str(args.draws)]
+    if args.run_noise_sd != RUN_NOISE_SD:
+        parts += ["--run-noise-sd", str(args.run_noise_sd)]
     if args.temperature > 0:
         parts += ["--top-k", str(args.top_k), "--top-p", str(args.top_p)]
         if args.residual_sampling:
@@ -157,6 +163,8 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.rounds < 1:
         raise CliError(f"--rounds must be >= 1, got {args.rounds}")
+    if not args.run_noise_sd >= 0:
+        raise CliError(f"--run-noise-sd must be >= 0, got {args.run_noise_sd}")
     attention = unique([resolve_attention(a.strip(), args.dtype) for a in args.attention.split(",") if a.strip()],
                        "--attention")
     if not attention:
@@ -189,7 +197,7 @@ def _run(args: argparse.Namespace) -> int:
         "mt_bench_categories": args.mt_bench_categories,
     }
     settings = RunSettings(args.max_new_tokens, args.batch_size, sampling, args.seed, ignore_eos=args.ignore_eos,
-                           rounds=args.rounds)
+                           rounds=args.rounds, run_noise_sd=args.run_noise_sd)
     checkpoint = None
     if args.checkpoint:
         run = {k: v for k, v in vars(args).items() if k in _RUN_KEYS}
