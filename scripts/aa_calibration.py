@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eej.bench.metrics import between_run_sd, run_interval  # noqa: E402
+from eej.bench.metrics import between_run_sd, interval_sd, run_interval  # noqa: E402
 from eej.bench.report import markdown_table  # noqa: E402
 
 CONTROL = "again"
@@ -57,7 +57,7 @@ def summary(runs: list[dict], sd: float) -> dict:
         "runs": len(runs),
         "mean_log_speedup": statistics.fmean(logs),
         "sd_log_speedup": math.sqrt(statistics.fmean(x * x for x in logs)),  # about 0: an A/A's true speedup is 1
-        "rms_interval_sd": math.sqrt(statistics.fmean((math.log(h / lo) / (2 * statistics.NormalDist().inv_cdf(0.975))) ** 2 for _, lo, h in triples)),
+        "rms_interval_sd": math.sqrt(statistics.fmean(interval_sd(lo, h) ** 2 for _, lo, h in triples)),
         "bootstrap_excluding_1": sum(lo > 1 or h < 1 for _, lo, h in triples),
         "widened_excluding_1": sum(lo > 1 or h < 1 for lo, h in widened),
     }

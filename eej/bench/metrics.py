@@ -269,6 +269,11 @@ def _z(level: float) -> float:
     return float(statistics.NormalDist().inv_cdf((1 + level) / 2))
 
 
+def interval_sd(low: float, high: float, level: float = CI_LEVEL) -> float:
+    """The log-scale standard deviation a `level` interval (low, high) implies: its log width / 2z."""
+    return math.log(high / low) / (2 * _z(level))
+
+
 def run_interval(speedup: float, low: float, high: float, run_sd: float = RUN_NOISE_SD,
                  level: float = CI_LEVEL) -> tuple[float, float]:
     """A speedup's interval (`low`, `high`: from `speedup_interval` at `level`) widened by noise between runs of
@@ -284,9 +289,8 @@ def between_run_sd(controls: Sequence[tuple[float, float, float]], level: float 
     mean(ln(speedup)^2) - mean(se^2), with se the interval's log half-width / z; 0 where the intervals cover it."""
     if not controls:
         raise ValueError("no A/A controls to estimate the noise between runs from")
-    z = _z(level)
     spread = sum(math.log(s) ** 2 for s, _, _ in controls) / len(controls)
-    within = sum((math.log(high / low) / (2 * z)) ** 2 for _, low, high in controls) / len(controls)
+    within = sum(interval_sd(low, high, level) ** 2 for _, low, high in controls) / len(controls)
     return math.sqrt(max(spread - within, 0.0))
 
 
