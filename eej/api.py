@@ -263,8 +263,17 @@ def _named_methods(methods: Sequence[MethodLike] | Mapping[str, MethodLike]) -> 
 
 
 def _contestants(model: Model, methods, cache_size: int | None) -> list[Any]:
-    return [MethodContestant(model, name, engine=engine(model, m, cache_size=cache_size))
-            for name, m in _named_methods(methods).items()]
+    """One contestant per named method, on the cached engine; a method named a second time in the same call (an A/A
+    control, {"plain": "plain", "again": "plain"}) gets an engine of its own that compiles apart and is not cached, as
+    `eej bench`'s contestants do: timing one engine twice would hide where each compile's code landed."""
+    contestants, used = [], set()
+    for name, m in _named_methods(methods).items():
+        built = engine(model, m, cache_size=cache_size)
+        if id(built) in used:
+            built = Engine(model, built.strategy, built.method_params, cache_size=cache_size, share_programs=False)
+        used.add(id(built))
+        contestants.append(MethodContestant(model, name, engine=built))
+    return contestants
 
 
 def _call(name: str, model: Model, **shown: Any) -> str:

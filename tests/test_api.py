@@ -99,6 +99,21 @@ def test_compare_report(model, tmp_path):
     assert (tmp_path / "r.png").stat().st_size > 0 and (tmp_path / "r.md").read_text().startswith("# eej bench")
 
 
+def test_a_method_named_twice_in_one_comparison_runs_on_an_engine_of_its_own(model):
+    """An A/A control ({"plain": "plain", "again": "plain"}) times two engines compiled apart, as `eej bench` does; the
+    first keeps the cached engine, the second is neither cached nor shared."""
+    from eej.api import _contestants
+
+    strategy = FirstLayerExit()
+    first, again, shallow, shallow_again = _contestants(
+        model, {"plain": "plain", "again": "plain", "shallow": strategy, "deeper": strategy}, None)
+    assert first.engine is engine(model, "plain") and again.engine is not first.engine
+    assert shallow.engine is engine(model, strategy) and shallow_again.engine is not shallow.engine
+    assert again.engine._private is not None and engine(model, "plain") is first.engine
+    report = eej.compare(model, ["hello"], {"plain": "plain", "again": "plain"}, max_new_tokens=4)
+    assert report.rows()[1]["identical_rate"] == 1.0
+
+
 def test_benchmark_from_a_questions_file(model, tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text("".join(json.dumps(q) + "\n" for q in [

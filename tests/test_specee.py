@@ -13,7 +13,8 @@ from eej.decoding.engine import Engine
 from eej.decoding.sampling import sample, token_keys
 from eej.decoding.strategy import StepInputs
 from eej.train.specee import offline_layers, simulate_exits
-from eej.decoding.specee import random_specee, speculative_features, speculative_logits
+from eej.decoding.specee import (GAIN_DECAY, GAIN_PRIOR_STEPS, gain_bound, random_specee, speculative_features,
+                                 speculative_logits)
 from eej.model.cache import init_cache
 from eej.model.transformer import embed, final_norm, get_layer, logits_from_hidden, qkv, run_layers
 
@@ -269,6 +270,45 @@ def test_checking_pays_only_when_the_chosen_layers_save_more_than_entering_the_c
 
     assert checked(2.4) == [False, True, True, False, False, False]
     assert not any(checked(2.5))
+
+
+def test_a_checking_steps_realized_gain_against_a_hand_calculation():
+    """tiny-gqa (N = 6, predictors at 1..4), c_layer = 1, c_check = 0.1, c_enter = 0.5, c_head = 3: a step that checked
+    layers 1 and 2, both fired and the token left at 2 saved layers 3..5 (3) and paid two checks, entering and layer 1's
+    wasted head: 3 - 3.7 = -0.7; a step that checked four layers and never fired paid 0.9."""
+    model = tiny_model("tiny-gqa", seed=1)
+    n = model.cfg.num_layers
+    strategy, _ = random_specee(model, 0)
+    econ = _economics(n, 4, 0.5, 0.1, 3.0, np.ones(n), np.ones(n))
+    mask = lambda layers: jnp.isin(jnp.arange(n), jnp.asarray(layers))
+    exited = strategy.realized_gain(econ, mask([1, 2]), mask([1, 2]), jnp.asarray(2), jnp.asarray(True), model.cfg)
+    none = strategy.realized_gain(econ, mask([1, 2, 3, 4]), mask([]), jnp.asarray(n - 1), jnp.asarray(False), model.cfg)
+    np.testing.assert_allclose([float(exited), float(none)], [-0.7, -0.9], rtol=1e-5)
+    # the bound: mean -1.5, E[g^2] 3 over 4 steps -> variance 0.75, standard error sqrt(0.75 / 4), two of them above
+    np.testing.assert_allclose(float(gain_bound(jnp.asarray([-6.0, 12.0, 4.0]))), -1.5 + 2 * np.sqrt(0.75 / 4), rtol=1e-5)
+
+
+def test_a_batch_whose_checks_never_pay_stops_checking_where_one_row_keeps_to_the_rule():
+    """Predictors that never fire with an exit prior of 0.95: each layer's upper-bound rule keeps checking (a firing
+    rate bound of ~1/11, exits that would pay), and every check only costs. In a batch of three rows the realized gain's
+    bound closes the checking path; a lone row keeps checking as its per-layer rule says (the
+    discounted count of checking steps is then what a step-every-step count gives)."""
+    model = tiny_model("tiny-gqa", seed=1)
+    strategy, method_params = random_specee(model, 0, exit_prior=(0.95,) * 4, probe_every=64)
+    method_params = _never_firing(method_params, "bias")
+    prompts = random_prompts(np.random.default_rng(3), [5, 9, 3], model.cfg.vocab_size)
+    steps = 40
+    every_step = GAIN_PRIOR_STEPS * GAIN_DECAY ** steps + (1 - GAIN_DECAY ** steps) / (1 - GAIN_DECAY)
+    engine = Engine(model, strategy, method_params)
+
+    def check_gain(prompts):
+        out = engine.generate(prompts, max_new_tokens=steps + 1, eos_ids=())
+        assert out.steps == steps
+        return out.method_state["check_gain"]
+
+    np.testing.assert_allclose(float(check_gain(prompts[:1])[2]), every_step, rtol=1e-4)
+    batch = check_gain(prompts)  # each checking step loses 0.7 layers here: the bound reaches 0 after about 24 of them
+    assert float(gain_bound(batch)) < 0 and float(batch[2]) < 0.8 * every_step
 
 
 def test_a_generation_starts_from_the_predictors_held_out_precision():
