@@ -88,7 +88,7 @@ PREDICTOR_KEYS = ("w1", "b1", "w2", "b2")
 # discounted mean over about 1 / (1 - GAIN_DECAY) checking steps plus GAIN_Z standard errors, starting from
 # GAIN_PRIOR_STEPS steps of mean GAIN_PRIOR and standard deviation GAIN_PRIOR_SD layers. On 8 prompts from the training
 # sets (gsm8k, role-play, code; greedy, 128 tokens, SmolLM2-135M), at batch 4 the per-layer rule checked on all 254
-# steps and no step exited (current_v37, on the evaluation sets: 0.91-0.92x plain); the bound left 46 checked, probes
+# steps and no step exited (current_v37, on the evaluation sets: 0.91-0.92x plain); the bound left 24 checked, probes
 # included. At batch 1 the rule's rates see the one row's firings, and what it realized was +0.74 layers a step
 # (-199 to +813 a prompt); a gate there closed the path on good prompts' slow starts and kept it closed, so it is
 # not used.
