@@ -291,8 +291,8 @@ def test_a_checking_steps_realized_gain_against_a_hand_calculation():
 def test_a_batch_whose_checks_never_pay_stops_checking_where_one_row_keeps_to_the_rule():
     """Predictors that never fire with an exit prior of 0.95: each layer's upper-bound rule keeps checking (a firing
     rate bound of ~1/11, exits that would pay), and every check only costs. In a batch of three rows the realized gain's
-    bound closes the checking path; a lone row keeps checking as its per-layer rule says (the
-    discounted count of checking steps is then what a step-every-step count gives)."""
+    bound closes the checking path; a lone row keeps checking as its per-layer rule says (its discounted count of
+    checking steps is what checking on every step gives)."""
     model = tiny_model("tiny-gqa", seed=1)
     strategy, method_params = random_specee(model, 0, exit_prior=(0.95,) * 4, probe_every=64)
     method_params = _never_firing(method_params, "bias")

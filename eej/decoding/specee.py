@@ -244,9 +244,8 @@ class SpecEE(AdaptiveExit):
       rare joint firing (every row at once) as rare soon enough, so there the path is also closed while what it
       realized does not pay: an upper bound on the discounted mean over checking steps of the layers an exit saved
       less the cost of the step's checks, wasted heads and entering the path (`realized_gain`, `gain_bound`) must
-      stay above 0. Every
-      `probe_every` steps (more rarely while the probes keep finding nothing that pays) every scheduled layer is
-      checked, so the rates and the realized gain stay fresh. False: the schedule as described.
+      stay above 0. Every `probe_every` steps (more rarely while the probes keep finding nothing that pays) every
+      scheduled layer is checked, so the rates and the realized gain stay fresh. False: the schedule as described.
     step_costs: (a step checking no layer, the first predictor layer only and never firing, every predictor layer
       never firing, every layer firing but never exiting), ms; None: the engine measures them.
     exit_prior: per predictor layer l .. N-2, the x_i each generation starts from (worth two observations, as every
@@ -499,8 +498,7 @@ class SpecEE(AdaptiveExit):
         on_path = checking & (econ.force < 0)  # calibration steps are forced, not chosen: they teach nothing here
         state["check_gain"] = jnp.where(on_path, GAIN_DECAY * method_state["check_gain"] + jnp.stack([gain, gain ** 2, 1.0]),
                                         method_state["check_gain"])
-        return StepResult.one_token(token, cache, state, forwards=1, layers=exit_layer + 1, exited=exit_layer < n - 1,
-                                    logits=logits)
+        return StepResult.one_token(token, cache, state, forwards=1, layers=exit_layer + 1, exited=exited, logits=logits)
 
     def _layer_by_layer(self, s: StepInputs, x: jax.Array, cache: KVCache, scheduled: jax.Array, candidates: jax.Array,
                         layer_lengths: jax.Array | None) -> tuple[KVCache, tuple]:
