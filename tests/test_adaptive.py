@@ -459,11 +459,15 @@ def test_the_prior_fades_sooner_when_drafting_costs_more():
 def test_an_untrained_adapter_on_the_real_model_costs_only_the_probes(real_model, kernels, tmp_path, monkeypatch):
     """Acceptance ~0: after the prior fades the controller takes plain steps, with a probe on every plain step at
     first and more rarely (every 8th) as the probes keep finding nothing (costs measured here, with XLA's kernels and with eej's: their
-    ratios differ, and so does how long the prior takes to fade)."""
+    ratios differ, and so does how long the prior takes to fade).
+
+    The adapter's projections are N(0, 1), so its drafts are noise. Not `init_adapter`'s default start near the logit
+    lens at layer 2: its guesses score ~0.13 against this answer's tokens, and a one-token draft pays where it measures
+    under ~1.13 plain steps (CI's loaded machine measured about that, and the controller rightly drafted on 23 steps)."""
     monkeypatch.setenv("EEJ_CACHE_DIR", str(tmp_path))
     model = with_kernels(real_model, kernels)
     strategy = Kangaroo(exit_layer=2, exit_threshold=0.0, max_draft_steps=4)
-    adapter = init_adapter(model.cfg, 0, norm=np.asarray(model.params["final_norm"]))
+    adapter = init_adapter(model.cfg, 0, scale=1.0)
     method_params = {"adapter": {k: jnp.asarray(v) for k, v in adapter.items()}}
     prompts = [model.tokenizer.encode_chat("Name three rivers in Europe.")]
     out = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=64, eos_ids=())
