@@ -12,7 +12,7 @@ files say:
     <!-- generated:methods -->    the registered methods: paper, lossless, batching, presets, add-ons, docs page
     <!-- generated:comparison --> eej against transformers / LayerSkip, EAGLE, Medusa and the papers' code;
                                   eej's column is read from the registered methods, so it claims only merged ones
-    <!-- generated:status -->     the latest whole matrix of `eej bench` runs (STATUS_SERIES_*.json) as one table
+    <!-- generated:status -->     the latest readings of the STATUS_SERIES runs of `eej bench`, a column per cell
     <!-- generated:plain -->      scripts/bench_plain.py output
     <!-- generated:gpu -->        scripts/gpu_bench.py output
     benchmarks/RESULTS.md
@@ -45,7 +45,9 @@ ROOT = os.path.dirname(HERE)
 README_SECTIONS = ("methods", "comparison", "status", "plain", "gpu")
 RESULTS_PAGE_SECTIONS = ("specbench", "other")
 SECTIONS = (*README_SECTIONS, *RESULTS_PAGE_SECTIONS)
-STATUS_SERIES = "adaptive_v30"  # the latest run of scripts/adaptive_bench.sh over every set, temperature and batch size
+# scripts/adaptive_bench.sh series, oldest first: adaptive_v30 the last that ran every set, temperature and batch size
+# and every contestant; the later ones each cells of it again on newer code (docs/adaptive.md says which and why).
+STATUS_SERIES = ("adaptive_v30", "current_v35", "current_v36", "current_v37", "specee_v38", "current_v39", "current_v40")
 _MARKER = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.S)
 
 

@@ -75,7 +75,7 @@ def test_rendered_tables_say_what_the_files_say(render, tmp_path):
     page_folder = os.path.join(render.ROOT, "benchmarks")  # the page links from its own folder
     assert f"]({os.path.relpath(tmp_path / 'tradeoff.json', page_folder)})" in page
     assert "No plain-decoding results" in readme and "No GPU results" in readme
-    assert f"No `{render.STATUS_SERIES}_*.json` results" in readme
+    assert f"No results of the series {', '.join(render.STATUS_SERIES)} are committed" in readme
     assert render.render_readme(readme, str(tmp_path)) == readme  # regenerating is stable
     assert render.render_results_page(page, str(tmp_path)) == page
 
@@ -110,6 +110,36 @@ def test_the_status_table_holds_one_column_per_run_of_the_series(render, tmp_pat
     (tmp_path / "s_notes.json").write_text(json.dumps({"benchmark": "a sweep"}))
     with pytest.raises(ResultsError, match="s_notes.json: not an `eej bench` result"):
         status_markdown(str(tmp_path), "s", str(tmp_path))
+
+
+def test_the_status_table_reads_each_entry_from_the_latest_run_of_its_cell_that_ran_it(tmp_path):
+    """Series listed oldest first: a column per cell (set, temperature, batch size) over all of them, its header linking
+    the cell's latest run; an entry that run left out comes from the cell's latest earlier run that has it, numbered,
+    and the numbers resolve under the table to those runs; a cell only an older series ran keeps its reading."""
+    from eej.bench.results import status_markdown
+
+    def write(name: str, batch: int, speedup: float, temperature: float | None = None, date: str = "", **more) -> None:
+        doc = _bench_doc("m", "cpu:cpu", speedup, batch)
+        if temperature is not None:
+            doc["settings"].update(greedy=False, temperature=temperature)
+        doc["settings"]["date"] = date or doc["settings"]["date"]
+        for contestant, x in more.items():
+            doc["methods"][contestant] = {**doc["methods"]["kangaroo"],
+                                          "overall": {**doc["methods"]["kangaroo"]["overall"], "speedup": x}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+
+    write("old_spec_bench_t0_b1", 1, 1.1, specee=0.9)
+    write("old_spec_bench_t0.7_b4", 4, 1.3, 0.7, specee=0.8)
+    write("new_spec_bench_t0_b1", 1, 1.2, date="2026-11-27 01:00:00 UTC")  # ran kangaroo alone, again
+    table = status_markdown(str(tmp_path), ["old", "new"], str(tmp_path))
+    header = next(line for line in table.splitlines() if line.startswith("| contestant"))
+    assert header == ("| contestant | [spec-bench, greedy, batch 1](new_spec_bench_t0_b1.json) | [spec-bench, T 0.7, "
+                      "batch 4](old_spec_bench_t0.7_b4.json) |")
+    assert "| `kangaroo` | 1.20x | 1.30x |" in table and "| `specee` | 0.90x <sup>1</sup> | 0.80x |" in table
+    assert table.endswith("\n\n1. [old_spec_bench_t0_b1](old_spec_bench_t0_b1.json), 2026-11-26 01:00:00 UTC")
+    assert "2026-11-26 01:00:00 UTC to 2026-11-27 01:00:00 UTC" in table
+    assert "<sup>" not in status_markdown(str(tmp_path), ["new", "old"], str(tmp_path))  # the order says which is latest
+    assert status_markdown(str(tmp_path), ["none"], str(tmp_path)) == "_No results of the series none are committed._"
 
 
 def test_renderer_errors(render, tmp_path):

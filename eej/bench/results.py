@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from eej.bench.gpu import gpu_markdown
@@ -131,35 +131,41 @@ def _read(path: str) -> Any:
         raise ResultsError(f"{path}: not valid JSON ({e.msg})") from None
 
 
-def status_markdown(results_dir: str, series: str, root: str | None = None) -> str:
-    """One table of a series of `eej bench` runs (files SERIES_*.json in `results_dir`, e.g. one per question set,
-    temperature and batch size): a row per contestant, a column per run (linked to its report, or its JSON without
-    one), each cell the contestant's overall speedup over plain decoding in that run, with its 95% interval where the
-    run measured one, widened by the noise between runs (eej.bench.metrics.run_interval with the run's
-    `run_noise_sd`; runs from before it was recorded: RUN_NOISE_SD, estimated from them); plain decoding's own cells
-    give its tokens per second."""
+def status_markdown(results_dir: str, series: str | Sequence[str], root: str | None = None) -> str:
+    """One table of the latest readings of a list of series of `eej bench` runs (files SERIES_*.json in
+    `results_dir`, e.g. one per question set, temperature and batch size; `series` oldest first): a row per
+    contestant, a column per cell (question set, temperature, batch size), each entry the contestant's overall
+    speedup over plain decoding in the latest run of that cell that ran it, with its 95% interval where the run
+    measured one, widened by the noise between runs (eej.bench.metrics.run_interval with the run's `run_noise_sd`;
+    runs from before it was recorded: RUN_NOISE_SD, estimated from them); plain decoding's own entries give its
+    tokens per second. A column's header links the cell's latest run (its report, or its JSON without one); an entry
+    read from an earlier run of the cell is marked with a number that the list under the table resolves."""
     root = root or os.path.dirname(os.path.dirname(os.path.abspath(results_dir)))
-    names = sorted(f for f in os.listdir(results_dir) if f.startswith(series + "_") and f.endswith(".json")) \
-        if os.path.isdir(results_dir) else []
-    runs = []
-    for name in names:
-        path = os.path.join(results_dir, name)
-        doc = _read(path)
-        if kind_of(doc) != "specbench":
-            raise ResultsError(f"{path}: not an `eej bench` result, so not part of the series {series}")
-        s = doc["settings"]
-        questions = os.path.splitext(os.path.basename(s["questions"]))[0].replace("_", "-")
-        label = f"{questions}, {'greedy' if s['greedy'] else 'T ' + str(s.get('temperature', '?'))}, batch {s['batch_size']}"
-        runs.append((label, path, doc))
+    names = sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []
+    order = [series] if isinstance(series, str) else list(series)
+    runs = []  # (cell, series rank, path, doc): oldest series first
+    for rank, one in enumerate(order):
+        for name in names:
+            if not (name.startswith(one + "_") and name.endswith(".json")):
+                continue
+            path = os.path.join(results_dir, name)
+            doc = _read(path)
+            if kind_of(doc) != "specbench":
+                raise ResultsError(f"{path}: not an `eej bench` result, so not part of the series {one}")
+            s = doc["settings"]
+            temperature = None if s["greedy"] else s.get("temperature")
+            runs.append(((s["questions"], not s["greedy"], temperature, s["batch_size"]), rank, path, doc))
     if not runs:
-        return f"_No `{series}_*.json` results are committed._"
-    runs.sort(key=lambda r: (r[2]["settings"]["questions"], not r[2]["settings"]["greedy"], r[2]["settings"]["batch_size"]))
-    contestants = list(dict.fromkeys(n for _, _, doc in runs for n, _ in result_contestants(doc)))
+        return f"_No results of the series {', '.join(order)} are committed._"
+    cells = sorted({cell for cell, _, _, _ in runs}, key=lambda c: (os.path.basename(c[0]), c[1], c[2] or 0, c[3]))
+    contestants = list(dict.fromkeys(n for _, _, _, doc in runs for n, _ in result_contestants(doc)))
+    latest = {r[0]: r for r in runs}  # the last run of each cell: runs are in series order, then by file name
+    earlier: list[str] = []  # paths of runs an entry comes from that are not their column's latest: footnotes 1, 2, ...
 
-    def cell(doc: dict[str, Any], name: str) -> str:
+    def reading(doc: dict[str, Any], name: str) -> str | None:
         o = dict(result_contestants(doc)).get(name, {}).get("overall")
         if not o or o.get("speedup") is None:
-            return "–"
+            return None
         if name == "plain":  # every speedup's reference: its pace says what the machine did
             return f"{o['tokens_per_second']:.1f} tokens/s"
         if o.get("speedup_ci_low") is None:
@@ -168,16 +174,41 @@ def status_markdown(results_dir: str, series: str, root: str | None = None) -> s
                                  doc["settings"].get("run_noise_sd", RUN_NOISE_SD))
         return f"{o['speedup']:.2f}x ({low:.2f}–{high:.2f})"
 
+    def cell(column: tuple, name: str) -> str:
+        for _, _, path, doc in reversed([r for r in runs if r[0] == column]):
+            text = reading(doc, name)
+            if text is None:
+                continue
+            if path == latest[column][2]:
+                return text
+            if path not in earlier:
+                earlier.append(path)
+            return f"{text} <sup>{earlier.index(path) + 1}</sup>"
+        return "–"
+
     def link(path: str) -> str:  # the run's report where it has one, else its JSON
         report = os.path.splitext(path)[0] + ".md"
         return _rel(report if os.path.exists(report) else path, root)
 
-    header = ["contestant", *[f"[{label}]({link(path)})" for label, path, _ in runs]]
-    table = markdown_table(header, [[f"`{n}`", *[cell(doc, n) for _, _, doc in runs]] for n in contestants])
-    machines = sorted({device_note(doc["machine"]) for _, _, doc in runs})
-    dates = sorted(doc["settings"]["date"] for _, _, doc in runs)
-    return (f"Measured on **{'; '.join(machines)}**, {dates[0]} to {dates[-1]}; each column one `eej bench` run "
-            f"(linked: settings, every metric, the command that reproduces it).\n\n{table}")
+    def label(column: tuple) -> str:
+        questions, sampled, temperature, batch = column
+        name = os.path.splitext(os.path.basename(questions))[0].replace("_", "-")
+        return f"{name}, {'T ' + str(temperature if temperature is not None else '?') if sampled else 'greedy'}, batch {batch}"
+
+    header = ["contestant", *[f"[{label(c)}]({link(latest[c][2])})" for c in cells]]
+    table = markdown_table(header, [[f"`{n}`", *[cell(c, n) for c in cells]] for n in contestants])
+    used = [latest[c] for c in cells] + [r for r in runs if r[2] in earlier]
+    machines = sorted({device_note(doc["machine"]) for _, _, _, doc in used})
+    dates = sorted(doc["settings"]["date"] for _, _, _, doc in used)
+    dated = {path: doc["settings"]["date"] for _, _, path, doc in runs}
+    notes = "".join(f"\n{i}. [{os.path.splitext(os.path.basename(path))[0]}]({link(path)}), {dated[path]}"
+                    for i, path in enumerate(earlier, 1))
+    return (f"Measured on **{'; '.join(machines)}**, {dates[0]} to {dates[-1]}; each column the latest `eej bench` run "
+            f"of its cell (linked: settings, every metric, the command that reproduces it)"
+            + ("; an entry marked with a number comes from the earlier run of its cell listed under the table (the "
+               "latest did not run that contestant), and every entry is a speedup over plain decoding in its own run"
+               if earlier else "")
+            + f".\n\n{table}" + (f"\n{notes}" if earlier else ""))
 
 
 RENDERERS: dict[str, Callable[[str, Any, str], str]] = {
