@@ -130,7 +130,7 @@ def test_the_status_table_reads_each_entry_from_the_latest_run_of_its_cell_that_
 
     write("old_spec_bench_t0_b1", 1, 1.1, specee=0.9)
     write("old_spec_bench_t0.7_b4", 4, 1.3, 0.7, specee=0.8)
-    write("new_spec_bench_t0_b1", 1, 1.2, date="2026-11-27 01:00:00 UTC")  # ran kangaroo alone, again
+    write("new_spec_bench_t0_b1", 1, 1.2, date="2026-11-27 01:00:00 UTC")  # plain and kangaroo again, not specee
     table = status_markdown(str(tmp_path), ["old", "new"], str(tmp_path))
     header = next(line for line in table.splitlines() if line.startswith("| contestant"))
     assert header == ("| contestant | [spec-bench, greedy, batch 1](new_spec_bench_t0_b1.json) | [spec-bench, T 0.7, "
