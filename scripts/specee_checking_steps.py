@@ -9,52 +9,77 @@
 The checking count repeats the step's decision outside it (counted as if the gate applied at every batch size; at
 batch 1 the step itself does not gate). docs/adaptive.md, `specee_v38`.
 """
+
+from __future__ import annotations
+
 import dataclasses
 import json
 import os
+
 import jax.numpy as jnp
+
+import eej.decoding.specee as sp
 from eej.decoding.engine import Engine
 from eej.decoding.methods import build_method
-from eej.decoding.specee import SpecEE
 from eej.weights.registry import load_model
-import eej.decoding.specee as sp
-if os.environ.get("NOGATE"): sp.GAIN_DECAY, sp.GAIN_PRIOR = 1.0, 1e5; sp.GAIN_PRIOR_SD = 0.0
+
+TRAIN = "../shared/data/train/"
+NOGATE = bool(os.environ.get("NOGATE"))
+
 
 @dataclasses.dataclass(frozen=True)
-class Counting(SpecEE):
-    def prefill(self, *a):
-        logits, cache, state = super().prefill(*a)
+class Counting(sp.SpecEE):
+    """SpecEE that also counts, in its method state, the steps that took the checking path and the probes."""
+
+    def prefill(self, *args):
+        logits, cache, state = super().prefill(*args)
         return logits, cache, {**state, "checking_steps": jnp.zeros((), jnp.int32), "probes": jnp.zeros((), jnp.int32)}
+
     def step(self, s):
-        ms = s.method_state; econ = ms["economics"]
+        ms, econ = s.method_state, s.method_state["economics"]
         scheduled = self.schedule(ms["recent_exits"], s.cfg)
         probe = econ.probe_due(self.probe_every)
         paying = self._checked_layers(econ, scheduled, s.cfg) & (sp.gain_bound(ms["check_gain"]) > 0)
-        sched = jnp.where(probe, scheduled, paying)
-        checking = jnp.any(sched) & (econ.force < 0)
-        r = super().step(s)
-        st = dict(r.method_state)
-        st["checking_steps"] = ms["checking_steps"] + checking.astype(jnp.int32)
-        st["probes"] = ms["probes"] + (probe & (econ.force < 0)).astype(jnp.int32)
-        return dataclasses.replace(r, method_state=st)
+        checking = jnp.any(jnp.where(probe, scheduled, paying)) & (econ.force < 0)
+        result = super().step(s)
+        state = {**result.method_state, "checking_steps": ms["checking_steps"] + checking.astype(jnp.int32),
+                 "probes": ms["probes"] + (probe & (econ.force < 0)).astype(jnp.int32)}
+        return dataclasses.replace(result, method_state=state)
 
-model = load_model("smollm2-135m")
-strategy, params = build_method(model, "specee")
-strategy = Counting(**{f.name: getattr(strategy, f.name) for f in dataclasses.fields(strategy)})
-T = "../shared/data/train/"
-texts = [json.loads(l)["question"] for l in open(T + "gsm8k_train.jsonl")][600:603]
-texts += [r["instruction"] for r in json.load(open(T + "roleplay-simple-deduped-roleplay-instruct.json"))[600:603]]
-texts += [r["instruction"] + ("\n" + r["input"] if r["input"] else "") for r in json.load(open(T + "codegen-instruct.json"))[600:602]]
-prompts = [model.tokenizer.encode_chat(t) for t in texts]
-eng = Engine(model, strategy, params)
-for b in [int(x) for x in os.environ.get('BATCHES', '4 1').split()]:
-    tot = {"checking": 0, "probes": 0, "steps": 0, "exited": 0, "gain": 0.0}
-    for i in range(0, 8 if b == 1 else 8, b):
-        out = eng.generate(prompts[i:i + b], max_new_tokens=128)
-        ms = out.method_state
-        tot["checking"] += int(ms["checking_steps"]); tot["probes"] += int(ms["probes"])
-        g = [float(x) for x in ms["check_gain"]]
-        tot["gain"] += g[0] - sp.GAIN_PRIOR * sp.GAIN_PRIOR_STEPS if os.environ.get("NOGATE") else 0
-        print(b, i, out.steps, sum(out.exited_steps), round(g[0] - sp.GAIN_PRIOR * sp.GAIN_PRIOR_STEPS, 1) if os.environ.get("NOGATE") else g, flush=True)
-        tot["steps"] += out.steps; tot["exited"] += sum(out.exited_steps)
-    print("batch", b, tot, flush=True)
+
+def training_prompts() -> list[str]:
+    with open(TRAIN + "gsm8k_train.jsonl") as f:
+        texts = [json.loads(line)["question"] for line in f][600:603]
+    with open(TRAIN + "roleplay-simple-deduped-roleplay-instruct.json") as f:
+        texts += [r["instruction"] for r in json.load(f)[600:603]]
+    with open(TRAIN + "codegen-instruct.json") as f:
+        texts += [r["instruction"] + ("\n" + r["input"] if r["input"] else "") for r in json.load(f)[600:602]]
+    return texts
+
+
+def main() -> None:
+    if NOGATE:  # a prior so large that the bound never closes the path, and no discounting: check_gain sums
+        sp.GAIN_DECAY, sp.GAIN_PRIOR, sp.GAIN_PRIOR_SD = 1.0, 1e5, 0.0
+    model = load_model("smollm2-135m")
+    strategy, params = build_method(model, "specee")
+    strategy = Counting(**{f.name: getattr(strategy, f.name) for f in dataclasses.fields(strategy)})
+    prompts = [model.tokenizer.encode_chat(t) for t in training_prompts()]
+    engine = Engine(model, strategy, params)
+    for batch in [int(x) for x in os.environ.get("BATCHES", "4 1").split()]:
+        total = {"checking": 0, "probes": 0, "steps": 0, "exited": 0, "gain": 0.0}
+        for i in range(0, len(prompts), batch):
+            out = engine.generate(prompts[i:i + batch], max_new_tokens=128)
+            ms = out.method_state
+            gain = [float(x) for x in ms["check_gain"]]
+            realized = gain[0] - sp.GAIN_PRIOR * sp.GAIN_PRIOR_STEPS  # meaningful with NOGATE only
+            total["checking"] += int(ms["checking_steps"])
+            total["probes"] += int(ms["probes"])
+            total["gain"] += realized if NOGATE else 0.0
+            total["steps"] += out.steps
+            total["exited"] += sum(out.exited_steps)
+            print(batch, i, out.steps, sum(out.exited_steps), round(realized, 1) if NOGATE else gain, flush=True)
+        print("batch", batch, total, flush=True)
+
+
+if __name__ == "__main__":
+    main()
