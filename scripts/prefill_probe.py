@@ -1,12 +1,16 @@
 """Prefill seconds of plain decoding and each method, at batch 4 and 1, for prompts of 900 and 200 random tokens
-(compiled first; median of 5). Shows how a long prompt's prefill grows with the batch, and that the methods'
-prefills (which also fill their drafters' state) cost what plain's does. Run it alone:
+(compiled first; each engine's prefill timed once per round, the engines in turn, the median of the rounds). Shows
+how a long prompt's prefill grows with the batch, and what the methods' prefills (which also fill their drafters'
+state) cost against plain's. Run it alone:
 
-    flock /tmp/eej-benchmark.lock .venv/bin/python scripts/prefill_probe.py
+    flock /tmp/eej-benchmark.lock .venv/bin/python scripts/prefill_probe.py [--kernels cpu] [--rounds 5]
+
+`--kernels cpu` runs eej's CPU kernels (what `eej generate` and `eej bench` pick on a CPU); the default, `xla`, XLA's.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -17,29 +21,37 @@ import eej.api
 from eej.config import SamplingConfig
 
 METHODS = ("plain", "kangaroo", "m2r2-spec", "specee", "m2r2-exit")
-SHAPES = ((4, 900), (1, 900), (4, 200))  # (batch, prompt tokens)
-REPEATS, MAX_NEW = 5, 128
+SHAPES = ((4, 900), (1, 900), (4, 200), (1, 200))  # (batch, prompt tokens)
+MAX_NEW = 128
 
 
 def prefill_seconds(engine, prompts: list[list[int]]) -> float:
-    """Median seconds of the engine's compiled prefill over `prompts` (the first call, which compiles, not counted)."""
+    """Seconds of one run of the engine's compiled prefill over `prompts`."""
+    start = time.perf_counter()
     engine._prefill(prompts, MAX_NEW, SamplingConfig(), 0, None)
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        engine._prefill(prompts, MAX_NEW, SamplingConfig(), 0, None)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return time.perf_counter() - start
 
 
 def main() -> None:
-    model = eej.load_model("smollm2-135m", kernels="xla")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", choices=("xla", "cpu"), default="xla")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    model = eej.load_model("smollm2-135m", kernels=args.kernels)
     rng = np.random.default_rng(0)
     for batch, length in SHAPES:
         prompts = [rng.integers(100, 20000, length).tolist() for _ in range(batch)]
-        ms = {name: 1e3 * prefill_seconds(eej.api.engine(model, name), prompts) for name in METHODS}
-        print(f"batch {batch}, {length} tokens: " + ", ".join(f"{n} {v:.0f} ms" for n, v in ms.items())
-              + f"; load {os.getloadavg()[0]:.2f}", flush=True)
+        engines = {name: eej.api.engine(model, name) for name in METHODS}
+        for engine in engines.values():
+            prefill_seconds(engine, prompts)  # compiles
+        times = {name: [] for name in METHODS}
+        for _ in range(args.rounds):
+            for name, engine in engines.items():
+                times[name].append(prefill_seconds(engine, prompts))
+        plain = np.median(times["plain"])
+        print(f"batch {batch}, {length} tokens: " + ", ".join(
+            f"{n} {1e3 * np.median(t):.0f} ms ({np.median(t) / plain:.3f}x)" for n, t in times.items())
+            + f"; load {os.getloadavg()[0]:.2f}", flush=True)
 
 
 if __name__ == "__main__":
