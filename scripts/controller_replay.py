@@ -78,13 +78,17 @@ def trace_rates(traces: list[list[tuple[int, int]]], max_k: int) -> dict[str, fl
 
 def record(model, method: str, prompts: list[str], temperature: float, max_new: int,
            coupled: bool = True) -> tuple[list, list[float], int]:
-    """-> (one trace per prompt: [(drafted, committed)] per decode step, the step costs c(0..K) in ms, K)."""
+    """-> (one trace per prompt: [(drafted, committed)] per decode step, the step costs c(0..K) in ms and, for a
+    method that gates its first draft, last the cost of a step that makes its first draft and drops it; K)."""
     module = MODULES[method]
     strategy, method_params = build_method(model, method)
     sampling = SamplingConfig(temperature=temperature, coupled=coupled)
     encoded = [model.tokenizer.encode_chat(p) for p in prompts]
     adaptive_out = Engine(model, strategy, method_params).generate(encoded[:1], max_new_tokens=max_new, sampling=sampling)
-    costs = np.asarray(adaptive_out.method_state["controller"].costs).tolist()  # calibrated on this machine
+    controller = adaptive_out.method_state["controller"]
+    costs = np.asarray(controller.costs).tolist()  # calibrated on this machine
+    if strategy.free_probe:
+        costs.append(float(controller.guess_cost))
     steps: list[tuple[int, int]] = []
     real = module.judged
 
@@ -108,12 +112,19 @@ def record(model, method: str, prompts: list[str], temperature: float, max_new: 
 def replay(trace: list[tuple[int, int]], costs: list[float], max_new: int, policy: Any, decay: float,
            probe_every: int, free_probe: bool, learned: tuple | None = None) -> tuple[float, float, int, int, tuple]:
     """One prompt under `policy` (an int: that k every step; "adaptive": the controller; "whether": the controller
-    deciding only whether to draft, then asking for K, the confidence stop choosing the length) -> (tokens, ms, steps,
+    deciding only whether to draft, then asking for K, the confidence stop choosing the length; "gated": the
+    controller as a method that gates its first draft runs it, `SelfSpeculative.step`) -> (tokens, ms, steps,
     drafting steps, what the controller learned: the next prompt's start under --carry). `learned`: start from an
-    earlier prompt's pooled α, β and γ, as an engine's later generations do (else from the prior)."""
+    earlier prompt's pooled estimates, as an engine's later generations do (else from the prior). `costs`: c(0..K),
+    then the cost of a step that makes its first draft and drops it where the method gates it (what "gated" pays for
+    a first draft it drops; the other policies score their free probes for nothing, as before)."""
+    guess_cost = costs[-1] if free_probe else None
+    costs = costs[:-1] if free_probe else costs
+    if policy == "gated":
+        return replay_gated(trace, costs, guess_cost, max_new, decay, probe_every, learned)
     controller = adaptive.Controller.start(1, len(costs) - 1, tuple(costs))
     if learned is not None:
-        controller = controller.started_from(learned)
+        controller = controller.started_from_pooled(learned)
     row = jnp.asarray([True])
     tokens = spent = drafting = 0
     made = 1  # the prefill's token
@@ -133,6 +144,43 @@ def replay(trace: list[tuple[int, int]], costs: list[float], max_new: int, polic
                 new_hits, new_trials = new_hits + float(committed - 1 > k), new_trials + 1.0
             controller = controller.after(k, probe, backoff, new_hits, new_trials, row, jnp.asarray([d]), decay)
         tokens, spent, drafting = tokens + a + 1, spent + costs[d], drafting + (k > 0)
+        made += a + 1
+    return tokens, spent, len(trace), drafting, tuple(float(x) for x in controller.pooled)
+
+
+def replay_gated(trace: list[tuple[int, int]], costs: list[float], guess_cost: float, max_new: int, decay: float,
+                 probe_every: int, learned: tuple | None = None) -> tuple[float, float, int, int, tuple]:
+    """`replay` of the gated first draft: where the rule drafts, a probe is due or `Controller.gate_pays`, the first
+    draft is made; the rule then decides again knowing whether it is confident — in a fixed-K trace with the
+    confidence stop, a first draft is confident exactly where the step made more than one (`Controller.refined`) — and
+    where that says 0 the draft is dropped (the step costs `guess_cost`) and scored as a probe."""
+    controller = adaptive.Controller.start(1, len(costs) - 1, tuple(costs)).replace(guess_cost=jnp.asarray(guess_cost))
+    if learned is not None:
+        controller = controller.started_from_pooled(learned)
+    row = jnp.asarray([True])
+    tokens = spent = drafting = 0
+    made = 1  # the prefill's token
+    for drafted, committed in trace:
+        remaining = jnp.asarray([max_new - made])
+        k, probe, backoff = controller.decide(row, remaining, probe_every, True)
+        gate = int(k) == 0 and (bool(probe) or bool(controller.gate_pays(row, remaining)))
+        confident = jnp.asarray([drafted >= 2])
+        if int(k) > 0 or gate:
+            backoff = backoff if bool(probe) else jnp.zeros((), jnp.int32)
+            k = int(controller.refined(confident, row, remaining))
+        else:
+            k = 0
+        if k == 0 and gate:  # dropped: scored against the step's token
+            d, a, cost = 0, 0, guess_cost
+            hits, trials = jnp.asarray([float(committed > 1)]), jnp.asarray([1.0])
+        else:
+            d = min(drafted, k)
+            a = min(committed - 1, d)
+            cost = costs[d]
+            hits, trials = adaptive.judged(jnp.asarray([d]), jnp.asarray([a + 1]))
+        controller = controller.after(k, gate and k == 0, backoff, hits, trials, row, jnp.asarray([d]), decay,
+                                      confident=confident if gate or k > 0 else None)
+        tokens, spent, drafting = tokens + a + 1, spent + cost, drafting + (k > 0)
         made += a + 1
     return tokens, spent, len(trace), drafting, tuple(float(x) for x in controller.pooled)
 
@@ -180,6 +228,9 @@ def main(argv=None) -> int:
                 policies = [(f"fixed k={k}", k, adaptive.DECAY, strategy.probe_every, False) for k in range(max_k + 1)]
                 policies += [(f"adaptive, decay {d}" + (f", probe every {n}" if args.probe_every else ""), "adaptive", d, n, False)
                              for d in decays for n in probes]
+                if strategy.free_probe:
+                    policies += [(label + ", gated first draft", "gated", d, n, False)
+                                 for label, policy, d, n, _ in list(policies) if policy == "adaptive"]
                 if args.whether_then_k:
                     policies += [(label + ", whether then K", "whether", d, n, False)
                                  for label, policy, d, n, _ in list(policies) if policy == "adaptive"]

@@ -135,6 +135,57 @@ def test_the_continuation_is_learnt_from_the_drafts_rows_made():
                         jnp.asarray([2, 2])).continuation.tolist() == ctl.continuation.tolist()
 
 
+def test_confident_and_unsure_first_drafts_are_judged_apart():
+    ctl = Controller.start(2, 4, tuple(COSTS.tolist()))
+    rows = jnp.asarray([True, True])
+    for _ in range(30):  # row 0: a confident first draft, accepted; row 1: an unsure one, rejected
+        ctl = ctl.after(1, False, ctl.backoff, jnp.asarray([1.0, 0.0]), jnp.asarray([1.0, 1.0]), rows,
+                        jnp.ones(2, jnp.int32), confident=jnp.asarray([True, False]))
+    sure, unsure = ctl.acceptance_given(jnp.asarray([True, True])), ctl.acceptance_given(jnp.asarray([False, False]))
+    assert float(sure[0]) > 0.85 and float(unsure[1]) < 0.15
+    np.testing.assert_allclose([sure[1], unsure[0]], [0.5, 0.5])  # no evidence for those: still the prior
+    share = np.asarray(ctl.confident_share)
+    assert share[0] > 0.85 and share[1] < 0.15
+    # a step that observed no class (None) leaves the classes alone
+    same = ctl.after(1, False, ctl.backoff, jnp.asarray([1.0, 1.0]), jnp.ones(2), rows, jnp.ones(2, jnp.int32))
+    np.testing.assert_array_equal(same.class_hits, ctl.class_hits)
+
+
+def _knowing(sure: float, unsure: float, share: float, batch: int = 1, guess_cost: float = 1.01) -> Controller:
+    """A controller that has seen enough: first drafts confident with chance `share`, accepted with `sure` or `unsure`,
+    and a draft after an accepted one always made and accepted (β = γ = 1)."""
+    ctl = Controller.start(batch, 4, tuple(COSTS.tolist()))
+    many = jnp.full((batch,), 1000.0)
+    return ctl.replace(class_hits=jnp.stack([unsure * many, sure * many], axis=1), class_trials=jnp.stack([many, many], 1),
+                       share_hits=share * many, share_trials=many, onward_hits=many, onward_trials=many,
+                       follow_hits=many, follow_trials=many, guess_cost=jnp.asarray(guess_cost))
+
+
+def test_the_rule_decides_again_once_it_knows_which_first_drafts_are_confident():
+    ctl, row = _knowing(sure=1.0, unsure=0.0, share=0.5), jnp.asarray([True])
+    # confident: every draft accepted, E(k) = 1 + k against c(k): 5 / 1.75 is the best; unsure: nothing is accepted
+    assert int(ctl.refined(jnp.asarray([True]), row, None)) == 4
+    assert int(ctl.refined(jnp.asarray([False]), row, None)) == 0
+    # at batch 2 one unsure row keeps the batch on plain steps (the makespan rule)
+    two = _knowing(sure=1.0, unsure=0.0, share=0.5, batch=2)
+    assert int(two.refined(jnp.asarray([True, False]), jnp.asarray([True, True]), None)) == 0
+    assert int(two.refined(jnp.asarray([True, False]), jnp.asarray([True, False]), None)) == 4  # unless it is done
+
+
+def test_first_drafts_are_made_when_what_a_confident_one_saves_outweighs_making_them():
+    row = jnp.asarray([True])
+    # all confident first drafts: drafting 4 saves 1 - 1.75 / 5 of a plain step's time per token, far above 1%
+    assert bool(_knowing(sure=1.0, unsure=0.0, share=1.0).gate_pays(row, None))
+    # confident one time in a thousand: the saving times the chance is below what the drafts cost
+    assert not bool(_knowing(sure=1.0, unsure=0.0, share=0.001).gate_pays(row, None))
+    assert not bool(_knowing(sure=1.0, unsure=0.0, share=1.0, guess_cost=2.0).gate_pays(row, None))  # dear drafts
+    assert not bool(_knowing(sure=0.0, unsure=0.0, share=1.0).gate_pays(row, None))  # nothing accepted: nothing saved
+    # at batch 4 every row must be confident: 0.5^4 of the time
+    four = _knowing(sure=1.0, unsure=0.0, share=0.5, batch=4, guess_cost=1.05)
+    saving = 1 - 1.75 / 5
+    assert bool(four.gate_pays(jnp.ones(4, bool), None)) == (0.5 ** 4 * saving > 0.05)
+
+
 @pytest.mark.parametrize("acceptance,active,want", [
     ([0.0], [True], 0),               # drafts never accepted: plain steps
     ([1.0], [True], 4),               # always accepted: (k+1)/c(k) grows to k = 4 (5 / 1.75 = 2.86)
@@ -284,16 +335,19 @@ def test_step_times_are_measured_once_per_shape_and_kept_on_disk(tmp_path, monke
     first = engine.generate(prompts, max_new_tokens=20, eos_ids=())
     stored = json.loads((tmp_path / calibration.STEP_TIMES_FILE).read_text())
     (entry,) = stored.values()
-    assert entry["key"]["batch"] == 1 and len(entry["ms"]) == 4 and all(m > 0 for m in entry["ms"])
+    # c(0..3), then a step that makes its first drafts and drops them (Kangaroo gates its first draft)
+    assert entry["key"]["batch"] == 1 and len(entry["ms"]) == 4 + 1 and all(m > 0 for m in entry["ms"])
     # the raw times are stored; the controller gets them made increasing (`monotone_costs`)
-    np.testing.assert_allclose(np.asarray(first.method_state["controller"].costs), monotone_costs(entry["ms"]), rtol=1e-3)
+    controller = first.method_state["controller"]
+    np.testing.assert_allclose(np.asarray(controller.costs), monotone_costs(entry["ms"][:4]), rtol=1e-3)
+    assert float(controller.guess_cost) >= float(controller.costs[0]) * 1.01 - 1e-6
 
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured again")
 
     monkeypatch.setattr("eej.decoding.engine.time_loop", no_measuring)
     again = Engine(model, strategy, method_params).generate(prompts, max_new_tokens=20, eos_ids=())  # a new process, in effect
-    np.testing.assert_allclose(np.asarray(again.method_state["controller"].costs), monotone_costs(entry["ms"]), rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(again.method_state["controller"].costs), monotone_costs(entry["ms"][:4]), rtol=1e-3)
     assert again.tokens == first.tokens == plain_tokens(model, prompts, 20)
 
     # A corrupt file, or a foreign entry, means measuring again, never an error or other tokens.

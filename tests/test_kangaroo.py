@@ -114,6 +114,41 @@ def test_draft_loop_stops_each_row_on_its_own():
     assert int(result.steps) == int(calls) == 6
 
 
+def test_a_gated_draft_loop_lets_the_first_drafts_decide_how_many_follow():
+    """`then` sees which first drafts reached the threshold and answers how many drafts to make: 0 drops them."""
+    vocab, k = 5, 6
+    stop_after = jnp.asarray([1, 3, 6, 2])  # rows 1-3's first drafts are confident, row 0's is not
+
+    def draft_fn(carry, token, i):
+        confident = i + 1 < stop_after
+        return carry + 1, jnp.where(confident[:, None], jnp.asarray([9.0, 0, 0, 0, 0]), jnp.zeros((vocab,)))
+
+    seen = []
+
+    def then(answer):
+        def decide(confident):
+            seen.append(confident)
+            return jnp.asarray(answer, jnp.int32)
+        return decide
+
+    pending, key = jnp.zeros((4,), jnp.int32), jax.random.PRNGKey(0)
+    calls, four = draft_loop(draft_fn, jnp.zeros((), jnp.int32), pending, key, SamplingConfig(), max_steps=k,
+                             exit_threshold=0.5, vocab_size=vocab, then=then(4))
+    np.testing.assert_array_equal(four.confident, [False, True, True, True])
+    np.testing.assert_array_equal(four.num_drafted, [1, 3, 4, 2])  # the confidence stop still ends each row
+    assert int(four.steps) == int(calls) == 4 and int(four.asked) == 4 and not bool(four.dropped)
+    calls, none = draft_loop(draft_fn, jnp.zeros((), jnp.int32), pending, key, SamplingConfig(), max_steps=k,
+                             exit_threshold=0.5, vocab_size=vocab, then=then(0))
+    np.testing.assert_array_equal(none.num_drafted, [0, 0, 0, 0])
+    assert int(calls) == 1 and int(none.steps) == 0 and int(none.asked) == 0 and bool(none.dropped)
+    np.testing.assert_allclose(none.first_logits[1], [9.0, 0, 0, 0, 0])  # the dropped drafts' logits: a probe's guess
+    # a finished row (asked for no drafts) makes none and counts as not confident
+    _, finished = draft_loop(draft_fn, jnp.zeros((), jnp.int32), pending, key, SamplingConfig(), max_steps=k,
+                             exit_threshold=0.5, vocab_size=vocab, num_steps=jnp.asarray([2, 2, 0, 2]), then=then(3))
+    np.testing.assert_array_equal(finished.confident, [False, True, False, True])
+    np.testing.assert_array_equal(finished.num_drafted, [1, 3, 0, 2])
+
+
 def test_reduced_vocabulary_drafts_map_to_token_ids():
     ids = jnp.asarray([7, 3, 11], jnp.int32)
 

@@ -167,6 +167,12 @@ class Controller(ExitEconomics):
       it could have (it went on, or stopped before the k asked for); β = onward_hits / onward_trials.
     follow_hits, follow_trials: [B] float32, discounted accepted drafts before the k-th after which the next draft
       was made and accepted, and all accepted drafts before the k-th; γ = follow_hits / follow_trials.
+    class_hits, class_trials: [B, 2] float32, discounted accepted and judged first drafts that fell short of the
+      method's confidence threshold (column 0) and that reached it (column 1): α given the first draft's class.
+    share_hits, share_trials: [B] float32, discounted judged first drafts that reached the threshold, and all of them:
+      the confident share π.
+    guess_cost: float32, what a plain step costs that also makes a first draft (a gated step whose draft is dropped),
+      in the units of `costs`.
     """
 
     chosen: jax.Array
@@ -174,14 +180,25 @@ class Controller(ExitEconomics):
     onward_trials: jax.Array
     follow_hits: jax.Array
     follow_trials: jax.Array
+    class_hits: jax.Array
+    class_trials: jax.Array
+    share_hits: jax.Array
+    share_trials: jax.Array
+    guess_cost: jax.Array
 
     @classmethod
     def start(cls, batch: int, max_drafts: int, costs: tuple[float, ...] | None = None) -> "Controller":
-        return super().start(batch, costs or (1.0,) * (max_drafts + 1), chosen=jnp.zeros((max_drafts + 1,), jnp.int32),
+        costs = costs or (1.0,) * (max_drafts + 1)
+        return super().start(batch, costs, chosen=jnp.zeros((max_drafts + 1,), jnp.int32),
                              onward_hits=jnp.full((batch,), PRIOR_HITS, jnp.float32),
                              onward_trials=jnp.full((batch,), PRIOR_TRIALS, jnp.float32),
                              follow_hits=jnp.full((batch,), PRIOR_HITS, jnp.float32),
-                             follow_trials=jnp.full((batch,), PRIOR_TRIALS, jnp.float32))
+                             follow_trials=jnp.full((batch,), PRIOR_TRIALS, jnp.float32),
+                             class_hits=jnp.full((batch, 2), PRIOR_HITS, jnp.float32),
+                             class_trials=jnp.full((batch, 2), PRIOR_TRIALS, jnp.float32),
+                             share_hits=jnp.full((batch,), PRIOR_HITS, jnp.float32),
+                             share_trials=jnp.full((batch,), PRIOR_TRIALS, jnp.float32),
+                             guess_cost=jnp.asarray(costs[0] * (1.0 + MIN_DRAFT_COST), jnp.float32))
 
     @property
     def acceptance(self) -> jax.Array:
@@ -200,6 +217,37 @@ class Controller(ExitEconomics):
         threshold), where it was asked for more."""
         return self.onward_hits / self.onward_trials
 
+    @property
+    def confident_share(self) -> jax.Array:
+        """[B] π: the estimated share of a row's first drafts that reach the confidence threshold."""
+        return self.share_hits / self.share_trials
+
+    def acceptance_given(self, confident: jax.Array) -> jax.Array:
+        """[B] α of a first draft known to be confident or not (confident [B] bool)."""
+        rates = self.class_hits / self.class_trials
+        return jnp.where(confident, rates[:, 1], rates[:, 0])
+
+    def refined(self, confident: jax.Array, active: jax.Array, remaining: jax.Array | None,
+                queued: jax.Array | bool = False) -> jax.Array:
+        """The draft length (int32 scalar) once each active row's first draft is known to be confident or not
+        (confident [B]): `best_draft_length` with each row's α given its draft's class; a row whose first draft is
+        not confident stops after it (the confidence stop), so it adds nothing after its first draft."""
+        onward = jnp.where(confident, self.continuation, 0.0)
+        return best_draft_length(self.acceptance_given(confident), active, self.costs, remaining, onward,
+                                 jnp.where(confident, self.following, 0.0), queued)
+
+    def gate_pays(self, active: jax.Array, remaining: jax.Array | None, queued: jax.Array | bool = False) -> jax.Array:
+        """Whether a step the rule would take plain should make its first drafts anyway, to draft on if they are
+        confident (bool scalar): when every active row's first draft is confident (chance Π_b π_b) drafting saves a
+        share s of a plain step's time, by the rule's own objective, so making the drafts saves Π π · s · c(0) on
+        average against what they cost, guess_cost - c(0)."""
+        everyone = jnp.ones(active.shape, bool)
+        objective = draft_objective(self.acceptance_given(everyone), active, self.costs, remaining, self.continuation,
+                                    self.following, queued)
+        saving = 1.0 - jnp.min(objective) / jnp.maximum(objective[0], 1e-12)
+        chance = jnp.prod(jnp.where(active, self.confident_share, 1.0))
+        return jnp.any(active) & (chance * saving * self.costs[0] > self.guess_cost - self.costs[0])
+
     def decide(self, active: jax.Array, remaining: jax.Array | None, probe_every: int,
                free_probe: bool, queued: jax.Array | bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
         """This step's (k, probe, backoff): the draft length the rule picks for the active rows [B] with `remaining`
@@ -215,31 +263,47 @@ class Controller(ExitEconomics):
         return k, due & ~forced, next_backoff(self.backoff, due, wanted > 0)
 
     @property
-    def pooled(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(α, β, γ) pooled over the rows (float32 scalars): what a generation learnt (`SelfSpeculative.learned`)."""
+    def pooled(self) -> tuple[jax.Array, ...]:
+        """(α, β, γ, π, α_unsure, α_sure) pooled over the rows (float32 scalars): what a generation learnt
+        (`SelfSpeculative.learned`)."""
+        classes = jnp.sum(self.class_hits, axis=0) / jnp.sum(self.class_trials, axis=0)
         return (jnp.sum(self.hits) / jnp.sum(self.trials), jnp.sum(self.onward_hits) / jnp.sum(self.onward_trials),
-                jnp.sum(self.follow_hits) / jnp.sum(self.follow_trials))
+                jnp.sum(self.follow_hits) / jnp.sum(self.follow_trials),
+                jnp.sum(self.share_hits) / jnp.sum(self.share_trials), classes[0], classes[1])
 
     def started_from_pooled(self, learned: tuple[jax.Array | float, ...]) -> "Controller":
-        """This state with its prior moved to an earlier generation's pooled (α, β, γ), each still worth
-        `PRIOR_TRIALS` judged drafts (`SelfSpeculative.start_from`)."""
+        """This state with its prior moved to an earlier generation's pooled (α, β, γ, π, α_unsure, α_sure), each still
+        worth `PRIOR_TRIALS` judged drafts (`SelfSpeculative.start_from`)."""
 
         def prior(rate, like):
             return jnp.full(like.shape, rate * PRIOR_TRIALS, jnp.float32), jnp.full(like.shape, PRIOR_TRIALS, jnp.float32)
 
-        alpha, beta, gamma = learned
-        (hits, trials), (onward_hits, onward_trials), (follow_hits, follow_trials) = (
-            prior(alpha, self.hits), prior(beta, self.onward_hits), prior(gamma, self.follow_hits))
+        alpha, beta, gamma, share, unsure, sure = learned
+        (hits, trials), (onward_hits, onward_trials), (follow_hits, follow_trials), (share_hits, share_trials) = (
+            prior(alpha, self.hits), prior(beta, self.onward_hits), prior(gamma, self.follow_hits),
+            prior(share, self.share_hits))
+        class_hits, class_trials = prior(jnp.stack([unsure, sure]), self.class_hits)
         return self.replace(hits=hits, trials=trials, onward_hits=onward_hits, onward_trials=onward_trials,
-                            follow_hits=follow_hits, follow_trials=follow_trials)
+                            follow_hits=follow_hits, follow_trials=follow_trials, class_hits=class_hits,
+                            class_trials=class_trials, share_hits=share_hits, share_trials=share_trials)
 
     def after(self, k: jax.Array | int, probe: jax.Array | bool, backoff: jax.Array, hits: jax.Array,
               trials: jax.Array, active: jax.Array, drafted: jax.Array | None = None,
-              decay: float = DECAY) -> "Controller":
+              decay: float = DECAY, confident: jax.Array | None = None) -> "Controller":
         """The state after a step that asked for k drafts (probing or not), in which the rows made `drafted` [B]
         (None: not observed) and verification judged `hits` of `trials` [B] drafts (`judged`; a probe: the scored
-        guess, hits in [0, 1] of one trial)."""
+        guess, hits in [0, 1] of one trial); `confident` [B]: whether each row's first draft reached the confidence
+        threshold (None: not observed; the confident share and the classes' α then keep their estimates)."""
         (first_hits, first_trials), (follow_hits, follow_trials) = split_judged(hits, trials, k)
+        class_hits, class_trials, share_hits, share_trials = (self.class_hits, self.class_trials, self.share_hits,
+                                                              self.share_trials)
+        if confident is not None:
+            sure = confident.astype(jnp.float32)
+            column = jnp.stack([1.0 - sure, sure], axis=1) > 0  # [B, 2]: the first draft's class
+            class_hits, class_trials = discounted(class_hits, class_trials, first_hits[:, None], first_trials[:, None],
+                                                  active[:, None] & column & (first_trials[:, None] > 0), decay)
+            share_hits, share_trials = discounted(share_hits, share_trials, sure * first_trials, first_trials,
+                                                  active & (first_trials > 0), decay)
         hits, trials = discounted(self.hits, self.trials, first_hits, first_trials, active, decay)
         deciding = active & (self.force < 0)
         # A step asked for at most one draft cannot tell whether a second would have been made or accepted: there
@@ -254,7 +318,9 @@ class Controller(ExitEconomics):
                                                     decay)
         return self.replace(hits=hits, trials=trials, idle=jnp.where((jnp.asarray(k) > 0) | probe, 0, self.idle + 1),
                             backoff=backoff, chosen=self.chosen.at[k].add(1), onward_hits=onward_hits,
-                            onward_trials=onward_trials, follow_hits=follow_hits, follow_trials=follow_trials)
+                            onward_trials=onward_trials, follow_hits=follow_hits, follow_trials=follow_trials,
+                            class_hits=class_hits, class_trials=class_trials, share_hits=share_hits,
+                            share_trials=share_trials)
 
 
 def probe_due(idle: jax.Array, backoff: jax.Array, probe_every: int) -> jax.Array:
@@ -323,6 +389,21 @@ def expected_step_costs(costs: jax.Array, active: jax.Array, continuation: jax.A
     return costs[0] + jnp.concatenate([jnp.zeros((1,), costs.dtype), jnp.cumsum(longest * jnp.diff(costs))])
 
 
+def draft_objective(acceptance: jax.Array, active: jax.Array, costs: jax.Array,
+                    remaining: jax.Array | None = None, continuation: jax.Array | None = None,
+                    following: jax.Array | None = None, queued: jax.Array | bool = False) -> jax.Array:
+    """[K + 1] what the rule minimises for each k (arguments as `best_draft_length`): the time until the batch's last
+    row is in, max_b remaining_b C(k) / E_b(k), or while prompts are queued the time per committed token of the batch,
+    C(k) / Σ_b E_b(k) (0 when no row is active)."""
+    remaining = jnp.ones(acceptance.shape, jnp.float32) if remaining is None else remaining.astype(jnp.float32)
+    step_costs = expected_step_costs(costs, active, continuation)
+    gains = expected_tokens(acceptance, costs.shape[0] - 1, continuation, following)
+    last_row = jnp.max(jnp.where(active[:, None], remaining[:, None] * step_costs[None, :] / gains, 0.0), axis=0)
+    batch_gain = jnp.sum(jnp.where(active[:, None], gains, 0.0), axis=0)
+    per_token = jnp.where(batch_gain > 0, step_costs / jnp.maximum(batch_gain, 1e-12), 0.0)
+    return jnp.where(queued, per_token, last_row)
+
+
 def best_draft_length(acceptance: jax.Array, active: jax.Array, costs: jax.Array,
                       remaining: jax.Array | None = None, continuation: jax.Array | None = None,
                       following: jax.Array | None = None, queued: jax.Array | bool = False) -> jax.Array:
@@ -333,13 +414,8 @@ def best_draft_length(acceptance: jax.Array, active: jax.Array, costs: jax.Array
     queued (bool scalar): prompts wait for a row to free up (`Engine.generate` with a `batch_size`), so a row that
     finishes early does not idle and the batch's last row is not what anyone waits for: then the k of most
     committed tokens per millisecond over the batch, argmax_k Σ_b E_b(k) / C(k)."""
-    remaining = jnp.ones(acceptance.shape, jnp.float32) if remaining is None else remaining.astype(jnp.float32)
-    step_costs = expected_step_costs(costs, active, continuation)
-    gains = expected_tokens(acceptance, costs.shape[0] - 1, continuation, following)
-    finish = remaining[:, None] * step_costs[None, :] / gains
-    last_row = jnp.argmin(jnp.max(jnp.where(active[:, None], finish, 0.0), axis=0))
-    throughput = jnp.argmax(jnp.sum(jnp.where(active[:, None], gains, 0.0), axis=0) / step_costs)
-    return jnp.where(queued, throughput, last_row).astype(jnp.int32)
+    objective = draft_objective(acceptance, active, costs, remaining, continuation, following, queued)
+    return jnp.argmin(objective).astype(jnp.int32)
 
 
 def probe_overlap(target_logits: jax.Array, target_tokens: jax.Array, draft_logits: jax.Array,
@@ -371,15 +447,36 @@ def verify_by_width(drafted: jax.Array | int, max_drafts: int, verify: Callable[
     return switch_in_place(drafted, [functools.partial(verify, w) for w in range(1, max_drafts + 2)], cache)
 
 
+@struct.dataclass
+class Judged:
+    """What a speculative step tells the controller (`SelfSpeculative.speculate`).
+
+    hits, trials: [B] float32, the drafts verification accepted and judged (`judged`; plus a scored guess).
+    asked: int32 scalar, the draft length the step asked for in the end (a gated step's refined k; 0 where its first
+      drafts were dropped); None: the k it was given.
+    confident: [B] bool, whether each row's first draft (or scored guess) reached the confidence threshold; None: not
+      observed.
+    """
+
+    hits: jax.Array
+    trials: jax.Array
+    asked: jax.Array | None = None
+    confident: jax.Array | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class SelfSpeculative(Strategy):
     """Base of the self-speculative strategies: the adaptive draft length, written once.
 
-    A subclass declares `max_draft_steps` and `exit_threshold` and implements `speculate(inputs, k, probe, full)`:
+    A subclass declares `max_draft_steps` and `exit_threshold` and implements `speculate(inputs, k, probe, full, then)`:
     one step drafting up to k [B] tokens per row (0 for a finished row; `full`: all k, no confidence stop — how
-    calibration times c(k)) and verifying what it drafted, that returns (StepResult, hits [B], trials [B]) — the
-    drafts verification judged and accepted (plus, when `probe` and the drafter reads a plain step, its scored
-    guess) — and, if it needs more than the full prefill, `prefill_drafter` returning its own state.
+    calibration times c(k)) and verifying what it drafted, that returns (StepResult, Judged) — the drafts
+    verification judged and accepted — and, if it needs more than the full prefill, `prefill_drafter` returning its
+    own state. A drafter whose first draft is nearly free (`free_probe`: it reads the residual a plain step computes)
+    gates it: `then` is given to its `draft_loop`, and the step makes its first drafts whenever the rule drafts, is
+    due to probe, or finds that drafting on confident first drafts pays (`Controller.gate_pays`); once the drafts are
+    made, the rule decides again knowing which of them are confident (`Controller.refined`), and where it then
+    drafts nothing the first drafts are dropped and scored as a probe (the step verifies one token).
 
     adaptive: choose k each step (module docstring); False: always max_draft_steps.
     step_costs: what a step drafting k = 0..K tokens costs (ms, or relative) at the batch and cache size in use;
@@ -411,12 +508,12 @@ class SelfSpeculative(Strategy):
         controller = Controller.start(tokens.shape[0], self.max_draft_steps, self.step_costs)
         return logits, cache, {"drafter": drafter, "controller": controller}
 
-    def speculate(self, inputs: StepInputs, k: jax.Array, probe: jax.Array | bool,
-                  full: jax.Array | bool) -> tuple[StepResult, jax.Array, jax.Array]:
+    def speculate(self, inputs: StepInputs, k: jax.Array, probe: jax.Array | bool, full: jax.Array | bool,
+                  then: Callable[[jax.Array], jax.Array] | None = None) -> tuple[StepResult, Judged]:
         raise NotImplementedError
 
-    def speculate_or_plain(self, s: StepInputs, k: jax.Array, probe: jax.Array,
-                           full: jax.Array) -> tuple[StepResult, jax.Array, jax.Array]:
+    def speculate_or_plain(self, s: StepInputs, k: jax.Array, probe: jax.Array, full: jax.Array,
+                           then: Callable[[jax.Array], jax.Array] | None = None) -> tuple[StepResult, Judged]:
         """`speculate(s, k, probe, full)`; where no row drafts and no probe is due, the same method traced for the
         int k = 0 instead: no drafting loop, one verification width, no probe. That is the step an adaptive method
         takes while speculation does not pay, and it then tests one predicate where the traced k = 0 step tests
@@ -424,16 +521,20 @@ class SelfSpeculative(Strategy):
         a CPU, but XLA:GPU reads each back to the host (11 reads per Kangaroo step on an H200, docs/adaptive.md).
         Where `eej.model.control.branch_whole_step()` holds: not on a CPU, where the branch itself cost more."""
 
-        def run(k: jax.Array | int, probe: jax.Array | bool, full: jax.Array | bool):
+        def run(k: jax.Array | int, probe: jax.Array | bool, full: jax.Array | bool, then):
             def branch(state):
-                result, hits, trials = self.speculate(s.replace(cache=state[0], method_state=state[1]), k, probe, full)
-                return (result.cache, result.method_state), (result.replace(cache=None, method_state=None), hits, trials)
+                result, judged = self.speculate(s.replace(cache=state[0], method_state=state[1]), k, probe, full, then)
+                if then is None and gated:  # the k = 0 branch returns what the gated branch does
+                    judged = judged.replace(asked=jnp.zeros((), jnp.int32), confident=jnp.zeros(k_shape, bool))
+                return (result.cache, result.method_state), (result.replace(cache=None, method_state=None), judged)
 
             return branch
 
-        (cache, drafter), (result, hits, trials) = cond_in_place(
-            jnp.any(k > 0) | probe, run(k, probe, full), run(0, False, False), (s.cache, s.method_state))
-        return result.replace(cache=cache, method_state=drafter), hits, trials
+        k_shape, gated = jnp.shape(k), then is not None
+        (cache, drafter), (result, judged) = cond_in_place(
+            jnp.any(k > 0) | probe, run(k, probe, full, then), run(0, False, False, None),
+            (s.cache, s.method_state))
+        return result.replace(cache=cache, method_state=drafter), judged
 
     def draft_threshold(self, full: jax.Array | bool) -> jax.Array | float:
         """The confidence below which a row stops drafting: the method's `exit_threshold`, none when `full`."""
@@ -441,20 +542,40 @@ class SelfSpeculative(Strategy):
 
     def step(self, s: StepInputs) -> StepResult:
         ctl: Controller = s.method_state["controller"]
+        then = None
         if self.adaptive:
-            k, probe, backoff = ctl.decide(s.active, s.remaining, self.probe_every, self.free_probe,
-                                           False if s.queued is None else s.queued)
+            queued = False if s.queued is None else s.queued
+            k, probe, backoff = ctl.decide(s.active, s.remaining, self.probe_every, self.free_probe, queued)
             forced = ctl.force >= 0
+            if self.free_probe:  # a gated first draft (class docstring)
+                guess = ctl.force == self.guess_mode
+                gate = (~forced & (k == 0) & (probe | ctl.gate_pays(s.active, s.remaining, queued))) | guess
+                backoff = jnp.where(gate & ~probe, 0, backoff)  # the rule itself chose to make the drafts
+
+                def refine(confident: jax.Array) -> jax.Array:
+                    refined = ctl.refined(confident, s.active, s.remaining, queued)
+                    return jnp.where(guess, 0, jnp.where(forced, ctl.force, refined)).astype(jnp.int32)
+
+                then, k, probe = refine, jnp.where(gate, self.max_draft_steps, jnp.minimum(k, self.max_draft_steps)), False
         else:
             k, probe, backoff, forced = self.max_draft_steps, False, ctl.backoff, False
         # Finished rows draft nothing: their drafts would only widen the verification.
         drafter_inputs, k_rows = s.replace(method_state=s.method_state["drafter"]), jnp.where(s.active, k, 0)
         if self.adaptive and branch_whole_step():
-            result, hits, trials = self.speculate_or_plain(drafter_inputs, k_rows, probe, forced)
+            result, verdict = self.speculate_or_plain(drafter_inputs, k_rows, probe, forced, then)
         else:
-            result, hits, trials = self.speculate(drafter_inputs, k_rows, probe, forced)
-        ctl = ctl.after(k, probe, backoff, hits, trials, s.active, result.drafted)
+            result, verdict = self.speculate(drafter_inputs, k_rows, probe, forced, then)
+        asked = k if verdict.asked is None else verdict.asked
+        # A gated step whose first drafts were dropped scored them: a probe.
+        probed = probe if then is None else (k > 0) & (asked == 0)
+        ctl = ctl.after(asked, probed, backoff, verdict.hits, verdict.trials, s.active, result.drafted,
+                        confident=verdict.confident)
         return result.replace(method_state={"drafter": result.method_state, "controller": ctl})
+
+    @property
+    def guess_mode(self) -> int:
+        """The calibration's forced mode past the draft lengths 0..K: a gated step whose first drafts are dropped."""
+        return self.max_draft_steps + 1
 
     def calibration_points(self) -> list[Callable[[Any], Any]] | None:
         """Edits of the method state that force every step to draft k = 0..K tokens (all k: a forced step does not stop
@@ -466,24 +587,31 @@ class SelfSpeculative(Strategy):
         def forcing(k: int) -> Callable[[Any], Any]:
             return lambda state: {**state, "controller": state["controller"].replace(force=jnp.full((), k, jnp.int32))}
 
-        return [forcing(k) for k in range(self.max_draft_steps + 1)]
+        return [forcing(k) for k in range(self.max_draft_steps + 1 + self.free_probe)]
 
     def calibrate(self, method_state: Any, milliseconds: list[float]) -> Any:
         """The controller's costs from the measured c(0..K), made increasing (`monotone_costs`): drafting more never costs
         less, and a noisy c(k) below c(k - 1) (timing noise: seen at 10-25% on a 2-core VM) would make the rule prefer the
         longer draft for its cost alone."""
-        return {**method_state, "controller": method_state["controller"].replace(costs=monotone_costs(milliseconds))}
+        controller, costs = method_state["controller"], monotone_costs(milliseconds[: self.max_draft_steps + 1])
+        controller = controller.replace(costs=costs)
+        if len(milliseconds) > self.max_draft_steps + 1:  # the gated step that drops its drafts (`guess_mode`)
+            guess = jnp.maximum(jnp.asarray(milliseconds[self.guess_mode], jnp.float32), costs[0] * (1.0 + MIN_DRAFT_COST))
+            controller = controller.replace(guess_cost=guess)
+        return {**method_state, "controller": controller}
 
-    def learned(self, method_state: Any) -> tuple[jax.Array, jax.Array, jax.Array] | None:
-        """The batch's acceptance α, continuation β and following γ at the end of a generation, pooled over its rows
-        (float32 scalars): the next generation on the engine starts from them (`start_from`). None when not adaptive."""
+    def learned(self, method_state: Any) -> tuple[jax.Array, ...] | None:
+        """The batch's acceptance α, continuation β, following γ, confident share π and the acceptance of first drafts
+        short of the confidence threshold and at it, α_unsure and α_sure, at the end of a generation, pooled over its rows (float32 scalars): the next generation on
+        the engine starts from them (`start_from`). None when not adaptive."""
         if not self.adaptive:
             return None
         return method_state["controller"].pooled
 
     def start_from(self, method_state: Any, learned: tuple[jax.Array, ...]) -> Any:
-        """The controller's prior moved to an earlier generation's pooled α, β and γ, still worth `PRIOR_TRIALS` judged
-        drafts (the probes and drafts of this generation take over as fast as from the uninformed 1/2)."""
+        """The controller's prior moved to an earlier generation's pooled α, β, γ, π, α_unsure and α_sure, still worth
+        `PRIOR_TRIALS` judged drafts (the probes and drafts of this generation take over as fast as from the uninformed
+        1/2)."""
         return {**method_state, "controller": method_state["controller"].started_from_pooled(learned)}
 
 

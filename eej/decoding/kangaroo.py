@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from eej.config import ModelConfig
-from eej.decoding.adaptive import TEST_STEP_COSTS, SelfSpeculative, judged, probe_overlap, verify_by_width
+from eej.decoding.adaptive import TEST_STEP_COSTS, Judged, SelfSpeculative, judged, probe_overlap, verify_by_width
 from eej.decoding.methods import register_method
 from eej.decoding.speculation import (
     accept,
@@ -52,7 +52,7 @@ from eej.decoding.speculation import (
 )
 from eej.decoding.strategy import StepInputs, StepResult
 from eej.model.cache import init_cache
-from eej.model.control import cond_in_place
+from eej.model.control import run_if
 from eej.model.transformer import embed, linear, logits_from_hidden, qkv, run_layers
 from eej.settings import setting
 from eej.weights.registry import Model
@@ -96,7 +96,9 @@ class Kangaroo(SelfSpeculative):
         """One token per row [B] at `positions` [B, 1] through layers [0, l) -> (hidden [B, 1, D], cache)."""
         return run_layers(s.params, embed(s.params, token[:, None], s.cfg), cache, positions, s.cfg, 0, self.exit_layer)
 
-    def speculate(self, s: StepInputs, k, probe, full):
+    def speculate(self, s: StepInputs, k, probe, full, then=None):
+        """One step drafting up to k [B] (see `SelfSpeculative`); its probe is the gated first draft (`then`), so
+        `probe` is never set here."""
         cfg, max_k = s.cfg, self.max_draft_steps
         start = s.cache.lengths
         adapter = s.method_params["adapter"]
@@ -113,44 +115,42 @@ class Kangaroo(SelfSpeculative):
 
         draft_key, verify_key = jax.random.split(s.key)
         keys = s.token_keys(max_k + 1)  # [B, K + 1]: the drafted and verified positions' (coupled sampling)
-        (cache, adapter_cache, hidden), drafts = draft_loop(
+        carry, drafts = draft_loop(
             draft_fn, (s.cache, s.method_state, hidden0), s.pending, draft_key, s.sampling,
             max_steps=max_k, exit_threshold=self.draft_threshold(full), vocab_size=cfg.vocab_size, vocab_ids=ids,
-            num_steps=k, keys=keys,
+            num_steps=k, keys=keys, then=then,
         )
-        # The last token (the last draft, or the pending one) still needs its shallow layers (for verification)
-        # and its adapter K/V; on a probe the adapter and head also guess the token after it.
-        positions = (start + drafts.steps)[:, None]
-        h, cache = self._shallow(s, cache, drafts.last(s.pending), positions)
-        hidden = lax.dynamic_update_slice(hidden, h, (0, drafts.steps, 0))
 
-        def guess(adapter_cache):
-            drafted, adapter_cache = adapter_forward(adapter, h, adapter_cache, positions, cfg)
-            return adapter_cache, linear(drafted[:, 0], head, impl=cfg.matmul_impl).astype(jnp.float32)
-
-        def kv_only(adapter_cache):
+        def last_token(carry):
+            """The last token (the last draft, or the pending one) through its shallow layers (for verification) and
+            its adapter K/V — done already where the first drafts were dropped: the pending token's, by the loop."""
+            cache, adapter_cache, hidden = carry
+            positions = (start + drafts.steps)[:, None]
+            h, cache = self._shallow(s, cache, drafts.last(s.pending), positions)
             _, new_k, new_v = qkv(adapter, h, positions, cfg)
-            return adapter_cache.write(0, new_k, new_v, positions), jnp.zeros((s.batch, head.shape[1]), jnp.float32)
+            return cache, adapter_cache.write(0, new_k, new_v, positions), lax.dynamic_update_slice(hidden, h, (0, drafts.steps, 0))
 
-        adapter_cache, guessed = cond_in_place(probe, guess, kv_only, adapter_cache)
+        if drafts.confident is None:
+            cache, adapter_cache, hidden = last_token(carry)
+        else:
+            cache, adapter_cache, hidden = run_if(~drafts.dropped, last_token, carry)
 
         def verify(width: int, cache):
             positions = start[:, None] + jnp.arange(width, dtype=jnp.int32)[None]
             deep, cache = run_layers(s.params, hidden[:, :width], cache, positions, cfg, self.exit_layer)
             logits = logits_from_hidden(s.params, deep, cfg)
             tokens, counts = accept(drafts.first(width - 1), logits, verify_key, s.sampling, keys)
-            return cache, (jnp.pad(tokens, ((0, 0), (0, max_k + 1 - width))), counts, logits[:, width - 1])
+            return cache, (jnp.pad(tokens, ((0, 0), (0, max_k + 1 - width))), counts, logits[:, 0])
 
-        cache, (tokens, counts, last_logits) = verify_by_width(drafts.steps, max_k, verify, cache)
+        cache, (tokens, counts, first_logits) = verify_by_width(drafts.steps, max_k, verify, cache)
         hits, trials = judged(drafts.num_drafted, counts)
-        if probe is not False:  # the guess counts where it was made after the right tokens: every draft accepted
-            scored = probe & (drafts.num_drafted == drafts.steps) & (counts == drafts.steps + 1)
+        if drafts.confident is not None:  # dropped first drafts: scored against the step's one token, as a probe
+            scored = drafts.dropped & s.active
             # Under residual sampling the overlap takes two full-vocabulary distributions: computed only on a step that
-            # scores. The guess is for the position after the last verified token, whose committed token it meets.
-            last = jnp.full((s.batch, 1), drafts.steps, jnp.int32)
-            committed = jnp.take_along_axis(tokens, last, axis=1)[:, 0]
-            at = None if keys is None else jnp.take_along_axis(keys, last, axis=1)[:, 0]
-            overlap = lax.cond(jnp.any(scored), lambda: probe_overlap(last_logits, committed, guessed, ids, s.sampling, at),
+            # scores.
+            at = None if keys is None else keys[:, 0]
+            overlap = lax.cond(jnp.any(scored), lambda: probe_overlap(first_logits, tokens[:, 0], drafts.first_logits, ids,
+                                                                      s.sampling, at),
                                lambda: jnp.zeros(scored.shape, jnp.float32))
             hits = hits + jnp.where(scored, overlap, 0.0)
             trials = trials + scored.astype(jnp.float32)
@@ -165,7 +165,7 @@ class Kangaroo(SelfSpeculative):
             layers=jnp.full((s.batch,), shallow_passes * self.exit_layer + (cfg.num_layers - self.exit_layer)),
             drafted=drafts.num_drafted,
         )
-        return result, hits, trials
+        return result, Judged(hits, trials, drafts.asked, drafts.confident)
 
 
 # ----------------------------------------------------------------------------- registration

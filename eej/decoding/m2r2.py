@@ -48,7 +48,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from eej.config import ModelConfig
-from eej.decoding.adaptive import TEST_STEP_COSTS, AdaptiveExit, ExitEconomics, SelfSpeculative, judged, verify_by_width
+from eej.decoding.adaptive import (
+    TEST_STEP_COSTS,
+    AdaptiveExit,
+    ExitEconomics,
+    Judged,
+    SelfSpeculative,
+    judged,
+    verify_by_width,
+)
 from eej.decoding.methods import register_method
 from eej.decoding.speculation import accept, check_draft_head, draft_head, draft_loop, head_from_ranking, reduced_head, rollback
 from eej.decoding.strategy import StepInputs, StepResult, full_prefill
@@ -212,7 +220,7 @@ class M2R2Spec(SelfSpeculative):
         _check_fast("m2r2-spec", self.fast_layers, cfg, method_params)
         check_draft_head("m2r2-spec", cfg, method_params)
 
-    def speculate(self, s: StepInputs, k, probe, full):
+    def speculate(self, s: StepInputs, k, probe, full, then=None):
         params, method_params, cfg, max_k = s.params, s.method_params, s.cfg, self.max_draft_steps
         start = s.cache.lengths
         head, ids = draft_head(params, method_params)
@@ -249,7 +257,7 @@ class M2R2Spec(SelfSpeculative):
             layers=jnp.full((s.batch,), drafts.steps * self.fast_layers + cfg.num_layers, jnp.float32),
             drafted=drafts.num_drafted,
         )
-        return result, hits, trials
+        return result, Judged(hits, trials)
 
 
 # ----------------------------------------------------------------------------- dynamic early exit

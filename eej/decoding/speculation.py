@@ -55,13 +55,24 @@ class DraftResult:
     tokens: [B, K] int32 drafts; only the first `num_drafted[b]` of row b are real.
     num_drafted: [B] int32 in [0, K] (0 only when the loop was asked for no drafts).
     probs: [B, K, V] float32 distributions the drafts were drawn from (None when greedy or coupled).
-    steps: int32 scalar: loop iterations run (= max of num_drafted); the int 0 where no loop was traced.
+    steps: int32 scalar: the most drafts a row made (= max of num_drafted; the loop's iterations, but for a step whose
+      first drafts were dropped); the int 0 where no loop was traced.
+    confident: [B] bool, whether each row's first draft reached the loop's `exit_threshold` (False where none was
+      made) — None unless the loop was given `then`.
+    first_logits: [B, V'] float32, the first draft's logits — None unless the loop was given `then`.
+    dropped: bool scalar, the first drafts were made and then dropped (`then` asked for none) — False unless the
+      loop was given `then`.
+    asked: int32 scalar, how many drafts the step asked for in the end (`then`'s answer) — None without `then`.
     """
 
     tokens: jax.Array
     num_drafted: jax.Array
     probs: jax.Array | None
     steps: jax.Array
+    confident: jax.Array | None = None
+    first_logits: jax.Array | None = None
+    dropped: jax.Array | bool = False
+    asked: jax.Array | int | None = None
 
     def last(self, pending: jax.Array) -> jax.Array:
         """[B] the token of the last iteration's output (each row's last real draft if it drafted `steps`),
@@ -71,8 +82,8 @@ class DraftResult:
 
     def first(self, n: int) -> "DraftResult":
         """The first n (static) draft slots: what a verification of n + 1 tokens judges."""
-        return DraftResult(tokens=self.tokens[:, :n], num_drafted=jnp.minimum(self.num_drafted, n),
-                           probs=None if self.probs is None else self.probs[:, :n], steps=jnp.minimum(self.steps, n))
+        return self.replace(tokens=self.tokens[:, :n], num_drafted=jnp.minimum(self.num_drafted, n),
+                            probs=None if self.probs is None else self.probs[:, :n], steps=jnp.minimum(self.steps, n))
 
 
 def draft_loop(
@@ -88,6 +99,7 @@ def draft_loop(
     vocab_ids: jax.Array | None = None,
     num_steps: jax.Array | int | None = None,
     keys: jax.Array | None = None,
+    then: Callable[[jax.Array], jax.Array] | None = None,
 ) -> tuple[Any, DraftResult]:
     """Draft up to `num_steps` (<= max_steps; default max_steps; one for all rows or [B]) tokens per row after `pending` [B].
 
@@ -103,6 +115,9 @@ def draft_loop(
       vocab_ids: [V'] int32 token ids of the draft logits' columns; None when V' = V.
       keys: [B, >= max_steps] uint32 the keys of the drafted positions (`StepInputs.token_keys`): coupled sampling
         draws draft i with keys[:, i], as the target's draw for that position will be.
+      then: after the first draft, `then(confident [B] bool) -> int32 scalar`: how many drafts the rows that drafted
+        make in all, given which first drafts reached `exit_threshold` (a gated first draft: eej.decoding.adaptive);
+        0 drops the first drafts (`DraftResult.dropped`, `first_logits`: what a probe scores). None: `num_steps`.
     Returns:
       (carry after the last call, DraftResult).
     """
@@ -122,10 +137,15 @@ def draft_loop(
         return jnp.zeros((batch, vocab_size), q.dtype).at[:, vocab_ids].set(q)
 
     def body(state):
-        i, token, carry, tokens, probs, num, active = state
+        i, token, carry, tokens, probs, num, active, limit, first = state
         carry, logits = draft_fn(carry, token, i)
         logits = logits.astype(jnp.float32)
         confidence = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+        if then is not None:  # the first draft decides how many follow (0: none is kept)
+            sure = active & (confidence >= exit_threshold)
+            limit = jnp.where(i == 0, jnp.where(limit > 0, jnp.minimum(then(sure), max_steps), 0), limit)
+            first = jax.tree.map(lambda old, new: jnp.where(i == 0, new, old), first, (sure, logits))
+            active = active & (limit > 0)
         if coupled:
             draft = race_sample(logits, lax.dynamic_index_in_dim(keys, i, axis=1, keepdims=False), sampling, vocab_ids,
                                 vocab_size)
@@ -140,13 +160,20 @@ def draft_loop(
         tokens = lax.dynamic_update_slice(tokens, draft[:, None], (0, i))
         num = num + active.astype(jnp.int32)
         active = active & (confidence >= exit_threshold) & (i + 1 < limit)
-        return i + 1, draft, carry, tokens, probs, num, active
+        return i + 1, draft, carry, tokens, probs, num, active, limit, first
 
-    limit = max_steps if num_steps is None else jnp.minimum(num_steps, max_steps)
-    start = jnp.broadcast_to(jnp.asarray(limit) > 0, (batch,))
-    state = (jnp.zeros((), jnp.int32), pending, carry, tokens0, probs0, jnp.zeros((batch,), jnp.int32), start)
-    steps, _, carry, tokens, probs, num, _ = lax.while_loop(lambda s: jnp.any(s[-1]), body, state)
-    return carry, DraftResult(tokens=tokens, num_drafted=num, probs=probs, steps=steps)
+    limit = jnp.broadcast_to(jnp.asarray(max_steps if num_steps is None else jnp.minimum(num_steps, max_steps),
+                                         jnp.int32), (batch,))
+    width = vocab_size if vocab_ids is None else vocab_ids.shape[0]
+    first = None if then is None else (jnp.zeros((batch,), bool), jnp.zeros((batch, width), jnp.float32))
+    state = (jnp.zeros((), jnp.int32), pending, carry, tokens0, probs0, jnp.zeros((batch,), jnp.int32), limit > 0, limit,
+             first)
+    ran, _, carry, tokens, probs, num, _, limit, first = lax.while_loop(lambda s: jnp.any(s[6]), body, state)
+    if then is None:
+        return carry, DraftResult(tokens=tokens, num_drafted=num, probs=probs, steps=ran)
+    steps = jnp.max(num)
+    return carry, DraftResult(tokens=tokens, num_drafted=num, probs=probs, steps=steps, confident=first[0],
+                              first_logits=first[1], dropped=(ran > 0) & (steps == 0), asked=jnp.max(limit))
 
 
 def accept(drafts: DraftResult, target_logits: jax.Array, key: jax.Array, sampling: SamplingConfig,
