@@ -72,14 +72,19 @@ def trace_rates(traces: list[list[tuple[int, int]]], max_k: int) -> dict[str, fl
     def rate(hits, trials) -> float:
         return float(jnp.sum(hits) / jnp.maximum(jnp.sum(trials), 1.0))
 
+    # with the confidence stop and K >= 2, a first draft short of the threshold is exactly a step's only draft
+    sure = (drafted >= 2).astype(jnp.float32)
     return {"first_draft_acceptance": rate(first_hits, first_trials),
-            "following_acceptance": rate(follow_hits, follow_trials), "continuation": rate(went_on, could)}
+            "following_acceptance": rate(follow_hits, follow_trials), "continuation": rate(went_on, could),
+            "unsure_first_acceptance": rate(first_hits * (1 - sure), first_trials * (1 - sure)),
+            "confident_first_acceptance": rate(first_hits * sure, first_trials * sure),
+            "confident_share": rate(first_trials * sure, first_trials)}
 
 
 def record(model, method: str, prompts: list[str], temperature: float, max_new: int,
-           coupled: bool = True) -> tuple[list, list[float], int]:
-    """-> (one trace per prompt: [(drafted, committed)] per decode step, the step costs c(0..K) in ms and, for a
-    method that gates its first draft, last the cost of a step that makes its first draft and drops it; K)."""
+           coupled: bool = True) -> tuple[list, list[float], int, float | None]:
+    """-> (one trace per prompt: [(drafted, committed)] per decode step, the step costs c(0..K) in ms, K, and for a
+    method that gates its first draft the cost of a step that makes its first draft and drops it, else None)."""
     module = MODULES[method]
     strategy, method_params = build_method(model, method)
     sampling = SamplingConfig(temperature=temperature, coupled=coupled)
@@ -87,8 +92,7 @@ def record(model, method: str, prompts: list[str], temperature: float, max_new: 
     adaptive_out = Engine(model, strategy, method_params).generate(encoded[:1], max_new_tokens=max_new, sampling=sampling)
     controller = adaptive_out.method_state["controller"]
     costs = np.asarray(controller.costs).tolist()  # calibrated on this machine
-    if strategy.free_probe:
-        costs.append(float(controller.guess_cost))
+    guess_cost = float(controller.guess_cost) if strategy.free_probe else None
     steps: list[tuple[int, int]] = []
     real = module.judged
 
@@ -106,21 +110,21 @@ def record(model, method: str, prompts: list[str], temperature: float, max_new: 
             traces.append(list(steps[-out.steps:]))
     finally:
         module.judged = real
-    return traces, costs, strategy.max_draft_steps
+    return traces, costs, strategy.max_draft_steps, guess_cost
 
 
 def replay(trace: list[tuple[int, int]], costs: list[float], max_new: int, policy: Any, decay: float,
-           probe_every: int, free_probe: bool, learned: tuple | None = None) -> tuple[float, float, int, int, tuple]:
+           probe_every: int, free_probe: bool, learned: tuple | None = None,
+           guess_cost: float | None = None) -> tuple[float, float, int, int, tuple]:
     """One prompt under `policy` (an int: that k every step; "adaptive": the controller; "whether": the controller
     deciding only whether to draft, then asking for K, the confidence stop choosing the length; "gated": the
     controller as a method that gates its first draft runs it, `SelfSpeculative.step`) -> (tokens, ms, steps,
     drafting steps, what the controller learned: the next prompt's start under --carry). `learned`: start from an
-    earlier prompt's pooled estimates, as an engine's later generations do (else from the prior). `costs`: c(0..K),
-    then the cost of a step that makes its first draft and drops it where the method gates it (what "gated" pays for
-    a first draft it drops; the other policies score their free probes for nothing, as before)."""
-    guess_cost = costs[-1] if free_probe else None
-    costs = costs[:-1] if free_probe else costs
+    earlier prompt's pooled estimates, as an engine's later generations do (else from the prior). `guess_cost`: what
+    "gated" pays for a step that makes its first draft and drops it (default: c(0) plus `adaptive.MIN_DRAFT_COST`
+    of it; the other policies score their free probes for nothing)."""
     if policy == "gated":
+        guess_cost = costs[0] * (1.0 + adaptive.MIN_DRAFT_COST) if guess_cost is None else guess_cost
         return replay_gated(trace, costs, guess_cost, max_new, decay, probe_every, learned)
     controller = adaptive.Controller.start(1, len(costs) - 1, tuple(costs))
     if learned is not None:
@@ -165,12 +169,14 @@ def replay_gated(trace: list[tuple[int, int]], costs: list[float], guess_cost: f
         k, probe, backoff = controller.decide(row, remaining, probe_every, True)
         gate = int(k) == 0 and (bool(probe) or bool(controller.gate_pays(row, remaining)))
         confident = jnp.asarray([drafted >= 2])
-        if int(k) > 0 or gate:
-            backoff = backoff if bool(probe) else jnp.zeros((), jnp.int32)
+        made = int(k) > 0 or gate  # the first draft is made: the rule drafts, or the gate opened
+        if made:
+            backoff = jnp.zeros((), jnp.int32) if gate and not bool(probe) else backoff
             k = int(controller.refined(confident, row, remaining))
         else:
             k = 0
-        if k == 0 and gate:  # dropped: scored against the step's token
+        dropped = made and k == 0
+        if dropped:  # scored against the step's token
             d, a, cost = 0, 0, guess_cost
             hits, trials = jnp.asarray([float(committed > 1)]), jnp.asarray([1.0])
         else:
@@ -178,8 +184,8 @@ def replay_gated(trace: list[tuple[int, int]], costs: list[float], guess_cost: f
             a = min(committed - 1, d)
             cost = costs[d]
             hits, trials = adaptive.judged(jnp.asarray([d]), jnp.asarray([a + 1]))
-        controller = controller.after(k, gate and k == 0, backoff, hits, trials, row, jnp.asarray([d]), decay,
-                                      confident=confident if gate or k > 0 else None)
+        controller = controller.after(k, dropped, backoff, hits, trials, row, jnp.asarray([d]), decay,
+                                      confident=confident if made else None)
         tokens, spent, drafting = tokens + a + 1, spent + cost, drafting + (k > 0)
         made += a + 1
     return tokens, spent, len(trace), drafting, tuple(float(x) for x in controller.pooled)
@@ -218,10 +224,10 @@ def main(argv=None) -> int:
             recorded = {name: record(model, method, prompts, temperature, args.max_new_tokens,
                                       not args.residual_sampling) for name, prompts in sets.items()}
             if args.carry:  # the sets' prompts in turn: what carrying an estimate across unlike prompts does
-                traces_by_set = [traces for traces, _, _ in recorded.values()]
-                _, costs, max_k = next(iter(recorded.values()))
-                recorded["alternating"] = ([t for turn in zip(*traces_by_set) for t in turn], costs, max_k)
-            for set_name, (traces, costs, max_k) in recorded.items():
+                traces_by_set = [traces for traces, _, _, _ in recorded.values()]
+                _, costs, max_k, guess_cost = next(iter(recorded.values()))
+                recorded["alternating"] = ([t for turn in zip(*traces_by_set) for t in turn], costs, max_k, guess_cost)
+            for set_name, (traces, costs, max_k, guess_cost) in recorded.items():
                 rates = trace_rates(traces, max_k)
                 print(method, temperature, set_name, {k: round(v, 3) for k, v in rates.items()}, flush=True)
                 probes = [int(x) for x in args.probe_every.split(",") if x] or [strategy.probe_every]
@@ -241,12 +247,13 @@ def main(argv=None) -> int:
                     got, learned = [], None
                     for t in traces:
                         got.append(replay(t, costs, args.max_new_tokens, policy, decay, probe_every, strategy.free_probe,
-                                          learned))
+                                          learned, guess_cost))
                         learned = got[-1][4] if carry else None
                     tokens, spent, steps, drafting = (sum(x) for x in list(zip(*got))[:4])
                     rows.append({"method": method, "temperature": temperature, "prompts": set_name, "policy": label,
                                  "speed_vs_plain_steps": tokens / spent * costs[0], "tokens_per_step": tokens / steps,
                                  "drafting_fraction": drafting / steps, "steps": steps, "step_costs_ms": costs,
+                                 "dropped_draft_step_ms": guess_cost,
                                  "trace_rates": rates})
                     print(method, temperature, set_name, label, f"{rows[-1]['speed_vs_plain_steps']:.3f}", flush=True)
     doc = {"command": "scripts/controller_replay.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -258,13 +265,16 @@ def main(argv=None) -> int:
              "Speed: committed tokens per ms by the measured step costs, against plain steps of the same method "
              "(c(0)); exact in tokens under greedy and " + ("approximate under residual-rule sampling" if args.residual_sampling
                                                      else "coupled sampling") + " (see the script's docstring).", "",
-             "Each set's drafts as the fixed-K traces recorded them (first: the first draft's acceptance; following: "
-             "made and accepted after an accepted draft, the controller's γ; onward: made after a draft, β):", "",
-             "| method | temp | prompts | first | following | onward |", "|---|---|---|---|---|---|"]
+             "Each set's drafts as the fixed-K traces recorded them (first: the first draft's acceptance, and of first "
+             "drafts short of the confidence threshold and at it, with the share at it; following: made and accepted "
+             "after an accepted draft, the controller's γ; onward: made after a draft, β):", "",
+             "| method | temp | prompts | first | first, unsure | first, confident | confident share | following | onward |",
+             "|---|---|---|---|---|---|---|---|---|"]
     seen = {}
     for r in rows:
         seen.setdefault((r["method"], r["temperature"], r["prompts"]), r["trace_rates"])
-    lines += [f"| {m} | {t} | {p} | {v['first_draft_acceptance']:.3f} | {v['following_acceptance']:.3f} | "
+    lines += [f"| {m} | {t} | {p} | {v['first_draft_acceptance']:.3f} | {v['unsure_first_acceptance']:.3f} | "
+              f"{v['confident_first_acceptance']:.3f} | {v['confident_share']:.3f} | {v['following_acceptance']:.3f} | "
               f"{v['continuation']:.3f} |" for (m, t, p), v in seen.items()]
     lines += ["",
              "| method | temp | prompts | policy | speed vs plain steps | tokens/step | drafting |", "|---|---|---|---|---|---|---|"]

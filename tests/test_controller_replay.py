@@ -63,4 +63,25 @@ def test_trace_rates_count_drafts_as_the_controller_does():
     rates = script.trace_rates([trace], 4)
     # first drafts accepted 2 of 3; after an accepted one the next made and accepted 3 of 3, then 1 of 2 (a = 2 of 4
     # drafts: the 3rd rejected); drafted on after 3 of 3, 1 of 2 (stopped after 2 of the 4 asked) and 3 of 3
-    assert rates == pytest.approx({"first_draft_acceptance": 2 / 3, "following_acceptance": 4 / 5, "continuation": 7 / 8})
+    assert rates == pytest.approx({"first_draft_acceptance": 2 / 3, "following_acceptance": 4 / 5, "continuation": 7 / 8,
+                                   "unsure_first_acceptance": 0.0, "confident_first_acceptance": 2 / 3,
+                                   "confident_share": 1.0})
+    # a step's only draft is one short of the confidence threshold: here one accepted, one rejected
+    rates = script.trace_rates([trace + [(1, 2), (1, 1)]], 4)
+    assert (rates["unsure_first_acceptance"], rates["confident_first_acceptance"], rates["confident_share"]) == \
+        pytest.approx((1 / 2, 2 / 3, 3 / 5))
+
+
+def test_the_gated_policy_drafts_on_confident_first_drafts_and_drops_unsure_ones(replay):
+    # confident first drafts (the step made more than one) always accepted, unsure ones never: once the classes are
+    # learnt, every confident step drafts K = 4 and every unsure one is dropped at the price of a dropped draft
+    trace = [(4, 5), (1, 1)] * 40
+    tokens, spent, steps, drafting, _ = replay(trace, COSTS, 1000, "gated", 0.95, 1, True, None, 10.5)
+    tail = replay(trace[-20:], COSTS, 1000, "gated", 0.95, 1, True, _learned(replay, trace), 10.5)
+    assert tail[:4] == (10 * 5 + 10, 10 * 16.0 + 10 * 10.5, 20, 10)
+    # the averaged rule (α = 1/2 over both) drafts on every step, and pays c(1) for each unsure draft
+    assert replay(trace[-20:], COSTS, 1000, "adaptive", 0.95, 1, True, _learned(replay, trace))[1] > tail[1]
+
+
+def _learned(replay, trace):
+    return replay(trace, COSTS, 1000, "gated", 0.95, 1, True, None, 10.5)[4]

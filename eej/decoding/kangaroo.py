@@ -66,10 +66,12 @@ class Kangaroo(SelfSpeculative):
     exit_threshold: a row stops drafting after a draft whose top-1 probability is below this.
     max_draft_steps: the most drafts per step (K); a step commits at most K + 1 tokens.
     adaptive, step_costs, probe_every: the draft length chosen each step (eej.decoding.adaptive); the
-      probe is free here: a plain step runs layers [0, l) anyway, so the adapter and draft head score
-      their guess against the step's own token. So it comes on every plain step (backing off to every 8th
-      while the rule keeps choosing plain steps): the estimate recovers from a run of rejections within a
-      few steps, not the 8-64 a sparser schedule takes (scripts/controller_replay.py, docs/adaptive.md).
+      probe is nearly free here: a plain step runs layers [0, l) anyway, so the adapter and draft head make
+      a first draft, which the step drops and scores against its own token. So it comes on every plain step
+      (backing off to every 8th while the rule keeps choosing plain steps): the estimate recovers from a run
+      of rejections within a few steps, not the 8-64 a sparser schedule takes (scripts/controller_replay.py,
+      docs/adaptive.md). The first draft is gated: the rule decides again once it knows whether it is
+      confident (`SelfSpeculative`).
     """
 
     name: ClassVar[str] = "kangaroo"
