@@ -126,9 +126,7 @@ def replay(trace: list[tuple[int, int]], costs: list[float], max_new: int, polic
     if policy == "gated":
         guess_cost = costs[0] * (1.0 + adaptive.MIN_DRAFT_COST) if guess_cost is None else guess_cost
         return replay_gated(trace, costs, guess_cost, max_new, decay, probe_every, learned)
-    controller = adaptive.Controller.start(1, len(costs) - 1, tuple(costs))
-    if learned is not None:
-        controller = controller.started_from_pooled(learned)
+    controller = _controller(costs, learned)
     row = jnp.asarray([True])
     tokens = spent = drafting = 0
     made = 1  # the prefill's token
@@ -152,15 +150,19 @@ def replay(trace: list[tuple[int, int]], costs: list[float], max_new: int, polic
     return tokens, spent, len(trace), drafting, tuple(float(x) for x in controller.pooled)
 
 
+def _controller(costs: list[float], learned: tuple | None, **fields: Any) -> adaptive.Controller:
+    """The batch-1 controller a replay starts from: the prior, or an earlier prompt's pooled estimates (`learned`)."""
+    controller = adaptive.Controller.start(1, len(costs) - 1, tuple(costs)).replace(**fields)
+    return controller if learned is None else controller.started_from_pooled(learned)
+
+
 def replay_gated(trace: list[tuple[int, int]], costs: list[float], guess_cost: float, max_new: int, decay: float,
                  probe_every: int, learned: tuple | None = None) -> tuple[float, float, int, int, tuple]:
     """`replay` of the gated first draft: where the rule drafts, a probe is due or `Controller.gate_pays`, the first
     draft is made; the rule then decides again knowing whether it is confident — in a fixed-K trace with the
     confidence stop, a first draft is confident exactly where the step made more than one (`Controller.refined`) — and
     where that says 0 the draft is dropped (the step costs `guess_cost`) and scored as a probe."""
-    controller = adaptive.Controller.start(1, len(costs) - 1, tuple(costs)).replace(guess_cost=jnp.asarray(guess_cost))
-    if learned is not None:
-        controller = controller.started_from_pooled(learned)
+    controller = _controller(costs, learned, guess_cost=jnp.asarray(guess_cost))
     row = jnp.asarray([True])
     tokens = spent = drafting = 0
     made = 1  # the prefill's token
@@ -169,13 +171,13 @@ def replay_gated(trace: list[tuple[int, int]], costs: list[float], guess_cost: f
         k, probe, backoff = controller.decide(row, remaining, probe_every, True)
         gate = int(k) == 0 and (bool(probe) or bool(controller.gate_pays(row, remaining)))
         confident = jnp.asarray([drafted >= 2])
-        made = int(k) > 0 or gate  # the first draft is made: the rule drafts, or the gate opened
-        if made:
+        first_made = int(k) > 0 or gate  # the first draft is made: the rule drafts, or the gate opened
+        if first_made:
             backoff = jnp.zeros((), jnp.int32) if gate and not bool(probe) else backoff
             k = int(controller.refined(confident, row, remaining))
         else:
             k = 0
-        dropped = made and k == 0
+        dropped = first_made and k == 0
         if dropped:  # scored against the step's token
             d, a, cost = 0, 0, guess_cost
             hits, trials = jnp.asarray([float(committed > 1)]), jnp.asarray([1.0])
@@ -185,7 +187,7 @@ def replay_gated(trace: list[tuple[int, int]], costs: list[float], guess_cost: f
             cost = costs[d]
             hits, trials = adaptive.judged(jnp.asarray([d]), jnp.asarray([a + 1]))
         controller = controller.after(k, dropped, backoff, hits, trials, row, jnp.asarray([d]), decay,
-                                      confident=confident if made else None)
+                                      confident=confident if first_made else None)
         tokens, spent, drafting = tokens + a + 1, spent + cost, drafting + (k > 0)
         made += a + 1
     return tokens, spent, len(trace), drafting, tuple(float(x) for x in controller.pooled)

@@ -59,8 +59,8 @@ then k* = argmax_k Σ_b E_b(k) / C(k), the batch's committed tokens per millisec
   (`Controller.gate_pays`). Once the first drafts are made, it decides again with each row's α given its draft's
   class (`Controller.refined`); where that says 0 the drafts are dropped and the step verifies one token, and
   scores them as a probe. Replayed on training prompts (scripts/controller_replay.py), this gains most where the
-  averaged rule hesitated: sampled code and role-play 1.314x -> 1.352x of plain steps, summaries 1.059x -> 1.075x. A probe after which speculation
-  still does not pay doubles the wait for the next one, up to 2^MAX_BACKOFF times `probe_every`, and
+  averaged rule hesitated: sampled code and role-play 1.314x -> 1.352x of plain steps, summaries 1.059x -> 1.075x.
+  A probe after which speculation still does not pay doubles the wait for the next one, up to 2^MAX_BACKOFF times `probe_every`, and
   any step the rule chooses to speculate brings it back to `probe_every`: on text where the drafter never
   pays, the probes' cost fades (a probe is a step that does not pay, by the estimate) instead of staying
   a fixed fraction of every step.
@@ -525,7 +525,7 @@ class SelfSpeculative(Strategy):
 
     def speculate_or_plain(self, s: StepInputs, k: jax.Array, probe: jax.Array, full: jax.Array,
                            then: Callable[[jax.Array], jax.Array] | None = None) -> tuple[StepResult, Judged]:
-        """`speculate(s, k, probe, full)`; where no row drafts and no probe is due, the same method traced for the
+        """`speculate(s, k, probe, full, then)`; where no row drafts and no probe is due, the same method traced for the
         int k = 0 instead: no drafting loop, one verification width, no probe. That is the step an adaptive method
         takes while speculation does not pay, and it then tests one predicate where the traced k = 0 step tests
         one per conditional it passes (the drafting loop's, the K + 1 verification widths', the probe's): free on
@@ -613,8 +613,9 @@ class SelfSpeculative(Strategy):
 
     def learned(self, method_state: Any) -> tuple[jax.Array, ...] | None:
         """The batch's acceptance α, continuation β, following γ, confident share π and the acceptance of first drafts
-        short of the confidence threshold and at it, α_unsure and α_sure, at the end of a generation, pooled over its rows (float32 scalars): the next generation on
-        the engine starts from them (`start_from`). None when not adaptive."""
+        short of the confidence threshold and at it, α_unsure and α_sure, at the end of a generation, pooled over its
+        rows (float32 scalars): the next generation on the engine starts from them (`start_from`). None when not
+        adaptive."""
         if not self.adaptive:
             return None
         return method_state["controller"].pooled
