@@ -66,6 +66,18 @@ constexpr int kLineFloats = 16;      // floats per 64-byte cache line
 // (`_MM_HINT_T1`): 4-14% faster than into L1; a non-temporal hint was 30% slower.
 constexpr int64_t kPrefetch = 2048;
 
+// Whether a block of 1 or 2 rows of x takes two rows of w per iteration of its loop over k (the sums are the same
+// chains in the same order). With AVX-512, one row of w at a time, a block of 2 rows was slower than one of 3: on a
+// 2-core Intel Xeon a 2-token verification of SmolLM2-135M at batch 1 cost 1.12x a one-token step and a 3-token one
+// 1.06x (benchmarks/results/verify_width_cost_c512_intel); two rows of w at a time, 1.02x and 1.01x (`..._pairs`).
+// Blocks of 3 or more rows were no faster two at a time, nor was any block on the AVX2 path (the same Xeon with
+// AVX-512 off), measured in a harness of the kernel's loops over SmolLM2-135M's products.
+#if defined(__AVX512F__)
+constexpr bool kPairRows = true;
+#else
+constexpr bool kPairRows = false;
+#endif
+
 // y [MB, 0:kTile] = x [MB, 0:K] @ tile [K, kTile]: one register tile (y's row stride ldy). Shares > 0: this block
 // is one of that many and prefetches its share of the next tile, one row of it every `Shares` rows of this one
 // (`next` is where its share starts); 0: it is the tile's only block and prefetches the tile itself, ahead.
@@ -75,8 +87,7 @@ __attribute__((always_inline)) inline void block(const float* x, int64_t K, cons
   vec acc[MB][R];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = zero_v();
-  const float* wk = tile;
-  for (int64_t k = 0; k < K; ++k, wk += kTile) {
+  const auto row = [&](int64_t k, const float* wk) __attribute__((always_inline)) {
     vec wv[R];
     for (int r = 0; r < R; ++r) wv[r] = load_v(wk + kLanes * r);
     if (Shares == 0)
@@ -87,7 +98,11 @@ __attribute__((always_inline)) inline void block(const float* x, int64_t K, cons
       const vec xv = broadcast_v(x[m * K + k]);
       for (int r = 0; r < R; ++r) acc[m][r] = fma_v(xv, wv[r], acc[m][r]);
     }
-  }
+  };
+  int64_t k = 0;
+  if constexpr (kPairRows && MB <= 2)  // two rows of w an iteration (kPairRows)
+    for (; k + 1 < K; k += 2) row(k, tile + k * kTile), row(k + 1, tile + (k + 1) * kTile);
+  for (; k < K; ++k) row(k, tile + k * kTile);
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) store_v(y + m * ldy + kLanes * r, acc[m][r]);
 }

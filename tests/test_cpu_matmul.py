@@ -22,8 +22,9 @@ from eej.weights.registry import load_model, with_kernels
 
 # (rows, K, N): decode and verification shapes, widths that are not a multiple of the 32-column tile, rows in
 # several register blocks (> 12 rows with AVX-512, > 5 with AVX2), more rows than one call takes (> CALL_ROWS: calls in a loop, the last padded),
-# a K of one row, and fewer tiles than threads.
-SHAPES = [(1, 64, 64), (2, 48, 200), (5, 37, 130), (8, 16, 4096 + 80), (9, 100, 70), (13, 300, 130),
+# a K of one row, an odd K for the blocks that take two rows of w at a time (1 and 2 rows of x, with AVX-512), and
+# fewer tiles than threads.
+SHAPES = [(1, 64, 64), (2, 48, 200), (2, 37, 96), (5, 37, 130), (8, 16, 4096 + 80), (9, 100, 70), (13, 300, 130),
           (16, 21, 5), (20, 70, 4096 + 64), (27, 45, 90), (3, 1, 1), (70, 33, 100)]
 
 
