@@ -118,14 +118,15 @@ def replay(trace: list[tuple[int, int]], costs: list[float], max_new: int, polic
            guess_cost: float | None = None) -> tuple[float, float, int, int, tuple]:
     """One prompt under `policy` (an int: that k every step; "adaptive": the controller; "whether": the controller
     deciding only whether to draft, then asking for K, the confidence stop choosing the length; "gated": the
-    controller as a method that gates its first draft runs it, `SelfSpeculative.step`) -> (tokens, ms, steps,
+    controller as a method that gates its first draft runs it, `SelfSpeculative.step`; "gated, sunk": the same with
+    the second decision pricing k = 0 at what dropping the made drafts costs, `guess_cost`, not c(0)) -> (tokens, ms, steps,
     drafting steps, what the controller learned: the next prompt's start under --carry). `learned`: start from an
     earlier prompt's pooled estimates, as an engine's later generations do (else from the prior). `guess_cost`: what
     "gated" pays for a step that makes its first draft and drops it (default: c(0) plus `adaptive.MIN_DRAFT_COST`
     of it; the other policies score their free probes for nothing)."""
-    if policy == "gated":
+    if policy in ("gated", "gated, sunk"):
         guess_cost = costs[0] * (1.0 + adaptive.MIN_DRAFT_COST) if guess_cost is None else guess_cost
-        return replay_gated(trace, costs, guess_cost, max_new, decay, probe_every, learned)
+        return replay_gated(trace, costs, guess_cost, max_new, decay, probe_every, learned, policy != "gated")
     controller = _controller(costs, learned)
     row = jnp.asarray([True])
     tokens = spent = drafting = 0
@@ -157,11 +158,14 @@ def _controller(costs: list[float], learned: tuple | None, **fields: Any) -> ada
 
 
 def replay_gated(trace: list[tuple[int, int]], costs: list[float], guess_cost: float, max_new: int, decay: float,
-                 probe_every: int, learned: tuple | None = None) -> tuple[float, float, int, int, tuple]:
+                 probe_every: int, learned: tuple | None = None,
+                 sunk: bool = False) -> tuple[float, float, int, int, tuple]:
     """`replay` of the gated first draft: where the rule drafts, a probe is due or `Controller.gate_pays`, the first
     draft is made; the rule then decides again knowing whether it is confident — in a fixed-K trace with the
     confidence stop, a first draft is confident exactly where the step made more than one (`Controller.refined`) — and
-    where that says 0 the draft is dropped (the step costs `guess_cost`) and scored as a probe."""
+    where that says 0 the draft is dropped (the step costs `guess_cost`) and scored as a probe. `sunk`: the second
+    decision prices k = 0 at `guess_cost`, the made draft's cost sunk (not the engine's rule: docs/adaptive.md,
+    "The two-row matmul path, end to end")."""
     controller = _controller(costs, learned, guess_cost=jnp.asarray(guess_cost))
     row = jnp.asarray([True])
     tokens = spent = drafting = 0
@@ -174,7 +178,8 @@ def replay_gated(trace: list[tuple[int, int]], costs: list[float], guess_cost: f
         first_made = int(k) > 0 or gate  # the first draft is made: the rule drafts, or the gate opened
         if first_made:
             backoff = jnp.zeros((), jnp.int32) if gate and not bool(probe) else backoff
-            k = int(controller.refined(confident, row, remaining))
+            second = controller.replace(costs=controller.costs.at[0].set(guess_cost)) if sunk else controller
+            k = int(second.refined(confident, row, remaining))
         else:
             k = 0
         dropped = first_made and k == 0
@@ -237,8 +242,9 @@ def main(argv=None) -> int:
                 policies += [(f"adaptive, decay {d}" + (f", probe every {n}" if args.probe_every else ""), "adaptive", d, n, False)
                              for d in decays for n in probes]
                 if strategy.free_probe:
-                    policies += [(label + ", gated first draft", "gated", d, n, False)
-                                 for label, policy, d, n, _ in list(policies) if policy == "adaptive"]
+                    policies += [(label + ", gated first draft" + sunk, "gated" + sunk, d, n, False)
+                                 for label, policy, d, n, _ in list(policies) if policy == "adaptive"
+                                 for sunk in ("", ", sunk")]
                 if args.whether_then_k:
                     policies += [(label + ", whether then K", "whether", d, n, False)
                                  for label, policy, d, n, _ in list(policies) if policy == "adaptive"]

@@ -83,5 +83,15 @@ def test_the_gated_policy_drafts_on_confident_first_drafts_and_drops_unsure_ones
     assert replay(trace[-20:], COSTS, 1000, "adaptive", 0.95, 1, True, _learned(replay, trace))[1] > tail[1]
 
 
+def test_the_sunk_variant_verifies_unsure_first_drafts_that_cost_little_more_than_dropping(replay):
+    # unsure first drafts accepted one time in ten; dropping one costs 12.9, verifying it c(1) = 13: with the made
+    # draft's cost sunk, verifying pays for any α above 1/129; priced at c(0) = 10 (the engine's rule) it needs 0.3,
+    # which α reaches once in the last 20 steps: right after an accepted unsure draft (0.08 -> 0.40)
+    trace = ([(4, 5), (1, 2)] + [(4, 5), (1, 1)] * 9) * 8
+    for policy, drafting in (("gated", 10 + 1), ("gated, sunk", 20)):
+        learned = replay(trace, COSTS, 1000, policy, 0.95, 1, True, None, 12.9)[4]
+        assert replay(trace[-20:], COSTS, 1000, policy, 0.95, 1, True, learned, 12.9)[3] == drafting
+
+
 def _learned(replay, trace):
     return replay(trace, COSTS, 1000, "gated", 0.95, 1, True, None, 10.5)[4]
