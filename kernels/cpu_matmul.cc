@@ -70,8 +70,9 @@ constexpr int64_t kPrefetch = 2048;
 // chains in the same order). With AVX-512, one row of w at a time, a block of 2 rows was slower than one of 3: on a
 // 2-core Intel Xeon a 2-token verification of SmolLM2-135M at batch 1 cost 1.12x a one-token step and a 3-token one
 // 1.06x (benchmarks/results/verify_width_cost_c512_intel); two rows of w at a time, 1.02x and 1.01x (`..._pairs`).
-// Blocks of 3 or more rows were no faster two at a time, nor was any block on the AVX2 path (the same Xeon with
-// AVX-512 off), measured in a harness of the kernel's loops over SmolLM2-135M's products.
+// Blocks of 3 or more rows were no faster two at a time (a harness of the kernel's loops over SmolLM2-135M's
+// products). On the AVX2 path (the same Xeon with AVX-512 off, one run) it was mixed and is untried on an AVX2-only
+// CPU: AVX2 keeps one row of w at a time (docs/engine.md, "Two rows of w a turn").
 #if defined(__AVX512F__)
 constexpr bool kPairRows = true;
 #else
