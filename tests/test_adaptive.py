@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -327,6 +328,8 @@ def test_an_agreeable_drafter_keeps_drafting():
 
 def test_step_times_are_measured_once_per_shape_and_kept_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("EEJ_CACHE_DIR", str(tmp_path))
+    # a tiny model's steps take microseconds: its rounds disagree by more than a real model's; steadiness is pinned below
+    monkeypatch.setattr(calibration, "STEADY_SPREAD", float("inf"))
     model = tiny_model("tiny-llama", 0)
     strategy = Kangaroo(exit_layer=1, exit_threshold=0.0, max_draft_steps=3)  # no step_costs: the engine measures
     method_params = random_adapter(model, 0)
@@ -353,6 +356,7 @@ def test_step_times_are_measured_once_per_shape_and_kept_on_disk(tmp_path, monke
     # A corrupt file, or a foreign entry, means measuring again, never an error or other tokens.
     monkeypatch.undo()
     monkeypatch.setenv("EEJ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibration, "STEADY_SPREAD", float("inf"))
     (tmp_path / calibration.STEP_TIMES_FILE).write_text("{not json")
     assert Engine(model, strategy, method_params).generate(prompts, max_new_tokens=20, eos_ids=()).tokens == first.tokens
     assert len(json.loads((tmp_path / calibration.STEP_TIMES_FILE).read_text())) == 1
@@ -362,6 +366,70 @@ def test_step_times_are_measured_once_per_shape_and_kept_on_disk(tmp_path, monke
     (tmp_path / calibration.STEP_TIMES_FILE).write_text(json.dumps(data))
     assert Engine(model, strategy, method_params).generate(prompts, max_new_tokens=20, eos_ids=()).tokens == first.tokens
     assert all(m > 0 for m in json.loads((tmp_path / calibration.STEP_TIMES_FILE).read_text())[digest]["ms"])
+
+
+def test_spread_compares_each_rounds_costs_relative_to_its_first_point():
+    assert calibration.spread([[10.0, 12.0], [20.0, 24.0]]) == pytest.approx(0.0)  # a uniformly slower round: steady
+    assert calibration.spread([[10.0, 12.0, 15.0], [10.0, 12.0, 18.0]]) == pytest.approx(0.2)  # 1.8 / 1.5 - 1
+    assert calibration.spread([[10.0, 12.0], [5.0, 12.0]]) == pytest.approx(1.0)  # the first point disturbed: 2.4 / 1.2
+    assert calibration.spread([[7.0], [9.0]]) == 0.0 and calibration.spread([[7.0, 9.0]]) == 0.0
+
+
+class _FakeLoopState(NamedTuple):
+    steps: jax.Array
+    point: jax.Array
+
+
+def _fake_timed_loop(monkeypatch, rounds: list[list[float]]):
+    """A decode loop on a fake clock: its runs take, in order, the milliseconds per step that `rounds` [round][point]
+    lists for the point each run times (the first round is time_loop's warm-up). Returns (loop, edits, state, runs:
+    the points timed so far)."""
+    clock, runs = [0.0], []
+
+    def loop(s):
+        ms = rounds[len(runs) // len(rounds[0])][int(s.point)]
+        runs.append(int(s.point))
+        clock[0] += ms * calibration.CALIBRATION_STEPS / 1e3
+        return s._replace(steps=s.steps + calibration.CALIBRATION_STEPS)
+
+    monkeypatch.setattr(calibration, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    edits = [lambda s, i=i: s._replace(point=jnp.asarray(i)) for i in range(len(rounds[0]))]
+    return loop, edits, _FakeLoopState(jnp.asarray(0), jnp.asarray(0)), runs
+
+
+def test_a_calibration_whose_rounds_disagree_is_measured_again(monkeypatch):
+    steady, disturbed = [10.0, 12.0, 14.0], [20.0, 12.0, 14.0]  # the plain step slowed 2x in one round
+    warm_up, n = [[50.0, 50.0, 50.0]], calibration.ROUNDS
+    loop, edits, state, runs = _fake_timed_loop(monkeypatch, warm_up + [disturbed] + [steady] * (n - 1) + [steady] * n)
+    measured = calibration.time_loop(loop, state, edits)
+    assert measured.steady and measured.ms == pytest.approx(steady)
+    assert runs == [0, 1, 2] * (1 + 2 * n)  # the warm-up, the disturbed set of rounds, one steady set
+
+    # Never steady: the steadiest set is used (its medians) and said to be unsteady; no more than ATTEMPTS sets.
+    sets = [[[10.0, 12.0, 14.0 * (1 + 2.0 * (r == 0) / (a + 1))] for r in range(n)] for a in range(calibration.ATTEMPTS)]
+    loop, edits, state, runs = _fake_timed_loop(monkeypatch, warm_up + [r for rounds in sets for r in rounds])
+    measured = calibration.time_loop(loop, state, edits)
+    assert not measured.steady and measured.ms == pytest.approx(steady)  # the medians of the last (steadiest) set
+    assert len(runs) == 3 * (1 + calibration.ATTEMPTS * n)
+
+
+def test_an_unsteady_calibration_is_used_but_not_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("EEJ_CACHE_DIR", str(tmp_path))
+    model = tiny_model("tiny-llama", 0)
+    strategy = Kangaroo(exit_layer=1, exit_threshold=0.0, max_draft_steps=3)
+    table = [1.0, 1.2, 1.4, 1.6, 1.1]  # c(0..3), then the first drafts made and dropped
+    measured = []
+
+    def unsteady(loop, state, edits, **kwargs):
+        measured.append(len(edits))
+        return calibration.Measured(table[: len(edits)], steady=False)
+
+    monkeypatch.setattr("eej.decoding.engine.time_loop", unsteady)
+    prompts = random_prompts(np.random.default_rng(1), [6], model.cfg.vocab_size)
+    out = Engine(model, strategy, random_adapter(model, 0)).generate(prompts, max_new_tokens=12, eos_ids=())
+    assert measured == [5] and not (tmp_path / calibration.STEP_TIMES_FILE).exists()
+    np.testing.assert_allclose(np.asarray(out.method_state["controller"].costs), monotone_costs(table[:4]), rtol=1e-6)
+    assert out.tokens == plain_tokens(model, prompts, 12)
 
 
 def test_step_times_of_a_changed_cpu_kernel_are_not_reused(tmp_path, monkeypatch):

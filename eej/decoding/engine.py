@@ -595,8 +595,9 @@ class Engine:
                 steps = static["max_new"] - CALIBRATION_STEPS  # the loop's counter: this many steps to go
                 edits = [lambda st, edit=edit: st.replace(method_state=edit(st.method_state), steps=jnp.full((), steps, jnp.int32))
                          for edit in points]
-                ms = time_loop(lambda st: loop(self.model.params, self.method_params, st), state, edits)
-                if ms is not None:
+                measured = time_loop(lambda st: loop(self.model.params, self.method_params, st), state, edits)
+                ms = None if measured is None else measured.ms
+                if measured is not None and measured.steady:  # a disturbed table serves this process only
                     store_step_times(key, ms)
             self._step_times[memo] = ms
         ms = self._step_times[memo]
