@@ -80,7 +80,8 @@ def main() -> None:
              f"{calibration.CALIBRATION_STEPS} steps per point; its spread is the largest max / min - 1, over points, of a "
              f"round's cost relative to its first point (`eej.decoding.calibration.spread`); a set above "
              f"{calibration.STEADY_SPREAD:.2f} is measured again by the engine.", "",
-             "| method | batch | sets | median spread | largest | sets above the limit | costs relative to c(0) (median of sets) | their range over sets |",
+             f"| method | batch | sets | median spread | largest | sets above {calibration.STEADY_SPREAD:.2f} | costs relative to c(0) "
+             "(median of sets) | their range over sets |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['batch']} | {len(r['spreads'])} | {r['median_spread']:.3f} | {r['max_spread']:.3f} | "

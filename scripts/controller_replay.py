@@ -126,7 +126,7 @@ def replay(trace: list[tuple[int, int]], costs: list[float], max_new: int, polic
     of it; the other policies score their free probes for nothing)."""
     if policy in ("gated", "gated, sunk"):
         guess_cost = costs[0] * (1.0 + adaptive.MIN_DRAFT_COST) if guess_cost is None else guess_cost
-        return replay_gated(trace, costs, guess_cost, max_new, decay, probe_every, learned, policy != "gated")
+        return replay_gated(trace, costs, guess_cost, max_new, decay, probe_every, learned, policy == "gated, sunk")
     controller = _controller(costs, learned)
     row = jnp.asarray([True])
     tokens = spent = drafting = 0

@@ -581,7 +581,7 @@ class Engine:
 
     def _calibrated(self, state: DecodeState, static: dict, loop: Callable, batch: int) -> tuple[DecodeState, float]:
         """`state` told the strategy's step times at this batch and cache size (measured on the compiled decode
-        `loop` once per shape, kept on disk per machine: eej.decoding.calibration); second: seconds spent measuring."""
+        `loop` once per shape, kept on disk per machine if measured steadily: eej.decoding.calibration); second: seconds spent measuring."""
         strategy, sampling = static["strategy"], static["sampling"]
         points = strategy.calibration_points()
         if not points:
