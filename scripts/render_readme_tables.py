@@ -48,7 +48,8 @@ SECTIONS = (*README_SECTIONS, *RESULTS_PAGE_SECTIONS)
 # scripts/adaptive_bench.sh series, oldest first: adaptive_v30 the last that ran every set, temperature and batch size
 # and every contestant; each later one ran some of its cells again on newer code (docs/adaptive.md says which and why).
 STATUS_SERIES = ("adaptive_v30", "current_v35", "current_v36", "current_v37", "specee_v38", "current_v39", "current_v40",
-                 "current_v41", "current_v42", "current_v43", "current_v44", "current_v45")
+                 "current_v41", "current_v42", "current_v43", "current_v44", "current_v45",
+                 "current_v46", "current_v47")
 _MARKER = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.S)
 
 
