@@ -12,7 +12,7 @@ files say:
     <!-- generated:methods -->    the registered methods: paper, lossless, batching, presets, add-ons, docs page
     <!-- generated:comparison --> eej against transformers / LayerSkip, EAGLE, Medusa and the papers' code;
                                   eej's column is read from the registered methods, so it claims only merged ones
-    <!-- generated:status -->     the latest readings of the STATUS_SERIES runs of `eej bench`, a column per cell
+    <!-- generated:status -->     the latest readings of the STATUS_SERIES runs (eej.bench.results) of `eej bench`, a column per cell
     <!-- generated:plain -->      scripts/bench_plain.py output
     <!-- generated:gpu -->        scripts/gpu_bench.py output
     benchmarks/RESULTS.md
@@ -36,7 +36,7 @@ import sys
 import yaml
 
 from eej.bench.report import markdown_table
-from eej.bench.results import results_markdown, status_markdown
+from eej.bench.results import STATUS_SERIES, results_markdown, status_markdown
 from eej.decoding.methods import METHOD_MODULES, known_methods, random_method
 from eej.testing import tiny_model
 
@@ -45,11 +45,6 @@ ROOT = os.path.dirname(HERE)
 README_SECTIONS = ("methods", "comparison", "status", "plain", "gpu")
 RESULTS_PAGE_SECTIONS = ("specbench", "other")
 SECTIONS = (*README_SECTIONS, *RESULTS_PAGE_SECTIONS)
-# scripts/adaptive_bench.sh series, oldest first: adaptive_v30 the last that ran every set, temperature and batch size
-# and every contestant; each later one ran some of its cells again on newer code (docs/adaptive.md says which and why).
-STATUS_SERIES = ("adaptive_v30", "current_v35", "current_v36", "current_v37", "specee_v38", "current_v39", "current_v40",
-                 "current_v41", "current_v42", "current_v43", "current_v44", "current_v45",
-                 "current_v46", "current_v47")
 _MARKER = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.S)
 
 

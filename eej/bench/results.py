@@ -24,6 +24,13 @@ from eej.bench.plain import plain_markdown
 from eej.bench.report import markdown_table, overall_table, result_contestants
 
 KINDS = ("specbench", "plain", "gpu", "other")
+# This repository's scripts/adaptive_bench.sh series, oldest first, whose latest readings the README's status table and
+# notebooks/02_methods_compared.ipynb show (`status_markdown`): adaptive_v30 the last that ran every set, temperature and
+# batch size and every contestant; each later one ran some of its cells again on newer code (docs/adaptive.md says
+# which and why).
+STATUS_SERIES = ("adaptive_v30", "current_v35", "current_v36", "current_v37", "specee_v38", "current_v39", "current_v40",
+                 "current_v41", "current_v42", "current_v43", "current_v44", "current_v45",
+                 "current_v46", "current_v47")
 EMPTY = {
     "specbench": "_No `eej bench` results are committed yet._",
     "plain": "_No plain-decoding results are committed yet (`make bench-plain` writes them)._",
