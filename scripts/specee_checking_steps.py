@@ -1,13 +1,14 @@
 """How often SpecEE takes its checking path, and what those steps realized, on 8 prompts from the training sets
-(three gsm8k questions, three role-play instructions, two code tasks; greedy, 128 new tokens) at batch 4 and 1.
+(three gsm8k questions, three role-play instructions, two code tasks; 128 new tokens) at batch 4 and 1.
 
     PYTHONSAFEPATH=1 .venv/bin/python scripts/specee_checking_steps.py            (the current rule)
     NOGATE=1 PYTHONSAFEPATH=1 .venv/bin/python scripts/specee_checking_steps.py   (the batch gate off: its
         check_gain then sums every checking step's realized gain, printed per prompt and in all)
     BATCHES=4 ...                                                                  (one batch size)
+    TEMPERATURE=0.7 ...                                                            (sampled; default greedy)
 
-The checking count repeats the step's decision outside it (counted as if the gate applied at every batch size; at
-batch 1 the step itself does not gate). docs/adaptive.md, `specee_v38`.
+Checking steps are the engine's count (`GenerationOutput.checked_steps`); probes are counted in the method state.
+docs/adaptive.md, `specee_v38`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import jax.numpy as jnp
 
 import eej.decoding.specee as sp
+from eej.config import SamplingConfig
 from eej.decoding.engine import Engine
 from eej.decoding.methods import build_method
 from eej.weights.registry import load_model
@@ -29,21 +31,17 @@ NOGATE = bool(os.environ.get("NOGATE"))
 
 @dataclasses.dataclass(frozen=True)
 class Counting(sp.SpecEE):
-    """SpecEE that also counts, in its method state, the steps that took the checking path and the probes."""
+    """SpecEE that also counts, in its method state, its probes (steps checking every scheduled layer)."""
 
     def prefill(self, *args):
         logits, cache, state = super().prefill(*args)
-        return logits, cache, {**state, "checking_steps": jnp.zeros((), jnp.int32), "probes": jnp.zeros((), jnp.int32)}
+        return logits, cache, {**state, "probes": jnp.zeros((), jnp.int32)}
 
     def step(self, s):
-        ms, econ = s.method_state, s.method_state["economics"]
-        scheduled = self.schedule(ms["recent_exits"], s.cfg)
-        probe = econ.probe_due(self.probe_every)
-        paying = self._checked_layers(econ, scheduled, s.cfg) & (sp.gain_bound(ms["check_gain"]) > 0)
-        checking = jnp.any(jnp.where(probe, scheduled, paying)) & (econ.force < 0)
+        econ = s.method_state["economics"]
+        probe = econ.probe_due(self.probe_every) & (econ.force < 0)
         result = super().step(s)
-        state = {**result.method_state, "checking_steps": ms["checking_steps"] + checking.astype(jnp.int32),
-                 "probes": ms["probes"] + (probe & (econ.force < 0)).astype(jnp.int32)}
+        state = {**result.method_state, "probes": s.method_state["probes"] + probe.astype(jnp.int32)}
         return dataclasses.replace(result, method_state=state)
 
 
@@ -65,14 +63,15 @@ def main() -> None:
     strategy = Counting(**{f.name: getattr(strategy, f.name) for f in dataclasses.fields(strategy)})
     prompts = [model.tokenizer.encode_chat(t) for t in training_prompts()]
     engine = Engine(model, strategy, params)
+    sampling = SamplingConfig(temperature=float(os.environ.get("TEMPERATURE", "0")))
     for batch in [int(x) for x in os.environ.get("BATCHES", "4 1").split()]:
         total = {"checking": 0, "probes": 0, "steps": 0, "exited": 0, "gain": 0.0}
         for i in range(0, len(prompts), batch):
-            out = engine.generate(prompts[i:i + batch], max_new_tokens=128)
+            out = engine.generate(prompts[i:i + batch], max_new_tokens=128, sampling=sampling)
             ms = out.method_state
             gain = [float(x) for x in ms["check_gain"]]
             realized = gain[0] - sp.GAIN_PRIOR * sp.GAIN_PRIOR_STEPS  # meaningful with NOGATE only
-            total["checking"] += int(ms["checking_steps"])
+            total["checking"] += max(out.checked_steps)  # one decision for the batch: its longest row saw every step
             total["probes"] += int(ms["probes"])
             total["gain"] += realized if NOGATE else 0.0
             total["steps"] += out.steps

@@ -43,7 +43,8 @@ QUESTIONS = [
 
 @dataclasses.dataclass(frozen=True)
 class ShallowExit(Strategy):
-    """Test-only lossy early exit: every token from the first EXIT_LAYER layers (deeper KV never read)."""
+    """Test-only lossy early exit: every token from the first EXIT_LAYER layers (deeper KV never read). Every step
+    reports a check; it reports an exit where the pending token is even (the counts' bookkeeping, not the compute)."""
 
     name: ClassVar[str] = "test-shallow"
     lossless: ClassVar[bool] = False
@@ -52,7 +53,7 @@ class ShallowExit(Strategy):
         x, cache = run_layers(s.params, embed(s.params, s.pending[:, None], s.cfg), s.cache, s.positions, s.cfg, 0, EXIT_LAYER)
         logits = logits_from_hidden(s.params, x[:, 0], s.cfg)
         return StepResult.one_token(s.sample(logits), cache, s.method_state, forwards=0, layers=EXIT_LAYER,
-                                    logits=logits)
+                                    exited=s.pending % 2 == 0, checked=True, logits=logits)
 
 
 SHALLOW = methods.MethodSpec("test-shallow", load=lambda model, settings: (ShallowExit(), None),
@@ -129,6 +130,11 @@ def test_lossy_method_metrics(bench_run):
     identical = [mine[k]["tokens"] == plain[k]["tokens"] for k in mine]
     assert o["identical_rate"] == sum(identical) / 4
     assert o["token_agreement"] == sum(a["agreement"] for a in mine.values()) / sum(len(a["tokens"]) for a in mine.values())
+    steps = sum(len(a["tokens"]) - 1 for a in mine.values())  # the first token comes from the prefill
+    assert o["checked_fraction"] == 1.0 and o["speculated_fraction"] == 0.0
+    assert o["exited_fraction"] == sum(t % 2 == 0 for a in mine.values() for t in a["tokens"][:-1]) / steps
+    p = doc["methods"]["plain"]["overall"]
+    assert p["checked_fraction"] == p["exited_fraction"] == p["speculated_fraction"] == 0.0
 
 
 def test_reference_metrics_reach_the_document_and_report(bench_run):

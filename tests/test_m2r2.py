@@ -256,7 +256,8 @@ def test_a_later_exit_generation_starts_from_the_rates_the_last_one_learnt():
     engine = Engine(model, strategy, method_params)
 
     def attempts(out) -> int:  # a failed attempt runs the K fast layers and then every layer
-        return (out.layers[0] - n * out.row_steps[0]) // k
+        assert out.checked_steps == [(layers - n * steps) // k for layers, steps in zip(out.layers, out.row_steps)]
+        return out.checked_steps[0]
 
     first, second = (engine.generate(prompts, max_new_tokens=24, eos_ids=()) for _ in range(2))
     assert first.tokens == second.tokens == plain_tokens(model, prompts, 24)

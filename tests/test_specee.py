@@ -292,7 +292,7 @@ def test_a_batch_whose_checks_never_pay_stops_checking_where_one_row_keeps_to_th
     """Predictors that never fire with an exit prior of 0.95: each layer's upper-bound rule keeps checking (a firing
     rate bound of ~1/11, exits that would pay), and every check only costs. In a batch of three rows the realized gain's
     bound closes the checking path; a lone row keeps checking as its per-layer rule says (its discounted count of
-    checking steps is what checking on every step gives)."""
+    checking steps is what checking on every step gives, and it reports every step checked)."""
     model = tiny_model("tiny-gqa", seed=1)
     strategy, method_params = random_specee(model, 0, exit_prior=(0.95,) * 4, probe_every=64)
     method_params = _never_firing(method_params, "bias")
@@ -301,14 +301,17 @@ def test_a_batch_whose_checks_never_pay_stops_checking_where_one_row_keeps_to_th
     every_step = GAIN_PRIOR_STEPS * GAIN_DECAY ** steps + (1 - GAIN_DECAY ** steps) / (1 - GAIN_DECAY)
     engine = Engine(model, strategy, method_params)
 
-    def check_gain(prompts):
+    def generate(prompts):
         out = engine.generate(prompts, max_new_tokens=steps + 1, eos_ids=())
-        assert out.steps == steps
-        return out.method_state["check_gain"]
+        assert out.steps == steps and out.row_steps == [steps] * len(prompts) and sum(out.exited_steps) == 0
+        return out.method_state["check_gain"], out.checked_steps
 
-    np.testing.assert_allclose(float(check_gain(prompts[:1])[2]), every_step, rtol=1e-4)
-    batch = check_gain(prompts)  # each checking step loses 0.7 layers here: the bound reaches 0 after about 24 of them
+    alone, checked = generate(prompts[:1])
+    np.testing.assert_allclose(float(alone[2]), every_step, rtol=1e-4)
+    assert checked == [steps]
+    batch, checked = generate(prompts)  # each checking step loses 0.7 layers: the bound reaches 0 after about 24 of them
     assert float(gain_bound(batch)) < 0 and float(batch[2]) < 0.8 * every_step
+    assert checked == [checked[0]] * 3 and 20 <= checked[0] < 0.8 * steps  # one decision for the batch
 
 
 def test_a_generation_starts_from_the_predictors_held_out_precision():

@@ -22,7 +22,8 @@ class Generation:
     forwards, layers: per row full-model forwards (prefill = 1) and decode-step layers; None when the
       contestant can't count them (peers).
     decode_seconds: the part of `seconds` after the first token (None: not measured apart).
-    steps, speculated_steps, exited_steps: per row decode steps, and those that drafted / exited early (None: peers).
+    steps, speculated_steps, exited_steps, checked_steps: per row decode steps, and those that drafted / exited early /
+      checked whether to exit early (None: peers).
     """
 
     tokens: list[list[int]]
@@ -34,6 +35,7 @@ class Generation:
     steps: list[int] | None = None
     speculated_steps: list[int] | None = None
     exited_steps: list[int] | None = None
+    checked_steps: list[int] | None = None
 
 
 class Contestant(Protocol):
@@ -96,6 +98,7 @@ class MethodContestant:
             steps=list(out.row_steps),
             speculated_steps=list(out.speculated_steps),
             exited_steps=list(out.exited_steps),
+            checked_steps=list(out.checked_steps),
         )
 
     def describe(self) -> dict[str, Any]:

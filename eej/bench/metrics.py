@@ -74,6 +74,7 @@ METRIC_KEYS = (
     "rouge_l",
     "speculated_fraction",
     "exited_fraction",
+    "checked_fraction",
     "row_speedup",
     "speedup_ci_low",
     "speedup_ci_high",
@@ -111,8 +112,9 @@ class AnswerRecord:
       loop time x the fraction of the loop's steps the row took part in (None: not measured, e.g. peers).
     batch: the index of the batch (eej.bench.runner.plan_batches) the answer was generated in, the same in every
       round (None: not recorded, e.g. a checkpoint written before it was): with `turn`, the generate call.
-    steps, speculated_steps, exited_steps: decode steps of this answer, and those in which the method drafted
-      at least one token / left the stack early (None for peers).
+    steps, speculated_steps, exited_steps, checked_steps: decode steps of this answer, and those in which the method
+      drafted at least one token / left the stack early / checked whether to leave early (None for peers; checked
+      also for records written before it was counted).
     reference_nll, reference_tokens: the summed negative log-likelihood of the turn's reference answer (teacher-forced
       after this answer's prompt, through the contestant's compute path) and its token count (None: not scored).
     """
@@ -132,6 +134,7 @@ class AnswerRecord:
     steps: int | None = None
     speculated_steps: int | None = None
     exited_steps: int | None = None
+    checked_steps: int | None = None
     reference_nll: float | None = None
     reference_tokens: int | None = None
     row_decode_seconds: float | None = None
@@ -360,6 +363,7 @@ def aggregate(
         "rouge_l": None,
         "speculated_fraction": None,
         "exited_fraction": None,
+        "checked_fraction": None,
         "row_speedup": row_tps / baseline_row_tokens_per_second if row_tps and baseline_row_tokens_per_second else None,
         **dict.fromkeys(("speedup_ci_low", "speedup_ci_high", "row_speedup_ci_low", "row_speedup_ci_high",
                          "speedup_run_ci_low", "speedup_run_ci_high")),
@@ -378,6 +382,8 @@ def aggregate(
         steps = sum(r.steps for r in records)
         out["speculated_fraction"] = _ratio(sum(r.speculated_steps for r in records), steps)
         out["exited_fraction"] = _ratio(sum(r.exited_steps for r in records), steps)
+        if all(r.checked_steps is not None for r in records):
+            out["checked_fraction"] = _ratio(sum(r.checked_steps for r in records), steps)
     if records and all(r.forwards is not None for r in records):
         out["mean_accepted_tokens"] = _ratio(tokens, sum(r.forwards for r in records))
     if records and all(r.layers is not None for r in records):

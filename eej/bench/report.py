@@ -80,6 +80,7 @@ _COLUMNS = (
     ("rouge_l", "ROUGE-L", "{:.3f}"),
     ("speculated_fraction", "speculated", "{:.2f}"),
     ("exited_fraction", "exited early", "{:.2f}"),
+    ("checked_fraction", "checked exit", "{:.2f}"),
     ("row_speedup", "row speedup", "{:.2f}x"),
 )
 
@@ -226,6 +227,9 @@ _DEFINITIONS = [
     "- mean accepted: generated tokens / full-model forwards (the prefill counts as one); plain = 1.00.",
     "- avg layers: transformer layers computed in decode steps / tokens those steps generated; plain = the "
     "model's layer count.",
+    "- speculated, exited early, checked exit: fractions of decode steps in which the method drafted at least one "
+    "token / the token left the stack before the last layer / the step checked whether it may (SpecEE's predictors, "
+    "M2R2's fast stream and exit predictor; an adaptive exit skips the check where it does not pay).",
     "- identical: fraction of answers token-identical to eej `plain`'s answer (greedy and coupled-sampling runs).",
     "- token agreement: fraction of generated tokens equal to the full model's argmax given the answer's own "
     "prefix (one teacher-forced eej forward over prompt + answer).",

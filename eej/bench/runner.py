@@ -118,7 +118,7 @@ def _answer_batch(
                 row_decode_seconds=(None if gen.decode_seconds is None or gen.steps is None
                                     else gen.decode_seconds * gen.steps[j] / loop_steps if loop_steps else 0.0),
                 batch=index,
-                **{k: None if getattr(gen, k) is None else int(getattr(gen, k)[j]) for k in ("steps", "speculated_steps", "exited_steps")},
+                **{k: None if getattr(gen, k) is None else int(getattr(gen, k)[j]) for k in ("steps", "speculated_steps", "exited_steps", "checked_steps")},
             )
             records.append(record)
             on_answer(record)

@@ -66,7 +66,8 @@ class DecodeState:
     noise: [B] uint32 each row's stream of token keys for coupled draws (eej.decoding.sampling.row_streams).
     steps: loop iterations so far.
     forwards, layers: [B] full-model forwards and transformer layers spent on each row while active.
-    row_steps, speculated, exited: [B] steps each row was active in, drafted tokens in, left the stack early in.
+    row_steps, speculated, exited, checked: [B] steps each row was active in, drafted tokens in, left the stack early
+      in, checked whether to leave early in.
     queued: bool scalar: prompts wait for a row to free up (`Engine.generate` with a `batch_size`); the decode loop
       then returns as soon as a row finishes, for the engine to refill it.
     """
@@ -85,6 +86,7 @@ class DecodeState:
     row_steps: jax.Array
     speculated: jax.Array
     exited: jax.Array
+    checked: jax.Array
     queued: jax.Array
 
 
@@ -96,8 +98,9 @@ class GenerationOutput:
     forwards: full-model forwards per row (plain decoding: one per token after the first; the
       prefill counts as one).
     layers: transformer layers computed per row (prefill excluded).
-    row_steps: decode steps per row (while it was generating); speculated_steps, exited_steps: those of them
-      in which the row drafted at least one token / its token left the stack early.
+    row_steps: decode steps per row (while it was generating); speculated_steps, exited_steps, checked_steps: those
+      of them in which the row drafted at least one token / its token left the stack early / the step checked whether
+      it may (an early exit's predictors ran).
     method_state: the strategy's state after the last step (device arrays; e.g. a method's own counters, the
       step times the engine measured for it).
     """
@@ -114,6 +117,7 @@ class GenerationOutput:
     row_steps: list[int] = dataclasses.field(default_factory=list)
     speculated_steps: list[int] = dataclasses.field(default_factory=list)
     exited_steps: list[int] = dataclasses.field(default_factory=list)
+    checked_steps: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def new_tokens(self) -> list[int]:
@@ -199,6 +203,7 @@ def _commit(state: DecodeState, result: StepResult, eos_ids: tuple[int, ...], ma
         row_steps=state.row_steps + active,
         speculated=state.speculated + (active & (result.drafted > 0) if result.drafted is not None else 0),
         exited=state.exited + (active & result.exited if result.exited is not None else 0),
+        checked=state.checked + (active & result.checked if result.checked is not None else 0),
     )
 
 
@@ -255,6 +260,7 @@ def _first_state(
         row_steps=jnp.zeros((batch,), jnp.int32),
         speculated=jnp.zeros((batch,), jnp.int32),
         exited=jnp.zeros((batch,), jnp.int32),
+        checked=jnp.zeros((batch,), jnp.int32),
         queued=jnp.zeros((), bool),
     )
 
@@ -697,7 +703,7 @@ class Engine:
         while True:
             start = time.perf_counter()  # the host's bookkeeping between loop calls counts as decoding time
             view = {f: to_host(getattr(state, f)) for f in ("done", "num_new", "output", "forwards", "layers",
-                                                            "row_steps", "speculated", "exited")}
+                                                            "row_steps", "speculated", "exited", "checked")}
             decode_s += time.perf_counter() - start
             for b in range(rows):
                 if placed[b] >= 0 and view["done"][b]:
@@ -750,6 +756,7 @@ class Engine:
             row_steps=[int(r["row_steps"]) for r in rows_out],
             speculated_steps=[int(r["speculated"]) for r in rows_out],
             exited_steps=[int(r["exited"]) for r in rows_out],
+            checked_steps=[int(r["checked"]) for r in rows_out],
         )
 
     def _rowwise(self, static: dict, capacity: int) -> tuple[bool, ...]:
@@ -891,6 +898,7 @@ class Engine:
             row_steps=to_host(state.row_steps).tolist(),
             speculated_steps=to_host(state.speculated).tolist(),
             exited_steps=to_host(state.exited).tolist(),
+            checked_steps=to_host(state.checked).tolist(),
         )
 
 

@@ -371,7 +371,8 @@ class M2R2Exit(AdaptiveExit):
                             jnp.stack([attempt, exited]).astype(jnp.float32), attempt, probe, pays)
         layers = jnp.where(exited, exit_layer, jnp.where(attempt, num_fast, 0) + cfg.num_layers)
         return StepResult.one_token(s.sample(logits), cache, {"economics": econ},
-                                    forwards=jnp.where(exited, 0, 1), layers=layers, exited=exited, logits=logits)
+                                    forwards=jnp.where(exited, 0, 1), layers=layers, exited=exited,
+                                    checked=attempt, logits=logits)
 
 
 # ----------------------------------------------------------------------------- registration

@@ -498,7 +498,8 @@ class SpecEE(AdaptiveExit):
         on_path = checking & (econ.force < 0)  # calibration steps are forced, not chosen: they teach nothing here
         state["check_gain"] = jnp.where(on_path, GAIN_DECAY * method_state["check_gain"] + jnp.stack([gain, gain ** 2, 1.0]),
                                         method_state["check_gain"])
-        return StepResult.one_token(token, cache, state, forwards=1, layers=exit_layer + 1, exited=exited, logits=logits)
+        return StepResult.one_token(token, cache, state, forwards=1, layers=exit_layer + 1, exited=exited,
+                                    checked=checking, logits=logits)
 
     def _layer_by_layer(self, s: StepInputs, x: jax.Array, cache: KVCache, scheduled: jax.Array, candidates: jax.Array,
                         layer_lengths: jax.Array | None) -> tuple[KVCache, tuple]:

@@ -102,6 +102,9 @@ class StepResult:
     layers: [B] float32 — transformer layers computed for the row this step (drafting included).
     drafted: [B] int32 — tokens the row drafted and verified this step (speculative methods; None: none).
     exited: [B] bool — the row's token left the stack early this step (early exit; None: never).
+    checked: [B] bool — the step checked whether the row's token may leave the stack early (SpecEE's predictors,
+      M2R2's fast stream and its exit predictor); an adaptive early exit's controller skips the check on steps where
+      it does not pay (None: never checks).
     logits: [B, V] float — the full-vocabulary logits of the distribution the step drew its first token from
       (the one the method decided by: e.g. an early exit's layer), for teacher-forced scoring (`Engine.score`);
       None: the step does not provide them (a one-token method must when `StepInputs.scoring` is set). They are
@@ -117,13 +120,14 @@ class StepResult:
     layers: jax.Array
     drafted: jax.Array | None = None
     exited: jax.Array | None = None
+    checked: jax.Array | None = None
     logits: jax.Array | None = None
 
     @classmethod
     def one_token(cls, token: jax.Array, cache: KVCache, method_state: Any, forwards: Any, layers: Any,
-                  exited: Any = None, logits: jax.Array | None = None) -> "StepResult":
+                  exited: Any = None, checked: Any = None, logits: jax.Array | None = None) -> "StepResult":
         """A step that commits one token per row: token [B]; cache (lengths not yet advanced); forwards,
-        layers and exited per row [B] or one value for every row; logits [B, V] the token was drawn from."""
+        layers, exited and checked per row [B] or one value for every row; logits [B, V] the token was drawn from."""
         batch = token.shape[0]
         return cls(
             tokens=token[:, None].astype(jnp.int32),
@@ -133,6 +137,7 @@ class StepResult:
             forwards=jnp.broadcast_to(jnp.asarray(forwards, jnp.int32), (batch,)),
             layers=jnp.broadcast_to(jnp.asarray(layers, jnp.float32), (batch,)),
             exited=None if exited is None else jnp.broadcast_to(jnp.asarray(exited, bool), (batch,)),
+            checked=None if checked is None else jnp.broadcast_to(jnp.asarray(checked, bool), (batch,)),
             logits=logits,
         )
 
