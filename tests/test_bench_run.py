@@ -21,7 +21,7 @@ from eej.bench.fidelity import sequence_argmax, teacher_argmax
 from eej.bench.metrics import METRIC_KEYS, agreement_count
 from eej.bench.quality import reference_rouge_l
 from eej.bench.questions import Question
-from eej.bench.report import CONTESTANT_KEYS, TOP_LEVEL_KEYS, check_schema
+from eej.bench.report import CONTESTANT_KEYS, TOP_LEVEL_KEYS, check_schema, markdown_report
 from eej.bench.runner import RunSettings, run_bench
 from eej.cli import main
 from eej.decoding import methods
@@ -201,8 +201,14 @@ def test_report_and_plot_are_written(bench_run):
     assert "## Per category" in report and "| mt_bench | `test-shallow` |" in report
     assert "**Note:** shared machine" in report
     assert f"- peak_rss_mib: {bench_run['doc']['machine']['peak_rss_mib']}" in report
+    assert "| exited early | checked exit | row speedup |" in report
     with open(files["plot"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    old = json.loads(json.dumps(bench_run["doc"]))  # a document written before the checks were counted
+    for c in old["methods"].values():
+        for metrics in (c["overall"], *c["per_category"].values()):
+            metrics["checked_fraction"] = None
+    assert "| exited early | row speedup |" in markdown_report(old).split("## Definitions")[0]
 
 
 @pytest.mark.parametrize("residual", [False, True])

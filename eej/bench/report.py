@@ -100,10 +100,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+_LATER_COLUMNS = ("row_speedup", "checked_fraction")  # not in documents written before they were measured
+
+
 def _columns(doc: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
-    """_COLUMNS, less row speedup in documents written before it was measured."""
-    measured = any(c["overall"].get("row_speedup") is not None for _, c in result_contestants(doc))
-    return _COLUMNS if measured else tuple(c for c in _COLUMNS if c[0] != "row_speedup")
+    """_COLUMNS, less those of _LATER_COLUMNS that no contestant of `doc` has (written before it was measured)."""
+    missing = {k for k in _LATER_COLUMNS if all(c["overall"].get(k) is None for _, c in result_contestants(doc))}
+    return tuple(c for c in _COLUMNS if c[0] not in missing)
 
 
 _INTERVALS = (("speedup", "speedup 95% CI"), ("row_speedup", "row speedup 95% CI"),
