@@ -30,7 +30,7 @@ KINDS = ("specbench", "plain", "gpu", "other")
 # which and why).
 STATUS_SERIES = ("adaptive_v30", "current_v35", "current_v36", "current_v37", "specee_v38", "current_v39", "current_v40",
                  "current_v41", "current_v42", "current_v43", "current_v44", "current_v45",
-                 "current_v46", "current_v47", "current_v48")
+                 "current_v46", "current_v47", "current_v48", "current_v49")
 EMPTY = {
     "specbench": "_No `eej bench` results are committed yet._",
     "plain": "_No plain-decoding results are committed yet (`make bench-plain` writes them)._",
