@@ -236,9 +236,14 @@ def test_exit_that_never_fires_is_plain_decoding_and_always_fires_at_min_exit_la
     prompts = random_prompts(np.random.default_rng(3), [4, 9], model.cfg.vocab_size)
     never = Engine(model, *_exit_with_bias(model, -30.0)).generate(prompts, max_new_tokens=12, eos_ids=())
     assert never.tokens == plain_tokens(model, prompts, 12)
-    always = Engine(model, *_exit_with_bias(model, 30.0)).generate(prompts, max_new_tokens=12, eos_ids=())
+    assert never.row_steps == never.checked_steps == [11, 11] and never.exited_steps == [0, 0]  # each step attempts
+    engine = Engine(model, *_exit_with_bias(model, 30.0))
+    always = engine.generate(prompts, max_new_tokens=12, eos_ids=())
     assert all(layers == 2 * 11 for layers in always.layers)  # 11 steps after the prefill, each exits after 2 fast layers
     assert all(f == 1 for f in always.forwards)  # the prefill only
+    assert always.checked_steps == always.exited_steps == [11, 11]
+    queued = engine.generate(prompts, max_new_tokens=12, eos_ids=(), batch_size=1)  # a queue counts the same per prompt
+    assert queued.checked_steps == queued.exited_steps == queued.row_steps == [11, 11]
     # the exit layer matters (a random model's fast states at layers 2 and 3 predict differently)
     later = Engine(model, *_exit_with_bias(model, 30.0, min_exit_layer=3)).generate(prompts, max_new_tokens=12, eos_ids=())
     assert later.tokens != always.tokens
